@@ -1,0 +1,312 @@
+//! The pure-Rust backend: f32 compute over weights converted from bf16/f16/f32 at load,
+//! parallel over rows with rayon. It is the reference every GPU kernel is tested against,
+//! so each op is written to be obviously right first and fast second.
+
+mod matmul;
+
+pub use matmul::{dot, matmul_transposed};
+
+use rayon::prelude::*;
+
+use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape};
+use crate::loader::TensorView;
+
+/// A row-major `[rows, cols]` f32 activation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuTensor {
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        assert_eq!(data.len(), rows * cols, "CpuTensor: {} values for [{rows}, {cols}]", data.len());
+        CpuTensor { data, rows, cols }
+    }
+
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        CpuTensor::new(vec![0.0; rows * cols], rows, cols)
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.cols..(i + 1) * self.cols]
+    }
+}
+
+/// A parameter: f32 values and the checkpoint shape (`[out, in]` for matrices).
+#[derive(Debug, Clone)]
+pub struct CpuWeight {
+    pub data: Vec<f32>,
+    pub shape: Vec<usize>,
+}
+
+impl CpuWeight {
+    fn rows(&self) -> usize {
+        self.shape.first().copied().unwrap_or(1)
+    }
+    fn cols(&self) -> usize {
+        self.shape[1..].iter().product()
+    }
+}
+
+/// Per layer `[num_blocks, block_size, num_kv_heads, head_dim]` for K and for V.
+pub struct CpuKvCache {
+    pub shape: KvCacheShape,
+    pub k: Vec<Vec<f32>>,
+    pub v: Vec<Vec<f32>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackend;
+
+/// RMSNorm of `x` into `out`: `x / sqrt(mean(x²) + eps) * weight`, as transformers does
+/// it in f32 for every model family here.
+#[inline]
+pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
+        *o = w * (v * inv);
+    }
+}
+
+/// Rotate-half rotary embedding of one head in place (HF's `apply_rotary_pos_emb`):
+/// pairs are `(x[i], x[i + d/2])`.
+#[inline]
+fn rotate_head(head: &mut [f32], cos_sin: &[(f32, f32)]) {
+    let half = head.len() / 2;
+    let (lo, hi) = head.split_at_mut(half);
+    for ((a, b), &(cos, sin)) in lo.iter_mut().zip(hi.iter_mut()).zip(cos_sin) {
+        let (x1, x2) = (*a, *b);
+        *a = x1 * cos - x2 * sin;
+        *b = x2 * cos + x1 * sin;
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn weight(&self, view: &TensorView<'_>) -> CpuWeight {
+        CpuWeight {
+            data: view.to_f32_vec(),
+            shape: view.shape.to_vec(),
+        }
+    }
+
+    fn weight_stacked(&self, views: &[TensorView<'_>]) -> CpuWeight {
+        let cols = views[0].shape[1..].iter().product::<usize>();
+        let rows: usize = views.iter().map(|v| v.shape[0]).sum();
+        let mut data = vec![0.0; rows * cols];
+        let mut at = 0;
+        for v in views {
+            assert_eq!(v.shape[1..].iter().product::<usize>(), cols, "weight_stacked: `{}` has other columns", v.name);
+            let n = v.num_elements();
+            v.write_f32(&mut data[at..at + n]);
+            at += n;
+        }
+        CpuWeight {
+            data,
+            shape: vec![rows, cols],
+        }
+    }
+
+    fn weight_from_f32(&self, values: Vec<f32>) -> CpuWeight {
+        let len = values.len();
+        CpuWeight {
+            data: values,
+            shape: vec![len],
+        }
+    }
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> CpuKvCache {
+        let per_layer = shape.elements_per_layer();
+        CpuKvCache {
+            shape,
+            k: (0..shape.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..shape.num_layers).map(|_| vec![0.0; per_layer]).collect(),
+        }
+    }
+
+    fn embedding(&self, table: &CpuWeight, token_ids: &[u32]) -> CpuTensor {
+        let hidden = table.cols();
+        let mut out = CpuTensor::zeros(token_ids.len(), hidden);
+        for (row, &id) in out.data.chunks_exact_mut(hidden).zip(token_ids) {
+            let id = id as usize;
+            assert!(id < table.rows(), "embedding: token id {id} >= vocab {}", table.rows());
+            row.copy_from_slice(&table.data[id * hidden..(id + 1) * hidden]);
+        }
+        out
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuWeight, eps: f32) -> CpuTensor {
+        let mut out = CpuTensor::zeros(x.rows, x.cols);
+        out.data
+            .par_chunks_mut(x.cols)
+            .zip(x.data.par_chunks(x.cols))
+            .for_each(|(o, row)| rms_norm_row(row, &weight.data, eps, o));
+        out
+    }
+
+    fn add_rms_norm(&self, residual: &mut CpuTensor, delta: &CpuTensor, weight: &CpuWeight, eps: f32) -> CpuTensor {
+        assert_eq!((residual.rows, residual.cols), (delta.rows, delta.cols), "add_rms_norm: shapes differ");
+        let cols = residual.cols;
+        let mut out = CpuTensor::zeros(residual.rows, cols);
+        out.data
+            .par_chunks_mut(cols)
+            .zip(residual.data.par_chunks_mut(cols))
+            .zip(delta.data.par_chunks(cols))
+            .for_each(|((o, r), d)| {
+                for (r, d) in r.iter_mut().zip(d) {
+                    *r += d;
+                }
+                rms_norm_row(r, &weight.data, eps, o);
+            });
+        out
+    }
+
+    fn linear(&self, x: &CpuTensor, weight: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
+        let (out_features, in_features) = (weight.rows(), weight.cols());
+        assert_eq!(x.cols, in_features, "linear: x has {} columns, weight {:?}", x.cols, weight.shape);
+        let mut out = CpuTensor::zeros(x.rows, out_features);
+        matmul_transposed(&x.data, &weight.data, &mut out.data, x.rows, in_features, out_features);
+        if let Some(bias) = bias {
+            for row in out.data.chunks_exact_mut(out_features) {
+                for (o, b) in row.iter_mut().zip(&bias.data) {
+                    *o += b;
+                }
+            }
+        }
+        out
+    }
+
+    fn silu_mul(&self, gate_up: &CpuTensor) -> CpuTensor {
+        let inter = gate_up.cols / 2;
+        let mut out = CpuTensor::zeros(gate_up.rows, inter);
+        out.data
+            .par_chunks_mut(inter)
+            .zip(gate_up.data.par_chunks(gate_up.cols))
+            .for_each(|(o, row)| {
+                let (gate, up) = row.split_at(inter);
+                for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+                    *o = g / (1.0 + (-g).exp()) * u;
+                }
+            });
+        out
+    }
+
+    fn qk_norm(&self, qkv: &mut CpuTensor, q_weight: &CpuWeight, k_weight: &CpuWeight, eps: f32, shape: AttentionShape) {
+        let hd = shape.head_dim;
+        let num_qk_heads = shape.num_heads + shape.num_kv_heads;
+        qkv.data.par_chunks_mut(qkv.cols).for_each(|row| {
+            let mut normed = [0.0f32; 512];
+            for h in 0..num_qk_heads {
+                let weight = if h < shape.num_heads { &q_weight.data } else { &k_weight.data };
+                let head = &mut row[h * hd..(h + 1) * hd];
+                rms_norm_row(head, weight, eps, &mut normed[..hd]);
+                head.copy_from_slice(&normed[..hd]);
+            }
+        });
+    }
+
+    fn rotary(&self, qkv: &mut CpuTensor, positions: &[u32], inv_freq: &CpuWeight, shape: AttentionShape) {
+        assert_eq!(positions.len(), qkv.rows, "rotary: one position per row");
+        let hd = shape.head_dim;
+        let num_qk_heads = shape.num_heads + shape.num_kv_heads;
+        qkv.data
+            .par_chunks_mut(qkv.cols)
+            .zip(positions.par_iter())
+            .for_each(|(row, &pos)| {
+                let mut cos_sin = [(0.0f32, 0.0f32); 256];
+                for (cs, f) in cos_sin.iter_mut().zip(&inv_freq.data) {
+                    let angle = pos as f32 * f;
+                    *cs = (angle.cos(), angle.sin());
+                }
+                for h in 0..num_qk_heads {
+                    rotate_head(&mut row[h * hd..(h + 1) * hd], &cos_sin[..hd / 2]);
+                }
+            });
+    }
+
+    fn write_kv(&self, cache: &mut CpuKvCache, layer: usize, qkv: &CpuTensor, slot_mapping: &[u32], shape: AttentionShape) {
+        let kv_width = shape.kv_width();
+        let q_width = shape.q_width();
+        let (k_pool, v_pool) = (&mut cache.k[layer], &mut cache.v[layer]);
+        for (i, &slot) in slot_mapping.iter().enumerate() {
+            let row = qkv.row(i);
+            let at = slot as usize * kv_width;
+            k_pool[at..at + kv_width].copy_from_slice(&row[q_width..q_width + kv_width]);
+            v_pool[at..at + kv_width].copy_from_slice(&row[q_width + kv_width..q_width + 2 * kv_width]);
+        }
+    }
+
+    fn attention(&self, qkv: &CpuTensor, cache: &CpuKvCache, layer: usize, batch: &ForwardBatch, shape: AttentionShape) -> CpuTensor {
+        let (hd, nh) = (shape.head_dim, shape.num_heads);
+        let kv_width = shape.kv_width();
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (k_pool, v_pool) = (&cache.k[layer], &cache.v[layer]);
+        let block_size = batch.block_size;
+        let mut out = CpuTensor::zeros(qkv.rows, nh * hd);
+        // One task per sequence token; heads of a token share its context walk.
+        let mut token_seq = vec![0usize; qkv.rows];
+        for (s, seq) in batch.seqs.iter().enumerate() {
+            token_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
+        }
+        out.data
+            .par_chunks_mut(nh * hd)
+            .enumerate()
+            .for_each(|(t, out_row)| {
+                let seq = &batch.seqs[token_seq[t]];
+                // Causal: the i-th new token sees everything before it in the cache.
+                let visible = seq.context_len - seq.query_len + (t - seq.query_start) + 1;
+                let q_row = &qkv.row(t)[..nh * hd];
+                let mut scores = vec![0.0f32; visible];
+                for h in 0..nh {
+                    let kvh = h / shape.group_size();
+                    let q = &q_row[h * hd..(h + 1) * hd];
+                    let slot_offset = |p: usize| {
+                        let slot = seq.block_table[p / block_size] as usize * block_size + p % block_size;
+                        slot * kv_width + kvh * hd
+                    };
+                    let mut max = f32::NEG_INFINITY;
+                    for (p, s) in scores.iter_mut().enumerate() {
+                        let at = slot_offset(p);
+                        *s = dot(q, &k_pool[at..at + hd]) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0.0;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let o = &mut out_row[h * hd..(h + 1) * hd];
+                    for (p, s) in scores.iter().enumerate() {
+                        let at = slot_offset(p);
+                        let weight = s / sum;
+                        for (o, v) in o.iter_mut().zip(&v_pool[at..at + hd]) {
+                            *o += weight * v;
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> CpuTensor {
+        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        for &r in rows {
+            data.extend_from_slice(x.row(r));
+        }
+        CpuTensor::new(data, rows.len(), x.cols)
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> (Vec<f32>, usize, usize) {
+        (x.data.clone(), x.rows, x.cols)
+    }
+}

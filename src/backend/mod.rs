@@ -1,0 +1,151 @@
+//! The backend trait: the fused ops a decoder needs, each backend owning its buffer
+//! types. Models are written once against it; `cpu` is the numerical reference that
+//! every GPU kernel is checked against.
+//!
+//! Attention always reads keys and values from the paged KV cache (written first by
+//! `write_kv`), so prefill, chunked prefill, prefix reuse and decode are one op.
+
+pub mod cpu;
+
+use crate::loader::TensorView;
+
+/// Head layout of one attention layer. A fused `qkv` row is
+/// `[num_heads * head_dim | num_kv_heads * head_dim | num_kv_heads * head_dim]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    pub fn q_width(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_width(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    pub fn qkv_width(&self) -> usize {
+        self.q_width() + 2 * self.kv_width()
+    }
+    /// Query heads sharing one KV head (GQA).
+    pub fn group_size(&self) -> usize {
+        self.num_heads / self.num_kv_heads
+    }
+}
+
+/// Size of a paged KV cache: per layer, K and V are `[num_blocks, block_size, num_kv_heads, head_dim]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheShape {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvCacheShape {
+    pub fn elements_per_layer(&self) -> usize {
+        self.num_blocks * self.block_size * self.num_kv_heads * self.head_dim
+    }
+}
+
+/// One sequence's share of a forward batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqChunk {
+    /// First row of this sequence's tokens in the batch.
+    pub query_start: usize,
+    /// Number of new tokens this step (prompt chunk, or 1 for decode).
+    pub query_len: usize,
+    /// Tokens in the cache once this step's K/V are written (prefix + new).
+    pub context_len: usize,
+    /// KV block ids holding positions `0..context_len`, in order.
+    pub block_table: Vec<u32>,
+}
+
+/// Everything a forward pass needs to know about the batch, as plain host data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ForwardBatch {
+    /// `[num_tokens]` token ids, sequences back to back.
+    pub token_ids: Vec<u32>,
+    /// `[num_tokens]` position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// `[num_tokens]` cache slot (`block * block_size + offset`) each token's K/V go to.
+    pub slot_mapping: Vec<u32>,
+    pub seqs: Vec<SeqChunk>,
+    pub block_size: usize,
+}
+
+impl ForwardBatch {
+    /// A batch of one sequence whose blocks are `block_table`, computing `new_tokens`
+    /// after `num_cached` tokens already in the cache.
+    pub fn single(new_tokens: &[u32], num_cached: usize, block_table: &[u32], block_size: usize) -> Self {
+        let positions: Vec<u32> = (num_cached..num_cached + new_tokens.len()).map(|p| p as u32).collect();
+        let slot_mapping = positions
+            .iter()
+            .map(|&p| block_table[p as usize / block_size] * block_size as u32 + p % block_size as u32)
+            .collect();
+        ForwardBatch {
+            token_ids: new_tokens.to_vec(),
+            positions,
+            slot_mapping,
+            seqs: vec![SeqChunk {
+                query_start: 0,
+                query_len: new_tokens.len(),
+                context_len: num_cached + new_tokens.len(),
+                block_table: block_table.to_vec(),
+            }],
+            block_size,
+        }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+}
+
+/// The fused ops of a dense decoder. Shapes are given as `[rows, cols]`, row-major.
+pub trait Backend: Send + Sync {
+    /// An activation: `[rows, cols]`.
+    type Tensor: Send;
+    /// A parameter, uploaded once.
+    type Weight: Send + Sync;
+    /// The paged K/V pool of every layer.
+    type KvCache: Send;
+
+    fn name(&self) -> &'static str;
+
+    /// Uploads a checkpoint tensor (any supported dtype).
+    fn weight(&self, view: &TensorView<'_>) -> Self::Weight;
+    /// Uploads 2-D tensors stacked along rows: fused `[q; k; v]` or `[gate; up]`.
+    fn weight_stacked(&self, views: &[TensorView<'_>]) -> Self::Weight;
+    /// Uploads host f32 values, such as rotary inverse frequencies.
+    fn weight_from_f32(&self, values: Vec<f32>) -> Self::Weight;
+
+    fn alloc_kv_cache(&self, shape: KvCacheShape) -> Self::KvCache;
+
+    /// `table [vocab, hidden]`, ids `[n]` -> `[n, hidden]`. Ids must be `< vocab`.
+    fn embedding(&self, table: &Self::Weight, token_ids: &[u32]) -> Self::Tensor;
+    /// RMSNorm of each row of `x [n, d]` with `weight [d]`.
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// `residual += delta`, then returns the RMSNorm of the updated residual.
+    fn add_rms_norm(&self, residual: &mut Self::Tensor, delta: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// `x [n, in]` times `weight [out, in]` transposed, plus `bias [out]` -> `[n, out]`.
+    fn linear(&self, x: &Self::Tensor, weight: &Self::Weight, bias: Option<&Self::Weight>) -> Self::Tensor;
+    /// `[n, 2i]` holding `[gate | up]` -> `silu(gate) * up`, `[n, i]`.
+    fn silu_mul(&self, gate_up: &Self::Tensor) -> Self::Tensor;
+    /// Per-head RMSNorm of the q and k parts of `qkv [n, qkv_width]` (Qwen3), in place.
+    fn qk_norm(&self, qkv: &mut Self::Tensor, q_weight: &Self::Weight, k_weight: &Self::Weight, eps: f32, shape: AttentionShape);
+    /// Rotary embedding (neox / rotate-half layout) of the q and k parts of `qkv`, in
+    /// place; `inv_freq [head_dim / 2]`, `positions [n]`.
+    fn rotary(&self, qkv: &mut Self::Tensor, positions: &[u32], inv_freq: &Self::Weight, shape: AttentionShape);
+    /// Writes the k and v parts of `qkv [n, qkv_width]` to `slot_mapping [n]` of `layer`.
+    fn write_kv(&self, cache: &mut Self::KvCache, layer: usize, qkv: &Self::Tensor, slot_mapping: &[u32], shape: AttentionShape);
+    /// Causal attention of the q part of `qkv [n, qkv_width]` over each sequence's
+    /// cached context -> `[n, num_heads * head_dim]`.
+    fn attention(&self, qkv: &Self::Tensor, cache: &Self::KvCache, layer: usize, batch: &ForwardBatch, shape: AttentionShape) -> Self::Tensor;
+    /// Rows `rows` of `x` -> `[rows.len(), cols]`.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+    /// Copies `x` to the host: (values row-major, rows, cols).
+    fn to_host(&self, x: &Self::Tensor) -> (Vec<f32>, usize, usize);
+}

@@ -1,0 +1,296 @@
+//! The dense decoder of Llama, Qwen2 and Qwen3, written once over the backend trait;
+//! the families differ only in config flags (qkv bias, q/k norm, rope scaling, tying).
+//!
+//! Layer math, as in transformers' `LlamaDecoderLayer`:
+//!   h = x + o_proj(attn(rope(qkv(rms_norm(x)))));  x' = h + down(silu(gate(n)) * up(n)), n = rms_norm(h)
+//! q/k/v and gate/up are fused into one matrix each at load.
+
+use crate::backend::{AttentionShape, Backend, ForwardBatch, KvCacheShape};
+use crate::loader::{Checkpoint, LoadError};
+
+use super::config::{DecoderConfig, RopeScaling};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("token id {id} is outside the vocabulary of {vocab_size}")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
+    #[error("position {position} is beyond the model's context of {max} tokens")]
+    PositionOutOfRange { position: u32, max: usize },
+}
+
+struct DecoderLayer<B: Backend> {
+    input_layernorm: B::Weight,
+    /// `[q; k; v]` projections stacked: `[qkv_width, hidden]`.
+    qkv_proj: B::Weight,
+    qkv_bias: Option<B::Weight>,
+    /// Qwen3 per-head norms of q and k.
+    qk_norm: Option<(B::Weight, B::Weight)>,
+    o_proj: B::Weight,
+    post_attention_layernorm: B::Weight,
+    /// `[gate; up]` stacked: `[2 * intermediate, hidden]`.
+    gate_up_proj: B::Weight,
+    down_proj: B::Weight,
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// The last token of each sequence (generation).
+    LastOfEachSequence,
+    /// Every token of the batch (scoring, tests).
+    AllTokens,
+}
+
+pub struct DecoderModel<B: Backend> {
+    pub config: DecoderConfig,
+    shape: AttentionShape,
+    embed_tokens: B::Weight,
+    layers: Vec<DecoderLayer<B>>,
+    norm: B::Weight,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<B::Weight>,
+    /// Rotary inverse frequencies `[head_dim / 2]` with the config's scaling applied.
+    inv_freq: B::Weight,
+}
+
+/// Rotary inverse frequencies, computed in f32 the way transformers'
+/// `ROPE_INIT_FUNCTIONS` do for `default`, `linear` and `llama3`.
+pub fn rope_inv_freq(config: &DecoderConfig) -> Vec<f32> {
+    let dim = config.head_dim;
+    let base = config.rope_theta;
+    let default: Vec<f32> = (0..dim / 2)
+        .map(|i| 1.0 / base.powf((2 * i) as f32 / dim as f32))
+        .collect();
+    match config.rope_scaling {
+        RopeScaling::None => default,
+        RopeScaling::Linear { factor } => default.into_iter().map(|f| f / factor).collect(),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old_len,
+        } => {
+            let low_freq_wavelen = old_len / low_freq_factor;
+            let high_freq_wavelen = old_len / high_freq_factor;
+            default
+                .into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    if wavelen < high_freq_wavelen {
+                        f
+                    } else if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect()
+        }
+    }
+}
+
+impl<B: Backend> DecoderModel<B> {
+    /// Names of every checkpoint tensor this config reads, in load order.
+    pub fn tensor_names(config: &DecoderConfig) -> Vec<String> {
+        let mut names = vec!["model.embed_tokens.weight".to_owned()];
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}.");
+            names.push(format!("{p}input_layernorm.weight"));
+            for proj in ["q", "k", "v"] {
+                names.push(format!("{p}self_attn.{proj}_proj.weight"));
+                if config.qkv_bias {
+                    names.push(format!("{p}self_attn.{proj}_proj.bias"));
+                }
+            }
+            if config.qk_norm {
+                names.push(format!("{p}self_attn.q_norm.weight"));
+                names.push(format!("{p}self_attn.k_norm.weight"));
+            }
+            names.push(format!("{p}self_attn.o_proj.weight"));
+            names.push(format!("{p}post_attention_layernorm.weight"));
+            for proj in ["gate", "up", "down"] {
+                names.push(format!("{p}mlp.{proj}_proj.weight"));
+            }
+        }
+        names.push("model.norm.weight".to_owned());
+        if !config.tie_word_embeddings {
+            names.push("lm_head.weight".to_owned());
+        }
+        names
+    }
+
+    /// Uploads the weights, checking every shape first. `progress(current, total)` is
+    /// called once per tensor read (total = `tensor_names(config).len()`).
+    pub fn load(
+        backend: &B,
+        config: DecoderConfig,
+        checkpoint: &Checkpoint,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, LoadError> {
+        let names = Self::tensor_names(&config);
+        let total = names.len();
+        // Check presence and shape of everything before converting anything.
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let shape = AttentionShape {
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        };
+        for name in &names {
+            let t = checkpoint.tensor(name)?;
+            let expected: Vec<usize> = match name.rsplit_once('.').map(|(stem, _)| stem).unwrap_or("") {
+                s if s.ends_with("embed_tokens") || s == "lm_head" => vec![config.vocab_size, h],
+                s if s.ends_with("layernorm") || s == "model.norm" => vec![h],
+                s if s.ends_with("q_norm") || s.ends_with("k_norm") => vec![shape.head_dim],
+                s if s.ends_with("q_proj") => vec![shape.q_width(), h],
+                s if s.ends_with("k_proj") || s.ends_with("v_proj") => vec![shape.kv_width(), h],
+                s if s.ends_with("o_proj") => vec![h, shape.q_width()],
+                s if s.ends_with("gate_proj") || s.ends_with("up_proj") => vec![i, h],
+                s if s.ends_with("down_proj") => vec![h, i],
+                _ => t.shape.to_vec(),
+            };
+            // Biases are the first dimension of their matrix.
+            let expected = if name.ends_with(".bias") { vec![expected[0]] } else { expected };
+            t.expect_shape(&expected)?;
+        }
+
+        let mut current = 0;
+        let mut tick = |n: usize| {
+            current += n;
+            progress(current, total);
+        };
+        let get = |name: &str| checkpoint.tensor(name);
+        let embed_tokens = backend.weight(&get("model.embed_tokens.weight")?);
+        tick(1);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}.");
+            let t = |suffix: &str| get(&format!("{p}{suffix}"));
+            let input_layernorm = backend.weight(&t("input_layernorm.weight")?);
+            let qkv_proj = backend.weight_stacked(&[
+                t("self_attn.q_proj.weight")?,
+                t("self_attn.k_proj.weight")?,
+                t("self_attn.v_proj.weight")?,
+            ]);
+            let qkv_bias = if config.qkv_bias {
+                let b = [t("self_attn.q_proj.bias")?, t("self_attn.k_proj.bias")?, t("self_attn.v_proj.bias")?];
+                let mut values = Vec::with_capacity(shape.qkv_width());
+                for v in &b {
+                    values.extend(v.to_f32_vec());
+                }
+                Some(backend.weight_from_f32(values))
+            } else {
+                None
+            };
+            let qk_norm = if config.qk_norm {
+                Some((
+                    backend.weight(&t("self_attn.q_norm.weight")?),
+                    backend.weight(&t("self_attn.k_norm.weight")?),
+                ))
+            } else {
+                None
+            };
+            let o_proj = backend.weight(&t("self_attn.o_proj.weight")?);
+            let post_attention_layernorm = backend.weight(&t("post_attention_layernorm.weight")?);
+            let gate_up_proj = backend.weight_stacked(&[t("mlp.gate_proj.weight")?, t("mlp.up_proj.weight")?]);
+            let down_proj = backend.weight(&t("mlp.down_proj.weight")?);
+            tick(9 + if config.qkv_bias { 3 } else { 0 } + if config.qk_norm { 2 } else { 0 });
+            layers.push(DecoderLayer {
+                input_layernorm,
+                qkv_proj,
+                qkv_bias,
+                qk_norm,
+                o_proj,
+                post_attention_layernorm,
+                gate_up_proj,
+                down_proj,
+            });
+        }
+        let norm = backend.weight(&get("model.norm.weight")?);
+        tick(1);
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            let w = backend.weight(&get("lm_head.weight")?);
+            tick(1);
+            Some(w)
+        };
+        let inv_freq = backend.weight_from_f32(rope_inv_freq(&config));
+        Ok(DecoderModel {
+            config,
+            shape,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    pub fn attention_shape(&self) -> AttentionShape {
+        self.shape
+    }
+
+    /// The KV cache shape for `num_blocks` blocks of `block_size` tokens.
+    pub fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
+        KvCacheShape {
+            num_layers: self.config.num_hidden_layers,
+            num_blocks,
+            block_size,
+            num_kv_heads: self.shape.num_kv_heads,
+            head_dim: self.shape.head_dim,
+        }
+    }
+
+    /// Runs the batch, writing its K/V into `cache`, and returns logits
+    /// `[rows, vocab]` for the requested rows.
+    pub fn forward(
+        &self,
+        backend: &B,
+        batch: &ForwardBatch,
+        cache: &mut B::KvCache,
+        logits_for: LogitsFor,
+    ) -> Result<B::Tensor, ForwardError> {
+        let cfg = &self.config;
+        if let Some(&id) = batch.token_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+            return Err(ForwardError::TokenOutOfRange {
+                id,
+                vocab_size: cfg.vocab_size,
+            });
+        }
+        if let Some(&position) = batch.positions.iter().find(|&&p| p as usize >= cfg.max_position_embeddings) {
+            return Err(ForwardError::PositionOutOfRange {
+                position,
+                max: cfg.max_position_embeddings,
+            });
+        }
+        let eps = cfg.rms_norm_eps;
+        let mut residual = backend.embedding(&self.embed_tokens, &batch.token_ids);
+        let mut normed = backend.rms_norm(&residual, &self.layers[0].input_layernorm, eps);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let mut qkv = backend.linear(&normed, &layer.qkv_proj, layer.qkv_bias.as_ref());
+            if let Some((q_norm, k_norm)) = &layer.qk_norm {
+                backend.qk_norm(&mut qkv, q_norm, k_norm, eps, self.shape);
+            }
+            backend.rotary(&mut qkv, &batch.positions, &self.inv_freq, self.shape);
+            backend.write_kv(cache, l, &qkv, &batch.slot_mapping, self.shape);
+            let attn = backend.attention(&qkv, cache, l, batch, self.shape);
+            let attn_out = backend.linear(&attn, &layer.o_proj, None);
+            normed = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_attention_layernorm, eps);
+            let gate_up = backend.linear(&normed, &layer.gate_up_proj, None);
+            let mlp_out = backend.linear(&backend.silu_mul(&gate_up), &layer.down_proj, None);
+            // The next layer's input norm (or the final norm) fused with the residual add.
+            let next_norm = self.layers.get(l + 1).map_or(&self.norm, |next| &next.input_layernorm);
+            normed = backend.add_rms_norm(&mut residual, &mlp_out, next_norm, eps);
+        }
+        let hidden = match logits_for {
+            LogitsFor::AllTokens => normed,
+            LogitsFor::LastOfEachSequence => {
+                let rows: Vec<usize> = batch.seqs.iter().map(|s| s.query_start + s.query_len - 1).collect();
+                backend.gather_rows(&normed, &rows)
+            }
+        };
+        Ok(backend.linear(&hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None))
+    }
+}

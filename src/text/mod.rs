@@ -1,0 +1,34 @@
+//! Text in and out of a model: the tokenizer, chat templates, and the incremental
+//! detokenizer that turns a token stream into valid UTF-8 text pieces.
+
+pub mod detokenizer;
+pub mod template;
+pub mod tokenizer;
+
+use std::path::PathBuf;
+
+pub use detokenizer::IncrementalDetokenizer;
+pub use template::{ChatInput, ChatTemplate};
+pub use tokenizer::{SpecialTokens, Tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is missing")]
+    MissingFile { path: PathBuf },
+    #[error("{path}: cannot load tokenizer: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("tokenization failed: {0}")]
+    Encode(String),
+    #[error("detokenization failed: {0}")]
+    Decode(String),
+    #[error("chat template error: {0}")]
+    Template(String),
+    #[error("this model has no chat template")]
+    NoChatTemplate,
+}
