@@ -170,12 +170,12 @@ def to_bytes_np(a, dtype):
 
 # vocab 384 keeps files small; every config exercises something the real models do not.
 TINY = {
-    # Llama, GQA 3:1, head_dim (24) != hidden/heads (64/6), llama3 rope scaling, untied, bf16.
+    # Llama, GQA 3:1, head_dim (16) != hidden/heads (72/6), llama3 rope scaling, untied, bf16.
     "tiny-llama": {
         "config": {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": 64, "intermediate_size": 112, "num_hidden_layers": 2,
-            "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 24,
+            "hidden_size": 72, "intermediate_size": 112, "num_hidden_layers": 2,
+            "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16,
             "vocab_size": 384, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0, "tie_word_embeddings": False, "attention_bias": False,
             "mlp_bias": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,

@@ -1,0 +1,69 @@
+use std::path::{Path, PathBuf};
+
+use inferd::loader::resolve_model;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    repo_root().join("tests").join("fixtures").join(rel)
+}
+
+pub fn golden(rel: &str) -> serde_json::Value {
+    let path = repo_root().join("tests").join("goldens").join(rel);
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A model installed in the HF cache; a missing one is a setup error, not a skip.
+pub fn installed_model(id: &str) -> PathBuf {
+    match resolve_model(id) {
+        Ok(dir) => dir.path,
+        Err(e) => panic!("{e}\n(install the test models with scripts/fetch-test-models)"),
+    }
+}
+
+pub fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// A fresh empty folder under the target dir (removed first if it exists).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = repo_root().join("target").join("test-scratch").join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes a safetensors file from `(name, dtype, shape, raw bytes)`.
+pub fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let mut raw = serde_json::to_vec(&header).unwrap();
+    while raw.len() % 8 != 0 {
+        raw.push(b' ');
+    }
+    let mut file = (raw.len() as u64).to_le_bytes().to_vec();
+    file.extend(raw);
+    for (_, _, _, bytes) in tensors {
+        file.extend(bytes);
+    }
+    std::fs::write(path, file).unwrap();
+}
+
+pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}

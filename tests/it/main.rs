@@ -1,0 +1,12 @@
+//! One integration-test binary (each file under tests/ would link the library again).
+//! Models come from the Hugging Face cache, installed by `scripts/fetch-test-models`;
+//! goldens from `scripts/gen-goldens` (transformers, float32).
+
+mod common;
+mod errors;
+mod generate_cli;
+mod loader;
+mod numerics;
+mod templates;
+mod tokenizer;
+mod wall;

@@ -1,0 +1,83 @@
+use inferd::text::{ChatInput, ChatTemplate, Tokenizer};
+
+use crate::common::{fixture, golden, ids};
+
+/// Every conversation in tests/goldens/templates.json renders to transformers' exact
+/// text, and tokenizes to its exact ids.
+#[test]
+fn chat_templates_render_exactly_like_transformers() {
+    let goldens = golden("templates.json");
+    let cases = goldens["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    let mut failures = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let tok = Tokenizer::from_dir(&fixture(&format!("models/{}", case["tokenizer"].as_str().unwrap()))).unwrap();
+        let own;
+        let template = match case["template_file"].as_str() {
+            Some(file) => {
+                let source = std::fs::read_to_string(fixture(&format!("templates/{file}"))).unwrap();
+                own = ChatTemplate::new(source, tok.special_tokens.clone()).unwrap();
+                &own
+            }
+            None => tok.chat_template().expect("tokenizer has a chat template"),
+        };
+        let rendered = template
+            .render(ChatInput {
+                messages: &case["messages"],
+                tools: case["tools"].as_array().map(|_| &case["tools"]),
+                add_generation_prompt: case["add_generation_prompt"].as_bool().unwrap(),
+                kwargs: case["kwargs"].as_object(),
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let want = case["rendered"].as_str().unwrap();
+        if rendered != want {
+            failures.push(format!("{name}:\n--- ours\n{rendered}\n--- transformers\n{want}"));
+            continue;
+        }
+        assert_eq!(tok.encode(&rendered, false).unwrap(), ids(&case["ids"]), "{name}: ids");
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn raise_exception_in_a_template_is_an_error_with_its_message() {
+    let template = ChatTemplate::new(
+        "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with a user message') }}{% endif %}".into(),
+        Default::default(),
+    )
+    .unwrap();
+    let messages = serde_json::json!([{"role": "assistant", "content": "hi"}]);
+    let err = template
+        .render(ChatInput {
+            messages: &messages,
+            tools: None,
+            add_generation_prompt: false,
+            kwargs: None,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("Conversation must start with a user message"), "{err}");
+}
+
+#[test]
+fn tojson_matches_python_json_dumps() {
+    let template = ChatTemplate::new(
+        "{{ messages[0] | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ flag }} {{ nothing }}".into(),
+        Default::default(),
+    )
+    .unwrap();
+    let messages = serde_json::json!([{"b": [1, 2.5, "é\"\n"], "a": {"x": null, "y": true}}]);
+    let kwargs = serde_json::json!({"flag": false, "nothing": null});
+    let out = template
+        .render(ChatInput {
+            messages: &messages,
+            tools: None,
+            add_generation_prompt: false,
+            kwargs: kwargs.as_object(),
+        })
+        .unwrap();
+    assert_eq!(
+        out,
+        "{\"b\": [1, 2.5, \"é\\\"\\n\"], \"a\": {\"x\": null, \"y\": true}}|{\n  \"b\": [\n    1,\n    2.5,\n    \"é\\\"\\n\"\n  ],\n  \"a\": {\n    \"x\": null,\n    \"y\": true\n  }\n}|False None"
+    );
+}
