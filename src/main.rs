@@ -13,7 +13,11 @@ use inferd::models::{load_decoder, GenerationConfig};
 use inferd::text::{ChatInput, IncrementalDetokenizer, TextError, Tokenizer};
 
 #[derive(Parser)]
-#[command(name = "inferd", version, about = "OpenAI-compatible inference server for Llama, Qwen2 and Qwen3 models")]
+#[command(
+    name = "inferd",
+    version,
+    about = "OpenAI-compatible inference server for Llama, Qwen2 and Qwen3 models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -114,7 +118,12 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
 
     let mut stop_token_ids = generation_config.eos_token_ids();
     stop_token_ids.extend(&model.config.eos_token_ids);
-    if let Some(id) = tokenizer.special_tokens.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+    if let Some(id) = tokenizer
+        .special_tokens
+        .eos_token
+        .as_deref()
+        .and_then(|t| tokenizer.token_to_id(t))
+    {
         stop_token_ids.push(id);
     }
     let params = GenerateParams {

@@ -9,6 +9,9 @@ pub mod cpu;
 
 use crate::loader::TensorView;
 
+/// Largest head size a backend must support (per-head scratch lives on the stack).
+pub const MAX_HEAD_DIM: usize = 512;
+
 /// Head layout of one attention layer. A fused `qkv` row is
 /// `[num_heads * head_dim | num_kv_heads * head_dim | num_kv_heads * head_dim]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,21 +132,48 @@ pub trait Backend: Send + Sync {
     /// RMSNorm of each row of `x [n, d]` with `weight [d]`.
     fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Self::Tensor;
     /// `residual += delta`, then returns the RMSNorm of the updated residual.
-    fn add_rms_norm(&self, residual: &mut Self::Tensor, delta: &Self::Tensor, weight: &Self::Weight, eps: f32) -> Self::Tensor;
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Self::Tensor;
     /// `x [n, in]` times `weight [out, in]` transposed, plus `bias [out]` -> `[n, out]`.
     fn linear(&self, x: &Self::Tensor, weight: &Self::Weight, bias: Option<&Self::Weight>) -> Self::Tensor;
     /// `[n, 2i]` holding `[gate | up]` -> `silu(gate) * up`, `[n, i]`.
     fn silu_mul(&self, gate_up: &Self::Tensor) -> Self::Tensor;
     /// Per-head RMSNorm of the q and k parts of `qkv [n, qkv_width]` (Qwen3), in place.
-    fn qk_norm(&self, qkv: &mut Self::Tensor, q_weight: &Self::Weight, k_weight: &Self::Weight, eps: f32, shape: AttentionShape);
+    fn qk_norm(
+        &self,
+        qkv: &mut Self::Tensor,
+        q_weight: &Self::Weight,
+        k_weight: &Self::Weight,
+        eps: f32,
+        shape: AttentionShape,
+    );
     /// Rotary embedding (neox / rotate-half layout) of the q and k parts of `qkv`, in
     /// place; `inv_freq [head_dim / 2]`, `positions [n]`.
     fn rotary(&self, qkv: &mut Self::Tensor, positions: &[u32], inv_freq: &Self::Weight, shape: AttentionShape);
     /// Writes the k and v parts of `qkv [n, qkv_width]` to `slot_mapping [n]` of `layer`.
-    fn write_kv(&self, cache: &mut Self::KvCache, layer: usize, qkv: &Self::Tensor, slot_mapping: &[u32], shape: AttentionShape);
+    fn write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        qkv: &Self::Tensor,
+        slot_mapping: &[u32],
+        shape: AttentionShape,
+    );
     /// Causal attention of the q part of `qkv [n, qkv_width]` over each sequence's
     /// cached context -> `[n, num_heads * head_dim]`.
-    fn attention(&self, qkv: &Self::Tensor, cache: &Self::KvCache, layer: usize, batch: &ForwardBatch, shape: AttentionShape) -> Self::Tensor;
+    fn attention(
+        &self,
+        qkv: &Self::Tensor,
+        cache: &Self::KvCache,
+        layer: usize,
+        batch: &ForwardBatch,
+        shape: AttentionShape,
+    ) -> Self::Tensor;
     /// Rows `rows` of `x` -> `[rows.len(), cols]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
     /// Copies `x` to the host: (values row-major, rows, cols).

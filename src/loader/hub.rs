@@ -38,17 +38,12 @@ impl ModelRef {
             None => (s, Self::DEFAULT_REVISION),
         };
         let valid_part = |p: &str| {
-            !p.is_empty()
-                && p != "."
-                && p != ".."
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            !p.is_empty() && p != "." && p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         };
         let parts: Vec<&str> = repo_id.split('/').collect();
         // The hub also has un-namespaced legacy ids (`gpt2`); accept one or two parts.
         let ok_id = matches!(parts.len(), 1 | 2) && parts.iter().all(|p| valid_part(p));
-        let ok_rev = !revision.is_empty()
-            && revision.split('/').all(|p| valid_part(p))
-            && !revision.starts_with('/');
+        let ok_rev = !revision.is_empty() && revision.split('/').all(valid_part) && !revision.starts_with('/');
         if !ok_id || !ok_rev {
             return Err(HubError::InvalidId(s.to_owned()));
         }
@@ -89,7 +84,9 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("HF_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(home).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/"));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/"));
     home.join(".cache").join("huggingface").join("hub")
 }
 

@@ -119,13 +119,21 @@ impl SafetensorsFile {
         // loaded (the same assumption every safetensors loader makes).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
         if mmap.len() < 8 {
-            return Err(bad(format!("{} bytes, shorter than the 8-byte header length", mmap.len())));
+            return Err(bad(format!(
+                "{} bytes, shorter than the 8-byte header length",
+                mmap.len()
+            )));
         }
         let header_len = u64::from_le_bytes(mmap[..8].try_into().expect("8 bytes")) as usize;
         let data_start = header_len
             .checked_add(8)
             .filter(|&end| end <= mmap.len())
-            .ok_or_else(|| bad(format!("header of {header_len} bytes runs past the end of the file ({} bytes)", mmap.len())))?;
+            .ok_or_else(|| {
+                bad(format!(
+                    "header of {header_len} bytes runs past the end of the file ({} bytes)",
+                    mmap.len()
+                ))
+            })?;
         let raw: HashMap<String, serde_json::Value> =
             serde_json::from_slice(&mmap[8..data_start]).map_err(|e| bad(format!("header JSON: {e}")))?;
         let data_len = mmap.len() - data_start;
@@ -142,7 +150,9 @@ impl SafetensorsFile {
             })?;
             let [start, end] = entry.data_offsets;
             if start > end {
-                return Err(bad(format!("tensor `{name}`: data_offsets [{start}, {end}] are reversed")));
+                return Err(bad(format!(
+                    "tensor `{name}`: data_offsets [{start}, {end}] are reversed"
+                )));
             }
             if end > data_len {
                 return Err(LoadError::Truncated {

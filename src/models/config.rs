@@ -5,8 +5,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::backend::MAX_HEAD_DIM;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("{path} is missing: a model folder needs a config.json")]
+    Missing { path: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -33,7 +37,9 @@ pub enum Architecture {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (equivalently, inverse frequencies).
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Llama 3.1: frequencies between two wavelengths are interpolated.
     Llama3 {
         factor: f32,
@@ -97,7 +103,6 @@ struct RawRope {
 
 #[derive(Deserialize)]
 struct RawConfig {
-    model_type: Option<String>,
     hidden_size: usize,
     intermediate_size: usize,
     num_hidden_layers: usize,
@@ -118,6 +123,9 @@ struct RawConfig {
 }
 
 pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ConfigError> {
+    if !path.exists() {
+        return Err(ConfigError::Missing { path: path.to_owned() });
+    }
     let bytes = std::fs::read(path).map_err(|source| ConfigError::Io {
         path: path.to_owned(),
         source,
@@ -135,12 +143,18 @@ impl DecoderConfig {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = read_json(path)?;
+        // The architecture is checked first so that an unsupported model is named as
+        // such, not as a field our decoder would need.
+        let value: serde_json::Value = read_json(path)?;
+        let model_type = value
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned();
         let invalid = |reason: String| ConfigError::Invalid {
             path: path.to_owned(),
             reason,
         };
-        let model_type = raw.model_type.unwrap_or_default();
         let architecture = match model_type.as_str() {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
@@ -152,6 +166,10 @@ impl DecoderConfig {
                 })
             }
         };
+        let raw = RawConfig::deserialize(value).map_err(|e| ConfigError::Json {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" {
                 return Err(invalid(format!("hidden_act `{act}` is not supported (only silu)")));
@@ -167,13 +185,22 @@ impl DecoderConfig {
         let head_dim = match raw.head_dim {
             Some(d) => d,
             None if raw.hidden_size % heads == 0 => raw.hidden_size / heads,
-            None => return Err(invalid(format!("hidden_size {} is not divisible by {heads} heads", raw.hidden_size))),
+            None => {
+                return Err(invalid(format!(
+                    "hidden_size {} is not divisible by {heads} heads",
+                    raw.hidden_size
+                )))
+            }
         };
-        if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(invalid(format!("head_dim {head_dim} must be even and positive for rotary embeddings")));
+        if head_dim == 0 || head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+            return Err(invalid(format!(
+                "head_dim {head_dim} must be even, positive and at most {MAX_HEAD_DIM}"
+            )));
         }
         if raw.hidden_size == 0 || raw.intermediate_size == 0 || raw.num_hidden_layers == 0 || raw.vocab_size == 0 {
-            return Err(invalid("hidden_size, intermediate_size, num_hidden_layers and vocab_size must be positive".into()));
+            return Err(invalid(
+                "hidden_size, intermediate_size, num_hidden_layers and vocab_size must be positive".into(),
+            ));
         }
         let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
         let rope_theta = raw
@@ -185,10 +212,14 @@ impl DecoderConfig {
             Some(r) => match r.rope_type.as_deref().unwrap_or("default") {
                 "default" => RopeScaling::None,
                 "linear" => RopeScaling::Linear {
-                    factor: r.factor.ok_or_else(|| invalid("linear rope scaling needs `factor`".into()))?,
+                    factor: r
+                        .factor
+                        .ok_or_else(|| invalid("linear rope scaling needs `factor`".into()))?,
                 },
                 "llama3" => {
-                    let need = |v: Option<f32>, name: &str| v.ok_or_else(|| invalid(format!("llama3 rope scaling needs `{name}`")));
+                    let need = |v: Option<f32>, name: &str| {
+                        v.ok_or_else(|| invalid(format!("llama3 rope scaling needs `{name}`")))
+                    };
                     RopeScaling::Llama3 {
                         factor: need(r.factor, "factor")?,
                         low_freq_factor: need(r.low_freq_factor, "low_freq_factor")?,
@@ -199,7 +230,11 @@ impl DecoderConfig {
                         )?,
                     }
                 }
-                other => return Err(invalid(format!("rope scaling type `{other}` is not supported (default, linear, llama3)"))),
+                other => {
+                    return Err(invalid(format!(
+                        "rope scaling type `{other}` is not supported (default, linear, llama3)"
+                    )))
+                }
             },
         };
         Ok(DecoderConfig {

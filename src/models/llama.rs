@@ -151,7 +151,11 @@ impl<B: Backend> DecoderModel<B> {
                 _ => t.shape.to_vec(),
             };
             // Biases are the first dimension of their matrix.
-            let expected = if name.ends_with(".bias") { vec![expected[0]] } else { expected };
+            let expected = if name.ends_with(".bias") {
+                vec![expected[0]]
+            } else {
+                expected
+            };
             t.expect_shape(&expected)?;
         }
 
@@ -174,7 +178,11 @@ impl<B: Backend> DecoderModel<B> {
                 t("self_attn.v_proj.weight")?,
             ]);
             let qkv_bias = if config.qkv_bias {
-                let b = [t("self_attn.q_proj.bias")?, t("self_attn.k_proj.bias")?, t("self_attn.v_proj.bias")?];
+                let b = [
+                    t("self_attn.q_proj.bias")?,
+                    t("self_attn.k_proj.bias")?,
+                    t("self_attn.v_proj.bias")?,
+                ];
                 let mut values = Vec::with_capacity(shape.qkv_width());
                 for v in &b {
                     values.extend(v.to_f32_vec());
@@ -259,7 +267,11 @@ impl<B: Backend> DecoderModel<B> {
                 vocab_size: cfg.vocab_size,
             });
         }
-        if let Some(&position) = batch.positions.iter().find(|&&p| p as usize >= cfg.max_position_embeddings) {
+        if let Some(&position) = batch
+            .positions
+            .iter()
+            .find(|&&p| p as usize >= cfg.max_position_embeddings)
+        {
             return Err(ForwardError::PositionOutOfRange {
                 position,
                 max: cfg.max_position_embeddings,

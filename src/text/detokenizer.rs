@@ -26,7 +26,10 @@ impl IncrementalDetokenizer {
     /// Adds one token; returns the text that became final (often empty mid-character).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, TextError> {
         self.ids.push(id);
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let prefix = tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
             return Ok(String::new());
@@ -48,7 +51,10 @@ impl IncrementalDetokenizer {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], self.skip_special_tokens)?;
+        let prefix = tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special_tokens,
+        )?;
         let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();

@@ -77,7 +77,10 @@ impl ChatTemplate {
         ctx.insert("messages".into(), input.messages.clone());
         ctx.insert("tools".into(), input.tools.cloned().unwrap_or(serde_json::Value::Null));
         ctx.insert("add_generation_prompt".into(), input.add_generation_prompt.into());
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| TextError::Template(describe(&e)))?;
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| TextError::Template(describe(&e)))?;
         template
             .render(Value::from_serialize(&ctx))
             .map_err(|e| TextError::Template(describe(&e)))
@@ -103,9 +106,15 @@ fn raise_exception(message: String) -> Result<Value, Error> {
 }
 
 /// Jinja2 (Python) prints booleans and none as `True`, `False`, `None`.
-fn python_formatter(out: &mut minijinja::Output<'_>, state: &minijinja::State<'_, '_>, value: &Value) -> Result<(), Error> {
+fn python_formatter(
+    out: &mut minijinja::Output<'_>,
+    state: &minijinja::State<'_, '_>,
+    value: &Value,
+) -> Result<(), Error> {
     match value.kind() {
-        ValueKind::Bool => out.write_str(if value.is_true() { "True" } else { "False" }).map_err(Error::from),
+        ValueKind::Bool => out
+            .write_str(if value.is_true() { "True" } else { "False" })
+            .map_err(Error::from),
         ValueKind::None => out.write_str("None").map_err(Error::from),
         _ => minijinja::escape_formatter(out, state, value),
     }
@@ -126,11 +135,17 @@ fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     Ok(Value::from_safe_string(out))
 }
 
-fn write_json(out: &mut String, value: &Value, indent: Option<usize>, sort_keys: bool, depth: usize) -> Result<(), Error> {
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    indent: Option<usize>,
+    sort_keys: bool,
+    depth: usize,
+) -> Result<(), Error> {
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = indent {
             out.push('\n');
-            out.extend(std::iter::repeat(' ').take(n * depth));
+            out.extend(std::iter::repeat_n(' ', n * depth));
         }
     };
     let item_sep = if indent.is_some() { "," } else { ", " };
@@ -184,7 +199,12 @@ fn write_json(out: &mut String, value: &Value, indent: Option<usize>, sort_keys:
             }
             out.push('}');
         }
-        _ => return Err(Error::new(ErrorKind::InvalidOperation, format!("cannot serialize {} to JSON", value.kind()))),
+        _ => {
+            return Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("cannot serialize {} to JSON", value.kind()),
+            ))
+        }
     }
     Ok(())
 }
@@ -239,16 +259,37 @@ fn python_float_repr(f: f64) -> String {
 
 /// `strftime_now(format)`: the current UTC time, for templates that print today's date.
 fn strftime_now(format: String) -> Result<String, Error> {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     Ok(strftime(&format, secs as i64))
 }
 
 pub(crate) fn strftime(format: &str, unix_secs: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
         "December",
     ];
-    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    const DAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
     let days = unix_secs.div_euclid(86_400);
     let secs_of_day = unix_secs.rem_euclid(86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -296,7 +337,10 @@ mod tests {
     #[test]
     fn strftime_formats_a_known_date() {
         // 2024-07-26 13:05:09 UTC, a Friday.
-        assert_eq!(strftime("%d %b %Y %H:%M:%S %A %B %%", 1_721_999_109), "26 Jul 2024 13:05:09 Friday July %");
+        assert_eq!(
+            strftime("%d %b %Y %H:%M:%S %A %B %%", 1_721_999_109),
+            "26 Jul 2024 13:05:09 Friday July %"
+        );
     }
 
     #[test]

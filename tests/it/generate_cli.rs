@@ -1,0 +1,28 @@
+use std::process::Command;
+
+#[test]
+fn generate_answers_the_capital_of_france_with_paris() {
+    let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .args([
+            "generate",
+            "--model",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "What is the capital of France?",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // transformers' greedy answer for this checkpoint and template.
+    assert_eq!(stdout, "The capital of France is Paris.\n");
+}
+
+#[test]
+fn subcommands_that_have_not_landed_say_so_and_fail() {
+    let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .args(["bench"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet available"));
+}

@@ -1,0 +1,173 @@
+//! Hugging Face cache resolution and sharded checkpoints.
+
+use std::path::Path;
+use std::process::Command;
+
+use inferd::backend::cpu::CpuBackend;
+use inferd::backend::{Backend, ForwardBatch};
+use inferd::loader::hub::resolve_in_cache;
+use inferd::loader::{Checkpoint, ModelRef};
+use inferd::models::{load_decoder, LogitsFor};
+
+use crate::common::{f32_bytes, installed_model, scratch_dir, write_safetensors};
+
+const COMMIT_A: &str = "0123456789abcdef0123456789abcdef01234567";
+const COMMIT_B: &str = "89abcdef0123456789abcdef0123456789abcdef";
+
+/// A cache with `org/name` at two commits: `main` -> A, tag `v1` -> B.
+fn fake_cache(name: &str) -> std::path::PathBuf {
+    let cache = scratch_dir(name);
+    let repo = cache.join("models--org--name");
+    for commit in [COMMIT_A, COMMIT_B] {
+        std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+        std::fs::write(repo.join("snapshots").join(commit).join("config.json"), commit).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), COMMIT_A).unwrap();
+    std::fs::write(repo.join("refs/v1"), format!("{COMMIT_B}\n")).unwrap();
+    cache
+}
+
+#[test]
+fn revisions_resolve_through_refs_or_as_commit_hashes() {
+    let cache = fake_cache("hub-revisions");
+    let resolve = |id: &str| resolve_in_cache(&ModelRef::parse(id).unwrap(), &cache);
+    let main = resolve("org/name").unwrap();
+    assert_eq!(main.commit.as_deref(), Some(COMMIT_A));
+    assert_eq!(main.display_name, "org/name@main");
+    assert_eq!(
+        std::fs::read_to_string(main.path.join("config.json")).unwrap(),
+        COMMIT_A
+    );
+    assert_eq!(resolve("org/name@v1").unwrap().commit.as_deref(), Some(COMMIT_B));
+    assert_eq!(
+        resolve(&format!("org/name@{COMMIT_B}")).unwrap().path,
+        cache.join("models--org--name/snapshots").join(COMMIT_B)
+    );
+    let err = resolve("org/name@v2").unwrap_err().to_string();
+    assert!(err.contains("revision `v2`"), "{err}");
+    assert!(resolve("org/other").is_err());
+}
+
+#[test]
+fn model_ids_are_validated() {
+    assert_eq!(
+        ModelRef::parse("Qwen/Qwen3-0.6B").unwrap().to_string(),
+        "Qwen/Qwen3-0.6B@main"
+    );
+    assert_eq!(ModelRef::parse("gpt2@refs/pr/1").unwrap().revision, "refs/pr/1");
+    for bad in [
+        "",
+        "a/b/c",
+        "../etc",
+        "org/..",
+        "org/name@",
+        "org/na me",
+        "org/name@../../x",
+    ] {
+        assert!(ModelRef::parse(bad).is_err(), "{bad:?} should be rejected");
+    }
+}
+
+/// Installs SmolLM2's files as `test/smol` in a fresh cache under `cache_dir`.
+fn cache_with_smollm2(cache_dir: &Path) {
+    let src = installed_model("HuggingFaceTB/SmolLM2-135M-Instruct");
+    let snap = cache_dir.join("models--test--smol/snapshots").join(COMMIT_A);
+    std::fs::create_dir_all(&snap).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(
+            std::fs::canonicalize(entry.path()).unwrap(),
+            snap.join(entry.file_name()),
+        )
+        .unwrap();
+    }
+    std::fs::create_dir_all(cache_dir.join("models--test--smol/refs")).unwrap();
+    std::fs::write(cache_dir.join("models--test--smol/refs/main"), COMMIT_A).unwrap();
+}
+
+#[test]
+fn the_cache_is_found_through_hf_hub_cache_then_hf_home() {
+    let root = scratch_dir("hub-env");
+    cache_with_smollm2(&root.join("direct"));
+    cache_with_smollm2(&root.join("home/hub"));
+    let run = |envs: &[(&str, &Path)]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_inferd"));
+        cmd.args([
+            "generate",
+            "--model",
+            "test/smol",
+            "--max-tokens",
+            "8",
+            "What is the capital of France?",
+        ]);
+        cmd.env_remove("HF_HUB_CACHE").env_remove("HF_HOME");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    for envs in [
+        vec![("HF_HUB_CACHE", root.join("direct"))],
+        vec![("HF_HOME", root.join("home"))],
+        vec![("HF_HUB_CACHE", root.join("direct")), ("HF_HOME", root.join("nowhere"))],
+    ] {
+        let envs: Vec<(&str, &Path)> = envs.iter().map(|(k, v)| (*k, v.as_path())).collect();
+        let out = run(&envs);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("Paris"),
+            "{envs:?}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run(&[("HF_HOME", &root.join("nowhere"))]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nowhere/hub"));
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_the_same_weights_as_a_single_file() {
+    let src = installed_model("inferd-test/tiny-llama");
+    let ckpt = Checkpoint::open(&src).unwrap();
+    let config = inferd::models::DecoderConfig::from_dir(&src).unwrap();
+    let names = inferd::models::DecoderModel::<CpuBackend>::tensor_names(&config);
+    let dir = scratch_dir("sharded");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (file, part) in [
+        ("model-00001-of-00002.safetensors", first),
+        ("model-00002-of-00002.safetensors", second),
+    ] {
+        let tensors: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = part
+            .iter()
+            .map(|n| {
+                let t = ckpt.tensor(n).unwrap();
+                weight_map.insert(n.clone(), file.into());
+                (n.as_str(), "F32", t.shape.to_vec(), f32_bytes(&t.to_f32_vec()))
+            })
+            .collect();
+        write_safetensors(&dir.join(file), &tensors);
+    }
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": weight_map})).unwrap(),
+    )
+    .unwrap();
+
+    let logits = |model_dir: &Path| {
+        let model = load_decoder(&CpuBackend, model_dir, &mut |_, _| {}).unwrap();
+        let prompt = [5u32, 77, 300, 12, 9];
+        let mut cache = CpuBackend.alloc_kv_cache(model.kv_cache_shape(1, 16));
+        let batch = ForwardBatch::single(&prompt, 0, &[0], 16);
+        CpuBackend
+            .to_host(
+                &model
+                    .forward(&CpuBackend, &batch, &mut cache, LogitsFor::AllTokens)
+                    .unwrap(),
+            )
+            .0
+    };
+    assert_eq!(logits(&dir), logits(&src));
+}

@@ -16,10 +16,17 @@ const ABS_TOL: f32 = 5e-4;
 
 fn load(repo: &str) -> DecoderModel<CpuBackend> {
     let mut calls = Vec::new();
-    let model = load_decoder(&CpuBackend, &installed_model(repo), &mut |cur, total| calls.push((cur, total))).unwrap();
+    let model = load_decoder(&CpuBackend, &installed_model(repo), &mut |cur, total| {
+        calls.push((cur, total))
+    })
+    .unwrap();
     // Progress reaches total exactly once, and only moves forward.
     let total = DecoderModel::<CpuBackend>::tensor_names(&model.config).len();
-    assert_eq!(calls.last(), Some(&(total, total)), "{repo}: progress must end at the tensor count");
+    assert_eq!(
+        calls.last(),
+        Some(&(total, total)),
+        "{repo}: progress must end at the tensor count"
+    );
     assert!(calls.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 == total));
     model
 }
@@ -33,7 +40,9 @@ fn prompt_logits(model: &DecoderModel<CpuBackend>, prompt: &[u32], chunk: usize,
     let mut rows = Vec::new();
     for (i, piece) in prompt.chunks(chunk).enumerate() {
         let batch = ForwardBatch::single(piece, i * chunk, &block_table, block_size);
-        let logits = model.forward(&CpuBackend, &batch, &mut cache, LogitsFor::AllTokens).unwrap();
+        let logits = model
+            .forward(&CpuBackend, &batch, &mut cache, LogitsFor::AllTokens)
+            .unwrap();
         let (values, n, vocab) = CpuBackend.to_host(&logits);
         rows.extend(values.chunks(vocab).take(n).map(<[f32]>::to_vec));
     }
@@ -68,8 +77,16 @@ fn check_model(golden_file: &str) {
         }
         let want = ids(&case["greedy_ids"]);
         for params in [
-            GenerateParams { max_new_tokens: want.len(), ..Default::default() },
-            GenerateParams { max_new_tokens: want.len(), block_size: 3, max_prefill_chunk: 4, ..Default::default() },
+            GenerateParams {
+                max_new_tokens: want.len(),
+                ..Default::default()
+            },
+            GenerateParams {
+                max_new_tokens: want.len(),
+                block_size: 3,
+                max_prefill_chunk: 4,
+                ..Default::default()
+            },
         ] {
             let (got, _) = generate_greedy(&CpuBackend, &model, &prompt, &params, &mut |_| true).unwrap();
             assert_eq!(got, want, "{repo} {name}: greedy tokens ({params:?})");
@@ -100,6 +117,9 @@ fn tiny_qwen3_with_qk_norm_and_wide_heads_matches_transformers() {
 #[test]
 fn out_of_range_token_ids_are_an_error_not_a_panic() {
     let model = load("inferd-test/tiny-qwen2");
-    let err = generate_greedy(&CpuBackend, &model, &[5, 384], &GenerateParams::default(), &mut |_| true).unwrap_err();
+    let err = generate_greedy(&CpuBackend, &model, &[5, 384], &GenerateParams::default(), &mut |_| {
+        true
+    })
+    .unwrap_err();
     assert_eq!(err.to_string(), "token id 384 is outside the vocabulary of 384");
 }

@@ -56,7 +56,10 @@ fn raise_exception_in_a_template_is_an_error_with_its_message() {
             kwargs: None,
         })
         .unwrap_err();
-    assert!(err.to_string().contains("Conversation must start with a user message"), "{err}");
+    assert!(
+        err.to_string().contains("Conversation must start with a user message"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -31,7 +31,12 @@ fn qwen2_tokenizer_encodes_every_llama_cpp_vector_exactly() {
             failures.push(format!("{text:?}: got {got:?}, want {want:?}"));
         }
     }
-    assert!(failures.is_empty(), "{} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} mismatches:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -50,7 +55,10 @@ fn incremental_detokenizer_emits_the_full_text_one_token_at_a_time_without_broke
         let mut streamed = String::new();
         for &id in &ids {
             let piece = detok.push(&tok, id).unwrap();
-            assert!(!piece.contains('\u{FFFD}') || text.contains('\u{FFFD}'), "{text:?}: piece {piece:?}");
+            assert!(
+                !piece.contains('\u{FFFD}') || text.contains('\u{FFFD}'),
+                "{text:?}: piece {piece:?}"
+            );
             streamed.push_str(&piece);
         }
         streamed.push_str(&detok.flush(&tok).unwrap());
@@ -75,7 +83,11 @@ fn incremental_detokenizer_holds_back_a_character_split_across_byte_tokens() {
     let mut detok = IncrementalDetokenizer::new(false);
     assert_eq!(detok.push(&tok, tok.encode("a", false).unwrap()[0]).unwrap(), "a");
     for &id in &byte_ids[..3] {
-        assert_eq!(detok.push(&tok, id).unwrap(), "", "a partial character must not be emitted");
+        assert_eq!(
+            detok.push(&tok, id).unwrap(),
+            "",
+            "a partial character must not be emitted"
+        );
     }
     assert_eq!(detok.push(&tok, byte_ids[3]).unwrap(), "🦙");
 }

@@ -74,7 +74,11 @@ fn blocked(x: &[f32], w: &[f32], out: &mut [f32], n: usize, k: usize, m: usize) 
             false,
             false,
             false,
-            if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None },
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
@@ -171,7 +175,10 @@ mod tests {
             matmul_transposed(&x, &w, &mut out, n, k, m);
             let want = reference(&x, &w, n, k, m);
             for (got, want) in out.iter().zip(&want) {
-                assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "n={n} k={k} m={m}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "n={n} k={k} m={m}: {got} vs {want}"
+                );
             }
         }
     }

@@ -8,7 +8,7 @@ pub use matmul::{dot, matmul_transposed};
 
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape};
+use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape, MAX_HEAD_DIM};
 use crate::loader::TensorView;
 
 /// A row-major `[rows, cols]` f32 activation.
@@ -21,7 +21,12 @@ pub struct CpuTensor {
 
 impl CpuTensor {
     pub fn new(data: Vec<f32>, rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols, "CpuTensor: {} values for [{rows}, {cols}]", data.len());
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "CpuTensor: {} values for [{rows}, {cols}]",
+            data.len()
+        );
         CpuTensor { data, rows, cols }
     }
 
@@ -106,7 +111,12 @@ impl Backend for CpuBackend {
         let mut data = vec![0.0; rows * cols];
         let mut at = 0;
         for v in views {
-            assert_eq!(v.shape[1..].iter().product::<usize>(), cols, "weight_stacked: `{}` has other columns", v.name);
+            assert_eq!(
+                v.shape[1..].iter().product::<usize>(),
+                cols,
+                "weight_stacked: `{}` has other columns",
+                v.name
+            );
             let n = v.num_elements();
             v.write_f32(&mut data[at..at + n]);
             at += n;
@@ -155,7 +165,11 @@ impl Backend for CpuBackend {
     }
 
     fn add_rms_norm(&self, residual: &mut CpuTensor, delta: &CpuTensor, weight: &CpuWeight, eps: f32) -> CpuTensor {
-        assert_eq!((residual.rows, residual.cols), (delta.rows, delta.cols), "add_rms_norm: shapes differ");
+        assert_eq!(
+            (residual.rows, residual.cols),
+            (delta.rows, delta.cols),
+            "add_rms_norm: shapes differ"
+        );
         let cols = residual.cols;
         let mut out = CpuTensor::zeros(residual.rows, cols);
         out.data
@@ -173,7 +187,11 @@ impl Backend for CpuBackend {
 
     fn linear(&self, x: &CpuTensor, weight: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
         let (out_features, in_features) = (weight.rows(), weight.cols());
-        assert_eq!(x.cols, in_features, "linear: x has {} columns, weight {:?}", x.cols, weight.shape);
+        assert_eq!(
+            x.cols, in_features,
+            "linear: x has {} columns, weight {:?}",
+            x.cols, weight.shape
+        );
         let mut out = CpuTensor::zeros(x.rows, out_features);
         matmul_transposed(&x.data, &weight.data, &mut out.data, x.rows, in_features, out_features);
         if let Some(bias) = bias {
@@ -201,13 +219,24 @@ impl Backend for CpuBackend {
         out
     }
 
-    fn qk_norm(&self, qkv: &mut CpuTensor, q_weight: &CpuWeight, k_weight: &CpuWeight, eps: f32, shape: AttentionShape) {
+    fn qk_norm(
+        &self,
+        qkv: &mut CpuTensor,
+        q_weight: &CpuWeight,
+        k_weight: &CpuWeight,
+        eps: f32,
+        shape: AttentionShape,
+    ) {
         let hd = shape.head_dim;
         let num_qk_heads = shape.num_heads + shape.num_kv_heads;
         qkv.data.par_chunks_mut(qkv.cols).for_each(|row| {
-            let mut normed = [0.0f32; 512];
+            let mut normed = [0.0f32; MAX_HEAD_DIM];
             for h in 0..num_qk_heads {
-                let weight = if h < shape.num_heads { &q_weight.data } else { &k_weight.data };
+                let weight = if h < shape.num_heads {
+                    &q_weight.data
+                } else {
+                    &k_weight.data
+                };
                 let head = &mut row[h * hd..(h + 1) * hd];
                 rms_norm_row(head, weight, eps, &mut normed[..hd]);
                 head.copy_from_slice(&normed[..hd]);
@@ -223,7 +252,7 @@ impl Backend for CpuBackend {
             .par_chunks_mut(qkv.cols)
             .zip(positions.par_iter())
             .for_each(|(row, &pos)| {
-                let mut cos_sin = [(0.0f32, 0.0f32); 256];
+                let mut cos_sin = [(0.0f32, 0.0f32); MAX_HEAD_DIM / 2];
                 for (cs, f) in cos_sin.iter_mut().zip(&inv_freq.data) {
                     let angle = pos as f32 * f;
                     *cs = (angle.cos(), angle.sin());
@@ -234,7 +263,14 @@ impl Backend for CpuBackend {
             });
     }
 
-    fn write_kv(&self, cache: &mut CpuKvCache, layer: usize, qkv: &CpuTensor, slot_mapping: &[u32], shape: AttentionShape) {
+    fn write_kv(
+        &self,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        qkv: &CpuTensor,
+        slot_mapping: &[u32],
+        shape: AttentionShape,
+    ) {
         let kv_width = shape.kv_width();
         let q_width = shape.q_width();
         let (k_pool, v_pool) = (&mut cache.k[layer], &mut cache.v[layer]);
@@ -246,7 +282,14 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn attention(&self, qkv: &CpuTensor, cache: &CpuKvCache, layer: usize, batch: &ForwardBatch, shape: AttentionShape) -> CpuTensor {
+    fn attention(
+        &self,
+        qkv: &CpuTensor,
+        cache: &CpuKvCache,
+        layer: usize,
+        batch: &ForwardBatch,
+        shape: AttentionShape,
+    ) -> CpuTensor {
         let (hd, nh) = (shape.head_dim, shape.num_heads);
         let kv_width = shape.kv_width();
         let scale = 1.0 / (hd as f32).sqrt();
@@ -258,43 +301,40 @@ impl Backend for CpuBackend {
         for (s, seq) in batch.seqs.iter().enumerate() {
             token_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
         }
-        out.data
-            .par_chunks_mut(nh * hd)
-            .enumerate()
-            .for_each(|(t, out_row)| {
-                let seq = &batch.seqs[token_seq[t]];
-                // Causal: the i-th new token sees everything before it in the cache.
-                let visible = seq.context_len - seq.query_len + (t - seq.query_start) + 1;
-                let q_row = &qkv.row(t)[..nh * hd];
-                let mut scores = vec![0.0f32; visible];
-                for h in 0..nh {
-                    let kvh = h / shape.group_size();
-                    let q = &q_row[h * hd..(h + 1) * hd];
-                    let slot_offset = |p: usize| {
-                        let slot = seq.block_table[p / block_size] as usize * block_size + p % block_size;
-                        slot * kv_width + kvh * hd
-                    };
-                    let mut max = f32::NEG_INFINITY;
-                    for (p, s) in scores.iter_mut().enumerate() {
-                        let at = slot_offset(p);
-                        *s = dot(q, &k_pool[at..at + hd]) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0.0;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let o = &mut out_row[h * hd..(h + 1) * hd];
-                    for (p, s) in scores.iter().enumerate() {
-                        let at = slot_offset(p);
-                        let weight = s / sum;
-                        for (o, v) in o.iter_mut().zip(&v_pool[at..at + hd]) {
-                            *o += weight * v;
-                        }
+        out.data.par_chunks_mut(nh * hd).enumerate().for_each(|(t, out_row)| {
+            let seq = &batch.seqs[token_seq[t]];
+            // Causal: the i-th new token sees everything before it in the cache.
+            let visible = seq.context_len - seq.query_len + (t - seq.query_start) + 1;
+            let q_row = &qkv.row(t)[..nh * hd];
+            let mut scores = vec![0.0f32; visible];
+            for h in 0..nh {
+                let kvh = h / shape.group_size();
+                let q = &q_row[h * hd..(h + 1) * hd];
+                let slot_offset = |p: usize| {
+                    let slot = seq.block_table[p / block_size] as usize * block_size + p % block_size;
+                    slot * kv_width + kvh * hd
+                };
+                let mut max = f32::NEG_INFINITY;
+                for (p, s) in scores.iter_mut().enumerate() {
+                    let at = slot_offset(p);
+                    *s = dot(q, &k_pool[at..at + hd]) * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out_row[h * hd..(h + 1) * hd];
+                for (p, s) in scores.iter().enumerate() {
+                    let at = slot_offset(p);
+                    let weight = s / sum;
+                    for (o, v) in o.iter_mut().zip(&v_pool[at..at + hd]) {
+                        *o += weight * v;
                     }
                 }
-            });
+            }
+        });
         out
     }
 
