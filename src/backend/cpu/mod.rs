@@ -4,12 +4,12 @@
 
 mod matmul;
 
-pub use matmul::{dot, matmul_transposed};
+pub use matmul::{dot, matmul_transposed, Bf16, WeightElem};
 
 use rayon::prelude::*;
 
 use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape, MAX_HEAD_DIM};
-use crate::loader::TensorView;
+use crate::loader::{Dtype, TensorView};
 
 /// A row-major `[rows, cols]` f32 activation.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,10 +39,18 @@ impl CpuTensor {
     }
 }
 
-/// A parameter: f32 values and the checkpoint shape (`[out, in]` for matrices).
+/// Parameter storage. Matrices from bf16 checkpoints stay bf16 (half the bytes to stream
+/// per decode step; widening to f32 is exact); everything else is f32.
+#[derive(Debug, Clone)]
+pub enum WeightValues {
+    F32(Vec<f32>),
+    Bf16(Vec<Bf16>),
+}
+
+/// A parameter and its checkpoint shape (`[out, in]` for matrices).
 #[derive(Debug, Clone)]
 pub struct CpuWeight {
-    pub data: Vec<f32>,
+    pub values: WeightValues,
     pub shape: Vec<usize>,
 }
 
@@ -52,6 +60,50 @@ impl CpuWeight {
     }
     fn cols(&self) -> usize {
         self.shape[1..].iter().product()
+    }
+    /// The values as f32; only for vectors (norm weights, biases, frequencies), which
+    /// are always stored as f32.
+    fn f32s(&self) -> &[f32] {
+        match &self.values {
+            WeightValues::F32(v) => v,
+            WeightValues::Bf16(_) => panic!("weight {:?} is bf16 where f32 was expected", self.shape),
+        }
+    }
+
+    fn from_views(views: &[TensorView<'_>]) -> CpuWeight {
+        let cols = views[0].shape[1..].iter().product::<usize>();
+        let rows: usize = views.iter().map(|v| v.shape[0]).sum();
+        for v in views {
+            assert_eq!(
+                v.shape[1..].iter().product::<usize>(),
+                cols,
+                "stacked weight `{}` has other columns",
+                v.name
+            );
+        }
+        let shape = if views.len() == 1 {
+            views[0].shape.to_vec()
+        } else {
+            vec![rows, cols]
+        };
+        let is_matrix = shape.len() == 2;
+        let values = if is_matrix && views.iter().all(|v| v.dtype == Dtype::BF16) {
+            let mut bits = Vec::with_capacity(rows * cols);
+            for v in views {
+                bits.extend(v.bytes.chunks_exact(2).map(|b| Bf16(u16::from_le_bytes([b[0], b[1]]))));
+            }
+            WeightValues::Bf16(bits)
+        } else {
+            let mut data = vec![0.0; rows * cols];
+            let mut at = 0;
+            for v in views {
+                let n = v.num_elements();
+                v.write_f32(&mut data[at..at + n]);
+                at += n;
+            }
+            WeightValues::F32(data)
+        };
+        CpuWeight { values, shape }
     }
 }
 
@@ -99,38 +151,17 @@ impl Backend for CpuBackend {
     }
 
     fn weight(&self, view: &TensorView<'_>) -> CpuWeight {
-        CpuWeight {
-            data: view.to_f32_vec(),
-            shape: view.shape.to_vec(),
-        }
+        CpuWeight::from_views(std::slice::from_ref(view))
     }
 
     fn weight_stacked(&self, views: &[TensorView<'_>]) -> CpuWeight {
-        let cols = views[0].shape[1..].iter().product::<usize>();
-        let rows: usize = views.iter().map(|v| v.shape[0]).sum();
-        let mut data = vec![0.0; rows * cols];
-        let mut at = 0;
-        for v in views {
-            assert_eq!(
-                v.shape[1..].iter().product::<usize>(),
-                cols,
-                "weight_stacked: `{}` has other columns",
-                v.name
-            );
-            let n = v.num_elements();
-            v.write_f32(&mut data[at..at + n]);
-            at += n;
-        }
-        CpuWeight {
-            data,
-            shape: vec![rows, cols],
-        }
+        CpuWeight::from_views(views)
     }
 
     fn weight_from_f32(&self, values: Vec<f32>) -> CpuWeight {
         let len = values.len();
         CpuWeight {
-            data: values,
+            values: WeightValues::F32(values),
             shape: vec![len],
         }
     }
@@ -150,7 +181,15 @@ impl Backend for CpuBackend {
         for (row, &id) in out.data.chunks_exact_mut(hidden).zip(token_ids) {
             let id = id as usize;
             assert!(id < table.rows(), "embedding: token id {id} >= vocab {}", table.rows());
-            row.copy_from_slice(&table.data[id * hidden..(id + 1) * hidden]);
+            let range = id * hidden..(id + 1) * hidden;
+            match &table.values {
+                WeightValues::F32(v) => row.copy_from_slice(&v[range]),
+                WeightValues::Bf16(v) => {
+                    for (o, w) in row.iter_mut().zip(&v[range]) {
+                        *o = w.to_f32();
+                    }
+                }
+            }
         }
         out
     }
@@ -160,7 +199,7 @@ impl Backend for CpuBackend {
         out.data
             .par_chunks_mut(x.cols)
             .zip(x.data.par_chunks(x.cols))
-            .for_each(|(o, row)| rms_norm_row(row, &weight.data, eps, o));
+            .for_each(|(o, row)| rms_norm_row(row, weight.f32s(), eps, o));
         out
     }
 
@@ -180,7 +219,7 @@ impl Backend for CpuBackend {
                 for (r, d) in r.iter_mut().zip(d) {
                     *r += d;
                 }
-                rms_norm_row(r, &weight.data, eps, o);
+                rms_norm_row(r, weight.f32s(), eps, o);
             });
         out
     }
@@ -193,10 +232,13 @@ impl Backend for CpuBackend {
             x.cols, weight.shape
         );
         let mut out = CpuTensor::zeros(x.rows, out_features);
-        matmul_transposed(&x.data, &weight.data, &mut out.data, x.rows, in_features, out_features);
+        match &weight.values {
+            WeightValues::F32(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows, in_features, out_features),
+            WeightValues::Bf16(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows, in_features, out_features),
+        }
         if let Some(bias) = bias {
             for row in out.data.chunks_exact_mut(out_features) {
-                for (o, b) in row.iter_mut().zip(&bias.data) {
+                for (o, b) in row.iter_mut().zip(bias.f32s()) {
                     *o += b;
                 }
             }
@@ -233,9 +275,9 @@ impl Backend for CpuBackend {
             let mut normed = [0.0f32; MAX_HEAD_DIM];
             for h in 0..num_qk_heads {
                 let weight = if h < shape.num_heads {
-                    &q_weight.data
+                    q_weight.f32s()
                 } else {
-                    &k_weight.data
+                    k_weight.f32s()
                 };
                 let head = &mut row[h * hd..(h + 1) * hd];
                 rms_norm_row(head, weight, eps, &mut normed[..hd]);
@@ -253,7 +295,7 @@ impl Backend for CpuBackend {
             .zip(positions.par_iter())
             .for_each(|(row, &pos)| {
                 let mut cos_sin = [(0.0f32, 0.0f32); MAX_HEAD_DIM / 2];
-                for (cs, f) in cos_sin.iter_mut().zip(&inv_freq.data) {
+                for (cs, f) in cos_sin.iter_mut().zip(inv_freq.f32s()) {
                     let angle = pos as f32 * f;
                     *cs = (angle.cos(), angle.sin());
                 }

@@ -1,0 +1,60 @@
+//! Single-sequence prefill and decode speed on the CPU backend (docs/perf.md).
+//!
+//!   cargo bench --bench single_sequence -- [MODEL] [PROMPT_IDS_JSON] [NEW_TOKENS]
+//!
+//! Defaults: SmolLM2-135M-Instruct, 256 prompt tokens (the start of a fixture file,
+//! tokenized), 64 greedy tokens with EOS ignored. Best of 3 runs after a warm-up;
+//! prints one JSON line.
+
+use std::time::Instant;
+
+use inferd::backend::cpu::CpuBackend;
+use inferd::engine::{generate_greedy, GenerateParams};
+use inferd::loader::resolve_model;
+use inferd::models::load_decoder;
+use inferd::text::Tokenizer;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let model_id = args
+        .first()
+        .map(String::as_str)
+        .unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct");
+    let new_tokens: usize = args.get(2).map(|s| s.parse().expect("NEW_TOKENS")).unwrap_or(64);
+    let dir = resolve_model(model_id).expect("model (run scripts/fetch-test-models)");
+    let prompt: Vec<u32> = match args.get(1) {
+        Some(path) => serde_json::from_slice(&std::fs::read(path).expect("prompt file")).expect("JSON list of ids"),
+        None => {
+            let tokenizer = Tokenizer::from_dir(&dir.path).expect("tokenizer");
+            let text = include_str!("../tests/fixtures/templates/Qwen-Qwen3-0.6B.jinja");
+            let mut ids = tokenizer.encode(&text, false).expect("encode");
+            ids.truncate(256);
+            ids
+        }
+    };
+    let load_start = Instant::now();
+    let model = load_decoder(&CpuBackend, &dir.path, &mut |_, _| {}).expect("load");
+    let load_secs = load_start.elapsed().as_secs_f64();
+    let params = GenerateParams {
+        max_new_tokens: new_tokens,
+        ..Default::default()
+    };
+    let (mut best_prefill, mut best_decode) = (0.0f64, 0.0f64);
+    for run in 0..4 {
+        let (_, stats) = generate_greedy(&CpuBackend, &model, &prompt, &params, &mut |_| true).expect("generate");
+        if run > 0 {
+            best_prefill = best_prefill.max(stats.prefill_tokens_per_sec());
+            best_decode = best_decode.max(stats.decode_tokens_per_sec());
+        }
+    }
+    println!(
+        "{{\"engine\": \"inferd cpu\", \"threads\": {}, \"model\": \"{}\", \"load_s\": {:.2}, \"prompt_tokens\": {}, \"new_tokens\": {}, \"prefill_tok_s\": {:.1}, \"decode_tok_s\": {:.2}}}",
+        rayon::current_num_threads(),
+        dir.display_name,
+        load_secs,
+        prompt.len(),
+        new_tokens,
+        best_prefill,
+        best_decode
+    );
+}
