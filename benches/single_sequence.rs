@@ -27,7 +27,7 @@ fn main() {
         None => {
             let tokenizer = Tokenizer::from_dir(&dir.path).expect("tokenizer");
             let text = include_str!("../tests/fixtures/templates/Qwen-Qwen3-0.6B.jinja");
-            let mut ids = tokenizer.encode(&text, false).expect("encode");
+            let mut ids = tokenizer.encode(text, false).expect("encode");
             ids.truncate(256);
             ids
         }
