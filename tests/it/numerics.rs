@@ -123,3 +123,8 @@ fn out_of_range_token_ids_are_an_error_not_a_panic() {
     .unwrap_err();
     assert_eq!(err.to_string(), "token id 384 is outside the vocabulary of 384");
 }
+
+#[test]
+fn qwen2_5_coder_0_5b_matches_transformers_logits_and_greedy_tokens() {
+    check_model("qwen2.5-coder-0.5b");
+}
