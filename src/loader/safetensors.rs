@@ -25,6 +25,28 @@ impl Dtype {
         }
     }
 
+    /// Widens little-endian elements of this dtype in `bytes` to f32 into `out`.
+    pub fn write_f32(self, bytes: &[u8], out: &mut [f32]) {
+        assert_eq!(bytes.len(), out.len() * self.size_bytes(), "write_f32: byte count");
+        match self {
+            Dtype::F32 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Dtype::BF16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                }
+            }
+            Dtype::F16 => {
+                for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                }
+            }
+        }
+    }
+
     fn parse(s: &str) -> Option<Dtype> {
         match s {
             "BF16" => Some(Dtype::BF16),
@@ -227,24 +249,7 @@ impl TensorView<'_> {
     /// Converts the (little-endian) elements to f32 into `out`, which must hold
     /// `num_elements()` values.
     pub fn write_f32(&self, out: &mut [f32]) {
-        assert_eq!(out.len(), self.num_elements(), "write_f32: output length");
-        match self.dtype {
-            Dtype::F32 => {
-                for (o, b) in out.iter_mut().zip(self.bytes.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-            Dtype::BF16 => {
-                for (o, b) in out.iter_mut().zip(self.bytes.chunks_exact(2)) {
-                    *o = half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-                }
-            }
-            Dtype::F16 => {
-                for (o, b) in out.iter_mut().zip(self.bytes.chunks_exact(2)) {
-                    *o = half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
-                }
-            }
-        }
+        self.dtype.write_f32(self.bytes, out);
     }
 
     pub fn to_f32_vec(&self) -> Vec<f32> {

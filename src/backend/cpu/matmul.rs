@@ -1,74 +1,99 @@
-//! `y = x · Wᵀ` for the CPU backend, with W stored as f32 or as bf16 (converted to f32
-//! on the fly; bf16 → f32 is exact, so the math is f32 either way).
+//! `y = x · Wᵀ` for the CPU backend.
 //!
-//! Few rows (decode) is memory-bound: each task streams a slice of W once and dots it
-//! with every row of x; keeping bf16 weights halves the bytes streamed per token. Many
-//! rows (prefill) splits W into row panels; each task widens its panel to f32 in a
-//! scratch buffer and runs the `gemm` crate (run-time SIMD dispatch) on it, single
-//! threaded, into its own columns of the output.
+//! Weights are packed once at load into slabs of `NR` output rows, each slab transposed
+//! (`[ceil(m / NR)][k][NR]`, zero-padded), in f32 or bf16 (widened on the fly; exact).
+//! One register-blocked microkernel then serves both shapes of work: prefill (many rows
+//! of x, compute-bound: x is packed into blocks of `MR` rows, k is blocked to stay in
+//! cache) and decode (one row, memory-bound: each slab is streamed once, contiguously,
+//! and bf16 halves the bytes). Slabs are split across rayon tasks; a task owns the
+//! output columns of its slabs.
 
 use rayon::prelude::*;
 
+/// Output features per slab.
+pub const NR: usize = 32;
+/// Rows of x per microkernel call.
+const MR: usize = 12;
+/// Depth of one microkernel call (keeps a slab block in L1/L2).
+const KC: usize = 256;
+/// Slabs per rayon task.
+const SLABS_PER_TASK: usize = 2;
+
 /// A weight element: f32, or bf16 kept as its bits.
-pub trait WeightElem: Copy + Send + Sync + 'static {
+pub trait WeightElem: Copy + Default + Send + Sync + 'static {
+    const IS_BF16: bool;
     fn to_f32(self) -> f32;
-    /// The slice itself when it already holds f32 (no widening copy needed).
-    fn as_f32_slice(slice: &[Self]) -> Option<&[f32]> {
-        let _ = slice;
-        None
-    }
 }
 
 impl WeightElem for f32 {
+    const IS_BF16: bool = false;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
     }
-    fn as_f32_slice(slice: &[f32]) -> Option<&[f32]> {
-        Some(slice)
-    }
 }
 
 /// bf16 bits; widening is a 16-bit shift.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[repr(transparent)]
 pub struct Bf16(pub u16);
 
 impl WeightElem for Bf16 {
+    const IS_BF16: bool = true;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits((self.0 as u32) << 16)
     }
 }
 
-/// Row count up to which the streaming kernel beats a blocked GEMM.
-const MAX_STREAMING_ROWS: usize = 4;
-/// Weight rows (output features) per rayon task in the streaming kernel.
-const STREAM_ROWS_PER_TASK: usize = 64;
-/// Weight rows per panel in the blocked kernel.
-const PANEL_ROWS: usize = 64;
+/// A `[rows, cols]` matrix in slab layout: `data[(r / NR) * cols * NR + c * NR + r % NR]`.
+#[derive(Debug, Clone)]
+pub struct PackedMatrix<W> {
+    data: Vec<W>,
+    rows: usize,
+    cols: usize,
+}
 
-/// `x [n, k]`, `w [m, k]` -> `out [n, m]` (overwritten).
-pub fn matmul_transposed<W: WeightElem>(x: &[f32], w: &[W], out: &mut [f32], n: usize, k: usize, m: usize) {
-    assert_eq!(x.len(), n * k, "matmul: x is not [{n}, {k}]");
-    assert_eq!(w.len(), m * k, "matmul: w is not [{m}, {k}]");
-    assert_eq!(out.len(), n * m, "matmul: out is not [{n}, {m}]");
-    if n == 0 || m == 0 {
-        return;
+impl<W: WeightElem> PackedMatrix<W> {
+    /// Packs a row-major matrix given as `row(r, dst)` filling `dst[cols]` for each row.
+    pub fn pack(rows: usize, cols: usize, row: impl Fn(usize, &mut [W]) + Sync) -> Self {
+        let num_slabs = rows.div_ceil(NR);
+        let mut data = vec![W::default(); num_slabs * cols * NR];
+        if cols > 0 {
+            data.par_chunks_mut(cols * NR).enumerate().for_each(|(s, slab)| {
+                let mut buf = vec![W::default(); cols];
+                for c in 0..NR.min(rows - s * NR) {
+                    row(s * NR + c, &mut buf);
+                    for (kk, v) in buf.iter().enumerate() {
+                        slab[kk * NR + c] = *v;
+                    }
+                }
+            });
+        }
+        PackedMatrix { data, rows, cols }
     }
-    if k == 0 {
-        out.fill(0.0);
-    } else if n <= MAX_STREAMING_ROWS {
-        streaming(x, w, out, n, k, m);
-    } else {
-        blocked(x, w, out, n, k, m);
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r` widened to f32 into `out[cols]` (embedding lookups).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let slab = &self.data[(r / NR) * self.cols * NR..];
+        for (kk, o) in out.iter_mut().enumerate() {
+            *o = slab[kk * NR + r % NR].to_f32();
+        }
     }
 }
 
 /// The output pointer shared by tasks that write disjoint columns.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: every task writes only its own column range; see `streaming` and `blocked`.
+// SAFETY: every task writes only the output columns of its own slabs.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
@@ -79,118 +104,164 @@ impl OutPtr {
     }
 }
 
-fn streaming<W: WeightElem>(x: &[f32], w: &[W], out: &mut [f32], n: usize, k: usize, m: usize) {
+/// Packs x `[n, k]` into row blocks `[ceil(n / MR)][k][MR]`, zero-padded.
+fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let blocks = n.div_ceil(MR);
+    let mut packed = vec![0.0f32; blocks * k * MR];
+    for (b, dst) in packed.chunks_mut(k * MR).enumerate() {
+        for r in 0..MR.min(n - b * MR) {
+            for (kk, v) in x[(b * MR + r) * k..(b * MR + r + 1) * k].iter().enumerate() {
+                dst[kk * MR + r] = *v;
+            }
+        }
+    }
+    packed
+}
+
+/// `x [n, k]` times `w [m, k]` transposed -> `out [n, m]` (overwritten).
+pub fn matmul_transposed<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
+    let (k, m) = (w.cols, w.rows);
+    assert_eq!(x.len(), n * k, "matmul: x is not [{n}, {k}]");
+    assert_eq!(out.len(), n * m, "matmul: out is not [{n}, {m}]");
+    if n == 0 || m == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let xp = pack_x(x, n, k);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    w.par_chunks(STREAM_ROWS_PER_TASK * k)
+    let simd = simd_level();
+    w.data
+        .par_chunks(SLABS_PER_TASK * k * NR)
         .enumerate()
-        .for_each(|(t, panel)| {
-            let j0 = t * STREAM_ROWS_PER_TASK;
-            for (j, w_row) in panel.chunks_exact(k).enumerate() {
-                for i in 0..n {
-                    let value = dot(&x[i * k..(i + 1) * k], w_row);
-                    // SAFETY: (i, j0 + j) is inside [n, m] and column j0 + j belongs to this
-                    // task alone.
-                    unsafe { *out_ptr.get().add(i * m + j0 + j) = value };
+        .for_each(|(t, slabs)| {
+            let mut tile = [0.0f32; MR * NR];
+            for (s, slab) in slabs.chunks_exact(k * NR).enumerate() {
+                let j0 = (t * SLABS_PER_TASK + s) * NR;
+                let cols = NR.min(m - j0);
+                for (b, xb) in xp.chunks_exact(k * MR).enumerate() {
+                    let rows = MR.min(n - b * MR);
+                    let mut k0 = 0;
+                    while k0 < k {
+                        let kc = KC.min(k - k0);
+                        let (a, bw) = (&xb[k0 * MR..(k0 + kc) * MR], &slab[k0 * NR..(k0 + kc) * NR]);
+                        microkernel(simd, rows, a, bw, &mut tile);
+                        for r in 0..rows {
+                            // SAFETY: row b * MR + r, columns j0..j0 + cols lie in out [n, m],
+                            // and those columns belong to this task's slab alone.
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(out_ptr.get().add((b * MR + r) * m + j0), cols)
+                            };
+                            let src = &tile[r * NR..r * NR + cols];
+                            if k0 == 0 {
+                                dst.copy_from_slice(src);
+                            } else {
+                                for (d, s) in dst.iter_mut().zip(src) {
+                                    *d += s;
+                                }
+                            }
+                        }
+                        k0 += kc;
+                    }
                 }
             }
         });
 }
 
-fn blocked<W: WeightElem>(x: &[f32], w: &[W], out: &mut [f32], n: usize, k: usize, m: usize) {
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    w.par_chunks(PANEL_ROWS * k)
-        .enumerate()
-        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, (t, panel)| {
-            let rows = panel.len() / k;
-            let j0 = t * PANEL_ROWS;
-            let panel_f32: &[f32] = match W::as_f32_slice(panel) {
-                Some(f) => f,
-                None => {
-                    scratch.clear();
-                    scratch.extend(panel.iter().map(|v| v.to_f32()));
-                    scratch
+/// `tile[r][c] = Σ_kk a[kk][r] · b[kk][c]` for `r < rows`, `a [kc][MR]`, `b [kc][NR]`.
+fn microkernel<W: WeightElem>(simd: Simd, rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
+    debug_assert!(a.len() / MR == b.len() / NR && rows <= MR);
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx512 {
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match rows {
+                    // SAFETY: the CPU supports AVX-512F (checked in `simd_level`); the
+                    // slices hold kc rows of MR and NR values.
+                    $($r => unsafe { avx512::kernel::<W, $r>(a, b, tile) },)*
+                    _ => unreachable!("rows <= MR"),
                 }
             };
-            // SAFETY: dst is the [n, rows] column block j0.. of out [n, m] (row stride m),
-            // written by this task only; lhs is x [n, k] row-major; rhs is the panel
-            // transposed, [k, rows] read from [rows, k] (row stride 1, column stride k).
-            unsafe {
-                gemm::gemm(
-                    n,
-                    rows,
-                    k,
-                    out_ptr.get().add(j0),
-                    1,
-                    m as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    panel_f32.as_ptr(),
-                    k as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+        }
+        return dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
+    }
+    let _ = simd;
+    portable_kernel(rows, a, b, tile);
+}
+
+fn portable_kernel<W: WeightElem>(rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
+    tile.fill(0.0);
+    for (a_kk, b_kk) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+        let mut b_row = [0.0f32; NR];
+        for (d, v) in b_row.iter_mut().zip(b_kk) {
+            *d = v.to_f32();
+        }
+        for r in 0..rows {
+            let av = a_kk[r];
+            for (t, bv) in tile[r * NR..(r + 1) * NR].iter_mut().zip(&b_row) {
+                *t += av * bv;
             }
-        });
-}
-
-/// Dot product with independent accumulators, so that the compiler vectorizes it
-/// (f32 addition is not associative: one accumulator would stay scalar).
-#[inline(always)]
-fn dot_body<W: WeightElem>(a: &[f32], b: &[W]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0.0f32; LANES];
-    let split = a.len() / LANES * LANES;
-    for (ca, cb) in a[..split].chunks_exact(LANES).zip(b[..split].chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] = ca[l].mul_add(cb[l].to_f32(), acc[l]);
         }
     }
-    let mut sum = acc.iter().sum::<f32>();
-    for (x, y) in a[split..].iter().zip(&b[split..]) {
-        sum = x.mul_add(y.to_f32(), sum);
-    }
-    sum
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn dot_avx512<W: WeightElem>(a: &[f32], b: &[W]) -> f32 {
-    dot_body(a, b)
-}
+mod avx512 {
+    use std::arch::x86_64::*;
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2<W: WeightElem>(a: &[f32], b: &[W]) -> f32 {
-    dot_body(a, b)
-}
+    use super::{WeightElem, MR, NR};
 
-/// Portable fallback: plain multiply-add (without FMA hardware `mul_add` is a libm call).
-fn dot_portable<W: WeightElem>(a: &[f32], b: &[W]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let split = a.len() / 8 * 8;
-    for (ca, cb) in a[..split].chunks_exact(8).zip(b[..split].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += ca[l] * cb[l].to_f32();
+    /// Loads 16 weights at `p` as f32.
+    #[inline(always)]
+    unsafe fn load16<W: WeightElem>(p: *const W) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable elements at p and AVX-512F.
+        unsafe {
+            if W::IS_BF16 {
+                let bits = _mm256_loadu_si256(p as *const __m256i);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(bits)))
+            } else {
+                _mm512_loadu_ps(p as *const f32)
+            }
         }
     }
-    let mut sum = acc.iter().sum::<f32>();
-    for (x, y) in a[split..].iter().zip(&b[split..]) {
-        sum += x * y.to_f32();
+
+    /// `R` rows: `2 * R` zmm accumulators (24 at R = 12, within the 32 registers).
+    ///
+    /// # Safety
+    /// AVX-512F; `a` holds `kc * MR` values and `b` `kc * NR`, for the same `kc`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn kernel<W: WeightElem, const R: usize>(a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
+        let kc = b.len() / NR;
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        let (a, b) = (a.as_ptr(), b.as_ptr());
+        for kk in 0..kc {
+            // SAFETY: kk < kc rows of a and b.
+            unsafe {
+                let b0 = load16(b.add(kk * NR));
+                let b1 = load16(b.add(kk * NR + 16));
+                let a_row = a.add(kk * MR);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let ar = _mm512_set1_ps(*a_row.add(r));
+                    acc_r[0] = _mm512_fmadd_ps(ar, b0, acc_r[0]);
+                    acc_r[1] = _mm512_fmadd_ps(ar, b1, acc_r[1]);
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            // SAFETY: the tile holds MR >= R rows of NR values.
+            unsafe {
+                _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR), acc_r[0]);
+                _mm512_storeu_ps(tile.as_mut_ptr().add(r * NR + 16), acc_r[1]);
+            }
+        }
     }
-    sum
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Simd {
     Avx512,
-    Avx2,
     Portable,
 }
 
@@ -200,10 +271,8 @@ fn simd_level() -> Simd {
         use std::sync::OnceLock;
         static LEVEL: OnceLock<Simd> = OnceLock::new();
         *LEVEL.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("fma") {
+            if is_x86_feature_detected!("avx512f") {
                 Simd::Avx512
-            } else if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                Simd::Avx2
             } else {
                 Simd::Portable
             }
@@ -213,18 +282,29 @@ fn simd_level() -> Simd {
     Simd::Portable
 }
 
-/// `Σ a[i]·b[i]` with the widest SIMD the CPU has (checked once at run time).
-#[inline]
-pub fn dot<W: WeightElem>(a: &[f32], b: &[W]) -> f32 {
+/// Whether the AVX-512 kernels run on this CPU.
+pub fn has_avx512() -> bool {
+    simd_level() == Simd::Avx512
+}
+
+/// `Σ a[i]·b[i]` with independent accumulators so that it vectorizes (to the width of
+/// the calling function's target features).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     debug_assert_eq!(a.len(), b.len());
-    match simd_level() {
-        // SAFETY: the CPU supports the enabled features (checked in `simd_level`).
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => unsafe { dot_avx512(a, b) },
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => unsafe { dot_avx2(a, b) },
-        _ => dot_portable(a, b),
+    const LANES: usize = 16;
+    let mut acc = [0.0f32; LANES];
+    let split = a.len() / LANES * LANES;
+    for (ca, cb) in a[..split].chunks_exact(LANES).zip(b[..split].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += ca[l] * cb[l];
+        }
     }
+    let mut sum = acc.iter().sum::<f32>();
+    for (x, y) in a[split..].iter().zip(&b[split..]) {
+        sum += x * y;
+    }
+    sum
 }
 
 #[cfg(test)]
@@ -248,34 +328,56 @@ mod tests {
             .collect()
     }
 
+    fn check(got: &[f32], want: &[f32], what: &str) {
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{what}: {g} vs {w}");
+        }
+    }
+
     #[test]
-    fn streaming_and_blocked_kernels_match_a_float64_reference_for_f32_and_bf16_weights() {
-        for &(n, k, m) in &[
+    fn packed_matmul_matches_a_float64_reference_for_f32_and_bf16_weights() {
+        let shapes = [
             (1, 7, 5),
             (3, 64, 70),
             (4, 129, 33),
             (5, 96, 40),
-            (17, 200, 130),
-            (9, 33, 200),
-        ] {
+            (17, 300, 130),
+            (13, 33, 200),
+            (25, 600, 70),
+        ];
+        for &(n, k, m) in &shapes {
             let x = values(n * k, 1);
             let w = values(m * k, 2);
-            let w_bf16: Vec<Bf16> = w.iter().map(|v| Bf16((v.to_bits() >> 16) as u16)).collect();
             let want = reference(&x, &w, n, k, m);
+            let packed = PackedMatrix::<f32>::pack(m, k, |r, dst| dst.copy_from_slice(&w[r * k..(r + 1) * k]));
+            let packed_bf16 = PackedMatrix::<Bf16>::pack(m, k, |r, dst| {
+                for (d, v) in dst.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                    *d = Bf16((v.to_bits() >> 16) as u16);
+                }
+            });
             let mut out = vec![f32::NAN; n * m];
-            matmul_transposed(&x, &w, &mut out, n, k, m);
-            let mut out_bf16 = vec![f32::NAN; n * m];
-            matmul_transposed(&x, &w_bf16, &mut out_bf16, n, k, m);
-            for ((got, got_bf16), want) in out.iter().zip(&out_bf16).zip(&want) {
-                assert!(
-                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                    "n={n} k={k} m={m}: {got} vs {want}"
-                );
-                assert!(
-                    (got_bf16 - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                    "bf16 n={n} k={k} m={m}"
-                );
-            }
+            matmul_transposed(&x, &packed, &mut out, n);
+            check(&out, &want, &format!("f32 n={n} k={k} m={m}"));
+            matmul_transposed(&x, &packed_bf16, &mut out, n);
+            check(&out, &want, &format!("bf16 n={n} k={k} m={m}"));
+            let mut row = vec![0.0; k];
+            packed_bf16.row_f32(m - 1, &mut row);
+            assert_eq!(row, w[(m - 1) * k..]);
         }
+    }
+
+    #[test]
+    fn portable_kernel_agrees_with_the_simd_kernel() {
+        let (kc, rows) = (40, 7);
+        let a = values(kc * MR, 3);
+        let b: Vec<Bf16> = values(kc * NR, 4)
+            .iter()
+            .map(|v| Bf16((v.to_bits() >> 16) as u16))
+            .collect();
+        let mut simd_tile = [0.0; MR * NR];
+        let mut portable_tile = [0.0; MR * NR];
+        microkernel(simd_level(), rows, &a, &b, &mut simd_tile);
+        portable_kernel(rows, &a, &b, &mut portable_tile);
+        check(&simd_tile[..rows * NR], &portable_tile[..rows * NR], "tile");
     }
 }

@@ -4,7 +4,7 @@
 
 mod matmul;
 
-pub use matmul::{dot, matmul_transposed, Bf16, WeightElem};
+pub use matmul::{dot, matmul_transposed, Bf16, PackedMatrix, WeightElem};
 
 use rayon::prelude::*;
 
@@ -39,12 +39,14 @@ impl CpuTensor {
     }
 }
 
-/// Parameter storage. Matrices from bf16 checkpoints stay bf16 (half the bytes to stream
-/// per decode step; widening to f32 is exact); everything else is f32.
+/// Parameter storage. Matrices are packed for the matmul kernel; those from bf16
+/// checkpoints stay bf16 (half the bytes to stream per decode step; widening to f32 is
+/// exact). Vectors (norm weights, biases, frequencies) are f32.
 #[derive(Debug, Clone)]
 pub enum WeightValues {
-    F32(Vec<f32>),
-    Bf16(Vec<Bf16>),
+    Vector(Vec<f32>),
+    MatrixF32(PackedMatrix<f32>),
+    MatrixBf16(PackedMatrix<Bf16>),
 }
 
 /// A parameter and its checkpoint shape (`[out, in]` for matrices).
@@ -61,12 +63,11 @@ impl CpuWeight {
     fn cols(&self) -> usize {
         self.shape[1..].iter().product()
     }
-    /// The values as f32; only for vectors (norm weights, biases, frequencies), which
-    /// are always stored as f32.
+    /// The values of a vector weight.
     fn f32s(&self) -> &[f32] {
         match &self.values {
-            WeightValues::F32(v) => v,
-            WeightValues::Bf16(_) => panic!("weight {:?} is bf16 where f32 was expected", self.shape),
+            WeightValues::Vector(v) => v,
+            _ => panic!("weight {:?} is a matrix where a vector was expected", self.shape),
         }
     }
 
@@ -81,29 +82,45 @@ impl CpuWeight {
                 v.name
             );
         }
-        let shape = if views.len() == 1 {
-            views[0].shape.to_vec()
-        } else {
-            vec![rows, cols]
+        if views.len() == 1 && views[0].shape.len() != 2 {
+            return CpuWeight {
+                values: WeightValues::Vector(views[0].to_f32_vec()),
+                shape: views[0].shape.to_vec(),
+            };
+        }
+        // Row r of the stack: which view, and which row inside it.
+        let starts: Vec<usize> = views
+            .iter()
+            .scan(0, |acc, v| {
+                let start = *acc;
+                *acc += v.shape[0];
+                Some(start)
+            })
+            .collect();
+        let locate = |r: usize| {
+            let i = starts.partition_point(|&s| s <= r) - 1;
+            let bytes = views[i].dtype.size_bytes() * cols;
+            (
+                &views[i],
+                &views[i].bytes[(r - starts[i]) * bytes..(r - starts[i] + 1) * bytes],
+            )
         };
-        let is_matrix = shape.len() == 2;
-        let values = if is_matrix && views.iter().all(|v| v.dtype == Dtype::BF16) {
-            let mut bits = Vec::with_capacity(rows * cols);
-            for v in views {
-                bits.extend(v.bytes.chunks_exact(2).map(|b| Bf16(u16::from_le_bytes([b[0], b[1]]))));
-            }
-            WeightValues::Bf16(bits)
+        let values = if views.iter().all(|v| v.dtype == Dtype::BF16) {
+            WeightValues::MatrixBf16(PackedMatrix::pack(rows, cols, |r, dst| {
+                for (d, b) in dst.iter_mut().zip(locate(r).1.chunks_exact(2)) {
+                    *d = Bf16(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }))
         } else {
-            let mut data = vec![0.0; rows * cols];
-            let mut at = 0;
-            for v in views {
-                let n = v.num_elements();
-                v.write_f32(&mut data[at..at + n]);
-                at += n;
-            }
-            WeightValues::F32(data)
+            WeightValues::MatrixF32(PackedMatrix::pack(rows, cols, |r, dst| {
+                let (view, bytes) = locate(r);
+                view.dtype.write_f32(bytes, dst);
+            }))
         };
-        CpuWeight { values, shape }
+        CpuWeight {
+            values,
+            shape: vec![rows, cols],
+        }
     }
 }
 
@@ -141,6 +158,72 @@ fn rotate_head(head: &mut [f32], cos_sin: &[(f32, f32)]) {
     }
 }
 
+/// One query token's attention over its sequence's cached keys and values.
+struct AttentionToken<'a> {
+    /// `[num_heads * head_dim]`
+    q_row: &'a [f32],
+    /// Cached positions this token attends to: `0..visible`.
+    visible: usize,
+    block_table: &'a [u32],
+    block_size: usize,
+    shape: AttentionShape,
+}
+
+impl AttentionToken<'_> {
+    /// Softmax-weighted sum of values per head into `out_row [num_heads * head_dim]`
+    /// (zeroed). Compiled for AVX-512 where the CPU has it (the loops vectorize).
+    fn attend(&self, k_pool: &[f32], v_pool: &[f32], scores: &mut Vec<f32>, out_row: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if matmul::has_avx512() {
+            // SAFETY: the CPU supports AVX-512F.
+            return unsafe { self.attend_avx512(k_pool, v_pool, scores, out_row) };
+        }
+        self.attend_body(k_pool, v_pool, scores, out_row)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn attend_avx512(&self, k_pool: &[f32], v_pool: &[f32], scores: &mut Vec<f32>, out_row: &mut [f32]) {
+        self.attend_body(k_pool, v_pool, scores, out_row)
+    }
+
+    #[inline(always)]
+    fn attend_body(&self, k_pool: &[f32], v_pool: &[f32], scores: &mut Vec<f32>, out_row: &mut [f32]) {
+        let hd = self.shape.head_dim;
+        let kv_width = self.shape.kv_width();
+        let scale = 1.0 / (hd as f32).sqrt();
+        scores.clear();
+        scores.resize(self.visible, 0.0);
+        for h in 0..self.shape.num_heads {
+            let kv_offset = h / self.shape.group_size() * hd;
+            let q = &self.q_row[h * hd..(h + 1) * hd];
+            let slot_offset = |p: usize| {
+                let slot = self.block_table[p / self.block_size] as usize * self.block_size + p % self.block_size;
+                slot * kv_width + kv_offset
+            };
+            let mut max = f32::NEG_INFINITY;
+            for (p, s) in scores.iter_mut().enumerate() {
+                let at = slot_offset(p);
+                *s = dot(q, &k_pool[at..at + hd]) * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0.0;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let o = &mut out_row[h * hd..(h + 1) * hd];
+            for (p, s) in scores.iter().enumerate() {
+                let at = slot_offset(p);
+                let weight = s / sum;
+                for (o, v) in o.iter_mut().zip(&v_pool[at..at + hd]) {
+                    *o += weight * v;
+                }
+            }
+        }
+    }
+}
+
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Weight = CpuWeight;
@@ -161,7 +244,7 @@ impl Backend for CpuBackend {
     fn weight_from_f32(&self, values: Vec<f32>) -> CpuWeight {
         let len = values.len();
         CpuWeight {
-            values: WeightValues::F32(values),
+            values: WeightValues::Vector(values),
             shape: vec![len],
         }
     }
@@ -181,14 +264,10 @@ impl Backend for CpuBackend {
         for (row, &id) in out.data.chunks_exact_mut(hidden).zip(token_ids) {
             let id = id as usize;
             assert!(id < table.rows(), "embedding: token id {id} >= vocab {}", table.rows());
-            let range = id * hidden..(id + 1) * hidden;
             match &table.values {
-                WeightValues::F32(v) => row.copy_from_slice(&v[range]),
-                WeightValues::Bf16(v) => {
-                    for (o, w) in row.iter_mut().zip(&v[range]) {
-                        *o = w.to_f32();
-                    }
-                }
+                WeightValues::MatrixF32(m) => m.row_f32(id, row),
+                WeightValues::MatrixBf16(m) => m.row_f32(id, row),
+                WeightValues::Vector(_) => panic!("embedding table must be a matrix"),
             }
         }
         out
@@ -233,8 +312,9 @@ impl Backend for CpuBackend {
         );
         let mut out = CpuTensor::zeros(x.rows, out_features);
         match &weight.values {
-            WeightValues::F32(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows, in_features, out_features),
-            WeightValues::Bf16(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows, in_features, out_features),
+            WeightValues::MatrixF32(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows),
+            WeightValues::MatrixBf16(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows),
+            WeightValues::Vector(_) => panic!("linear: weight {:?} is not a matrix", weight.shape),
         }
         if let Some(bias) = bias {
             for row in out.data.chunks_exact_mut(out_features) {
@@ -333,8 +413,6 @@ impl Backend for CpuBackend {
         shape: AttentionShape,
     ) -> CpuTensor {
         let (hd, nh) = (shape.head_dim, shape.num_heads);
-        let kv_width = shape.kv_width();
-        let scale = 1.0 / (hd as f32).sqrt();
         let (k_pool, v_pool) = (&cache.k[layer], &cache.v[layer]);
         let block_size = batch.block_size;
         let mut out = CpuTensor::zeros(qkv.rows, nh * hd);
@@ -343,40 +421,21 @@ impl Backend for CpuBackend {
         for (s, seq) in batch.seqs.iter().enumerate() {
             token_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
         }
-        out.data.par_chunks_mut(nh * hd).enumerate().for_each(|(t, out_row)| {
-            let seq = &batch.seqs[token_seq[t]];
-            // Causal: the i-th new token sees everything before it in the cache.
-            let visible = seq.context_len - seq.query_len + (t - seq.query_start) + 1;
-            let q_row = &qkv.row(t)[..nh * hd];
-            let mut scores = vec![0.0f32; visible];
-            for h in 0..nh {
-                let kvh = h / shape.group_size();
-                let q = &q_row[h * hd..(h + 1) * hd];
-                let slot_offset = |p: usize| {
-                    let slot = seq.block_table[p / block_size] as usize * block_size + p % block_size;
-                    slot * kv_width + kvh * hd
+        out.data
+            .par_chunks_mut(nh * hd)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (t, out_row)| {
+                let seq = &batch.seqs[token_seq[t]];
+                let token = AttentionToken {
+                    q_row: &qkv.row(t)[..nh * hd],
+                    // Causal: the i-th new token sees everything before it in the cache.
+                    visible: seq.context_len - seq.query_len + (t - seq.query_start) + 1,
+                    block_table: &seq.block_table,
+                    block_size,
+                    shape,
                 };
-                let mut max = f32::NEG_INFINITY;
-                for (p, s) in scores.iter_mut().enumerate() {
-                    let at = slot_offset(p);
-                    *s = dot(q, &k_pool[at..at + hd]) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0.0;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let o = &mut out_row[h * hd..(h + 1) * hd];
-                for (p, s) in scores.iter().enumerate() {
-                    let at = slot_offset(p);
-                    let weight = s / sum;
-                    for (o, v) in o.iter_mut().zip(&v_pool[at..at + hd]) {
-                        *o += weight * v;
-                    }
-                }
-            }
-        });
+                token.attend(k_pool, v_pool, scores, out_row);
+            });
         out
     }
 
