@@ -53,7 +53,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8
         offset += bytes.len();
     }
     let mut raw = serde_json::to_vec(&header).unwrap();
-    while raw.len() % 8 != 0 {
+    while !raw.len().is_multiple_of(8) {
         raw.push(b' ');
     }
     let mut file = (raw.len() as u64).to_le_bytes().to_vec();
