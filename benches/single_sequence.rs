@@ -26,8 +26,8 @@ fn main() {
         Some(path) => serde_json::from_slice(&std::fs::read(path).expect("prompt file")).expect("JSON list of ids"),
         None => {
             let tokenizer = Tokenizer::from_dir(&dir.path).expect("tokenizer");
-            let text = include_str!("../tests/fixtures/templates/Qwen-Qwen3-0.6B.jinja");
-            let mut ids = tokenizer.encode(text, false).expect("encode");
+            let text = include_str!("../tests/fixtures/templates/Qwen-Qwen3-0.6B.jinja").repeat(8);
+            let mut ids = tokenizer.encode(&text, false).expect("encode");
             ids.truncate(256);
             ids
         }

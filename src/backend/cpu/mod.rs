@@ -8,7 +8,7 @@ pub use matmul::{dot, matmul_transposed, Bf16, PackedMatrix, WeightElem};
 
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape, MAX_HEAD_DIM};
+use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape, SeqChunk, MAX_HEAD_DIM};
 use crate::loader::{Dtype, TensorView};
 
 /// A row-major `[rows, cols]` f32 activation.
@@ -155,6 +155,69 @@ fn rotate_head(head: &mut [f32], cos_sin: &[(f32, f32)]) {
         let (x1, x2) = (*a, *b);
         *a = x1 * cos - x2 * sin;
         *b = x2 * cos + x1 * sin;
+    }
+}
+
+/// Query chunks at least this long use `attend_chunk_by_matmul`.
+const MIN_TOKENS_FOR_MATMUL_ATTENTION: usize = 16;
+
+/// Causal attention of one sequence's query chunk as two matmuls per head:
+/// `S = (Q / sqrt(d)) · Kᵀ` over the whole cached context, a masked softmax per row, then
+/// `O = P · V`. It computes the masked upper triangle too, but through the register-
+/// blocked kernel that is far cheaper than a dot product per (token, position).
+fn attend_chunk_by_matmul(
+    qkv: &CpuTensor,
+    seq: &SeqChunk,
+    k_pool: &[f32],
+    v_pool: &[f32],
+    block_size: usize,
+    shape: AttentionShape,
+    out: &mut CpuTensor,
+) {
+    let (hd, kv_width) = (shape.head_dim, shape.kv_width());
+    let (context, queries) = (seq.context_len, seq.query_len);
+    let past = context - queries;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let slot = |p: usize| seq.block_table[p / block_size] as usize * block_size + p % block_size;
+    let mut q = vec![0.0f32; queries * hd];
+    let mut scores = vec![0.0f32; queries * context];
+    let mut head_out = vec![0.0f32; queries * hd];
+    for kvh in 0..shape.num_kv_heads {
+        let at = |p: usize| slot(p) * kv_width + kvh * hd;
+        let keys = PackedMatrix::<f32>::pack(context, hd, |p, dst| dst.copy_from_slice(&k_pool[at(p)..at(p) + hd]));
+        let values_t = PackedMatrix::<f32>::pack(hd, context, |d, dst| {
+            for (p, o) in dst.iter_mut().enumerate() {
+                *o = v_pool[at(p) + d];
+            }
+        });
+        for h in kvh * shape.group_size()..(kvh + 1) * shape.group_size() {
+            for (i, q_row) in q.chunks_exact_mut(hd).enumerate() {
+                for (o, v) in q_row
+                    .iter_mut()
+                    .zip(&qkv.row(seq.query_start + i)[h * hd..(h + 1) * hd])
+                {
+                    *o = v * scale;
+                }
+            }
+            matmul_transposed(&q, &keys, &mut scores, queries);
+            scores.par_chunks_mut(context).enumerate().for_each(|(i, row)| {
+                let (visible, masked) = row.split_at_mut(past + i + 1);
+                let max = visible.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0.0;
+                for v in visible.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                for v in visible.iter_mut() {
+                    *v /= sum;
+                }
+                masked.fill(0.0);
+            });
+            matmul_transposed(&scores, &values_t, &mut head_out, queries);
+            for (i, o) in head_out.chunks_exact(hd).enumerate() {
+                out.data[(seq.query_start + i) * out.cols + h * hd..][..hd].copy_from_slice(o);
+            }
+        }
     }
 }
 
@@ -416,14 +479,21 @@ impl Backend for CpuBackend {
         let (k_pool, v_pool) = (&cache.k[layer], &cache.v[layer]);
         let block_size = batch.block_size;
         let mut out = CpuTensor::zeros(qkv.rows, nh * hd);
-        // One task per sequence token; heads of a token share its context walk.
-        let mut token_seq = vec![0usize; qkv.rows];
+        // Long query chunks go through the matmul kernel head by head; the other tokens
+        // (decode, short chunks) walk their context one task per token.
+        const NO_SEQ: usize = usize::MAX;
+        let mut token_seq = vec![NO_SEQ; qkv.rows];
         for (s, seq) in batch.seqs.iter().enumerate() {
-            token_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
+            if seq.query_len >= MIN_TOKENS_FOR_MATMUL_ATTENTION {
+                attend_chunk_by_matmul(qkv, seq, k_pool, v_pool, block_size, shape, &mut out);
+            } else {
+                token_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
+            }
         }
         out.data
             .par_chunks_mut(nh * hd)
             .enumerate()
+            .filter(|(t, _)| token_seq[*t] != NO_SEQ)
             .for_each_init(Vec::new, |scores, (t, out_row)| {
                 let seq = &batch.seqs[token_seq[t]];
                 let token = AttentionToken {
