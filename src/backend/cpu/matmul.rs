@@ -2,11 +2,11 @@
 //!
 //! Weights are packed once at load into slabs of `NR` output rows, each slab transposed
 //! (`[ceil(m / NR)][k][NR]`, zero-padded), in f32 or bf16 (widened on the fly; exact).
-//! One register-blocked microkernel then serves both shapes of work: prefill (many rows
-//! of x, compute-bound: x is packed into blocks of `MR` rows, k is blocked to stay in
-//! cache) and decode (one row, memory-bound: each slab is streamed once, contiguously,
-//! and bf16 halves the bytes). Slabs are split across rayon tasks; a task owns the
-//! output columns of its slabs.
+//! Slabs are split across rayon tasks; a task owns the output columns of its slabs. On
+//! AVX-512 CPUs one register-blocked microkernel of our own serves both prefill (many
+//! rows of x, compute-bound) and decode (one row, memory-bound: each slab streams once,
+//! contiguously, and bf16 halves the bytes); the `gemm` crate's stable build stops at
+//! AVX2, and this kernel is faster there. Elsewhere each slab goes to the `gemm` crate.
 
 use rayon::prelude::*;
 
@@ -104,20 +104,6 @@ impl OutPtr {
     }
 }
 
-/// Packs x `[n, k]` into row blocks `[ceil(n / MR)][k][MR]`, zero-padded.
-fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<f32> {
-    let blocks = n.div_ceil(MR);
-    let mut packed = vec![0.0f32; blocks * k * MR];
-    for (b, dst) in packed.chunks_mut(k * MR).enumerate() {
-        for r in 0..MR.min(n - b * MR) {
-            for (kk, v) in x[(b * MR + r) * k..(b * MR + r + 1) * k].iter().enumerate() {
-                dst[kk * MR + r] = *v;
-            }
-        }
-    }
-    packed
-}
-
 /// `x [n, k]` times `w [m, k]` transposed -> `out [n, m]` (overwritten).
 pub fn matmul_transposed<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
     let (k, m) = (w.cols, w.rows);
@@ -130,88 +116,139 @@ pub fn matmul_transposed<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mu
         out.fill(0.0);
         return;
     }
-    let xp = pack_x(x, n, k);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        return avx512::matmul(x, w, out, n);
+    }
+    matmul_with_gemm_crate(x, w, out, n);
+}
+
+/// Without AVX-512: each slab (widened to f32 when bf16) is the strided right-hand side
+/// `[k, NR]` of a `gemm` crate call (its own AVX2/FMA or NEON kernels), single threaded
+/// per task, into the task's columns of the output.
+fn matmul_with_gemm_crate<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
+    let (k, m) = (w.cols, w.rows);
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let simd = simd_level();
     w.data
-        .par_chunks(SLABS_PER_TASK * k * NR)
+        .par_chunks(k * NR)
         .enumerate()
-        .for_each(|(t, slabs)| {
-            let mut tile = [0.0f32; MR * NR];
-            for (s, slab) in slabs.chunks_exact(k * NR).enumerate() {
-                let j0 = (t * SLABS_PER_TASK + s) * NR;
-                let cols = NR.min(m - j0);
-                for (b, xb) in xp.chunks_exact(k * MR).enumerate() {
-                    let rows = MR.min(n - b * MR);
-                    let mut k0 = 0;
-                    while k0 < k {
-                        let kc = KC.min(k - k0);
-                        let (a, bw) = (&xb[k0 * MR..(k0 + kc) * MR], &slab[k0 * NR..(k0 + kc) * NR]);
-                        microkernel(simd, rows, a, bw, &mut tile);
-                        for r in 0..rows {
-                            // SAFETY: row b * MR + r, columns j0..j0 + cols lie in out [n, m],
-                            // and those columns belong to this task's slab alone.
-                            let dst = unsafe {
-                                std::slice::from_raw_parts_mut(out_ptr.get().add((b * MR + r) * m + j0), cols)
-                            };
-                            let src = &tile[r * NR..r * NR + cols];
-                            if k0 == 0 {
-                                dst.copy_from_slice(src);
-                            } else {
-                                for (d, s) in dst.iter_mut().zip(src) {
-                                    *d += s;
-                                }
-                            }
-                        }
-                        k0 += kc;
-                    }
-                }
+        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, (s, slab)| {
+            let j0 = s * NR;
+            let cols = NR.min(m - j0);
+            scratch.clear();
+            scratch.extend(slab.iter().map(|v| v.to_f32()));
+            // SAFETY: dst is the [n, cols] column block j0.. of out [n, m] (row stride m),
+            // written by this task only; lhs is x [n, k] row-major; rhs is the slab,
+            // [k, cols] with row stride NR.
+            unsafe {
+                gemm::gemm(
+                    n,
+                    cols,
+                    k,
+                    out_ptr.get().add(j0),
+                    1,
+                    m as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    scratch.as_ptr(),
+                    1,
+                    NR as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
             }
         });
 }
 
-/// `tile[r][c] = Σ_kk a[kk][r] · b[kk][c]` for `r < rows`, `a [kc][MR]`, `b [kc][NR]`.
-fn microkernel<W: WeightElem>(simd: Simd, rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
-    debug_assert!(a.len() / MR == b.len() / NR && rows <= MR);
-    #[cfg(target_arch = "x86_64")]
-    if simd == Simd::Avx512 {
-        macro_rules! dispatch {
-            ($($r:literal)*) => {
-                match rows {
-                    // SAFETY: the CPU supports AVX-512F (checked in `simd_level`); the
-                    // slices hold kc rows of MR and NR values.
-                    $($r => unsafe { avx512::kernel::<W, $r>(a, b, tile) },)*
-                    _ => unreachable!("rows <= MR"),
-                }
-            };
-        }
-        return dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
-    }
-    let _ = simd;
-    portable_kernel(rows, a, b, tile);
-}
-
-fn portable_kernel<W: WeightElem>(rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
-    tile.fill(0.0);
-    for (a_kk, b_kk) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
-        let mut b_row = [0.0f32; NR];
-        for (d, v) in b_row.iter_mut().zip(b_kk) {
-            *d = v.to_f32();
-        }
-        for r in 0..rows {
-            let av = a_kk[r];
-            for (t, bv) in tile[r * NR..(r + 1) * NR].iter_mut().zip(&b_row) {
-                *t += av * bv;
-            }
-        }
-    }
-}
-
+/// A register-blocked AVX-512 GEMM over the packed slabs: x is packed into blocks of
+/// `MR` rows (`[ceil(n / MR)][k][MR]`), and each `MR x NR` output tile is accumulated in
+/// 24 zmm registers over `KC`-deep slices of k.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{WeightElem, MR, NR};
+    use rayon::prelude::*;
+
+    use super::{OutPtr, PackedMatrix, WeightElem, KC, MR, NR, SLABS_PER_TASK};
+
+    /// Packs x `[n, k]` into row blocks `[ceil(n / MR)][k][MR]`, zero-padded.
+    fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let blocks = n.div_ceil(MR);
+        let mut packed = vec![0.0f32; blocks * k * MR];
+        for (b, dst) in packed.chunks_mut(k * MR).enumerate() {
+            for r in 0..MR.min(n - b * MR) {
+                for (kk, v) in x[(b * MR + r) * k..(b * MR + r + 1) * k].iter().enumerate() {
+                    dst[kk * MR + r] = *v;
+                }
+            }
+        }
+        packed
+    }
+
+    /// The CPU must support AVX-512F (`super::has_avx512`); shapes are checked by
+    /// `matmul_transposed`.
+    pub fn matmul<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
+        let (k, m) = (w.cols, w.rows);
+        let xp = pack_x(x, n, k);
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        w.data
+            .par_chunks(SLABS_PER_TASK * k * NR)
+            .enumerate()
+            .for_each(|(t, slabs)| {
+                let mut tile = [0.0f32; MR * NR];
+                for (s, slab) in slabs.chunks_exact(k * NR).enumerate() {
+                    let j0 = (t * SLABS_PER_TASK + s) * NR;
+                    let cols = NR.min(m - j0);
+                    for (b, xb) in xp.chunks_exact(k * MR).enumerate() {
+                        let rows = MR.min(n - b * MR);
+                        let mut k0 = 0;
+                        while k0 < k {
+                            let kc = KC.min(k - k0);
+                            let (a, bw) = (&xb[k0 * MR..(k0 + kc) * MR], &slab[k0 * NR..(k0 + kc) * NR]);
+                            microkernel(rows, a, bw, &mut tile);
+                            for r in 0..rows {
+                                // SAFETY: row b * MR + r, columns j0..j0 + cols lie in out
+                                // [n, m], and those columns belong to this task's slab alone.
+                                let dst = unsafe {
+                                    std::slice::from_raw_parts_mut(out_ptr.get().add((b * MR + r) * m + j0), cols)
+                                };
+                                let src = &tile[r * NR..r * NR + cols];
+                                if k0 == 0 {
+                                    dst.copy_from_slice(src);
+                                } else {
+                                    for (d, s) in dst.iter_mut().zip(src) {
+                                        *d += s;
+                                    }
+                                }
+                            }
+                            k0 += kc;
+                        }
+                    }
+                }
+            });
+    }
+
+    /// `tile[r][c] = Σ_kk a[kk][r] · b[kk][c]` for `r < rows`, `a [kc][MR]`, `b [kc][NR]`.
+    pub(super) fn microkernel<W: WeightElem>(rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
+        assert!(a.len() / MR == b.len() / NR && rows <= MR);
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match rows {
+                    // SAFETY: callers reach this module only when the CPU supports
+                    // AVX-512F; the slices hold kc rows of MR and NR values.
+                    $($r => unsafe { kernel::<W, $r>(a, b, tile) },)*
+                    _ => unreachable!("rows <= MR"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
 
     /// Loads 16 weights at `p` as f32.
     #[inline(always)]
@@ -232,7 +269,7 @@ mod avx512 {
     /// # Safety
     /// AVX-512F; `a` holds `kc * MR` values and `b` `kc * NR`, for the same `kc`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel<W: WeightElem, const R: usize>(a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
+    unsafe fn kernel<W: WeightElem, const R: usize>(a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
         let kc = b.len() / NR;
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         let (a, b) = (a.as_ptr(), b.as_ptr());
@@ -259,32 +296,16 @@ mod avx512 {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Simd {
-    Avx512,
-    Portable,
-}
-
-fn simd_level() -> Simd {
+/// Whether the AVX-512 kernels run on this CPU (checked once).
+pub fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
-        static LEVEL: OnceLock<Simd> = OnceLock::new();
-        *LEVEL.get_or_init(|| {
-            if is_x86_feature_detected!("avx512f") {
-                Simd::Avx512
-            } else {
-                Simd::Portable
-            }
-        })
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
     }
     #[cfg(not(target_arch = "x86_64"))]
-    Simd::Portable
-}
-
-/// Whether the AVX-512 kernels run on this CPU.
-pub fn has_avx512() -> bool {
-    simd_level() == Simd::Avx512
+    false
 }
 
 /// `Σ a[i]·b[i]` with independent accumulators so that it vectorizes (to the width of
@@ -360,24 +381,13 @@ mod tests {
             check(&out, &want, &format!("f32 n={n} k={k} m={m}"));
             matmul_transposed(&x, &packed_bf16, &mut out, n);
             check(&out, &want, &format!("bf16 n={n} k={k} m={m}"));
+            // The path of CPUs without AVX-512, whatever this one has.
+            out.fill(f32::NAN);
+            matmul_with_gemm_crate(&x, &packed_bf16, &mut out, n);
+            check(&out, &want, &format!("gemm crate n={n} k={k} m={m}"));
             let mut row = vec![0.0; k];
             packed_bf16.row_f32(m - 1, &mut row);
             assert_eq!(row, w[(m - 1) * k..]);
         }
-    }
-
-    #[test]
-    fn portable_kernel_agrees_with_the_simd_kernel() {
-        let (kc, rows) = (40, 7);
-        let a = values(kc * MR, 3);
-        let b: Vec<Bf16> = values(kc * NR, 4)
-            .iter()
-            .map(|v| Bf16((v.to_bits() >> 16) as u16))
-            .collect();
-        let mut simd_tile = [0.0; MR * NR];
-        let mut portable_tile = [0.0; MR * NR];
-        microkernel(simd_level(), rows, &a, &b, &mut simd_tile);
-        portable_kernel(rows, &a, &b, &mut portable_tile);
-        check(&simd_tile[..rows * NR], &portable_tile[..rows * NR], "tile");
     }
 }
