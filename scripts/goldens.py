@@ -80,6 +80,7 @@ WEATHER_TOOL = {
             "properties": {
                 "city": {"type": "string", "description": "City name, e.g. \"Paris\""},
                 "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "number", "minimum": 0.0, "maximum": 14, "default": 1.5},
             },
             "required": ["city"],
         },

@@ -318,15 +318,16 @@ def ct2_whisper_main(args):
 
 # vocab 384 keeps files small; every config exercises something the real models do not.
 TINY = {
-    # Llama, GQA 3:1, head_dim (16) != hidden/heads (72/6), llama3 rope scaling, untied, bf16.
+    # Llama, GQA 3:1, head_dim (16) != hidden/heads (72/6), llama3 rope scaling, untied,
+    # attention and MLP biases, bf16.
     "tiny-llama": {
         "config": {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
             "hidden_size": 72, "intermediate_size": 112, "num_hidden_layers": 2,
             "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 16,
             "vocab_size": 384, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
-            "rope_theta": 500000.0, "tie_word_embeddings": False, "attention_bias": False,
-            "mlp_bias": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
+            "rope_theta": 500000.0, "tie_word_embeddings": False, "attention_bias": True,
+            "mlp_bias": True, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
             "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
             "torch_dtype": "bfloat16",
@@ -381,10 +382,13 @@ def tiny_tensors(cfg):
             out.append((p + "self_attn.q_norm.weight", [hd], "norm"))
             out.append((p + "self_attn.k_norm.weight", [hd], "norm"))
         out.append((p + "self_attn.o_proj.weight", [h, nh * hd], "weight"))
+        if cfg["model_type"] != "qwen2" and cfg.get("attention_bias", False):
+            out.append((p + "self_attn.o_proj.bias", [h], "bias"))
         out.append((p + "post_attention_layernorm.weight", [h], "norm"))
-        out.append((p + "mlp.gate_proj.weight", [i, h], "weight"))
-        out.append((p + "mlp.up_proj.weight", [i, h], "weight"))
-        out.append((p + "mlp.down_proj.weight", [h, i], "weight"))
+        for proj, shape in (("gate", [i, h]), ("up", [i, h]), ("down", [h, i])):
+            out.append((p + f"mlp.{proj}_proj.weight", shape, "weight"))
+            if cfg.get("mlp_bias", False):
+                out.append((p + f"mlp.{proj}_proj.bias", shape[:1], "bias"))
     out.append(("model.norm.weight", [h], "norm"))
     if not cfg["tie_word_embeddings"]:
         out.append(("lm_head.weight", [cfg["vocab_size"], h], "weight"))

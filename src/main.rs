@@ -10,7 +10,7 @@ use inferd::backend::cpu::CpuBackend;
 use inferd::engine::{generate_greedy, GenerateParams};
 use inferd::loader::resolve_model;
 use inferd::models::{load_decoder, GenerationConfig};
-use inferd::text::{ChatInput, IncrementalDetokenizer, TextError, Tokenizer};
+use inferd::text::{ChatInput, IncrementalDetokenizer, Tokenizer};
 
 #[derive(Parser)]
 #[command(
@@ -101,7 +101,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     let prompt_ids = if args.raw {
         tokenizer.encode(&args.prompt, true)?
     } else {
-        let template = tokenizer.chat_template().ok_or(TextError::NoChatTemplate)?;
+        let template = tokenizer.chat_template()?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(serde_json::json!({"role": "system", "content": system}));

@@ -86,7 +86,10 @@ impl ForwardBatch {
         let positions: Vec<u32> = (num_cached..num_cached + new_tokens.len()).map(|p| p as u32).collect();
         let slot_mapping = positions
             .iter()
-            .map(|&p| block_table[p as usize / block_size] * block_size as u32 + p % block_size as u32)
+            .map(|&p| {
+                let slot = block_table[p as usize / block_size] as usize * block_size + p as usize % block_size;
+                u32::try_from(slot).expect("KV slot index fits in u32")
+            })
             .collect();
         ForwardBatch {
             token_ids: new_tokens.to_vec(),

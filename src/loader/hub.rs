@@ -129,7 +129,7 @@ pub fn resolve_in_cache(model: &ModelRef, cache: &Path) -> Result<ModelDir, HubE
     } else {
         return Err(not_cached());
     };
-    if !is_commit_hash(&commit) && !commit.bytes().all(|b| b.is_ascii_alphanumeric()) {
+    if commit.is_empty() || !commit.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(not_cached());
     }
     let snapshot = repo_dir.join("snapshots").join(&commit);

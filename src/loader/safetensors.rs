@@ -104,7 +104,8 @@ pub enum LoadError {
 
 #[derive(Debug, Clone)]
 struct TensorInfo {
-    dtype: Dtype,
+    /// `Err(name)` for dtypes inferd does not load; reported only if the tensor is read.
+    dtype: Result<Dtype, String>,
     shape: Vec<usize>,
     /// Byte range inside the file's data section.
     start: usize,
@@ -165,11 +166,7 @@ impl SafetensorsFile {
                 continue;
             }
             let entry: HeaderEntry = serde_json::from_value(value).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-            let dtype = Dtype::parse(&entry.dtype).ok_or_else(|| LoadError::UnsupportedDtype {
-                path: path.to_owned(),
-                tensor: name.clone(),
-                dtype: entry.dtype.clone(),
-            })?;
+            let dtype = Dtype::parse(&entry.dtype).ok_or_else(|| entry.dtype.clone());
             let [start, end] = entry.data_offsets;
             if start > end {
                 return Err(bad(format!(
@@ -184,20 +181,22 @@ impl SafetensorsFile {
                     len: data_len,
                 });
             }
-            let needed = entry
-                .shape
-                .iter()
-                .try_fold(dtype.size_bytes(), |acc, &d| acc.checked_mul(d))
-                .unwrap_or(usize::MAX);
-            if needed != end - start {
-                return Err(LoadError::SizeMismatch {
-                    path: path.to_owned(),
-                    tensor: name,
-                    shape: entry.shape,
-                    dtype,
-                    bytes: end - start,
-                    needed,
-                });
+            if let Ok(dtype) = dtype {
+                let needed = entry
+                    .shape
+                    .iter()
+                    .try_fold(dtype.size_bytes(), |acc, &d| acc.checked_mul(d))
+                    .unwrap_or(usize::MAX);
+                if needed != end - start {
+                    return Err(LoadError::SizeMismatch {
+                        path: path.to_owned(),
+                        tensor: name,
+                        shape: entry.shape,
+                        dtype,
+                        bytes: end - start,
+                        needed,
+                    });
+                }
             }
             tensors.insert(
                 name,
@@ -341,10 +340,15 @@ impl Checkpoint {
         };
         let file = &self.files[i];
         let (key, info) = file.tensors.get_key_value(name).expect("index and file agree");
+        let dtype = info.dtype.clone().map_err(|dtype| LoadError::UnsupportedDtype {
+            path: file.path.clone(),
+            tensor: name.to_owned(),
+            dtype,
+        })?;
         Ok(TensorView {
             name: key,
             path: &file.path,
-            dtype: info.dtype,
+            dtype,
             shape: &info.shape,
             bytes: &file.mmap[file.data_start + info.start..file.data_start + info.end],
         })

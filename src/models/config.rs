@@ -66,6 +66,10 @@ pub struct DecoderConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (always for Qwen2, `attention_bias` otherwise).
     pub qkv_bias: bool,
+    /// The attention output projection carries a bias (`attention_bias`, Llama and Qwen3).
+    pub o_proj_bias: bool,
+    /// gate/up/down projections carry biases (`mlp_bias`, Llama).
+    pub mlp_bias: bool,
     /// Per-head RMSNorm of q and k before rotary (Qwen3).
     pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
@@ -91,8 +95,10 @@ impl TokenIds {
 
 #[derive(Deserialize)]
 struct RawRope {
-    #[serde(alias = "type")]
+    /// transformers writes `rope_type`; older configs `type` (re-saved ones carry both).
     rope_type: Option<String>,
+    #[serde(rename = "type")]
+    legacy_type: Option<String>,
     factor: Option<f32>,
     low_freq_factor: Option<f32>,
     high_freq_factor: Option<f32>,
@@ -117,6 +123,7 @@ struct RawConfig {
     rope_parameters: Option<RawRope>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
     hidden_act: Option<String>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<TokenIds>,
@@ -184,6 +191,8 @@ impl DecoderConfig {
         }
         let head_dim = match raw.head_dim {
             Some(d) => d,
+            // Qwen3Config's default, not hidden / heads.
+            None if architecture == Architecture::Qwen3 => 128,
             None if raw.hidden_size % heads == 0 => raw.hidden_size / heads,
             None => {
                 return Err(invalid(format!(
@@ -209,7 +218,7 @@ impl DecoderConfig {
             .unwrap_or(10000.0);
         let rope_scaling = match rope {
             None => RopeScaling::None,
-            Some(r) => match r.rope_type.as_deref().unwrap_or("default") {
+            Some(r) => match r.rope_type.as_deref().or(r.legacy_type.as_deref()).unwrap_or("default") {
                 "default" => RopeScaling::None,
                 "linear" => RopeScaling::Linear {
                     factor: r
@@ -246,12 +255,19 @@ impl DecoderConfig {
             num_key_value_heads: kv_heads,
             head_dim,
             vocab_size: raw.vocab_size,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
+            // The defaults of LlamaConfig (2048) and Qwen2Config / Qwen3Config (32768).
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(match architecture {
+                Architecture::Llama => 2048,
+                Architecture::Qwen2 | Architecture::Qwen3 => 32768,
+            }),
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2 || raw.attention_bias.unwrap_or(false),
+            // Qwen2's o_proj never has a bias; Llama's and Qwen3's follow attention_bias.
+            o_proj_bias: architecture != Architecture::Qwen2 && raw.attention_bias.unwrap_or(false),
+            mlp_bias: architecture == Architecture::Llama && raw.mlp_bias.unwrap_or(false),
             qk_norm: architecture == Architecture::Qwen3,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: raw.eos_token_id.map(|e| e.to_vec()).unwrap_or_default(),

@@ -16,6 +16,8 @@ pub enum ForwardError {
     TokenOutOfRange { id: u32, vocab_size: usize },
     #[error("position {position} is beyond the model's context of {max} tokens")]
     PositionOutOfRange { position: u32, max: usize },
+    #[error("a sequence in the batch has no tokens to compute")]
+    EmptySequence,
 }
 
 struct DecoderLayer<B: Backend> {
@@ -26,10 +28,13 @@ struct DecoderLayer<B: Backend> {
     /// Qwen3 per-head norms of q and k.
     qk_norm: Option<(B::Weight, B::Weight)>,
     o_proj: B::Weight,
+    o_proj_bias: Option<B::Weight>,
     post_attention_layernorm: B::Weight,
     /// `[gate; up]` stacked: `[2 * intermediate, hidden]`.
     gate_up_proj: B::Weight,
+    gate_up_bias: Option<B::Weight>,
     down_proj: B::Weight,
+    down_bias: Option<B::Weight>,
 }
 
 /// Which positions get logits.
@@ -90,6 +95,14 @@ pub fn rope_inv_freq(config: &DecoderConfig) -> Vec<f32> {
     }
 }
 
+/// Checkpoint tensors per decoder layer.
+fn names_per_layer(config: &DecoderConfig) -> usize {
+    9 + 3 * usize::from(config.qkv_bias)
+        + 2 * usize::from(config.qk_norm)
+        + usize::from(config.o_proj_bias)
+        + 3 * usize::from(config.mlp_bias)
+}
+
 impl<B: Backend> DecoderModel<B> {
     /// Names of every checkpoint tensor this config reads, in load order.
     pub fn tensor_names(config: &DecoderConfig) -> Vec<String> {
@@ -108,9 +121,15 @@ impl<B: Backend> DecoderModel<B> {
                 names.push(format!("{p}self_attn.k_norm.weight"));
             }
             names.push(format!("{p}self_attn.o_proj.weight"));
+            if config.o_proj_bias {
+                names.push(format!("{p}self_attn.o_proj.bias"));
+            }
             names.push(format!("{p}post_attention_layernorm.weight"));
             for proj in ["gate", "up", "down"] {
                 names.push(format!("{p}mlp.{proj}_proj.weight"));
+                if config.mlp_bias {
+                    names.push(format!("{p}mlp.{proj}_proj.bias"));
+                }
             }
         }
         names.push("model.norm.weight".to_owned());
@@ -165,54 +184,71 @@ impl<B: Backend> DecoderModel<B> {
             progress(current, total);
         };
         let get = |name: &str| checkpoint.tensor(name);
+        // Biases of stacked projections are stacked the same way, as one f32 vector.
+        let stacked_bias = |names: &[String]| -> Result<B::Weight, LoadError> {
+            let mut values = Vec::new();
+            for name in names {
+                values.extend(get(name)?.to_f32_vec());
+            }
+            Ok(backend.weight_from_f32(values))
+        };
         let embed_tokens = backend.weight(&get("model.embed_tokens.weight")?);
         tick(1);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             let p = format!("model.layers.{l}.");
             let t = |suffix: &str| get(&format!("{p}{suffix}"));
+            let names = |suffixes: &[&str]| suffixes.iter().map(|s| format!("{p}{s}")).collect::<Vec<_>>();
             let input_layernorm = backend.weight(&t("input_layernorm.weight")?);
             let qkv_proj = backend.weight_stacked(&[
                 t("self_attn.q_proj.weight")?,
                 t("self_attn.k_proj.weight")?,
                 t("self_attn.v_proj.weight")?,
             ]);
-            let qkv_bias = if config.qkv_bias {
-                let b = [
-                    t("self_attn.q_proj.bias")?,
-                    t("self_attn.k_proj.bias")?,
-                    t("self_attn.v_proj.bias")?,
-                ];
-                let mut values = Vec::with_capacity(shape.qkv_width());
-                for v in &b {
-                    values.extend(v.to_f32_vec());
-                }
-                Some(backend.weight_from_f32(values))
-            } else {
-                None
+            let qkv_bias = match config.qkv_bias {
+                true => Some(stacked_bias(&names(&[
+                    "self_attn.q_proj.bias",
+                    "self_attn.k_proj.bias",
+                    "self_attn.v_proj.bias",
+                ]))?),
+                false => None,
             };
-            let qk_norm = if config.qk_norm {
-                Some((
+            let qk_norm = match config.qk_norm {
+                true => Some((
                     backend.weight(&t("self_attn.q_norm.weight")?),
                     backend.weight(&t("self_attn.k_norm.weight")?),
-                ))
-            } else {
-                None
+                )),
+                false => None,
             };
             let o_proj = backend.weight(&t("self_attn.o_proj.weight")?);
+            let o_proj_bias = match config.o_proj_bias {
+                true => Some(stacked_bias(&names(&["self_attn.o_proj.bias"]))?),
+                false => None,
+            };
             let post_attention_layernorm = backend.weight(&t("post_attention_layernorm.weight")?);
             let gate_up_proj = backend.weight_stacked(&[t("mlp.gate_proj.weight")?, t("mlp.up_proj.weight")?]);
             let down_proj = backend.weight(&t("mlp.down_proj.weight")?);
-            tick(9 + if config.qkv_bias { 3 } else { 0 } + if config.qk_norm { 2 } else { 0 });
+            let (gate_up_bias, down_bias) = match config.mlp_bias {
+                true => (
+                    Some(stacked_bias(&names(&["mlp.gate_proj.bias", "mlp.up_proj.bias"]))?),
+                    Some(stacked_bias(&names(&["mlp.down_proj.bias"]))?),
+                ),
+                false => (None, None),
+            };
+            let per_layer = names_per_layer(&config);
+            tick(per_layer);
             layers.push(DecoderLayer {
                 input_layernorm,
                 qkv_proj,
                 qkv_bias,
                 qk_norm,
                 o_proj,
+                o_proj_bias,
                 post_attention_layernorm,
                 gate_up_proj,
+                gate_up_bias,
                 down_proj,
+                down_bias,
             });
         }
         let norm = backend.weight(&get("model.norm.weight")?);
@@ -277,6 +313,9 @@ impl<B: Backend> DecoderModel<B> {
                 max: cfg.max_position_embeddings,
             });
         }
+        if batch.seqs.iter().any(|s| s.query_len == 0) {
+            return Err(ForwardError::EmptySequence);
+        }
         let eps = cfg.rms_norm_eps;
         let mut residual = backend.embedding(&self.embed_tokens, &batch.token_ids);
         let mut normed = backend.rms_norm(&residual, &self.layers[0].input_layernorm, eps);
@@ -288,10 +327,10 @@ impl<B: Backend> DecoderModel<B> {
             backend.rotary(&mut qkv, &batch.positions, &self.inv_freq, self.shape);
             backend.write_kv(cache, l, &qkv, &batch.slot_mapping, self.shape);
             let attn = backend.attention(&qkv, cache, l, batch, self.shape);
-            let attn_out = backend.linear(&attn, &layer.o_proj, None);
+            let attn_out = backend.linear(&attn, &layer.o_proj, layer.o_proj_bias.as_ref());
             normed = backend.add_rms_norm(&mut residual, &attn_out, &layer.post_attention_layernorm, eps);
-            let gate_up = backend.linear(&normed, &layer.gate_up_proj, None);
-            let mlp_out = backend.linear(&backend.silu_mul(&gate_up), &layer.down_proj, None);
+            let gate_up = backend.linear(&normed, &layer.gate_up_proj, layer.gate_up_bias.as_ref());
+            let mlp_out = backend.linear(&backend.silu_mul(&gate_up), &layer.down_proj, layer.down_bias.as_ref());
             // The next layer's input norm (or the final norm) fused with the residual add.
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |next| &next.input_layernorm);
             normed = backend.add_rms_norm(&mut residual, &mlp_out, next_norm, eps);

@@ -26,20 +26,11 @@ impl IncrementalDetokenizer {
     /// Adds one token; returns the text that became final (often empty mid-character).
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, TextError> {
         self.ids.push(id);
-        let prefix = tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        let (prefix, full) = self.decode_window(tokenizer)?;
         if full.len() <= prefix.len() || full.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let Some(new_text) = full.strip_prefix(prefix.as_str()) else {
-            // The window's text changed under the new token (rare decoder cleanup):
-            // wait for more tokens rather than emit text that contradicts earlier output.
-            return Ok(String::new());
-        };
-        let new_text = new_text.to_owned();
+        let new_text = text_after(&full, prefix.len()).to_owned();
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
         Ok(new_text)
@@ -51,17 +42,32 @@ impl IncrementalDetokenizer {
         if self.read_offset == self.ids.len() {
             return Ok(String::new());
         }
-        let prefix = tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special_tokens,
-        )?;
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..], self.skip_special_tokens)?;
+        let (prefix, full) = self.decode_window(tokenizer)?;
         self.prefix_offset = self.read_offset;
         self.read_offset = self.ids.len();
-        Ok(full.strip_prefix(prefix.as_str()).unwrap_or(&full).to_owned())
+        Ok(text_after(&full, prefix.len()).to_owned())
+    }
+
+    /// (text of the emitted tokens in the window, text of the whole window)
+    fn decode_window(&self, tokenizer: &Tokenizer) -> Result<(String, String), TextError> {
+        let skip = self.skip_special_tokens;
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], skip)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], skip)?;
+        Ok((prefix, full))
     }
 
     pub fn token_ids(&self) -> &[u32] {
         &self.ids
     }
+}
+
+/// `s` after its first `n` bytes: the window's text is the emitted prefix followed by the
+/// new text (as vLLM and TGI assume); if a decoder rewrote the prefix, cut at the next
+/// character boundary rather than panic.
+fn text_after(s: &str, n: usize) -> &str {
+    let mut at = n.min(s.len());
+    while !s.is_char_boundary(at) {
+        at += 1;
+    }
+    &s[at..]
 }

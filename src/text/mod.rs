@@ -31,4 +31,6 @@ pub enum TextError {
     Template(String),
     #[error("this model has no chat template")]
     NoChatTemplate,
+    #[error("this model has several chat templates ({0}) and none is named `default`")]
+    NoDefaultChatTemplate(String),
 }

@@ -105,71 +105,154 @@ fn raise_exception(message: String) -> Result<Value, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
 }
 
-/// Jinja2 (Python) prints booleans and none as `True`, `False`, `None`.
+/// Jinja2 prints values with Python's `str()`: `True`, `False`, `None`, floats as
+/// `repr(float)`, and lists and dicts as their Python repr (`['a', 1]`, `{'k': None}`).
 fn python_formatter(
     out: &mut minijinja::Output<'_>,
     state: &minijinja::State<'_, '_>,
     value: &Value,
 ) -> Result<(), Error> {
     match value.kind() {
-        ValueKind::Bool => out
-            .write_str(if value.is_true() { "True" } else { "False" })
-            .map_err(Error::from),
-        ValueKind::None => out.write_str("None").map_err(Error::from),
+        ValueKind::Bool | ValueKind::None | ValueKind::Seq | ValueKind::Map => {
+            let mut text = String::new();
+            python_repr(&mut text, value)?;
+            out.write_str(&text).map_err(Error::from)
+        }
+        ValueKind::Number if !value.is_integer() => {
+            let f = f64::try_from(value.clone())?;
+            out.write_str(&python_float_repr(f)).map_err(Error::from)
+        }
         _ => minijinja::escape_formatter(out, state, value),
     }
 }
 
+/// Python's `repr()` of a JSON-like value.
+fn python_repr(out: &mut String, value: &Value) -> Result<(), Error> {
+    match value.kind() {
+        ValueKind::Undefined | ValueKind::None => out.push_str("None"),
+        ValueKind::Bool => out.push_str(if value.is_true() { "True" } else { "False" }),
+        ValueKind::Number if value.is_integer() => {
+            let _ = write!(out, "{value}");
+        }
+        ValueKind::Number => out.push_str(&python_float_repr(f64::try_from(value.clone())?)),
+        ValueKind::String => python_str_repr(out, value.as_str().unwrap_or_default()),
+        ValueKind::Seq | ValueKind::Iterable => {
+            out.push('[');
+            for (i, item) in value.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(out, &item)?;
+            }
+            out.push(']');
+        }
+        ValueKind::Map | ValueKind::Plain => {
+            out.push('{');
+            for (i, key) in value.try_iter()?.enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(out, &key)?;
+                out.push_str(": ");
+                python_repr(out, &value.get_item(&key)?)?;
+            }
+            out.push('}');
+        }
+        _ => {
+            let _ = write!(out, "{value}");
+        }
+    }
+    Ok(())
+}
+
+/// `repr(str)`: single quotes unless the text has a single quote and no double quote.
+fn python_str_repr(out: &mut String, s: &str) {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+}
+
 /// transformers' `tojson`: `json.dumps(value, ensure_ascii=False, indent=indent,
-/// sort_keys=sort_keys)`, Python's separators included (`", "`, `": "`).
+/// separators=separators, sort_keys=sort_keys)`, with Python's defaults (`", "` and
+/// `": "`, or `","` between items when indenting).
 fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, Error> {
     let indent: Option<usize> = kwargs.get("indent")?;
-    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
-    // ensure_ascii / separators are accepted for compatibility; output is always
-    // non-ASCII-preserving with Python's default separators.
-    let _: Option<Value> = kwargs.get("ensure_ascii")?;
-    let _: Option<Value> = kwargs.get("separators")?;
+    let options = JsonOptions {
+        indent,
+        sort_keys: kwargs.get::<Option<bool>>("sort_keys")?.unwrap_or(false),
+        ensure_ascii: kwargs.get::<Option<bool>>("ensure_ascii")?.unwrap_or(false),
+        separators: match kwargs.get::<Option<Vec<String>>>("separators")? {
+            Some(seps) => match <[String; 2]>::try_from(seps) {
+                Ok([item, key]) => (item, key),
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        "tojson: separators must be a pair",
+                    ))
+                }
+            },
+            None if indent.is_some() => (",".into(), ": ".into()),
+            None => (", ".into(), ": ".into()),
+        },
+    };
     kwargs.assert_all_used()?;
     let mut out = String::new();
-    write_json(&mut out, &value, indent, sort_keys.unwrap_or(false), 0)?;
+    write_json(&mut out, &value, &options, 0)?;
     Ok(Value::from_safe_string(out))
 }
 
-fn write_json(
-    out: &mut String,
-    value: &Value,
+struct JsonOptions {
     indent: Option<usize>,
     sort_keys: bool,
-    depth: usize,
-) -> Result<(), Error> {
+    ensure_ascii: bool,
+    /// (between items, between key and value)
+    separators: (String, String),
+}
+
+fn write_json(out: &mut String, value: &Value, opts: &JsonOptions, depth: usize) -> Result<(), Error> {
     let newline = |out: &mut String, depth: usize| {
-        if let Some(n) = indent {
+        if let Some(n) = opts.indent {
             out.push('\n');
             out.extend(std::iter::repeat_n(' ', n * depth));
         }
     };
-    let item_sep = if indent.is_some() { "," } else { ", " };
     match value.kind() {
         ValueKind::Undefined | ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
-        ValueKind::Number => {
-            if let Ok(i) = i64::try_from(value.clone()) {
-                let _ = write!(out, "{i}");
-            } else {
-                let f = f64::try_from(value.clone())?;
-                out.push_str(&python_float_repr(f));
-            }
+        ValueKind::Number if value.is_integer() => {
+            let _ = write!(out, "{value}");
         }
-        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default()),
+        ValueKind::Number => out.push_str(&python_float_repr(f64::try_from(value.clone())?)),
+        ValueKind::String => write_json_string(out, value.as_str().unwrap_or_default(), opts.ensure_ascii),
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             out.push('[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(item_sep);
+                    out.push_str(&opts.separators.0);
                 }
                 newline(out, depth + 1);
-                write_json(out, item, indent, sort_keys, depth + 1)?;
+                write_json(out, item, opts, depth + 1)?;
             }
             if !items.is_empty() {
                 newline(out, depth);
@@ -178,21 +261,21 @@ fn write_json(
         }
         ValueKind::Map | ValueKind::Plain => {
             let mut keys: Vec<Value> = value.try_iter()?.collect();
-            if sort_keys {
+            if opts.sort_keys {
                 keys.sort();
             }
             out.push('{');
             for (i, key) in keys.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(item_sep);
+                    out.push_str(&opts.separators.0);
                 }
                 newline(out, depth + 1);
                 match key.as_str() {
-                    Some(s) => write_json_string(out, s),
-                    None => write_json_string(out, &key.to_string()),
+                    Some(s) => write_json_string(out, s, opts.ensure_ascii),
+                    None => write_json_string(out, &key.to_string(), opts.ensure_ascii),
                 }
-                out.push_str(": ");
-                write_json(out, &value.get_item(key)?, indent, sort_keys, depth + 1)?;
+                out.push_str(&opts.separators.1);
+                write_json(out, &value.get_item(key)?, opts, depth + 1)?;
             }
             if !keys.is_empty() {
                 newline(out, depth);
@@ -209,8 +292,9 @@ fn write_json(
     Ok(())
 }
 
-/// Python's `json.dumps` string escaping with `ensure_ascii=False`.
-fn write_json_string(out: &mut String, s: &str) {
+/// Python's `json.dumps` string escaping; with `ensure_ascii`, non-ASCII as `\uXXXX`
+/// (UTF-16 surrogate pairs above U+FFFF).
+fn write_json_string(out: &mut String, s: &str, ensure_ascii: bool) {
     out.push('"');
     for c in s.chars() {
         match c {
@@ -221,8 +305,11 @@ fn write_json_string(out: &mut String, s: &str) {
             '\t' => out.push_str("\\t"),
             '\u{08}' => out.push_str("\\b"),
             '\u{0c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
+            c if (c as u32) < 0x20 || (ensure_ascii && !c.is_ascii()) => {
+                let mut units = [0u16; 2];
+                for unit in c.encode_utf16(&mut units) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
             }
             c => out.push(c),
         }

@@ -59,7 +59,14 @@ pub struct SpecialTokens {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub special_tokens: SpecialTokens,
-    chat_template: Option<ChatTemplate>,
+    chat_template: TemplateState,
+}
+
+enum TemplateState {
+    Ready(Box<ChatTemplate>),
+    Missing,
+    /// A list of named templates without one named `default` (transformers refuses it).
+    NoDefault(Vec<String>),
 }
 
 impl Tokenizer {
@@ -93,20 +100,22 @@ impl Tokenizer {
         };
         let jinja_path = dir.join("chat_template.jinja");
         let source = if jinja_path.is_file() {
-            Some(String::from_utf8_lossy(&read(&jinja_path)?).into_owned())
+            Ok(Some(String::from_utf8_lossy(&read(&jinja_path)?).into_owned()))
         } else {
             match config.chat_template {
-                Some(TemplateSpec::One(s)) => Some(s),
-                Some(TemplateSpec::Named(list)) => {
-                    let pick = list.iter().position(|t| t.name == "default").unwrap_or(0);
-                    list.into_iter().nth(pick).map(|t| t.template)
-                }
-                None => None,
+                Some(TemplateSpec::One(s)) => Ok(Some(s)),
+                Some(TemplateSpec::Named(list)) => match list.iter().position(|t| t.name == "default") {
+                    Some(i) => Ok(list.into_iter().nth(i).map(|t| t.template)),
+                    None => Err(list.into_iter().map(|t| t.name).collect()),
+                },
+                None => Ok(None),
             }
         };
-        let chat_template = source
-            .map(|s| ChatTemplate::new(s, special_tokens.clone()))
-            .transpose()?;
+        let chat_template = match source {
+            Ok(Some(s)) => TemplateState::Ready(Box::new(ChatTemplate::new(s, special_tokens.clone())?)),
+            Ok(None) => TemplateState::Missing,
+            Err(names) => TemplateState::NoDefault(names),
+        };
         Ok(Tokenizer {
             inner,
             special_tokens,
@@ -114,8 +123,13 @@ impl Tokenizer {
         })
     }
 
-    pub fn chat_template(&self) -> Option<&ChatTemplate> {
-        self.chat_template.as_ref()
+    /// The model's chat template, or why it has none to use.
+    pub fn chat_template(&self) -> Result<&ChatTemplate, TextError> {
+        match &self.chat_template {
+            TemplateState::Ready(t) => Ok(t),
+            TemplateState::Missing => Err(TextError::NoChatTemplate),
+            TemplateState::NoDefault(names) => Err(TextError::NoDefaultChatTemplate(names.join(", "))),
+        }
     }
 
     /// Token ids of `text`; `add_special_tokens` runs the post-processor (BOS etc.).

@@ -214,3 +214,51 @@ fn the_installed_whisper_tiny_en_checkpoint_has_every_tensor_in_fp16() {
     }
     assert_eq!(ckpt.num_tensors(), 167);
 }
+
+fn parse_config(name: &str, json: serde_json::Value) -> inferd::models::DecoderConfig {
+    let dir = scratch_dir(name);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&json).unwrap()).unwrap();
+    inferd::models::DecoderConfig::from_dir(&dir).unwrap()
+}
+
+#[test]
+fn configs_follow_transformers_defaults_and_both_rope_spellings() {
+    use inferd::models::{Architecture, RopeScaling};
+    let base = serde_json::json!({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                                  "num_attention_heads": 4, "vocab_size": 10});
+    let with = |extra: serde_json::Value| {
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v
+    };
+    // A re-saved legacy config carries both `type` and `rope_type`.
+    let llama = parse_config(
+        "config-llama",
+        with(serde_json::json!({"model_type": "llama", "eos_token_id": [5, 7],
+                                "rope_scaling": {"type": "linear", "rope_type": "linear", "factor": 4.0}})),
+    );
+    assert_eq!(llama.architecture, Architecture::Llama);
+    assert_eq!(llama.rope_scaling, RopeScaling::Linear { factor: 4.0 });
+    assert_eq!(
+        (llama.head_dim, llama.num_key_value_heads, llama.max_position_embeddings),
+        (16, 4, 2048)
+    );
+    assert_eq!(llama.eos_token_ids, vec![5, 7]);
+    assert_eq!(llama.rope_theta, 10000.0);
+    // transformers >= 5: rope_theta inside rope_parameters; Qwen3's default head_dim is 128.
+    let qwen3 = parse_config(
+        "config-qwen3",
+        with(serde_json::json!({"model_type": "qwen3", "num_key_value_heads": 2,
+                                "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}})),
+    );
+    assert_eq!(
+        (qwen3.head_dim, qwen3.max_position_embeddings, qwen3.rope_theta),
+        (128, 32768, 1e6)
+    );
+    assert!(qwen3.qk_norm && !qwen3.qkv_bias && !qwen3.o_proj_bias);
+    let qwen2 = parse_config(
+        "config-qwen2",
+        with(serde_json::json!({"model_type": "qwen2", "attention_bias": true})),
+    );
+    assert!(qwen2.qkv_bias && !qwen2.o_proj_bias && !qwen2.mlp_bias);
+}

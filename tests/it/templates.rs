@@ -20,7 +20,7 @@ fn chat_templates_render_exactly_like_transformers() {
                 own = ChatTemplate::new(source, tok.special_tokens.clone()).unwrap();
                 &own
             }
-            None => tok.chat_template().expect("tokenizer has a chat template"),
+            None => tok.chat_template().unwrap(),
         };
         let rendered = template
             .render(ChatInput {
@@ -62,25 +62,47 @@ fn raise_exception_in_a_template_is_an_error_with_its_message() {
     );
 }
 
-#[test]
-fn tojson_matches_python_json_dumps() {
-    let template = ChatTemplate::new(
-        "{{ messages[0] | tojson }}|{{ messages[0] | tojson(indent=2) }}|{{ flag }} {{ nothing }}".into(),
-        Default::default(),
-    )
-    .unwrap();
-    let messages = serde_json::json!([{"b": [1, 2.5, "é\"\n"], "a": {"x": null, "y": true}}]);
-    let kwargs = serde_json::json!({"flag": false, "nothing": null});
-    let out = template
+fn render_with(source: &str, messages: serde_json::Value, kwargs: serde_json::Value) -> String {
+    ChatTemplate::new(source.into(), Default::default())
+        .unwrap()
         .render(ChatInput {
             messages: &messages,
             tools: None,
             add_generation_prompt: false,
             kwargs: kwargs.as_object(),
         })
-        .unwrap();
+        .unwrap()
+}
+
+/// Expected strings are what Python's json.dumps / str() print for the same values.
+#[test]
+fn tojson_matches_python_json_dumps() {
+    let messages = serde_json::json!([{"b": [1, 2.5, "é\"\n", 2.0], "a": {"x": null, "y": true}}]);
     assert_eq!(
-        out,
-        "{\"b\": [1, 2.5, \"é\\\"\\n\"], \"a\": {\"x\": null, \"y\": true}}|{\n  \"b\": [\n    1,\n    2.5,\n    \"é\\\"\\n\"\n  ],\n  \"a\": {\n    \"x\": null,\n    \"y\": true\n  }\n}|False None"
+        render_with("{{ messages[0] | tojson }}", messages.clone(), serde_json::json!({})),
+        r#"{"b": [1, 2.5, "é\"\n", 2.0], "a": {"x": null, "y": true}}"#
     );
+    assert_eq!(
+        render_with(
+            "{{ messages[0] | tojson(ensure_ascii=true, separators=[',', ':']) }}|{{ '🦙' | tojson(ensure_ascii=true) }}",
+            messages.clone(),
+            serde_json::json!({})
+        ),
+        r#"{"b":[1,2.5,"\u00e9\"\n",2.0],"a":{"x":null,"y":true}}|"\ud83e\udd99""#
+    );
+    assert_eq!(
+        render_with("{{ messages[0] | tojson(indent=2) }}", messages, serde_json::json!({})),
+        "{\n  \"b\": [\n    1,\n    2.5,\n    \"é\\\"\\n\",\n    2.0\n  ],\n  \"a\": {\n    \"x\": null,\n    \"y\": true\n  }\n}"
+    );
+}
+
+#[test]
+fn printed_values_use_python_spelling() {
+    let out = render_with(
+        "{{ flag }} {{ nothing }} {{ half }} {{ items }}",
+        serde_json::json!([]),
+        serde_json::json!({"flag": false, "nothing": null, "half": 0.5,
+                           "items": [true, null, "it's", 1.0, {"k": "v"}]}),
+    );
+    assert_eq!(out, r#"False None 0.5 [True, None, "it's", 1.0, {'k': 'v'}]"#);
 }

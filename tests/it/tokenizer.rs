@@ -69,8 +69,7 @@ fn incremental_detokenizer_emits_the_full_text_one_token_at_a_time_without_broke
 #[test]
 fn incremental_detokenizer_holds_back_a_character_split_across_byte_tokens() {
     let tok = qwen_tokenizer();
-    // "🦙" is four UTF-8 bytes; byte-level BPE can spell it with byte tokens.
-    let ids = tok.encode("a🦙b", false).unwrap();
+    // "🦙" is four UTF-8 bytes; byte-level BPE can spell it with four byte tokens.
     let byte_ids: Vec<u32> = "🦙"
         .bytes()
         .map(|b| {
@@ -79,7 +78,6 @@ fn incremental_detokenizer_holds_back_a_character_split_across_byte_tokens() {
             tok.token_to_id(&ch.to_string()).expect("byte token")
         })
         .collect();
-    assert!(ids.len() >= 2);
     let mut detok = IncrementalDetokenizer::new(false);
     assert_eq!(detok.push(&tok, tok.encode("a", false).unwrap()[0]).unwrap(), "a");
     for &id in &byte_ids[..3] {
