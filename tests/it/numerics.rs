@@ -56,8 +56,17 @@ fn check_model(golden_file: &str) {
     for case in g["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let prompt = ids(&case["prompt_ids"]);
-        for (chunk, block_size) in [(prompt.len(), 16), (5, 4)] {
+        let mut first: Option<Vec<Vec<f32>>> = None;
+        for (chunk, block_size) in [(prompt.len(), 16), (5, 4), (3, 16)] {
             let logits = prompt_logits(&model, &prompt, chunk, block_size);
+            // Batch invariance: chunking and block size change nothing, bit for bit.
+            match &first {
+                None => first = Some(logits.clone()),
+                Some(first) => assert!(
+                    first == &logits,
+                    "{repo} {name}: chunk {chunk} / block {block_size} logits differ from one whole-prompt pass"
+                ),
+            }
             let mut worst = 0.0f32;
             for top in case["top_logits"].as_array().unwrap() {
                 let pos = top["position"].as_u64().unwrap() as usize;

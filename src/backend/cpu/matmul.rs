@@ -308,26 +308,6 @@ pub fn has_avx512() -> bool {
     false
 }
 
-/// `Σ a[i]·b[i]` with independent accumulators so that it vectorizes (to the width of
-/// the calling function's target features).
-#[inline(always)]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    const LANES: usize = 16;
-    let mut acc = [0.0f32; LANES];
-    let split = a.len() / LANES * LANES;
-    for (ca, cb) in a[..split].chunks_exact(LANES).zip(b[..split].chunks_exact(LANES)) {
-        for l in 0..LANES {
-            acc[l] += ca[l] * cb[l];
-        }
-    }
-    let mut sum = acc.iter().sum::<f32>();
-    for (x, y) in a[split..].iter().zip(&b[split..]) {
-        sum += x * y;
-    }
-    sum
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,11 +4,11 @@
 
 mod matmul;
 
-pub use matmul::{dot, matmul_transposed, Bf16, PackedMatrix, WeightElem};
+pub use matmul::{matmul_transposed, Bf16, PackedMatrix, WeightElem};
 
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape, SeqChunk, MAX_HEAD_DIM};
+use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape, MAX_HEAD_DIM};
 use crate::loader::{Dtype, TensorView};
 
 /// A row-major `[rows, cols]` f32 activation.
@@ -124,7 +124,34 @@ impl CpuWeight {
     }
 }
 
-/// Per layer `[num_blocks, block_size, num_kv_heads, head_dim]` for K and for V.
+/// Where a block's keys and values live in a layer's pools. Keys are stored transposed
+/// within a block, `[num_blocks][num_kv_heads][head_dim][block_size]`, so that one
+/// query's scores over a block's positions are contiguous vector FMAs; values are
+/// `[num_blocks][num_kv_heads][block_size][head_dim]`.
+#[derive(Debug, Clone, Copy)]
+struct KvLayout {
+    num_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+}
+
+impl KvLayout {
+    fn of(shape: &KvCacheShape) -> Self {
+        KvLayout {
+            num_kv_heads: shape.num_kv_heads,
+            head_dim: shape.head_dim,
+            block_size: shape.block_size,
+        }
+    }
+    fn k_offset(&self, block: u32, kv_head: usize) -> usize {
+        (block as usize * self.num_kv_heads + kv_head) * self.head_dim * self.block_size
+    }
+    fn v_offset(&self, block: u32, kv_head: usize) -> usize {
+        (block as usize * self.num_kv_heads + kv_head) * self.block_size * self.head_dim
+    }
+}
+
+/// Per layer, the K and V pools (see `KvLayout`).
 pub struct CpuKvCache {
     pub shape: KvCacheShape,
     pub k: Vec<Vec<f32>>,
@@ -158,129 +185,109 @@ fn rotate_head(head: &mut [f32], cos_sin: &[(f32, f32)]) {
     }
 }
 
-/// Query chunks at least this long use `attend_chunk_by_matmul`.
-const MIN_TOKENS_FOR_MATMUL_ATTENTION: usize = 16;
-
-/// Causal attention of one sequence's query chunk as two matmuls per head:
-/// `S = (Q / sqrt(d)) · Kᵀ` over the whole cached context, a masked softmax per row, then
-/// `O = P · V`. It computes the masked upper triangle too, but through the register-
-/// blocked kernel that is far cheaper than a dot product per (token, position).
-fn attend_chunk_by_matmul(
-    qkv: &CpuTensor,
-    seq: &SeqChunk,
-    k_pool: &[f32],
-    v_pool: &[f32],
-    block_size: usize,
-    shape: AttentionShape,
-    out: &mut CpuTensor,
-) {
-    let (hd, kv_width) = (shape.head_dim, shape.kv_width());
-    let (context, queries) = (seq.context_len, seq.query_len);
-    let past = context - queries;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let slot = |p: usize| seq.block_table[p / block_size] as usize * block_size + p % block_size;
-    let mut q = vec![0.0f32; queries * hd];
-    let mut scores = vec![0.0f32; queries * context];
-    let mut head_out = vec![0.0f32; queries * hd];
-    for kvh in 0..shape.num_kv_heads {
-        let at = |p: usize| slot(p) * kv_width + kvh * hd;
-        let keys = PackedMatrix::<f32>::pack(context, hd, |p, dst| dst.copy_from_slice(&k_pool[at(p)..at(p) + hd]));
-        let values_t = PackedMatrix::<f32>::pack(hd, context, |d, dst| {
-            for (p, o) in dst.iter_mut().enumerate() {
-                *o = v_pool[at(p) + d];
-            }
-        });
-        for h in kvh * shape.group_size()..(kvh + 1) * shape.group_size() {
-            for (i, q_row) in q.chunks_exact_mut(hd).enumerate() {
-                for (o, v) in q_row
-                    .iter_mut()
-                    .zip(&qkv.row(seq.query_start + i)[h * hd..(h + 1) * hd])
-                {
-                    *o = v * scale;
-                }
-            }
-            matmul_transposed(&q, &keys, &mut scores, queries);
-            scores.par_chunks_mut(context).enumerate().for_each(|(i, row)| {
-                let (visible, masked) = row.split_at_mut(past + i + 1);
-                let max = visible.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-                let mut sum = 0.0;
-                for v in visible.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
-                }
-                for v in visible.iter_mut() {
-                    *v /= sum;
-                }
-                masked.fill(0.0);
-            });
-            matmul_transposed(&scores, &values_t, &mut head_out, queries);
-            for (i, o) in head_out.chunks_exact(hd).enumerate() {
-                out.data[(seq.query_start + i) * out.cols + h * hd..][..hd].copy_from_slice(o);
-            }
-        }
-    }
-}
-
 /// One query token's attention over its sequence's cached keys and values.
+///
+/// Every token is computed the same way whatever else is in the batch or however its
+/// prompt was chunked (each score is one FMA chain over the head dimension, each output
+/// one FMA chain over positions, in a fixed order), so greedy results do not depend on
+/// batch composition.
 struct AttentionToken<'a> {
     /// `[num_heads * head_dim]`
     q_row: &'a [f32],
     /// Cached positions this token attends to: `0..visible`.
     visible: usize,
     block_table: &'a [u32],
-    block_size: usize,
-    shape: AttentionShape,
+    layout: KvLayout,
+}
+
+/// Scratch reused across the tokens of one rayon task.
+#[derive(Default)]
+struct AttentionScratch {
+    /// `[group, head_dim]` scaled queries of one KV head's group.
+    q: Vec<f32>,
+    /// `[group, visible]`
+    scores: Vec<f32>,
+    /// `[block_size]`
+    acc: Vec<f32>,
 }
 
 impl AttentionToken<'_> {
-    /// Softmax-weighted sum of values per head into `out_row [num_heads * head_dim]`
-    /// (zeroed). Compiled for AVX-512 where the CPU has it (the loops vectorize).
-    fn attend(&self, k_pool: &[f32], v_pool: &[f32], scores: &mut Vec<f32>, out_row: &mut [f32]) {
+    /// Writes `out_row [num_heads * head_dim]`. Compiled for AVX-512 where the CPU has
+    /// it (the inner loops vectorize; the arithmetic is the same either way).
+    fn attend(&self, k_pool: &[f32], v_pool: &[f32], scratch: &mut AttentionScratch, out_row: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if matmul::has_avx512() {
             // SAFETY: the CPU supports AVX-512F.
-            return unsafe { self.attend_avx512(k_pool, v_pool, scores, out_row) };
+            return unsafe { self.attend_avx512(k_pool, v_pool, scratch, out_row) };
         }
-        self.attend_body(k_pool, v_pool, scores, out_row)
+        self.attend_body(k_pool, v_pool, scratch, out_row)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn attend_avx512(&self, k_pool: &[f32], v_pool: &[f32], scores: &mut Vec<f32>, out_row: &mut [f32]) {
-        self.attend_body(k_pool, v_pool, scores, out_row)
+    unsafe fn attend_avx512(
+        &self,
+        k_pool: &[f32],
+        v_pool: &[f32],
+        scratch: &mut AttentionScratch,
+        out_row: &mut [f32],
+    ) {
+        self.attend_body(k_pool, v_pool, scratch, out_row)
     }
 
     #[inline(always)]
-    fn attend_body(&self, k_pool: &[f32], v_pool: &[f32], scores: &mut Vec<f32>, out_row: &mut [f32]) {
-        let hd = self.shape.head_dim;
-        let kv_width = self.shape.kv_width();
+    fn attend_body(&self, k_pool: &[f32], v_pool: &[f32], scratch: &mut AttentionScratch, out_row: &mut [f32]) {
+        let KvLayout {
+            num_kv_heads,
+            head_dim: hd,
+            block_size: bs,
+        } = self.layout;
+        let group = out_row.len() / hd / num_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        scores.clear();
-        scores.resize(self.visible, 0.0);
-        for h in 0..self.shape.num_heads {
-            let kv_offset = h / self.shape.group_size() * hd;
-            let q = &self.q_row[h * hd..(h + 1) * hd];
-            let slot_offset = |p: usize| {
-                let slot = self.block_table[p / self.block_size] as usize * self.block_size + p % self.block_size;
-                slot * kv_width + kv_offset
-            };
-            let mut max = f32::NEG_INFINITY;
-            for (p, s) in scores.iter_mut().enumerate() {
-                let at = slot_offset(p);
-                *s = dot(q, &k_pool[at..at + hd]) * scale;
-                max = max.max(*s);
+        let visible = self.visible;
+        let num_blocks = visible.div_ceil(bs);
+        scratch.q.resize(group * hd, 0.0);
+        scratch.scores.resize(group * visible, 0.0);
+        scratch.acc.resize(bs, 0.0);
+        for kvh in 0..num_kv_heads {
+            let heads = kvh * group..(kvh + 1) * group;
+            for (q, v) in scratch.q.iter_mut().zip(&self.q_row[heads.start * hd..heads.end * hd]) {
+                *q = v * scale;
             }
-            let mut sum = 0.0;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
+            // Scores: for each block, all its positions at once (K is stored [d][position]).
+            for (bi, &block) in self.block_table[..num_blocks].iter().enumerate() {
+                let keys = &k_pool[self.layout.k_offset(block, kvh)..][..hd * bs];
+                let n = bs.min(visible - bi * bs);
+                for g in 0..group {
+                    let acc = &mut scratch.acc[..bs];
+                    acc.fill(0.0);
+                    for (d, &qd) in scratch.q[g * hd..(g + 1) * hd].iter().enumerate() {
+                        for (a, k) in acc.iter_mut().zip(&keys[d * bs..(d + 1) * bs]) {
+                            *a = qd.mul_add(*k, *a);
+                        }
+                    }
+                    scratch.scores[g * visible + bi * bs..][..n].copy_from_slice(&acc[..n]);
+                }
             }
-            let o = &mut out_row[h * hd..(h + 1) * hd];
-            for (p, s) in scores.iter().enumerate() {
-                let at = slot_offset(p);
-                let weight = s / sum;
-                for (o, v) in o.iter_mut().zip(&v_pool[at..at + hd]) {
-                    *o += weight * v;
+            for g in 0..group {
+                let scores = &mut scratch.scores[g * visible..(g + 1) * visible];
+                let max = scores.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                let mut sum = 0.0;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let out = &mut out_row[(heads.start + g) * hd..][..hd];
+                out.fill(0.0);
+                for (bi, &block) in self.block_table[..num_blocks].iter().enumerate() {
+                    let values = &v_pool[self.layout.v_offset(block, kvh)..][..bs * hd];
+                    let n = bs.min(visible - bi * bs);
+                    for (j, value) in values.chunks_exact(hd).take(n).enumerate() {
+                        let weight = scores[bi * bs + j] / sum;
+                        for (o, v) in out.iter_mut().zip(value) {
+                            *o = weight.mul_add(*v, *o);
+                        }
+                    }
                 }
             }
         }
@@ -456,14 +463,22 @@ impl Backend for CpuBackend {
         slot_mapping: &[u32],
         shape: AttentionShape,
     ) {
-        let kv_width = shape.kv_width();
-        let q_width = shape.q_width();
+        let layout = KvLayout::of(&cache.shape);
+        let (hd, bs) = (layout.head_dim, layout.block_size);
         let (k_pool, v_pool) = (&mut cache.k[layer], &mut cache.v[layer]);
         for (i, &slot) in slot_mapping.iter().enumerate() {
             let row = qkv.row(i);
-            let at = slot as usize * kv_width;
-            k_pool[at..at + kv_width].copy_from_slice(&row[q_width..q_width + kv_width]);
-            v_pool[at..at + kv_width].copy_from_slice(&row[q_width + kv_width..q_width + 2 * kv_width]);
+            let (block, offset) = (slot / bs as u32, slot as usize % bs);
+            for kvh in 0..shape.num_kv_heads {
+                let k = &row[shape.q_width() + kvh * hd..][..hd];
+                let v = &row[shape.q_width() + shape.kv_width() + kvh * hd..][..hd];
+                let k_at = layout.k_offset(block, kvh) + offset;
+                for (d, value) in k.iter().enumerate() {
+                    k_pool[k_at + d * bs] = *value;
+                }
+                let v_at = layout.v_offset(block, kvh) + offset * hd;
+                v_pool[v_at..v_at + hd].copy_from_slice(v);
+            }
         }
     }
 
@@ -475,37 +490,32 @@ impl Backend for CpuBackend {
         batch: &ForwardBatch,
         shape: AttentionShape,
     ) -> CpuTensor {
-        let (hd, nh) = (shape.head_dim, shape.num_heads);
         let (k_pool, v_pool) = (&cache.k[layer], &cache.v[layer]);
-        let block_size = batch.block_size;
-        let mut out = CpuTensor::zeros(qkv.rows, nh * hd);
-        // Long query chunks go through the matmul kernel head by head; the other tokens
-        // (decode, short chunks) walk their context one task per token.
-        const NO_SEQ: usize = usize::MAX;
-        let mut token_seq = vec![NO_SEQ; qkv.rows];
+        let layout = KvLayout::of(&cache.shape);
+        assert_eq!(
+            batch.block_size, layout.block_size,
+            "attention: batch and cache block sizes differ"
+        );
+        let q_width = shape.q_width();
+        let mut out = CpuTensor::zeros(qkv.rows, q_width);
+        let mut token_seq = vec![0usize; qkv.rows];
         for (s, seq) in batch.seqs.iter().enumerate() {
-            if seq.query_len >= MIN_TOKENS_FOR_MATMUL_ATTENTION {
-                attend_chunk_by_matmul(qkv, seq, k_pool, v_pool, block_size, shape, &mut out);
-            } else {
-                token_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
-            }
+            token_seq[seq.query_start..seq.query_start + seq.query_len].fill(s);
         }
-        out.data
-            .par_chunks_mut(nh * hd)
-            .enumerate()
-            .filter(|(t, _)| token_seq[*t] != NO_SEQ)
-            .for_each_init(Vec::new, |scores, (t, out_row)| {
+        out.data.par_chunks_mut(q_width).enumerate().for_each_init(
+            AttentionScratch::default,
+            |scratch, (t, out_row)| {
                 let seq = &batch.seqs[token_seq[t]];
                 let token = AttentionToken {
-                    q_row: &qkv.row(t)[..nh * hd],
+                    q_row: &qkv.row(t)[..q_width],
                     // Causal: the i-th new token sees everything before it in the cache.
                     visible: seq.context_len - seq.query_len + (t - seq.query_start) + 1,
                     block_table: &seq.block_table,
-                    block_size,
-                    shape,
+                    layout,
                 };
-                token.attend(k_pool, v_pool, scores, out_row);
-            });
+                token.attend(k_pool, v_pool, scratch, out_row);
+            },
+        );
         out
     }
 
