@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use inferd::backend::cpu::CpuBackend;
-use inferd::engine::{generate_greedy, GenerateParams};
+use inferd::engine::{self, Engine, EngineConfig, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::models::load_decoder;
 use inferd::text::Tokenizer;
@@ -35,16 +35,35 @@ fn main() {
     let load_start = Instant::now();
     let model = load_decoder(&CpuBackend, &dir.path, &mut |_, _| {}).expect("load");
     let load_secs = load_start.elapsed().as_secs_f64();
-    let params = GenerateParams {
-        max_new_tokens: new_tokens,
-        ..Default::default()
+    let block_size = 16;
+    let config = EngineConfig {
+        block_size,
+        num_blocks: (prompt.len() + new_tokens).div_ceil(block_size),
+        max_num_seqs: 1,
+        max_num_batched_tokens: 512,
+        max_waiting: 1,
+    };
+    let mut model = Some(model);
+    let params = SamplingParams {
+        max_tokens: Some(new_tokens),
+        ..SamplingParams::greedy()
     };
     let (mut best_prefill, mut best_decode) = (0.0f64, 0.0f64);
     for run in 0..4 {
-        let (_, stats) = generate_greedy(&CpuBackend, &model, &prompt, &params, &mut |_| true).expect("generate");
+        // A fresh engine per run: the prefix cache would otherwise serve the prompt.
+        let mut engine = Engine::new(CpuBackend, model.take().expect("model"), config, vec![]);
+        let start = Instant::now();
+        let mut first = None;
+        let (tokens, _) = engine::generate(&mut engine, prompt.clone(), params.clone(), &mut |_| {
+            first.get_or_insert_with(Instant::now);
+            true
+        })
+        .expect("generate");
+        let first = first.expect("at least one token");
+        model = Some(engine.into_model());
         if run > 0 {
-            best_prefill = best_prefill.max(stats.prefill_tokens_per_sec());
-            best_decode = best_decode.max(stats.decode_tokens_per_sec());
+            best_prefill = best_prefill.max(prompt.len() as f64 / (first - start).as_secs_f64());
+            best_decode = best_decode.max((tokens.len() - 1) as f64 / first.elapsed().as_secs_f64());
         }
     }
     println!(

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use inferd::backend::cpu::CpuBackend;
-use inferd::engine::{generate_greedy, GenerateParams};
+use inferd::engine::{self, Engine, EngineConfig, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::models::{load_decoder, GenerationConfig};
 use inferd::text::{ChatInput, IncrementalDetokenizer, Tokenizer};
@@ -116,25 +116,37 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
         tokenizer.encode(&text, false)?
     };
 
-    let mut stop_token_ids = generation_config.eos_token_ids();
-    stop_token_ids.extend(&model.config.eos_token_ids);
+    let mut eos_ids = generation_config.eos_token_ids();
+    eos_ids.extend(&model.config.eos_token_ids);
     if let Some(id) = tokenizer
         .special_tokens
         .eos_token
         .as_deref()
         .and_then(|t| tokenizer.token_to_id(t))
     {
-        stop_token_ids.push(id);
+        eos_ids.push(id);
     }
-    let params = GenerateParams {
-        max_new_tokens: args.max_tokens,
-        stop_token_ids,
-        ..Default::default()
+    let block_size = 16;
+    let config = EngineConfig {
+        block_size,
+        num_blocks: (prompt_ids.len() + args.max_tokens).div_ceil(block_size) + 1,
+        max_num_seqs: 1,
+        max_num_batched_tokens: 512,
+        max_waiting: 1,
+    };
+    let mut engine = Engine::new(backend, model, config, eos_ids);
+    let params = SamplingParams {
+        max_tokens: Some(args.max_tokens),
+        ..SamplingParams::greedy()
     };
     let mut detokenizer = IncrementalDetokenizer::new(true);
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
-    let (_, stats) = generate_greedy(&backend, &model, &prompt_ids, &params, &mut |id| {
+    let prompt_tokens = prompt_ids.len();
+    let start = std::time::Instant::now();
+    let mut first_token_at = None;
+    let (tokens, _) = engine::generate(&mut engine, prompt_ids, params, &mut |id| {
+        first_token_at.get_or_insert_with(std::time::Instant::now);
         let piece = match detokenizer.push(&tokenizer, id) {
             Ok(piece) => piece,
             Err(e) => {
@@ -155,15 +167,15 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     stdout.write_all(b"\n")?;
     stdout.flush()?;
     if args.verbose {
+        let first = first_token_at.unwrap_or_else(std::time::Instant::now);
+        let prefill_secs = (first - start).as_secs_f64();
+        let decode_secs = first.elapsed().as_secs_f64();
+        let decoded = tokens.len().saturating_sub(1);
         eprintln!(
-            "model {} loaded in {load_secs:.2} s; prefill {} tokens in {:.3} s ({:.1} tok/s); decode {} tokens in {:.3} s ({:.1} tok/s)",
+            "model {} loaded in {load_secs:.2} s; prefill {prompt_tokens} tokens in {prefill_secs:.3} s ({:.1} tok/s); decode {decoded} tokens in {decode_secs:.3} s ({:.1} tok/s)",
             dir.display_name,
-            stats.prompt_tokens,
-            stats.prefill_secs,
-            stats.prefill_tokens_per_sec(),
-            stats.generated_tokens.saturating_sub(1),
-            stats.decode_secs,
-            stats.decode_tokens_per_sec(),
+            prompt_tokens as f64 / prefill_secs.max(1e-9),
+            decoded as f64 / decode_secs.max(1e-9),
         );
     }
     Ok(())

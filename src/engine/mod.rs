@@ -1,119 +1,524 @@
-//! Driving generation. This is the single-sequence driver used by `inferd generate` and
-//! the numerics tests: it already speaks the paged KV layout (block table + slot mapping)
-//! that the continuous-batching scheduler shares, with one sequence owning every block.
+//! The engine: continuous batching over the paged KV cache. One step is
+//! `schedule()` -> `forward(plan)` -> `sample + commit`; `Engine` is that loop and owns
+//! every piece of its state, and `EngineHandle` runs it on its own thread, taking
+//! requests over a channel and returning each request's tokens on a channel of its own.
+//! The engine knows token ids only: no HTTP, JSON or text.
 
+pub mod handle;
+pub mod kv_cache;
 pub mod sampling;
+pub mod scheduler;
+pub mod sequence;
 
+use std::collections::HashMap;
 use std::time::Instant;
 
-use crate::backend::{Backend, ForwardBatch};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::backend::{Backend, ForwardBatch, SeqChunk};
 use crate::models::{DecoderModel, ForwardError, LogitsFor};
 
-#[derive(Debug, Clone)]
-pub struct GenerateParams {
-    pub max_new_tokens: usize,
-    /// Generation ends after emitting any of these (the token is included in the output).
-    pub stop_token_ids: Vec<u32>,
+pub use handle::{EngineHandle, EngineMetrics, RequestStream};
+pub use sampling::{InvalidParam, SamplingParams, TokenLogprobs};
+pub use scheduler::{Scheduler, SchedulerConfig, StepPlan};
+pub use sequence::RequestId;
+
+use sampling::{Rng, SamplingContext};
+use sequence::Sequence;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Tokens per KV block.
     pub block_size: usize,
-    /// Longest prompt chunk per forward pass (chunked prefill).
-    pub max_prefill_chunk: usize,
+    /// KV blocks in the pool (see `EngineConfig::num_blocks_for_bytes`).
+    pub num_blocks: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    /// Requests accepted but not yet running, beyond which `submit` says overloaded.
+    pub max_waiting: usize,
 }
 
-impl Default for GenerateParams {
+impl Default for EngineConfig {
     fn default() -> Self {
-        GenerateParams {
-            max_new_tokens: 128,
-            stop_token_ids: Vec::new(),
+        EngineConfig {
             block_size: 16,
-            max_prefill_chunk: 512,
+            num_blocks: 4096,
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            max_waiting: 1024,
         }
     }
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct GenerateStats {
-    pub prompt_tokens: usize,
-    pub generated_tokens: usize,
-    pub prefill_secs: f64,
-    /// Time of the decode steps (every generated token after the first).
-    pub decode_secs: f64,
+impl EngineConfig {
+    /// Blocks that fit in `bytes` of f32 K and V for this model.
+    pub fn num_blocks_for_bytes<B: Backend>(model: &DecoderModel<B>, block_size: usize, bytes: usize) -> usize {
+        let shape = model.kv_cache_shape(1, block_size);
+        let per_block = 2 * shape.num_layers * shape.elements_per_layer() * std::mem::size_of::<f32>();
+        bytes / per_block.max(1)
+    }
 }
 
-impl GenerateStats {
-    pub fn prefill_tokens_per_sec(&self) -> f64 {
-        self.prompt_tokens as f64 / self.prefill_secs.max(1e-9)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS or stop token.
+    Stop,
+    /// `max_tokens`, or the context window (or the whole KV pool) is full.
+    Length,
+}
+
+/// Token counts of one finished sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose K/V came from the prefix cache.
+    pub cached_prompt_tokens: usize,
+}
+
+/// What a request's channel carries. Sequences of one request (`n > 1`) interleave;
+/// each ends with its own `Finished`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    Token {
+        index: usize,
+        token: u32,
+        logprobs: Option<TokenLogprobs>,
+    },
+    Finished {
+        index: usize,
+        reason: FinishReason,
+        usage: Usage,
+    },
+    /// The request failed; nothing more follows.
+    Failed(String),
+}
+
+pub type EventSender = UnboundedSender<EngineEvent>;
+
+/// Why a request is refused before it reaches the scheduler.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {prompt} tokens, but the context window holds {max}")]
+    PromptTooLong { prompt: usize, max: usize },
+    #[error("prompt token {id} is outside the vocabulary of {vocab_size}")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
+    #[error(transparent)]
+    InvalidParam(#[from] InvalidParam),
+    #[error("the server is overloaded: {waiting} requests are already waiting")]
+    Overloaded { waiting: usize },
+    #[error("the engine has shut down")]
+    ShutDown,
+}
+
+struct RequestState {
+    params: SamplingParams,
+    /// EOS (unless ignored) and stop token ids.
+    stop_ids: Vec<u32>,
+    /// EOS and stop ids, banned before `min_tokens` even when EOS is ignored.
+    banned_early: Vec<u32>,
+    /// Last token count a sequence may reach.
+    max_len: usize,
+    events: EventSender,
+    unfinished: usize,
+    forked: bool,
+}
+
+/// Counters the HTTP layer exports (copied into `EngineMetrics` by the engine thread).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineStats {
+    pub waiting: usize,
+    pub running: usize,
+    pub kv_blocks_total: usize,
+    pub kv_blocks_used: usize,
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    pub tokens_generated: u64,
+    /// Tokens run through the model (prompt chunks and decode inputs).
+    pub tokens_computed: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+    pub last_step_secs: f64,
+}
+
+pub struct Engine<B: Backend> {
+    backend: B,
+    model: DecoderModel<B>,
+    cache: B::KvCache,
+    scheduler: Scheduler,
+    config: EngineConfig,
+    requests: HashMap<RequestId, RequestState>,
+    eos_ids: Vec<u32>,
+    stats: EngineStats,
+}
+
+impl<B: Backend> Engine<B> {
+    /// `eos_ids`: the tokens that end generation for this model (config, generation
+    /// config and tokenizer EOS).
+    pub fn new(backend: B, model: DecoderModel<B>, config: EngineConfig, eos_ids: Vec<u32>) -> Self {
+        let cache = backend.alloc_kv_cache(model.kv_cache_shape(config.num_blocks, config.block_size));
+        let scheduler = Scheduler::new(SchedulerConfig {
+            block_size: config.block_size,
+            num_blocks: config.num_blocks,
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+        });
+        Engine {
+            backend,
+            model,
+            cache,
+            scheduler,
+            config,
+            requests: HashMap::new(),
+            eos_ids,
+            stats: EngineStats {
+                kv_blocks_total: config.num_blocks,
+                ..Default::default()
+            },
+        }
     }
-    pub fn decode_tokens_per_sec(&self) -> f64 {
-        self.generated_tokens.saturating_sub(1) as f64 / self.decode_secs.max(1e-9)
+
+    pub fn model(&self) -> &DecoderModel<B> {
+        &self.model
     }
+
+    /// Takes the model back (the engine's KV cache is dropped).
+    pub fn into_model(self) -> DecoderModel<B> {
+        self.model
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    /// Longest sequence (prompt + output) the engine can hold.
+    pub fn max_model_len(&self) -> usize {
+        self.model
+            .config
+            .max_position_embeddings
+            .min(self.scheduler.max_tokens_per_sequence())
+    }
+
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    /// Whether `id` is queued and has never run yet.
+    pub fn is_waiting(&self, id: RequestId) -> bool {
+        self.requests.contains_key(&id)
+            && self
+                .scheduler
+                .waiting
+                .iter()
+                .any(|s| s.request == id && s.num_cached_prompt_tokens.is_none())
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let mut stats = self.stats;
+        stats.waiting = self.scheduler.waiting.len();
+        stats.running = self.scheduler.running.len();
+        stats.kv_blocks_used = self.scheduler.num_blocks_in_use();
+        (stats.prefix_cache_queries, stats.prefix_cache_hits) = self.scheduler.pool.prefix_cache_stats();
+        stats.preemptions = self.scheduler.num_preemptions;
+        stats
+    }
+
+    /// Checks a request against the model and limits, before it is queued.
+    pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), SubmitError> {
+        validate_request(prompt, params, self.model.config.vocab_size, self.max_model_len())
+    }
+
+    /// Queues a request; its events go to `events`.
+    pub fn add_request(
+        &mut self,
+        id: RequestId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        events: EventSender,
+    ) -> Result<(), SubmitError> {
+        self.validate(&prompt, &params)?;
+        let max_model_len = self.max_model_len();
+        let max_len = match params.max_tokens {
+            Some(m) => (prompt.len() + m).min(max_model_len),
+            None => max_model_len,
+        };
+        let mut stop_ids = params.stop_token_ids.clone();
+        if !params.ignore_eos {
+            stop_ids.extend(&self.eos_ids);
+        }
+        let mut banned_early = params.stop_token_ids.clone();
+        banned_early.extend(&self.eos_ids);
+        let rng = Rng::seeded(params.seed.unwrap_or_else(fresh_seed));
+        self.scheduler.waiting.push_back(Sequence::new(id, 0, prompt, rng));
+        self.requests.insert(
+            id,
+            RequestState {
+                unfinished: params.n,
+                forked: params.n == 1,
+                params,
+                stop_ids,
+                banned_early,
+                max_len,
+                events,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops a request wherever it is, freeing its blocks; no more events are sent.
+    pub fn cancel(&mut self, id: RequestId) {
+        self.scheduler.remove_request(id);
+        self.requests.remove(&id);
+    }
+
+    /// One scheduling step. Returns the number of tokens computed (0 when idle).
+    pub fn step(&mut self) -> usize {
+        let start = Instant::now();
+        let plan = self.scheduler.schedule();
+        if plan.chunks.is_empty() {
+            return 0;
+        }
+        let batch = self.build_batch(&plan);
+        let num_tokens = batch.num_tokens();
+        self.stats.tokens_computed += num_tokens as u64;
+        match self
+            .model
+            .forward(&self.backend, &batch, &mut self.cache, LogitsFor::LastOfEachSequence)
+        {
+            Ok(logits) => {
+                let (values, _, vocab) = self.backend.to_host(&logits);
+                self.scheduler.commit(&plan);
+                self.process_outputs(&plan, &values, vocab);
+            }
+            Err(e) => self.fail_batch(&plan, &e),
+        }
+        self.stats.steps += 1;
+        self.stats.last_step_secs = start.elapsed().as_secs_f64();
+        num_tokens
+    }
+
+    fn build_batch(&self, plan: &StepPlan) -> ForwardBatch {
+        let bs = self.config.block_size;
+        let mut batch = ForwardBatch {
+            block_size: bs,
+            ..Default::default()
+        };
+        for &(i, n) in &plan.chunks {
+            let seq = &self.scheduler.running[i];
+            let start = seq.num_computed;
+            batch.seqs.push(SeqChunk {
+                query_start: batch.token_ids.len(),
+                query_len: n,
+                context_len: start + n,
+                block_table: seq.blocks.iter().map(|b| b.0).collect(),
+            });
+            for pos in start..start + n {
+                batch.token_ids.push(seq.tokens[pos]);
+                batch.positions.push(pos as u32);
+                batch
+                    .slot_mapping
+                    .push(seq.blocks[pos / bs].0 * bs as u32 + (pos % bs) as u32);
+            }
+        }
+        batch
+    }
+
+    /// Samples a token for every sequence whose chunk reached its end, sends events,
+    /// retires finished sequences, forks `n > 1` requests after their prompt.
+    fn process_outputs(&mut self, plan: &StepPlan, logits: &[f32], vocab: usize) {
+        let mut finished = Vec::new();
+        let mut forks = Vec::new();
+        for (row, &(i, _)) in plan.chunks.iter().enumerate() {
+            let seq = &mut self.scheduler.running[i];
+            if seq.num_computed < seq.tokens.len() {
+                continue; // a prompt chunk; the sequence is not at its end yet
+            }
+            let Some(req) = self.requests.get_mut(&seq.request) else {
+                finished.push(i);
+                continue;
+            };
+            if !req.forked {
+                req.forked = true;
+                forks.push(i);
+            }
+            let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+            let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
+            let ctx = SamplingContext {
+                params: &req.params,
+                prompt,
+                output,
+                stop_ids: &req.banned_early,
+            };
+            let (token, logprobs) = sampling::sample(&mut row_logits, &ctx, &mut seq.rng);
+            seq.tokens.push(token);
+            self.stats.tokens_generated += 1;
+            let reason = if req.stop_ids.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if seq.tokens.len() >= req.max_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let mut delivered = req
+                .events
+                .send(EngineEvent::Token {
+                    index: seq.index,
+                    token,
+                    logprobs,
+                })
+                .is_ok();
+            if let Some(reason) = reason {
+                let usage = Usage {
+                    prompt_tokens: seq.prompt_len,
+                    completion_tokens: seq.tokens.len() - seq.prompt_len,
+                    cached_prompt_tokens: seq.num_cached_prompt_tokens.unwrap_or(0),
+                };
+                delivered &= req
+                    .events
+                    .send(EngineEvent::Finished {
+                        index: seq.index,
+                        reason,
+                        usage,
+                    })
+                    .is_ok();
+                req.unfinished -= 1;
+                finished.push(i);
+            }
+            if !delivered {
+                // The receiver is gone: the caller lost interest.
+                let id = seq.request;
+                self.requests.remove(&id);
+            }
+        }
+        // Forks first (they index running), then removals from the back.
+        for &i in &forks {
+            let parent = &self.scheduler.running[i];
+            let id = parent.request;
+            let Some(req) = self.requests.get(&id) else { continue };
+            let prompt = parent.prompt().to_vec();
+            let base_seed = req.params.seed;
+            // Pushed to the front in reverse, so they run in index order, next in line.
+            for index in (1..req.params.n).rev() {
+                let seed = base_seed.map_or_else(fresh_seed, |s| s.wrapping_add(index as u64));
+                let child = Sequence::new(id, index, prompt.clone(), Rng::seeded(seed));
+                let child = self.scheduler.fork(i, child);
+                self.scheduler.waiting.push_front(child);
+            }
+        }
+        finished.sort_unstable();
+        finished.dedup();
+        for &i in finished.iter().rev() {
+            self.scheduler.finish(i);
+        }
+        // Requests whose receiver went away, or that are complete.
+        let gone: Vec<RequestId> = self
+            .scheduler
+            .running
+            .iter()
+            .chain(self.scheduler.waiting.iter())
+            .map(|s| s.request)
+            .filter(|id| !self.requests.contains_key(id))
+            .collect();
+        for id in gone {
+            self.scheduler.remove_request(id);
+        }
+        self.requests.retain(|_, r| r.unfinished > 0);
+    }
+
+    fn fail_batch(&mut self, plan: &StepPlan, error: &ForwardError) {
+        let mut ids: Vec<RequestId> = plan
+            .chunks
+            .iter()
+            .map(|&(i, _)| self.scheduler.running[i].request)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            if let Some(req) = self.requests.remove(&id) {
+                let _ = req.events.send(EngineEvent::Failed(error.to_string()));
+            }
+            self.scheduler.remove_request(id);
+        }
+    }
+}
+
+/// Request checks shared by `Engine` and `EngineHandle` (which refuses bad requests
+/// without a round trip to the engine thread).
+pub fn validate_request(
+    prompt: &[u32],
+    params: &SamplingParams,
+    vocab_size: usize,
+    max_model_len: usize,
+) -> Result<(), SubmitError> {
+    if prompt.is_empty() {
+        return Err(SubmitError::EmptyPrompt);
+    }
+    if prompt.len() >= max_model_len {
+        return Err(SubmitError::PromptTooLong {
+            prompt: prompt.len(),
+            max: max_model_len,
+        });
+    }
+    if let Some(&id) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(SubmitError::TokenOutOfRange { id, vocab_size });
+    }
+    params.validate(vocab_size)?;
+    Ok(())
+}
+
+/// A seed for requests that did not ask for one.
+fn fresh_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ COUNTER.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
-    #[error("the prompt is empty")]
-    EmptyPrompt,
-    #[error("the prompt has {prompt} tokens; the model's context is {max}")]
-    PromptTooLong { prompt: usize, max: usize },
     #[error(transparent)]
-    Forward(#[from] ForwardError),
+    Submit(#[from] SubmitError),
+    #[error("generation failed: {0}")]
+    Failed(String),
 }
 
-/// Greedy decoding of one sequence. `on_token` sees each new id and returns `false` to
-/// stop early. Returns the generated ids.
-pub fn generate_greedy<B: Backend>(
-    backend: &B,
-    model: &DecoderModel<B>,
-    prompt: &[u32],
-    params: &GenerateParams,
+/// Runs one request to completion, synchronously, on an engine with no other work
+/// (`inferd generate`, benchmarks, tests). `on_token` returns false to stop early.
+/// Returns the generated ids and why generation ended (`None` if stopped early).
+pub fn generate<B: Backend>(
+    engine: &mut Engine<B>,
+    prompt: Vec<u32>,
+    params: SamplingParams,
     on_token: &mut dyn FnMut(u32) -> bool,
-) -> Result<(Vec<u32>, GenerateStats), GenerateError> {
-    let max_len = model.config.max_position_embeddings;
-    if prompt.is_empty() {
-        return Err(GenerateError::EmptyPrompt);
-    }
-    if prompt.len() >= max_len {
-        return Err(GenerateError::PromptTooLong {
-            prompt: prompt.len(),
-            max: max_len,
-        });
-    }
-    let max_new = params.max_new_tokens.min(max_len - prompt.len());
-    let total = prompt.len() + max_new;
-    let block_size = params.block_size;
-    let num_blocks = total.div_ceil(block_size).max(1);
-    let block_table: Vec<u32> = (0..num_blocks as u32).collect();
-    let mut cache = backend.alloc_kv_cache(model.kv_cache_shape(num_blocks, block_size));
-    let mut stats = GenerateStats {
-        prompt_tokens: prompt.len(),
-        ..Default::default()
-    };
-    let mut output = Vec::with_capacity(max_new);
-    if max_new == 0 {
-        return Ok((output, stats));
-    }
-
-    let start = Instant::now();
-    let mut logits = None;
-    for (i, chunk) in prompt.chunks(params.max_prefill_chunk.max(1)).enumerate() {
-        let batch = ForwardBatch::single(chunk, i * params.max_prefill_chunk.max(1), &block_table, block_size);
-        logits = Some(model.forward(backend, &batch, &mut cache, LogitsFor::LastOfEachSequence)?);
-    }
-    let (values, _, _) = backend.to_host(&logits.expect("prompt is not empty"));
-    let mut next = sampling::argmax(&values);
-    stats.prefill_secs = start.elapsed().as_secs_f64();
-
-    let start = Instant::now();
-    loop {
-        output.push(next);
-        stats.generated_tokens += 1;
-        if !on_token(next) || params.stop_token_ids.contains(&next) || output.len() == max_new {
-            break;
+) -> Result<(Vec<u32>, Option<FinishReason>), GenerateError> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let id = RequestId(u64::MAX);
+    engine.add_request(id, prompt, params, tx)?;
+    let mut tokens = Vec::new();
+    while engine.has_work() {
+        engine.step();
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                EngineEvent::Token { token, .. } => {
+                    tokens.push(token);
+                    if !on_token(token) {
+                        engine.cancel(id);
+                        return Ok((tokens, None));
+                    }
+                }
+                EngineEvent::Finished { reason, .. } => return Ok((tokens, Some(reason))),
+                EngineEvent::Failed(e) => return Err(GenerateError::Failed(e)),
+            }
         }
-        let batch = ForwardBatch::single(&[next], prompt.len() + output.len() - 1, &block_table, block_size);
-        let logits = model.forward(backend, &batch, &mut cache, LogitsFor::LastOfEachSequence)?;
-        let (values, _, _) = backend.to_host(&logits);
-        next = sampling::argmax(&values);
     }
-    stats.decode_secs = start.elapsed().as_secs_f64();
-    Ok((output, stats))
+    Ok((tokens, None))
 }

@@ -1,5 +1,236 @@
-//! Choosing the next token from logits. Greedy for now; the full sampler (temperature,
-//! top-k/p, min-p, penalties, seeds) lives here too once the engine needs it.
+//! Choosing the next token: logit processors (bias, repetition / presence / frequency
+//! penalties, n-gram bans, minimum length), then greedy or seeded random sampling with
+//! temperature, top-k, top-p and min-p, and log-probabilities of the model's own
+//! distribution (before any processing), as OpenAI and vLLM report them.
+
+use std::collections::HashMap;
+
+/// Everything a request says about how to pick tokens and when to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// In (0, 1]; 1 disables.
+    pub top_p: f32,
+    /// `None` disables.
+    pub top_k: Option<usize>,
+    /// In [0, 1]; 0 disables.
+    pub min_p: f32,
+    /// HF-style multiplicative penalty over prompt and output tokens; 1 disables.
+    pub repetition_penalty: f32,
+    /// OpenAI-style additive penalties over output tokens, in [-2, 2].
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Bans a token that would repeat an n-gram of this size; 0 disables.
+    pub no_repeat_ngram_size: usize,
+    /// Added to the logits of these tokens, in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Same seed, same prompt, same parameters: same tokens, whatever the batch.
+    pub seed: Option<u64>,
+    /// Independent completions of one prompt (they share its KV blocks).
+    pub n: usize,
+    /// Report the chosen token's log-probability and this many alternatives.
+    pub logprobs: Option<usize>,
+    /// `None`: until the context window is full.
+    pub max_tokens: Option<usize>,
+    /// EOS and stop tokens are banned until this many tokens are out.
+    pub min_tokens: usize,
+    pub ignore_eos: bool,
+    /// Generation ends after any of these (in addition to the model's EOS ids).
+    pub stop_token_ids: Vec<u32>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: None,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            no_repeat_ngram_size: 0,
+            logit_bias: Vec::new(),
+            seed: None,
+            n: 1,
+            logprobs: None,
+            max_tokens: None,
+            min_tokens: 0,
+            ignore_eos: false,
+            stop_token_ids: Vec::new(),
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        }
+    }
+}
+
+/// Most completions one request may ask for.
+pub const MAX_N: usize = 128;
+/// Most alternatives `logprobs` may ask for (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A parameter outside its range; `param` is the field name the API uses.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("`{param}` {problem} (got {value})")]
+pub struct InvalidParam {
+    pub param: &'static str,
+    pub problem: String,
+    pub value: String,
+}
+
+fn invalid(param: &'static str, problem: impl Into<String>, value: impl std::fmt::Display) -> InvalidParam {
+    InvalidParam {
+        param,
+        problem: problem.into(),
+        value: value.to_string(),
+    }
+}
+
+impl SamplingParams {
+    /// Checks every range against the model's vocabulary size.
+    pub fn validate(&self, vocab_size: usize) -> Result<(), InvalidParam> {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
+            return Err(invalid("temperature", "must be a finite number >= 0", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(invalid("top_p", "must be in (0, 1]", self.top_p));
+        }
+        if self.top_k == Some(0) {
+            return Err(invalid("top_k", "must be at least 1 (omit it to disable)", 0));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(invalid("min_p", "must be in [0, 1]", self.min_p));
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(invalid(
+                "repetition_penalty",
+                "must be a finite number > 0",
+                self.repetition_penalty,
+            ));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(invalid(name, "must be in [-2, 2]", v));
+            }
+        }
+        for &(token, bias) in &self.logit_bias {
+            if token as usize >= vocab_size {
+                return Err(invalid(
+                    "logit_bias",
+                    format!("names token {token}, outside the vocabulary of {vocab_size}"),
+                    token,
+                ));
+            }
+            if !(-100.0..=100.0).contains(&bias) {
+                return Err(invalid(
+                    "logit_bias",
+                    format!("value for token {token} must be in [-100, 100]"),
+                    bias,
+                ));
+            }
+        }
+        if self.n == 0 || self.n > MAX_N {
+            return Err(invalid("n", format!("must be in [1, {MAX_N}]"), self.n));
+        }
+        if let Some(k) = self.logprobs {
+            if k > MAX_TOP_LOGPROBS {
+                return Err(invalid(
+                    "top_logprobs",
+                    format!("must be in [0, {MAX_TOP_LOGPROBS}]"),
+                    k,
+                ));
+            }
+        }
+        if self.max_tokens == Some(0) {
+            return Err(invalid("max_tokens", "must be at least 1", 0));
+        }
+        if let Some(max) = self.max_tokens {
+            if self.min_tokens > max {
+                return Err(invalid(
+                    "min_tokens",
+                    format!("must not exceed max_tokens ({max})"),
+                    self.min_tokens,
+                ));
+            }
+        }
+        if let Some(&t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
+            return Err(invalid(
+                "stop_token_ids",
+                format!("outside the vocabulary of {vocab_size}"),
+                t,
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// xoshiro256** seeded through splitmix64: small, fast, and the same stream everywhere.
+#[derive(Debug, Clone)]
+pub struct Rng {
+    s: [u64; 4],
+}
+
+impl Rng {
+    pub fn seeded(seed: u64) -> Self {
+        let mut x = seed;
+        let mut next = || {
+            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        Rng {
+            s: [next(), next(), next(), next()],
+        }
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = self.s[1] << 17;
+        self.s[2] ^= self.s[0];
+        self.s[3] ^= self.s[1];
+        self.s[1] ^= self.s[2];
+        self.s[0] ^= self.s[3];
+        self.s[2] ^= t;
+        self.s[3] = self.s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in [0, 1) with 53 random bits.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Log-probability of the chosen token and of the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub token: u32,
+    pub logprob: f32,
+    /// Most likely first; ties by lower id.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What the sampler needs to know about a sequence besides its logits.
+pub struct SamplingContext<'a> {
+    pub params: &'a SamplingParams,
+    pub prompt: &'a [u32],
+    pub output: &'a [u32],
+    /// Token ids that end generation (EOS and stop ids), banned before `min_tokens`.
+    pub stop_ids: &'a [u32],
+}
 
 /// Index of the largest logit; the lowest index wins a tie, as `torch.argmax` does.
 /// NaN logits are never chosen.
@@ -15,13 +246,320 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// `log_softmax(logits)[i]` for every `i`, in f64 for the normalizer.
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
+    let log_sum = sum.ln() as f32 + max;
+    logits.iter().map(|&v| v - log_sum).collect()
+}
+
+fn top_entries(values: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
+    let k = k.min(idx.len());
+    let by_value = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+    if k < idx.len() && k > 0 {
+        idx.select_nth_unstable_by(k - 1, by_value);
+    }
+    idx.truncate(k);
+    idx.sort_by(by_value);
+    idx.into_iter().map(|i| (i, values[i as usize])).collect()
+}
+
+/// Picks the next token from one row of raw logits (modified in place).
+pub fn sample(logits: &mut [f32], ctx: &SamplingContext<'_>, rng: &mut Rng) -> (u32, Option<TokenLogprobs>) {
+    let p = ctx.params;
+    let raw_logprobs = p.logprobs.map(|_| log_softmax(logits));
+    apply_processors(logits, ctx);
+    let token = if p.temperature == 0.0 || p.top_k == Some(1) {
+        argmax(logits)
+    } else {
+        sample_random(logits, p, rng)
+    };
+    let logprobs = raw_logprobs.map(|lp| TokenLogprobs {
+        token,
+        logprob: lp[token as usize],
+        top: top_entries(&lp, p.logprobs.unwrap_or(0)),
+    });
+    (token, logprobs)
+}
+
+fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
+    let p = ctx.params;
+    for &(token, bias) in &p.logit_bias {
+        logits[token as usize] += bias;
+    }
+    if p.repetition_penalty != 1.0 {
+        // transformers' RepetitionPenaltyLogitsProcessor: each distinct seen token once.
+        let mut seen = vec![false; logits.len()];
+        for &t in ctx.prompt.iter().chain(ctx.output) {
+            let t = t as usize;
+            if t < logits.len() && !std::mem::replace(&mut seen[t], true) {
+                let l = &mut logits[t];
+                *l = if *l > 0.0 {
+                    *l / p.repetition_penalty
+                } else {
+                    *l * p.repetition_penalty
+                };
+            }
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for &t in ctx.output {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
+            }
+        }
+    }
+    if p.no_repeat_ngram_size > 0 {
+        // transformers' NoRepeatNGramLogitsProcessor, over prompt + output.
+        let n = p.no_repeat_ngram_size;
+        let all: Vec<u32> = ctx.prompt.iter().chain(ctx.output).copied().collect();
+        if all.len() + 1 >= n {
+            let tail = &all[all.len() + 1 - n..];
+            for window in all.windows(n) {
+                if window[..n - 1] == *tail {
+                    if let Some(l) = logits.get_mut(window[n - 1] as usize) {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+    if ctx.output.len() < p.min_tokens {
+        for &t in ctx.stop_ids {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
+    // Candidates, most likely first (ties by lower id, so the order is deterministic).
+    let mut candidates: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| logits[i as usize] > f32::NEG_INFINITY)
+        .collect();
+    if candidates.is_empty() {
+        return argmax(logits);
+    }
+    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    if let Some(k) = p.top_k {
+        if k < candidates.len() {
+            candidates.select_nth_unstable_by(k - 1, by_logit);
+            candidates.truncate(k);
+        }
+    }
+    candidates.sort_by(by_logit);
+    let inv_t = 1.0 / p.temperature as f64;
+    let max = logits[candidates[0] as usize] as f64;
+    let mut probs: Vec<f64> = candidates
+        .iter()
+        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|q| *q /= total);
+    let mut keep = probs.len();
+    if p.top_p < 1.0 {
+        let mut cumulative = 0.0;
+        for (i, q) in probs.iter().enumerate() {
+            cumulative += q;
+            if cumulative >= p.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    if p.min_p > 0.0 {
+        let threshold = probs[0] * p.min_p as f64;
+        keep = keep.min(probs.iter().take_while(|&&q| q >= threshold).count().max(1));
+    }
+    let kept = &probs[..keep];
+    let mut target = rng.next_f64() * kept.iter().sum::<f64>();
+    for (i, q) in kept.iter().enumerate() {
+        target -= q;
+        if target < 0.0 {
+            return candidates[i];
+        }
+    }
+    candidates[keep - 1]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ctx<'a>(params: &'a SamplingParams, prompt: &'a [u32], output: &'a [u32]) -> SamplingContext<'a> {
+        SamplingContext {
+            params,
+            prompt,
+            output,
+            stop_ids: &[0],
+        }
+    }
 
     #[test]
     fn argmax_prefers_the_first_of_equal_maxima_and_skips_nan() {
         assert_eq!(argmax(&[0.5, 2.0, f32::NAN, 2.0, -1.0]), 1);
         assert_eq!(argmax(&[f32::NAN, -3.0]), 1);
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_draws_and_other_seeds_differ() {
+        let params = SamplingParams {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let draw = |seed| {
+            let mut rng = Rng::seeded(seed);
+            (0..40)
+                .map(|_| sample(&mut logits.clone(), &ctx(&params, &[], &[]), &mut rng).0)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+    }
+
+    #[test]
+    fn top_k_one_and_tiny_top_p_are_greedy_and_min_p_prunes() {
+        let logits = vec![0.0, 3.0, 2.9, -1.0];
+        let mut rng = Rng::seeded(1);
+        for params in [
+            SamplingParams {
+                top_k: Some(1),
+                ..Default::default()
+            },
+            SamplingParams {
+                top_p: 1e-6,
+                ..Default::default()
+            },
+            SamplingParams {
+                min_p: 0.99,
+                ..Default::default()
+            },
+        ] {
+            for _ in 0..20 {
+                assert_eq!(
+                    sample(&mut logits.clone(), &ctx(&params, &[], &[]), &mut rng).0,
+                    1,
+                    "{params:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn processors_follow_their_definitions() {
+        let params = SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            logit_bias: vec![(3, -1.0)],
+            no_repeat_ngram_size: 2,
+            min_tokens: 3,
+            ..Default::default()
+        };
+        let mut logits = vec![5.0, 4.0, -2.0, 1.0, 1.0];
+        // Seen: prompt [2, 4, 1] + output [2]. The last token is 2 and the bigram (2, 4)
+        // occurred, so 4 is banned.
+        apply_processors(&mut logits, &ctx(&params, &[2, 4, 1], &[2]));
+        assert_eq!(logits[0], f32::NEG_INFINITY, "EOS banned before min_tokens");
+        assert_eq!(logits[1], 2.0, "positive logit divided by the repetition penalty");
+        assert_eq!(
+            logits[2],
+            -4.0 - 0.25 - 0.5,
+            "negative logit multiplied, then presence + frequency"
+        );
+        assert_eq!(logits[3], 0.0, "logit bias");
+        assert_eq!(logits[4], f32::NEG_INFINITY, "would repeat the bigram (2, 4)");
+    }
+
+    #[test]
+    fn logprobs_come_from_the_raw_distribution() {
+        let params = SamplingParams {
+            temperature: 0.0,
+            logprobs: Some(2),
+            logit_bias: vec![(0, 100.0)],
+            ..Default::default()
+        };
+        let (token, lp) = sample(&mut [0.0, 1.0, 2.0], &ctx(&params, &[], &[]), &mut Rng::seeded(0));
+        let lp = lp.unwrap();
+        assert_eq!(token, 0);
+        let norm = (1.0f64 + 1f64.exp() + 2f64.exp()).ln() as f32;
+        assert!((lp.logprob - (0.0 - norm)).abs() < 1e-6);
+        assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
+    }
+
+    #[test]
+    fn validation_names_the_parameter() {
+        let bad = [
+            (
+                SamplingParams {
+                    temperature: -0.5,
+                    ..Default::default()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: 0.0,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    top_p: 1.5,
+                    ..Default::default()
+                },
+                "top_p",
+            ),
+            (
+                SamplingParams {
+                    max_tokens: Some(0),
+                    ..Default::default()
+                },
+                "max_tokens",
+            ),
+            (
+                SamplingParams {
+                    n: 0,
+                    ..Default::default()
+                },
+                "n",
+            ),
+            (
+                SamplingParams {
+                    logit_bias: vec![(1000, 1.0)],
+                    ..Default::default()
+                },
+                "logit_bias",
+            ),
+            (
+                SamplingParams {
+                    min_tokens: 5,
+                    max_tokens: Some(2),
+                    ..Default::default()
+                },
+                "min_tokens",
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(0),
+                    ..Default::default()
+                },
+                "top_k",
+            ),
+        ];
+        for (params, name) in bad {
+            assert_eq!(params.validate(100).unwrap_err().param, name);
+        }
+        SamplingParams::default().validate(100).unwrap();
     }
 }

@@ -7,7 +7,7 @@
 
 use inferd::backend::cpu::CpuBackend;
 use inferd::backend::{Backend, ForwardBatch};
-use inferd::engine::{generate_greedy, GenerateParams};
+use inferd::engine::{self, Engine, EngineConfig, SamplingParams, SubmitError};
 use inferd::models::{load_decoder, DecoderModel, LogitsFor};
 
 use crate::common::{golden, ids, installed_model};
@@ -52,7 +52,7 @@ fn prompt_logits(model: &DecoderModel<CpuBackend>, prompt: &[u32], chunk: usize,
 fn check_model(golden_file: &str) {
     let g = golden(&format!("models/{golden_file}.json"));
     let repo = g["model"].as_str().unwrap();
-    let model = load(repo);
+    let mut model = load(repo);
     for case in g["cases"].as_array().unwrap() {
         let name = case["name"].as_str().unwrap();
         let prompt = ids(&case["prompt_ids"]);
@@ -85,20 +85,27 @@ fn check_model(golden_file: &str) {
             eprintln!("{repo} {name} chunk={chunk} block={block_size}: max |logit error| {worst:.2e}");
         }
         let want = ids(&case["greedy_ids"]);
-        for params in [
-            GenerateParams {
-                max_new_tokens: want.len(),
-                ..Default::default()
-            },
-            GenerateParams {
-                max_new_tokens: want.len(),
-                block_size: 3,
-                max_prefill_chunk: 4,
-                ..Default::default()
-            },
-        ] {
-            let (got, _) = generate_greedy(&CpuBackend, &model, &prompt, &params, &mut |_| true).unwrap();
-            assert_eq!(got, want, "{repo} {name}: greedy tokens ({params:?})");
+        // EOS is not special here: transformers' golden run ignores it too.
+        for (block_size, chunk) in [(16, 512), (3, 4)] {
+            let config = EngineConfig {
+                block_size,
+                num_blocks: (prompt.len() + want.len()).div_ceil(block_size),
+                max_num_seqs: 1,
+                max_num_batched_tokens: chunk,
+                max_waiting: 1,
+            };
+            let mut engine = Engine::new(CpuBackend, model, config, vec![]);
+            let params = SamplingParams {
+                max_tokens: Some(want.len()),
+                ..SamplingParams::greedy()
+            };
+            let (got, _) = engine::generate(&mut engine, prompt.clone(), params, &mut |_| true).unwrap();
+            assert_eq!(
+                got, want,
+                "{repo} {name}: greedy tokens (block {block_size}, chunk {chunk})"
+            );
+            assert_eq!(engine.scheduler().num_blocks_in_use(), 0, "every block returned");
+            model = engine.into_model();
         }
     }
 }
@@ -126,14 +133,14 @@ fn tiny_qwen3_with_qk_norm_and_wide_heads_matches_transformers() {
 #[test]
 fn out_of_range_token_ids_are_an_error_not_a_panic() {
     let model = load("inferd-test/tiny-qwen2");
-    let err = generate_greedy(&CpuBackend, &model, &[5, 384], &GenerateParams::default(), &mut |_| {
-        true
-    })
-    .unwrap_err();
-    assert_eq!(err.to_string(), "token id 384 is outside the vocabulary of 384");
-}
-
-#[test]
-fn qwen2_5_coder_0_5b_matches_transformers_logits_and_greedy_tokens() {
-    check_model("qwen2.5-coder-0.5b");
+    let engine = Engine::new(CpuBackend, model, EngineConfig::default(), vec![]);
+    let err = engine.validate(&[5, 384], &SamplingParams::greedy()).unwrap_err();
+    assert_eq!(
+        err,
+        SubmitError::TokenOutOfRange {
+            id: 384,
+            vocab_size: 384
+        }
+    );
+    assert_eq!(err.to_string(), "prompt token 384 is outside the vocabulary of 384");
 }

@@ -1,0 +1,212 @@
+//! The engine on its own thread. Requests arrive on a crossbeam channel; each request's
+//! events leave on its own channel (`RequestStream`). The thread owns the engine: no
+//! lock on the step path. Dropping a stream cancels its request, which frees its blocks
+//! at the next step.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use super::{validate_request, Engine, EngineEvent, EngineStats, EventSender, RequestId, SamplingParams, SubmitError};
+use crate::backend::Backend;
+
+enum Command {
+    Submit {
+        id: RequestId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        events: EventSender,
+    },
+    Cancel(RequestId),
+}
+
+/// Live counters, written by the engine thread after every step.
+#[derive(Debug, Default)]
+pub struct EngineMetrics {
+    /// Requests submitted and not yet picked up by the engine thread or admitted.
+    pub pending: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub prefix_cache_queries: AtomicU64,
+    pub prefix_cache_hits: AtomicU64,
+    pub tokens_generated: AtomicU64,
+    pub tokens_computed: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub steps: AtomicU64,
+    pub last_step_micros: AtomicU64,
+}
+
+impl EngineMetrics {
+    fn publish(&self, s: &EngineStats) {
+        let r = Ordering::Relaxed;
+        self.waiting.store(s.waiting, r);
+        self.running.store(s.running, r);
+        self.kv_blocks_total.store(s.kv_blocks_total, r);
+        self.kv_blocks_used.store(s.kv_blocks_used, r);
+        self.prefix_cache_queries.store(s.prefix_cache_queries, r);
+        self.prefix_cache_hits.store(s.prefix_cache_hits, r);
+        self.tokens_generated.store(s.tokens_generated, r);
+        self.tokens_computed.store(s.tokens_computed, r);
+        self.preemptions.store(s.preemptions, r);
+        self.steps.store(s.steps, r);
+        self.last_step_micros.store((s.last_step_secs * 1e6) as u64, r);
+    }
+}
+
+/// A cloneable way to reach the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: Sender<Command>,
+    metrics: Arc<EngineMetrics>,
+    next_id: Arc<AtomicU64>,
+    vocab_size: usize,
+    max_model_len: usize,
+    max_waiting: usize,
+}
+
+/// One request's events. Dropping it cancels the request.
+pub struct RequestStream {
+    pub id: RequestId,
+    events: UnboundedReceiver<EngineEvent>,
+    commands: Sender<Command>,
+}
+
+impl RequestStream {
+    /// The next event, waiting for it (not for use inside an async runtime).
+    pub fn blocking_next(&mut self) -> Option<EngineEvent> {
+        self.events.blocking_recv()
+    }
+
+    /// The next event, awaiting it.
+    pub async fn next(&mut self) -> Option<EngineEvent> {
+        self.events.recv().await
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Cancel(self.id));
+    }
+}
+
+impl EngineHandle {
+    /// Starts the engine thread.
+    pub fn spawn<B: Backend + 'static>(engine: Engine<B>) -> Self
+    where
+        B::KvCache: 'static,
+        B::Weight: 'static,
+    {
+        let (commands, inbox) = crossbeam_channel::unbounded();
+        let metrics = Arc::new(EngineMetrics::default());
+        metrics.publish(&engine.stats());
+        let vocab_size = engine.model().config.vocab_size;
+        let max_model_len = engine.max_model_len();
+        let max_waiting = engine.config().max_waiting;
+        let thread_metrics = metrics.clone();
+        // The thread ends by itself once every handle and stream (every sender) is gone.
+        std::thread::Builder::new()
+            .name("inferd-engine".into())
+            .spawn(move || run(engine, inbox, thread_metrics))
+            .expect("spawn the engine thread");
+        EngineHandle {
+            commands,
+            metrics,
+            next_id: Arc::new(AtomicU64::new(0)),
+            vocab_size,
+            max_model_len,
+            max_waiting,
+        }
+    }
+
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
+    }
+
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    /// Validates and queues a request. Refused with `Overloaded` when `max_waiting`
+    /// requests are already waiting.
+    pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream, SubmitError> {
+        validate_request(&prompt, &params, self.vocab_size, self.max_model_len)?;
+        let waiting = self.metrics.pending.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_waiting {
+            self.metrics.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Overloaded { waiting });
+        }
+        let id = RequestId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (events, rx) = unbounded_channel();
+        let sent = self.commands.send(Command::Submit {
+            id,
+            prompt,
+            params,
+            events,
+        });
+        if sent.is_err() {
+            self.metrics.pending.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::ShutDown);
+        }
+        Ok(RequestStream {
+            id,
+            events: rx,
+            commands: self.commands.clone(),
+        })
+    }
+
+    /// Stops a request now (dropping its stream does the same).
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.commands.send(Command::Cancel(id));
+    }
+}
+
+fn run<B: Backend>(mut engine: Engine<B>, inbox: Receiver<Command>, metrics: Arc<EngineMetrics>) {
+    // Requests the engine holds but has not admitted yet count as pending.
+    let mut not_admitted: Vec<RequestId> = Vec::new();
+    loop {
+        // Idle: wait for work. Busy: take whatever arrived, then step.
+        let first = if engine.has_work() {
+            inbox.try_recv().ok()
+        } else {
+            match inbox.recv() {
+                Ok(command) => Some(command),
+                Err(_) => return, // every handle is gone
+            }
+        };
+        for command in first.into_iter().chain(inbox.try_iter()) {
+            match command {
+                Command::Submit {
+                    id,
+                    prompt,
+                    params,
+                    events,
+                } => {
+                    if events.is_closed() {
+                        metrics.pending.fetch_sub(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    match engine.add_request(id, prompt, params, events.clone()) {
+                        Ok(()) => not_admitted.push(id),
+                        Err(e) => {
+                            metrics.pending.fetch_sub(1, Ordering::SeqCst);
+                            let _ = events.send(EngineEvent::Failed(e.to_string()));
+                        }
+                    }
+                }
+                Command::Cancel(id) => engine.cancel(id),
+            }
+        }
+        if engine.has_work() {
+            engine.step();
+        }
+        // Admitted (or gone) requests stop counting against max_waiting.
+        let before = not_admitted.len();
+        not_admitted.retain(|id| engine.is_waiting(*id));
+        metrics.pending.fetch_sub(before - not_admitted.len(), Ordering::SeqCst);
+        metrics.publish(&engine.stats());
+    }
+}

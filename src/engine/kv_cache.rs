@@ -1,0 +1,228 @@
+//! The KV block pool: a fixed set of blocks, reference counts, an LRU queue of free
+//! blocks, and the prefix cache (full blocks addressed by a hash of their parent's hash
+//! and their token ids). The scheduler owns one pool; sequences hold block ids only.
+//!
+//! A free block may still hold a cached prefix: it stays findable until it is handed
+//! out again, oldest first. Blocks of one sequence are freed tail first, so a shared
+//! prefix outlives the private ends of the conversations that used it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
+
+/// Index of a block in the pool (and in the backend's KV cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u32);
+
+/// Identity of a full block's contents: its token ids and everything before them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockHash(pub u64);
+
+/// Hash of a full block following `parent` (None for a sequence's first block).
+pub fn hash_block(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
+    // SipHash with fixed keys: the same on every run and machine.
+    let mut h = std::hash::DefaultHasher::new();
+    parent.map(|p| p.0).hash(&mut h);
+    tokens.hash(&mut h);
+    BlockHash(h.finish())
+}
+
+#[derive(Debug, Clone, Default)]
+struct BlockMeta {
+    ref_count: u32,
+    /// Set while the block is findable in the prefix cache.
+    cached: Option<(BlockHash, Box<[u32]>)>,
+    /// Key in `free` while `ref_count == 0`.
+    free_stamp: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BlockPool {
+    meta: Vec<BlockMeta>,
+    /// Unreferenced blocks in eviction order (smallest stamp first).
+    free: BTreeMap<u64, BlockId>,
+    next_stamp: u64,
+    /// Prefix cache: block contents -> block.
+    by_hash: HashMap<BlockHash, BlockId>,
+    prefix_queries: u64,
+    prefix_hits: u64,
+}
+
+impl BlockPool {
+    pub fn new(num_blocks: usize) -> Self {
+        assert!(num_blocks <= u32::MAX as usize, "block ids are u32");
+        let mut pool = BlockPool {
+            meta: vec![BlockMeta::default(); num_blocks],
+            free: BTreeMap::new(),
+            next_stamp: 0,
+            by_hash: HashMap::new(),
+            prefix_queries: 0,
+            prefix_hits: 0,
+        };
+        for b in 0..num_blocks as u32 {
+            pool.push_free(BlockId(b));
+        }
+        pool
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.meta.len()
+    }
+
+    /// Blocks no sequence holds (some may still serve prefix-cache hits).
+    pub fn num_free(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn ref_count(&self, block: BlockId) -> u32 {
+        self.meta[block.0 as usize].ref_count
+    }
+
+    /// (lookups, hits) of the prefix cache so far.
+    pub fn prefix_cache_stats(&self) -> (u64, u64) {
+        (self.prefix_queries, self.prefix_hits)
+    }
+
+    fn push_free(&mut self, block: BlockId) {
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        self.meta[block.0 as usize].free_stamp = stamp;
+        self.free.insert(stamp, block);
+    }
+
+    /// Takes `n` blocks (each with one reference), evicting the least recently freed
+    /// cached blocks; `None` (and nothing taken) when fewer than `n` are free.
+    pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
+        if self.free.len() < n {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (_, block) = self.free.pop_first().expect("counted above");
+            let meta = &mut self.meta[block.0 as usize];
+            if let Some((hash, _)) = meta.cached.take() {
+                if self.by_hash.get(&hash) == Some(&block) {
+                    self.by_hash.remove(&hash);
+                }
+            }
+            meta.ref_count = 1;
+            out.push(block);
+        }
+        Some(out)
+    }
+
+    /// One more holder for each block (a forked sequence sharing them).
+    pub fn share(&mut self, blocks: &[BlockId]) {
+        for &b in blocks {
+            let meta = &mut self.meta[b.0 as usize];
+            assert!(meta.ref_count > 0, "share of free block {b:?}");
+            meta.ref_count += 1;
+        }
+    }
+
+    /// Drops one reference from each block, tail first; a block nobody holds becomes
+    /// free (and, if cached, stays findable until it is reused).
+    pub fn release(&mut self, blocks: &[BlockId]) {
+        for &b in blocks.iter().rev() {
+            let meta = &mut self.meta[b.0 as usize];
+            assert!(meta.ref_count > 0, "double free of block {b:?}");
+            meta.ref_count -= 1;
+            if meta.ref_count == 0 {
+                self.push_free(b);
+            }
+        }
+    }
+
+    /// The cached block holding exactly `tokens` after `hash`'s parent, now with one more
+    /// reference; `None` on a miss.
+    pub fn lookup(&mut self, hash: BlockHash, tokens: &[u32]) -> Option<BlockId> {
+        self.prefix_queries += 1;
+        let block = *self.by_hash.get(&hash)?;
+        let meta = &mut self.meta[block.0 as usize];
+        match &meta.cached {
+            Some((h, t)) if *h == hash && **t == *tokens => {}
+            _ => return None, // a hash collision: treat as a miss
+        }
+        if meta.ref_count == 0 {
+            let stamp = meta.free_stamp;
+            self.free.remove(&stamp);
+        }
+        meta.ref_count += 1;
+        self.prefix_hits += 1;
+        Some(block)
+    }
+
+    /// Makes a full, computed block findable by its contents. If another block already
+    /// holds the same contents, that one stays the cached copy.
+    pub fn register(&mut self, block: BlockId, hash: BlockHash, tokens: &[u32]) {
+        if self.by_hash.contains_key(&hash) || self.meta[block.0 as usize].cached.is_some() {
+            return;
+        }
+        self.meta[block.0 as usize].cached = Some((hash, tokens.into()));
+        self.by_hash.insert(hash, block);
+    }
+
+    /// Consistency of the bookkeeping (tests and debug builds).
+    pub fn check_invariants(&self) {
+        for (i, meta) in self.meta.iter().enumerate() {
+            let in_free = self.free.get(&meta.free_stamp) == Some(&BlockId(i as u32));
+            assert_eq!(
+                meta.ref_count == 0,
+                in_free,
+                "block {i}: ref {} but in_free {in_free}",
+                meta.ref_count
+            );
+        }
+        assert!(self.free.values().all(|b| self.meta[b.0 as usize].ref_count == 0));
+        for (hash, block) in &self.by_hash {
+            let cached = self.meta[block.0 as usize].cached.as_ref().map(|(h, _)| h);
+            assert_eq!(cached, Some(hash), "prefix entry for {block:?} is stale");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocate_returns_none_when_pool_is_exhausted_and_takes_nothing() {
+        let mut pool = BlockPool::new(4);
+        let a = pool.allocate(3).unwrap();
+        assert!(pool.allocate(2).is_none());
+        assert_eq!(pool.num_free(), 1);
+        pool.release(&a);
+        assert_eq!(pool.num_free(), 4);
+        pool.check_invariants();
+    }
+
+    #[test]
+    fn a_released_cached_block_is_found_until_it_is_reused() {
+        let mut pool = BlockPool::new(2);
+        let tokens = [1, 2, 3, 4];
+        let hash = hash_block(None, &tokens);
+        let b = pool.allocate(1).unwrap()[0];
+        pool.register(b, hash, &tokens);
+        pool.release(&[b]);
+        assert_eq!(pool.lookup(hash, &tokens), Some(b));
+        assert_eq!(
+            pool.lookup(hash, &[9, 9, 9, 9]),
+            None,
+            "same hash, other tokens: a miss"
+        );
+        pool.release(&[b]);
+        // Two allocations: the other free block first, then the cached one is evicted.
+        let taken = pool.allocate(2).unwrap();
+        assert!(taken.contains(&b));
+        assert_eq!(pool.lookup(hash, &tokens), None);
+        pool.release(&taken);
+        pool.check_invariants();
+    }
+
+    #[test]
+    fn blocks_are_freed_tail_first_so_prefixes_are_evicted_last() {
+        let mut pool = BlockPool::new(3);
+        let seq = pool.allocate(3).unwrap();
+        pool.release(&seq);
+        assert_eq!(pool.allocate(1).unwrap(), vec![seq[2]]);
+    }
+}

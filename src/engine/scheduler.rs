@@ -1,0 +1,224 @@
+//! Which tokens each step computes. No prefill or decode phase: every sequence's
+//! `num_computed` catches up with its token count under one token budget. A step takes
+//! running sequences needing one token (decodes) first, then running sequences still
+//! prefilling, then waiting ones in arrival order (FCFS), each prompt in chunks that fit
+//! the budget (chunked prefill). When blocks run out the newest running sequence is
+//! preempted: its blocks are released and it is recomputed later (the prefix cache often
+//! still holds them).
+
+use std::collections::VecDeque;
+
+use super::kv_cache::BlockPool;
+use super::sequence::{RequestId, Sequence};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    /// Most sequences computed in one step.
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step (the chunked-prefill budget).
+    pub max_num_batched_tokens: usize,
+}
+
+/// One step's work: `(index into running, number of new tokens)`, in batch order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepPlan {
+    pub chunks: Vec<(usize, usize)>,
+}
+
+pub struct Scheduler {
+    pub config: SchedulerConfig,
+    pub pool: BlockPool,
+    pub waiting: VecDeque<Sequence>,
+    pub running: Vec<Sequence>,
+    pub num_preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Self {
+        assert!(config.block_size > 0 && config.max_num_seqs > 0 && config.max_num_batched_tokens > 0);
+        Scheduler {
+            pool: BlockPool::new(config.num_blocks),
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            num_preemptions: 0,
+        }
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    /// Grows `seq`'s blocks to hold `n` more tokens; false (nothing taken) if the pool
+    /// is short.
+    fn reserve(pool: &mut BlockPool, block_size: usize, seq: &mut Sequence, n: usize) -> bool {
+        let need = (seq.num_computed + n)
+            .div_ceil(block_size)
+            .saturating_sub(seq.blocks.len());
+        match pool.allocate(need) {
+            Some(blocks) => {
+                seq.blocks.extend(blocks);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Releases a sequence's blocks and queues it for recomputation, first in line;
+    /// `chunks` already planned keep pointing at the same sequences.
+    fn preempt(&mut self, running_index: usize, chunks: &mut [(usize, usize)]) {
+        for c in chunks.iter_mut().filter(|c| c.0 > running_index) {
+            c.0 -= 1;
+        }
+        let mut seq = self.running.remove(running_index);
+        self.pool.release(&seq.blocks);
+        seq.blocks.clear();
+        seq.num_computed = 0;
+        self.waiting.push_front(seq);
+        self.num_preemptions += 1;
+    }
+
+    pub fn schedule(&mut self) -> StepPlan {
+        let bs = self.config.block_size;
+        let mut budget = self.config.max_num_batched_tokens;
+        let mut chunks: Vec<(usize, usize)> = Vec::new();
+        // Running sequences: decodes first, then unfinished prefills.
+        for decodes in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() && budget > 0 {
+                let pending = self.running[i].num_pending();
+                if (pending == 1) != decodes || pending == 0 || chunks.iter().any(|c| c.0 == i) {
+                    i += 1;
+                    continue;
+                }
+                let n = pending.min(budget);
+                if Self::reserve(&mut self.pool, bs, &mut self.running[i], n) {
+                    chunks.push((i, n));
+                    budget -= n;
+                    i += 1;
+                    continue;
+                }
+                // Out of blocks: preempt the newest sequence not yet in this step.
+                match (i + 1..self.running.len())
+                    .rev()
+                    .find(|j| !chunks.iter().any(|c| c.0 == *j))
+                {
+                    Some(victim) => self.preempt(victim, &mut chunks),
+                    None => {
+                        // Nothing newer to take from: this one waits (and everyone after it).
+                        let scheduled_after = chunks.iter().any(|c| c.0 > i);
+                        if scheduled_after {
+                            i += 1;
+                        } else {
+                            self.preempt(i, &mut chunks);
+                        }
+                    }
+                }
+            }
+        }
+        // Waiting sequences, first come first served, while there is room.
+        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(seq) = self.waiting.front_mut() else { break };
+            let mut prefix_blocks = Vec::new();
+            if seq.blocks.is_empty() {
+                // Longest cached prefix of full blocks, leaving at least one token to
+                // compute (its logits pick the next token).
+                let reusable = (seq.tokens.len() - 1) / bs;
+                seq.hashes.truncate(0);
+                let hashes: Vec<_> = seq.extend_hashes(bs, reusable * bs).collect();
+                for (b, hash) in hashes {
+                    match self.pool.lookup(hash, &seq.tokens[b * bs..(b + 1) * bs]) {
+                        Some(block) => prefix_blocks.push(block),
+                        None => break,
+                    }
+                }
+                seq.hashes.truncate(prefix_blocks.len());
+                seq.num_computed = prefix_blocks.len() * bs;
+                seq.blocks = prefix_blocks.clone();
+            }
+            let n = seq.num_pending().min(budget);
+            if !Self::reserve(&mut self.pool, bs, seq, n) {
+                // Hand back what the prefix lookup took; try again next step.
+                self.pool.release(&prefix_blocks);
+                if !prefix_blocks.is_empty() {
+                    seq.blocks.clear();
+                    seq.num_computed = 0;
+                }
+                break;
+            }
+            if seq.num_cached_prompt_tokens.is_none() {
+                seq.num_cached_prompt_tokens = Some(seq.num_computed.min(seq.prompt_len));
+            }
+            let seq = self.waiting.pop_front().expect("front exists");
+            self.running.push(seq);
+            chunks.push((self.running.len() - 1, n));
+            budget -= n;
+        }
+        StepPlan { chunks }
+    }
+
+    /// Marks a plan's tokens as computed and makes newly filled blocks findable by the
+    /// prefix cache.
+    pub fn commit(&mut self, plan: &StepPlan) {
+        let bs = self.config.block_size;
+        for &(i, n) in &plan.chunks {
+            let seq = &mut self.running[i];
+            seq.num_computed += n;
+            let upto = seq.num_computed;
+            let new: Vec<_> = seq.extend_hashes(bs, upto).collect();
+            for (b, hash) in new {
+                let tokens = &seq.tokens[b * bs..(b + 1) * bs];
+                self.pool.register(seq.blocks[b], hash, tokens);
+            }
+        }
+    }
+
+    /// Removes a running sequence for good, releasing its blocks.
+    pub fn finish(&mut self, running_index: usize) -> Sequence {
+        let seq = self.running.remove(running_index);
+        self.pool.release(&seq.blocks);
+        seq
+    }
+
+    /// Removes every sequence of `request`, waiting or running, releasing its blocks.
+    pub fn remove_request(&mut self, request: RequestId) -> usize {
+        let before = self.waiting.len() + self.running.len();
+        for seq in self
+            .waiting
+            .iter()
+            .chain(self.running.iter())
+            .filter(|s| s.request == request)
+        {
+            self.pool.release(&seq.blocks);
+        }
+        self.waiting.retain(|s| s.request != request);
+        self.running.retain(|s| s.request != request);
+        before - self.waiting.len() - self.running.len()
+    }
+
+    /// A sequence sharing `parent`'s computed full prompt blocks (all but the block
+    /// holding the last prompt token, which the child recomputes for its own logits).
+    pub fn fork(&mut self, parent_index: usize, child: Sequence) -> Sequence {
+        let bs = self.config.block_size;
+        let parent = &self.running[parent_index];
+        let shared = (parent.prompt_len - 1) / bs;
+        let mut child = child;
+        child.blocks = parent.blocks[..shared].to_vec();
+        child.hashes = parent.hashes[..shared.min(parent.hashes.len())].to_vec();
+        child.num_computed = shared * bs;
+        child.num_cached_prompt_tokens = Some(child.num_computed);
+        self.pool.share(&child.blocks);
+        child
+    }
+
+    pub fn num_blocks_in_use(&self) -> usize {
+        self.pool.num_blocks() - self.pool.num_free()
+    }
+
+    /// Most tokens one sequence can hold: the whole pool.
+    pub fn max_tokens_per_sequence(&self) -> usize {
+        self.pool.num_blocks() * self.config.block_size
+    }
+}

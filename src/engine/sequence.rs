@@ -1,0 +1,71 @@
+//! One sequence being generated: its tokens, how many of them are in the KV cache, and
+//! the blocks that hold them. A request with `n > 1` has one sequence per completion.
+
+use super::kv_cache::{hash_block, BlockHash, BlockId};
+use super::sampling::Rng;
+
+/// A request, as the engine's caller names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RequestId(pub u64);
+
+#[derive(Debug)]
+pub struct Sequence {
+    pub request: RequestId,
+    /// Which completion of the request (0..n).
+    pub index: usize,
+    /// The prompt followed by the generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Tokens whose K/V are in the cache (`tokens[..num_computed]`).
+    pub num_computed: usize,
+    /// Blocks holding positions `0..num_computed` (and room for the next chunk).
+    pub blocks: Vec<BlockId>,
+    /// Content hashes of the leading full blocks computed so far.
+    pub hashes: Vec<BlockHash>,
+    /// Prompt tokens served by the prefix cache when the request was first admitted.
+    pub num_cached_prompt_tokens: Option<usize>,
+    pub rng: Rng,
+}
+
+impl Sequence {
+    pub fn new(request: RequestId, index: usize, prompt: Vec<u32>, rng: Rng) -> Self {
+        Sequence {
+            request,
+            index,
+            prompt_len: prompt.len(),
+            tokens: prompt,
+            num_computed: 0,
+            blocks: Vec::new(),
+            hashes: Vec::new(),
+            num_cached_prompt_tokens: None,
+            rng,
+        }
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.tokens[..self.prompt_len]
+    }
+
+    pub fn output(&self) -> &[u32] {
+        &self.tokens[self.prompt_len..]
+    }
+
+    /// Tokens not yet in the cache (the next chunk to compute).
+    pub fn num_pending(&self) -> usize {
+        self.tokens.len() - self.num_computed
+    }
+
+    /// Hashes of full blocks `self.hashes.len()..` of `tokens[..upto]`.
+    pub fn extend_hashes(&mut self, block_size: usize, upto: usize) -> impl Iterator<Item = (usize, BlockHash)> + '_ {
+        let start = self.hashes.len();
+        let end = upto.min(self.tokens.len()) / block_size;
+        (start..end).map(move |b| {
+            let hash = hash_block(
+                self.hashes.last().copied(),
+                &self.tokens[b * block_size..(b + 1) * block_size],
+            );
+            self.hashes.push(hash);
+            (b, hash)
+        })
+    }
+}
