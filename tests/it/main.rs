@@ -2,7 +2,9 @@
 //! Models come from the Hugging Face cache, installed by `scripts/fetch-test-models`;
 //! goldens from `scripts/gen-goldens` (transformers, float32).
 
+mod block_pool;
 mod common;
+mod engine;
 mod errors;
 mod generate_cli;
 mod loader;
