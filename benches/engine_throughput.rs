@@ -16,7 +16,10 @@ use inferd::models::load_decoder;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let model_id = args.first().map(String::as_str).unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct");
+    let model_id = args
+        .first()
+        .map(String::as_str)
+        .unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct");
     let concurrency: Vec<usize> = args
         .get(2)
         .map(String::as_str)
@@ -68,7 +71,9 @@ fn main() {
         let start = Instant::now();
         for (i, prompt) in prompts[..c].iter().enumerate() {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            engine.add_request(RequestId(i as u64), prompt.clone(), params.clone(), tx).expect("request");
+            engine
+                .add_request(RequestId(i as u64), prompt.clone(), params.clone(), tx)
+                .expect("request");
             receivers.push(rx);
         }
         while engine.has_work() {

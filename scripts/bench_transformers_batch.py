@@ -5,7 +5,8 @@ never ends a request.
 
   bench_transformers_batch.py MODEL PROMPTS_JSON CONCURRENCY,... OUTPUT_TOKENS DTYPE
 Prints one JSON line per concurrency, for `generate_batch` (transformers' continuous
-batching) and for `generate` on the padded batch.
+batching; its time includes the per-call setup of its cache manager, a real cost of the
+API) and for `generate` on the batch (all prompts have the same length: no padding).
 """
 import json
 import os

@@ -30,7 +30,7 @@ use sequence::Sequence;
 pub struct EngineConfig {
     /// Tokens per KV block.
     pub block_size: usize,
-    /// KV blocks in the pool (see `EngineConfig::num_blocks_for_bytes`).
+    /// KV blocks in the pool (see `EngineConfig::with_budget`).
     pub num_blocks: usize,
     pub max_num_seqs: usize,
     pub max_num_batched_tokens: usize,
@@ -50,13 +50,65 @@ impl Default for EngineConfig {
     }
 }
 
+/// How much memory the KV pool may take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvCacheBudget {
+    Bytes(usize),
+    /// A fraction of the memory available now (`MemAvailable` in /proc/meminfo).
+    FractionOfAvailable(f64),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BudgetError {
+    #[error("cannot read the available memory ({0}); give the KV cache size in bytes")]
+    NoMemInfo(String),
+    #[error("the KV cache budget of {bytes} bytes holds no block of {block_bytes} bytes")]
+    TooSmall { bytes: usize, block_bytes: usize },
+    #[error("the KV cache fraction must be in (0, 1], got {0}")]
+    BadFraction(f64),
+}
+
 impl EngineConfig {
-    /// Blocks that fit in `bytes` of f32 K and V for this model.
-    pub fn num_blocks_for_bytes<B: Backend>(model: &DecoderModel<B>, block_size: usize, bytes: usize) -> usize {
+    /// Bytes of f32 K and V one block takes for this model.
+    pub fn bytes_per_block<B: Backend>(model: &DecoderModel<B>, block_size: usize) -> usize {
         let shape = model.kv_cache_shape(1, block_size);
-        let per_block = 2 * shape.num_layers * shape.elements_per_layer() * std::mem::size_of::<f32>();
-        bytes / per_block.max(1)
+        2 * shape.num_layers * shape.elements_per_layer() * std::mem::size_of::<f32>()
     }
+
+    /// Sets `num_blocks` from a memory budget, never more than `max_num_seqs` sequences
+    /// of the full context window can use.
+    pub fn with_budget<B: Backend>(
+        mut self,
+        model: &DecoderModel<B>,
+        budget: KvCacheBudget,
+    ) -> Result<Self, BudgetError> {
+        let bytes = match budget {
+            KvCacheBudget::Bytes(b) => b,
+            KvCacheBudget::FractionOfAvailable(f) if f > 0.0 && f <= 1.0 => {
+                let meminfo =
+                    std::fs::read_to_string("/proc/meminfo").map_err(|e| BudgetError::NoMemInfo(e.to_string()))?;
+                (mem_available_bytes(&meminfo).ok_or_else(|| BudgetError::NoMemInfo("no MemAvailable line".into()))?
+                    as f64
+                    * f) as usize
+            }
+            KvCacheBudget::FractionOfAvailable(f) => return Err(BudgetError::BadFraction(f)),
+        };
+        let block_bytes = Self::bytes_per_block(model, self.block_size);
+        let affordable = bytes / block_bytes;
+        if affordable == 0 {
+            return Err(BudgetError::TooSmall { bytes, block_bytes });
+        }
+        let useful = self.max_num_seqs * model.config.max_position_embeddings.div_ceil(self.block_size);
+        self.num_blocks = affordable.min(useful);
+        Ok(self)
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo text, in bytes.
+fn mem_available_bytes(meminfo: &str) -> Option<usize> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -521,4 +573,16 @@ pub fn generate<B: Backend>(
         }
     }
     Ok((tokens, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_is_read_from_meminfo() {
+        let text = "MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   12345678 kB\n";
+        assert_eq!(mem_available_bytes(text), Some(12_345_678 * 1024));
+        assert_eq!(mem_available_bytes("MemTotal: 5 kB\n"), None);
+    }
 }

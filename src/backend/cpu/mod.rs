@@ -200,6 +200,9 @@ struct AttentionToken<'a> {
     layout: KvLayout,
 }
 
+/// Block size whose scores get the register-blocked loop (the engine's default).
+const SCORE_LANES: usize = 16;
+
 /// Scratch reused across the tokens of one rayon task.
 #[derive(Default)]
 struct AttentionScratch {
@@ -255,18 +258,24 @@ impl AttentionToken<'_> {
                 *q = v * scale;
             }
             // Scores: for each block, all its positions at once (K is stored [d][position]).
-            for (bi, &block) in self.block_table[..num_blocks].iter().enumerate() {
-                let keys = &k_pool[self.layout.k_offset(block, kvh)..][..hd * bs];
-                let n = bs.min(visible - bi * bs);
-                for g in 0..group {
-                    let acc = &mut scratch.acc[..bs];
-                    acc.fill(0.0);
-                    for (d, &qd) in scratch.q[g * hd..(g + 1) * hd].iter().enumerate() {
-                        for (a, k) in acc.iter_mut().zip(&keys[d * bs..(d + 1) * bs]) {
-                            *a = qd.mul_add(*k, *a);
+            for g in 0..group {
+                let q = &scratch.q[g * hd..(g + 1) * hd];
+                let scores = &mut scratch.scores[g * visible..(g + 1) * visible];
+                if bs == SCORE_LANES {
+                    self.scores_lanes(q, k_pool, kvh, scores);
+                } else {
+                    for (bi, &block) in self.block_table[..num_blocks].iter().enumerate() {
+                        let keys = &k_pool[self.layout.k_offset(block, kvh)..][..hd * bs];
+                        let acc = &mut scratch.acc[..bs];
+                        acc.fill(0.0);
+                        for (d, &qd) in q.iter().enumerate() {
+                            for (a, k) in acc.iter_mut().zip(&keys[d * bs..(d + 1) * bs]) {
+                                *a = qd.mul_add(*k, *a);
+                            }
                         }
+                        let n = bs.min(visible - bi * bs);
+                        scores[bi * bs..bi * bs + n].copy_from_slice(&acc[..n]);
                     }
-                    scratch.scores[g * visible + bi * bs..][..n].copy_from_slice(&acc[..n]);
                 }
             }
             for g in 0..group {
@@ -278,19 +287,75 @@ impl AttentionToken<'_> {
                     sum += *s;
                 }
                 let out = &mut out_row[(heads.start + g) * hd..][..hd];
-                out.fill(0.0);
-                for (bi, &block) in self.block_table[..num_blocks].iter().enumerate() {
-                    let values = &v_pool[self.layout.v_offset(block, kvh)..][..bs * hd];
-                    let n = bs.min(visible - bi * bs);
-                    for (j, value) in values.chunks_exact(hd).take(n).enumerate() {
-                        let weight = scores[bi * bs + j] / sum;
-                        for (o, v) in out.iter_mut().zip(value) {
-                            *o = weight.mul_add(*v, *o);
+                match hd {
+                    64 => self.weighted_values::<64>(scores, sum, v_pool, kvh, out),
+                    128 => self.weighted_values::<128>(scores, sum, v_pool, kvh, out),
+                    _ => {
+                        out.fill(0.0);
+                        for (bi, &block) in self.block_table[..num_blocks].iter().enumerate() {
+                            let values = &v_pool[self.layout.v_offset(block, kvh)..][..bs * hd];
+                            let n = bs.min(visible - bi * bs);
+                            for (j, value) in values.chunks_exact(hd).take(n).enumerate() {
+                                let weight = scores[bi * bs + j] / sum;
+                                for (o, v) in out.iter_mut().zip(value) {
+                                    *o = weight.mul_add(*v, *o);
+                                }
+                            }
                         }
                     }
                 }
             }
         }
+    }
+
+    /// Scores for blocks of `SCORE_LANES` slots, four blocks at a time: the same FMA
+    /// chain per position as the general loop (so results are identical), with the
+    /// accumulators in registers and four chains in flight.
+    #[inline(always)]
+    fn scores_lanes(&self, q: &[f32], k_pool: &[f32], kvh: usize, scores: &mut [f32]) {
+        const L: usize = SCORE_LANES;
+        let hd = q.len();
+        let visible = scores.len();
+        let blocks = &self.block_table[..visible.div_ceil(L)];
+        for (quad, ids) in blocks.chunks(4).enumerate() {
+            // Pad a short group with its first block; those lanes are not used.
+            let key = |i: usize| &k_pool[self.layout.k_offset(ids[i.min(ids.len() - 1)], kvh)..][..hd * L];
+            let keys = [key(0), key(1), key(2), key(3)];
+            let mut acc = [[0.0f32; L]; 4];
+            for (d, &qd) in q.iter().enumerate() {
+                for (a, k) in acc.iter_mut().zip(&keys) {
+                    let k: &[f32; L] = k[d * L..(d + 1) * L].try_into().expect("L lanes");
+                    for j in 0..L {
+                        a[j] = qd.mul_add(k[j], a[j]);
+                    }
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(ids.len()) {
+                let start = (quad * 4 + i) * L;
+                let n = L.min(visible - start);
+                scores[start..start + n].copy_from_slice(&a[..n]);
+            }
+        }
+    }
+
+    /// `out = Σ_p (scores[p] / sum) · V[p]` with a head size known at compile time, so the
+    /// accumulator stays in registers (same operation order as the general loop).
+    #[inline(always)]
+    fn weighted_values<const HD: usize>(&self, scores: &[f32], sum: f32, v_pool: &[f32], kvh: usize, out: &mut [f32]) {
+        let bs = self.layout.block_size;
+        let mut acc = [0.0f32; HD];
+        for (bi, &block) in self.block_table[..scores.len().div_ceil(bs)].iter().enumerate() {
+            let values = &v_pool[self.layout.v_offset(block, kvh)..][..bs * HD];
+            let n = bs.min(scores.len() - bi * bs);
+            for (j, value) in values.chunks_exact(HD).take(n).enumerate() {
+                let weight = scores[bi * bs + j] / sum;
+                let value: &[f32; HD] = value.try_into().expect("HD values");
+                for d in 0..HD {
+                    acc[d] = weight.mul_add(value[d], acc[d]);
+                }
+            }
+        }
+        out.copy_from_slice(&acc);
     }
 }
 
