@@ -344,9 +344,9 @@ impl<B: Backend> Engine<B> {
             .forward(&self.backend, &batch, &mut self.cache, LogitsFor::LastOfEachSequence)
         {
             Ok(logits) => {
-                let (values, _, vocab) = self.backend.to_host(&logits);
+                let (mut values, _, vocab) = self.backend.to_host(&logits);
                 self.scheduler.commit(&plan);
-                self.process_outputs(&plan, &values, vocab);
+                self.process_outputs(&plan, &mut values, vocab);
             }
             Err(e) => self.fail_batch(&plan, &e),
         }
@@ -383,7 +383,7 @@ impl<B: Backend> Engine<B> {
 
     /// Samples a token for every sequence whose chunk reached its end, sends events,
     /// retires finished sequences, forks `n > 1` requests after their prompt.
-    fn process_outputs(&mut self, plan: &StepPlan, logits: &[f32], vocab: usize) {
+    fn process_outputs(&mut self, plan: &StepPlan, logits: &mut [f32], vocab: usize) {
         let mut finished = Vec::new();
         let mut forks = Vec::new();
         for (row, &(i, _)) in plan.chunks.iter().enumerate() {
@@ -399,7 +399,7 @@ impl<B: Backend> Engine<B> {
                 req.forked = true;
                 forks.push(i);
             }
-            let mut row_logits = logits[row * vocab..(row + 1) * vocab].to_vec();
+            let row_logits = &mut logits[row * vocab..(row + 1) * vocab];
             let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
             let ctx = SamplingContext {
                 params: &req.params,
@@ -407,7 +407,7 @@ impl<B: Backend> Engine<B> {
                 output,
                 stop_ids: &req.banned_early,
             };
-            let (token, logprobs) = sampling::sample(&mut row_logits, &ctx, &mut seq.rng);
+            let (token, logprobs) = sampling::sample(row_logits, &ctx, &mut seq.rng);
             seq.tokens.push(token);
             self.stats.tokens_generated += 1;
             let reason = if req.stop_ids.contains(&token) {
