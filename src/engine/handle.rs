@@ -204,9 +204,12 @@ fn run<B: Backend>(mut engine: Engine<B>, inbox: Receiver<Command>, metrics: Arc
             engine.step();
         }
         // Admitted (or gone) requests stop counting against max_waiting.
-        let before = not_admitted.len();
-        not_admitted.retain(|id| engine.is_waiting(*id));
-        metrics.pending.fetch_sub(before - not_admitted.len(), Ordering::SeqCst);
+        if !not_admitted.is_empty() {
+            let still_waiting = engine.unadmitted_requests();
+            let before = not_admitted.len();
+            not_admitted.retain(|id| still_waiting.contains(id));
+            metrics.pending.fetch_sub(before - not_admitted.len(), Ordering::SeqCst);
+        }
         metrics.publish(&engine.stats());
     }
 }

@@ -169,8 +169,6 @@ struct RequestState {
     params: SamplingParams,
     /// EOS (unless ignored) and stop token ids.
     stop_ids: Vec<u32>,
-    /// EOS and stop ids, banned before `min_tokens` even when EOS is ignored.
-    banned_early: Vec<u32>,
     /// Last token count a sequence may reach.
     max_len: usize,
     events: EventSender,
@@ -261,14 +259,11 @@ impl<B: Backend> Engine<B> {
         self.scheduler.has_work()
     }
 
-    /// Whether `id` is queued and has never run yet.
-    pub fn is_waiting(&self, id: RequestId) -> bool {
-        self.requests.contains_key(&id)
-            && self
-                .scheduler
-                .waiting
-                .iter()
-                .any(|s| s.request == id && s.num_cached_prompt_tokens.is_none())
+    /// Requests queued that have never run yet.
+    pub fn unadmitted_requests(&self) -> std::collections::HashSet<RequestId> {
+        let mut ids = self.scheduler.unadmitted_requests();
+        ids.retain(|id| self.requests.contains_key(id));
+        ids
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -304,8 +299,6 @@ impl<B: Backend> Engine<B> {
         if !params.ignore_eos {
             stop_ids.extend(&self.eos_ids);
         }
-        let mut banned_early = params.stop_token_ids.clone();
-        banned_early.extend(&self.eos_ids);
         let rng = Rng::seeded(params.seed.unwrap_or_else(fresh_seed));
         self.scheduler.waiting.push_back(Sequence::new(id, 0, prompt, rng));
         self.requests.insert(
@@ -315,7 +308,6 @@ impl<B: Backend> Engine<B> {
                 forked: params.n == 1,
                 params,
                 stop_ids,
-                banned_early,
                 max_len,
                 events,
             },
@@ -334,6 +326,22 @@ impl<B: Backend> Engine<B> {
         let start = Instant::now();
         let plan = self.scheduler.schedule();
         if plan.chunks.is_empty() {
+            if let Some(seq) = self
+                .scheduler
+                .waiting
+                .front()
+                .filter(|_| self.scheduler.running.is_empty())
+            {
+                // Nothing runs and the first in line cannot start: with every block free
+                // that means it can never fit. Fail it rather than spin.
+                let id = seq.request;
+                if let Some(req) = self.requests.remove(&id) {
+                    let _ = req
+                        .events
+                        .send(EngineEvent::Failed("the request does not fit in the KV cache".into()));
+                }
+                self.scheduler.remove_request(id);
+            }
             return 0;
         }
         let batch = self.build_batch(&plan);
@@ -405,7 +413,7 @@ impl<B: Backend> Engine<B> {
                 params: &req.params,
                 prompt,
                 output,
-                stop_ids: &req.banned_early,
+                stop_ids: &req.stop_ids,
             };
             let (token, logprobs) = sampling::sample(row_logits, &ctx, &mut seq.rng);
             seq.tokens.push(token);
@@ -448,7 +456,10 @@ impl<B: Backend> Engine<B> {
                 self.requests.remove(&id);
             }
         }
-        // Forks first (they index running), then removals from the back.
+        // The other completions of a request start once its prompt is computed: they
+        // queue first in line, holding no blocks, and admission finds the prompt's full
+        // blocks in the prefix cache (the parent registered them), so they share them and
+        // recompute only the tail for their own first logits.
         for &i in &forks {
             let parent = &self.scheduler.running[i];
             let id = parent.request;
@@ -459,7 +470,6 @@ impl<B: Backend> Engine<B> {
             for index in (1..req.params.n).rev() {
                 let seed = base_seed.map_or_else(fresh_seed, |s| s.wrapping_add(index as u64));
                 let child = Sequence::new(id, index, prompt.clone(), Rng::seeded(seed));
-                let child = self.scheduler.fork(i, child);
                 self.scheduler.waiting.push_front(child);
             }
         }
@@ -552,8 +562,19 @@ pub fn generate<B: Backend>(
     params: SamplingParams,
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, Option<FinishReason>), GenerateError> {
+    if params.n != 1 {
+        return Err(SubmitError::InvalidParam(InvalidParam {
+            param: "n",
+            problem: "must be 1 here (generate runs one completion)".into(),
+            value: params.n.to_string(),
+        })
+        .into());
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let id = RequestId(u64::MAX);
+    let id = (0..)
+        .map(|i| RequestId(u64::MAX - i))
+        .find(|id| !engine.requests.contains_key(id))
+        .expect("a free request id");
     engine.add_request(id, prompt, params, tx)?;
     let mut tokens = Vec::new();
     while engine.has_work() {

@@ -340,13 +340,36 @@ fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
 }
 
 fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
-    // Candidates, most likely first (ties by lower id, so the order is deterministic).
+    // An infinite logit (a +100 bias can make one) takes all the probability mass.
+    if let Some(i) = logits.iter().position(|&v| v == f32::INFINITY) {
+        return i as u32;
+    }
     let mut candidates: Vec<u32> = (0..logits.len() as u32)
         .filter(|&i| logits[i as usize] > f32::NEG_INFINITY)
         .collect();
     if candidates.is_empty() {
         return argmax(logits);
     }
+    let inv_t = 1.0 / p.temperature as f64;
+    if p.top_k.is_none() && p.top_p >= 1.0 && p.min_p <= 0.0 {
+        // No filter: draw from the whole distribution, in id order (no sort needed).
+        let max = candidates
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &i| m.max(logits[i as usize])) as f64;
+        let weights: Vec<f64> = candidates
+            .iter()
+            .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
+            .collect();
+        let mut target = rng.next_f64() * weights.iter().sum::<f64>();
+        for (i, w) in weights.iter().enumerate() {
+            target -= w;
+            if target < 0.0 {
+                return candidates[i];
+            }
+        }
+        return *candidates.last().expect("not empty");
+    }
+    // Candidates, most likely first (ties by lower id, so the order is deterministic).
     let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
     if let Some(k) = p.top_k {
         if k < candidates.len() {
@@ -355,7 +378,6 @@ fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         }
     }
     candidates.sort_by(by_logit);
-    let inv_t = 1.0 / p.temperature as f64;
     let max = logits[candidates[0] as usize] as f64;
     let mut probs: Vec<f64> = candidates
         .iter()
@@ -478,6 +500,18 @@ mod tests {
         );
         assert_eq!(logits[3], 0.0, "logit bias");
         assert_eq!(logits[4], f32::NEG_INFINITY, "would repeat the bigram (2, 4)");
+    }
+
+    #[test]
+    fn an_infinite_logit_is_always_chosen() {
+        let params = SamplingParams::default();
+        for seed in 0..10 {
+            let mut logits = [0.0, f32::INFINITY, 1.0];
+            assert_eq!(
+                sample(&mut logits, &ctx(&params, &[], &[]), &mut Rng::seeded(seed)).0,
+                1
+            );
+        }
     }
 
     #[test]

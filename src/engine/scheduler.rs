@@ -182,6 +182,15 @@ impl Scheduler {
         seq
     }
 
+    /// Request ids with a sequence that has never been admitted.
+    pub fn unadmitted_requests(&self) -> std::collections::HashSet<RequestId> {
+        self.waiting
+            .iter()
+            .filter(|s| s.num_cached_prompt_tokens.is_none())
+            .map(|s| s.request)
+            .collect()
+    }
+
     /// Removes every sequence of `request`, waiting or running, releasing its blocks.
     pub fn remove_request(&mut self, request: RequestId) -> usize {
         let before = self.waiting.len() + self.running.len();
@@ -196,21 +205,6 @@ impl Scheduler {
         self.waiting.retain(|s| s.request != request);
         self.running.retain(|s| s.request != request);
         before - self.waiting.len() - self.running.len()
-    }
-
-    /// A sequence sharing `parent`'s computed full prompt blocks (all but the block
-    /// holding the last prompt token, which the child recomputes for its own logits).
-    pub fn fork(&mut self, parent_index: usize, child: Sequence) -> Sequence {
-        let bs = self.config.block_size;
-        let parent = &self.running[parent_index];
-        let shared = (parent.prompt_len - 1) / bs;
-        let mut child = child;
-        child.blocks = parent.blocks[..shared].to_vec();
-        child.hashes = parent.hashes[..shared.min(parent.hashes.len())].to_vec();
-        child.num_computed = shared * bs;
-        child.num_cached_prompt_tokens = Some(child.num_computed);
-        self.pool.share(&child.blocks);
-        child
     }
 
     pub fn num_blocks_in_use(&self) -> usize {

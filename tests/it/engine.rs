@@ -66,8 +66,11 @@ fn run_batch(engine: &mut Engine<CpuBackend>, requests: &[(Vec<u32>, SamplingPar
             .unwrap();
         receivers.push(rx);
     }
+    let mut steps = 0;
     while engine.has_work() {
         engine.step();
+        steps += 1;
+        assert!(steps < 100_000, "the engine does not make progress");
     }
     receivers
         .into_iter()
@@ -136,7 +139,13 @@ fn sixty_four_concurrent_requests_match_each_request_run_alone() {
 fn a_pool_too_small_for_all_sequences_preempts_and_still_matches() {
     let model = load("inferd-test/tiny-qwen3");
     let vocab = model.config.vocab_size as u32;
-    let requests: Vec<_> = (0..24).map(|i| request(i, vocab)).collect();
+    let mut requests: Vec<_> = (0..24).map(|i| request(i, vocab)).collect();
+    // Some requests fork several long completions while the pool is under pressure.
+    for (i, r) in requests.iter_mut().enumerate().filter(|(i, _)| i % 5 == 2) {
+        r.1.n = 3;
+        r.1.max_tokens = Some(30 + i);
+        r.1.ignore_eos = true;
+    }
     let mut engine = Engine::new(CpuBackend, model, config(1024, 4), vec![2]);
     let roomy = run_batch(&mut engine, &requests);
     assert_eq!(engine.stats().preemptions, 0);
@@ -295,14 +304,16 @@ fn the_engine_thread_serves_streams_and_dropping_one_cancels_it() {
 #[test]
 fn invalid_requests_are_refused_before_the_engine() {
     let model = load("inferd-test/tiny-qwen2");
-    let max = model.config.max_position_embeddings;
-    let handle = EngineHandle::spawn(Engine::new(CpuBackend, model, config(64, 16), vec![]));
+    let vocab = model.config.vocab_size as u32;
+    // A pool larger than the model's window, so the window is the limit.
+    let pool_blocks = model.config.max_position_embeddings.div_ceil(16) + 4;
+    let handle = EngineHandle::spawn(Engine::new(CpuBackend, model, config(pool_blocks, 16), vec![]));
+    let max = handle.max_model_len();
     let submit = |prompt: Vec<u32>, params: SamplingParams| handle.submit(prompt, params).err();
     assert_eq!(
         submit(vec![], SamplingParams::default()),
         Some(SubmitError::EmptyPrompt)
     );
-    // The pool (64 blocks of 16) is larger than the model's window here.
     assert_eq!(
         submit(vec![1; max + 5], SamplingParams::default()),
         Some(SubmitError::PromptTooLong { prompt: max + 5, max })
@@ -341,7 +352,7 @@ fn invalid_requests_are_refused_before_the_engine() {
     );
     assert_eq!(
         param(SamplingParams {
-            stop_token_ids: vec![10_000],
+            stop_token_ids: vec![vocab],
             ..Default::default()
         }),
         "stop_token_ids"
@@ -377,5 +388,17 @@ fn a_full_waiting_queue_reports_overload() {
             .kv_blocks_used
             .load(std::sync::atomic::Ordering::Relaxed)
             == 0
+            && handle.metrics().pending.load(std::sync::atomic::Ordering::SeqCst) == 0
     });
+    // Nothing is left counted against the queue: a new request is accepted and served.
+    let mut stream = handle
+        .submit(
+            vec![7; 10],
+            SamplingParams {
+                max_tokens: Some(2),
+                ..params
+            },
+        )
+        .unwrap();
+    while !matches!(stream.blocking_next(), Some(EngineEvent::Finished { .. })) {}
 }
