@@ -402,3 +402,35 @@ fn a_full_waiting_queue_reports_overload() {
         .unwrap();
     while !matches!(stream.blocking_next(), Some(EngineEvent::Finished { .. })) {}
 }
+
+#[test]
+fn the_kv_pool_is_sized_from_a_memory_budget() {
+    use inferd::engine::{BudgetError, KvCacheBudget};
+    let model = load("inferd-test/tiny-llama");
+    let per_block = EngineConfig::bytes_per_block(&model, 16);
+    // 2 layers x 2 KV heads x 16 head_dim x 16 slots, K and V, f32.
+    assert_eq!(per_block, 2 * 2 * 2 * 16 * 16 * 4);
+    let base = EngineConfig {
+        max_num_seqs: 4,
+        ..EngineConfig::default()
+    };
+    let sized = base
+        .with_budget(&model, KvCacheBudget::Bytes(10 * per_block + 5))
+        .unwrap();
+    assert_eq!(sized.num_blocks, 10);
+    // Never more than max_num_seqs full windows (4 x 256 / 16 = 64 blocks).
+    let capped = base.with_budget(&model, KvCacheBudget::Bytes(1 << 30)).unwrap();
+    assert_eq!(capped.num_blocks, 64);
+    assert!(matches!(
+        base.with_budget(&model, KvCacheBudget::Bytes(per_block - 1)),
+        Err(BudgetError::TooSmall { .. })
+    ));
+    assert!(matches!(
+        base.with_budget(&model, KvCacheBudget::FractionOfAvailable(1.5)),
+        Err(BudgetError::BadFraction(_))
+    ));
+    let from_memory = base
+        .with_budget(&model, KvCacheBudget::FractionOfAvailable(0.01))
+        .unwrap();
+    assert!(from_memory.num_blocks > 0 && from_memory.num_blocks <= 64);
+}
