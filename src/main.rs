@@ -10,7 +10,7 @@ use inferd::backend::cpu::CpuBackend;
 use inferd::engine::{self, Engine, EngineConfig, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::models::{load_decoder, GenerationConfig};
-use inferd::text::{ChatInput, IncrementalDetokenizer, Tokenizer};
+use inferd::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +56,9 @@ struct GenerateArgs {
     /// A system message placed before the user message.
     #[arg(long)]
     system: Option<String>,
+    /// Stop before this text (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
     /// Print prompt and speed statistics to stderr.
     #[arg(long, short)]
     verbose: bool,
@@ -140,6 +143,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
         ..SamplingParams::greedy()
     };
     let mut detokenizer = IncrementalDetokenizer::new(true);
+    let mut stops = StopMatcher::new(args.stop.iter().cloned());
     let mut stdout = std::io::stdout().lock();
     let mut write_error = None;
     let prompt_tokens = prompt_ids.len();
@@ -148,22 +152,24 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     let (tokens, _) = engine::generate(&mut engine, prompt_ids, params, &mut |id| {
         first_token_at.get_or_insert_with(std::time::Instant::now);
         let piece = match detokenizer.push(&tokenizer, id) {
-            Ok(piece) => piece,
+            Ok(piece) => stops.push(&piece),
             Err(e) => {
                 write_error = Some(Box::<dyn Error>::from(e));
                 return false;
             }
         };
-        if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+        if let Err(e) = stdout.write_all(piece.text.as_bytes()).and_then(|_| stdout.flush()) {
             write_error = Some(e.into());
             return false;
         }
-        true
+        // A stop string ends generation here (the engine stops on ids only).
+        piece.matched.is_none()
     })?;
     if let Some(e) = write_error {
         return Err(e);
     }
-    stdout.write_all(detokenizer.flush(&tokenizer)?.as_bytes())?;
+    let tail = stops.push(&detokenizer.flush(&tokenizer)?).text + &stops.finish();
+    stdout.write_all(tail.as_bytes())?;
     stdout.write_all(b"\n")?;
     stdout.flush()?;
     if args.verbose {

@@ -1,13 +1,15 @@
-//! Text in and out of a model: the tokenizer, chat templates, and the incremental
-//! detokenizer that turns a token stream into valid UTF-8 text pieces.
+//! Text in and out of a model: the tokenizer, chat templates, the incremental
+//! detokenizer that turns a token stream into valid UTF-8 text pieces, and stop strings.
 
 pub mod detokenizer;
+pub mod stop;
 pub mod template;
 pub mod tokenizer;
 
 use std::path::PathBuf;
 
 pub use detokenizer::IncrementalDetokenizer;
+pub use stop::{StopMatcher, StopOutput};
 pub use template::{ChatInput, ChatTemplate};
 pub use tokenizer::{SpecialTokens, Tokenizer};
 

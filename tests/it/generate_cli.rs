@@ -26,3 +26,20 @@ fn subcommands_that_have_not_landed_say_so_and_fail() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not yet available"));
 }
+
+#[test]
+fn generate_stops_before_a_stop_string() {
+    let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .args([
+            "generate",
+            "--model",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "--stop",
+            " Paris",
+            "What is the capital of France?",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "The capital of France is\n");
+}
