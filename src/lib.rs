@@ -5,8 +5,10 @@
 //! `models` holds the math written once over `backend`, `text` turns chat into token ids
 //! and ids back into text, `engine` drives generation.
 
+pub mod api;
 pub mod backend;
 pub mod engine;
 pub mod loader;
 pub mod models;
+pub mod server;
 pub mod text;

@@ -6,10 +6,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use inferd::api::SamplingDefaults;
 use inferd::backend::cpu::CpuBackend;
-use inferd::engine::{self, Engine, EngineConfig, SamplingParams};
+use inferd::engine::{self, Engine, EngineConfig, EngineHandle, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
+use inferd::loader::ModelDir;
+use inferd::models::DecoderModel;
 use inferd::models::{load_decoder, GenerationConfig};
+use inferd::server::{self, ServerOptions, ServerState};
 use inferd::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
 
 #[derive(Parser)]
@@ -26,10 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the OpenAI-compatible HTTP server.
-    Serve {
-        /// Model to serve for every request (same as --force-model).
-        model: Option<String>,
-    },
+    Serve(ServeArgs),
     /// Chat with a model in the terminal, through a running server.
     Chat,
     /// Download a model from the Hugging Face hub into the local cache.
@@ -38,6 +39,61 @@ enum Command {
     Bench,
     /// Generate a reply locally (greedy), as a quick check that a model works.
     Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The model to serve (`org/name[@revision]` or a folder); same as --force-model.
+    model: Option<String>,
+    /// Serve this model for every request, whatever model the request names.
+    #[arg(long)]
+    force_model: Option<String>,
+    #[arg(long, default_value = "localhost")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on every route but /health (or INFERD_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Answer CORS preflights and allow any origin.
+    #[arg(long)]
+    enable_cors: bool,
+    /// Accepted for compatibility with transformers serve: batching is always continuous.
+    #[arg(long)]
+    continuous_batching: bool,
+    /// Largest request body, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_body_bytes: usize,
+    /// Seed for requests that do not send one (reproducible runs).
+    #[arg(long)]
+    default_seed: Option<u64>,
+    /// Extra chat template variables for every request, as a JSON object.
+    #[arg(long)]
+    chat_template_kwargs: Option<String>,
+    /// Tokens per KV block.
+    #[arg(long, alias = "cb-block-size", default_value_t = 16)]
+    block_size: usize,
+    /// KV blocks in the pool (default: from --kv-cache-memory or --kv-cache-fraction).
+    #[arg(long, alias = "cb-num-blocks")]
+    num_blocks: Option<usize>,
+    /// KV cache size in bytes.
+    #[arg(long)]
+    kv_cache_memory: Option<usize>,
+    /// KV cache size as a fraction of the memory available at start-up.
+    #[arg(long, default_value_t = 0.25)]
+    kv_cache_fraction: f64,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 128)]
+    max_num_seqs: usize,
+    /// Most tokens computed in one step (the chunked-prefill budget).
+    #[arg(long, alias = "cb-max-batch-tokens", default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// Requests that may wait before new ones get 503.
+    #[arg(long, default_value_t = 1024)]
+    max_waiting: usize,
+    /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace_secs: u64,
 }
 
 #[derive(clap::Args)]
@@ -68,7 +124,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
-        Command::Serve { .. } => not_yet("serve", "the HTTP server (OpenAI routes)"),
+        Command::Serve(args) => serve(args),
         Command::Chat => not_yet("chat", "the model manager and chat client"),
         Command::Download { .. } => not_yet("download", "hub downloads"),
         Command::Bench => not_yet("bench", "the serving benchmark"),
@@ -93,13 +149,15 @@ fn not_yet(command: &str, what: &str) -> Result<(), Box<dyn Error>> {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
-    let dir = resolve_model(&args.model)?;
-    let tokenizer = Tokenizer::from_dir(&dir.path)?;
-    let generation_config = GenerationConfig::from_dir(&dir.path)?;
-    let backend = CpuBackend;
-    let load_start = std::time::Instant::now();
-    let model = load_decoder(&backend, &dir.path, &mut |_, _| {})?;
-    let load_secs = load_start.elapsed().as_secs_f64();
+    let loaded = LoadedModel::load(&args.model)?;
+    let eos_ids = loaded.eos_ids();
+    let LoadedModel {
+        dir,
+        tokenizer,
+        model,
+        load_secs,
+        ..
+    } = loaded;
 
     let prompt_ids = if args.raw {
         tokenizer.encode(&args.prompt, true)?
@@ -119,16 +177,6 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
         tokenizer.encode(&text, false)?
     };
 
-    let mut eos_ids = generation_config.eos_token_ids();
-    eos_ids.extend(&model.config.eos_token_ids);
-    if let Some(id) = tokenizer
-        .special_tokens
-        .eos_token
-        .as_deref()
-        .and_then(|t| tokenizer.token_to_id(t))
-    {
-        eos_ids.push(id);
-    }
     let block_size = 16;
     let config = EngineConfig {
         block_size,
@@ -137,7 +185,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
         max_num_batched_tokens: 512,
         max_waiting: 1,
     };
-    let mut engine = Engine::new(backend, model, config, eos_ids);
+    let mut engine = Engine::new(CpuBackend, model, config, eos_ids);
     let params = SamplingParams {
         max_tokens: Some(args.max_tokens),
         ..SamplingParams::greedy()
@@ -184,5 +232,136 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
             decoded as f64 / decode_secs.max(1e-9),
         );
     }
+    Ok(())
+}
+
+/// A model folder loaded for generation: weights, tokenizer and generation defaults.
+struct LoadedModel {
+    dir: ModelDir,
+    tokenizer: Tokenizer,
+    generation_config: GenerationConfig,
+    model: DecoderModel<CpuBackend>,
+    load_secs: f64,
+}
+
+impl LoadedModel {
+    fn load(id: &str) -> Result<Self, Box<dyn Error>> {
+        let dir = resolve_model(id)?;
+        let tokenizer = Tokenizer::from_dir(&dir.path)?;
+        let generation_config = GenerationConfig::from_dir(&dir.path)?;
+        let start = std::time::Instant::now();
+        let model = load_decoder(&CpuBackend, &dir.path, &mut |_, _| {})?;
+        Ok(LoadedModel {
+            dir,
+            tokenizer,
+            generation_config,
+            model,
+            load_secs: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// EOS ids from every place a model may declare them.
+    fn eos_ids(&self) -> Vec<u32> {
+        let mut ids = self.generation_config.eos_token_ids();
+        ids.extend(&self.model.config.eos_token_ids);
+        let eos_token = self.tokenizer.special_tokens.eos_token.as_deref();
+        if let Some(id) = eos_token.and_then(|t| self.tokenizer.token_to_id(t)) {
+            ids.push(id);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
+    let model_id =
+        args.force_model.clone().or(args.model.clone()).ok_or(
+            "`inferd serve` needs a model: `inferd serve ORG/NAME` (loading models on demand is not built yet)",
+        )?;
+    let chat_template_kwargs = match &args.chat_template_kwargs {
+        Some(text) => match serde_json::from_str::<serde_json::Value>(text)? {
+            serde_json::Value::Object(map) => Some(map),
+            _ => return Err("--chat-template-kwargs must be a JSON object".into()),
+        },
+        None => None,
+    };
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("INFERD_API_KEY").ok().filter(|k| !k.is_empty()));
+    let loaded = LoadedModel::load(&model_id)?;
+    let eos = loaded.eos_ids();
+    let LoadedModel {
+        dir,
+        tokenizer,
+        generation_config,
+        model,
+        ..
+    } = loaded;
+    let mut config = EngineConfig {
+        block_size: args.block_size,
+        num_blocks: 0,
+        max_num_seqs: args.max_num_seqs,
+        max_num_batched_tokens: args.max_num_batched_tokens,
+        max_waiting: args.max_waiting,
+    };
+    config = match (args.num_blocks, args.kv_cache_memory) {
+        (Some(n), _) => EngineConfig {
+            num_blocks: n,
+            ..config
+        },
+        (None, Some(bytes)) => config.with_budget(&model, KvCacheBudget::Bytes(bytes))?,
+        (None, None) => config.with_budget(&model, KvCacheBudget::FractionOfAvailable(args.kv_cache_fraction))?,
+    };
+    if config.block_size == 0
+        || config.num_blocks == 0
+        || config.max_num_seqs == 0
+        || config.max_num_batched_tokens == 0
+    {
+        return Err("--block-size, --num-blocks, --max-num-seqs and --max-num-batched-tokens must be positive".into());
+    }
+    let model_name = dir.display_name.clone();
+    let engine = EngineHandle::spawn(Engine::new(CpuBackend, model, config, eos));
+    let state = std::sync::Arc::new(ServerState {
+        engine,
+        tokenizer: std::sync::Arc::new(tokenizer),
+        model_id: model_id.split('@').next().unwrap_or(&model_id).to_owned(),
+        model_name,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        defaults: SamplingDefaults {
+            generation_config,
+            seed: args.default_seed,
+        },
+        chat_template_kwargs,
+        api_key,
+        enable_cors: args.enable_cors,
+        max_body_bytes: args.max_body_bytes,
+        metrics: Default::default(),
+        next_request: Default::default(),
+    });
+    let host = if args.host == "localhost" {
+        "127.0.0.1"
+    } else {
+        args.host.as_str()
+    };
+    let addr: std::net::SocketAddr = format!("{host}:{}", args.port)
+        .parse()
+        .or_else(|_| format!("[{host}]:{}", args.port).parse())
+        .map_err(|_| format!("--host `{}` is not an IP address", args.host))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(server::serve(
+        state,
+        ServerOptions {
+            addr,
+            shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_secs),
+        },
+    ))?;
     Ok(())
 }

@@ -19,6 +19,7 @@ use crate::backend::{Backend, ForwardBatch, SeqChunk};
 use crate::models::{DecoderModel, ForwardError, LogitsFor};
 
 pub use handle::{EngineHandle, EngineMetrics, RequestStream};
+
 pub use sampling::{InvalidParam, SamplingParams, TokenLogprobs};
 pub use scheduler::{Scheduler, SchedulerConfig, StepPlan};
 pub use sequence::RequestId;

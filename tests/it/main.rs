@@ -9,6 +9,7 @@ mod errors;
 mod generate_cli;
 mod loader;
 mod numerics;
+mod server;
 mod templates;
 mod tokenizer;
 mod wall;

@@ -1,0 +1,512 @@
+//! `/v1/chat/completions` and `/v1/completions` request bodies. Fields are read one by
+//! one so that a wrong type names its parameter; unknown fields are refused rather than
+//! silently ignored (a few informational OpenAI fields are accepted and documented).
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::engine::SamplingParams;
+use crate::models::GenerationConfig;
+use crate::server::error::ApiError;
+
+/// OpenAI's limit on stop strings.
+pub const MAX_STOP_STRINGS: usize = 16;
+
+/// Sampling defaults of the served model (`generation_config.json`), applied where a
+/// request says nothing, as vLLM and transformers serve do.
+#[derive(Debug, Clone, Default)]
+pub struct SamplingDefaults {
+    pub generation_config: GenerationConfig,
+    /// `--default-seed`
+    pub seed: Option<u64>,
+}
+
+/// Fields shared by both routes, already validated for type.
+#[derive(Debug, Clone)]
+pub struct GenerationFields {
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    /// Messages normalized for the chat template (text parts joined, tool-call
+    /// arguments parsed into objects).
+    pub messages: Value,
+    pub tools: Option<Value>,
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    pub generation: GenerationFields,
+    /// Chat `logprobs: true` asks for the chosen tokens' log-probabilities.
+    pub logprobs: bool,
+}
+
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+#[derive(Debug, Clone)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Prompt,
+    pub echo: bool,
+    pub generation: GenerationFields,
+}
+
+/// Reads typed fields out of a JSON object, naming the field on error.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+}
+
+impl Fields<'_> {
+    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ApiError> {
+        match self.map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => T::deserialize(v)
+                .map(Some)
+                .map_err(|e| ApiError::invalid(key, format!("`{key}` has the wrong type: {e}"))),
+        }
+    }
+}
+
+fn as_object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
+    body.as_object()
+        .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))
+}
+
+fn check_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    match map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::invalid(
+            k.clone(),
+            format!("`{k}` is not a supported parameter"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Sampling fields common to both routes.
+const SAMPLING_FIELDS: &[&str] = &[
+    "model",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_tokens",
+    "seed",
+    "n",
+    "stop",
+    "stop_token_ids",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "logit_bias",
+    "ignore_eos",
+    "min_tokens",
+    "generation_config",
+    // Informational OpenAI fields, accepted and not acted on.
+    "user",
+    "metadata",
+    "store",
+];
+
+fn generation_fields(
+    f: &Fields<'_>,
+    defaults: &SamplingDefaults,
+    max_tokens_keys: &[&str],
+) -> Result<GenerationFields, ApiError> {
+    let mut params = SamplingParams::default();
+    // 1. the model's generation_config.json
+    apply_generation_config(&mut params, &defaults.generation_config);
+    params.seed = defaults.seed;
+    // 2. the request's `generation_config` (object or JSON string)
+    if let Some(value) = f.map.get("generation_config").filter(|v| !v.is_null()) {
+        let parsed;
+        let object = match value {
+            Value::String(s) => {
+                parsed = serde_json::from_str::<Value>(s).map_err(|e| {
+                    ApiError::invalid(
+                        "generation_config",
+                        format!("`generation_config` is not valid JSON: {e}"),
+                    )
+                })?;
+                &parsed
+            }
+            v => v,
+        };
+        let map = object
+            .as_object()
+            .ok_or_else(|| ApiError::invalid("generation_config", "`generation_config` must be a JSON object"))?;
+        check_fields(
+            map,
+            &[
+                "max_new_tokens",
+                "do_sample",
+                "temperature",
+                "top_p",
+                "top_k",
+                "min_p",
+                "repetition_penalty",
+                "no_repeat_ngram_size",
+                "seed",
+            ],
+        )
+        .map_err(|e| ApiError::invalid("generation_config", format!("generation_config: {}", e.message)))?;
+        let config: GenerationConfig = serde_json::from_value(object.clone())
+            .map_err(|e| ApiError::invalid("generation_config", format!("generation_config: {e}")))?;
+        apply_generation_config(&mut params, &config);
+        let g = Fields { map };
+        if let Some(n) = g.get::<usize>("no_repeat_ngram_size")? {
+            params.no_repeat_ngram_size = n;
+        }
+        if let Some(seed) = g.get::<i64>("seed")? {
+            params.seed = Some(seed as u64);
+        }
+    }
+    // 3. the request's own fields
+    if let Some(t) = f.get::<f32>("temperature")? {
+        params.temperature = t;
+    }
+    if let Some(p) = f.get::<f32>("top_p")? {
+        params.top_p = p;
+    }
+    if let Some(k) = f.get::<i64>("top_k")? {
+        // vLLM's convention: 0 or -1 disables.
+        params.top_k = if k <= 0 { None } else { Some(k as usize) };
+    }
+    if let Some(p) = f.get::<f32>("min_p")? {
+        params.min_p = p;
+    }
+    for key in max_tokens_keys {
+        if let Some(m) = f.get::<i64>(key)? {
+            if m < 1 {
+                return Err(ApiError::invalid(*key, format!("`{key}` must be at least 1 (got {m})")));
+            }
+            params.max_tokens = Some(m as usize);
+        }
+    }
+    if let Some(seed) = f.get::<i64>("seed")? {
+        params.seed = Some(seed as u64);
+    }
+    if let Some(n) = f.get::<i64>("n")? {
+        if n < 1 {
+            return Err(ApiError::invalid("n", format!("`n` must be at least 1 (got {n})")));
+        }
+        params.n = n as usize;
+    }
+    for (key, slot) in [
+        ("presence_penalty", &mut params.presence_penalty),
+        ("frequency_penalty", &mut params.frequency_penalty),
+        ("repetition_penalty", &mut params.repetition_penalty),
+    ] {
+        if let Some(v) = f.get::<f32>(key)? {
+            *slot = v;
+        }
+    }
+    if let Some(n) = f.get::<usize>("no_repeat_ngram_size")? {
+        params.no_repeat_ngram_size = n;
+    }
+    if let Some(bias) = f.get::<Map<String, Value>>("logit_bias")? {
+        for (token, value) in bias {
+            let id: u32 = token.parse().map_err(|_| {
+                ApiError::invalid("logit_bias", format!("`logit_bias` key `{token}` is not a token id"))
+            })?;
+            let v = value.as_f64().ok_or_else(|| {
+                ApiError::invalid(
+                    "logit_bias",
+                    format!("`logit_bias` value for `{token}` is not a number"),
+                )
+            })?;
+            params.logit_bias.push((id, v as f32));
+        }
+    }
+    if let Some(b) = f.get::<bool>("ignore_eos")? {
+        params.ignore_eos = b;
+    }
+    if let Some(m) = f.get::<usize>("min_tokens")? {
+        params.min_tokens = m;
+    }
+    if let Some(ids) = f.get::<Vec<u32>>("stop_token_ids")? {
+        params.stop_token_ids = ids;
+    }
+    let stop = match f.map.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::invalid("stop", "`stop` must be a string or a list of strings"))?,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "stop",
+                "`stop` must be a string or a list of strings",
+            ))
+        }
+    };
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(ApiError::invalid(
+            "stop",
+            format!("`stop` holds at most {MAX_STOP_STRINGS} strings"),
+        ));
+    }
+    let stream = f.get::<bool>("stream")?.unwrap_or(false);
+    let include_usage = match f.get::<Map<String, Value>>("stream_options")? {
+        Some(options) => {
+            check_fields(&options, &["include_usage", "continuous_usage_stats"])?;
+            Fields { map: &options }.get::<bool>("include_usage")?.unwrap_or(false)
+        }
+        None => false,
+    };
+    Ok(GenerationFields {
+        params,
+        stop,
+        stream,
+        include_usage,
+    })
+}
+
+fn apply_generation_config(params: &mut SamplingParams, config: &GenerationConfig) {
+    if let Some(t) = config.temperature {
+        params.temperature = t;
+    }
+    if config.do_sample == Some(false) {
+        params.temperature = 0.0;
+    }
+    if let Some(p) = config.top_p {
+        params.top_p = p;
+    }
+    if let Some(k) = config.top_k {
+        params.top_k = if k == 0 { None } else { Some(k as usize) };
+    }
+    if let Some(p) = config.min_p {
+        params.min_p = p;
+    }
+    if let Some(r) = config.repetition_penalty {
+        params.repetition_penalty = r;
+    }
+    if let Some(m) = config.max_new_tokens {
+        params.max_tokens = Some(m as usize);
+    }
+}
+
+const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
+
+/// Checks the messages and turns them into what chat templates expect.
+fn normalize_messages(value: Option<&Value>) -> Result<Value, ApiError> {
+    let Some(value) = value else {
+        return Err(ApiError::invalid("messages", "`messages` is required"));
+    };
+    let list = value
+        .as_array()
+        .ok_or_else(|| ApiError::invalid("messages", "`messages` must be a list of messages"))?;
+    if list.is_empty() {
+        return Err(ApiError::invalid("messages", "`messages` must not be empty"));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, message) in list.iter().enumerate() {
+        let param = format!("messages[{i}]");
+        let m = message
+            .as_object()
+            .ok_or_else(|| ApiError::invalid(param.clone(), format!("`{param}` must be an object")))?;
+        let role = m
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::invalid(format!("{param}.role"), format!("`{param}.role` is required")))?;
+        if !ROLES.contains(&role) {
+            return Err(ApiError::invalid(
+                format!("{param}.role"),
+                format!("`{param}.role` must be one of {} (got `{role}`)", ROLES.join(", ")),
+            ));
+        }
+        let mut normalized = m.clone();
+        // developer is OpenAI's new name for system.
+        if role == "developer" {
+            normalized.insert("role".into(), "system".into());
+        }
+        let content = match m.get("content") {
+            None | Some(Value::Null) if role == "assistant" => Value::String(String::new()),
+            Some(Value::String(s)) => Value::String(s.clone()),
+            Some(Value::Array(parts)) => {
+                let mut text = String::new();
+                for (j, part) in parts.iter().enumerate() {
+                    let part_param = format!("{param}.content[{j}]");
+                    match part.get("type").and_then(Value::as_str) {
+                        Some("text") | Some("input_text") | Some("output_text") => {
+                            let t = part.get("text").and_then(Value::as_str).ok_or_else(|| {
+                                ApiError::invalid(part_param.clone(), format!("`{part_param}.text` must be a string"))
+                            })?;
+                            text.push_str(t);
+                        }
+                        Some(other) => {
+                            return Err(ApiError::invalid(
+                                part_param,
+                                format!("content parts of type `{other}` are not supported by this model"),
+                            ))
+                        }
+                        None => {
+                            return Err(ApiError::invalid(
+                                part_param.clone(),
+                                format!("`{part_param}.type` is required"),
+                            ))
+                        }
+                    }
+                }
+                Value::String(text)
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("{param}.content"),
+                    format!("`{param}.content` must be a string or a list of content parts"),
+                ))
+            }
+        };
+        normalized.insert("content".into(), content);
+        if let Some(calls) = m.get("tool_calls").filter(|v| !v.is_null()) {
+            let calls = calls.as_array().ok_or_else(|| {
+                ApiError::invalid(
+                    format!("{param}.tool_calls"),
+                    format!("`{param}.tool_calls` must be a list"),
+                )
+            })?;
+            // Templates render arguments with `tojson`: give them the object, not its text.
+            let calls: Vec<Value> = calls
+                .iter()
+                .map(|call| {
+                    let mut call = call.clone();
+                    if let Some(args) = call.pointer_mut("/function/arguments") {
+                        if let Some(parsed) = args.as_str().and_then(|s| serde_json::from_str::<Value>(s).ok()) {
+                            *args = parsed;
+                        }
+                    }
+                    call
+                })
+                .collect();
+            normalized.insert("tool_calls".into(), Value::Array(calls));
+        }
+        out.push(Value::Object(normalized));
+    }
+    Ok(Value::Array(out))
+}
+
+pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<ChatRequest, ApiError> {
+    let map = as_object(body)?;
+    let mut allowed = SAMPLING_FIELDS.to_vec();
+    allowed.extend([
+        "messages",
+        "max_completion_tokens",
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "chat_template_kwargs",
+    ]);
+    check_fields(map, &allowed)?;
+    let f = Fields { map };
+    let messages = normalize_messages(map.get("messages"))?;
+    let mut generation = generation_fields(&f, defaults, &["max_tokens", "max_completion_tokens"])?;
+    let logprobs = f.get::<bool>("logprobs")?.unwrap_or(false);
+    if let Some(k) = f.get::<usize>("top_logprobs")? {
+        if !logprobs {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` needs `logprobs: true`",
+            ));
+        }
+        generation.params.logprobs = Some(k);
+    } else if logprobs {
+        generation.params.logprobs = Some(0);
+    }
+    let tools = match f.get::<Value>("tools")? {
+        Some(Value::Array(t)) if t.is_empty() => None,
+        Some(t @ Value::Array(_)) => Some(t),
+        Some(_) => return Err(ApiError::invalid("tools", "`tools` must be a list")),
+        None => None,
+    };
+    match f.get::<Value>("tool_choice")? {
+        None => {}
+        Some(Value::String(s)) if s == "auto" || s == "none" => {}
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` supports `auto` and `none` (required and named tools are not supported yet)",
+            ))
+        }
+    }
+    // With tool_choice none the tools are still described to the model only by
+    // OpenAI's definition; we simply do not offer them.
+    let tools = if map.get("tool_choice").and_then(Value::as_str) == Some("none") {
+        None
+    } else {
+        tools
+    };
+    let _: Option<bool> = f.get("parallel_tool_calls")?;
+    Ok(ChatRequest {
+        model: f.get("model")?,
+        messages,
+        tools,
+        chat_template_kwargs: f.get("chat_template_kwargs")?,
+        generation,
+        logprobs,
+    })
+}
+
+pub fn parse_completion_request(body: &Value, defaults: &SamplingDefaults) -> Result<CompletionRequest, ApiError> {
+    let map = as_object(body)?;
+    let mut allowed = SAMPLING_FIELDS.to_vec();
+    allowed.extend(["prompt", "echo", "logprobs", "suffix", "best_of"]);
+    check_fields(map, &allowed)?;
+    let f = Fields { map };
+    if map.get("suffix").is_some_and(|s| !s.is_null()) {
+        return Err(ApiError::invalid(
+            "suffix",
+            "`suffix` (fill-in-the-middle) is not supported",
+        ));
+    }
+    if f.get::<i64>("best_of")?.is_some_and(|b| b != 1) {
+        return Err(ApiError::invalid("best_of", "`best_of` is not supported (use `n`)"));
+    }
+    let prompt = match map.get("prompt") {
+        Some(Value::String(s)) => Prompt::Text(s.clone()),
+        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_u64) => {
+            Prompt::Ids(items.iter().map(|v| v.as_u64().unwrap_or(0) as u32).collect())
+        }
+        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+            Prompt::Text(items[0].as_str().unwrap_or_default().to_owned())
+        }
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "`prompt` must be a string or a list of token ids (send one request per prompt)",
+            ))
+        }
+        None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "`prompt` must be a string or a list of token ids",
+            ))
+        }
+    };
+    let mut generation = generation_fields(&f, defaults, &["max_tokens"])?;
+    // OpenAI's completions default is 16 tokens.
+    if map.get("max_tokens").is_none_or(Value::is_null) && defaults.generation_config.max_new_tokens.is_none() {
+        generation.params.max_tokens = Some(16);
+    }
+    if let Some(k) = f.get::<usize>("logprobs")? {
+        generation.params.logprobs = Some(k);
+    }
+    Ok(CompletionRequest {
+        model: f.get("model")?,
+        prompt,
+        echo: f.get::<bool>("echo")?.unwrap_or(false),
+        generation,
+    })
+}

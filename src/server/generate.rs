@@ -1,0 +1,457 @@
+//! Chat and text completions: tokenize (on the blocking pool), submit to the engine,
+//! and turn its token events into OpenAI responses, whole or as server-sent events.
+//! Detokenization and stop strings happen here, per completion; a client that goes away
+//! drops the request stream, which cancels the request in the engine.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use hyper::StatusCode;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::http::{json_response, sse_event, sse_response, HttpResponse};
+use super::ServerState;
+use crate::api::openai::{GenerationFields, Prompt};
+use crate::api::{parse_chat_request, parse_completion_request};
+use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
+use crate::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat { logprobs: bool },
+    Text,
+}
+
+/// One completion (choice) being assembled.
+struct Choice {
+    detokenizer: IncrementalDetokenizer,
+    stops: StopMatcher,
+    text: String,
+    tokens: usize,
+    logprobs: Vec<Value>,
+    finish: Option<&'static str>,
+}
+
+impl Choice {
+    fn new(stops: &[String]) -> Self {
+        Choice {
+            detokenizer: IncrementalDetokenizer::new(true),
+            stops: StopMatcher::new(stops.iter().cloned()),
+            text: String::new(),
+            tokens: 0,
+            logprobs: Vec::new(),
+            finish: None,
+        }
+    }
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+    tokenizer.decode(&[id], false).unwrap_or_default()
+}
+
+fn chat_logprob(tokenizer: &Tokenizer, lp: &TokenLogprobs) -> Value {
+    let entry = |id: u32, logprob: f32| {
+        let token = token_text(tokenizer, id);
+        json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
+    };
+    let mut main = entry(lp.token, lp.logprob);
+    main["top_logprobs"] = Value::Array(lp.top.iter().map(|&(id, l)| entry(id, l)).collect());
+    main
+}
+
+/// What one engine event changed in a choice (what streaming sends).
+struct ChoiceUpdate {
+    index: usize,
+    /// Text that became final.
+    text: String,
+    logprob: Option<Value>,
+    /// Set when the choice just finished.
+    finish: Option<&'static str>,
+}
+
+/// Applies one engine event to the choices.
+fn apply_event(
+    tokenizer: &Tokenizer,
+    kind: Kind,
+    choices: &mut [Choice],
+    event: EngineEvent,
+) -> Result<Option<ChoiceUpdate>, String> {
+    match event {
+        EngineEvent::Token { index, token, logprobs } => {
+            let choice = &mut choices[index];
+            if choice.finish.is_some() {
+                return Ok(None);
+            }
+            choice.tokens += 1;
+            let piece = choice.detokenizer.push(tokenizer, token).map_err(|e| e.to_string())?;
+            let out = choice.stops.push(&piece);
+            choice.text.push_str(&out.text);
+            let logprob = logprobs.map(|lp| match kind {
+                Kind::Chat { .. } => chat_logprob(tokenizer, &lp),
+                Kind::Text => json!({"token": token_text(tokenizer, lp.token), "logprob": lp.logprob,
+                    "top": lp.top.iter().map(|&(id, l)| (token_text(tokenizer, id), l)).collect::<Vec<_>>()}),
+            });
+            if let Some(l) = &logprob {
+                choice.logprobs.push(l.clone());
+            }
+            if out.matched.is_some() {
+                choice.finish = Some("stop");
+            }
+            Ok(Some(ChoiceUpdate {
+                index,
+                text: out.text,
+                logprob,
+                finish: choice.finish,
+            }))
+        }
+        EngineEvent::Finished { index, reason, .. } => {
+            let choice = &mut choices[index];
+            if choice.finish.is_some() {
+                return Ok(None);
+            }
+            let rest = choice.detokenizer.flush(tokenizer).map_err(|e| e.to_string())?;
+            let mut text = choice.stops.push(&rest).text;
+            if !choice.stops.is_stopped() {
+                text.push_str(&choice.stops.finish());
+            }
+            let reason = if choice.stops.is_stopped() {
+                "stop"
+            } else {
+                finish_reason(reason)
+            };
+            choice.text.push_str(&text);
+            choice.finish = Some(reason);
+            Ok(Some(ChoiceUpdate {
+                index,
+                text,
+                logprob: None,
+                finish: Some(reason),
+            }))
+        }
+        EngineEvent::Failed(e) => Err(e),
+    }
+}
+
+fn usage_json(prompt_tokens: usize, choices: &[Choice]) -> Value {
+    let completion: usize = choices.iter().map(|c| c.tokens).sum();
+    json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion})
+}
+
+pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
+    let request = parse_chat_request(&body, &state.defaults)?;
+    state.check_model(request.model.as_deref())?;
+    let tokenizer = state.tokenizer.clone();
+    let mut kwargs = state.chat_template_kwargs.clone().unwrap_or_default();
+    kwargs.extend(request.chat_template_kwargs.clone().unwrap_or_default());
+    let (messages, tools) = (request.messages.clone(), request.tools.clone());
+    let prompt_ids = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
+        let template = tokenizer
+            .chat_template()
+            .map_err(|e| ApiError::bad_request(format!("cannot apply a chat template: {e}")))?;
+        let text = template
+            .render(ChatInput {
+                messages: &messages,
+                tools: tools.as_ref(),
+                add_generation_prompt: true,
+                kwargs: Some(&kwargs),
+            })
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        tokenizer
+            .encode(&text, false)
+            .map_err(|e| ApiError::internal(e.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
+    run(
+        state,
+        id,
+        Kind::Chat {
+            logprobs: request.logprobs,
+        },
+        prompt_ids,
+        None,
+        request.generation,
+    )
+    .await
+}
+
+pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
+    let request = parse_completion_request(&body, &state.defaults)?;
+    state.check_model(request.model.as_deref())?;
+    let tokenizer = state.tokenizer.clone();
+    let prompt = request.prompt.clone();
+    let (prompt_ids, prompt_text) = tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, String), ApiError> {
+        match prompt {
+            Prompt::Text(text) => {
+                let ids = tokenizer
+                    .encode(&text, true)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                Ok((ids, text))
+            }
+            Prompt::Ids(ids) => {
+                let text = tokenizer.decode(&ids, false).unwrap_or_default();
+                Ok((ids, text))
+            }
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
+    let echo = request.echo.then_some(prompt_text);
+    run(state, id, Kind::Text, prompt_ids, echo, request.generation).await
+}
+
+async fn run(
+    state: Arc<ServerState>,
+    id: String,
+    kind: Kind,
+    prompt_ids: Vec<u32>,
+    echo: Option<String>,
+    generation: GenerationFields,
+) -> Result<HttpResponse, ApiError> {
+    let start = Instant::now();
+    let prompt_tokens = prompt_ids.len();
+    let n = generation.params.n;
+    let stream = state.engine.submit(prompt_ids, generation.params.clone())?;
+    state
+        .metrics
+        .prompt_tokens
+        .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+    let created = now_secs();
+    let choices: Vec<Choice> = (0..n).map(|_| Choice::new(&generation.stop)).collect();
+    if generation.stream {
+        let (response, tx) = sse_response();
+        let include_usage = generation.include_usage;
+        tokio::spawn(async move {
+            stream_events(
+                state,
+                stream,
+                StreamContext {
+                    id,
+                    kind,
+                    created,
+                    echo,
+                    include_usage,
+                    prompt_tokens,
+                    start,
+                },
+                choices,
+                tx,
+            )
+            .await;
+        });
+        return Ok(response);
+    }
+    collect(state, stream, kind, id, created, echo, prompt_tokens, start, choices).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn collect(
+    state: Arc<ServerState>,
+    mut stream: RequestStream,
+    kind: Kind,
+    id: String,
+    created: u64,
+    echo: Option<String>,
+    prompt_tokens: usize,
+    start: Instant,
+    mut choices: Vec<Choice>,
+) -> Result<HttpResponse, ApiError> {
+    let tokenizer = state.tokenizer.clone();
+    let mut first = true;
+    while choices.iter().any(|c| c.finish.is_none()) {
+        let Some(event) = stream.next().await else {
+            return Err(ApiError::internal("the engine stopped before the request finished"));
+        };
+        if first && matches!(event, EngineEvent::Token { .. }) {
+            state.metrics.time_to_first_token.observe(start.elapsed().as_secs_f64());
+            first = false;
+        }
+        apply_event(&tokenizer, kind, &mut choices, event).map_err(ApiError::internal)?;
+    }
+    drop(stream); // cancels completions cut short by a stop string
+    let completion: usize = choices.iter().map(|c| c.tokens).sum();
+    state
+        .metrics
+        .completion_tokens
+        .fetch_add(completion as u64, Ordering::Relaxed);
+    let usage = usage_json(prompt_tokens, &choices);
+    let body = match kind {
+        Kind::Chat { logprobs } => json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": created,
+            "model": state.model_name,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": if logprobs { json!({"content": c.logprobs}) } else { Value::Null },
+                "finish_reason": c.finish,
+            })).collect::<Vec<_>>(),
+            "usage": usage,
+        }),
+        Kind::Text => json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": state.model_name,
+            "choices": choices.iter().enumerate().map(|(i, c)| json!({
+                "index": i,
+                "text": format!("{}{}", echo.as_deref().unwrap_or(""), c.text),
+                "logprobs": if c.logprobs.is_empty() { Value::Null } else { completion_logprobs(&c.logprobs) },
+                "finish_reason": c.finish,
+            })).collect::<Vec<_>>(),
+            "usage": usage,
+        }),
+    };
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+/// The legacy completions logprobs object from per-token entries.
+fn completion_logprobs(entries: &[Value]) -> Value {
+    let tokens: Vec<&Value> = entries.iter().map(|e| &e["token"]).collect();
+    let logprobs: Vec<&Value> = entries.iter().map(|e| &e["logprob"]).collect();
+    let top: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            let mut m = serde_json::Map::new();
+            for pair in e["top"].as_array().into_iter().flatten() {
+                if let (Some(t), Some(l)) = (pair[0].as_str(), pair.get(1)) {
+                    m.insert(t.to_owned(), l.clone());
+                }
+            }
+            Value::Object(m)
+        })
+        .collect();
+    json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top})
+}
+
+struct StreamContext {
+    id: String,
+    kind: Kind,
+    created: u64,
+    echo: Option<String>,
+    include_usage: bool,
+    prompt_tokens: usize,
+    start: Instant,
+}
+
+impl StreamContext {
+    fn chunk(&self, model: &str, choices: Value) -> Value {
+        let object = match self.kind {
+            Kind::Chat { .. } => "chat.completion.chunk",
+            Kind::Text => "text_completion",
+        };
+        json!({"id": self.id, "object": object, "created": self.created, "model": model, "choices": choices})
+    }
+}
+
+async fn stream_events(
+    state: Arc<ServerState>,
+    mut stream: RequestStream,
+    ctx: StreamContext,
+    mut choices: Vec<Choice>,
+    tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+) {
+    let tokenizer = state.tokenizer.clone();
+    let model = state.model_name.clone();
+    let send = |value: Value| {
+        let tx = tx.clone();
+        async move { tx.send(sse_event(&value.to_string())).await.is_ok() }
+    };
+    // Opening frames: the role for chat, the echoed prompt for completions.
+    for i in 0..choices.len() {
+        let opening = match (ctx.kind, &ctx.echo) {
+            (Kind::Chat { .. }, _) => {
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}])
+            }
+            (Kind::Text, Some(echo)) => json!([{"index": i, "text": echo, "logprobs": null, "finish_reason": null}]),
+            (Kind::Text, None) => continue,
+        };
+        if !send(ctx.chunk(&model, opening)).await {
+            return;
+        }
+    }
+    let mut last_token_at: Option<Instant> = None;
+    while choices.iter().any(|c| c.finish.is_none()) {
+        let Some(event) = stream.next().await else { break };
+        if matches!(event, EngineEvent::Token { .. }) {
+            let now = Instant::now();
+            match last_token_at {
+                None => state
+                    .metrics
+                    .time_to_first_token
+                    .observe((now - ctx.start).as_secs_f64()),
+                Some(prev) => state.metrics.inter_token_latency.observe((now - prev).as_secs_f64()),
+            }
+            last_token_at = Some(now);
+        }
+        let update = match apply_event(&tokenizer, ctx.kind, &mut choices, event) {
+            Ok(update) => update,
+            Err(e) => {
+                let error = ApiError::internal(e);
+                let _ = tx.send(sse_event(&error.to_json().to_string())).await;
+                return;
+            }
+        };
+        let Some(ChoiceUpdate {
+            index,
+            text,
+            logprob,
+            finish,
+        }) = update
+        else {
+            continue;
+        };
+        if !text.is_empty() || logprob.is_some() {
+            let choice = match ctx.kind {
+                Kind::Chat { logprobs } => json!({"index": index, "delta": {"content": text},
+                    "logprobs": if logprobs { json!({"content": logprob.into_iter().collect::<Vec<_>>()}) } else { Value::Null },
+                    "finish_reason": null}),
+                Kind::Text => json!({"index": index, "text": text,
+                    "logprobs": logprob.map(|l| completion_logprobs(&[l])), "finish_reason": null}),
+            };
+            if !send(ctx.chunk(&model, json!([choice]))).await {
+                return; // the client went away: dropping `stream` cancels the request
+            }
+        }
+        if let Some(reason) = finish {
+            let choice = match ctx.kind {
+                Kind::Chat { .. } => json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}),
+                Kind::Text => json!({"index": index, "text": "", "logprobs": null, "finish_reason": reason}),
+            };
+            if !send(ctx.chunk(&model, json!([choice]))).await {
+                return;
+            }
+        }
+    }
+    drop(stream);
+    let completion: usize = choices.iter().map(|c| c.tokens).sum();
+    state
+        .metrics
+        .completion_tokens
+        .fetch_add(completion as u64, Ordering::Relaxed);
+    if ctx.include_usage {
+        let mut chunk = ctx.chunk(&model, json!([]));
+        chunk["usage"] = usage_json(ctx.prompt_tokens, &choices);
+        if !send(chunk).await {
+            return;
+        }
+    }
+    let _ = tx.send(bytes::Bytes::from_static(b"data: [DONE]\n\n")).await;
+}

@@ -1,0 +1,169 @@
+//! Server metrics in the Prometheus text format: requests by route and status, latency
+//! histograms (time to first token, time between tokens), token counts, and the engine's
+//! own gauges (queue, running, KV blocks, prefix-cache hits).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::engine::EngineMetrics;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+#[derive(Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, secs: f64) {
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            if secs <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bound, count) in BUCKETS.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", count.load(Ordering::Relaxed));
+        }
+        let total = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count {total}");
+    }
+}
+
+#[derive(Default)]
+pub struct ServerMetrics {
+    /// (route, status) -> count. Touched once per request, off the engine's path.
+    requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub prompt_tokens: AtomicU64,
+    pub completion_tokens: AtomicU64,
+}
+
+impl ServerMetrics {
+    pub fn count_request(&self, route: &'static str, status: u16) {
+        if let Ok(mut map) = self.requests.lock() {
+            *map.entry((route, status)).or_default() += 1;
+        }
+    }
+
+    pub fn render(&self, engine: &EngineMetrics) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP inferd_requests_total HTTP requests by route and status.\n# TYPE inferd_requests_total counter"
+        );
+        if let Ok(map) = self.requests.lock() {
+            for ((route, status), n) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "inferd_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
+        self.time_to_first_token.render(
+            &mut out,
+            "inferd_time_to_first_token_seconds",
+            "Time from request to first token.",
+        );
+        self.inter_token_latency.render(
+            &mut out,
+            "inferd_inter_token_latency_seconds",
+            "Time between streamed tokens.",
+        );
+        let r = Ordering::Relaxed;
+        let counters = [
+            (
+                "inferd_prompt_tokens_total",
+                "Prompt tokens of served requests.",
+                self.prompt_tokens.load(r),
+            ),
+            (
+                "inferd_completion_tokens_total",
+                "Tokens generated for served requests.",
+                self.completion_tokens.load(r),
+            ),
+            (
+                "inferd_engine_tokens_generated_total",
+                "Tokens sampled by the engine.",
+                engine.tokens_generated.load(r),
+            ),
+            (
+                "inferd_engine_tokens_computed_total",
+                "Tokens run through the model.",
+                engine.tokens_computed.load(r),
+            ),
+            (
+                "inferd_engine_preemptions_total",
+                "Sequences preempted for KV blocks.",
+                engine.preemptions.load(r),
+            ),
+            ("inferd_engine_steps_total", "Engine steps.", engine.steps.load(r)),
+            (
+                "inferd_prefix_cache_queries_total",
+                "Prefix-cache block lookups.",
+                engine.prefix_cache_queries.load(r),
+            ),
+            (
+                "inferd_prefix_cache_hits_total",
+                "Prefix-cache block hits.",
+                engine.prefix_cache_hits.load(r),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
+        let gauges = [
+            (
+                "inferd_requests_waiting",
+                "Requests queued, not yet running.",
+                engine.waiting.load(r) as u64,
+            ),
+            (
+                "inferd_requests_pending",
+                "Requests accepted and not yet admitted (counts toward --max-waiting).",
+                engine.pending.load(r) as u64,
+            ),
+            (
+                "inferd_sequences_running",
+                "Sequences in the running batch.",
+                engine.running.load(r) as u64,
+            ),
+            (
+                "inferd_kv_blocks_total",
+                "KV cache blocks in the pool.",
+                engine.kv_blocks_total.load(r) as u64,
+            ),
+            (
+                "inferd_kv_blocks_used",
+                "KV cache blocks held by sequences.",
+                engine.kv_blocks_used.load(r) as u64,
+            ),
+            (
+                "inferd_engine_last_step_microseconds",
+                "Duration of the last engine step.",
+                engine.last_step_micros.load(r),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        }
+        out
+    }
+}

@@ -1,0 +1,126 @@
+//! The OpenAI-compatible HTTP server (hyper 1): the accept loop with graceful shutdown,
+//! the shared state, and the routes. Requests become engine submissions in `generate`;
+//! the engine itself never sees HTTP.
+
+pub mod error;
+pub mod generate;
+pub mod http;
+pub mod metrics;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::{Map, Value};
+use tokio::net::TcpListener;
+
+use crate::api::SamplingDefaults;
+use crate::engine::EngineHandle;
+use crate::text::Tokenizer;
+use error::ApiError;
+use metrics::ServerMetrics;
+
+/// Everything the routes share.
+pub struct ServerState {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    /// `org/name` as requested on the command line.
+    pub model_id: String,
+    /// `org/name@revision`, as responses name it.
+    pub model_name: String,
+    pub created: u64,
+    pub defaults: SamplingDefaults,
+    /// `--chat-template-kwargs`, under each request's own.
+    pub chat_template_kwargs: Option<Map<String, Value>>,
+    pub api_key: Option<String>,
+    pub enable_cors: bool,
+    pub max_body_bytes: usize,
+    pub metrics: ServerMetrics,
+    pub next_request: AtomicU64,
+}
+
+impl ServerState {
+    /// The served model is forced: any `model` a request names is served by it, as with
+    /// transformers serve's `--force-model` (loading other models on demand is the model
+    /// manager's job, not built yet).
+    pub fn check_model(&self, _requested: Option<&str>) -> Result<(), ApiError> {
+        Ok(())
+    }
+}
+
+pub struct ServerOptions {
+    pub addr: SocketAddr,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+/// Serves until SIGINT or SIGTERM, then stops accepting, lets open connections finish
+/// within the grace period, and returns.
+pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::Result<()> {
+    let listener = TcpListener::bind(options.addr).await?;
+    let local = listener.local_addr()?;
+    // Tests and scripts read the port from this line (useful with --port 0).
+    eprintln!("inferd: serving {} on http://{local}", state.model_name);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        eprintln!("inferd: accept failed: {e}");
+                        continue;
+                    }
+                };
+                let state = state.clone();
+                let service = service_fn(move |req| routes::handle(state.clone(), req));
+                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut shutdown => {
+                eprintln!("inferd: shutting down");
+                break;
+            }
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(options.shutdown_grace) => {
+            eprintln!("inferd: grace period over, closing remaining connections");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,456 @@
+//! The HTTP server over real sockets: a real `inferd serve` process on a free port,
+//! raw HTTP/1.1 requests, every route, streaming and not, and the error cases.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// A server process, killed on drop.
+pub struct Server {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
+            .args([
+                "serve",
+                "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "--port",
+                "0",
+                "--num-blocks",
+                "256",
+            ])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let port = loop {
+            line.clear();
+            assert!(Instant::now() < deadline, "server did not start");
+            if stderr.read_line(&mut line).unwrap() == 0 {
+                panic!("server exited: {:?}", child.wait());
+            }
+            if let Some(addr) = line
+                .trim()
+                .rsplit("http://")
+                .next()
+                .filter(|_| line.contains("serving"))
+            {
+                break addr.rsplit(':').next().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining stderr so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            let _ = stderr.read_to_string(&mut sink);
+        });
+        Server { child, port }
+    }
+
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Response {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        if let Some(b) = body {
+            req.push_str(&format!(
+                "content-type: application/json\r\ncontent-length: {}\r\n",
+                b.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(body.unwrap_or(""));
+        stream.write_all(req.as_bytes()).unwrap();
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).unwrap();
+        Response::parse(&raw)
+    }
+
+    pub fn post(&self, path: &str, body: Value) -> Response {
+        self.request("POST", path, &[], Some(&body.to_string()))
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    fn parse(raw: &[u8]) -> Response {
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
+        let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(": ").map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned())))
+            .collect();
+        let mut body = raw[split + 4..].to_vec();
+        if headers.iter().any(|(k, v)| k == "transfer-encoding" && v == "chunked") {
+            body = dechunk(&body);
+        }
+        Response {
+            status,
+            headers,
+            body: String::from_utf8(body).unwrap(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    /// The `data:` payloads of an event stream.
+    pub fn events(&self) -> Vec<String> {
+        self.body
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                e.strip_prefix("data: ")
+                    .unwrap_or_else(|| panic!("not an SSE data line: {e:?}"))
+                    .to_owned()
+            })
+            .collect()
+    }
+}
+
+fn dechunk(mut body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..line_end]).unwrap().trim(), 16).unwrap();
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
+/// A server with the default flags. Each test has its own: a process outliving the test
+/// binary (as a static would) would hold its output pipe open.
+fn server() -> Server {
+    Server::start(&["--max-body-bytes", "65536"])
+}
+
+fn ask(question: &str) -> Value {
+    json!({"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": question}], "temperature": 0})
+}
+
+#[test]
+fn health_answers_and_echoes_the_request_id() {
+    let s = server();
+    let r = s.request("GET", "/health", &[("x-request-id", "abc-123")], None);
+    assert_eq!((r.status, r.json()), (200, json!({"status": "ok"})));
+    assert_eq!(r.header("x-request-id"), Some("abc-123"));
+    let r = s.request("GET", "/health", &[], None);
+    assert!(r.header("x-request-id").unwrap().starts_with("req_"));
+}
+
+#[test]
+fn chat_completion_answers_like_transformers() {
+    let s = server();
+    let r = s.post("/v1/chat/completions", ask("What is the capital of France?"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "HuggingFaceTB/SmolLM2-135M-Instruct@main");
+    assert_eq!(
+        v["choices"][0]["message"],
+        json!({"role": "assistant", "content": "The capital of France is Paris."})
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 37, "completion_tokens": 8, "total_tokens": 45})
+    );
+    assert_eq!(r.header("x-request-id"), v["id"].as_str());
+}
+
+#[test]
+fn streamed_chat_reassembles_to_the_same_text_and_ends_with_done() {
+    let s = server();
+    let mut body = ask("What is 2+2?");
+    body["max_tokens"] = json!(20);
+    let whole = s.post("/v1/chat/completions", body.clone()).json();
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let r = s.post("/v1/chat/completions", body);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("text/event-stream; charset=utf-8"));
+    let events = r.events();
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let finish = &chunks[chunks.len() - 2]["choices"][0]["finish_reason"];
+    assert_eq!(finish, &whole["choices"][0]["finish_reason"]);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert_eq!(usage, &whole["usage"]);
+    assert_eq!(chunks.last().unwrap()["choices"], json!([]));
+}
+
+#[test]
+fn stop_strings_n_and_logprobs_work_over_http() {
+    let s = server();
+    let mut body = ask("What is the capital of France?");
+    body["stop"] = json!([" Paris"]);
+    body["n"] = json!(2);
+    body["logprobs"] = json!(true);
+    body["top_logprobs"] = json!(2);
+    let v = s.post("/v1/chat/completions", body).json();
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2);
+    for c in choices {
+        assert_eq!(c["message"]["content"], "The capital of France is");
+        assert_eq!(c["finish_reason"], "stop");
+        let lp = c["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(lp[0]["token"], "The");
+        assert!(lp[0]["logprob"].as_f64().unwrap() <= 0.0);
+        assert_eq!(lp[0]["top_logprobs"].as_array().unwrap().len(), 2);
+    }
+}
+
+#[test]
+fn text_completions_work_streamed_and_not() {
+    let s = server();
+    let body = json!({"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0});
+    let v = s.post("/v1/completions", body.clone()).json();
+    assert_eq!(v["object"], "text_completion");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_owned();
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let r = s.post("/v1/completions", streamed);
+    let events = r.events();
+    let joined: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(joined, text);
+    let echo = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": "Hello", "max_tokens": 2, "echo": true}),
+        )
+        .json();
+    assert!(echo["choices"][0]["text"].as_str().unwrap().starts_with("Hello"));
+}
+
+#[test]
+fn models_tokenize_and_metrics_routes_answer() {
+    let s = server();
+    let models = s.request("GET", "/v1/models", &[], None).json();
+    assert_eq!(models["object"], "list");
+    assert_eq!(models["data"][0]["id"], "HuggingFaceTB/SmolLM2-135M-Instruct");
+    assert_eq!(models["data"][0]["loaded"], true);
+    assert!(models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == "inferd-test/tiny-qwen2"));
+    let one = s.request("GET", "/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct", &[], None);
+    assert_eq!(one.status, 200);
+    assert_eq!(s.request("GET", "/v1/models/nobody/nothing", &[], None).status, 404);
+    let t = s.post("/tokenize", json!({"prompt": "Hello world"})).json();
+    assert_eq!(t["count"], t["tokens"].as_array().unwrap().len());
+    let d = s.post("/detokenize", json!({"tokens": t["tokens"]})).json();
+    assert_eq!(d["prompt"], "Hello world");
+    let m = s.request("GET", "/metrics", &[], None);
+    assert_eq!(m.status, 200);
+    assert!(m.body.contains("inferd_kv_blocks_total 256"), "{}", m.body);
+    assert!(m
+        .body
+        .contains("inferd_requests_total{route=\"/v1/models\",status=\"200\"}"));
+}
+
+/// (body, status, param) for each bad request.
+#[test]
+fn bad_requests_get_openai_errors_with_the_right_status() {
+    let s = server();
+    let cases: Vec<(String, u16, Option<&str>)> = vec![
+        ("{bad".into(), 400, None),
+        ("[1, 2]".into(), 400, None),
+        (json!({"messages": []}).to_string(), 400, Some("messages")),
+        (json!({"model": "x"}).to_string(), 400, Some("messages")),
+        (json!({"messages": "hi"}).to_string(), 400, Some("messages")),
+        (
+            json!({"messages": [{"content": "x"}]}).to_string(),
+            400,
+            Some("messages[0].role"),
+        ),
+        (
+            json!({"messages": [{"role": "robot", "content": "x"}]}).to_string(),
+            400,
+            Some("messages[0].role"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}).to_string(),
+            400,
+            Some("top_p"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "temperature": -1}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}).to_string(),
+            400,
+            Some("temperature"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}).to_string(),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "frobnicate": 1}).to_string(),
+            400,
+            Some("frobnicate"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "generation_config": "{not json"}).to_string(),
+            400,
+            Some("generation_config"),
+        ),
+        // 256 blocks of 16 tokens: this prompt does not fit.
+        (
+            json!({"messages": [{"role": "user", "content": "word ".repeat(5000)}]}).to_string(),
+            422,
+            Some("messages"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x".repeat(70_000)}]}).to_string(),
+            413,
+            None,
+        ),
+    ];
+    for (body, status, param) in cases {
+        let r = s.request("POST", "/v1/chat/completions", &[], Some(&body));
+        assert_eq!(r.status, status, "{}: {}", &body[..body.len().min(80)], r.body);
+        let e = &r.json()["error"];
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", r.body);
+        assert!(e["type"].is_string());
+        assert_eq!(e["param"].as_str(), param, "{}", r.body);
+    }
+    assert_eq!(s.request("GET", "/v1/chat/completions", &[], None).status, 405);
+    assert_eq!(s.request("POST", "/v1/nothing", &[], Some("{}")).status, 404);
+    let suffix = s.post("/v1/completions", json!({"prompt": "a", "suffix": "b"}));
+    assert_eq!(
+        (suffix.status, suffix.json()["error"]["param"].clone()),
+        (400, json!("suffix"))
+    );
+}
+
+#[test]
+fn api_keys_and_a_full_queue_are_enforced() {
+    let s = Server::start(&["--api-key", "sekret", "--max-waiting", "0", "--enable-cors"]);
+    assert_eq!(
+        s.request("GET", "/health", &[], None).status,
+        200,
+        "health needs no key"
+    );
+    let r = s.request("GET", "/v1/models", &[], None);
+    assert_eq!(
+        (r.status, r.json()["error"]["type"].clone()),
+        (401, json!("authentication_error"))
+    );
+    assert_eq!(
+        s.request("GET", "/v1/models", &[("authorization", "Bearer wrong")], None)
+            .status,
+        401
+    );
+    let ok = s.request("GET", "/v1/models", &[("authorization", "Bearer sekret")], None);
+    assert_eq!(ok.status, 200);
+    assert_eq!(ok.header("access-control-allow-origin"), Some("*"));
+    let pre = s.request("OPTIONS", "/v1/chat/completions", &[("origin", "http://x")], None);
+    assert_eq!(pre.status, 204);
+    let body = ask("hi").to_string();
+    let full = s.request(
+        "POST",
+        "/v1/chat/completions",
+        &[("authorization", "Bearer sekret")],
+        Some(&body),
+    );
+    assert_eq!(full.status, 503, "{}", full.body);
+    assert_eq!(full.header("retry-after"), Some("1"));
+}
+
+#[test]
+fn clients_that_disconnect_mid_stream_leave_nothing_running() {
+    let s = Server::start(&[]);
+    let body = json!({"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 300,
+                      "ignore_eos": true, "stream": true})
+    .to_string();
+    for _ in 0..50 {
+        let mut stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(req.as_bytes()).unwrap();
+        // Read until a few events have arrived, then hang up.
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while seen.windows(6).filter(|w| w == b"data: ").count() < 3 {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "stream ended early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        drop(stream);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let m = s.request("GET", "/metrics", &[], None).body;
+        if m.contains("inferd_sequences_running 0\n") && m.contains("inferd_kv_blocks_used 0\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sequences left running:\n{m}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
