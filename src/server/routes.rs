@@ -93,7 +93,9 @@ async fn dispatch(
     let result = match (method.clone(), path.as_str()) {
         (Method::GET, "/health") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
         (Method::GET, "/v1/models") => Ok(json_response(StatusCode::OK, &models_list(state))),
-        (Method::GET, p) if p.starts_with("/v1/models/") => model_by_id(state, &p["/v1/models/".len()..]),
+        (Method::GET, p) if p.starts_with("/v1/models/") => {
+            model_by_id(state, &percent_decode(&p["/v1/models/".len()..]))
+        }
         (Method::GET, "/metrics") => Ok(text_response(
             StatusCode::OK,
             "text/plain; version=0.0.4",
@@ -250,4 +252,29 @@ fn detokenize(state: &ServerState, body: &Value) -> Result<HttpResponse, ApiErro
         .decode(&ids, false)
         .map_err(|e| ApiError::internal(e.to_string()))?;
     Ok(json_response(StatusCode::OK, &json!({"prompt": text})))
+}
+
+/// `%2F` and friends in a path segment (clients encode the `/` of `org/name`).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(hi), Some(lo)) => {
+                out.push((hi * 16 + lo) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

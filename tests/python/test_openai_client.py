@@ -1,0 +1,108 @@
+"""The official `openai` client against a running `inferd serve` (started by
+scripts/test-openai-client). Plain asserts, no test framework: each check prints its
+name, and the first failure exits non-zero."""
+import json
+import os
+import sys
+
+import openai
+
+BASE = os.environ["INFERD_BASE_URL"]
+MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+client = openai.OpenAI(base_url=BASE, api_key="not-needed", max_retries=0)
+
+
+def check(name, fn):
+    fn()
+    print(f"ok  {name}", flush=True)
+
+
+def chat_nonstream():
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == "The capital of France is Paris.", r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.prompt_tokens == 37 and r.usage.completion_tokens == 8
+
+
+def chat_stream():
+    text, finish, usage = "", None, None
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            finish = c.finish_reason or finish
+    assert text == "The capital of France is Paris.", text
+    assert finish == "stop" and usage.completion_tokens == 8
+
+
+def chat_sampling_params():
+    r = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say something."}], temperature=0.8, top_p=0.9,
+        seed=7, max_completion_tokens=12, n=2, presence_penalty=0.5, frequency_penalty=0.2, logprobs=True,
+        top_logprobs=3, stop=["\n\n"], extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
+    assert len(r.choices) == 2
+    again = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say something."}], temperature=0.8, top_p=0.9,
+        seed=7, max_completion_tokens=12, n=2, presence_penalty=0.5, frequency_penalty=0.2, logprobs=True,
+        top_logprobs=3, stop=["\n\n"], extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
+    assert [c.message.content for c in r.choices] == [c.message.content for c in again.choices], "seeded runs differ"
+    lp = r.choices[0].logprobs.content[0]
+    assert lp.logprob <= 0 and len(lp.top_logprobs) == 3
+
+
+def completions():
+    r = client.completions.create(model=MODEL, prompt="def add(a, b):", max_tokens=10, temperature=0)
+    assert r.object == "text_completion" and r.usage.completion_tokens == 10
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL, prompt="def add(a, b):", max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert streamed == r.choices[0].text, (streamed, r.choices[0].text)
+
+
+def models():
+    ids = [m.id for m in client.models.list().data]
+    assert MODEL in ids, ids
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def errors():
+    try:
+        client.chat.completions.create(model=MODEL, messages=[], temperature=0)
+        raise AssertionError("empty messages accepted")
+    except openai.BadRequestError as e:
+        assert e.status_code == 400 and e.body["param"] == "messages", e.body
+    try:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], top_p=3)
+        raise AssertionError("top_p 3 accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "top_p"
+    try:
+        client.models.retrieve("nobody/nothing")
+        raise AssertionError("unknown model found")
+    except openai.NotFoundError:
+        pass
+    try:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 5000}])
+        raise AssertionError("overlong prompt accepted")
+    except openai.UnprocessableEntityError as e:
+        assert e.body["code"] == "context_length_exceeded", e.body
+    bad_key = openai.OpenAI(base_url=os.environ["INFERD_KEYED_BASE_URL"], api_key="wrong", max_retries=0)
+    try:
+        bad_key.models.list()
+        raise AssertionError("wrong key accepted")
+    except openai.AuthenticationError:
+        pass
+    good_key = openai.OpenAI(base_url=os.environ["INFERD_KEYED_BASE_URL"], api_key="sekret", max_retries=0)
+    assert good_key.models.list().data
+
+
+for name, fn in [("chat", chat_nonstream), ("chat stream", chat_stream), ("sampling parameters", chat_sampling_params),
+                 ("completions", completions), ("models", models), ("errors", errors)]:
+    check(name, fn)
+print(json.dumps({"openai": openai.__version__, "passed": 6}))
