@@ -258,8 +258,15 @@ fn generation_fields(
     }
     let stream = f.get::<bool>("stream")?.unwrap_or(false);
     let include_usage = match f.get::<Map<String, Value>>("stream_options")? {
+        Some(_) if !stream => {
+            return Err(ApiError::invalid(
+                "stream_options",
+                "`stream_options` is only allowed with `stream: true`",
+            ))
+        }
         Some(options) => {
-            check_fields(&options, &["include_usage", "continuous_usage_stats"])?;
+            check_fields(&options, &["include_usage"])
+                .map_err(|e| ApiError::invalid("stream_options", format!("stream_options: {}", e.message)))?;
             Fields { map: &options }.get::<bool>("include_usage")?.unwrap_or(false)
         }
         None => false,
@@ -426,7 +433,14 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
     }
     let tools = match f.get::<Value>("tools")? {
         Some(Value::Array(t)) if t.is_empty() => None,
-        Some(t @ Value::Array(_)) => Some(t),
+        // Until the tool-call parser lands, the model's calls would come back as raw
+        // markup in `content`: refuse rather than pretend.
+        Some(Value::Array(_)) => {
+            return Err(ApiError::invalid(
+                "tools",
+                "`tools` are not supported yet (tool-call parsing is not built)",
+            ))
+        }
         Some(_) => return Err(ApiError::invalid("tools", "`tools` must be a list")),
         None => None,
     };
@@ -475,7 +489,9 @@ pub fn parse_completion_request(body: &Value, defaults: &SamplingDefaults) -> Re
     }
     let prompt = match map.get("prompt") {
         Some(Value::String(s)) => Prompt::Text(s.clone()),
-        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_u64) => {
+        Some(Value::Array(items))
+            if !items.is_empty() && items.iter().all(|v| v.as_u64().is_some_and(|id| id <= u32::MAX as u64)) =>
+        {
             Prompt::Ids(items.iter().map(|v| v.as_u64().unwrap_or(0) as u32).collect())
         }
         Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
@@ -496,8 +512,8 @@ pub fn parse_completion_request(body: &Value, defaults: &SamplingDefaults) -> Re
         }
     };
     let mut generation = generation_fields(&f, defaults, &["max_tokens"])?;
-    // OpenAI's completions default is 16 tokens.
-    if map.get("max_tokens").is_none_or(Value::is_null) && defaults.generation_config.max_new_tokens.is_none() {
+    // OpenAI's completions default is 16 tokens (when nothing else set a limit).
+    if generation.params.max_tokens.is_none() {
         generation.params.max_tokens = Some(16);
     }
     if let Some(k) = f.get::<usize>("logprobs")? {

@@ -227,7 +227,17 @@ async fn run(
     let start = Instant::now();
     let prompt_tokens = prompt_ids.len();
     let n = generation.params.n;
-    let stream = state.engine.submit(prompt_ids, generation.params.clone())?;
+    let param = if kind == Kind::Text { "prompt" } else { "messages" };
+    let stream = state
+        .engine
+        .submit(prompt_ids, generation.params.clone())
+        .map_err(|e| {
+            let mut error = ApiError::from(e);
+            if error.code == Some("context_length_exceeded") {
+                error.param = Some(param.into());
+            }
+            error
+        })?;
     state
         .metrics
         .prompt_tokens
@@ -389,7 +399,17 @@ async fn stream_events(
     }
     let mut last_token_at: Option<Instant> = None;
     while choices.iter().any(|c| c.finish.is_none()) {
-        let Some(event) = stream.next().await else { break };
+        // Watch the client too: tokens that add no text (a split character, held-back
+        // stop prefix) send nothing, and would not notice a hang-up for a long time.
+        let event = tokio::select! {
+            event = stream.next() => event,
+            _ = tx.closed() => return,
+        };
+        let Some(event) = event else {
+            let error = ApiError::internal("the engine stopped before the request finished");
+            let _ = tx.send(sse_event(&error.to_json().to_string())).await;
+            return;
+        };
         if matches!(event, EngineEvent::Token { .. }) {
             let now = Instant::now();
             match last_token_at {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Map, Value};
 use tokio::net::TcpListener;
@@ -75,13 +75,20 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
                 let (stream, _) = match accepted {
                     Ok(conn) => conn,
                     Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
                         eprintln!("inferd: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
                 };
                 let state = state.clone();
                 let service = service_fn(move |req| routes::handle(state.clone(), req));
-                let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+                // A connection that sends no complete request head in time is closed (hyper
+                // only enforces this with a timer).
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
                     let _ = conn.await;

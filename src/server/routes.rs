@@ -92,9 +92,14 @@ async fn dispatch(
     }
     let result = match (method.clone(), path.as_str()) {
         (Method::GET, "/health") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
-        (Method::GET, "/v1/models") => Ok(json_response(StatusCode::OK, &models_list(state))),
+        // File-system scans and tokenization run on the blocking pool, off the reactor.
+        (Method::GET, "/v1/models") => {
+            let state = state.clone();
+            blocking(move || Ok(json_response(StatusCode::OK, &models_list(&state)))).await
+        }
         (Method::GET, p) if p.starts_with("/v1/models/") => {
-            model_by_id(state, &percent_decode(&p["/v1/models/".len()..]))
+            let (state, id) = (state.clone(), percent_decode(&p["/v1/models/".len()..]));
+            blocking(move || model_by_id(&state, &id)).await
         }
         (Method::GET, "/metrics") => Ok(text_response(
             StatusCode::OK,
@@ -110,11 +115,17 @@ async fn dispatch(
             Err(e) => Err(e),
         },
         (Method::POST, "/tokenize") => match read_json(req.into_body(), state.max_body_bytes).await {
-            Ok(body) => tokenize(state, &body),
+            Ok(body) => {
+                let state = state.clone();
+                blocking(move || tokenize(&state, &body)).await
+            }
             Err(e) => Err(e),
         },
         (Method::POST, "/detokenize") => match read_json(req.into_body(), state.max_body_bytes).await {
-            Ok(body) => detokenize(state, &body),
+            Ok(body) => {
+                let state = state.clone();
+                blocking(move || detokenize(&state, &body)).await
+            }
             Err(e) => Err(e),
         },
         (m, p) => match ROUTES.iter().find(|(path, _)| *path == p) {
@@ -130,6 +141,14 @@ async fn dispatch(
         },
     };
     (route, result)
+}
+
+async fn blocking(
+    work: impl FnOnce() -> Result<HttpResponse, ApiError> + Send + 'static,
+) -> Result<HttpResponse, ApiError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Err(ApiError::internal(format!("task failed: {e}"))))
 }
 
 fn authorize(state: &ServerState, req: &Request<Incoming>) -> Result<(), ApiError> {
