@@ -158,21 +158,17 @@ def main():
     torch.manual_seed(0)
     write(os.path.join(OUT, "templates.json"), template_goldens())
 
-    smol = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    tok = AutoTokenizer.from_pretrained(smol)
-    chat_ids = list(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                            add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-    raw_ids = tok("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", add_special_tokens=False)["input_ids"]
-    write(os.path.join(OUT, "models", "smollm2-135m.json"),
-          model_golden(smol, [("chat_capital_of_france", chat_ids), ("raw_code", raw_ids)]))
-
-    qwen = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
-    tok = AutoTokenizer.from_pretrained(qwen)
-    chat_ids = list(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                            add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-    raw_ids = tok("def quicksort(items):\n", add_special_tokens=False)["input_ids"]
-    write(os.path.join(OUT, "models", "qwen2.5-coder-0.5b.json"),
-          model_golden(qwen, [("chat_capital_of_france", chat_ids), ("raw_code", raw_ids)]))
+    for repo, file, code in [
+        ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m",
+         "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"),
+        ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "qwen2.5-coder-0.5b", "def quicksort(items):\n"),
+    ]:
+        tok = AutoTokenizer.from_pretrained(repo)
+        chat_ids = list(tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                                add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        raw_ids = tok(code, add_special_tokens=False)["input_ids"]
+        write(os.path.join(OUT, "models", f"{file}.json"),
+              model_golden(repo, [("chat_capital_of_france", chat_ids), ("raw_code", raw_ids)]))
 
     for name in ("tiny-llama", "tiny-qwen2", "tiny-qwen3"):
         repo = f"inferd-test/{name}"

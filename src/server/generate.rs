@@ -155,7 +155,6 @@ fn usage_json(prompt_tokens: usize, choices: &[Choice]) -> Value {
 
 pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
     let request = parse_chat_request(&body, &state.defaults)?;
-    state.check_model(request.model.as_deref())?;
     let tokenizer = state.tokenizer.clone();
     let mut kwargs = state.chat_template_kwargs.clone().unwrap_or_default();
     kwargs.extend(request.chat_template_kwargs.clone().unwrap_or_default());
@@ -193,7 +192,6 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
 
 pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
     let request = parse_completion_request(&body, &state.defaults)?;
-    state.check_model(request.model.as_deref())?;
     let tokenizer = state.tokenizer.clone();
     let prompt = request.prompt.clone();
     let (prompt_ids, prompt_text) = tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, String), ApiError> {

@@ -23,10 +23,11 @@ use tokio::net::TcpListener;
 use crate::api::SamplingDefaults;
 use crate::engine::EngineHandle;
 use crate::text::Tokenizer;
-use error::ApiError;
 use metrics::ServerMetrics;
 
-/// Everything the routes share.
+/// Everything the routes share. One model is served, and it answers every request
+/// whatever `model` it names, as with transformers serve's `--force-model` (loading other
+/// models on demand is the model manager's job, not built yet).
 pub struct ServerState {
     pub engine: EngineHandle,
     pub tokenizer: Arc<Tokenizer>,
@@ -43,15 +44,6 @@ pub struct ServerState {
     pub max_body_bytes: usize,
     pub metrics: ServerMetrics,
     pub next_request: AtomicU64,
-}
-
-impl ServerState {
-    /// The served model is forced: any `model` a request names is served by it, as with
-    /// transformers serve's `--force-model` (loading other models on demand is the model
-    /// manager's job, not built yet).
-    pub fn check_model(&self, _requested: Option<&str>) -> Result<(), ApiError> {
-        Ok(())
-    }
 }
 
 pub struct ServerOptions {
