@@ -433,14 +433,7 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
     }
     let tools = match f.get::<Value>("tools")? {
         Some(Value::Array(t)) if t.is_empty() => None,
-        // Until the tool-call parser lands, the model's calls would come back as raw
-        // markup in `content`: refuse rather than pretend.
-        Some(Value::Array(_)) => {
-            return Err(ApiError::invalid(
-                "tools",
-                "`tools` are not supported yet (tool-call parsing is not built)",
-            ))
-        }
+        Some(t @ Value::Array(_)) => Some(t),
         Some(_) => return Err(ApiError::invalid("tools", "`tools` must be a list")),
         None => None,
     };
@@ -454,8 +447,7 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
             ))
         }
     }
-    // With tool_choice none the tools are still described to the model only by
-    // OpenAI's definition; we simply do not offer them.
+    // `none`: the model is not offered the tools at all.
     let tools = if map.get("tool_choice").and_then(Value::as_str) == Some("none") {
         None
     } else {

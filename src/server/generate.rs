@@ -16,11 +16,15 @@ use super::ServerState;
 use crate::api::openai::{GenerationFields, Prompt};
 use crate::api::{parse_chat_request, parse_completion_request};
 use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
-use crate::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
+use crate::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer, ToolCall, ToolCallParser, ToolEvent};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Chat { logprobs: bool },
+    /// `tools`: the request offered tools, so `<tool_call>` blocks are parsed out.
+    Chat {
+        logprobs: bool,
+        tools: bool,
+    },
     Text,
 }
 
@@ -31,19 +35,57 @@ struct Choice {
     text: String,
     tokens: usize,
     logprobs: Vec<Value>,
+    tool_parser: Option<ToolCallParser>,
+    tool_calls: Vec<ToolCall>,
     finish: Option<&'static str>,
 }
 
 impl Choice {
-    fn new(stops: &[String]) -> Self {
+    fn new(stops: &[String], kind: Kind) -> Self {
         Choice {
             detokenizer: IncrementalDetokenizer::new(true),
             stops: StopMatcher::new(stops.iter().cloned()),
             text: String::new(),
             tokens: 0,
             logprobs: Vec::new(),
+            tool_parser: matches!(kind, Kind::Chat { tools: true, .. }).then(ToolCallParser::new),
+            tool_calls: Vec::new(),
             finish: None,
         }
+    }
+
+    /// Final text through the tool-call parser (when tools were offered): returns the
+    /// content part and records the calls. `end`: the stream is over.
+    fn route(&mut self, text: String, end: bool) -> (String, Vec<ToolCall>) {
+        let Some(parser) = &mut self.tool_parser else {
+            self.text.push_str(&text);
+            return (text, Vec::new());
+        };
+        let mut events = parser.push(&text);
+        if end {
+            events.extend(parser.finish());
+        }
+        let (mut content, mut calls) = (String::new(), Vec::new());
+        for event in events {
+            match event {
+                ToolEvent::Content(t) => content.push_str(&t),
+                ToolEvent::Call(c) => calls.push(c),
+            }
+        }
+        self.text.push_str(&content);
+        self.tool_calls.extend(calls.iter().cloned());
+        (content, calls)
+    }
+
+    /// `stop` becomes `tool_calls` when the reply called tools.
+    fn finish_with(&mut self, reason: &'static str) -> &'static str {
+        let reason = if reason == "stop" && !self.tool_calls.is_empty() {
+            "tool_calls"
+        } else {
+            reason
+        };
+        self.finish = Some(reason);
+        reason
     }
 }
 
@@ -80,6 +122,8 @@ struct ChoiceUpdate {
     index: usize,
     /// Text that became final.
     text: String,
+    /// Tool calls that became complete.
+    calls: Vec<ToolCall>,
     logprob: Option<Value>,
     /// Set when the choice just finished.
     finish: Option<&'static str>,
@@ -101,7 +145,8 @@ fn apply_event(
             choice.tokens += 1;
             let piece = choice.detokenizer.push(tokenizer, token).map_err(|e| e.to_string())?;
             let out = choice.stops.push(&piece);
-            choice.text.push_str(&out.text);
+            let stopped = out.matched.is_some();
+            let (text, calls) = choice.route(out.text, stopped);
             let logprob = logprobs.map(|lp| match kind {
                 Kind::Chat { .. } => chat_logprob(tokenizer, &lp),
                 Kind::Text => json!({"token": token_text(tokenizer, lp.token), "logprob": lp.logprob,
@@ -110,12 +155,13 @@ fn apply_event(
             if let Some(l) = &logprob {
                 choice.logprobs.push(l.clone());
             }
-            if out.matched.is_some() {
-                choice.finish = Some("stop");
+            if stopped {
+                choice.finish_with("stop");
             }
             Ok(Some(ChoiceUpdate {
                 index,
-                text: out.text,
+                text,
+                calls,
                 logprob,
                 finish: choice.finish,
             }))
@@ -135,17 +181,47 @@ fn apply_event(
             } else {
                 finish_reason(reason)
             };
-            choice.text.push_str(&text);
-            choice.finish = Some(reason);
+            let (text, calls) = choice.route(text, true);
+            let reason = choice.finish_with(reason);
             Ok(Some(ChoiceUpdate {
                 index,
                 text,
+                calls,
                 logprob: None,
                 finish: Some(reason),
             }))
         }
         EngineEvent::Failed(e) => Err(e),
     }
+}
+
+/// `call_<request id>_<choice>_<call>`: unique within the server's request ids.
+fn tool_call_id(request_id: &str, choice: usize, call: usize) -> String {
+    format!("call_{request_id}_{choice}_{call}")
+}
+
+/// The assistant message of a finished chat choice.
+fn chat_message(request_id: &str, index: usize, choice: &Choice) -> Value {
+    if choice.tool_calls.is_empty() {
+        return json!({"role": "assistant", "content": choice.text});
+    }
+    let calls: Vec<Value> = choice
+        .tool_calls
+        .iter()
+        .enumerate()
+        .map(|(k, c)| {
+            json!({"id": tool_call_id(request_id, index, k), "type": "function",
+                   "function": {"name": c.name, "arguments": c.arguments}})
+        })
+        .collect();
+    // The text around the blocks is mostly the newlines that separate them.
+    let text = choice.text.trim_end();
+    let content = if text.is_empty() {
+        Value::Null
+    } else {
+        Value::String(text.to_owned())
+    };
+    json!({"role": "assistant", "content": content, "tool_calls": calls})
 }
 
 fn usage_json(prompt_tokens: usize, choices: &[Choice]) -> Value {
@@ -182,6 +258,7 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
         id,
         Kind::Chat {
             logprobs: request.logprobs,
+            tools: request.tools.is_some(),
         },
         prompt_ids,
         None,
@@ -241,7 +318,7 @@ async fn run(
         .prompt_tokens
         .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
     let created = now_secs();
-    let choices: Vec<Choice> = (0..n).map(|_| Choice::new(&generation.stop)).collect();
+    let choices: Vec<Choice> = (0..n).map(|_| Choice::new(&generation.stop, kind)).collect();
     if generation.stream {
         let (response, tx) = sse_response();
         let include_usage = generation.include_usage;
@@ -300,14 +377,14 @@ async fn collect(
         .fetch_add(completion as u64, Ordering::Relaxed);
     let usage = usage_json(prompt_tokens, &choices);
     let body = match kind {
-        Kind::Chat { logprobs } => json!({
+        Kind::Chat { logprobs, .. } => json!({
             "id": id,
             "object": "chat.completion",
             "created": created,
             "model": state.model_name,
             "choices": choices.iter().enumerate().map(|(i, c)| json!({
                 "index": i,
-                "message": {"role": "assistant", "content": c.text},
+                "message": chat_message(&id, i, c),
                 "logprobs": if logprobs { json!({"content": c.logprobs}) } else { Value::Null },
                 "finish_reason": c.finish,
             })).collect::<Vec<_>>(),
@@ -430,6 +507,7 @@ async fn stream_events(
         let Some(ChoiceUpdate {
             index,
             text,
+            calls,
             logprob,
             finish,
         }) = update
@@ -438,7 +516,7 @@ async fn stream_events(
         };
         if !text.is_empty() || logprob.is_some() {
             let choice = match ctx.kind {
-                Kind::Chat { logprobs } => json!({"index": index, "delta": {"content": text},
+                Kind::Chat { logprobs, .. } => json!({"index": index, "delta": {"content": text},
                     "logprobs": if logprobs { json!({"content": logprob.into_iter().collect::<Vec<_>>()}) } else { Value::Null },
                     "finish_reason": null}),
                 Kind::Text => json!({"index": index, "text": text,
@@ -446,6 +524,18 @@ async fn stream_events(
             };
             if !send(ctx.chunk(&model, json!([choice]))).await {
                 return; // the client went away: dropping `stream` cancels the request
+            }
+        }
+        // Each completed tool call: its id, type and name first, then its arguments.
+        let done_before = choices[index].tool_calls.len() - calls.len();
+        for (k, call) in calls.iter().enumerate() {
+            let slot = done_before + k;
+            let head = json!([{"index": index, "delta": {"tool_calls": [{"index": slot, "id": tool_call_id(&ctx.id, index, slot),
+                "type": "function", "function": {"name": call.name, "arguments": ""}}]}, "logprobs": null, "finish_reason": null}]);
+            let args = json!([{"index": index, "delta": {"tool_calls": [{"index": slot, "function": {"arguments": call.arguments}}]},
+                "logprobs": null, "finish_reason": null}]);
+            if !send(ctx.chunk(&model, head)).await || !send(ctx.chunk(&model, args)).await {
+                return;
             }
         }
         if let Some(reason) = finish {
@@ -472,4 +562,58 @@ async fn stream_events(
         }
     }
     let _ = tx.send(bytes::Bytes::from_static(b"data: [DONE]\n\n")).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A scripted Qwen reply with two tool calls, fed one token at a time.
+    #[test]
+    fn tool_calls_are_parsed_out_of_a_token_stream_into_the_chat_message() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2.5-coder-0.5b");
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let reply = "Checking both.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+        let kind = Kind::Chat {
+            logprobs: false,
+            tools: true,
+        };
+        let mut choices = vec![Choice::new(&[], kind)];
+        let mut streamed = String::new();
+        let mut calls = Vec::new();
+        let ids = tokenizer.encode(reply, false).unwrap();
+        let events = ids
+            .iter()
+            .map(|&token| EngineEvent::Token {
+                index: 0,
+                token,
+                logprobs: None,
+            })
+            .chain([EngineEvent::Finished {
+                index: 0,
+                reason: FinishReason::Stop,
+                usage: Default::default(),
+            }]);
+        for event in events {
+            if let Some(update) = apply_event(&tokenizer, kind, &mut choices, event).unwrap() {
+                assert!(!update.text.contains("tool_call"), "markup leaked: {:?}", update.text);
+                streamed.push_str(&update.text);
+                calls.extend(update.calls);
+            }
+        }
+        assert_eq!(streamed, "Checking both.\n\n");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(choices[0].finish, Some("tool_calls"));
+        let message = chat_message("req_1", 0, &choices[0]);
+        assert_eq!(message["content"], "Checking both.");
+        assert_eq!(message["tool_calls"][0]["id"], "call_req_1_0_0");
+        assert_eq!(message["tool_calls"][0]["function"]["name"], "get_weather");
+        let args: Value =
+            serde_json::from_str(message["tool_calls"][0]["function"]["arguments"].as_str().unwrap()).unwrap();
+        assert_eq!(args, json!({"city": "Paris"}));
+        assert_eq!(
+            message["tool_calls"][1]["function"],
+            json!({"name": "get_time", "arguments": "{}"})
+        );
+    }
 }

@@ -1,10 +1,12 @@
 //! Text in and out of a model: the tokenizer, chat templates, the incremental
-//! detokenizer that turns a token stream into valid UTF-8 text pieces, and stop strings.
+//! detokenizer that turns a token stream into valid UTF-8 text pieces, stop strings, and
+//! tool-call parsing.
 
 pub mod detokenizer;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
+pub mod tool_calls;
 
 use std::path::PathBuf;
 
@@ -12,6 +14,7 @@ pub use detokenizer::IncrementalDetokenizer;
 pub use stop::{StopMatcher, StopOutput};
 pub use template::{ChatInput, ChatTemplate};
 pub use tokenizer::{SpecialTokens, Tokenizer};
+pub use tool_calls::{ToolCall, ToolCallParser, ToolEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {

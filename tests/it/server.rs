@@ -368,8 +368,22 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
             400,
             Some("generation_config"),
         ),
-        (json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}).to_string(), 400, Some("tools")),
-        (json!({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}}).to_string(), 400, Some("stream_options")),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "tools": {"type": "function"}}).to_string(),
+            400,
+            Some("tools"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}).to_string(),
+            400,
+            Some("tool_choice"),
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": true}})
+                .to_string(),
+            400,
+            Some("stream_options"),
+        ),
         // 256 blocks of 16 tokens: this prompt does not fit.
         (
             json!({"messages": [{"role": "user", "content": "word ".repeat(5000)}]}).to_string(),
