@@ -67,6 +67,10 @@ struct ServeArgs {
     /// Seed for requests that do not send one (reproducible runs).
     #[arg(long)]
     default_seed: Option<u64>,
+    /// Split `<think>` reasoning into `reasoning_content`: on, off, or auto (when the
+    /// model's chat template uses `<think>`).
+    #[arg(long, default_value = "auto", value_parser = ["on", "off", "auto"])]
+    reasoning: String,
     /// Extra chat template variables for every request, as a JSON object.
     #[arg(long)]
     chat_template_kwargs: Option<String>,
@@ -322,6 +326,11 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         return Err("--block-size, --num-blocks, --max-num-seqs and --max-num-batched-tokens must be positive".into());
     }
     let model_name = dir.display_name.clone();
+    let reasoning = match args.reasoning.as_str() {
+        "on" => true,
+        "off" => false,
+        _ => tokenizer.chat_template().is_ok_and(|t| t.source().contains("<think>")),
+    };
     let engine = EngineHandle::spawn(Engine::new(CpuBackend, model, config, eos));
     let state = std::sync::Arc::new(ServerState {
         engine,
@@ -338,6 +347,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         },
         chat_template_kwargs,
         api_key,
+        reasoning,
         enable_cors: args.enable_cors,
         max_body_bytes: args.max_body_bytes,
         metrics: Default::default(),

@@ -16,14 +16,18 @@ use super::ServerState;
 use crate::api::openai::{GenerationFields, Prompt};
 use crate::api::{parse_chat_request, parse_completion_request};
 use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
-use crate::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer, ToolCall, ToolCallParser, ToolEvent};
+use crate::text::{
+    ChatInput, IncrementalDetokenizer, ReasoningParser, StopMatcher, Tokenizer, ToolCall, ToolCallParser, ToolEvent,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// `tools`: the request offered tools, so `<tool_call>` blocks are parsed out.
+    /// `reasoning`: `<think>` blocks go to `reasoning_content`.
     Chat {
         logprobs: bool,
         tools: bool,
+        reasoning: bool,
     },
     Text,
 }
@@ -35,6 +39,8 @@ struct Choice {
     text: String,
     tokens: usize,
     logprobs: Vec<Value>,
+    reasoning_parser: Option<ReasoningParser>,
+    reasoning: String,
     tool_parser: Option<ToolCallParser>,
     tool_calls: Vec<ToolCall>,
     finish: Option<&'static str>,
@@ -48,15 +54,36 @@ impl Choice {
             text: String::new(),
             tokens: 0,
             logprobs: Vec::new(),
+            reasoning_parser: matches!(kind, Kind::Chat { reasoning: true, .. }).then(ReasoningParser::new),
+            reasoning: String::new(),
             tool_parser: matches!(kind, Kind::Chat { tools: true, .. }).then(ToolCallParser::new),
             tool_calls: Vec::new(),
             finish: None,
         }
     }
 
-    /// Final text through the tool-call parser (when tools were offered): returns the
-    /// content part and records the calls. `end`: the stream is over.
-    fn route(&mut self, text: String, end: bool) -> (String, Vec<ToolCall>) {
+    /// Final text through the reasoning split and the tool-call parser (each when
+    /// enabled): returns (content, calls, reasoning) and records them. `end`: the stream
+    /// is over.
+    fn route(&mut self, text: String, end: bool) -> (String, Vec<ToolCall>, String) {
+        let (reasoning, text) = match &mut self.reasoning_parser {
+            Some(parser) => {
+                let (mut r, mut c) = parser.push(&text);
+                if end {
+                    let (r2, c2) = parser.finish();
+                    r.push_str(&r2);
+                    c.push_str(&c2);
+                }
+                (r, c)
+            }
+            None => (String::new(), text),
+        };
+        self.reasoning.push_str(&reasoning);
+        let (content, calls) = self.route_tools(text, end);
+        (content, calls, reasoning)
+    }
+
+    fn route_tools(&mut self, text: String, end: bool) -> (String, Vec<ToolCall>) {
         let Some(parser) = &mut self.tool_parser else {
             self.text.push_str(&text);
             return (text, Vec::new());
@@ -124,6 +151,8 @@ struct ChoiceUpdate {
     text: String,
     /// Tool calls that became complete.
     calls: Vec<ToolCall>,
+    /// Reasoning text that became final.
+    reasoning: String,
     logprob: Option<Value>,
     /// Set when the choice just finished.
     finish: Option<&'static str>,
@@ -146,7 +175,7 @@ fn apply_event(
             let piece = choice.detokenizer.push(tokenizer, token).map_err(|e| e.to_string())?;
             let out = choice.stops.push(&piece);
             let stopped = out.matched.is_some();
-            let (text, calls) = choice.route(out.text, stopped);
+            let (text, calls, reasoning) = choice.route(out.text, stopped);
             let logprob = logprobs.map(|lp| match kind {
                 Kind::Chat { .. } => chat_logprob(tokenizer, &lp),
                 Kind::Text => json!({"token": token_text(tokenizer, lp.token), "logprob": lp.logprob,
@@ -162,6 +191,7 @@ fn apply_event(
                 index,
                 text,
                 calls,
+                reasoning,
                 logprob,
                 finish: choice.finish,
             }))
@@ -181,12 +211,13 @@ fn apply_event(
             } else {
                 finish_reason(reason)
             };
-            let (text, calls) = choice.route(text, true);
+            let (text, calls, reasoning) = choice.route(text, true);
             let reason = choice.finish_with(reason);
             Ok(Some(ChoiceUpdate {
                 index,
                 text,
                 calls,
+                reasoning,
                 logprob: None,
                 finish: Some(reason),
             }))
@@ -202,6 +233,14 @@ fn tool_call_id(request_id: &str, choice: usize, call: usize) -> String {
 
 /// The assistant message of a finished chat choice.
 fn chat_message(request_id: &str, index: usize, choice: &Choice) -> Value {
+    let mut message = chat_message_body(request_id, index, choice);
+    if !choice.reasoning.is_empty() {
+        message["reasoning_content"] = Value::String(choice.reasoning.clone());
+    }
+    message
+}
+
+fn chat_message_body(request_id: &str, index: usize, choice: &Choice) -> Value {
     if choice.tool_calls.is_empty() {
         return json!({"role": "assistant", "content": choice.text});
     }
@@ -253,12 +292,14 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
+    let reasoning = state.reasoning;
     run(
         state,
         id,
         Kind::Chat {
             logprobs: request.logprobs,
             tools: request.tools.is_some(),
+            reasoning,
         },
         prompt_ids,
         None,
@@ -508,12 +549,19 @@ async fn stream_events(
             index,
             text,
             calls,
+            reasoning,
             logprob,
             finish,
         }) = update
         else {
             continue;
         };
+        if !reasoning.is_empty() {
+            let delta = json!([{"index": index, "delta": {"reasoning_content": reasoning}, "logprobs": null, "finish_reason": null}]);
+            if !send(ctx.chunk(&model, delta)).await {
+                return;
+            }
+        }
         if !text.is_empty() || logprob.is_some() {
             let choice = match ctx.kind {
                 Kind::Chat { logprobs, .. } => json!({"index": index, "delta": {"content": text},
@@ -573,10 +621,11 @@ mod tests {
     fn tool_calls_are_parsed_out_of_a_token_stream_into_the_chat_message() {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2.5-coder-0.5b");
         let tokenizer = Tokenizer::from_dir(&dir).unwrap();
-        let reply = "Checking both.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
+        let reply = "<think>\nTwo tools.\n</think>\n\nChecking both.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>";
         let kind = Kind::Chat {
             logprobs: false,
             tools: true,
+            reasoning: true,
         };
         let mut choices = vec![Choice::new(&[], kind)];
         let mut streamed = String::new();
@@ -606,6 +655,7 @@ mod tests {
         assert_eq!(choices[0].finish, Some("tool_calls"));
         let message = chat_message("req_1", 0, &choices[0]);
         assert_eq!(message["content"], "Checking both.");
+        assert_eq!(message["reasoning_content"], "Two tools.");
         assert_eq!(message["tool_calls"][0]["id"], "call_req_1_0_0");
         assert_eq!(message["tool_calls"][0]["function"]["name"], "get_weather");
         let args: Value =

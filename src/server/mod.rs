@@ -40,6 +40,8 @@ pub struct ServerState {
     /// `--chat-template-kwargs`, under each request's own.
     pub chat_template_kwargs: Option<Map<String, Value>>,
     pub api_key: Option<String>,
+    /// Split `<think>` blocks into `reasoning_content` (`--reasoning`).
+    pub reasoning: bool,
     pub enable_cors: bool,
     pub max_body_bytes: usize,
     pub metrics: ServerMetrics,

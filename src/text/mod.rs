@@ -1,8 +1,9 @@
 //! Text in and out of a model: the tokenizer, chat templates, the incremental
-//! detokenizer that turns a token stream into valid UTF-8 text pieces, stop strings, and
-//! tool-call parsing.
+//! detokenizer that turns a token stream into valid UTF-8 text pieces, stop strings,
+//! tool-call parsing and the reasoning / answer split.
 
 pub mod detokenizer;
+pub mod reasoning;
 pub mod stop;
 pub mod template;
 pub mod tokenizer;
@@ -11,6 +12,7 @@ pub mod tool_calls;
 use std::path::PathBuf;
 
 pub use detokenizer::IncrementalDetokenizer;
+pub use reasoning::ReasoningParser;
 pub use stop::{StopMatcher, StopOutput};
 pub use template::{ChatInput, ChatTemplate};
 pub use tokenizer::{SpecialTokens, Tokenizer};
