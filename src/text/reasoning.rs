@@ -2,6 +2,8 @@
 //! `</think>`; the rest is the answer. Split as the text streams, holding back a tail
 //! that could be the start of a tag, so neither tag reaches the client.
 
+use super::stop::longest_suffix_prefix;
+
 const OPEN: &str = "<think>";
 const CLOSE: &str = "</think>";
 
@@ -29,14 +31,6 @@ impl Default for ReasoningParser {
             held: String::new(),
         }
     }
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of `tag`.
-fn partial_tag(text: &str, tag: &str) -> usize {
-    (1..tag.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| text.is_char_boundary(text.len() - n) && tag.starts_with(&text[text.len() - n..]))
-        .unwrap_or(0)
 }
 
 impl ReasoningParser {
@@ -69,7 +63,7 @@ impl ReasoningParser {
                     }
                     None => {
                         // Hold back a possible `</think>` start and the newlines before it.
-                        let keep = partial_tag(&self.held, CLOSE);
+                        let keep = longest_suffix_prefix(&self.held, CLOSE);
                         let release = self.held[..self.held.len() - keep].trim_end_matches('\n').len();
                         reasoning.push_str(&self.held[..release]);
                         self.held.drain(..release);

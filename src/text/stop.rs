@@ -83,8 +83,9 @@ impl StopMatcher {
 }
 
 /// Length of the longest suffix of `text` that is a proper prefix of `stop`, cut at a
-/// character boundary of `text`.
-fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
+/// character boundary of `text`: what a streaming matcher must hold back. Shared by the
+/// stop-string, tool-call and reasoning parsers.
+pub(crate) fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = text.len().min(stop.len().saturating_sub(1));
     (1..=max)
         .rev()

@@ -7,6 +7,8 @@
 
 use serde_json::Value;
 
+use super::stop::longest_suffix_prefix;
+
 const OPEN: &str = "<tool_call>";
 const CLOSE: &str = "</tool_call>";
 
@@ -50,13 +52,7 @@ impl ToolCallParser {
                     }
                     None => {
                         // Hold back a tail that could be the start of `<tool_call>`.
-                        let keep = (1..OPEN.len().min(self.buf.len() + 1))
-                            .rev()
-                            .find(|&n| {
-                                self.buf.is_char_boundary(self.buf.len() - n)
-                                    && OPEN.starts_with(&self.buf[self.buf.len() - n..])
-                            })
-                            .unwrap_or(0);
+                        let keep = longest_suffix_prefix(&self.buf, OPEN);
                         let release = self.buf.len() - keep;
                         push_content(&mut events, &self.buf[..release]);
                         self.buf.drain(..release);
