@@ -453,7 +453,14 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
     } else {
         tools
     };
-    let _: Option<bool> = f.get("parallel_tool_calls")?;
+    // Every call in a reply is parsed; a request that wants at most one is refused
+    // rather than silently given several.
+    if f.get::<bool>("parallel_tool_calls")? == Some(false) {
+        return Err(ApiError::invalid(
+            "parallel_tool_calls",
+            "`parallel_tool_calls: false` is not supported (replies may call several tools)",
+        ));
+    }
     Ok(ChatRequest {
         model: f.get("model")?,
         messages,
@@ -508,13 +515,21 @@ pub fn parse_completion_request(body: &Value, defaults: &SamplingDefaults) -> Re
     if generation.params.max_tokens.is_none() {
         generation.params.max_tokens = Some(16);
     }
+    let echo = f.get::<bool>("echo")?.unwrap_or(false);
     if let Some(k) = f.get::<usize>("logprobs")? {
+        if echo {
+            // That combination asks for the prompt's log-probabilities, not computed here.
+            return Err(ApiError::invalid(
+                "logprobs",
+                "`logprobs` with `echo` (prompt logprobs) is not supported",
+            ));
+        }
         generation.params.logprobs = Some(k);
     }
     Ok(CompletionRequest {
         model: f.get("model")?,
         prompt,
-        echo: f.get::<bool>("echo")?.unwrap_or(false),
+        echo,
         generation,
     })
 }

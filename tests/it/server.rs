@@ -406,11 +406,27 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     }
     assert_eq!(s.request("GET", "/v1/chat/completions", &[], None).status, 405);
     assert_eq!(s.request("POST", "/v1/nothing", &[], Some("{}")).status, 404);
-    let suffix = s.post("/v1/completions", json!({"prompt": "a", "suffix": "b"}));
-    assert_eq!(
-        (suffix.status, suffix.json()["error"]["param"].clone()),
-        (400, json!("suffix"))
-    );
+    for (path, body, param) in [
+        ("/v1/completions", json!({"prompt": "a", "suffix": "b"}), "suffix"),
+        (
+            "/v1/completions",
+            json!({"prompt": "a", "echo": true, "logprobs": 1}),
+            "logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": false}),
+            "parallel_tool_calls",
+        ),
+    ] {
+        let r = s.post(path, body);
+        assert_eq!(
+            (r.status, r.json()["error"]["param"].clone()),
+            (400, json!(param)),
+            "{}",
+            r.body
+        );
+    }
 }
 
 #[test]
