@@ -30,6 +30,17 @@ pub struct GenerationFields {
     pub include_usage: bool,
 }
 
+/// `tool_choice`: whether the reply may, must, or must call one named function.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides (the default when tools are offered).
+    Auto,
+    /// At least one call.
+    Required,
+    /// Exactly one call, of this function.
+    Named(String),
+}
+
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
     pub model: Option<String>,
@@ -37,6 +48,7 @@ pub struct ChatRequest {
     /// arguments parsed into objects).
     pub messages: Value,
     pub tools: Option<Value>,
+    pub tool_choice: ToolChoice,
     pub chat_template_kwargs: Option<Map<String, Value>>,
     pub generation: GenerationFields,
     /// Chat `logprobs: true` asks for the chosen tokens' log-probabilities.
@@ -437,21 +449,76 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
         Some(_) => return Err(ApiError::invalid("tools", "`tools` must be a list")),
         None => None,
     };
-    match f.get::<Value>("tool_choice")? {
-        None => {}
-        Some(Value::String(s)) if s == "auto" || s == "none" => {}
+    for (i, tool) in tools.iter().flat_map(|t| t.as_array().into_iter().flatten()).enumerate() {
+        let name = tool.pointer("/function/name").and_then(Value::as_str);
+        let ok_name = name.is_some_and(|n| {
+            !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
+        if tool.get("type").and_then(Value::as_str) != Some("function") || !ok_name {
+            return Err(ApiError::invalid(
+                format!("tools[{i}]"),
+                format!(
+                    "`tools[{i}]` must be `{{\"type\": \"function\", \"function\": {{\"name\": ...}}}}` with a name of 1 to 64 letters, digits, `_` or `-`"
+                ),
+            ));
+        }
+    }
+    let names: Vec<&str> = tools
+        .iter()
+        .flat_map(|t| t.as_array().into_iter().flatten())
+        .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+        .collect();
+    let choice = match f.get::<Value>("tool_choice")? {
+        None => Some(ToolChoice::Auto),
+        Some(Value::String(s)) => match s.as_str() {
+            "auto" => Some(ToolChoice::Auto),
+            // The model is not offered the tools at all.
+            "none" => None,
+            "required" => Some(ToolChoice::Required),
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("`tool_choice` must be `none`, `auto`, `required` or a named function, not `{s}`"),
+                ))
+            }
+        },
+        Some(Value::Object(o)) => {
+            let name = o.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+            match (o.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(name)) => Some(ToolChoice::Named(name.to_owned())),
+                _ => {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        "a named `tool_choice` is `{\"type\": \"function\", \"function\": {\"name\": ...}}`",
+                    ))
+                }
+            }
+        }
         Some(_) => {
             return Err(ApiError::invalid(
                 "tool_choice",
-                "`tool_choice` supports `auto` and `none` (required and named tools are not supported yet)",
+                "`tool_choice` must be a string or an object",
             ))
         }
+    };
+    match &choice {
+        Some(ToolChoice::Required | ToolChoice::Named(_)) if tools.is_none() => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                "`tool_choice` can only force a call when `tools` are given",
+            ))
+        }
+        Some(ToolChoice::Named(name)) if !names.contains(&name.as_str()) => {
+            return Err(ApiError::invalid(
+                "tool_choice",
+                format!("`tool_choice` names `{name}`, which is not one of the `tools`"),
+            ))
+        }
+        _ => {}
     }
-    // `none`: the model is not offered the tools at all.
-    let tools = if map.get("tool_choice").and_then(Value::as_str) == Some("none") {
-        None
-    } else {
-        tools
+    let (tools, tool_choice) = match choice {
+        Some(choice) => (tools, choice),
+        None => (None, ToolChoice::Auto),
     };
     // Every call in a reply is parsed; a request that wants at most one is refused
     // rather than silently given several.
@@ -465,6 +532,7 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
         model: f.get("model")?,
         messages,
         tools,
+        tool_choice,
         chat_template_kwargs: f.get("chat_template_kwargs")?,
         generation,
         logprobs,

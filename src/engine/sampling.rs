@@ -38,6 +38,10 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Generation ends after any of these (in addition to the model's EOS ids).
     pub stop_token_ids: Vec<u32>,
+    /// When not empty, the output must begin with one of these token sequences (how
+    /// `tool_choice` forces a call): other tokens are masked until one is complete.
+    /// No sequence may be a prefix of another.
+    pub forced_prefixes: Vec<Vec<u32>>,
 }
 
 impl Default for SamplingParams {
@@ -59,6 +63,7 @@ impl Default for SamplingParams {
             min_tokens: 0,
             ignore_eos: false,
             stop_token_ids: Vec::new(),
+            forced_prefixes: Vec::new(),
         }
     }
 }
@@ -168,6 +173,13 @@ impl SamplingParams {
             return Err(invalid(
                 "stop_token_ids",
                 format!("outside the vocabulary of {vocab_size}"),
+                t,
+            ));
+        }
+        if let Some(&t) = self.forced_prefixes.iter().flatten().find(|&&t| t as usize >= vocab_size) {
+            return Err(invalid(
+                "tool_choice",
+                format!("forces token {t}, outside the vocabulary of {vocab_size}"),
                 t,
             ));
         }
@@ -337,6 +349,42 @@ fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
             }
         }
     }
+    if let Some(allowed) = forced_next(&p.forced_prefixes, ctx.output) {
+        // Last, and absolute: only the forced continuations remain (each kept finite,
+        // whatever the processors above did to it).
+        let mut keep: Vec<(u32, f32)> = allowed
+            .iter()
+            .filter_map(|&t| logits.get(t as usize).map(|&l| (t, if l.is_finite() { l } else { 0.0 })))
+            .collect();
+        keep.dedup_by_key(|(t, _)| *t);
+        logits.fill(f32::NEG_INFINITY);
+        for (t, l) in keep {
+            logits[t as usize] = l;
+        }
+    }
+}
+
+/// The tokens that may come next under `forced_prefixes`, or `None` when nothing is
+/// forced (no prefixes, or one is already complete).
+fn forced_next(prefixes: &[Vec<u32>], output: &[u32]) -> Option<Vec<u32>> {
+    if prefixes.is_empty() {
+        return None;
+    }
+    let pos = output.len();
+    let mut next = Vec::new();
+    for prefix in prefixes {
+        let shared = pos.min(prefix.len());
+        if prefix[..shared] != output[..shared] {
+            continue;
+        }
+        if prefix.len() <= pos {
+            return None; // this one is complete
+        }
+        next.push(prefix[pos]);
+    }
+    next.sort_unstable();
+    // An output that left every prefix (impossible while masking) is not constrained.
+    (!next.is_empty()).then_some(next)
 }
 
 fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
@@ -595,5 +643,32 @@ mod tests {
             assert_eq!(params.validate(100).unwrap_err().param, name);
         }
         SamplingParams::default().validate(100).unwrap();
+    }
+
+    #[test]
+    fn forced_prefixes_mask_everything_else_until_one_is_complete() {
+        let params = SamplingParams {
+            temperature: 0.7,
+            forced_prefixes: vec![vec![5, 6, 7], vec![5, 8]],
+            // The mask wins over a ban from another processor.
+            logit_bias: vec![(6, -100.0)],
+            ..Default::default()
+        };
+        let logits = [9.0f32, 1.0, 2.0, 3.0, 4.0, 0.5, 0.1, 0.2, 0.3, 8.0];
+        for seed in 0..20 {
+            let mut rng = Rng::seeded(seed);
+            assert_eq!(sample(&mut logits.clone(), &ctx(&params, &[], &[]), &mut rng).0, 5);
+            let second = sample(&mut logits.clone(), &ctx(&params, &[], &[5]), &mut rng).0;
+            assert!(second == 6 || second == 8, "{second}");
+            assert_eq!(sample(&mut logits.clone(), &ctx(&params, &[], &[5, 6]), &mut rng).0, 7);
+        }
+        // Once one prefix is complete, sampling is free again.
+        let greedy = SamplingParams {
+            forced_prefixes: vec![vec![5, 6, 7], vec![5, 8]],
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(sample(&mut logits.clone(), &ctx(&greedy, &[], &[5, 8]), &mut Rng::seeded(0)).0, 0);
+        assert_eq!(sample(&mut logits.clone(), &ctx(&greedy, &[], &[5, 6, 7]), &mut Rng::seeded(0)).0, 0);
+        assert_eq!(sample(&mut logits.clone(), &ctx(&greedy, &[], &[5]), &mut Rng::seeded(0)).0, 8);
     }
 }

@@ -14,20 +14,23 @@ use super::error::ApiError;
 use super::http::{json_response, sse_event, sse_response, HttpResponse};
 use super::ServerState;
 use crate::api::openai::{GenerationFields, Prompt};
-use crate::api::{parse_chat_request, parse_completion_request};
+use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, ToolChoice};
 use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
 use crate::text::{
-    ChatInput, IncrementalDetokenizer, ReasoningParser, StopMatcher, Tokenizer, ToolCall, ToolCallParser, ToolEvent,
+    collect_calls, ChatInput, IncrementalDetokenizer, ReasoningParser, StopMatcher, Tokenizer, ToolCall, ToolCallParser,
+    ToolEvent,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     /// `tools`: the request offered tools, so `<tool_call>` blocks are parsed out.
     /// `reasoning`: `<think>` blocks go to `reasoning_content`.
+    /// `one_call`: the reply ends with its first call (a named `tool_choice`).
     Chat {
         logprobs: bool,
         tools: bool,
         reasoning: bool,
+        one_call: bool,
     },
     Text,
 }
@@ -43,6 +46,8 @@ struct Choice {
     reasoning: String,
     tool_parser: Option<ToolCallParser>,
     tool_calls: Vec<ToolCall>,
+    /// A call's arguments are complete (what ends a `one_call` reply).
+    call_ended: bool,
     finish: Option<&'static str>,
 }
 
@@ -58,14 +63,15 @@ impl Choice {
             reasoning: String::new(),
             tool_parser: matches!(kind, Kind::Chat { tools: true, .. }).then(ToolCallParser::new),
             tool_calls: Vec::new(),
+            call_ended: false,
             finish: None,
         }
     }
 
     /// Final text through the reasoning split and the tool-call parser (each when
-    /// enabled): returns (content, calls, reasoning) and records them. `end`: the stream
-    /// is over.
-    fn route(&mut self, text: String, end: bool) -> (String, Vec<ToolCall>, String) {
+    /// enabled): returns (content, tool-call events, reasoning) and records them. `end`:
+    /// the stream is over.
+    fn route(&mut self, text: String, end: bool) -> (String, Vec<ToolEvent>, String) {
         let (reasoning, text) = match &mut self.reasoning_parser {
             Some(parser) => {
                 let (mut r, mut c) = parser.push(&text);
@@ -83,7 +89,7 @@ impl Choice {
         (content, calls, reasoning)
     }
 
-    fn route_tools(&mut self, text: String, end: bool) -> (String, Vec<ToolCall>) {
+    fn route_tools(&mut self, text: String, end: bool) -> (String, Vec<ToolEvent>) {
         let Some(parser) = &mut self.tool_parser else {
             self.text.push_str(&text);
             return (text, Vec::new());
@@ -92,16 +98,21 @@ impl Choice {
         if end {
             events.extend(parser.finish());
         }
-        let (mut content, mut calls) = (String::new(), Vec::new());
-        for event in events {
-            match event {
-                ToolEvent::Content(t) => content.push_str(&t),
-                ToolEvent::Call(c) => calls.push(c),
+        collect_calls(&mut self.tool_calls, &events);
+        let mut content = String::new();
+        events.retain(|event| match event {
+            ToolEvent::Content(t) => {
+                content.push_str(t);
+                false
             }
-        }
+            ToolEvent::CallEnd => {
+                self.call_ended = true;
+                false
+            }
+            _ => true,
+        });
         self.text.push_str(&content);
-        self.tool_calls.extend(calls.iter().cloned());
-        (content, calls)
+        (content, events)
     }
 
     /// `stop` becomes `tool_calls` when the reply called tools.
@@ -149,8 +160,8 @@ struct ChoiceUpdate {
     index: usize,
     /// Text that became final.
     text: String,
-    /// Tool calls that became complete.
-    calls: Vec<ToolCall>,
+    /// Tool calls that started (`CallStart`) or grew (`CallArgs`), in order.
+    calls: Vec<ToolEvent>,
     /// Reasoning text that became final.
     reasoning: String,
     logprob: Option<Value>,
@@ -184,7 +195,7 @@ fn apply_event(
             if let Some(l) = &logprob {
                 choice.logprobs.push(l.clone());
             }
-            if stopped {
+            if stopped || (matches!(kind, Kind::Chat { one_call: true, .. }) && choice.call_ended) {
                 choice.finish_with("stop");
             }
             Ok(Some(ChoiceUpdate {
@@ -268,13 +279,37 @@ fn usage_json(prompt_tokens: usize, choices: &[Choice]) -> Value {
     json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion})
 }
 
+/// How a reply forced to call a tool must open: `<tool_call>` and the function's name,
+/// in the Qwen / Hermes format the tool-call parser reads, one opening per allowed
+/// function (the sampler masks everything else until one is complete, so the model
+/// chooses among them and then writes the arguments itself). Empty: nothing forced.
+fn forced_call_openings(request: &ChatRequest) -> Vec<String> {
+    let opening = |name: &str| format!("<tool_call>\n{{\"name\": {}, \"arguments\":", Value::from(name));
+    match &request.tool_choice {
+        ToolChoice::Auto => Vec::new(),
+        ToolChoice::Named(name) => vec![opening(name)],
+        ToolChoice::Required => {
+            let mut names: Vec<&str> = request
+                .tools
+                .iter()
+                .flat_map(|t| t.as_array().into_iter().flatten())
+                .filter_map(|t| t.pointer("/function/name").and_then(Value::as_str))
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names.into_iter().map(opening).collect()
+        }
+    }
+}
+
 pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
     let request = parse_chat_request(&body, &state.defaults)?;
     let tokenizer = state.tokenizer.clone();
     let mut kwargs = state.chat_template_kwargs.clone().unwrap_or_default();
     kwargs.extend(request.chat_template_kwargs.clone().unwrap_or_default());
     let (messages, tools) = (request.messages.clone(), request.tools.clone());
-    let prompt_ids = tokio::task::spawn_blocking(move || -> Result<Vec<u32>, ApiError> {
+    let forced = forced_call_openings(&request);
+    let (prompt_ids, forced) = tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, Vec<Vec<u32>>), ApiError> {
         let template = tokenizer
             .chat_template()
             .map_err(|e| ApiError::bad_request(format!("cannot apply a chat template: {e}")))?;
@@ -286,13 +321,19 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
                 kwargs: Some(&kwargs),
             })
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        tokenizer
-            .encode(&text, false)
-            .map_err(|e| ApiError::internal(e.to_string()))
+        let encode = |text: &str| {
+            tokenizer
+                .encode(text, false)
+                .map_err(|e| ApiError::internal(e.to_string()))
+        };
+        let forced = forced.iter().map(|t| encode(t)).collect::<Result<_, _>>()?;
+        Ok((encode(&text)?, forced))
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
     let reasoning = state.reasoning;
+    let mut generation = request.generation;
+    generation.params.forced_prefixes = forced;
     run(
         state,
         id,
@@ -300,10 +341,11 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
             logprobs: request.logprobs,
             tools: request.tools.is_some(),
             reasoning,
+            one_call: matches!(request.tool_choice, ToolChoice::Named(_)),
         },
         prompt_ids,
         None,
-        request.generation,
+        generation,
     )
     .await
 }
@@ -574,15 +616,21 @@ async fn stream_events(
                 return; // the client went away: dropping `stream` cancels the request
             }
         }
-        // Each completed tool call: its id, type and name first, then its arguments.
-        let done_before = choices[index].tool_calls.len() - calls.len();
-        for (k, call) in calls.iter().enumerate() {
-            let slot = done_before + k;
-            let head = json!([{"index": index, "delta": {"tool_calls": [{"index": slot, "id": tool_call_id(&ctx.id, index, slot),
-                "type": "function", "function": {"name": call.name, "arguments": ""}}]}, "logprobs": null, "finish_reason": null}]);
-            let args = json!([{"index": index, "delta": {"tool_calls": [{"index": slot, "function": {"arguments": call.arguments}}]},
-                "logprobs": null, "finish_reason": null}]);
-            if !send(ctx.chunk(&model, head)).await || !send(ctx.chunk(&model, args)).await {
+        // A new call: its id, type and name first; then its arguments as they grow.
+        let mut slot = choices[index].tool_calls.len()
+            - calls.iter().filter(|e| matches!(e, ToolEvent::CallStart(_))).count();
+        for event in calls {
+            let call = match event {
+                ToolEvent::CallStart(name) => {
+                    slot += 1;
+                    json!({"index": slot - 1, "id": tool_call_id(&ctx.id, index, slot - 1), "type": "function",
+                        "function": {"name": name, "arguments": ""}})
+                }
+                ToolEvent::CallArgs(text) if slot > 0 => json!({"index": slot - 1, "function": {"arguments": text}}),
+                _ => continue,
+            };
+            let delta = json!([{"index": index, "delta": {"tool_calls": [call]}, "logprobs": null, "finish_reason": null}]);
+            if !send(ctx.chunk(&model, delta)).await {
                 return;
             }
         }
@@ -626,6 +674,7 @@ mod tests {
             logprobs: false,
             tools: true,
             reasoning: true,
+            one_call: false,
         };
         let mut choices = vec![Choice::new(&[], kind)];
         let mut streamed = String::new();
@@ -651,7 +700,7 @@ mod tests {
             }
         }
         assert_eq!(streamed, "Checking both.\n\n");
-        assert_eq!(calls.len(), 2);
+        assert_eq!(calls.iter().filter(|e| matches!(e, ToolEvent::CallStart(_))).count(), 2);
         assert_eq!(choices[0].finish, Some("tool_calls"));
         let message = chat_message("req_1", 0, &choices[0]);
         assert_eq!(message["content"], "Checking both.");

@@ -16,7 +16,7 @@ pub use reasoning::ReasoningParser;
 pub use stop::{StopMatcher, StopOutput};
 pub use template::{ChatInput, ChatTemplate};
 pub use tokenizer::{SpecialTokens, Tokenizer};
-pub use tool_calls::{ToolCall, ToolCallParser, ToolEvent};
+pub use tool_calls::{collect_calls, ToolCall, ToolCallParser, ToolEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {
