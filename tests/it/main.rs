@@ -12,4 +12,5 @@ mod numerics;
 mod server;
 mod templates;
 mod tokenizer;
+mod tools;
 mod wall;

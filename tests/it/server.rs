@@ -26,12 +26,16 @@ impl Drop for Server {
 
 impl Server {
     pub fn start(args: &[&str]) -> Server {
+        Server::start_model("HuggingFaceTB/SmolLM2-135M-Instruct", args)
+    }
+
+    pub fn start_model(model: &str, args: &[&str]) -> Server {
         static LOCK: Mutex<()> = Mutex::new(());
         let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
             .args([
                 "serve",
-                "HuggingFaceTB/SmolLM2-135M-Instruct",
+                model,
                 "--port",
                 "0",
                 "--num-blocks",

@@ -102,7 +102,56 @@ def errors():
     assert good_key.models.list().data
 
 
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Get the current weather in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                     "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                    "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Get the local time in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+]
+QWEN = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+tools_client = openai.OpenAI(base_url=os.environ["INFERD_TOOLS_BASE_URL"], api_key="not-needed", max_retries=0)
+
+
+def tool_calls():
+    messages = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    r = tools_client.chat.completions.create(model=QWEN, messages=messages, tools=TOOLS, tool_choice="required",
+                                             temperature=0, max_tokens=60)
+    call = r.choices[0].message.tool_calls[0]
+    assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather", r
+    assert json.loads(call.function.arguments)["city"] == "Paris", call
+    # Streamed: reassemble the deltas by index, as clients do.
+    calls, finish, fragments = {}, None, 0
+    for chunk in tools_client.chat.completions.create(model=QWEN, messages=messages, tools=TOOLS,
+                                                      tool_choice="required", temperature=0, max_tokens=60,
+                                                      stream=True):
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            assert not c.delta.content, c.delta
+            for d in c.delta.tool_calls or []:
+                slot = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                slot["id"] = d.id or slot["id"]
+                slot["name"] += (d.function.name or "") if d.function else ""
+                slot["arguments"] += (d.function.arguments or "") if d.function else ""
+                fragments += 1
+    assert finish == "tool_calls" and list(calls) == [0], (finish, calls)
+    assert calls[0]["id"] == call.id.replace(r.id, chunk.id) and calls[0]["name"] == "get_weather", calls
+    assert json.loads(calls[0]["arguments"]) == json.loads(call.function.arguments), calls
+    assert fragments > 3, fragments
+    named = tools_client.chat.completions.create(
+        model=QWEN, messages=messages, tools=TOOLS, temperature=0, max_tokens=60,
+        tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"], named
+    try:
+        tools_client.chat.completions.create(model=QWEN, messages=messages, tools=TOOLS,
+                                             tool_choice={"type": "function", "function": {"name": "nope"}})
+        raise AssertionError("unknown tool accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "tool_choice", e.body
+
+
 for name, fn in [("chat", chat_nonstream), ("chat stream", chat_stream), ("sampling parameters", chat_sampling_params),
-                 ("completions", completions), ("models", models), ("errors", errors)]:
+                 ("completions", completions), ("models", models), ("errors", errors), ("tool calls", tool_calls)]:
     check(name, fn)
-print(json.dumps({"openai": openai.__version__, "passed": 6}))
+print(json.dumps({"openai": openai.__version__, "passed": 7}))
