@@ -29,7 +29,7 @@ fn main() {
         .collect();
     let output_tokens: usize = args.get(3).map(|s| s.parse().expect("OUTPUT_TOKENS")).unwrap_or(128);
     let dir = resolve_model(model_id).expect("model (run scripts/fetch-test-models)");
-    let mut model = Some(load_decoder(&CpuBackend, &dir.path, &mut |_, _| {}).expect("load"));
+    let mut model = Some(load_decoder(&CpuBackend::default(), &dir.path, &mut |_, _| {}).expect("load"));
     let vocab = model.as_ref().unwrap().config.vocab_size as u64;
     let max_c = *concurrency.iter().max().unwrap_or(&1);
     let prompts: Vec<Vec<u32>> = match args.get(1).filter(|p| *p != "-") {
@@ -61,7 +61,7 @@ fn main() {
             max_num_batched_tokens: 2048,
             max_waiting: c,
         };
-        let mut engine = Engine::new(CpuBackend, model.take().unwrap(), config, vec![]);
+        let mut engine = Engine::new(CpuBackend::default(), model.take().unwrap(), config, vec![]);
         let params = SamplingParams {
             max_tokens: Some(output_tokens),
             ignore_eos: true,

@@ -33,7 +33,7 @@ fn main() {
         }
     };
     let load_start = Instant::now();
-    let model = load_decoder(&CpuBackend, &dir.path, &mut |_, _| {}).expect("load");
+    let model = load_decoder(&CpuBackend::default(), &dir.path, &mut |_, _| {}).expect("load");
     let load_secs = load_start.elapsed().as_secs_f64();
     let block_size = 16;
     let config = EngineConfig {
@@ -51,7 +51,7 @@ fn main() {
     let (mut best_prefill, mut best_decode) = (0.0f64, 0.0f64);
     for run in 0..4 {
         // A fresh engine per run: the prefix cache would otherwise serve the prompt.
-        let mut engine = Engine::new(CpuBackend, model.take().expect("model"), config, vec![]);
+        let mut engine = Engine::new(CpuBackend::default(), model.take().expect("model"), config, vec![]);
         let start = Instant::now();
         let mut first = None;
         let (tokens, _) = engine::generate(&mut engine, prompt.clone(), params.clone(), &mut |_| {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod backend;
 pub mod engine;
 pub mod loader;
+pub mod log;
 pub mod models;
 pub mod server;
 pub mod text;

@@ -8,9 +8,11 @@ use clap::{Parser, Subcommand};
 
 use inferd::api::SamplingDefaults;
 use inferd::backend::cpu::CpuBackend;
+use inferd::backend::WeightDtype;
 use inferd::engine::{self, Engine, EngineConfig, EngineHandle, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::loader::ModelDir;
+use inferd::log::Level;
 use inferd::models::DecoderModel;
 use inferd::models::{load_decoder, GenerationConfig};
 use inferd::server::{self, ServerOptions, ServerState};
@@ -30,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the OpenAI-compatible HTTP server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Chat with a model in the terminal, through a running server.
     Chat,
     /// Download a model from the Hugging Face hub into the local cache.
@@ -58,9 +60,26 @@ struct ServeArgs {
     /// Answer CORS preflights and allow any origin.
     #[arg(long)]
     enable_cors: bool,
-    /// Accepted for compatibility with transformers serve: batching is always continuous.
+    /// Accepted for compatibility with transformers serve: batching is always continuous
+    /// (with a paged KV cache), with or without this flag.
     #[arg(long)]
     continuous_batching: bool,
+    /// How weights are kept: auto (as stored; bf16 stays bf16, f16 and f32 become f32),
+    /// bfloat16 or float32 (torch names such as `torch.bfloat16` are accepted).
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Where the model runs: auto, cpu, or cuda[:N] (a build with `--features cuda`).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// error, warning, info (the default: one access-log line per request) or debug.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+    /// transformers serve's --cb-use-cuda-graph: CUDA graphs for decode steps. The CPU
+    /// backend has none; saying `true` there is refused.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    cb_use_cuda_graph: Option<bool>,
+    #[command(flatten)]
+    torch_only: TorchOnlyArgs,
     /// Largest request body, in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
@@ -83,8 +102,9 @@ struct ServeArgs {
     /// KV cache size in bytes.
     #[arg(long)]
     kv_cache_memory: Option<usize>,
-    /// KV cache size as a fraction of the memory available at start-up.
-    #[arg(long, default_value_t = 0.25)]
+    /// KV cache size as a fraction of the memory available at start-up, in (0, 1]
+    /// (transformers serve's --cb-max-memory-percent, also a fraction, is the same).
+    #[arg(long, alias = "cb-max-memory-percent", default_value_t = 0.25)]
     kv_cache_fraction: f64,
     /// Most sequences in one step.
     #[arg(long, default_value_t = 128)]
@@ -98,6 +118,60 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
+}
+
+/// Flags of transformers serve that configure torch; accepted only to refuse them with a
+/// reason (hidden from --help). Their `--no-…` forms ask for what inferd does anyway.
+#[derive(clap::Args)]
+struct TorchOnlyArgs {
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
+    attn_implementation: Option<String>,
+    #[arg(long, hide = true)]
+    compile: bool,
+    #[arg(long, hide = true)]
+    no_compile: bool,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
+    quantization: Option<String>,
+    #[arg(long, hide = true)]
+    trust_remote_code: bool,
+    #[arg(long, hide = true)]
+    no_trust_remote_code: bool,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
+    decision_config: Option<String>,
+    #[arg(long, hide = true)]
+    non_blocking: bool,
+}
+
+impl TorchOnlyArgs {
+    fn refuse(&self) -> Result<(), String> {
+        let why = if self.attn_implementation.is_some() {
+            "--attn-implementation: inferd has one attention implementation per backend (paged attention over its KV cache)"
+        } else if self.compile {
+            "--compile: inferd's kernels are compiled ahead of time; there is no torch.compile step"
+        } else if self.quantization.is_some() {
+            "--quantization: bitsandbytes quantization is not supported; choose the weight precision with --dtype"
+        } else if self.trust_remote_code {
+            "--trust-remote-code: inferd never runs code from a model repository; it serves its built-in architectures (Llama, Qwen2, Qwen3)"
+        } else if self.decision_config.is_some() {
+            "--decision-config: it configures /v1/systemone, which inferd does not serve"
+        } else if self.non_blocking {
+            "--non-blocking: a transformers test hook; run inferd in the background instead"
+        } else {
+            return Ok(());
+        };
+        Err(format!("unsupported transformers serve option {why}"))
+    }
+}
+
+/// `--device`: only the CPU backend is built in (CUDA comes with `--features cuda`).
+fn check_device(device: &str) -> Result<(), String> {
+    match device {
+        "auto" | "cpu" => Ok(()),
+        d if d == "cuda" || d.starts_with("cuda:") || d.chars().all(|c| c.is_ascii_digit()) => Err(format!(
+            "--device {d}: this build of inferd has no CUDA backend; use --device cpu"
+        )),
+        d => Err(format!("--device {d}: unknown device (auto, cpu or cuda[:N])")),
+    }
 }
 
 #[derive(clap::Args)]
@@ -128,7 +202,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate(args),
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Chat => not_yet("chat", "the model manager and chat client"),
         Command::Download { .. } => not_yet("download", "hub downloads"),
         Command::Bench => not_yet("bench", "the serving benchmark"),
@@ -153,7 +227,7 @@ fn not_yet(command: &str, what: &str) -> Result<(), Box<dyn Error>> {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
-    let loaded = LoadedModel::load(&args.model)?;
+    let loaded = LoadedModel::load(&args.model, &CpuBackend::default())?;
     let eos_ids = loaded.eos_ids();
     let LoadedModel {
         dir,
@@ -189,7 +263,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
         max_num_batched_tokens: 512,
         max_waiting: 1,
     };
-    let mut engine = Engine::new(CpuBackend, model, config, eos_ids);
+    let mut engine = Engine::new(CpuBackend::default(), model, config, eos_ids);
     let params = SamplingParams {
         max_tokens: Some(args.max_tokens),
         ..SamplingParams::greedy()
@@ -249,12 +323,12 @@ struct LoadedModel {
 }
 
 impl LoadedModel {
-    fn load(id: &str) -> Result<Self, Box<dyn Error>> {
+    fn load(id: &str, backend: &CpuBackend) -> Result<Self, Box<dyn Error>> {
         let dir = resolve_model(id)?;
         let tokenizer = Tokenizer::from_dir(&dir.path)?;
         let generation_config = GenerationConfig::from_dir(&dir.path)?;
         let start = std::time::Instant::now();
-        let model = load_decoder(&CpuBackend, &dir.path, &mut |_, _| {})?;
+        let model = load_decoder(backend, &dir.path, &mut |_, _| {})?;
         Ok(LoadedModel {
             dir,
             tokenizer,
@@ -290,11 +364,27 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         },
         None => None,
     };
+    args.torch_only.refuse()?;
+    check_device(&args.device)?;
+    let backend = CpuBackend::with_weights(WeightDtype::parse(&args.dtype)?);
+    let level = Level::parse(&args.log_level)
+        .ok_or_else(|| format!("--log-level {}: use error, warning, info or debug", args.log_level))?;
+    inferd::log::set_level(level);
+    if args.cb_use_cuda_graph == Some(true) {
+        return Err("--cb-use-cuda-graph: CUDA graphs need the CUDA backend; this build runs on the CPU".into());
+    }
+    if !(args.kv_cache_fraction > 0.0 && args.kv_cache_fraction <= 1.0) {
+        return Err(format!(
+            "--kv-cache-fraction (--cb-max-memory-percent) {} must be in (0, 1]",
+            args.kv_cache_fraction
+        )
+        .into());
+    }
     let api_key = args
         .api_key
         .clone()
         .or_else(|| std::env::var("INFERD_API_KEY").ok().filter(|k| !k.is_empty()));
-    let loaded = LoadedModel::load(&model_id)?;
+    let loaded = LoadedModel::load(&model_id, &backend)?;
     let eos = loaded.eos_ids();
     let LoadedModel {
         dir,
@@ -331,7 +421,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         "off" => false,
         _ => tokenizer.chat_template().is_ok_and(|t| t.source().contains("<think>")),
     };
-    let engine = EngineHandle::spawn(Engine::new(CpuBackend, model, config, eos));
+    let engine = EngineHandle::spawn(Engine::new(backend, model, config, eos));
     let state = std::sync::Arc::new(ServerState {
         engine,
         tokenizer: std::sync::Arc::new(tokenizer),

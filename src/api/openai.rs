@@ -449,7 +449,11 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
         Some(_) => return Err(ApiError::invalid("tools", "`tools` must be a list")),
         None => None,
     };
-    for (i, tool) in tools.iter().flat_map(|t| t.as_array().into_iter().flatten()).enumerate() {
+    for (i, tool) in tools
+        .iter()
+        .flat_map(|t| t.as_array().into_iter().flatten())
+        .enumerate()
+    {
         let name = tool.pointer("/function/name").and_then(Value::as_str);
         let ok_name = name.is_some_and(|n| {
             !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')

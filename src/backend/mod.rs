@@ -37,6 +37,34 @@ impl AttentionShape {
     }
 }
 
+/// How a backend keeps matrix weights (`--dtype`). Vectors (norms, biases) are always
+/// f32; activations are computed in f32 whatever the weights are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightDtype {
+    /// As the checkpoint stores them: bf16 stays bf16, f16 and f32 become f32.
+    #[default]
+    Auto,
+    Bf16,
+    F32,
+}
+
+impl WeightDtype {
+    /// The names transformers serve takes (torch dtype names, with or without
+    /// `torch.`), and short forms. `float16` is refused by the caller with a reason.
+    pub fn parse(name: &str) -> Result<WeightDtype, String> {
+        match name.trim_start_matches("torch.") {
+            "auto" => Ok(WeightDtype::Auto),
+            "bfloat16" | "bf16" => Ok(WeightDtype::Bf16),
+            "float32" | "float" | "fp32" | "f32" => Ok(WeightDtype::F32),
+            "float16" | "half" | "fp16" | "f16" => Err(
+                "float16 weights are not supported (the CPU backend keeps bf16 or f32): use --dtype bfloat16 or float32"
+                    .into(),
+            ),
+            other => Err(format!("unknown --dtype `{other}` (auto, bfloat16 or float32)")),
+        }
+    }
+}
+
 /// Size of a paged KV cache: per layer, K and V are `[num_blocks, block_size, num_kv_heads, head_dim]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheShape {

@@ -16,7 +16,7 @@ enum Command {
     Submit {
         id: RequestId,
         prompt: Vec<u32>,
-        params: SamplingParams,
+        params: Box<SamplingParams>,
         events: EventSender,
     },
     Cancel(RequestId),
@@ -144,7 +144,7 @@ impl EngineHandle {
         let sent = self.commands.send(Command::Submit {
             id,
             prompt,
-            params,
+            params: Box::new(params),
             events,
         });
         if sent.is_err() {
@@ -189,7 +189,7 @@ fn run<B: Backend>(mut engine: Engine<B>, inbox: Receiver<Command>, metrics: Arc
                         metrics.pending.fetch_sub(1, Ordering::SeqCst);
                         continue;
                     }
-                    match engine.add_request(id, prompt, params, events.clone()) {
+                    match engine.add_request(id, prompt, *params, events.clone()) {
                         Ok(()) => not_admitted.push(id),
                         Err(e) => {
                             metrics.pending.fetch_sub(1, Ordering::SeqCst);

@@ -176,7 +176,12 @@ impl SamplingParams {
                 t,
             ));
         }
-        if let Some(&t) = self.forced_prefixes.iter().flatten().find(|&&t| t as usize >= vocab_size) {
+        if let Some(&t) = self
+            .forced_prefixes
+            .iter()
+            .flatten()
+            .find(|&&t| t as usize >= vocab_size)
+        {
             return Err(invalid(
                 "tool_choice",
                 format!("forces token {t}, outside the vocabulary of {vocab_size}"),
@@ -354,7 +359,11 @@ fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
         // whatever the processors above did to it).
         let mut keep: Vec<(u32, f32)> = allowed
             .iter()
-            .filter_map(|&t| logits.get(t as usize).map(|&l| (t, if l.is_finite() { l } else { 0.0 })))
+            .filter_map(|&t| {
+                logits
+                    .get(t as usize)
+                    .map(|&l| (t, if l.is_finite() { l } else { 0.0 }))
+            })
             .collect();
         keep.dedup_by_key(|(t, _)| *t);
         logits.fill(f32::NEG_INFINITY);
@@ -667,8 +676,17 @@ mod tests {
             forced_prefixes: vec![vec![5, 6, 7], vec![5, 8]],
             ..SamplingParams::greedy()
         };
-        assert_eq!(sample(&mut logits.clone(), &ctx(&greedy, &[], &[5, 8]), &mut Rng::seeded(0)).0, 0);
-        assert_eq!(sample(&mut logits.clone(), &ctx(&greedy, &[], &[5, 6, 7]), &mut Rng::seeded(0)).0, 0);
-        assert_eq!(sample(&mut logits.clone(), &ctx(&greedy, &[], &[5]), &mut Rng::seeded(0)).0, 8);
+        assert_eq!(
+            sample(&mut logits.clone(), &ctx(&greedy, &[], &[5, 8]), &mut Rng::seeded(0)).0,
+            0
+        );
+        assert_eq!(
+            sample(&mut logits.clone(), &ctx(&greedy, &[], &[5, 6, 7]), &mut Rng::seeded(0)).0,
+            0
+        );
+        assert_eq!(
+            sample(&mut logits.clone(), &ctx(&greedy, &[], &[5]), &mut Rng::seeded(0)).0,
+            8
+        );
     }
 }

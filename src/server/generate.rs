@@ -17,8 +17,8 @@ use crate::api::openai::{GenerationFields, Prompt};
 use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, ToolChoice};
 use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
 use crate::text::{
-    collect_calls, ChatInput, IncrementalDetokenizer, ReasoningParser, StopMatcher, Tokenizer, ToolCall, ToolCallParser,
-    ToolEvent,
+    collect_calls, ChatInput, IncrementalDetokenizer, ReasoningParser, StopMatcher, Tokenizer, ToolCall,
+    ToolCallParser, ToolEvent,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -458,6 +458,7 @@ async fn collect(
         .metrics
         .completion_tokens
         .fetch_add(completion as u64, Ordering::Relaxed);
+    log_finished(&id, prompt_tokens, &choices, start);
     let usage = usage_json(prompt_tokens, &choices);
     let body = match kind {
         Kind::Chat { logprobs, .. } => json!({
@@ -488,6 +489,15 @@ async fn collect(
         }),
     };
     Ok(json_response(StatusCode::OK, &body))
+}
+
+fn log_finished(id: &str, prompt_tokens: usize, choices: &[Choice], start: Instant) {
+    crate::debug!(
+        "{id}: {prompt_tokens} prompt tokens, {} completion tokens, finish {:?}, {:.1} ms",
+        choices.iter().map(|c| c.tokens).sum::<usize>(),
+        choices.iter().map(|c| c.finish.unwrap_or("-")).collect::<Vec<_>>(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
 }
 
 /// The legacy completions logprobs object from per-token entries.
@@ -617,8 +627,8 @@ async fn stream_events(
             }
         }
         // A new call: its id, type and name first; then its arguments as they grow.
-        let mut slot = choices[index].tool_calls.len()
-            - calls.iter().filter(|e| matches!(e, ToolEvent::CallStart(_))).count();
+        let mut slot =
+            choices[index].tool_calls.len() - calls.iter().filter(|e| matches!(e, ToolEvent::CallStart(_))).count();
         for event in calls {
             let call = match event {
                 ToolEvent::CallStart(name) => {
@@ -629,7 +639,8 @@ async fn stream_events(
                 ToolEvent::CallArgs(text) if slot > 0 => json!({"index": slot - 1, "function": {"arguments": text}}),
                 _ => continue,
             };
-            let delta = json!([{"index": index, "delta": {"tool_calls": [call]}, "logprobs": null, "finish_reason": null}]);
+            let delta =
+                json!([{"index": index, "delta": {"tool_calls": [call]}, "logprobs": null, "finish_reason": null}]);
             if !send(ctx.chunk(&model, delta)).await {
                 return;
             }
@@ -650,6 +661,7 @@ async fn stream_events(
         .metrics
         .completion_tokens
         .fetch_add(completion as u64, Ordering::Relaxed);
+    log_finished(&ctx.id, ctx.prompt_tokens, &choices, ctx.start);
     if ctx.include_usage {
         let mut chunk = ctx.chunk(&model, json!([]));
         chunk["usage"] = usage_json(ctx.prompt_tokens, &choices);

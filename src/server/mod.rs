@@ -59,7 +59,8 @@ pub struct ServerOptions {
 pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::Result<()> {
     let listener = TcpListener::bind(options.addr).await?;
     let local = listener.local_addr()?;
-    // Tests and scripts read the port from this line (useful with --port 0).
+    // Tests and scripts read the port from this line (useful with --port 0): it is
+    // printed whatever the log level.
     eprintln!("inferd: serving {} on http://{local}", state.model_name);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
@@ -70,7 +71,7 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
                     Ok(conn) => conn,
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
-                        eprintln!("inferd: accept failed: {e}");
+                        crate::warn!("accept failed: {e}");
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
                     }
@@ -89,7 +90,7 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
                 });
             }
             _ = &mut shutdown => {
-                eprintln!("inferd: shutting down");
+                crate::info!("shutting down");
                 break;
             }
         }
@@ -98,7 +99,7 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(options.shutdown_grace) => {
-            eprintln!("inferd: grace period over, closing remaining connections");
+            crate::warn!("grace period over, closing remaining connections");
         }
     }
     Ok(())

@@ -34,6 +34,8 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<H
         .filter(|v| !v.is_empty() && v.len() <= 256)
         .map(str::to_owned)
         .unwrap_or_else(|| format!("req_{}", state.next_request.fetch_add(1, Ordering::Relaxed)));
+    let start = std::time::Instant::now();
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let (route, result) = dispatch(&state, req, &request_id).await;
     let mut response = result.unwrap_or_else(|e| error_response(&e));
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -43,6 +45,12 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<H
         add_cors(&mut response);
     }
     state.metrics.count_request(route, response.status().as_u16());
+    // The access log: when the response head is ready (a stream goes on after it).
+    crate::info!(
+        "{method} {path} {} {request_id} {:.1} ms",
+        response.status().as_u16(),
+        start.elapsed().as_secs_f64() * 1e3
+    );
     Ok(response)
 }
 

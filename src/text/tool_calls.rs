@@ -471,7 +471,11 @@ mod tests {
         for size in [1, 5, 1000] {
             let (content, calls) = run(&split(text, size));
             assert_eq!(content, "", "split {size}");
-            assert_eq!(calls, vec![call("f", r#"{"a":1}"#), call("g", r#"{"b": 2}"#)], "split {size}");
+            assert_eq!(
+                calls,
+                vec![call("f", r#"{"a":1}"#), call("g", r#"{"b": 2}"#)],
+                "split {size}"
+            );
         }
     }
 

@@ -12,7 +12,7 @@ use inferd::models::{load_decoder, DecoderModel};
 use crate::common::installed_model;
 
 fn load(repo: &str) -> DecoderModel<CpuBackend> {
-    load_decoder(&CpuBackend, &installed_model(repo), &mut |_, _| {}).unwrap()
+    load_decoder(&CpuBackend::default(), &installed_model(repo), &mut |_, _| {}).unwrap()
 }
 
 /// Deterministic pseudo-random prompts and parameters for request `i`.
@@ -113,12 +113,12 @@ fn sixty_four_concurrent_requests_match_each_request_run_alone() {
     let requests: Vec<_> = (0..64).map(|i| request(i, vocab)).collect();
     let mut alone = Vec::new();
     for r in &requests {
-        let mut engine = Engine::new(CpuBackend, model, config(64, 16), vec![2]);
+        let mut engine = Engine::new(CpuBackend::default(), model, config(64, 16), vec![2]);
         alone.push(run_batch(&mut engine, std::slice::from_ref(r)).remove(0));
         assert_all_blocks_free(&engine);
         model = engine.into_model();
     }
-    let mut engine = Engine::new(CpuBackend, model, config(512, 16), vec![2]);
+    let mut engine = Engine::new(CpuBackend::default(), model, config(512, 16), vec![2]);
     let together = run_batch(&mut engine, &requests);
     assert_eq!(engine.stats().preemptions, 0);
     assert!(engine.stats().steps < 64 * 10, "requests were batched");
@@ -146,12 +146,12 @@ fn a_pool_too_small_for_all_sequences_preempts_and_still_matches() {
         r.1.max_tokens = Some(30 + i);
         r.1.ignore_eos = true;
     }
-    let mut engine = Engine::new(CpuBackend, model, config(1024, 4), vec![2]);
+    let mut engine = Engine::new(CpuBackend::default(), model, config(1024, 4), vec![2]);
     let roomy = run_batch(&mut engine, &requests);
     assert_eq!(engine.stats().preemptions, 0);
     let model = engine.into_model();
     // 24 blocks of 4 tokens: a few sequences at a time at most.
-    let mut engine = Engine::new(CpuBackend, model, config(24, 4), vec![2]);
+    let mut engine = Engine::new(CpuBackend::default(), model, config(24, 4), vec![2]);
     let tight = run_batch(&mut engine, &requests);
     assert!(engine.stats().preemptions > 0, "the small pool must force preemption");
     assert_eq!(roomy, tight);
@@ -168,7 +168,7 @@ fn a_shared_prefix_is_computed_once() {
         ..SamplingParams::greedy()
     };
     let (a, b) = (with_suffix(&[11, 12, 13]), with_suffix(&[21, 22, 23, 24, 25]));
-    let mut engine = Engine::new(CpuBackend, model, config(256, 16), vec![]);
+    let mut engine = Engine::new(CpuBackend::default(), model, config(256, 16), vec![]);
     let (tx, mut rx_a) = tokio::sync::mpsc::unbounded_channel();
     engine.add_request(RequestId(1), a, params.clone(), tx).unwrap();
     while engine.has_work() {
@@ -198,7 +198,7 @@ fn a_shared_prefix_is_computed_once() {
     assert_all_blocks_free(&engine);
     // Same output as on an engine that never saw the prefix.
     let model = engine.into_model();
-    let mut fresh = Engine::new(CpuBackend, model, config(256, 16), vec![]);
+    let mut fresh = Engine::new(CpuBackend::default(), model, config(256, 16), vec![]);
     let (alone, _) = engine::generate(&mut fresh, b, params, &mut |_| true).unwrap();
     assert_eq!(tokens_b, alone);
 }
@@ -214,7 +214,7 @@ fn n_completions_share_the_prompt_and_reproduce_with_a_seed() {
         max_tokens: Some(12),
         ..Default::default()
     };
-    let mut engine = Engine::new(CpuBackend, model, config(64, 8), vec![]);
+    let mut engine = Engine::new(CpuBackend::default(), model, config(64, 8), vec![]);
     let first = run_batch(&mut engine, &[(prompt.clone(), params.clone())]).remove(0);
     assert_eq!(first.len(), 4);
     assert!(first.iter().all(|c| c.len() == 12));
@@ -230,7 +230,7 @@ fn n_completions_share_the_prompt_and_reproduce_with_a_seed() {
 #[test]
 fn cancelling_mid_generation_frees_every_block() {
     let model = load("inferd-test/tiny-llama");
-    let mut engine = Engine::new(CpuBackend, model, config(64, 4), vec![]);
+    let mut engine = Engine::new(CpuBackend::default(), model, config(64, 4), vec![]);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let params = SamplingParams {
         max_tokens: Some(100),
@@ -262,7 +262,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 fn the_engine_thread_serves_streams_and_dropping_one_cancels_it() {
     use std::sync::atomic::Ordering::Relaxed;
     let model = load("inferd-test/tiny-llama");
-    let handle = EngineHandle::spawn(Engine::new(CpuBackend, model, config(64, 4), vec![2]));
+    let handle = EngineHandle::spawn(Engine::new(CpuBackend::default(), model, config(64, 4), vec![2]));
     let params = SamplingParams {
         max_tokens: Some(10_000),
         ignore_eos: true,
@@ -307,7 +307,12 @@ fn invalid_requests_are_refused_before_the_engine() {
     let vocab = model.config.vocab_size as u32;
     // A pool larger than the model's window, so the window is the limit.
     let pool_blocks = model.config.max_position_embeddings.div_ceil(16) + 4;
-    let handle = EngineHandle::spawn(Engine::new(CpuBackend, model, config(pool_blocks, 16), vec![]));
+    let handle = EngineHandle::spawn(Engine::new(
+        CpuBackend::default(),
+        model,
+        config(pool_blocks, 16),
+        vec![],
+    ));
     let max = handle.max_model_len();
     let submit = |prompt: Vec<u32>, params: SamplingParams| handle.submit(prompt, params).err();
     assert_eq!(
@@ -367,7 +372,7 @@ fn a_full_waiting_queue_reports_overload() {
         max_waiting: 2,
         ..config(64, 16)
     };
-    let handle = EngineHandle::spawn(Engine::new(CpuBackend, model, config, vec![]));
+    let handle = EngineHandle::spawn(Engine::new(CpuBackend::default(), model, config, vec![]));
     let params = SamplingParams {
         max_tokens: Some(200),
         ..SamplingParams::greedy()

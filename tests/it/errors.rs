@@ -47,7 +47,7 @@ fn model_dir(name: &str, tensors: &Tensors) -> std::path::PathBuf {
 }
 
 fn load_err(dir: &Path) -> String {
-    match load_decoder(&CpuBackend, dir, &mut |_, _| {}) {
+    match load_decoder(&CpuBackend::default(), dir, &mut |_, _| {}) {
         Ok(_) => panic!("{}: loaded a bad model", dir.display()),
         Err(e) => e.to_string(),
     }
@@ -57,7 +57,7 @@ fn load_err(dir: &Path) -> String {
 fn a_well_formed_rewritten_checkpoint_loads() {
     // Guards the helpers below: without corruption the same files load.
     let dir = model_dir("errors-control", &tiny_tensors());
-    load_decoder(&CpuBackend, &dir, &mut |_, _| {}).unwrap();
+    load_decoder(&CpuBackend::default(), &dir, &mut |_, _| {}).unwrap();
 }
 
 #[test]
@@ -141,7 +141,7 @@ fn a_byte_count_that_disagrees_with_the_shape_is_rejected() {
 #[test]
 fn a_folder_without_config_json_says_so() {
     let dir = scratch_dir("errors-no-config");
-    match load_decoder(&CpuBackend, &dir, &mut |_, _| {}) {
+    match load_decoder(&CpuBackend::default(), &dir, &mut |_, _| {}) {
         Err(ModelError::Config(e)) => assert!(e.to_string().contains("config.json is missing"), "{e}"),
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("loaded without config"),

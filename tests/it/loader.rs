@@ -157,14 +157,14 @@ fn a_sharded_checkpoint_loads_the_same_weights_as_a_single_file() {
     .unwrap();
 
     let logits = |model_dir: &Path| {
-        let model = load_decoder(&CpuBackend, model_dir, &mut |_, _| {}).unwrap();
+        let model = load_decoder(&CpuBackend::default(), model_dir, &mut |_, _| {}).unwrap();
         let prompt = [5u32, 77, 300, 12, 9];
-        let mut cache = CpuBackend.alloc_kv_cache(model.kv_cache_shape(1, 16));
+        let mut cache = CpuBackend::default().alloc_kv_cache(model.kv_cache_shape(1, 16));
         let batch = ForwardBatch::single(&prompt, 0, &[0], 16);
-        CpuBackend
+        CpuBackend::default()
             .to_host(
                 &model
-                    .forward(&CpuBackend, &batch, &mut cache, LogitsFor::AllTokens)
+                    .forward(&CpuBackend::default(), &batch, &mut cache, LogitsFor::AllTokens)
                     .unwrap(),
             )
             .0

@@ -9,6 +9,7 @@ mod errors;
 mod generate_cli;
 mod loader;
 mod numerics;
+mod serve_flags;
 mod server;
 mod templates;
 mod tokenizer;

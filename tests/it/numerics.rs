@@ -16,7 +16,7 @@ const ABS_TOL: f32 = 5e-4;
 
 fn load(repo: &str) -> DecoderModel<CpuBackend> {
     let mut calls = Vec::new();
-    let model = load_decoder(&CpuBackend, &installed_model(repo), &mut |cur, total| {
+    let model = load_decoder(&CpuBackend::default(), &installed_model(repo), &mut |cur, total| {
         calls.push((cur, total))
     })
     .unwrap();
@@ -36,14 +36,14 @@ fn load(repo: &str) -> DecoderModel<CpuBackend> {
 fn prompt_logits(model: &DecoderModel<CpuBackend>, prompt: &[u32], chunk: usize, block_size: usize) -> Vec<Vec<f32>> {
     let num_blocks = prompt.len().div_ceil(block_size);
     let block_table: Vec<u32> = (0..num_blocks as u32).rev().collect();
-    let mut cache = CpuBackend.alloc_kv_cache(model.kv_cache_shape(num_blocks, block_size));
+    let mut cache = CpuBackend::default().alloc_kv_cache(model.kv_cache_shape(num_blocks, block_size));
     let mut rows = Vec::new();
     for (i, piece) in prompt.chunks(chunk).enumerate() {
         let batch = ForwardBatch::single(piece, i * chunk, &block_table, block_size);
         let logits = model
-            .forward(&CpuBackend, &batch, &mut cache, LogitsFor::AllTokens)
+            .forward(&CpuBackend::default(), &batch, &mut cache, LogitsFor::AllTokens)
             .unwrap();
-        let (values, n, vocab) = CpuBackend.to_host(&logits);
+        let (values, n, vocab) = CpuBackend::default().to_host(&logits);
         rows.extend(values.chunks(vocab).take(n).map(<[f32]>::to_vec));
     }
     rows
@@ -94,7 +94,7 @@ fn check_model(golden_file: &str) {
                 max_num_batched_tokens: chunk,
                 max_waiting: 1,
             };
-            let mut engine = Engine::new(CpuBackend, model, config, vec![]);
+            let mut engine = Engine::new(CpuBackend::default(), model, config, vec![]);
             let params = SamplingParams {
                 max_tokens: Some(want.len()),
                 ..SamplingParams::greedy()
@@ -133,7 +133,7 @@ fn tiny_qwen3_with_qk_norm_and_wide_heads_matches_transformers() {
 #[test]
 fn out_of_range_token_ids_are_an_error_not_a_panic() {
     let model = load("inferd-test/tiny-qwen2");
-    let engine = Engine::new(CpuBackend, model, EngineConfig::default(), vec![]);
+    let engine = Engine::new(CpuBackend::default(), model, EngineConfig::default(), vec![]);
     let err = engine.validate(&[5, 384], &SamplingParams::greedy()).unwrap_err();
     assert_eq!(
         err,

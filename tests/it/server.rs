@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 pub struct Server {
     child: Child,
     pub port: u16,
+    stderr: mpsc::Receiver<String>,
     _one_at_a_time: MutexGuard<'static, ()>,
 }
 
@@ -33,14 +34,7 @@ impl Server {
         static LOCK: Mutex<()> = Mutex::new(());
         let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
-            .args([
-                "serve",
-                model,
-                "--port",
-                "0",
-                "--num-blocks",
-                "256",
-            ])
+            .args(["serve", model, "--port", "0", "--num-blocks", "256"])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -69,8 +63,16 @@ impl Server {
         Server {
             child,
             port,
+            stderr: rx,
             _one_at_a_time: guard,
         }
+    }
+
+    /// The server's stderr lines printed since the last call (after the serving line).
+    pub fn log_lines(&self) -> Vec<String> {
+        // Lines are forwarded by a thread: give it a moment to catch up.
+        std::thread::sleep(Duration::from_millis(100));
+        self.stderr.try_iter().collect()
     }
 
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Response {

@@ -109,7 +109,10 @@ fn forced_tool_calls_are_parsed_whole_and_streamed() {
     ]);
     let r = s.post("/v1/chat/completions", body);
     assert_eq!(r.status, 200, "{}", r.body);
-    let answer = r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    let answer = r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert!(answer.contains("22"), "{answer}");
 }
 
@@ -117,7 +120,10 @@ fn forced_tool_calls_are_parsed_whole_and_streamed() {
 fn bad_tool_requests_are_refused_naming_the_parameter() {
     let s = qwen();
     let cases = [
-        (weather_request(json!({"type": "function", "function": {"name": "nope"}})), "tool_choice"),
+        (
+            weather_request(json!({"type": "function", "function": {"name": "nope"}})),
+            "tool_choice",
+        ),
         (weather_request(json!("sometimes")), "tool_choice"),
         (weather_request(json!({"type": "function"})), "tool_choice"),
         (

@@ -8,7 +8,7 @@ pub use matmul::{matmul_transposed, Bf16, PackedMatrix, WeightElem};
 
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape, MAX_HEAD_DIM};
+use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape, WeightDtype, MAX_HEAD_DIM};
 use crate::loader::{Dtype, TensorView};
 
 /// A row-major `[rows, cols]` f32 activation.
@@ -71,7 +71,7 @@ impl CpuWeight {
         }
     }
 
-    fn from_views(views: &[TensorView<'_>]) -> CpuWeight {
+    fn from_views(views: &[TensorView<'_>], dtype: WeightDtype) -> CpuWeight {
         let cols = views[0].shape[1..].iter().product::<usize>();
         let rows: usize = views.iter().map(|v| v.shape[0]).sum();
         for v in views {
@@ -105,10 +105,21 @@ impl CpuWeight {
                 &views[i].bytes[(r - starts[i]) * bytes..(r - starts[i] + 1) * bytes],
             )
         };
-        let values = if views.iter().all(|v| v.dtype == Dtype::BF16) {
+        let all_bf16 = views.iter().all(|v| v.dtype == Dtype::BF16);
+        let values = if all_bf16 && dtype != WeightDtype::F32 {
             WeightValues::MatrixBf16(PackedMatrix::pack(rows, cols, |r, dst| {
                 for (d, b) in dst.iter_mut().zip(locate(r).1.chunks_exact(2)) {
                     *d = Bf16(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }))
+        } else if dtype == WeightDtype::Bf16 {
+            // Rounded to nearest even, as torch's `.to(torch.bfloat16)`.
+            WeightValues::MatrixBf16(PackedMatrix::pack(rows, cols, |r, dst| {
+                let (view, bytes) = locate(r);
+                let mut row = vec![0.0f32; cols];
+                view.dtype.write_f32(bytes, &mut row);
+                for (d, &x) in dst.iter_mut().zip(&row) {
+                    *d = Bf16(half::bf16::from_f32(x).to_bits());
                 }
             }))
         } else {
@@ -159,7 +170,16 @@ pub struct CpuKvCache {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// How matrices are kept (decided at upload).
+    pub weights: WeightDtype,
+}
+
+impl CpuBackend {
+    pub fn with_weights(weights: WeightDtype) -> Self {
+        CpuBackend { weights }
+    }
+}
 
 /// RMSNorm of `x` into `out`: `x / sqrt(mean(x²) + eps) * weight`, as transformers does
 /// it in f32 for every model family here.
@@ -369,11 +389,11 @@ impl Backend for CpuBackend {
     }
 
     fn weight(&self, view: &TensorView<'_>) -> CpuWeight {
-        CpuWeight::from_views(std::slice::from_ref(view))
+        CpuWeight::from_views(std::slice::from_ref(view), self.weights)
     }
 
     fn weight_stacked(&self, views: &[TensorView<'_>]) -> CpuWeight {
-        CpuWeight::from_views(views)
+        CpuWeight::from_views(views, self.weights)
     }
 
     fn weight_from_f32(&self, values: Vec<f32>) -> CpuWeight {
@@ -594,5 +614,51 @@ impl Backend for CpuBackend {
 
     fn to_host(&self, x: &CpuTensor) -> (Vec<f32>, usize, usize) {
         (x.data.clone(), x.rows, x.cols)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--dtype`: an f32 matrix kept as bf16 is rounded to nearest even (as torch's
+    /// `.to(torch.bfloat16)`), a bf16 one kept as f32 is exact, and `auto` keeps each.
+    #[test]
+    fn weight_dtype_decides_how_matrices_are_kept() {
+        // Two exact halfway cases between bf16 neighbours (they round to the even one).
+        let values = [1.0f32, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, -3.3, 1e-3, 7.0];
+        let f32_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let rounded: Vec<f32> = values.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+        let bf16_bytes: Vec<u8> = rounded
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        let view = |dtype, bytes| TensorView {
+            name: "w",
+            path: std::path::Path::new("w.safetensors"),
+            dtype,
+            shape: &[2, 3],
+            bytes,
+        };
+        // x = identity rows, so `linear` gives back the weight's columns.
+        let x = CpuTensor::new(vec![1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], 3, 3);
+        let run = |dtype: WeightDtype, v: &TensorView<'_>| {
+            let backend = CpuBackend::with_weights(dtype);
+            let w = backend.weight(v);
+            let kept_bf16 = matches!(w.values, WeightValues::MatrixBf16(_));
+            let (out, _, _) = backend.to_host(&backend.linear(&x, &w, None));
+            // out[i][j] = w[j][i]
+            let w_back: Vec<f32> = (0..2)
+                .flat_map(|j| (0..3).map(move |i| (i, j)))
+                .map(|(i, j)| out[i * 2 + j])
+                .collect();
+            (kept_bf16, w_back)
+        };
+        let f32_view = view(Dtype::F32, &f32_bytes);
+        let bf16_view = view(Dtype::BF16, &bf16_bytes);
+        assert_eq!(run(WeightDtype::Auto, &f32_view), (false, values.to_vec()));
+        assert_eq!(run(WeightDtype::Bf16, &f32_view), (true, rounded.clone()));
+        assert_eq!(run(WeightDtype::Auto, &bf16_view), (true, rounded.clone()));
+        assert_eq!(run(WeightDtype::F32, &bf16_view), (false, rounded));
     }
 }
