@@ -37,8 +37,8 @@ enum Command {
     Chat,
     /// Download a model from the Hugging Face hub into the local cache.
     Download { model: String },
-    /// Benchmark a server's throughput and latency.
-    Bench,
+    /// Benchmark an OpenAI-compatible server's throughput and latency.
+    Bench(BenchArgs),
     /// Generate a reply locally (greedy), as a quick check that a model works.
     Generate(GenerateArgs),
 }
@@ -175,6 +175,175 @@ fn check_device(device: &str) -> Result<(), String> {
 }
 
 #[derive(clap::Args)]
+struct BenchArgs {
+    /// The server's base URL (http only).
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// The model named in requests; its tokenizer, when in the local cache, makes the
+    /// random prompts (else a repeated sentence of about the same length is sent).
+    #[arg(long)]
+    model: String,
+    /// `completions` (prompt as given) or `chat` (prompt as one user message).
+    #[arg(long, default_value = "completions", value_parser = ["chat", "completions"])]
+    endpoint: String,
+    /// Most requests in flight; a comma-separated list runs once per value.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    concurrency: Vec<usize>,
+    /// Poisson arrivals at this many requests per second (default: as fast as the
+    /// concurrency limit allows).
+    #[arg(long)]
+    request_rate: Option<f64>,
+    /// Requests per run (default: 8 x concurrency, at least 16).
+    #[arg(long)]
+    num_requests: Option<usize>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    input_len: usize,
+    /// Reply length in tokens (`max_tokens`, with `ignore_eos`).
+    #[arg(long, default_value_t = 128)]
+    output_len: usize,
+    /// Draw each length uniformly within +-this fraction of the given one.
+    #[arg(long, default_value_t = 0.0)]
+    range_ratio: f64,
+    /// Prompts, one per line, used in turn instead of random ones.
+    #[arg(long)]
+    prompt_file: Option<std::path::PathBuf>,
+    /// Requests sent before each run and not counted.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Ask for whole replies instead of server-sent events.
+    #[arg(long)]
+    no_stream: bool,
+    /// Do not send `ignore_eos` (for servers that refuse it; replies may end early).
+    #[arg(long)]
+    no_ignore_eos: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Sent as `Authorization: Bearer KEY` (or INFERD_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Also write the reports to this file as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
+    use inferd::bench::{self, client::Target, BenchRequest, Endpoint, RunSettings};
+    if args.concurrency.contains(&0) {
+        return Err("--concurrency must be at least 1".into());
+    }
+    if args.request_rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err("--request-rate must be a positive number".into());
+    }
+    if !(0.0..1.0).contains(&args.range_ratio) {
+        return Err("--range-ratio must be in [0, 1)".into());
+    }
+    if args.input_len == 0 || args.output_len == 0 {
+        return Err("--input-len and --output-len must be at least 1".into());
+    }
+    // The tokenizer is optional: any server can be benchmarked from anywhere.
+    let tokenizer = resolve_model(&args.model)
+        .ok()
+        .and_then(|dir| Tokenizer::from_dir(&dir.path).ok());
+    let prompts: Option<Vec<String>> = match &args.prompt_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let lines: Vec<String> = text
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(str::to_owned)
+                .collect();
+            if lines.is_empty() {
+                return Err(format!("{}: no prompts", path.display()).into());
+            }
+            Some(lines)
+        }
+        None => None,
+    };
+    let make_requests = |count: usize, seed: u64| -> Vec<BenchRequest> {
+        match &prompts {
+            Some(lines) => (0..count)
+                .map(|i| {
+                    let prompt = lines[i % lines.len()].clone();
+                    let prompt_tokens = tokenizer
+                        .as_ref()
+                        .and_then(|t| t.encode(&prompt, false).ok())
+                        .map_or(prompt.split_whitespace().count(), |ids| ids.len());
+                    BenchRequest {
+                        prompt,
+                        prompt_tokens,
+                        max_tokens: args.output_len,
+                    }
+                })
+                .collect(),
+            None => bench::synthetic_requests(
+                tokenizer.as_ref(),
+                count,
+                args.input_len,
+                args.output_len,
+                args.range_ratio,
+                seed,
+            ),
+        }
+    };
+    let mut settings = RunSettings {
+        target: Target::parse(&args.url)?,
+        model: args.model.clone(),
+        endpoint: if args.endpoint == "chat" {
+            Endpoint::Chat
+        } else {
+            Endpoint::Completions
+        },
+        stream: !args.no_stream,
+        ignore_eos: !args.no_ignore_eos,
+        api_key: args
+            .api_key
+            .clone()
+            .or_else(|| std::env::var("INFERD_API_KEY").ok().filter(|k| !k.is_empty())),
+        concurrency: 1,
+        request_rate: args.request_rate,
+        seed: args.seed,
+        progress: !args.quiet,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let mut reports = Vec::new();
+    for &concurrency in &args.concurrency {
+        settings.concurrency = concurrency;
+        let count = args.num_requests.unwrap_or((8 * concurrency).max(16));
+        if args.warmup > 0 {
+            let warm = RunSettings {
+                progress: false,
+                request_rate: None,
+                ..settings.clone()
+            };
+            let report = runtime.block_on(bench::run(&warm, &make_requests(args.warmup, args.seed ^ 1)));
+            if report.failed == report.requests {
+                return Err(format!("every warm-up request failed: {}", report.errors.join("; ")).into());
+            }
+        }
+        let requests = make_requests(count, args.seed.wrapping_add(concurrency as u64));
+        let report = runtime.block_on(bench::run(&settings, &requests));
+        println!("{}", report.summary());
+        if !report.errors.is_empty() {
+            println!("  first errors: {}", report.errors.join("; "));
+        }
+        reports.push(report);
+    }
+    if let Some(path) = &args.json {
+        let doc = bench::reports_json(&settings, &reports);
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if reports.iter().any(|r| r.failed > 0) {
+        return Err("some requests failed (see above)".into());
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
 struct GenerateArgs {
     /// `org/name[@revision]` in the Hugging Face cache, or a local folder.
     #[arg(long, short)]
@@ -205,7 +374,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Chat => not_yet("chat", "the model manager and chat client"),
         Command::Download { .. } => not_yet("download", "hub downloads"),
-        Command::Bench => not_yet("bench", "the serving benchmark"),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -154,6 +154,11 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// The model's own vocabulary, without added (special) tokens.
+    pub fn base_vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(false)
+    }
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, TextError> {

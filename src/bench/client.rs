@@ -1,0 +1,211 @@
+//! The benchmark's HTTP side: plain HTTP/1.1 keep-alive connections (hyper's client
+//! connection API, no pool crate), one request at a time per connection, and the
+//! timing of a completion as its server-sent events arrive.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{handshake, SendRequest};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+
+/// `http://host:port` split up (TLS is not supported: benchmark a server directly).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub authority: String,
+    pub base_path: String,
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| format!("--url {url}: only http:// URLs are supported"))?;
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if authority.is_empty() {
+            return Err(format!("--url {url}: no host"));
+        }
+        let authority = if authority.contains(':') && !authority.ends_with(']') {
+            authority.to_owned()
+        } else {
+            format!("{authority}:80")
+        };
+        let base_path = format!("/{}", path.trim_end_matches('/'));
+        Ok(Target {
+            authority,
+            base_path: base_path.trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+pub struct Connection {
+    sender: SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    pub async fn open(target: &Target) -> Result<Connection, String> {
+        let stream = TcpStream::connect(&target.authority)
+            .await
+            .map_err(|e| format!("cannot connect to {}: {e}", target.authority))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("HTTP handshake with {} failed: {e}", target.authority))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Connection { sender })
+    }
+
+    /// Whether the server kept the connection open for another request.
+    pub fn is_reusable(&self) -> bool {
+        !self.sender.is_closed()
+    }
+}
+
+/// What one request measured.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub error: Option<String>,
+    /// Seconds from sending to the first generated text (the whole reply when not streaming).
+    pub ttft: Option<f64>,
+    /// Seconds between successive text-carrying events.
+    pub itl: Vec<f64>,
+    pub latency: f64,
+    /// Events that carried generated text.
+    pub chunks: usize,
+    /// From the server's `usage` when it sends one.
+    pub prompt_tokens: Option<usize>,
+    pub completion_tokens: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct Frame {
+    #[serde(default)]
+    choices: Vec<FrameChoice>,
+    usage: Option<Usage>,
+    error: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct FrameChoice {
+    delta: Option<Delta>,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    content: Option<String>,
+    reasoning_content: Option<String>,
+    tool_calls: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct Usage {
+    prompt_tokens: Option<usize>,
+    completion_tokens: Option<usize>,
+}
+
+impl Frame {
+    fn carries_text(&self) -> bool {
+        self.choices.iter().any(|c| {
+            c.text.as_deref().is_some_and(|t| !t.is_empty())
+                || c.delta.as_ref().is_some_and(|d| {
+                    d.content.as_deref().is_some_and(|t| !t.is_empty())
+                        || d.reasoning_content.as_deref().is_some_and(|t| !t.is_empty())
+                        || d.tool_calls.is_some()
+                })
+        })
+    }
+}
+
+/// POSTs `body` to `path` and times the reply; a transport failure is an `Err` (the
+/// connection is then unusable), an error answer is an `Outcome` with `error` set.
+pub async fn post(
+    conn: &mut Connection,
+    target: &Target,
+    path: &str,
+    api_key: Option<&str>,
+    body: Bytes,
+    stream: bool,
+) -> Result<Outcome, String> {
+    let mut request = Request::post(format!("{}{path}", target.base_path))
+        .header("host", &target.authority)
+        .header("content-type", "application/json");
+    if let Some(key) = api_key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
+    conn.sender.ready().await.map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let response = conn.sender.send_request(request).await.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let mut body = response.into_body();
+    let mut outcome = Outcome::default();
+    if !status.is_success() || !stream {
+        let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        outcome.latency = start.elapsed().as_secs_f64();
+        if !status.is_success() {
+            outcome.error = Some(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
+            return Ok(outcome);
+        }
+        match serde_json::from_slice::<Frame>(&bytes) {
+            Ok(frame) => {
+                outcome.ttft = Some(outcome.latency);
+                outcome.chunks = 1;
+                if let Some(u) = frame.usage {
+                    outcome.prompt_tokens = u.prompt_tokens;
+                    outcome.completion_tokens = u.completion_tokens;
+                }
+            }
+            Err(e) => outcome.error = Some(format!("unreadable reply: {e}")),
+        }
+        return Ok(outcome);
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    let mut last_text: Option<Instant> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else { continue };
+        pending.extend_from_slice(&data);
+        // Events end with a blank line; handle every complete one.
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            let now = Instant::now();
+            for line in event.split(|&b| b == b'\n') {
+                let Some(data) = line.strip_prefix(b"data:") else {
+                    continue;
+                };
+                let data = data.trim_ascii();
+                // (transformers serve ends its streams without `[DONE]`: not required.)
+                if data == b"[DONE]" {
+                    continue;
+                }
+                let Ok(frame) = serde_json::from_slice::<Frame>(data) else {
+                    outcome.error = Some(format!("unreadable event: {}", String::from_utf8_lossy(data)));
+                    continue;
+                };
+                if let Some(e) = frame.error.as_ref() {
+                    outcome.error = Some(format!("error event: {e}"));
+                }
+                if let Some(u) = frame.usage.as_ref() {
+                    outcome.prompt_tokens = u.prompt_tokens;
+                    outcome.completion_tokens = u.completion_tokens;
+                }
+                if frame.carries_text() {
+                    outcome.chunks += 1;
+                    match last_text {
+                        None => outcome.ttft = Some((now - start).as_secs_f64()),
+                        Some(prev) => outcome.itl.push((now - prev).as_secs_f64()),
+                    }
+                    last_text = Some(now);
+                }
+            }
+        }
+    }
+    outcome.latency = start.elapsed().as_secs_f64();
+    Ok(outcome)
+}
