@@ -319,7 +319,9 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
                 request_rate: None,
                 ..settings.clone()
             };
-            let report = runtime.block_on(bench::run(&warm, &make_requests(args.warmup, args.seed ^ 1)));
+            // Prompts of their own, so the run's prompts are not already in a prefix cache.
+            let warm_requests = make_requests(args.warmup, args.seed ^ 0x5741_524d_5550);
+            let report = runtime.block_on(bench::run(&warm, &warm_requests));
             if report.failed == report.requests {
                 return Err(format!("every warm-up request failed: {}", report.errors.join("; ")).into());
             }

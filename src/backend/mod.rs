@@ -207,6 +207,7 @@ pub trait Backend: Send + Sync {
     ) -> Self::Tensor;
     /// Rows `rows` of `x` -> `[rows.len(), cols]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
-    /// Copies `x` to the host: (values row-major, rows, cols).
-    fn to_host(&self, x: &Self::Tensor) -> (Vec<f32>, usize, usize);
+    /// Moves `x` to the host: (values row-major, rows, cols). A host backend hands its
+    /// buffer over without a copy.
+    fn to_host(&self, x: Self::Tensor) -> (Vec<f32>, usize, usize);
 }

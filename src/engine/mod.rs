@@ -353,7 +353,7 @@ impl<B: Backend> Engine<B> {
             .forward(&self.backend, &batch, &mut self.cache, LogitsFor::LastOfEachSequence)
         {
             Ok(logits) => {
-                let (mut values, _, vocab) = self.backend.to_host(&logits);
+                let (mut values, _, vocab) = self.backend.to_host(logits);
                 self.scheduler.commit(&plan);
                 self.process_outputs(&plan, &mut values, vocab);
             }

@@ -163,7 +163,7 @@ fn a_sharded_checkpoint_loads_the_same_weights_as_a_single_file() {
         let batch = ForwardBatch::single(&prompt, 0, &[0], 16);
         CpuBackend::default()
             .to_host(
-                &model
+                model
                     .forward(&CpuBackend::default(), &batch, &mut cache, LogitsFor::AllTokens)
                     .unwrap(),
             )

@@ -43,7 +43,7 @@ fn prompt_logits(model: &DecoderModel<CpuBackend>, prompt: &[u32], chunk: usize,
         let logits = model
             .forward(&CpuBackend::default(), &batch, &mut cache, LogitsFor::AllTokens)
             .unwrap();
-        let (values, n, vocab) = CpuBackend::default().to_host(&logits);
+        let (values, n, vocab) = CpuBackend::default().to_host(logits);
         rows.extend(values.chunks(vocab).take(n).map(<[f32]>::to_vec));
     }
     rows

@@ -612,8 +612,8 @@ impl Backend for CpuBackend {
         CpuTensor::new(data, rows.len(), x.cols)
     }
 
-    fn to_host(&self, x: &CpuTensor) -> (Vec<f32>, usize, usize) {
-        (x.data.clone(), x.rows, x.cols)
+    fn to_host(&self, x: CpuTensor) -> (Vec<f32>, usize, usize) {
+        (x.data, x.rows, x.cols)
     }
 }
 
@@ -646,7 +646,7 @@ mod tests {
             let backend = CpuBackend::with_weights(dtype);
             let w = backend.weight(v);
             let kept_bf16 = matches!(w.values, WeightValues::MatrixBf16(_));
-            let (out, _, _) = backend.to_host(&backend.linear(&x, &w, None));
+            let (out, _, _) = backend.to_host(backend.linear(&x, &w, None));
             // out[i][j] = w[j][i]
             let w_back: Vec<f32> = (0..2)
                 .flat_map(|j| (0..3).map(move |i| (i, j)))
