@@ -49,6 +49,8 @@ pub struct ChatRequest {
     pub messages: Value,
     pub tools: Option<Value>,
     pub tool_choice: ToolChoice,
+    /// `false`: the reply ends with its first call.
+    pub parallel_tool_calls: bool,
     pub chat_template_kwargs: Option<Map<String, Value>>,
     pub generation: GenerationFields,
     /// Chat `logprobs: true` asks for the chosen tokens' log-probabilities.
@@ -524,19 +526,12 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
         Some(choice) => (tools, choice),
         None => (None, ToolChoice::Auto),
     };
-    // Every call in a reply is parsed; a request that wants at most one is refused
-    // rather than silently given several.
-    if f.get::<bool>("parallel_tool_calls")? == Some(false) {
-        return Err(ApiError::invalid(
-            "parallel_tool_calls",
-            "`parallel_tool_calls: false` is not supported (replies may call several tools)",
-        ));
-    }
     Ok(ChatRequest {
         model: f.get("model")?,
         messages,
         tools,
         tool_choice,
+        parallel_tool_calls: f.get::<bool>("parallel_tool_calls")?.unwrap_or(true),
         chat_template_kwargs: f.get("chat_template_kwargs")?,
         generation,
         logprobs,

@@ -25,7 +25,8 @@ use crate::text::{
 enum Kind {
     /// `tools`: the request offered tools, so `<tool_call>` blocks are parsed out.
     /// `reasoning`: `<think>` blocks go to `reasoning_content`.
-    /// `one_call`: the reply ends with its first call (a named `tool_choice`).
+    /// `one_call`: the reply ends with its first call (a named `tool_choice`, or
+    /// `parallel_tool_calls: false`).
     Chat {
         logprobs: bool,
         tools: bool,
@@ -341,7 +342,7 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
             logprobs: request.logprobs,
             tools: request.tools.is_some(),
             reasoning,
-            one_call: matches!(request.tool_choice, ToolChoice::Named(_)),
+            one_call: matches!(request.tool_choice, ToolChoice::Named(_)) || !request.parallel_tool_calls,
         },
         prompt_ids,
         None,
@@ -726,5 +727,39 @@ mod tests {
             message["tool_calls"][1]["function"],
             json!({"name": "get_time", "arguments": "{}"})
         );
+    }
+
+    /// `parallel_tool_calls: false` and named choices: the reply ends with its first call.
+    #[test]
+    fn a_one_call_reply_ends_after_its_first_call() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2.5-coder-0.5b");
+        let tokenizer = Tokenizer::from_dir(&dir).unwrap();
+        let reply = "<tool_call>\n{\"name\": \"a\", \"arguments\": {\"x\": 1}}\n</tool_call>\n<tool_call>\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call>";
+        let kind = Kind::Chat {
+            logprobs: false,
+            tools: true,
+            reasoning: false,
+            one_call: true,
+        };
+        let mut choices = vec![Choice::new(&[], kind)];
+        let mut updates = 0;
+        for token in tokenizer.encode(reply, false).unwrap() {
+            let event = EngineEvent::Token {
+                index: 0,
+                token,
+                logprobs: None,
+            };
+            updates += apply_event(&tokenizer, kind, &mut choices, event).unwrap().is_some() as usize;
+        }
+        assert_eq!(choices[0].finish, Some("tool_calls"));
+        assert_eq!(
+            choices[0].tool_calls,
+            vec![ToolCall {
+                name: "a".into(),
+                arguments: "{\"x\": 1}".into()
+            }]
+        );
+        // Tokens after the finish change nothing (the engine is cancelled meanwhile).
+        assert!(updates < tokenizer.encode(reply, false).unwrap().len());
     }
 }

@@ -111,8 +111,16 @@ impl ToolCallParser {
                 State::Tail => {
                     let rest = self.buf.trim_start();
                     let rest = rest.strip_prefix('}').unwrap_or(rest).trim_start();
-                    if rest.len() < CLOSE.len() && CLOSE.starts_with(rest) {
-                        return events; // the closing tag may still be arriving
+                    // Models also list several calls in one block: `{…},\n{…}`.
+                    let listed = rest.strip_prefix(',').map(str::trim_start);
+                    if let Some(next) = listed.filter(|l| l.starts_with('{')) {
+                        let consumed = self.buf.len() - next.len();
+                        self.buf.drain(..consumed);
+                        self.state = State::Head;
+                        continue;
+                    }
+                    if listed == Some("") || (rest.len() < CLOSE.len() && CLOSE.starts_with(rest)) {
+                        return events; // the next call or the closing tag may still be arriving
                     }
                     let after = rest.strip_prefix(CLOSE).unwrap_or(rest);
                     let consumed = self.buf.len() - after.len();
@@ -462,6 +470,16 @@ mod tests {
                 ],
                 "split {size}"
             );
+        }
+    }
+
+    #[test]
+    fn several_calls_listed_in_one_block() {
+        let text = "<tool_call>\n{\"name\": \"a\", \"arguments\": {\"x\": 1}},\n{\"name\": \"b\", \"arguments\": {}}\n</tool_call> ok";
+        for size in [1, 4, 1000] {
+            let (content, calls) = run(&split(text, size));
+            assert_eq!(content, " ok", "split {size}");
+            assert_eq!(calls, vec![call("a", r#"{"x": 1}"#), call("b", "{}")], "split {size}");
         }
     }
 

@@ -421,7 +421,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
         ),
         (
             "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": false}),
+            json!({"messages": [{"role": "user", "content": "x"}], "parallel_tool_calls": 0}),
             "parallel_tool_calls",
         ),
     ] {

@@ -99,6 +99,25 @@ fn forced_tool_calls_are_parsed_whole_and_streamed() {
     assert_eq!(calls[0]["function"]["name"], "get_time");
     assert_eq!(arguments(&calls[0]), json!({"city": "Paris"}));
 
+    // Two questions: two calls (the model lists them in one block), or just the first
+    // with `parallel_tool_calls: false`.
+    let mut body = weather_request(json!("required"));
+    body["messages"][0]["content"] = json!("What are the weather and the local time in Paris right now?");
+    body["max_tokens"] = json!(100);
+    for (parallel, names) in [(true, vec!["get_weather", "get_time"]), (false, vec!["get_weather"])] {
+        body["parallel_tool_calls"] = json!(parallel);
+        let v = s.post("/v1/chat/completions", body.clone()).json();
+        let message = &v["choices"][0]["message"];
+        let called: Vec<&str> = message["tool_calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["function"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(called, names, "{v}");
+        assert_eq!(message["content"], Value::Null, "{v}");
+    }
+
     // The call and the tool's answer go back in; the model answers in words.
     let mut body = weather_request(json!("auto"));
     body["messages"] = json!([
