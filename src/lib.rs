@@ -11,6 +11,7 @@ pub mod bench;
 pub mod engine;
 pub mod loader;
 pub mod log;
+pub mod manager;
 pub mod models;
 pub mod server;
 pub mod text;

@@ -6,15 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use inferd::api::SamplingDefaults;
 use inferd::backend::cpu::CpuBackend;
 use inferd::backend::WeightDtype;
-use inferd::engine::{self, Engine, EngineConfig, EngineHandle, KvCacheBudget, SamplingParams};
+use inferd::engine::{self, Engine, EngineConfig, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
-use inferd::loader::ModelDir;
 use inferd::log::Level;
-use inferd::models::DecoderModel;
-use inferd::models::{load_decoder, GenerationConfig};
+use inferd::manager::{ModelFiles, ModelManager, ModelSettings, ReasoningMode};
 use inferd::server::{self, ServerOptions, ServerState};
 use inferd::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
 
@@ -46,10 +43,15 @@ enum Command {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// The model to serve (`org/name[@revision]` or a folder); same as --force-model.
+    /// Without one, models load on demand: the first request naming a model loads it.
     model: Option<String>,
-    /// Serve this model for every request, whatever model the request names.
+    /// Load this model at start-up and serve every request with it, whatever model
+    /// the request names (it is never unloaded).
     #[arg(long)]
     force_model: Option<String>,
+    /// Unload a model after this many seconds without requests (0 or less: never).
+    #[arg(long, default_value_t = 300, allow_negative_numbers = true)]
+    model_timeout: i64,
     #[arg(long, default_value = "localhost")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -398,14 +400,12 @@ fn not_yet(command: &str, what: &str) -> Result<(), Box<dyn Error>> {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
-    let loaded = LoadedModel::load(&args.model, &CpuBackend::default())?;
+    let load_start = std::time::Instant::now();
+    let loaded = ModelFiles::load(&args.model, &CpuBackend::default(), &mut |_| {})?;
+    let load_secs = load_start.elapsed().as_secs_f64();
     let eos_ids = loaded.eos_ids();
-    let LoadedModel {
-        dir,
-        tokenizer,
-        model,
-        load_secs,
-        ..
+    let ModelFiles {
+        dir, tokenizer, model, ..
     } = loaded;
 
     let prompt_ids = if args.raw {
@@ -484,50 +484,8 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// A model folder loaded for generation: weights, tokenizer and generation defaults.
-struct LoadedModel {
-    dir: ModelDir,
-    tokenizer: Tokenizer,
-    generation_config: GenerationConfig,
-    model: DecoderModel<CpuBackend>,
-    load_secs: f64,
-}
-
-impl LoadedModel {
-    fn load(id: &str, backend: &CpuBackend) -> Result<Self, Box<dyn Error>> {
-        let dir = resolve_model(id)?;
-        let tokenizer = Tokenizer::from_dir(&dir.path)?;
-        let generation_config = GenerationConfig::from_dir(&dir.path)?;
-        let start = std::time::Instant::now();
-        let model = load_decoder(backend, &dir.path, &mut |_, _| {})?;
-        Ok(LoadedModel {
-            dir,
-            tokenizer,
-            generation_config,
-            model,
-            load_secs: start.elapsed().as_secs_f64(),
-        })
-    }
-
-    /// EOS ids from every place a model may declare them.
-    fn eos_ids(&self) -> Vec<u32> {
-        let mut ids = self.generation_config.eos_token_ids();
-        ids.extend(&self.model.config.eos_token_ids);
-        let eos_token = self.tokenizer.special_tokens.eos_token.as_deref();
-        if let Some(id) = eos_token.and_then(|t| self.tokenizer.token_to_id(t)) {
-            ids.push(id);
-        }
-        ids.sort_unstable();
-        ids.dedup();
-        ids
-    }
-}
-
 fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
-    let model_id =
-        args.force_model.clone().or(args.model.clone()).ok_or(
-            "`inferd serve` needs a model: `inferd serve ORG/NAME` (loading models on demand is not built yet)",
-        )?;
+    let forced = args.force_model.clone().or(args.model.clone());
     let chat_template_kwargs = match &args.chat_template_kwargs {
         Some(text) => match serde_json::from_str::<serde_json::Value>(text)? {
             serde_json::Value::Object(map) => Some(map),
@@ -551,64 +509,48 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         )
         .into());
     }
-    let api_key = args
-        .api_key
-        .clone()
-        .or_else(|| std::env::var("INFERD_API_KEY").ok().filter(|k| !k.is_empty()));
-    let loaded = LoadedModel::load(&model_id, &backend)?;
-    let eos = loaded.eos_ids();
-    let LoadedModel {
-        dir,
-        tokenizer,
-        generation_config,
-        model,
-        ..
-    } = loaded;
-    let mut config = EngineConfig {
+    let engine = EngineConfig {
         block_size: args.block_size,
-        num_blocks: 0,
+        num_blocks: args.num_blocks.unwrap_or(0),
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_waiting: args.max_waiting,
     };
-    config = match (args.num_blocks, args.kv_cache_memory) {
-        (Some(n), _) => EngineConfig {
-            num_blocks: n,
-            ..config
-        },
-        (None, Some(bytes)) => config.with_budget(&model, KvCacheBudget::Bytes(bytes))?,
-        (None, None) => config.with_budget(&model, KvCacheBudget::FractionOfAvailable(args.kv_cache_fraction))?,
-    };
-    if config.block_size == 0
-        || config.num_blocks == 0
-        || config.max_num_seqs == 0
-        || config.max_num_batched_tokens == 0
+    if engine.block_size == 0
+        || args.num_blocks == Some(0)
+        || engine.max_num_seqs == 0
+        || engine.max_num_batched_tokens == 0
     {
         return Err("--block-size, --num-blocks, --max-num-seqs and --max-num-batched-tokens must be positive".into());
     }
-    let model_name = dir.display_name.clone();
-    let reasoning = match args.reasoning.as_str() {
-        "on" => true,
-        "off" => false,
-        _ => tokenizer.chat_template().is_ok_and(|t| t.source().contains("<think>")),
-    };
-    let engine = EngineHandle::spawn(Engine::new(backend, model, config, eos));
-    let state = std::sync::Arc::new(ServerState {
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("INFERD_API_KEY").ok().filter(|k| !k.is_empty()));
+    let settings = ModelSettings {
+        backend,
         engine,
-        tokenizer: std::sync::Arc::new(tokenizer),
-        model_id: model_id.split('@').next().unwrap_or(&model_id).to_owned(),
-        model_name,
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        defaults: SamplingDefaults {
-            generation_config,
-            seed: args.default_seed,
+        kv_budget: match args.kv_cache_memory {
+            Some(bytes) => KvCacheBudget::Bytes(bytes),
+            None => KvCacheBudget::FractionOfAvailable(args.kv_cache_fraction),
         },
+        reasoning: match args.reasoning.as_str() {
+            "on" => ReasoningMode::On,
+            "off" => ReasoningMode::Off,
+            _ => ReasoningMode::Auto,
+        },
+        // transformers serve's convention: zero or less never unloads.
+        idle_timeout: (args.model_timeout > 0).then(|| std::time::Duration::from_secs(args.model_timeout as u64)),
+    };
+    let models = match &forced {
+        Some(id) => ModelManager::with_forced(settings, id)?,
+        None => ModelManager::new(settings),
+    };
+    let state = std::sync::Arc::new(ServerState {
+        models,
+        default_seed: args.default_seed,
         chat_template_kwargs,
         api_key,
-        reasoning,
         enable_cors: args.enable_cors,
         max_body_bytes: args.max_body_bytes,
         metrics: Default::default(),

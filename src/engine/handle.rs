@@ -20,6 +20,8 @@ enum Command {
         events: EventSender,
     },
     Cancel(RequestId),
+    /// Stop now: requests still running see their event channel close.
+    Shutdown,
 }
 
 /// Live counters, written by the engine thread after every step.
@@ -66,6 +68,7 @@ pub struct EngineHandle {
     vocab_size: usize,
     max_model_len: usize,
     max_waiting: usize,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// One request's events. Dropping it cancels the request.
@@ -107,8 +110,9 @@ impl EngineHandle {
         let max_model_len = engine.max_model_len();
         let max_waiting = engine.config().max_waiting;
         let thread_metrics = metrics.clone();
-        // The thread ends by itself once every handle and stream (every sender) is gone.
-        std::thread::Builder::new()
+        // The thread ends by itself once every handle and stream (every sender) is gone,
+        // or at `shutdown`.
+        let thread = std::thread::Builder::new()
             .name("inferd-engine".into())
             .spawn(move || run(engine, inbox, thread_metrics))
             .expect("spawn the engine thread");
@@ -119,6 +123,18 @@ impl EngineHandle {
             vocab_size,
             max_model_len,
             max_waiting,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        }
+    }
+
+    /// Stops the engine thread and waits for it, so that the model's weights and KV
+    /// cache are freed when this returns. Requests still running end (their streams
+    /// close). Blocks: call it off the async reactor.
+    pub fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown);
+        let thread = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
         }
     }
 
@@ -198,6 +214,7 @@ fn run<B: Backend>(mut engine: Engine<B>, inbox: Receiver<Command>, metrics: Arc
                     }
                 }
                 Command::Cancel(id) => engine.cancel(id),
+                Command::Shutdown => return,
             }
         }
         if engine.has_work() {

@@ -105,6 +105,11 @@ impl EngineConfig {
     }
 }
 
+/// Memory the kernel says is available now (`MemAvailable`), in bytes.
+pub fn available_memory() -> Option<usize> {
+    mem_available_bytes(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
 /// `MemAvailable` from /proc/meminfo text, in bytes.
 fn mem_available_bytes(meminfo: &str) -> Option<usize> {
     let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;

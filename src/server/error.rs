@@ -5,6 +5,7 @@
 use hyper::StatusCode;
 
 use crate::engine::SubmitError;
+use crate::manager::LoadError;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
@@ -46,18 +47,6 @@ impl ApiError {
         }
     }
 
-    pub fn model_not_found(model: &str, served: &str) -> Self {
-        ApiError {
-            param: Some("model".into()),
-            code: Some("model_not_found"),
-            ..ApiError::new(
-                StatusCode::NOT_FOUND,
-                "invalid_request_error",
-                format!("The model `{model}` does not exist or is not served here (this server serves `{served}`)"),
-            )
-        }
-    }
-
     pub fn internal(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
@@ -87,6 +76,28 @@ impl From<SubmitError> for ApiError {
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string())
             },
             SubmitError::ShutDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string()),
+        }
+    }
+}
+
+impl From<LoadError> for ApiError {
+    fn from(e: LoadError) -> Self {
+        let message = e.to_string();
+        match e {
+            LoadError::InvalidId(_) => ApiError {
+                code: Some("invalid_model"),
+                ..ApiError::invalid("model", message)
+            },
+            LoadError::NotFound(_) => ApiError {
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+                ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+            },
+            LoadError::OutOfMemory(_) => ApiError {
+                code: Some("insufficient_memory"),
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            },
+            LoadError::Failed(_) => ApiError::internal(message),
         }
     }
 }

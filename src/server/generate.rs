@@ -14,8 +14,9 @@ use super::error::ApiError;
 use super::http::{json_response, sse_event, sse_response, HttpResponse};
 use super::ServerState;
 use crate::api::openai::{GenerationFields, Prompt};
-use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, ToolChoice};
+use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, SamplingDefaults, ToolChoice};
 use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
+use crate::manager::ModelLease;
 use crate::text::{
     collect_calls, ChatInput, IncrementalDetokenizer, ReasoningParser, StopMatcher, Tokenizer, ToolCall,
     ToolCallParser, ToolEvent,
@@ -303,9 +304,21 @@ fn forced_call_openings(request: &ChatRequest) -> Vec<String> {
     }
 }
 
+/// The `model` a request names, if any (a wrong type is the request's error).
+pub fn requested_model(body: &Value) -> Result<Option<String>, ApiError> {
+    match body.get("model") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::invalid("model", "`model` must be a string")),
+    }
+}
+
 pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
-    let request = parse_chat_request(&body, &state.defaults)?;
-    let tokenizer = state.tokenizer.clone();
+    // Every field is checked before a model is (perhaps) loaded for the request.
+    parse_chat_request(&body, &SamplingDefaults::default())?;
+    let model = state.models.acquire(requested_model(&body)?.as_deref()).await?;
+    let request = parse_chat_request(&body, &state.defaults(&model))?;
+    let tokenizer = model.tokenizer.clone();
     let mut kwargs = state.chat_template_kwargs.clone().unwrap_or_default();
     kwargs.extend(request.chat_template_kwargs.clone().unwrap_or_default());
     let (messages, tools) = (request.messages.clone(), request.tools.clone());
@@ -332,11 +345,12 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
-    let reasoning = state.reasoning;
+    let reasoning = model.reasoning;
     let mut generation = request.generation;
     generation.params.forced_prefixes = forced;
     run(
         state,
+        model,
         id,
         Kind::Chat {
             logprobs: request.logprobs,
@@ -352,8 +366,10 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
 }
 
 pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
-    let request = parse_completion_request(&body, &state.defaults)?;
-    let tokenizer = state.tokenizer.clone();
+    parse_completion_request(&body, &SamplingDefaults::default())?;
+    let model = state.models.acquire(requested_model(&body)?.as_deref()).await?;
+    let request = parse_completion_request(&body, &state.defaults(&model))?;
+    let tokenizer = model.tokenizer.clone();
     let prompt = request.prompt.clone();
     let (prompt_ids, prompt_text) = tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, String), ApiError> {
         match prompt {
@@ -372,11 +388,12 @@ pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Re
     .await
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
     let echo = request.echo.then_some(prompt_text);
-    run(state, id, Kind::Text, prompt_ids, echo, request.generation).await
+    run(state, model, id, Kind::Text, prompt_ids, echo, request.generation).await
 }
 
 async fn run(
     state: Arc<ServerState>,
+    model: ModelLease,
     id: String,
     kind: Kind,
     prompt_ids: Vec<u32>,
@@ -387,7 +404,7 @@ async fn run(
     let prompt_tokens = prompt_ids.len();
     let n = generation.params.n;
     let param = if kind == Kind::Text { "prompt" } else { "messages" };
-    let stream = state
+    let stream = model
         .engine
         .submit(prompt_ids, generation.params.clone())
         .map_err(|e| {
@@ -409,6 +426,7 @@ async fn run(
         tokio::spawn(async move {
             stream_events(
                 state,
+                model,
                 stream,
                 StreamContext {
                     id,
@@ -426,12 +444,25 @@ async fn run(
         });
         return Ok(response);
     }
-    collect(state, stream, kind, id, created, echo, prompt_tokens, start, choices).await
+    collect(
+        state,
+        model,
+        stream,
+        kind,
+        id,
+        created,
+        echo,
+        prompt_tokens,
+        start,
+        choices,
+    )
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn collect(
     state: Arc<ServerState>,
+    model: ModelLease,
     mut stream: RequestStream,
     kind: Kind,
     id: String,
@@ -441,7 +472,7 @@ async fn collect(
     start: Instant,
     mut choices: Vec<Choice>,
 ) -> Result<HttpResponse, ApiError> {
-    let tokenizer = state.tokenizer.clone();
+    let tokenizer = model.tokenizer.clone();
     let mut first = true;
     while choices.iter().any(|c| c.finish.is_none()) {
         let Some(event) = stream.next().await else {
@@ -466,7 +497,7 @@ async fn collect(
             "id": id,
             "object": "chat.completion",
             "created": created,
-            "model": state.model_name,
+            "model": model.name,
             "choices": choices.iter().enumerate().map(|(i, c)| json!({
                 "index": i,
                 "message": chat_message(&id, i, c),
@@ -479,7 +510,7 @@ async fn collect(
             "id": id,
             "object": "text_completion",
             "created": created,
-            "model": state.model_name,
+            "model": model.name,
             "choices": choices.iter().enumerate().map(|(i, c)| json!({
                 "index": i,
                 "text": format!("{}{}", echo.as_deref().unwrap_or(""), c.text),
@@ -542,13 +573,14 @@ impl StreamContext {
 
 async fn stream_events(
     state: Arc<ServerState>,
+    lease: ModelLease,
     mut stream: RequestStream,
     ctx: StreamContext,
     mut choices: Vec<Choice>,
     tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
 ) {
-    let tokenizer = state.tokenizer.clone();
-    let model = state.model_name.clone();
+    let tokenizer = lease.tokenizer.clone();
+    let model = lease.name.clone();
     let send = |value: Value| {
         let tx = tx.clone();
         async move { tx.send(sse_event(&value.to_string())).await.is_ok() }

@@ -63,7 +63,9 @@ impl ServerMetrics {
         }
     }
 
-    pub fn render(&self, engine: &EngineMetrics) -> String {
+    /// The server's own series, then each loaded model's engine series, labelled
+    /// `model="org/name@revision"`.
+    pub fn render(&self, engines: &[(&str, &EngineMetrics)]) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -88,7 +90,7 @@ impl ServerMetrics {
             "Time between streamed tokens.",
         );
         let r = Ordering::Relaxed;
-        let counters = [
+        for (name, help, value) in [
             (
                 "inferd_prompt_tokens_total",
                 "Prompt tokens of served requests.",
@@ -99,70 +101,84 @@ impl ServerMetrics {
                 "Tokens generated for served requests.",
                 self.completion_tokens.load(r),
             ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
+        type Read = fn(&EngineMetrics) -> u64;
+        let series: [(&str, &str, &str, Read); 12] = [
             (
                 "inferd_engine_tokens_generated_total",
+                "counter",
                 "Tokens sampled by the engine.",
-                engine.tokens_generated.load(r),
+                |e| e.tokens_generated.load(Ordering::Relaxed),
             ),
             (
                 "inferd_engine_tokens_computed_total",
+                "counter",
                 "Tokens run through the model.",
-                engine.tokens_computed.load(r),
+                |e| e.tokens_computed.load(Ordering::Relaxed),
             ),
             (
                 "inferd_engine_preemptions_total",
+                "counter",
                 "Sequences preempted for KV blocks.",
-                engine.preemptions.load(r),
+                |e| e.preemptions.load(Ordering::Relaxed),
             ),
-            ("inferd_engine_steps_total", "Engine steps.", engine.steps.load(r)),
+            ("inferd_engine_steps_total", "counter", "Engine steps.", |e| {
+                e.steps.load(Ordering::Relaxed)
+            }),
             (
                 "inferd_prefix_cache_queries_total",
+                "counter",
                 "Prefix-cache block lookups.",
-                engine.prefix_cache_queries.load(r),
+                |e| e.prefix_cache_queries.load(Ordering::Relaxed),
             ),
             (
                 "inferd_prefix_cache_hits_total",
+                "counter",
                 "Prefix-cache block hits.",
-                engine.prefix_cache_hits.load(r),
+                |e| e.prefix_cache_hits.load(Ordering::Relaxed),
             ),
-        ];
-        for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
-        }
-        let gauges = [
             (
                 "inferd_requests_waiting",
+                "gauge",
                 "Requests queued, not yet running.",
-                engine.waiting.load(r) as u64,
+                |e| e.waiting.load(Ordering::Relaxed) as u64,
             ),
             (
                 "inferd_requests_pending",
+                "gauge",
                 "Requests accepted and not yet admitted (counts toward --max-waiting).",
-                engine.pending.load(r) as u64,
+                |e| e.pending.load(Ordering::Relaxed) as u64,
             ),
             (
                 "inferd_sequences_running",
+                "gauge",
                 "Sequences in the running batch.",
-                engine.running.load(r) as u64,
+                |e| e.running.load(Ordering::Relaxed) as u64,
             ),
-            (
-                "inferd_kv_blocks_total",
-                "KV cache blocks in the pool.",
-                engine.kv_blocks_total.load(r) as u64,
-            ),
+            ("inferd_kv_blocks_total", "gauge", "KV cache blocks in the pool.", |e| {
+                e.kv_blocks_total.load(Ordering::Relaxed) as u64
+            }),
             (
                 "inferd_kv_blocks_used",
+                "gauge",
                 "KV cache blocks held by sequences.",
-                engine.kv_blocks_used.load(r) as u64,
+                |e| e.kv_blocks_used.load(Ordering::Relaxed) as u64,
             ),
             (
                 "inferd_engine_last_step_microseconds",
+                "gauge",
                 "Duration of the last engine step.",
-                engine.last_step_micros.load(r),
+                |e| e.last_step_micros.load(Ordering::Relaxed),
             ),
         ];
-        for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        for (name, kind, help, read) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (model, engine) in engines {
+                let model = model.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(out, "{name}{{model=\"{model}\"}} {}", read(engine));
+            }
         }
         out
     }

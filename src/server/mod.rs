@@ -21,31 +21,32 @@ use serde_json::{Map, Value};
 use tokio::net::TcpListener;
 
 use crate::api::SamplingDefaults;
-use crate::engine::EngineHandle;
-use crate::text::Tokenizer;
+use crate::manager::{ModelManager, ServedModel};
 use metrics::ServerMetrics;
 
-/// Everything the routes share. One model is served, and it answers every request
-/// whatever `model` it names, as with transformers serve's `--force-model` (loading other
-/// models on demand is the model manager's job, not built yet).
+/// Everything the routes share.
 pub struct ServerState {
-    pub engine: EngineHandle,
-    pub tokenizer: Arc<Tokenizer>,
-    /// `org/name` as requested on the command line.
-    pub model_id: String,
-    /// `org/name@revision`, as responses name it.
-    pub model_name: String,
-    pub created: u64,
-    pub defaults: SamplingDefaults,
+    /// The models: loaded on demand, or one forced model answering every request.
+    pub models: Arc<ModelManager>,
+    /// `--default-seed`, for requests that send none.
+    pub default_seed: Option<u64>,
     /// `--chat-template-kwargs`, under each request's own.
     pub chat_template_kwargs: Option<Map<String, Value>>,
     pub api_key: Option<String>,
-    /// Split `<think>` blocks into `reasoning_content` (`--reasoning`).
-    pub reasoning: bool,
     pub enable_cors: bool,
     pub max_body_bytes: usize,
     pub metrics: ServerMetrics,
     pub next_request: AtomicU64,
+}
+
+impl ServerState {
+    /// A request's sampling defaults: its model's generation_config.json and the seed.
+    pub fn defaults(&self, model: &ServedModel) -> SamplingDefaults {
+        SamplingDefaults {
+            generation_config: model.generation_config.clone(),
+            seed: self.default_seed,
+        }
+    }
 }
 
 pub struct ServerOptions {
@@ -61,7 +62,22 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
     let local = listener.local_addr()?;
     // Tests and scripts read the port from this line (useful with --port 0): it is
     // printed whatever the log level.
-    eprintln!("inferd: serving {} on http://{local}", state.model_name);
+    let serving = match state.models.forced() {
+        Some(model) => model.name.clone(),
+        None => "models on demand".to_owned(),
+    };
+    eprintln!("inferd: serving {serving} on http://{local}");
+    // Idle models are unloaded by a background task (engines stop off the reactor).
+    let unloader = {
+        let models = state.models.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let models = models.clone();
+                let _ = tokio::task::spawn_blocking(move || models.unload_idle()).await;
+            }
+        })
+    };
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
@@ -96,6 +112,7 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
         }
     }
     drop(listener);
+    unloader.abort();
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(options.shutdown_grace) => {

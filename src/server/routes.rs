@@ -11,9 +11,12 @@ use hyper::{Method, Request, StatusCode};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::http::{error_response, json_response, read_json, text_response, HttpResponse, ResponseBody};
+use super::http::{
+    error_response, json_response, read_json, sse_event, sse_response, text_response, HttpResponse, ResponseBody,
+};
 use super::{generate, ServerState};
 use crate::loader::hub::hub_cache_dir;
+use crate::manager::{ready_event, LoadTicket, ModelLease, ModelManager, ServedModel};
 
 /// (path, methods) of every route, for 404 versus 405.
 const ROUTES: &[(&str, &[Method])] = &[
@@ -24,6 +27,7 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/metrics", &[Method::GET]),
     ("/tokenize", &[Method::POST]),
     ("/detokenize", &[Method::POST]),
+    ("/load_model", &[Method::POST]),
 ];
 
 pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
@@ -109,11 +113,20 @@ async fn dispatch(
             let (state, id) = (state.clone(), percent_decode(&p["/v1/models/".len()..]));
             blocking(move || model_by_id(&state, &id)).await
         }
-        (Method::GET, "/metrics") => Ok(text_response(
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            state.metrics.render(state.engine.metrics()),
-        )),
+        (Method::GET, "/metrics") => {
+            let models = state.models.all_loaded();
+            let engines: Vec<(&str, &crate::engine::EngineMetrics)> =
+                models.iter().map(|m| (m.name.as_str(), m.engine.metrics())).collect();
+            Ok(text_response(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.metrics.render(&engines),
+            ))
+        }
+        (Method::POST, "/load_model") => match read_json(req.into_body(), state.max_body_bytes).await {
+            Ok(body) => load_model(state, &body),
+            Err(e) => Err(e),
+        },
         (Method::POST, "/v1/chat/completions") => match read_json(req.into_body(), state.max_body_bytes).await {
             Ok(body) => generate::chat_completions(state.clone(), body, request_id.to_owned()).await,
             Err(e) => Err(e),
@@ -122,20 +135,20 @@ async fn dispatch(
             Ok(body) => generate::completions(state.clone(), body, request_id.to_owned()).await,
             Err(e) => Err(e),
         },
-        (Method::POST, "/tokenize") => match read_json(req.into_body(), state.max_body_bytes).await {
-            Ok(body) => {
-                let state = state.clone();
-                blocking(move || tokenize(&state, &body)).await
+        (Method::POST, p @ ("/tokenize" | "/detokenize")) => {
+            let detokenize = p == "/detokenize";
+            match with_model(state, req).await {
+                Ok((model, body)) => {
+                    let state = state.clone();
+                    if detokenize {
+                        blocking(move || detokenize_route(&model, &body)).await
+                    } else {
+                        blocking(move || tokenize(&state, &model, &body)).await
+                    }
+                }
+                Err(e) => Err(e),
             }
-            Err(e) => Err(e),
-        },
-        (Method::POST, "/detokenize") => match read_json(req.into_body(), state.max_body_bytes).await {
-            Ok(body) => {
-                let state = state.clone();
-                blocking(move || detokenize(&state, &body)).await
-            }
-            Err(e) => Err(e),
-        },
+        }
         (m, p) => match ROUTES.iter().find(|(path, _)| *path == p) {
             Some((_, methods)) => Err(ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -180,10 +193,21 @@ fn model_entry(id: &str, created: u64, loaded: bool) -> Value {
     json!({"id": id, "object": "model", "created": created, "owned_by": owner, "loaded": loaded})
 }
 
-/// Every model in the Hugging Face cache whose `main` snapshot has a config.json, and
-/// the served one.
+/// The id a loaded model is listed under: `org/name` for `main`, else `org/name@rev`.
+fn listed_id(model: &ServedModel) -> &str {
+    model.name.strip_suffix("@main").unwrap_or(&model.name)
+}
+
+/// With a forced model, that model alone. Otherwise every model in the Hugging Face
+/// cache whose `main` snapshot has a config.json (each loadable on demand), marked
+/// loaded or not, and any loaded one the scan did not find.
 fn models_list(state: &ServerState) -> Value {
-    let mut ids: Vec<String> = Vec::new();
+    if let Some(forced) = state.models.forced() {
+        return json!({"object": "list", "data": [model_entry(listed_id(forced), forced.created, true)]});
+    }
+    let loaded = state.models.all_loaded();
+    let mut data: Vec<Value> = Vec::new();
+    let mut listed: Vec<String> = Vec::new();
     if let Ok(entries) = std::fs::read_dir(hub_cache_dir()) {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -195,46 +219,151 @@ fn models_list(state: &ServerState) -> Value {
                 .map(|commit| path.join("snapshots").join(commit.trim()).join("config.json").is_file())
                 .unwrap_or(false);
             if has_config {
-                ids.push(repo.replacen("--", "/", 1));
+                listed.push(repo.replacen("--", "/", 1));
             }
         }
     }
-    ids.sort();
-    ids.retain(|id| *id != state.model_id);
-    let mut data = vec![model_entry(&state.model_id, state.created, true)];
-    data.extend(ids.iter().map(|id| model_entry(id, state.created, false)));
+    for model in &loaded {
+        if !listed.iter().any(|id| id == listed_id(model)) {
+            listed.push(listed_id(model).to_owned());
+        }
+    }
+    listed.sort();
+    for id in &listed {
+        let model = loaded.iter().find(|m| listed_id(m) == id);
+        let created = model.map_or_else(|| modified_secs(id), |m| m.created);
+        data.push(model_entry(id, created, model.is_some()));
+    }
     json!({"object": "list", "data": data})
+}
+
+/// When a cached model's folder last changed (what transformers serve reports).
+fn modified_secs(id: &str) -> u64 {
+    let folder = hub_cache_dir().join(format!("models--{}", id.replace('/', "--")));
+    std::fs::metadata(folder)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
 }
 
 fn model_by_id(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
     let list = models_list(state);
+    let wanted = id.strip_suffix("@main").unwrap_or(id);
     let found = list["data"]
         .as_array()
-        .and_then(|d| d.iter().find(|m| m["id"] == id || state.model_name == id).cloned());
+        .and_then(|d| d.iter().find(|m| m["id"] == wanted).cloned());
     match found {
         Some(model) => Ok(json_response(StatusCode::OK, &model)),
         None => Err(ApiError {
             param: Some("model".into()),
             code: Some("model_not_found"),
-            ..ApiError::not_found(format!("the model `{id}` is not in the Hugging Face cache"))
+            ..ApiError::not_found(format!(
+                "the model `{id}` is not served here and not in the Hugging Face cache"
+            ))
         }),
     }
 }
 
+/// The model a body names (loaded if need be), and the body.
+async fn with_model(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<(ModelLease, Value), ApiError> {
+    let body = read_json(req.into_body(), state.max_body_bytes).await?;
+    let model = state
+        .models
+        .acquire(generate::requested_model(&body)?.as_deref())
+        .await?;
+    Ok((model, body))
+}
+
+/// `POST /load_model`: loads a model and reports the stages as server-sent events, each
+/// a JSON object printed as Python's `json.dumps` would (transformers serve's bytes):
+/// processor, config, download (when files are fetched), weights, then one `ready` or
+/// `error`. A client joining a running load sees its events from the start.
+fn load_model(state: &Arc<ServerState>, body: &Value) -> Result<HttpResponse, ApiError> {
+    let name = match body.get("model") {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) => return Err(ApiError::invalid("model", "`model` is required")),
+        Some(_) => return Err(ApiError::invalid("model", "`model` must be a string")),
+    };
+    let (response, tx) = sse_response();
+    let send = move |event: Value| {
+        let tx = tx.clone();
+        async move { tx.send(sse_event(&python_json(&event))).await.is_ok() }
+    };
+    // A pinned server loads nothing else: the answer names the model that will serve.
+    let ticket = match state.models.forced() {
+        Some(forced) => LoadTicket::Ready(forced.clone()),
+        None => state.models.start_load(&ModelManager::key(&name)?),
+    };
+    match ticket {
+        LoadTicket::Ready(model) => {
+            tokio::spawn(async move { send(ready_event(&model.name, true)).await });
+        }
+        LoadTicket::Loading(job) => {
+            tokio::spawn(async move {
+                let mut seen = 0;
+                loop {
+                    let events = job.events_after(seen).await;
+                    if events.is_empty() {
+                        return;
+                    }
+                    seen += events.len();
+                    for event in events {
+                        let last = event["status"] != "loading";
+                        if !send(event).await || last {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+    Ok(response)
+}
+
+/// JSON with Python's default separators (`", "`, `": "`), ASCII-only like `json.dumps`.
+fn python_json(value: &Value) -> String {
+    match value {
+        Value::Object(map) => {
+            let fields: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{}: {}", python_json(&Value::String(k.clone())), python_json(v)))
+                .collect();
+            format!("{{{}}}", fields.join(", "))
+        }
+        Value::Array(items) => format!("[{}]", items.iter().map(python_json).collect::<Vec<_>>().join(", ")),
+        Value::String(s) => {
+            let mut out = String::with_capacity(s.len() + 2);
+            for c in serde_json::to_string(s).unwrap_or_default().chars() {
+                if c.is_ascii() {
+                    out.push(c);
+                } else {
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        out.push_str(&format!("\\u{unit:04x}"));
+                    }
+                }
+            }
+            out
+        }
+        other => other.to_string(),
+    }
+}
+
 /// `{"prompt": "..."}` or `{"messages": [...]}` -> token ids.
-fn tokenize(state: &ServerState, body: &Value) -> Result<HttpResponse, ApiError> {
+fn tokenize(state: &ServerState, model: &ServedModel, body: &Value) -> Result<HttpResponse, ApiError> {
     let add_special = body.get("add_special_tokens").and_then(Value::as_bool).unwrap_or(true);
     let ids = if let Some(prompt) = body.get("prompt") {
         let text = prompt
             .as_str()
             .ok_or_else(|| ApiError::invalid("prompt", "`prompt` must be a string"))?;
-        state
+        model
             .tokenizer
             .encode(text, add_special)
             .map_err(|e| ApiError::internal(e.to_string()))?
     } else if body.get("messages").is_some() {
-        let request = crate::api::parse_chat_request(&json!({"messages": body["messages"]}), &state.defaults)?;
-        let template = state
+        let request = crate::api::parse_chat_request(&json!({"messages": body["messages"]}), &state.defaults(model))?;
+        let template = model
             .tokenizer
             .chat_template()
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -249,7 +378,7 @@ fn tokenize(state: &ServerState, body: &Value) -> Result<HttpResponse, ApiError>
                 kwargs: state.chat_template_kwargs.as_ref(),
             })
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        state
+        model
             .tokenizer
             .encode(&text, false)
             .map_err(|e| ApiError::internal(e.to_string()))?
@@ -258,23 +387,23 @@ fn tokenize(state: &ServerState, body: &Value) -> Result<HttpResponse, ApiError>
     };
     Ok(json_response(
         StatusCode::OK,
-        &json!({"tokens": ids, "count": ids.len(), "max_model_len": state.engine.max_model_len()}),
+        &json!({"tokens": ids, "count": ids.len(), "max_model_len": model.engine.max_model_len()}),
     ))
 }
 
-fn detokenize(state: &ServerState, body: &Value) -> Result<HttpResponse, ApiError> {
+fn detokenize_route(model: &ServedModel, body: &Value) -> Result<HttpResponse, ApiError> {
     let ids: Vec<u32> = body
         .get("tokens")
         .and_then(|t| serde_json::from_value(t.clone()).ok())
         .ok_or_else(|| ApiError::invalid("tokens", "`tokens` must be a list of token ids"))?;
-    let vocab = state.tokenizer.vocab_size();
+    let vocab = model.tokenizer.vocab_size();
     if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(ApiError::invalid(
             "tokens",
             format!("token {bad} is outside the vocabulary of {vocab}"),
         ));
     }
-    let text = state
+    let text = model
         .tokenizer
         .decode(&ids, false)
         .map_err(|e| ApiError::internal(e.to_string()))?;

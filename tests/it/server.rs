@@ -299,11 +299,8 @@ fn models_tokenize_and_metrics_routes_answer() {
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "HuggingFaceTB/SmolLM2-135M-Instruct");
     assert_eq!(models["data"][0]["loaded"], true);
-    assert!(models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|m| m["id"] == "inferd-test/tiny-qwen2"));
+    // A pinned server lists its model alone (other cached models are not served).
+    assert_eq!(models["data"].as_array().unwrap().len(), 1, "{models}");
     let one = s.request("GET", "/v1/models/HuggingFaceTB/SmolLM2-135M-Instruct", &[], None);
     assert_eq!(one.status, 200);
     assert_eq!(s.request("GET", "/v1/models/nobody/nothing", &[], None).status, 404);
@@ -313,7 +310,12 @@ fn models_tokenize_and_metrics_routes_answer() {
     assert_eq!(d["prompt"], "Hello world");
     let m = s.request("GET", "/metrics", &[], None);
     assert_eq!(m.status, 200);
-    assert!(m.body.contains("inferd_kv_blocks_total 256"), "{}", m.body);
+    assert!(
+        m.body
+            .contains("inferd_kv_blocks_total{model=\"HuggingFaceTB/SmolLM2-135M-Instruct@main\"} 256"),
+        "{}",
+        m.body
+    );
     assert!(m
         .body
         .contains("inferd_requests_total{route=\"/v1/models\",status=\"200\"}"));
@@ -496,14 +498,17 @@ fn clients_that_disconnect_mid_stream_leave_nothing_running() {
     let generated = |m: &str| -> u64 {
         let line = m
             .lines()
-            .find(|l| l.starts_with("inferd_engine_tokens_generated_total "))
+            .find(|l| l.starts_with("inferd_engine_tokens_generated_total{"))
             .unwrap();
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     let settled = loop {
         let m = s.request("GET", "/metrics", &[], None).body;
-        if m.contains("inferd_sequences_running 0\n") && m.contains("inferd_kv_blocks_used 0\n") {
+        let model = "{model=\"HuggingFaceTB/SmolLM2-135M-Instruct@main\"}";
+        if m.contains(&format!("inferd_sequences_running{model} 0\n"))
+            && m.contains(&format!("inferd_kv_blocks_used{model} 0\n"))
+        {
             break generated(&m);
         }
         assert!(Instant::now() < deadline, "sequences left running:\n{m}");

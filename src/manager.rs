@@ -1,0 +1,558 @@
+//! The model registry behind the server: models load on demand (one shared load per
+//! model, whose progress events any number of clients can follow), requests lease a
+//! loaded model while they run, and models idle past `--model-timeout` (or the least
+//! recently used idle ones, when memory is short) are unloaded and their memory freed.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::backend::cpu::CpuBackend;
+use crate::engine::{available_memory, Engine, EngineConfig, EngineHandle, KvCacheBudget};
+use crate::loader::hub::{resolve_model, HubError, ModelDir, ModelRef};
+use crate::models::{load_decoder, DecoderModel, GenerationConfig};
+use crate::text::Tokenizer;
+
+/// `--reasoning`: split `<think>` blocks into `reasoning_content`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReasoningMode {
+    On,
+    Off,
+    /// When the model's chat template uses `<think>`.
+    Auto,
+}
+
+/// How every model is set up when it loads (the `serve` flags).
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    pub backend: CpuBackend,
+    /// `num_blocks: 0` means "from `kv_budget`".
+    pub engine: EngineConfig,
+    pub kv_budget: KvCacheBudget,
+    pub reasoning: ReasoningMode,
+    /// `None`: never unload idle models.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Where a load is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadProgress {
+    Processor,
+    Config,
+    /// Bytes of the files being fetched from the hub.
+    Download {
+        current: u64,
+        total: Option<u64>,
+    },
+    /// Checkpoint tensors uploaded, 1..=total.
+    Weights {
+        current: usize,
+        total: usize,
+    },
+}
+
+/// Why a model could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    #[error("{0}")]
+    InvalidId(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    OutOfMemory(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<HubError> for LoadError {
+    fn from(e: HubError) -> Self {
+        match e {
+            HubError::InvalidId(_) => LoadError::InvalidId(e.to_string()),
+            HubError::NotCached { .. } => LoadError::NotFound(e.to_string()),
+            HubError::Io { .. } => LoadError::Failed(e.to_string()),
+        }
+    }
+}
+
+/// A model's files, read and uploaded: what `generate` and the server both start from.
+pub struct ModelFiles {
+    pub dir: ModelDir,
+    pub tokenizer: Tokenizer,
+    pub generation_config: GenerationConfig,
+    pub model: DecoderModel<CpuBackend>,
+}
+
+impl ModelFiles {
+    /// Reads a model from the cache or a local folder, reporting each stage.
+    pub fn load(
+        id_or_path: &str,
+        backend: &CpuBackend,
+        progress: &mut dyn FnMut(LoadProgress),
+    ) -> Result<ModelFiles, LoadError> {
+        progress(LoadProgress::Processor);
+        let dir = resolve_model(id_or_path)?;
+        let failed = |e: &dyn std::fmt::Display| LoadError::Failed(e.to_string());
+        let tokenizer = Tokenizer::from_dir(&dir.path).map_err(|e| failed(&e))?;
+        progress(LoadProgress::Config);
+        let generation_config = GenerationConfig::from_dir(&dir.path).map_err(|e| failed(&e))?;
+        let model = load_decoder(backend, &dir.path, &mut |current, total| {
+            progress(LoadProgress::Weights { current, total })
+        })
+        .map_err(|e| failed(&e))?;
+        Ok(ModelFiles {
+            dir,
+            tokenizer,
+            generation_config,
+            model,
+        })
+    }
+
+    /// EOS ids from every place a model may declare them.
+    pub fn eos_ids(&self) -> Vec<u32> {
+        let mut ids = self.generation_config.eos_token_ids();
+        ids.extend(&self.model.config.eos_token_ids);
+        let eos_token = self.tokenizer.special_tokens.eos_token.as_deref();
+        if let Some(id) = eos_token.and_then(|t| self.tokenizer.token_to_id(t)) {
+            ids.push(id);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// A loaded model, serving requests.
+pub struct ServedModel {
+    /// `org/name@revision` (or the folder, for a local model): its registry key and the
+    /// name responses give.
+    pub name: String,
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub generation_config: GenerationConfig,
+    pub reasoning: bool,
+    /// Unix seconds of the load.
+    pub created: u64,
+    in_flight: AtomicUsize,
+    last_used: Mutex<Instant>,
+}
+
+impl ServedModel {
+    /// `org/name` without the revision.
+    pub fn id(&self) -> &str {
+        self.name.split('@').next().unwrap_or(&self.name)
+    }
+
+    fn touch(&self) {
+        *lock(&self.last_used) = Instant::now();
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        (self.in_flight.load(Ordering::SeqCst) == 0).then(|| lock(&self.last_used).elapsed())
+    }
+}
+
+/// A request's hold on a model: while any lease is alive the model is not unloaded.
+pub struct ModelLease {
+    model: Arc<ServedModel>,
+}
+
+impl ModelLease {
+    fn new(model: Arc<ServedModel>) -> Self {
+        model.in_flight.fetch_add(1, Ordering::SeqCst);
+        model.touch();
+        ModelLease { model }
+    }
+}
+
+impl std::ops::Deref for ModelLease {
+    type Target = ServedModel;
+    fn deref(&self) -> &ServedModel {
+        &self.model
+    }
+}
+
+impl Drop for ModelLease {
+    fn drop(&mut self) {
+        self.model.touch();
+        self.model.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One load in progress: its events so far (any number of followers replay them and
+/// wait for more) and, at the end, its outcome.
+pub struct LoadJob {
+    pub model: String,
+    events: Mutex<Vec<Value>>,
+    published: watch::Sender<usize>,
+    outcome: OnceLock<Result<Arc<ServedModel>, LoadError>>,
+}
+
+impl LoadJob {
+    fn new(model: String) -> Self {
+        LoadJob {
+            model,
+            events: Mutex::new(Vec::new()),
+            published: watch::channel(0).0,
+            outcome: OnceLock::new(),
+        }
+    }
+
+    fn emit(&self, event: Value) {
+        let mut events = lock(&self.events);
+        events.push(event);
+        self.published.send_replace(events.len());
+    }
+
+    fn finish(&self, outcome: Result<Arc<ServedModel>, LoadError>) {
+        let event = match &outcome {
+            Ok(_) => ready_event(&self.model, false),
+            Err(e) => json!({"status": "error", "model": self.model, "message": e.to_string()}),
+        };
+        // The outcome first: whoever wakes up for the last event finds it.
+        let _ = self.outcome.set(outcome);
+        self.emit(event);
+    }
+
+    /// The events after the first `seen`, waiting until there is one. The last event
+    /// of a load is its terminal one (`ready` or `error`); empty if nothing will come.
+    pub async fn events_after(&self, seen: usize) -> Vec<Value> {
+        let mut published = self.published.subscribe();
+        loop {
+            {
+                let events = lock(&self.events);
+                if events.len() > seen {
+                    return events[seen..].to_vec();
+                }
+            }
+            if published.changed().await.is_err() {
+                return Vec::new();
+            }
+        }
+    }
+
+    /// Waits for the load to end.
+    pub async fn wait(&self) -> Result<Arc<ServedModel>, LoadError> {
+        let mut published = self.published.subscribe();
+        loop {
+            if let Some(outcome) = self.outcome.get() {
+                return outcome.clone();
+            }
+            if published.changed().await.is_err() {
+                return Err(LoadError::Failed("the load was abandoned".into()));
+            }
+        }
+    }
+}
+
+/// `{"status": "ready", "model": …, "cached": …}`
+pub fn ready_event(model: &str, cached: bool) -> Value {
+    json!({"status": "ready", "model": model, "cached": cached})
+}
+
+/// What asking for a model gives.
+pub enum LoadTicket {
+    /// Already in memory.
+    Ready(Arc<ServedModel>),
+    Loading(Arc<LoadJob>),
+}
+
+enum Slot {
+    Loading(Arc<LoadJob>),
+    Ready(Arc<ServedModel>),
+}
+
+pub struct ModelManager {
+    settings: ModelSettings,
+    /// Serves every request, whatever model it names; never unloaded.
+    forced: Option<Arc<ServedModel>>,
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+/// Weights events are rate-limited to one per this interval (plus the first and last).
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
+
+impl ModelManager {
+    /// A manager that loads models as requests name them.
+    pub fn new(settings: ModelSettings) -> Arc<Self> {
+        Arc::new(ModelManager {
+            settings,
+            forced: None,
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A manager pinned to one model, loaded now (errors are the caller's to report).
+    pub fn with_forced(settings: ModelSettings, id_or_path: &str) -> Result<Arc<Self>, LoadError> {
+        let model = Arc::new(build(&settings, id_or_path, &mut |_| {})?);
+        let slots = HashMap::from([(model.name.clone(), Slot::Ready(model.clone()))]);
+        Ok(Arc::new(ModelManager {
+            settings,
+            forced: Some(model),
+            slots: Mutex::new(slots),
+        }))
+    }
+
+    pub fn forced(&self) -> Option<&Arc<ServedModel>> {
+        self.forced.as_ref()
+    }
+
+    /// The registry key of a model a request names: `org/name@revision` (`main` by
+    /// default). Anything that is not a hub id (paths, `..`, empty parts) is refused
+    /// before the file system is touched.
+    pub fn key(name: &str) -> Result<String, LoadError> {
+        Ok(ModelRef::parse(name)?.to_string())
+    }
+
+    /// The model loaded under `key`, if any.
+    pub fn loaded(&self, key: &str) -> Option<Arc<ServedModel>> {
+        match lock(&self.slots).get(key) {
+            Some(Slot::Ready(m)) => Some(m.clone()),
+            _ => None,
+        }
+    }
+
+    /// Every loaded model.
+    pub fn all_loaded(&self) -> Vec<Arc<ServedModel>> {
+        let mut models: Vec<Arc<ServedModel>> = lock(&self.slots)
+            .values()
+            .filter_map(|s| match s {
+                Slot::Ready(m) => Some(m.clone()),
+                Slot::Loading(_) => None,
+            })
+            .collect();
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        models
+    }
+
+    /// The model for a request: the forced one, a loaded one, or one loaded now (the
+    /// request waits for it; a concurrent request for the same model shares the load).
+    pub async fn acquire(self: &Arc<Self>, requested: Option<&str>) -> Result<ModelLease, LoadError> {
+        if let Some(forced) = &self.forced {
+            return Ok(ModelLease::new(forced.clone()));
+        }
+        let name = requested.ok_or_else(|| {
+            LoadError::InvalidId("`model` is required: name the model to use (`org/name[@revision]`)".into())
+        })?;
+        let key = Self::key(name)?;
+        // Leased under the registry lock, so the idle unloader cannot take it meanwhile.
+        if let Some(Slot::Ready(model)) = lock(&self.slots).get(&key) {
+            return Ok(ModelLease::new(model.clone()));
+        }
+        match self.start_load(&key) {
+            LoadTicket::Ready(model) => Ok(ModelLease::new(model)),
+            LoadTicket::Loading(job) => Ok(ModelLease::new(job.wait().await?)),
+        }
+    }
+
+    /// Starts a load of `key`, joins the one running, or finds the model in memory.
+    pub fn start_load(self: &Arc<Self>, key: &str) -> LoadTicket {
+        let mut slots = lock(&self.slots);
+        match slots.get(key) {
+            Some(Slot::Ready(model)) => {
+                model.touch();
+                return LoadTicket::Ready(model.clone());
+            }
+            Some(Slot::Loading(job)) => return LoadTicket::Loading(job.clone()),
+            None => {}
+        }
+        let job = Arc::new(LoadJob::new(key.to_owned()));
+        slots.insert(key.to_owned(), Slot::Loading(job.clone()));
+        drop(slots);
+        let (manager, thread_job) = (self.clone(), job.clone());
+        let spawned = std::thread::Builder::new()
+            .name("inferd-load".into())
+            .spawn(move || manager.run_load(&thread_job));
+        if let Err(e) = spawned {
+            lock(&self.slots).remove(key);
+            job.finish(Err(LoadError::Failed(format!("cannot start a loader thread: {e}"))));
+        }
+        LoadTicket::Loading(job)
+    }
+
+    fn run_load(&self, job: &LoadJob) {
+        let key = job.model.clone();
+        let mut last_weights: Option<Instant> = None;
+        let mut report = |p: LoadProgress| {
+            let event = match p {
+                LoadProgress::Processor => json!({"status": "loading", "model": key, "stage": "processor"}),
+                LoadProgress::Config => json!({"status": "loading", "model": key, "stage": "config"}),
+                LoadProgress::Download { current, total } => json!({"status": "loading", "model": key,
+                    "stage": "download", "progress": {"current": current, "total": total}}),
+                LoadProgress::Weights { current, total } => {
+                    let due = last_weights.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
+                    if !(due || current == 1 || current == total) {
+                        return;
+                    }
+                    last_weights = Some(Instant::now());
+                    json!({"status": "loading", "model": key, "stage": "weights",
+                        "progress": {"current": current, "total": total}})
+                }
+            };
+            job.emit(event);
+        };
+        // A panic in a loader (a malformed checkpoint the checks missed) must end the
+        // load with an error, not leave its followers waiting forever.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.make_room(&key)?;
+            build(&self.settings, &key, &mut report).map(Arc::new)
+        }))
+        .unwrap_or_else(|panic| {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(LoadError::Failed(format!("loading `{key}` failed: {message}")))
+        });
+        {
+            let mut slots = lock(&self.slots);
+            match &outcome {
+                Ok(model) => slots.insert(key.clone(), Slot::Ready(model.clone())),
+                Err(_) => slots.remove(&key),
+            };
+        }
+        match &outcome {
+            Ok(_) => crate::info!("loaded {key}"),
+            Err(e) => crate::warn!("loading {key} failed: {e}"),
+        }
+        job.finish(outcome);
+    }
+
+    /// Unloads least recently used idle models until the new model's weights (the
+    /// size of its cached checkpoint, when it is cached) fit in the available memory.
+    fn make_room(&self, key: &str) -> Result<(), LoadError> {
+        let Ok(dir) = resolve_model(key) else {
+            return Ok(()); // not cached: the load reports that
+        };
+        let need = checkpoint_bytes(&dir.path);
+        loop {
+            let available = available_memory().unwrap_or(usize::MAX) as u64;
+            if available >= need {
+                return Ok(());
+            }
+            let victim = {
+                let mut slots = lock(&self.slots);
+                let lru = slots
+                    .iter()
+                    .filter_map(|(k, s)| match s {
+                        Slot::Ready(m) if !self.is_forced(m) => m.idle_for().map(|idle| (k.clone(), idle)),
+                        _ => None,
+                    })
+                    .max_by_key(|(_, idle)| *idle)
+                    .map(|(k, _)| k);
+                lru.and_then(|k| match slots.remove(&k) {
+                    Some(Slot::Ready(m)) => Some(m),
+                    _ => None,
+                })
+            };
+            let Some(victim) = victim else {
+                return Err(LoadError::OutOfMemory(format!(
+                    "not enough memory to load `{key}`: its weights take {need} bytes, {available} are available, \
+                     and no idle model is left to unload"
+                )));
+            };
+            crate::info!("unloading {} (least recently used) to make room for {key}", victim.name);
+            victim.engine.shutdown();
+        }
+    }
+
+    fn is_forced(&self, model: &Arc<ServedModel>) -> bool {
+        self.forced.as_ref().is_some_and(|f| Arc::ptr_eq(f, model))
+    }
+
+    /// Unloads models nobody has used for `--model-timeout` (never the forced one).
+    /// Blocks while their engines stop: call it off the async reactor.
+    pub fn unload_idle(&self) {
+        let Some(timeout) = self.settings.idle_timeout else {
+            return;
+        };
+        let expired: Vec<Arc<ServedModel>> = {
+            let mut slots = lock(&self.slots);
+            let keys: Vec<String> = slots
+                .iter()
+                .filter_map(|(k, s)| match s {
+                    Slot::Ready(m) if !self.is_forced(m) && m.idle_for().is_some_and(|idle| idle >= timeout) => {
+                        Some(k.clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            keys.iter()
+                .filter_map(|k| match slots.remove(k) {
+                    Some(Slot::Ready(m)) => Some(m),
+                    _ => None,
+                })
+                .collect()
+        };
+        for model in expired {
+            crate::info!("unloading {} (idle for {} s)", model.name, timeout.as_secs());
+            model.engine.shutdown();
+        }
+    }
+}
+
+/// Loads a model and starts its engine.
+fn build(
+    settings: &ModelSettings,
+    id_or_path: &str,
+    progress: &mut dyn FnMut(LoadProgress),
+) -> Result<ServedModel, LoadError> {
+    let files = ModelFiles::load(id_or_path, &settings.backend, progress)?;
+    let eos = files.eos_ids();
+    let mut config = settings.engine;
+    if config.num_blocks == 0 {
+        config = config
+            .with_budget(&files.model, settings.kv_budget)
+            .map_err(|e| LoadError::OutOfMemory(format!("no room for `{id_or_path}`'s KV cache: {e}")))?;
+    }
+    let reasoning = match settings.reasoning {
+        ReasoningMode::On => true,
+        ReasoningMode::Off => false,
+        ReasoningMode::Auto => files
+            .tokenizer
+            .chat_template()
+            .is_ok_and(|t| t.source().contains("<think>")),
+    };
+    let ModelFiles {
+        dir,
+        tokenizer,
+        generation_config,
+        model,
+    } = files;
+    let engine = EngineHandle::spawn(Engine::new(settings.backend.clone(), model, config, eos));
+    Ok(ServedModel {
+        name: dir.display_name,
+        engine,
+        tokenizer: Arc::new(tokenizer),
+        generation_config,
+        reasoning,
+        created: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        in_flight: AtomicUsize::new(0),
+        last_used: Mutex::new(Instant::now()),
+    })
+}
+
+/// Bytes of a folder's safetensors files.
+fn checkpoint_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// A poisoned lock only means another thread panicked mid-update of plain data.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
