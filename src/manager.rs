@@ -458,6 +458,8 @@ impl ModelManager {
             };
             crate::info!("unloading {} (least recently used) to make room for {key}", victim.name);
             victim.engine.shutdown();
+            drop(victim);
+            release_free_memory();
         }
     }
 
@@ -489,9 +491,13 @@ impl ModelManager {
                 })
                 .collect()
         };
+        let any = !expired.is_empty();
         for model in expired {
             crate::info!("unloading {} (idle for {} s)", model.name, timeout.as_secs());
             model.engine.shutdown();
+        }
+        if any {
+            release_free_memory();
         }
     }
 }
@@ -550,6 +556,22 @@ fn checkpoint_bytes(dir: &std::path::Path) -> u64 {
         .filter_map(|e| std::fs::metadata(e.path()).ok())
         .map(|m| m.len())
         .sum()
+}
+
+/// Hands memory the allocator holds but no longer uses back to the system, so that an
+/// unloaded model's memory is really free (glibc keeps freed heap memory, in every
+/// thread's arena, for reuse otherwise).
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: malloc_trim only returns free pages to the kernel; it is thread-safe.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
 }
 
 /// A poisoned lock only means another thread panicked mid-update of plain data.

@@ -8,6 +8,7 @@ mod engine;
 mod errors;
 mod generate_cli;
 mod loader;
+mod manager;
 mod numerics;
 mod serve_flags;
 mod server;

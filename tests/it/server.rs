@@ -31,11 +31,19 @@ impl Server {
     }
 
     pub fn start_model(model: &str, args: &[&str]) -> Server {
+        let mut all = vec![model];
+        all.extend(args);
+        Server::launch(&all, &[])
+    }
+
+    /// `inferd serve --port 0 --num-blocks 256 ARGS...` with extra environment.
+    pub fn launch(args: &[&str], env: &[(&str, &str)]) -> Server {
         static LOCK: Mutex<()> = Mutex::new(());
         let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
-            .args(["serve", model, "--port", "0", "--num-blocks", "256"])
+            .args(["serve", "--port", "0", "--num-blocks", "256"])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -68,6 +76,10 @@ impl Server {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The server's stderr lines printed since the last call (after the serving line).
     pub fn log_lines(&self) -> Vec<String> {
         // Lines are forwarded by a thread: give it a moment to catch up.
@@ -76,7 +88,16 @@ impl Server {
     }
 
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Response {
-        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        Server::request_to(self.port, method, path, headers, body)
+    }
+
+    /// A POST to a server from another thread (the `Server` itself stays put).
+    pub fn request_port(port: u16, method: &str, path: &str, body: &Value) -> Response {
+        Server::request_to(port, method, path, &[], Some(&body.to_string()))
+    }
+
+    fn request_to(port: u16, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Response {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
         for (k, v) in headers {
