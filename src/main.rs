@@ -32,8 +32,12 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Chat with a model in the terminal, through a running server.
     Chat,
-    /// Download a model from the Hugging Face hub into the local cache.
-    Download { model: String },
+    /// Download a model from the Hugging Face hub (HF_ENDPOINT, HF_TOKEN) into the local
+    /// cache (HF_HUB_CACHE, HF_HOME): only the files inferd needs; interrupted files resume.
+    Download {
+        /// `org/name[@revision]`
+        model: String,
+    },
     /// Benchmark an OpenAI-compatible server's throughput and latency.
     Bench(BenchArgs),
     /// Generate a reply locally (greedy), as a quick check that a model works.
@@ -377,7 +381,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(*args),
         Command::Chat => not_yet("chat", "the model manager and chat client"),
-        Command::Download { .. } => not_yet("download", "hub downloads"),
+        Command::Download { model } => download(&model),
         Command::Bench(args) => bench(args),
     };
     match result {
@@ -393,6 +397,52 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[cfg(feature = "download")]
+fn download(id: &str) -> Result<(), Box<dyn Error>> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    use inferd::loader::download::{Download, HubClient};
+    use inferd::loader::hub::hub_cache_dir;
+    use inferd::loader::ModelRef;
+
+    let model = ModelRef::parse(id)?;
+    let client = HubClient::from_env();
+    let plan = Download::plan(&client, &model, &hub_cache_dir())?;
+    let missing = plan.missing_bytes(|_| true);
+    let bars = MultiProgress::new();
+    let style = ProgressStyle::default_bar()
+        .template("{msg:>32} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12}")?
+        .progress_chars("=> ");
+    let mut per_file = std::collections::HashMap::new();
+    for file in &plan.files {
+        let bar = bars.add(ProgressBar::new(file.size).with_style(style.clone()));
+        bar.set_message(file.path.clone());
+        if missing == 0 || plan.missing_bytes(|f| f.path == file.path) == 0 {
+            bar.set_position(file.size);
+        }
+        per_file.insert(file.path.clone(), bar);
+    }
+    let total = bars.add(ProgressBar::new(missing).with_style(style));
+    total.set_message("total");
+    plan.fetch(|_| true, &mut |file, mine, done, _| {
+        if let Some(bar) = per_file.get(&file.path) {
+            bar.set_position(mine);
+        }
+        total.set_position(done);
+    })?;
+    let dir = plan.finish()?;
+    for bar in per_file.values() {
+        bar.finish();
+    }
+    total.finish();
+    println!("{}", dir.path.display());
+    Ok(())
+}
+
+#[cfg(not(feature = "download"))]
+fn download(_: &str) -> Result<(), Box<dyn Error>> {
+    Err("this build of inferd has no `download` feature".into())
 }
 
 fn not_yet(command: &str, what: &str) -> Result<(), Box<dyn Error>> {

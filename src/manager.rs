@@ -95,11 +95,32 @@ impl ModelFiles {
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<ModelFiles, LoadError> {
         progress(LoadProgress::Processor);
-        let dir = resolve_model(id_or_path)?;
+        // Not cached: the small files come now, the weights in their own stage.
+        let (dir, pending) = match resolve_model(id_or_path) {
+            Ok(dir) => (dir, None),
+            Err(HubError::NotCached { .. }) => {
+                let download = remote::plan(&ModelRef::parse(id_or_path)?)?;
+                remote::fetch(&download, false, &mut |_, _| {})?;
+                (remote::snapshot(&download), Some(download))
+            }
+            Err(e) => return Err(e.into()),
+        };
         let failed = |e: &dyn std::fmt::Display| LoadError::Failed(e.to_string());
         let tokenizer = Tokenizer::from_dir(&dir.path).map_err(|e| failed(&e))?;
         progress(LoadProgress::Config);
         let generation_config = GenerationConfig::from_dir(&dir.path).map_err(|e| failed(&e))?;
+        let dir = match pending {
+            Some(download) => {
+                remote::fetch(&download, true, &mut |current, total| {
+                    progress(LoadProgress::Download {
+                        current,
+                        total: Some(total),
+                    })
+                })?;
+                remote::finish(&download)?
+            }
+            None => dir,
+        };
         let model = load_decoder(backend, &dir.path, &mut |current, total| {
             progress(LoadProgress::Weights { current, total })
         })
@@ -273,7 +294,8 @@ pub struct ModelManager {
     slots: Mutex<HashMap<String, Slot>>,
 }
 
-/// Weights events are rate-limited to one per this interval (plus the first and last).
+/// Weights and download events are rate-limited to one per this interval (plus the
+/// first and the last).
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
 
 impl ModelManager {
@@ -376,13 +398,20 @@ impl ModelManager {
 
     fn run_load(&self, job: &LoadJob) {
         let key = job.model.clone();
-        let mut last_weights: Option<Instant> = None;
+        let (mut last_weights, mut last_download): (Option<Instant>, Option<Instant>) = (None, None);
         let mut report = |p: LoadProgress| {
             let event = match p {
                 LoadProgress::Processor => json!({"status": "loading", "model": key, "stage": "processor"}),
                 LoadProgress::Config => json!({"status": "loading", "model": key, "stage": "config"}),
-                LoadProgress::Download { current, total } => json!({"status": "loading", "model": key,
-                    "stage": "download", "progress": {"current": current, "total": total}}),
+                LoadProgress::Download { current, total } => {
+                    let due = last_download.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
+                    if !(due || Some(current) == total) {
+                        return;
+                    }
+                    last_download = Some(Instant::now());
+                    json!({"status": "loading", "model": key, "stage": "download",
+                        "progress": {"current": current, "total": total}})
+                }
                 LoadProgress::Weights { current, total } => {
                     let due = last_weights.is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
                     if !(due || current == 1 || current == total) {
@@ -499,6 +528,75 @@ impl ModelManager {
         if any {
             release_free_memory();
         }
+    }
+}
+
+/// Hub downloads for loads, or (built without the `download` feature) their absence.
+#[cfg(feature = "download")]
+mod remote {
+    use super::LoadError;
+    use crate::loader::download::{Download, DownloadError, HubClient};
+    use crate::loader::hub::{hub_cache_dir, ModelDir, ModelRef};
+
+    impl From<DownloadError> for LoadError {
+        fn from(e: DownloadError) -> Self {
+            match e {
+                DownloadError::Offline(_)
+                | DownloadError::NotFound { .. }
+                | DownloadError::Unauthorized { .. }
+                | DownloadError::NotAModel { .. } => LoadError::NotFound(e.to_string()),
+                DownloadError::Http { .. } | DownloadError::Io { .. } => LoadError::Failed(e.to_string()),
+            }
+        }
+    }
+
+    pub fn plan(model: &ModelRef) -> Result<Download, LoadError> {
+        Ok(Download::plan(&HubClient::from_env(), model, &hub_cache_dir())?)
+    }
+
+    /// The weights (`weights: true`) or everything else.
+    pub fn fetch(download: &Download, weights: bool, progress: &mut dyn FnMut(u64, u64)) -> Result<(), LoadError> {
+        Ok(download.fetch(|f| f.is_weights() == weights, &mut |_, _, done, total| {
+            progress(done, total)
+        })?)
+    }
+
+    pub fn snapshot(download: &Download) -> ModelDir {
+        ModelDir {
+            path: download.snapshot_dir(),
+            display_name: String::new(),
+            commit: Some(download.commit.clone()),
+        }
+    }
+
+    pub fn finish(download: &Download) -> Result<ModelDir, LoadError> {
+        Ok(download.finish()?)
+    }
+}
+
+#[cfg(not(feature = "download"))]
+mod remote {
+    use super::LoadError;
+    use crate::loader::hub::{ModelDir, ModelRef};
+
+    pub enum Download {}
+
+    pub fn plan(model: &ModelRef) -> Result<Download, LoadError> {
+        Err(LoadError::NotFound(format!(
+            "`{model}` is not cached, and this build of inferd cannot download (no `download` feature)"
+        )))
+    }
+
+    pub fn fetch(download: &Download, _: bool, _: &mut dyn FnMut(u64, u64)) -> Result<(), LoadError> {
+        match *download {}
+    }
+
+    pub fn snapshot(download: &Download) -> ModelDir {
+        match *download {}
+    }
+
+    pub fn finish(download: &Download) -> Result<ModelDir, LoadError> {
+        match *download {}
     }
 }
 

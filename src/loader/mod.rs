@@ -1,6 +1,8 @@
-//! Finding checkpoints (Hugging Face cache layout or plain folders) and mapping their
-//! safetensors weights into memory.
+//! Finding checkpoints (Hugging Face cache layout or plain folders), fetching them from
+//! the hub, and mapping their safetensors weights into memory.
 
+#[cfg(feature = "download")]
+pub mod download;
 pub mod hub;
 pub mod safetensors;
 

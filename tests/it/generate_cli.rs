@@ -20,7 +20,7 @@ fn generate_answers_the_capital_of_france_with_paris() {
 #[test]
 fn subcommands_that_have_not_landed_say_so_and_fail() {
     let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
-        .args(["download", "org/name"])
+        .args(["chat"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -4,8 +4,10 @@
 
 mod block_pool;
 mod common;
+mod download;
 mod engine;
 mod errors;
+mod fake_hub;
 mod generate_cli;
 mod loader;
 mod manager;
