@@ -8,6 +8,9 @@
 pub mod api;
 pub mod backend;
 pub mod bench;
+#[cfg(unix)]
+pub mod chat;
+pub mod client;
 pub mod engine;
 pub mod loader;
 pub mod log;

@@ -30,8 +30,9 @@ struct Cli {
 enum Command {
     /// Run the OpenAI-compatible HTTP server.
     Serve(Box<ServeArgs>),
-    /// Chat with a model in the terminal, through a running server.
-    Chat,
+    /// Chat with a model in the terminal, through an OpenAI-compatible server (a local
+    /// `inferd serve` unless --url is given).
+    Chat(ChatArgs),
     /// Download a model from the Hugging Face hub (HF_ENDPOINT, HF_TOKEN) into the local
     /// cache (HF_HUB_CACHE, HF_HOME): only the files inferd needs; interrupted files resume.
     Download {
@@ -181,6 +182,21 @@ fn check_device(device: &str) -> Result<(), String> {
 }
 
 #[derive(clap::Args)]
+struct ChatArgs {
+    /// `org/name[@revision]` (default: the server's loaded model).
+    model: Option<String>,
+    /// A running OpenAI-compatible server (default: start `inferd serve` here).
+    #[arg(long)]
+    url: Option<String>,
+    /// Sent as `Authorization: Bearer KEY` (or INFERD_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// A system message at the start of the conversation.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+#[derive(clap::Args)]
 struct BenchArgs {
     /// The server's base URL (http only).
     #[arg(long, default_value = "http://127.0.0.1:8000")]
@@ -237,7 +253,8 @@ struct BenchArgs {
 }
 
 fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
-    use inferd::bench::{self, client::Target, BenchRequest, Endpoint, RunSettings};
+    use inferd::bench::{self, BenchRequest, Endpoint, RunSettings};
+    use inferd::client::Target;
     if args.concurrency.contains(&0) {
         return Err("--concurrency must be at least 1".into());
     }
@@ -380,7 +397,14 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve(*args),
-        Command::Chat => not_yet("chat", "the model manager and chat client"),
+        Command::Chat(args) => inferd::chat::run(inferd::chat::ChatOptions {
+            url: args.url,
+            model: args.model,
+            api_key: args
+                .api_key
+                .or_else(|| std::env::var("INFERD_API_KEY").ok().filter(|k| !k.is_empty())),
+            system: args.system,
+        }),
         Command::Download { model } => download(&model),
         Command::Bench(args) => bench(args),
     };
@@ -443,10 +467,6 @@ fn download(id: &str) -> Result<(), Box<dyn Error>> {
 #[cfg(not(feature = "download"))]
 fn download(_: &str) -> Result<(), Box<dyn Error>> {
     Err("this build of inferd has no `download` feature".into())
-}
-
-fn not_yet(command: &str, what: &str) -> Result<(), Box<dyn Error>> {
-    Err(format!("`inferd {command}` is not yet available in this build: {what} has not landed yet").into())
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {

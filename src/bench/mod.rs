@@ -3,8 +3,6 @@
 //! arrival rate), times each reply as it streams, and reports throughput and latency
 //! percentiles, as text and as JSON.
 
-pub mod client;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,8 +10,8 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::{Mutex, Semaphore};
 
+use crate::client::{self, Connection, Outcome, Target};
 use crate::engine::sampling::Rng;
-use client::{Connection, Outcome, Target};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -264,7 +262,7 @@ async fn one_request(settings: &RunSettings, idle: &Mutex<Vec<Connection>>, body
     };
     let path = settings.endpoint.path();
     let key = settings.api_key.as_deref();
-    match client::post(&mut conn, &settings.target, path, key, body, settings.stream).await {
+    match client::timed_completion(&mut conn, &settings.target, path, key, body, settings.stream).await {
         Ok(outcome) => {
             if conn.is_reusable() {
                 idle.lock().await.push(conn);

@@ -18,16 +18,6 @@ fn generate_answers_the_capital_of_france_with_paris() {
 }
 
 #[test]
-fn subcommands_that_have_not_landed_say_so_and_fail() {
-    let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
-        .args(["chat"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not yet available"));
-}
-
-#[test]
 fn generate_stops_before_a_stop_string() {
     let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
         .args([

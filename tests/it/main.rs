@@ -3,6 +3,7 @@
 //! goldens from `scripts/gen-goldens` (transformers, float32).
 
 mod block_pool;
+mod chat_cli;
 mod common;
 mod download;
 mod engine;

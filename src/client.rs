@@ -1,13 +1,15 @@
-//! The benchmark's HTTP side: plain HTTP/1.1 keep-alive connections (hyper's client
-//! connection API, no pool crate), one request at a time per connection, and the
-//! timing of a completion as its server-sent events arrive.
+//! A small client for OpenAI-compatible servers, for `inferd bench` and `inferd chat`:
+//! plain HTTP/1.1 keep-alive connections (hyper's client connection API, no pool
+//! crate), one request at a time per connection, server-sent events read as they
+//! arrive, and the timing of a completion's events.
 
 use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use hyper::client::conn::http1::{handshake, SendRequest};
-use hyper::Request;
+use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use tokio::net::TcpStream;
@@ -122,9 +124,63 @@ impl Frame {
     }
 }
 
-/// POSTs `body` to `path` and times the reply; a transport failure is an `Err` (the
+/// POSTs a JSON `body` to `path` (a GET without one); the reply's status and its
+/// unread body.
+pub async fn send(
+    conn: &mut Connection,
+    target: &Target,
+    path: &str,
+    api_key: Option<&str>,
+    body: Option<Bytes>,
+) -> Result<(StatusCode, Incoming), String> {
+    let method = if body.is_some() { "POST" } else { "GET" };
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", target.base_path))
+        .header("host", &target.authority)
+        .header("content-type", "application/json");
+    if let Some(key) = api_key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    let request = request
+        .body(Full::new(body.unwrap_or_default()))
+        .map_err(|e| e.to_string())?;
+    conn.sender.ready().await.map_err(|e| e.to_string())?;
+    let response = conn.sender.send_request(request).await.map_err(|e| e.to_string())?;
+    Ok((response.status(), response.into_body()))
+}
+
+/// The whole body.
+pub async fn read_all(body: Incoming) -> Result<Bytes, String> {
+    Ok(body.collect().await.map_err(|e| e.to_string())?.to_bytes())
+}
+
+/// Calls `each` with every `data:` payload of an event stream, as it arrives, until the
+/// stream ends or `each` returns false.
+pub async fn read_events(body: &mut Incoming, mut each: impl FnMut(&[u8]) -> bool) -> Result<(), String> {
+    let mut pending: Vec<u8> = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        let Ok(data) = frame.into_data() else { continue };
+        pending.extend_from_slice(&data);
+        // Events end with a blank line; handle every complete one.
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = pending.drain(..end + 2).collect();
+            for line in event.split(|&b| b == b'\n') {
+                if let Some(data) = line.strip_prefix(b"data:") {
+                    if !each(data.trim_ascii()) {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// POSTs a completion request and times the reply; a transport failure is an `Err` (the
 /// connection is then unusable), an error answer is an `Outcome` with `error` set.
-pub async fn post(
+pub async fn timed_completion(
     conn: &mut Connection,
     target: &Target,
     path: &str,
@@ -132,21 +188,11 @@ pub async fn post(
     body: Bytes,
     stream: bool,
 ) -> Result<Outcome, String> {
-    let mut request = Request::post(format!("{}{path}", target.base_path))
-        .header("host", &target.authority)
-        .header("content-type", "application/json");
-    if let Some(key) = api_key {
-        request = request.header("authorization", format!("Bearer {key}"));
-    }
-    let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
-    conn.sender.ready().await.map_err(|e| e.to_string())?;
     let start = Instant::now();
-    let response = conn.sender.send_request(request).await.map_err(|e| e.to_string())?;
-    let status = response.status();
-    let mut body = response.into_body();
+    let (status, mut body) = send(conn, target, path, api_key, Some(body)).await?;
     let mut outcome = Outcome::default();
     if !status.is_success() || !stream {
-        let bytes = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+        let bytes = read_all(body).await?;
         outcome.latency = start.elapsed().as_secs_f64();
         if !status.is_success() {
             outcome.error = Some(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
@@ -165,47 +211,35 @@ pub async fn post(
         }
         return Ok(outcome);
     }
-    let mut pending: Vec<u8> = Vec::new();
     let mut last_text: Option<Instant> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
-        let Ok(data) = frame.into_data() else { continue };
-        pending.extend_from_slice(&data);
-        // Events end with a blank line; handle every complete one.
-        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = pending.drain(..end + 2).collect();
-            let now = Instant::now();
-            for line in event.split(|&b| b == b'\n') {
-                let Some(data) = line.strip_prefix(b"data:") else {
-                    continue;
-                };
-                let data = data.trim_ascii();
-                // (transformers serve ends its streams without `[DONE]`: not required.)
-                if data == b"[DONE]" {
-                    continue;
-                }
-                let Ok(frame) = serde_json::from_slice::<Frame>(data) else {
-                    outcome.error = Some(format!("unreadable event: {}", String::from_utf8_lossy(data)));
-                    continue;
-                };
-                if let Some(e) = frame.error.as_ref() {
-                    outcome.error = Some(format!("error event: {e}"));
-                }
-                if let Some(u) = frame.usage.as_ref() {
-                    outcome.prompt_tokens = u.prompt_tokens;
-                    outcome.completion_tokens = u.completion_tokens;
-                }
-                if frame.carries_text() {
-                    outcome.chunks += 1;
-                    match last_text {
-                        None => outcome.ttft = Some((now - start).as_secs_f64()),
-                        Some(prev) => outcome.itl.push((now - prev).as_secs_f64()),
-                    }
-                    last_text = Some(now);
-                }
-            }
+    read_events(&mut body, |data| {
+        // (transformers serve ends its streams without `[DONE]`: not required.)
+        if data == b"[DONE]" {
+            return true;
         }
-    }
+        let now = Instant::now();
+        let Ok(frame) = serde_json::from_slice::<Frame>(data) else {
+            outcome.error = Some(format!("unreadable event: {}", String::from_utf8_lossy(data)));
+            return true;
+        };
+        if let Some(e) = frame.error.as_ref() {
+            outcome.error = Some(format!("error event: {e}"));
+        }
+        if let Some(u) = frame.usage.as_ref() {
+            outcome.prompt_tokens = u.prompt_tokens;
+            outcome.completion_tokens = u.completion_tokens;
+        }
+        if frame.carries_text() {
+            outcome.chunks += 1;
+            match last_text {
+                None => outcome.ttft = Some((now - start).as_secs_f64()),
+                Some(prev) => outcome.itl.push((now - prev).as_secs_f64()),
+            }
+            last_text = Some(now);
+        }
+        true
+    })
+    .await?;
     outcome.latency = start.elapsed().as_secs_f64();
     Ok(outcome)
 }
