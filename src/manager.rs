@@ -65,6 +65,9 @@ pub enum LoadError {
     NotFound(String),
     #[error("{0}")]
     OutOfMemory(String),
+    /// The hub could not be reached or answered with an error.
+    #[error("{0}")]
+    HubUnavailable(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -545,7 +548,8 @@ mod remote {
                 | DownloadError::NotFound { .. }
                 | DownloadError::Unauthorized { .. }
                 | DownloadError::NotAModel { .. } => LoadError::NotFound(e.to_string()),
-                DownloadError::Http { .. } | DownloadError::Io { .. } => LoadError::Failed(e.to_string()),
+                DownloadError::Http { .. } => LoadError::HubUnavailable(e.to_string()),
+                DownloadError::Io { .. } => LoadError::Failed(e.to_string()),
             }
         }
     }

@@ -97,6 +97,10 @@ impl From<LoadError> for ApiError {
                 code: Some("insufficient_memory"),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
             },
+            LoadError::HubUnavailable(_) => ApiError {
+                code: Some("hub_unavailable"),
+                ..ApiError::new(StatusCode::BAD_GATEWAY, "server_error", message)
+            },
             LoadError::Failed(_) => ApiError::internal(message),
         }
     }

@@ -188,6 +188,7 @@ fn load_model_downloads_uncached_models_and_failed_downloads_leave_nothing() {
     let env = [
         ("HF_ENDPOINT", hub.url.as_str()),
         ("HF_HUB_CACHE", cache.to_str().unwrap()),
+        ("HF_HUB_OFFLINE", "0"),
     ];
     let weights_size = std::fs::metadata(smol.join("model.safetensors")).unwrap().len();
     {

@@ -36,13 +36,16 @@ impl Server {
         Server::launch(&all, &[])
     }
 
-    /// `inferd serve --port 0 --num-blocks 256 ARGS...` with extra environment.
+    /// `inferd serve --port 0 --num-blocks 256 ARGS...`, offline, with extra environment.
     pub fn launch(args: &[&str], env: &[(&str, &str)]) -> Server {
         static LOCK: Mutex<()> = Mutex::new(());
         let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
             .args(["serve", "--port", "0", "--num-blocks", "256"])
             .args(args)
+            // No test reaches the real hub; the download tests point HF_ENDPOINT at a
+            // fake one and turn this off.
+            .env("HF_HUB_OFFLINE", "1")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
