@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::StatusCode;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Map, Value};
 use tokio::signal::unix::{signal, SignalKind};
@@ -124,11 +126,14 @@ impl Session {
             .collect();
     }
 
-    async fn connection(&mut self) -> Result<&mut Connection, String> {
+    /// POSTs `body` to `path` (GETs without one) on the kept connection, reopened when
+    /// the server closed it.
+    async fn request(&mut self, path: &str, body: Option<Bytes>) -> Result<(StatusCode, Incoming), String> {
         if self.conn.as_ref().is_none_or(|c| !c.is_reusable()) {
             self.conn = Some(Connection::open(&self.target).await?);
         }
-        Ok(self.conn.as_mut().expect("just opened"))
+        let conn = self.conn.as_mut().expect("just opened");
+        client::send(conn, &self.target, path, self.api_key.as_deref(), body).await
     }
 
     async fn run(mut self) -> Result<(), Box<dyn Error>> {
@@ -219,9 +224,7 @@ impl Session {
 
     /// The server's first loaded model, else its first listed one.
     async fn default_model(&mut self) -> Result<String, Box<dyn Error>> {
-        let (target, key) = (self.target.clone(), self.api_key.clone());
-        let conn = self.connection().await?;
-        let (status, body) = client::send(conn, &target, "/v1/models", key.as_deref(), None).await?;
+        let (status, body) = self.request("/v1/models", None).await?;
         let body = client::read_all(body).await?;
         if !status.is_success() {
             return Err(format!("GET /v1/models: {}", error_message(&body)).into());
@@ -240,12 +243,7 @@ impl Session {
     async fn load(&mut self, model: &str) -> Result<(), ()> {
         let start = Instant::now();
         let body = Bytes::from(json!({"model": model}).to_string());
-        let (target, key) = (self.target.clone(), self.api_key.clone());
-        let sent = match self.connection().await {
-            Ok(conn) => client::send(conn, &target, "/load_model", key.as_deref(), Some(body)).await,
-            Err(e) => Err(e),
-        };
-        let (status, mut body) = match sent {
+        let (status, mut body) = match self.request("/load_model", Some(body)).await {
             Ok(reply) => reply,
             Err(e) => {
                 println!("error: {e}");
@@ -348,12 +346,7 @@ impl Session {
         body.extend(self.params.clone());
         body.insert("stream".into(), json!(true));
         let body = Bytes::from(Value::Object(body).to_string());
-        let (target, key) = (self.target.clone(), self.api_key.clone());
-        let sent = match self.connection().await {
-            Ok(conn) => client::send(conn, &target, "/v1/chat/completions", key.as_deref(), Some(body)).await,
-            Err(e) => Err(e),
-        };
-        let (status, mut stream) = match sent {
+        let (status, mut stream) = match self.request("/v1/chat/completions", Some(body)).await {
             Ok(reply) => reply,
             Err(e) => {
                 self.conn = None;

@@ -544,7 +544,7 @@ mod remote {
     impl From<DownloadError> for LoadError {
         fn from(e: DownloadError) -> Self {
             match e {
-                DownloadError::Offline(_)
+                DownloadError::Offline { .. }
                 | DownloadError::NotFound { .. }
                 | DownloadError::Unauthorized { .. }
                 | DownloadError::NotAModel { .. } => LoadError::NotFound(e.to_string()),

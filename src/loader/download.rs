@@ -18,8 +18,8 @@ use super::hub::{ModelDir, ModelRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
-    #[error("`{0}` is not cached and downloads are off (HF_HUB_OFFLINE)")]
-    Offline(String),
+    #[error("`{model}` is not in the Hugging Face cache at {cache}, and downloads are off (HF_HUB_OFFLINE)")]
+    Offline { model: String, cache: PathBuf },
     #[error("`{model}` was not found on the hub at {endpoint} (no such repository or revision)")]
     NotFound { model: String, endpoint: String },
     #[error("`{model}` is gated or private on the hub: set HF_TOKEN to a token that can read it")]
@@ -156,7 +156,10 @@ impl Download {
     /// and etag.
     pub fn plan(client: &HubClient, model: &ModelRef, cache: &Path) -> Result<Download, DownloadError> {
         if client.offline {
-            return Err(DownloadError::Offline(model.to_string()));
+            return Err(DownloadError::Offline {
+                model: model.to_string(),
+                cache: cache.to_owned(),
+            });
         }
         let url = format!(
             "{}/api/models/{}/revision/{}",

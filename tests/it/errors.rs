@@ -187,6 +187,7 @@ fn generate_cli_reports_bad_models_in_one_line_without_panicking() {
         std::fs::copy(crate::common::fixture("models/smollm2-135m").join(f), no_config.join(f)).unwrap();
     }
     let cases = [
+        // Not cached, and (offline) not fetched either.
         ("nobody/does-not-exist", "is not in the Hugging Face cache"),
         (no_config.to_str().unwrap(), "config.json is missing"),
         (corrupt.to_str().unwrap(), "file is truncated"),
@@ -194,6 +195,7 @@ fn generate_cli_reports_bad_models_in_one_line_without_panicking() {
     for (model, expected) in cases {
         let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
             .args(["generate", "--model", model, "hello"])
+            .env("HF_HUB_OFFLINE", "1")
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

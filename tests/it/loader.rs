@@ -101,7 +101,9 @@ fn the_cache_is_found_through_hf_hub_cache_then_hf_home() {
             "8",
             "What is the capital of France?",
         ]);
-        cmd.env_remove("HF_HUB_CACHE").env_remove("HF_HOME");
+        cmd.env_remove("HF_HUB_CACHE")
+            .env_remove("HF_HOME")
+            .env("HF_HUB_OFFLINE", "1");
         for (k, v) in envs {
             cmd.env(k, v);
         }

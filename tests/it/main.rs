@@ -2,6 +2,7 @@
 //! Models come from the Hugging Face cache, installed by `scripts/fetch-test-models`;
 //! goldens from `scripts/gen-goldens` (transformers, float32).
 
+mod bench_cli;
 mod block_pool;
 mod chat_cli;
 mod common;
