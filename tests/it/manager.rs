@@ -105,7 +105,10 @@ fn load_model_reports_every_stage_then_serves_and_caches() {
     assert_eq!(missing[1]["model"], "nobody/nothing@main");
     // (Test servers run with HF_HUB_OFFLINE=1: no hub to try.)
     assert!(
-        missing[1]["message"].as_str().unwrap().contains("not cached"),
+        missing[1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not in the Hugging Face cache"),
         "{missing:?}"
     );
     let r = chat(&s, Some("nobody/nothing"));
