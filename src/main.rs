@@ -57,6 +57,10 @@ struct ServeArgs {
     /// Unload a model after this many seconds without requests (0 or less: never).
     #[arg(long, default_value_t = 300, allow_negative_numbers = true)]
     model_timeout: i64,
+    /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}` (the
+    /// oldest dropped first; 0 keeps none).
+    #[arg(long, default_value_t = 1024)]
+    responses_store_size: usize,
     #[arg(long, default_value = "localhost")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -625,6 +629,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         max_body_bytes: args.max_body_bytes,
         metrics: Default::default(),
         next_request: Default::default(),
+        responses: inferd::server::responses::ResponseStore::new(args.responses_store_size),
     });
     let host = if args.host == "localhost" {
         "127.0.0.1"

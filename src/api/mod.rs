@@ -6,3 +6,4 @@ pub mod openai;
 pub use openai::{
     parse_chat_request, parse_completion_request, ChatRequest, CompletionRequest, SamplingDefaults, ToolChoice,
 };
+pub mod responses;

@@ -72,12 +72,12 @@ pub struct CompletionRequest {
 }
 
 /// Reads typed fields out of a JSON object, naming the field on error.
-struct Fields<'a> {
-    map: &'a Map<String, Value>,
+pub(crate) struct Fields<'a> {
+    pub map: &'a Map<String, Value>,
 }
 
 impl Fields<'_> {
-    fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ApiError> {
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ApiError> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => T::deserialize(v)
@@ -87,12 +87,12 @@ impl Fields<'_> {
     }
 }
 
-fn as_object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
+pub(crate) fn as_object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
     body.as_object()
         .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))
 }
 
-fn check_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+pub(crate) fn check_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
     match map.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(ApiError::invalid(
             k.clone(),

@@ -23,7 +23,7 @@ use crate::text::{
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(super) enum Kind {
     /// `tools`: the request offered tools, so `<tool_call>` blocks are parsed out.
     /// `reasoning`: `<think>` blocks go to `reasoning_content`.
     /// `one_call`: the reply ends with its first call (a named `tool_choice`, or
@@ -38,23 +38,23 @@ enum Kind {
 }
 
 /// One completion (choice) being assembled.
-struct Choice {
+pub(super) struct Choice {
     detokenizer: IncrementalDetokenizer,
     stops: StopMatcher,
-    text: String,
-    tokens: usize,
+    pub text: String,
+    pub tokens: usize,
     logprobs: Vec<Value>,
     reasoning_parser: Option<ReasoningParser>,
-    reasoning: String,
+    pub reasoning: String,
     tool_parser: Option<ToolCallParser>,
-    tool_calls: Vec<ToolCall>,
+    pub tool_calls: Vec<ToolCall>,
     /// A call's arguments are complete (what ends a `one_call` reply).
     call_ended: bool,
-    finish: Option<&'static str>,
+    pub finish: Option<&'static str>,
 }
 
 impl Choice {
-    fn new(stops: &[String], kind: Kind) -> Self {
+    pub(super) fn new(stops: &[String], kind: Kind) -> Self {
         Choice {
             detokenizer: IncrementalDetokenizer::new(true),
             stops: StopMatcher::new(stops.iter().cloned()),
@@ -158,21 +158,21 @@ fn chat_logprob(tokenizer: &Tokenizer, lp: &TokenLogprobs) -> Value {
 }
 
 /// What one engine event changed in a choice (what streaming sends).
-struct ChoiceUpdate {
-    index: usize,
+pub(super) struct ChoiceUpdate {
+    pub index: usize,
     /// Text that became final.
-    text: String,
+    pub text: String,
     /// Tool calls that started (`CallStart`) or grew (`CallArgs`), in order.
-    calls: Vec<ToolEvent>,
+    pub calls: Vec<ToolEvent>,
     /// Reasoning text that became final.
-    reasoning: String,
-    logprob: Option<Value>,
+    pub reasoning: String,
+    pub logprob: Option<Value>,
     /// Set when the choice just finished.
-    finish: Option<&'static str>,
+    pub finish: Option<&'static str>,
 }
 
 /// Applies one engine event to the choices.
-fn apply_event(
+pub(super) fn apply_event(
     tokenizer: &Tokenizer,
     kind: Kind,
     choices: &mut [Choice],
@@ -313,11 +313,21 @@ pub fn requested_model(body: &Value) -> Result<Option<String>, ApiError> {
     }
 }
 
-pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
+/// A chat request ready for the engine: its model, prompt ids and generation settings.
+pub(super) struct PreparedChat {
+    pub model: ModelLease,
+    pub kind: Kind,
+    pub prompt_ids: Vec<u32>,
+    pub generation: GenerationFields,
+}
+
+/// Validates a chat request, finds (or loads) its model, renders the chat template and
+/// tokenizes, off the reactor. Shared by chat completions and the Responses API.
+pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<PreparedChat, ApiError> {
     // Every field is checked before a model is (perhaps) loaded for the request.
-    parse_chat_request(&body, &SamplingDefaults::default())?;
-    let model = state.models.acquire(requested_model(&body)?.as_deref()).await?;
-    let request = parse_chat_request(&body, &state.defaults(&model))?;
+    parse_chat_request(body, &SamplingDefaults::default())?;
+    let model = state.models.acquire(requested_model(body)?.as_deref()).await?;
+    let request = parse_chat_request(body, &state.defaults(&model))?;
     let tokenizer = model.tokenizer.clone();
     let mut kwargs = state.chat_template_kwargs.clone().unwrap_or_default();
     kwargs.extend(request.chat_template_kwargs.clone().unwrap_or_default());
@@ -345,24 +355,25 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
-    let reasoning = model.reasoning;
+    let kind = Kind::Chat {
+        logprobs: request.logprobs,
+        tools: request.tools.is_some(),
+        reasoning: model.reasoning,
+        one_call: matches!(request.tool_choice, ToolChoice::Named(_)) || !request.parallel_tool_calls,
+    };
     let mut generation = request.generation;
     generation.params.forced_prefixes = forced;
-    run(
-        state,
+    Ok(PreparedChat {
         model,
-        id,
-        Kind::Chat {
-            logprobs: request.logprobs,
-            tools: request.tools.is_some(),
-            reasoning,
-            one_call: matches!(request.tool_choice, ToolChoice::Named(_)) || !request.parallel_tool_calls,
-        },
+        kind,
         prompt_ids,
-        None,
         generation,
-    )
-    .await
+    })
+}
+
+pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
+    let chat = prepare_chat(&state, &body).await?;
+    run(state, chat.model, id, chat.kind, chat.prompt_ids, None, chat.generation).await
 }
 
 pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {

@@ -6,6 +6,7 @@ pub mod error;
 pub mod generate;
 pub mod http;
 pub mod metrics;
+pub mod responses;
 pub mod routes;
 
 use std::net::SocketAddr;
@@ -37,6 +38,8 @@ pub struct ServerState {
     pub max_body_bytes: usize,
     pub metrics: ServerMetrics,
     pub next_request: AtomicU64,
+    /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.
+    pub responses: responses::ResponseStore,
 }
 
 impl ServerState {

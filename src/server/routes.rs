@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::http::{
     error_response, json_response, read_json, sse_event, sse_response, text_response, HttpResponse, ResponseBody,
 };
-use super::{generate, ServerState};
+use super::{generate, responses, ServerState};
 use crate::loader::hub::hub_cache_dir;
 use crate::manager::{ready_event, LoadTicket, ModelLease, ModelManager, ServedModel};
 
@@ -28,6 +28,7 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/tokenize", &[Method::POST]),
     ("/detokenize", &[Method::POST]),
     ("/load_model", &[Method::POST]),
+    ("/v1/responses", &[Method::POST]),
 ];
 
 pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
@@ -63,7 +64,7 @@ fn add_cors(response: &mut HttpResponse) {
     h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
     h.insert(
         "access-control-allow-methods",
-        HeaderValue::from_static("GET, POST, OPTIONS"),
+        HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
     );
     h.insert(
         "access-control-allow-headers",
@@ -89,6 +90,8 @@ async fn dispatch(
             .map(|(p, _)| *p)
             .unwrap_or(if path.starts_with("/v1/models/") {
                 "/v1/models/{id}"
+            } else if path.starts_with("/v1/responses/") {
+                "/v1/responses/{id}"
             } else {
                 "other"
             });
@@ -122,6 +125,23 @@ async fn dispatch(
                 "text/plain; version=0.0.4",
                 state.metrics.render(&engines),
             ))
+        }
+        (Method::POST, "/v1/responses") => match read_json(req.into_body(), state.max_body_bytes).await {
+            Ok(body) => responses::create(state.clone(), body, request_id.to_owned()).await,
+            Err(e) => Err(e),
+        },
+        (m, p) if p.starts_with("/v1/responses/") => {
+            let rest = &p["/v1/responses/".len()..];
+            match (m, rest.strip_suffix("/input_items")) {
+                (Method::GET, Some(id)) => responses::input_items(state, id),
+                (Method::GET, None) => responses::retrieve(state, rest),
+                (Method::DELETE, None) => responses::delete(state, rest),
+                (m, _) => Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "invalid_request_error",
+                    format!("{m} is not allowed on {p}"),
+                )),
+            }
         }
         (Method::POST, "/load_model") => match read_json(req.into_body(), state.max_body_bytes).await {
             Ok(body) => load_model(state, &body),
