@@ -122,7 +122,7 @@ pub fn parse_responses_request(
     if metadata.len() > 16
         || metadata
             .iter()
-            .any(|(k, v)| k.len() > 64 || !v.as_str().is_some_and(|s| s.len() <= 512))
+            .any(|(k, v)| k.len() > 64 || v.as_str().is_none_or(|s| s.len() > 512))
     {
         return Err(invalid(
             "metadata",
