@@ -441,12 +441,14 @@ fn convert_input(input: &Value, new_id: &mut dyn FnMut(&str) -> String) -> Resul
                     stored["id"] = json!(new_id("rs"));
                 }
             }
-            other => return Err(invalid(
-                format!("input[{i}].type"),
-                format!(
+            other => {
+                return Err(invalid(
+                    format!("input[{i}].type"),
+                    format!(
                     "unsupported input item type `{other}` (message, function_call, function_call_output, reasoning)"
                 ),
-            )),
+                ))
+            }
         }
         out.items.push(stored);
     }

@@ -602,3 +602,87 @@ impl ResponseBuilder {
         vec![self.event(error), self.event(failed)]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(reasoning: &str, text: &str, calls: Vec<ToolEvent>, finish: Option<&'static str>) -> ChoiceUpdate {
+        ChoiceUpdate {
+            index: 0,
+            text: text.into(),
+            calls,
+            reasoning: reasoning.into(),
+            logprob: None,
+            finish,
+        }
+    }
+
+    /// Reasoning, then text, then a call: three output items, each opened, grown and
+    /// closed in turn, with sequence numbers counting up.
+    #[test]
+    fn reasoning_text_and_a_call_become_three_items_in_order() {
+        let mut b = ResponseBuilder::new(json!({"id": "resp_x"}), "x".into(), 10);
+        let mut events = b.opening();
+        for u in [
+            update("Think", "", vec![], None),
+            update("ing.", "", vec![], None),
+            update("", "\n\n", vec![], None),
+            update("", "Checking.", vec![], None),
+            update(
+                "",
+                "\n",
+                vec![ToolEvent::CallStart("f".into()), ToolEvent::CallArgs("{\"a\"".into())],
+                None,
+            ),
+            update("", "", vec![ToolEvent::CallArgs(": 1}".into())], Some("stop")),
+        ] {
+            events.extend(b.apply(&u));
+        }
+        events.extend(b.close("stop"));
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.delta",
+                "response.reasoning_text.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+            ]
+        );
+        assert!(events.iter().enumerate().all(|(n, e)| e["sequence_number"] == n));
+        let response = b.response("stop");
+        let output = response["output"].as_array().unwrap();
+        assert_eq!(output[0]["type"], "reasoning");
+        assert_eq!(output[0]["content"][0]["text"], "Thinking.");
+        assert_eq!(output[1]["content"][0]["text"], "Checking.");
+        assert_eq!(
+            (&output[2]["name"], &output[2]["arguments"], &output[2]["call_id"]),
+            (&json!("f"), &json!("{\"a\": 1}"), &json!("call_x"))
+        );
+        assert_eq!(response["status"], "completed");
+    }
+
+    #[test]
+    fn an_empty_reply_still_has_its_message() {
+        let mut b = ResponseBuilder::new(json!({}), "x".into(), 1);
+        let events = b.close("stop");
+        assert_eq!(events.len(), 5);
+        let response = b.response("stop");
+        assert_eq!(response["output"][0]["content"][0]["text"], "");
+    }
+}

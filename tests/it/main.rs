@@ -14,6 +14,7 @@ mod generate_cli;
 mod loader;
 mod manager;
 mod numerics;
+mod responses;
 mod serve_flags;
 mod server;
 mod templates;

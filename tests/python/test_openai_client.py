@@ -151,7 +151,45 @@ def tool_calls():
         assert e.body["param"] == "tool_choice", e.body
 
 
+def responses():
+    r = client.responses.create(model=MODEL, input="What is the capital of France?", temperature=0)
+    assert r.status == "completed" and r.output_text == "The capital of France is Paris.", r
+    kinds, text, final = [], "", None
+    with client.responses.stream(model=MODEL, input="What is the capital of France?", temperature=0) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+        final = stream.get_final_response()
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed", kinds
+    assert text == final.output_text == r.output_text, (text, final.output_text)
+    again = client.responses.retrieve(r.id)
+    assert again.id == r.id and again.output_text == r.output_text
+    follow = client.responses.create(model=MODEL, input="And of Germany?", temperature=0, previous_response_id=r.id)
+    assert follow.output_text == "The capital of Germany is Berlin.", follow.output_text
+    client.responses.delete(r.id)
+    try:
+        client.responses.retrieve(r.id)
+        raise AssertionError("deleted response found")
+    except openai.NotFoundError:
+        pass
+    try:
+        client.responses.create(model=MODEL, input=[{"type": "function_call_output", "call_id": "x", "output": "y"}])
+        raise AssertionError("orphan function_call_output accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "input[0].call_id", e.body
+    # Tools (the flat Responses shape), forced, against the Qwen checkpoint.
+    tools = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+              "parameters": t["function"]["parameters"]} for t in TOOLS]
+    r = tools_client.responses.create(model=QWEN, input="What is the weather like in Paris today?", tools=tools,
+                                      tool_choice="required", temperature=0)
+    calls = [item for item in r.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather", r.output
+    assert json.loads(calls[0].arguments)["city"] == "Paris", calls[0].arguments
+
+
 for name, fn in [("chat", chat_nonstream), ("chat stream", chat_stream), ("sampling parameters", chat_sampling_params),
-                 ("completions", completions), ("models", models), ("errors", errors), ("tool calls", tool_calls)]:
+                 ("completions", completions), ("models", models), ("errors", errors), ("tool calls", tool_calls),
+                 ("responses", responses)]:
     check(name, fn)
-print(json.dumps({"openai": openai.__version__, "passed": 7}))
+print(json.dumps({"openai": openai.__version__, "passed": 8}))
