@@ -460,6 +460,15 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
         let ok_name = name.is_some_and(|n| {
             !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         });
+        let parameters = tool.pointer("/function/parameters");
+        if parameters.is_some_and(|p| !p.is_null() && p.get("type").and_then(Value::as_str) != Some("object")) {
+            return Err(ApiError::invalid(
+                format!("tools[{i}]"),
+                format!(
+                    "`tools[{i}].function.parameters` must be a JSON schema object (`{{\"type\": \"object\", ...}}`)"
+                ),
+            ));
+        }
         if tool.get("type").and_then(Value::as_str) != Some("function") || !ok_name {
             return Err(ApiError::invalid(
                 format!("tools[{i}]"),

@@ -258,6 +258,11 @@ fn bad_responses_requests_get_openai_errors() {
             "tools[0]",
         ),
         (json!({"input": "hi", "tool_choice": "required"}), 400, "tool_choice"),
+        (
+            json!({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": "none"}]}),
+            400,
+            "tools[0]",
+        ),
         (json!({}), 400, "input"),
         (json!({"input": 3}), 400, "input"),
         (json!({"input": []}), 400, "input"),
