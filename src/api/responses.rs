@@ -29,40 +29,26 @@ pub struct ResponsesRequest {
     pub echo: Map<String, Value>,
 }
 
+/// The Responses fields besides `SAMPLING`.
 const FIELDS: &[&str] = &[
     "model",
     "input",
     "instructions",
     "tools",
     "tool_choice",
-    "parallel_tool_calls",
-    "temperature",
-    "top_p",
     "max_output_tokens",
     "text",
     "metadata",
     "store",
     "previous_response_id",
     "stream",
-    "generation_config",
-    "seed",
     "user",
     "truncation",
     "reasoning",
     "include",
-    // The sampling extras chat completions takes.
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "ignore_eos",
-    "min_tokens",
-    "chat_template_kwargs",
 ];
 
-/// Passed to the chat request as they are.
+/// Passed to the chat request as they are (including the extras chat completions takes).
 const SAMPLING: &[&str] = &[
     "temperature",
     "top_p",
@@ -89,7 +75,8 @@ pub fn parse_responses_request(
     new_id: &mut dyn FnMut(&str) -> String,
 ) -> Result<ResponsesRequest, ApiError> {
     let map = as_object(body)?;
-    check_fields(map, FIELDS)?;
+    let allowed: Vec<&str> = FIELDS.iter().chain(SAMPLING).copied().collect();
+    check_fields(map, &allowed)?;
     let f = Fields { map };
     if f.get::<Value>("reasoning")?.is_some() {
         return Err(invalid(
