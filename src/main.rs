@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use inferd::backend::cpu::CpuBackend;
 use inferd::backend::WeightDtype;
-use inferd::engine::{self, Engine, EngineConfig, KvCacheBudget, SamplingParams};
+use inferd::engine::{self, Engine, EngineConfig, EngineHandle, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::log::Level;
 use inferd::manager::{ModelFiles, ModelManager, ModelSettings, ReasoningMode};
@@ -57,6 +57,11 @@ struct ServeArgs {
     /// Unload a model after this many seconds without requests (0 or less: never).
     #[arg(long, default_value_t = 300, allow_negative_numbers = true)]
     model_timeout: i64,
+    /// `auto` (the checkpoint) or `dummy`: seeded random weights from config.json
+    /// alone, for benchmarking model shapes whose weights are not at hand (replies are
+    /// noise).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "dummy"])]
+    load_format: String,
     /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}` (the
     /// oldest dropped first; 0 keeps none).
     #[arg(long, default_value_t = 1024)]
@@ -219,9 +224,12 @@ struct BenchArgs {
     /// concurrency limit allows).
     #[arg(long)]
     request_rate: Option<f64>,
-    /// Requests per run (default: 8 x concurrency, at least 16).
+    /// Requests per run (default: --requests-per-client x concurrency, at least 16).
     #[arg(long)]
     num_requests: Option<usize>,
+    /// Requests per concurrent client in each run, when --num-requests is not given.
+    #[arg(long, default_value_t = 8)]
+    requests_per_client: usize,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 128)]
     input_len: usize,
@@ -254,6 +262,26 @@ struct BenchArgs {
     /// No progress line on stderr.
     #[arg(long)]
     quiet: bool,
+    /// Also draw throughput.svg, latency.svg and ttft.svg (latency distributions and
+    /// throughput against concurrency) into this folder.
+    #[arg(long)]
+    plots: Option<std::path::PathBuf>,
+    /// Drive an engine in this process instead of a server (no HTTP): the model loads
+    /// here and prompts are random token ids of exactly --input-len.
+    #[arg(long)]
+    offline: bool,
+    /// With --offline: `dummy` makes seeded random weights from config.json alone.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "dummy"])]
+    load_format: String,
+    /// With --offline: weights as stored (auto), bfloat16 or float32.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// With --offline: the engine's step token budget.
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    /// With --offline: KV cache as a fraction of available memory.
+    #[arg(long, default_value_t = 0.25)]
+    kv_cache_fraction: f64,
 }
 
 fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
@@ -336,10 +364,36 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
         progress: !args.quiet,
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Offline: an engine here, fed token ids; the model (or its dummy) loads first.
+    let offline = if args.offline {
+        let dummy = args.load_format == "dummy";
+        let backend = CpuBackend::with_weights(WeightDtype::parse(&args.dtype)?);
+        let dir = resolve_model(&args.model)?;
+        let model = if dummy {
+            inferd::models::load_decoder_dummy(&backend, &dir.path, &mut |_, _| {})?
+        } else {
+            inferd::models::load_decoder(&backend, &dir.path, &mut |_, _| {})?
+        };
+        let max_c = args.concurrency.iter().copied().max().unwrap_or(1);
+        let config = EngineConfig {
+            block_size: 16,
+            num_blocks: 0,
+            max_num_seqs: max_c.max(1),
+            max_num_batched_tokens: args.max_num_batched_tokens,
+            max_waiting: usize::MAX,
+        }
+        .with_budget(&model, KvCacheBudget::FractionOfAvailable(args.kv_cache_fraction))?;
+        let vocab = model.config.vocab_size;
+        Some((EngineHandle::spawn(Engine::new(backend, model, config, vec![])), vocab))
+    } else {
+        None
+    };
     let mut reports = Vec::new();
     for &concurrency in &args.concurrency {
         settings.concurrency = concurrency;
-        let count = args.num_requests.unwrap_or((8 * concurrency).max(16));
+        let count = args
+            .num_requests
+            .unwrap_or((args.requests_per_client * concurrency).max(16));
         if args.warmup > 0 {
             let warm = RunSettings {
                 progress: false,
@@ -348,13 +402,25 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             };
             // Prompts of their own, so the run's prompts are not already in a prefix cache.
             let warm_requests = make_requests(args.warmup, args.seed ^ 0x5741_524d_5550);
-            let report = runtime.block_on(bench::run(&warm, &warm_requests));
+            let report = match &offline {
+                Some((engine, vocab)) => {
+                    let ids = bench::random_prompt_ids(*vocab, &warm_requests, args.seed ^ 1);
+                    runtime.block_on(bench::run_offline(engine, &warm.pace(), &warm_requests, &ids))
+                }
+                None => runtime.block_on(bench::run(&warm, &warm_requests)),
+            };
             if report.failed == report.requests {
                 return Err(format!("every warm-up request failed: {}", report.errors.join("; ")).into());
             }
         }
         let requests = make_requests(count, args.seed.wrapping_add(concurrency as u64));
-        let report = runtime.block_on(bench::run(&settings, &requests));
+        let report = match &offline {
+            Some((engine, vocab)) => {
+                let ids = bench::random_prompt_ids(*vocab, &requests, args.seed.wrapping_add(concurrency as u64));
+                runtime.block_on(bench::run_offline(engine, &settings.pace(), &requests, &ids))
+            }
+            None => runtime.block_on(bench::run(&settings, &requests)),
+        };
         println!("{}", report.summary());
         if !report.errors.is_empty() {
             println!("  first errors: {}", report.errors.join("; "));
@@ -362,9 +428,37 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
         reports.push(report);
     }
     if let Some(path) = &args.json {
-        let doc = bench::reports_json(&settings, &reports);
+        let target = if offline.is_some() {
+            "offline".to_owned()
+        } else {
+            args.url.clone()
+        };
+        let endpoint = if offline.is_some() {
+            "engine"
+        } else {
+            settings.endpoint.path()
+        };
+        let doc = bench::reports_json(&target, &args.model, endpoint, settings.ignore_eos, &reports);
         std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if let Some(dir) = &args.plots {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let plots = [
+            ("throughput.svg", bench::plot::throughput_svg(&reports)),
+            (
+                "latency.svg",
+                bench::plot::cdf_svg("Request latency", &reports, |r| &r.latencies_ms),
+            ),
+            (
+                "ttft.svg",
+                bench::plot::cdf_svg("Time to first token", &reports, |r| &r.ttfts_ms),
+            ),
+        ];
+        for (name, svg) in plots {
+            let path = dir.join(name);
+            std::fs::write(&path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
     }
     if reports.iter().any(|r| r.failed > 0) {
         return Err("some requests failed (see above)".into());
@@ -475,7 +569,7 @@ fn download(_: &str) -> Result<(), Box<dyn Error>> {
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     let load_start = std::time::Instant::now();
-    let loaded = ModelFiles::load(&args.model, &CpuBackend::default(), &mut |_| {})?;
+    let loaded = ModelFiles::load(&args.model, &CpuBackend::default(), false, &mut |_| {})?;
     let load_secs = load_start.elapsed().as_secs_f64();
     let eos_ids = loaded.eos_ids();
     let ModelFiles {
@@ -615,6 +709,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         },
         // transformers serve's convention: zero or less never unloads.
         idle_timeout: (args.model_timeout > 0).then(|| std::time::Duration::from_secs(args.model_timeout as u64)),
+        dummy_weights: args.load_format == "dummy",
     };
     let models = match &forced {
         Some(id) => ModelManager::with_forced(settings, id)?,

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use crate::backend::cpu::CpuBackend;
 use crate::engine::{available_memory, Engine, EngineConfig, EngineHandle, KvCacheBudget};
 use crate::loader::hub::{resolve_model, HubError, ModelDir, ModelRef};
-use crate::models::{load_decoder, DecoderModel, GenerationConfig};
+use crate::models::{load_decoder, load_decoder_dummy, DecoderModel, GenerationConfig};
 use crate::text::Tokenizer;
 
 /// `--reasoning`: split `<think>` blocks into `reasoning_content`.
@@ -37,6 +37,8 @@ pub struct ModelSettings {
     pub reasoning: ReasoningMode,
     /// `None`: never unload idle models.
     pub idle_timeout: Option<Duration>,
+    /// `--load-format dummy`: random weights from config.json (benchmarks only).
+    pub dummy_weights: bool,
 }
 
 /// Where a load is.
@@ -92,9 +94,11 @@ pub struct ModelFiles {
 
 impl ModelFiles {
     /// Reads a model from the cache or a local folder, reporting each stage.
+    /// `dummy`: seeded random weights from config.json instead of the checkpoint's.
     pub fn load(
         id_or_path: &str,
         backend: &CpuBackend,
+        dummy: bool,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<ModelFiles, LoadError> {
         progress(LoadProgress::Processor);
@@ -124,9 +128,12 @@ impl ModelFiles {
             }
             None => dir,
         };
-        let model = load_decoder(backend, &dir.path, &mut |current, total| {
-            progress(LoadProgress::Weights { current, total })
-        })
+        let mut weights = |current, total| progress(LoadProgress::Weights { current, total });
+        let model = if dummy {
+            load_decoder_dummy(backend, &dir.path, &mut weights)
+        } else {
+            load_decoder(backend, &dir.path, &mut weights)
+        }
         .map_err(|e| failed(&e))?;
         Ok(ModelFiles {
             dir,
@@ -610,7 +617,7 @@ fn build(
     id_or_path: &str,
     progress: &mut dyn FnMut(LoadProgress),
 ) -> Result<ServedModel, LoadError> {
-    let files = ModelFiles::load(id_or_path, &settings.backend, progress)?;
+    let files = ModelFiles::load(id_or_path, &settings.backend, settings.dummy_weights, progress)?;
     let eos = files.eos_ids();
     let mut config = settings.engine;
     if config.num_blocks == 0 {

@@ -3,6 +3,8 @@
 //! arrival rate), times each reply as it streams, and reports throughput and latency
 //! percentiles, as text and as JSON.
 
+pub mod plot;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +14,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::client::{self, Connection, Outcome, Target};
 use crate::engine::sampling::Rng;
+use crate::engine::{EngineEvent, EngineHandle, SamplingParams};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -20,7 +23,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    fn path(self) -> &'static str {
+    pub fn path(self) -> &'static str {
         match self {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Completions => "/v1/completions",
@@ -127,10 +130,15 @@ pub struct Report {
     pub ttft_ms: Distribution,
     pub itl_ms: Distribution,
     pub latency_ms: Distribution,
+    /// Each successful request's latency and TTFT, in ms (for the plots).
+    #[serde(skip)]
+    pub latencies_ms: Vec<f64>,
+    #[serde(skip)]
+    pub ttfts_ms: Vec<f64>,
 }
 
 impl Report {
-    fn new(settings: &RunSettings, requests: &[BenchRequest], outcomes: &[Outcome], duration: f64) -> Report {
+    fn new(pace: &Pace, requests: &[BenchRequest], outcomes: &[Outcome], duration: f64) -> Report {
         let ok: Vec<(&BenchRequest, &Outcome)> = requests
             .iter()
             .zip(outcomes)
@@ -144,9 +152,9 @@ impl Report {
         let itl: Vec<f64> = ok.iter().flat_map(|(_, o)| o.itl.iter().copied()).collect();
         let latency: Vec<f64> = ok.iter().map(|(_, o)| o.latency).collect();
         Report {
-            concurrency: settings.concurrency,
-            request_rate: settings.request_rate,
-            stream: settings.stream,
+            concurrency: pace.concurrency,
+            request_rate: pace.request_rate,
+            stream: pace.stream,
             requests: outcomes.len(),
             failed: outcomes.len() - ok.len(),
             errors: outcomes.iter().filter_map(|o| o.error.clone()).take(5).collect(),
@@ -160,6 +168,8 @@ impl Report {
             ttft_ms: Distribution::of(&ttft),
             itl_ms: Distribution::of(&itl),
             latency_ms: Distribution::of(&latency),
+            latencies_ms: latency.iter().map(|s| s * 1e3).collect(),
+            ttfts_ms: ttft.iter().map(|s| s * 1e3).collect(),
         }
     }
 
@@ -189,16 +199,54 @@ impl Report {
     }
 }
 
-/// Sends every request and waits for all of them.
+/// How requests are sent: how many at once, at what rate.
+#[derive(Debug, Clone)]
+pub struct Pace {
+    pub concurrency: usize,
+    pub request_rate: Option<f64>,
+    pub stream: bool,
+    pub seed: u64,
+    pub progress: bool,
+}
+
+impl RunSettings {
+    pub fn pace(&self) -> Pace {
+        Pace {
+            concurrency: self.concurrency,
+            request_rate: self.request_rate,
+            stream: self.stream,
+            seed: self.seed,
+            progress: self.progress,
+        }
+    }
+}
+
+/// Sends every request to the server and waits for all of them.
 pub async fn run(settings: &RunSettings, requests: &[BenchRequest]) -> Report {
     let settings = Arc::new(settings.clone());
-    let slots = Arc::new(Semaphore::new(settings.concurrency.max(1)));
     let idle: Arc<Mutex<Vec<Connection>>> = Arc::new(Mutex::new(Vec::new()));
+    let pace = settings.pace();
+    drive(&pace, requests, |_, request| {
+        let (settings, idle) = (settings.clone(), idle.clone());
+        let body = settings.body(request);
+        async move { one_request(&settings, &idle, body).await }
+    })
+    .await
+}
+
+/// Feeds the requests to `send` at the pace asked (a concurrency limit, and Poisson
+/// arrivals when a rate is set), and reports.
+async fn drive<F, Fut>(pace: &Pace, requests: &[BenchRequest], send: F) -> Report
+where
+    F: Fn(usize, &BenchRequest) -> Fut,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(pace.concurrency.max(1)));
     let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut rng = Rng::seeded(settings.seed);
+    let mut rng = Rng::seeded(pace.seed);
     let start = Instant::now();
     let mut next_arrival = 0.0f64;
-    let progress = settings.progress.then(|| {
+    let progress = pace.progress.then(|| {
         let (done, total) = (done.clone(), requests.len());
         tokio::spawn(async move {
             loop {
@@ -213,8 +261,8 @@ pub async fn run(settings: &RunSettings, requests: &[BenchRequest]) -> Report {
         })
     });
     let mut tasks = Vec::with_capacity(requests.len());
-    for request in requests {
-        if let Some(rate) = settings.request_rate {
+    for (i, request) in requests.iter().enumerate() {
+        if let Some(rate) = pace.request_rate {
             // Exponential gaps: a Poisson process of `rate` arrivals per second.
             next_arrival += -(1.0 - rng.next_f64()).ln() / rate;
             let due = start + Duration::from_secs_f64(next_arrival);
@@ -223,10 +271,10 @@ pub async fn run(settings: &RunSettings, requests: &[BenchRequest]) -> Report {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
-        let (settings, idle, done) = (settings.clone(), idle.clone(), done.clone());
-        let body = settings.body(request);
+        let done = done.clone();
+        let work = send(i, request);
         tasks.push(tokio::spawn(async move {
-            let outcome = one_request(&settings, &idle, body).await;
+            let outcome = work.await;
             done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
             outcome
@@ -243,7 +291,66 @@ pub async fn run(settings: &RunSettings, requests: &[BenchRequest]) -> Report {
     if let Some(p) = progress {
         let _ = p.await;
     }
-    Report::new(&settings, requests, &outcomes, duration)
+    Report::new(pace, requests, &outcomes, duration)
+}
+
+/// Drives an engine directly, without HTTP (`inferd bench --offline`): each request's
+/// prompt is token ids, replies are greedy and `ignore_eos`, exactly `max_tokens` long.
+pub async fn run_offline(
+    engine: &EngineHandle,
+    pace: &Pace,
+    requests: &[BenchRequest],
+    prompts: &[Vec<u32>],
+) -> Report {
+    drive(pace, requests, |i, request| {
+        let engine = engine.clone();
+        let ids = prompts.get(i).cloned().unwrap_or_default();
+        let params = SamplingParams {
+            max_tokens: Some(request.max_tokens),
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        async move { engine_request(&engine, ids, params).await }
+    })
+    .await
+}
+
+async fn engine_request(engine: &EngineHandle, ids: Vec<u32>, params: SamplingParams) -> Outcome {
+    let start = Instant::now();
+    let prompt_tokens = ids.len();
+    let mut outcome = Outcome {
+        prompt_tokens: Some(prompt_tokens),
+        ..Default::default()
+    };
+    let mut stream = match engine.submit(ids, params) {
+        Ok(stream) => stream,
+        Err(e) => {
+            outcome.error = Some(e.to_string());
+            return outcome;
+        }
+    };
+    let mut last: Option<Instant> = None;
+    while let Some(event) = stream.next().await {
+        match event {
+            EngineEvent::Token { .. } => {
+                let now = Instant::now();
+                match last {
+                    None => outcome.ttft = Some((now - start).as_secs_f64()),
+                    Some(prev) => outcome.itl.push((now - prev).as_secs_f64()),
+                }
+                last = Some(now);
+                outcome.chunks += 1;
+            }
+            EngineEvent::Finished { .. } => break,
+            EngineEvent::Failed(e) => {
+                outcome.error = Some(e);
+                break;
+            }
+        }
+    }
+    outcome.completion_tokens = Some(outcome.chunks);
+    outcome.latency = start.elapsed().as_secs_f64();
+    outcome
 }
 
 async fn one_request(settings: &RunSettings, idle: &Mutex<Vec<Connection>>, body: Bytes) -> Outcome {
@@ -322,14 +429,27 @@ fn random_text(tokenizer: &crate::text::Tokenizer, len: usize, rng: &mut Rng) ->
     tokenizer.decode(&ids, true).unwrap_or_default()
 }
 
-/// Reports as a JSON document (with the settings that produced them).
-pub fn reports_json(settings: &RunSettings, reports: &[Report]) -> Value {
+/// Reports as a JSON document, with what produced them (`target`: the URL, or
+/// `offline`).
+pub fn reports_json(target: &str, model: &str, endpoint: &str, ignore_eos: bool, reports: &[Report]) -> Value {
     json!({
-        "url": format!("http://{}{}", settings.target.authority, settings.target.base_path),
-        "model": settings.model,
-        "endpoint": settings.endpoint.path(),
-        "stream": settings.stream,
-        "ignore_eos": settings.ignore_eos,
+        "target": target,
+        "model": model,
+        "endpoint": endpoint,
+        "ignore_eos": ignore_eos,
         "runs": reports,
     })
+}
+
+/// Random prompts of exactly `len` token ids below `vocab` (no tokenizer needed).
+pub fn random_prompt_ids(vocab: usize, requests: &[BenchRequest], seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = Rng::seeded(seed ^ 0x006f_6666_6c69_6e65);
+    requests
+        .iter()
+        .map(|r| {
+            (0..r.prompt_tokens)
+                .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                .collect()
+        })
+        .collect()
 }

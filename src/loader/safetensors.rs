@@ -115,9 +115,48 @@ struct TensorInfo {
 /// One mapped `.safetensors` file with its validated header.
 pub struct SafetensorsFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Storage,
     data_start: usize,
     tensors: HashMap<String, TensorInfo>,
+}
+
+/// A file's bytes: mapped from disk, or built in memory (dummy weights).
+enum Storage {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Storage {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Storage::Mapped(m) => m,
+            Storage::Owned(v) => v,
+        }
+    }
+}
+
+/// The bytes of a safetensors file holding `tensors` (name, dtype, shape, raw data).
+pub fn encode_safetensors(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, dtype, shape, bytes) in tensors {
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let mut raw = serde_json::to_vec(&header).unwrap_or_default();
+    while !raw.len().is_multiple_of(8) {
+        raw.push(b' ');
+    }
+    let mut file = (raw.len() as u64).to_le_bytes().to_vec();
+    file.extend(raw);
+    for (_, _, _, bytes) in tensors {
+        file.extend(bytes);
+    }
+    file
 }
 
 #[derive(Deserialize)]
@@ -133,14 +172,18 @@ impl SafetensorsFile {
             path: path.to_owned(),
             source,
         };
-        let bad = |reason: String| LoadError::BadHeader {
-            path: path.to_owned(),
-            reason,
-        };
         let file = File::open(path).map_err(io)?;
         // SAFETY: the mapping is read-only; checkpoints are not expected to change while
         // loaded (the same assumption every safetensors loader makes).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path, Storage::Mapped(mmap))
+    }
+
+    fn parse(path: &Path, mmap: Storage) -> Result<Self, LoadError> {
+        let bad = |reason: String| LoadError::BadHeader {
+            path: path.to_owned(),
+            reason,
+        };
         if mmap.len() < 8 {
             return Err(bad(format!(
                 "{} bytes, shorter than the 8-byte header length",
@@ -315,6 +358,18 @@ impl Checkpoint {
         Ok(Checkpoint {
             dir: dir.to_owned(),
             files,
+            index,
+        })
+    }
+
+    /// A checkpoint held in memory: `bytes` of one safetensors file, named `label` in
+    /// errors.
+    pub fn from_bytes(label: &Path, bytes: Vec<u8>) -> Result<Self, LoadError> {
+        let file = SafetensorsFile::parse(label, Storage::Owned(bytes))?;
+        let index = file.tensors.keys().map(|t| (t.clone(), 0)).collect();
+        Ok(Checkpoint {
+            dir: label.to_owned(),
+            files: vec![file],
             index,
         })
     }

@@ -6,6 +6,7 @@
 //! q/k/v and gate/up are fused into one matrix each at load.
 
 use crate::backend::{AttentionShape, Backend, ForwardBatch, KvCacheShape};
+use crate::loader::safetensors::encode_safetensors;
 use crate::loader::{Checkpoint, LoadError};
 
 use super::config::{DecoderConfig, RopeScaling};
@@ -139,6 +140,75 @@ impl<B: Backend> DecoderModel<B> {
         names
     }
 
+    /// The shape a checkpoint tensor of this config must have (`None`: not a tensor
+    /// this decoder knows).
+    pub fn expected_shape(config: &DecoderConfig, name: &str) -> Option<Vec<usize>> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let shape = AttentionShape {
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        };
+        let matrix = match name.rsplit_once('.').map(|(stem, _)| stem).unwrap_or("") {
+            s if s.ends_with("embed_tokens") || s == "lm_head" => vec![config.vocab_size, h],
+            s if s.ends_with("layernorm") || s == "model.norm" => vec![h],
+            s if s.ends_with("q_norm") || s.ends_with("k_norm") => vec![shape.head_dim],
+            s if s.ends_with("q_proj") => vec![shape.q_width(), h],
+            s if s.ends_with("k_proj") || s.ends_with("v_proj") => vec![shape.kv_width(), h],
+            s if s.ends_with("o_proj") => vec![h, shape.q_width()],
+            s if s.ends_with("gate_proj") || s.ends_with("up_proj") => vec![i, h],
+            s if s.ends_with("down_proj") => vec![h, i],
+            _ => return None,
+        };
+        // Biases are the first dimension of their matrix.
+        Some(if name.ends_with(".bias") {
+            vec![matrix[0]]
+        } else {
+            matrix
+        })
+    }
+
+    /// A checkpoint of seeded random bf16 weights for `config` (`--load-format dummy`):
+    /// matrices uniform with the standard deviation of transformers' initializer
+    /// (0.02), norms 1, biases 0. For benchmarks of model shapes whose weights are not
+    /// at hand; its outputs mean nothing.
+    pub fn dummy_checkpoint(config: &DecoderConfig, seed: u64) -> Result<Checkpoint, LoadError> {
+        let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            // xorshift64*: plenty for filler weights.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        };
+        let bound = 0.02f32 * 3f32.sqrt();
+        let names = Self::tensor_names(config);
+        let tensors: Vec<(Vec<usize>, Vec<u8>)> = names
+            .iter()
+            .map(|name| {
+                let shape = Self::expected_shape(config, name).unwrap_or_default();
+                let n: usize = shape.iter().product();
+                let fill = |value: f32| half::bf16::from_f32(value).to_bits().to_le_bytes();
+                let bytes: Vec<u8> = if name.ends_with(".bias") {
+                    (0..n).flat_map(|_| fill(0.0)).collect()
+                } else if shape.len() == 1 {
+                    (0..n).flat_map(|_| fill(1.0)).collect()
+                } else {
+                    (0..n)
+                        .flat_map(|_| fill(((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound))
+                        .collect()
+                };
+                (shape, bytes)
+            })
+            .collect();
+        let refs: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = names
+            .iter()
+            .zip(tensors)
+            .map(|(name, (shape, bytes))| (name.as_str(), "BF16", shape, bytes))
+            .collect();
+        Checkpoint::from_bytes(std::path::Path::new("<dummy weights>"), encode_safetensors(&refs))
+    }
+
     /// Uploads the weights, checking every shape first. `progress(current, total)` is
     /// called once per tensor read (total = `tensor_names(config).len()`).
     pub fn load(
@@ -150,7 +220,6 @@ impl<B: Backend> DecoderModel<B> {
         let names = Self::tensor_names(&config);
         let total = names.len();
         // Check presence and shape of everything before converting anything.
-        let (h, i) = (config.hidden_size, config.intermediate_size);
         let shape = AttentionShape {
             num_heads: config.num_attention_heads,
             num_kv_heads: config.num_key_value_heads,
@@ -158,23 +227,7 @@ impl<B: Backend> DecoderModel<B> {
         };
         for name in &names {
             let t = checkpoint.tensor(name)?;
-            let expected: Vec<usize> = match name.rsplit_once('.').map(|(stem, _)| stem).unwrap_or("") {
-                s if s.ends_with("embed_tokens") || s == "lm_head" => vec![config.vocab_size, h],
-                s if s.ends_with("layernorm") || s == "model.norm" => vec![h],
-                s if s.ends_with("q_norm") || s.ends_with("k_norm") => vec![shape.head_dim],
-                s if s.ends_with("q_proj") => vec![shape.q_width(), h],
-                s if s.ends_with("k_proj") || s.ends_with("v_proj") => vec![shape.kv_width(), h],
-                s if s.ends_with("o_proj") => vec![h, shape.q_width()],
-                s if s.ends_with("gate_proj") || s.ends_with("up_proj") => vec![i, h],
-                s if s.ends_with("down_proj") => vec![h, i],
-                _ => t.shape.to_vec(),
-            };
-            // Biases are the first dimension of their matrix.
-            let expected = if name.ends_with(".bias") {
-                vec![expected[0]]
-            } else {
-                expected
-            };
+            let expected = Self::expected_shape(&config, name).unwrap_or_else(|| t.shape.to_vec());
             t.expect_shape(&expected)?;
         }
 

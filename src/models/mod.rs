@@ -30,3 +30,15 @@ pub fn load_decoder<B: Backend>(
     let checkpoint = Checkpoint::open(dir)?;
     Ok(DecoderModel::load(backend, config, &checkpoint, progress)?)
 }
+
+/// Reads `dir/config.json` alone and makes seeded random weights for it
+/// (`--load-format dummy`).
+pub fn load_decoder_dummy<B: Backend>(
+    backend: &B,
+    dir: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<DecoderModel<B>, ModelError> {
+    let config = DecoderConfig::from_dir(dir)?;
+    let checkpoint = DecoderModel::<B>::dummy_checkpoint(&config, 0)?;
+    Ok(DecoderModel::load(backend, config, &checkpoint, progress)?)
+}

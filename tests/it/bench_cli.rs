@@ -61,3 +61,79 @@ fn bench_reports_exact_counts_against_a_live_server() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("cannot connect"), "{stderr}");
 }
+
+/// `--offline` drives an engine in-process; `--load-format dummy` needs only a config.
+#[test]
+fn offline_bench_on_dummy_weights_writes_reports_and_plots() {
+    let dir = scratch_dir("bench-offline");
+    let config_dir = dir.join("model");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::copy(
+        super::common::installed_model("inferd-test/tiny-qwen2").join("config.json"),
+        config_dir.join("config.json"),
+    )
+    .unwrap();
+    let report = dir.join("report.json");
+    let plots = dir.join("plots");
+    let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .args([
+            "bench",
+            "--offline",
+            "--load-format",
+            "dummy",
+            "--model",
+            config_dir.to_str().unwrap(),
+        ])
+        .args([
+            "--concurrency",
+            "1,4",
+            "--num-requests",
+            "8",
+            "--input-len",
+            "12",
+            "--output-len",
+            "6",
+        ])
+        .args([
+            "--quiet",
+            "--json",
+            report.to_str().unwrap(),
+            "--plots",
+            plots.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(doc["target"], "offline");
+    for run in doc["runs"].as_array().unwrap() {
+        assert_eq!(
+            (run["requests"].as_u64(), run["failed"].as_u64()),
+            (Some(8), Some(0)),
+            "{run}"
+        );
+        // Exact lengths both ways: prompts are token ids, replies ignore EOS.
+        assert_eq!(
+            (run["input_tokens"].as_u64(), run["output_tokens"].as_u64()),
+            (Some(96), Some(48))
+        );
+    }
+    for name in ["throughput.svg", "latency.svg", "ttft.svg"] {
+        let svg = std::fs::read_to_string(plots.join(name)).unwrap();
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline") && svg.trim_end().ends_with("</svg>"),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn serve_with_dummy_weights_answers_exact_lengths() {
+    let s = Server::start(&["--load-format", "dummy"]);
+    let r = s.post(
+        "/v1/chat/completions",
+        serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 7);
+}

@@ -43,25 +43,7 @@ pub fn scratch_dir(name: &str) -> PathBuf {
 
 /// Writes a safetensors file from `(name, dtype, shape, raw bytes)`.
 pub fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) {
-    let mut header = serde_json::Map::new();
-    let mut offset = 0;
-    for (name, dtype, shape, bytes) in tensors {
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
-        );
-        offset += bytes.len();
-    }
-    let mut raw = serde_json::to_vec(&header).unwrap();
-    while !raw.len().is_multiple_of(8) {
-        raw.push(b' ');
-    }
-    let mut file = (raw.len() as u64).to_le_bytes().to_vec();
-    file.extend(raw);
-    for (_, _, _, bytes) in tensors {
-        file.extend(bytes);
-    }
-    std::fs::write(path, file).unwrap();
+    std::fs::write(path, inferd::loader::safetensors::encode_safetensors(tensors)).unwrap();
 }
 
 pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
