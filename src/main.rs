@@ -40,7 +40,7 @@ enum Command {
         model: String,
     },
     /// Benchmark an OpenAI-compatible server's throughput and latency.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Generate a reply locally (greedy), as a quick check that a model works.
     Generate(GenerateArgs),
 }
@@ -504,7 +504,7 @@ fn main() -> ExitCode {
             system: args.system,
         }),
         Command::Download { model } => download(&model),
-        Command::Bench(args) => bench(args),
+        Command::Bench(args) => bench(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
