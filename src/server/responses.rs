@@ -34,6 +34,8 @@ struct Stored {
 pub struct ResponseStore {
     capacity: usize,
     inner: Mutex<(HashMap<String, Stored>, VecDeque<String>)>,
+    /// Response ids are the server's own (a client's X-Request-ID may repeat).
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl ResponseStore {
@@ -41,7 +43,22 @@ impl ResponseStore {
         ResponseStore {
             capacity,
             inner: Mutex::new((HashMap::new(), VecDeque::new())),
+            next_id: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// A fresh id body: the start-up time and a counter, so ids stay unique across
+    /// restarts too.
+    fn new_id(&self) -> String {
+        static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let started = *STARTED.get_or_init(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        });
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{started:x}{n:06x}")
     }
 
     fn get(&self, id: &str) -> Option<Stored> {
@@ -83,13 +100,8 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// `POST /v1/responses`
-pub async fn create(state: Arc<ServerState>, body: Value, request_id: String) -> Result<HttpResponse, ApiError> {
-    // Ids from the request id, kept to characters any client takes.
-    let rid: String = request_id
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-        .take(64)
-        .collect();
+pub async fn create(state: Arc<ServerState>, body: Value) -> Result<HttpResponse, ApiError> {
+    let rid = state.responses.new_id();
     let mut counter = 0;
     let mut new_id = |prefix: &str| {
         counter += 1;

@@ -127,7 +127,7 @@ async fn dispatch(
             ))
         }
         (Method::POST, "/v1/responses") => match read_json(req.into_body(), state.max_body_bytes).await {
-            Ok(body) => responses::create(state.clone(), body, request_id.to_owned()).await,
+            Ok(body) => responses::create(state.clone(), body).await,
             Err(e) => Err(e),
         },
         (m, p) if p.starts_with("/v1/responses/") => {
