@@ -57,6 +57,11 @@ struct ServeArgs {
     /// Unload a model after this many seconds without requests (0 or less: never).
     #[arg(long, default_value_t = 300, allow_negative_numbers = true)]
     model_timeout: i64,
+    /// Keep the checkpoints of all loaded models under this many bytes: loading one
+    /// more unloads the least recently used idle ones (default: only available memory
+    /// limits it).
+    #[arg(long)]
+    models_memory: Option<u64>,
     /// `auto` (the checkpoint) or `dummy`: seeded random weights from config.json
     /// alone, for benchmarking model shapes whose weights are not at hand (replies are
     /// noise).
@@ -710,6 +715,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         // transformers serve's convention: zero or less never unloads.
         idle_timeout: (args.model_timeout > 0).then(|| std::time::Duration::from_secs(args.model_timeout as u64)),
         dummy_weights: args.load_format == "dummy",
+        memory_budget: args.models_memory,
     };
     let models = match &forced {
         Some(id) => ModelManager::with_forced(settings, id)?,

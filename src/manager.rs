@@ -39,6 +39,9 @@ pub struct ModelSettings {
     pub idle_timeout: Option<Duration>,
     /// `--load-format dummy`: random weights from config.json (benchmarks only).
     pub dummy_weights: bool,
+    /// `--models-memory`: the checkpoints of all loaded models together stay under this
+    /// many bytes (least recently used idle models are unloaded to make room).
+    pub memory_budget: Option<u64>,
 }
 
 /// Where a load is.
@@ -168,6 +171,8 @@ pub struct ServedModel {
     pub reasoning: bool,
     /// Unix seconds of the load.
     pub created: u64,
+    /// Bytes of its checkpoint (what `--models-memory` counts).
+    pub weight_bytes: u64,
     in_flight: AtomicUsize,
     last_used: Mutex<Instant>,
 }
@@ -463,15 +468,23 @@ impl ModelManager {
     }
 
     /// Unloads least recently used idle models until the new model's weights (the
-    /// size of its cached checkpoint, when it is cached) fit in the available memory.
+    /// size of its cached checkpoint, when it is cached) fit in the available memory and
+    /// in `--models-memory`.
     fn make_room(&self, key: &str) -> Result<(), LoadError> {
         let Ok(dir) = resolve_model(key) else {
             return Ok(()); // not cached: the load reports that
         };
         let need = checkpoint_bytes(&dir.path);
+        if let Some(budget) = self.settings.memory_budget.filter(|&b| need > b) {
+            return Err(LoadError::OutOfMemory(format!(
+                "`{key}` does not fit in --models-memory: its weights take {need} bytes, the budget is {budget}"
+            )));
+        }
         loop {
             let available = available_memory().unwrap_or(usize::MAX) as u64;
-            if available >= need {
+            let loaded: u64 = self.all_loaded().iter().map(|m| m.weight_bytes).sum();
+            let over_budget = self.settings.memory_budget.is_some_and(|b| loaded + need > b);
+            if available >= need && !over_budget {
                 return Ok(());
             }
             let victim = {
@@ -490,9 +503,16 @@ impl ModelManager {
                 })
             };
             let Some(victim) = victim else {
+                let why = if over_budget {
+                    format!(
+                        "loaded models hold {loaded} of the {} bytes of --models-memory",
+                        self.settings.memory_budget.unwrap_or(0)
+                    )
+                } else {
+                    format!("{available} bytes are available")
+                };
                 return Err(LoadError::OutOfMemory(format!(
-                    "not enough memory to load `{key}`: its weights take {need} bytes, {available} are available, \
-                     and no idle model is left to unload"
+                    "no room to load `{key}`: its weights take {need} bytes, {why}, and no idle model is left to unload"
                 )));
             };
             crate::info!("unloading {} (least recently used) to make room for {key}", victim.name);
@@ -639,6 +659,11 @@ fn build(
         generation_config,
         model,
     } = files;
+    let weight_bytes = if settings.dummy_weights {
+        0
+    } else {
+        checkpoint_bytes(&dir.path)
+    };
     let engine = EngineHandle::spawn(Engine::new(settings.backend.clone(), model, config, eos));
     Ok(ServedModel {
         name: dir.display_name,
@@ -650,6 +675,7 @@ fn build(
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        weight_bytes,
         in_flight: AtomicUsize::new(0),
         last_used: Mutex::new(Instant::now()),
     })

@@ -240,3 +240,47 @@ fn failed_loads_end_with_one_error_and_leave_nothing_behind() {
     assert_eq!(chat(&s, Some(SMOL)).status, 200);
     assert_eq!(loaded(&s), vec![SMOL]);
 }
+
+/// `--models-memory`: a second model that does not fit beside the first unloads the
+/// least recently used idle one; a model larger than the whole budget is refused.
+#[test]
+fn models_memory_unloads_the_least_recently_used_idle_model_to_make_room() {
+    let cache = scratch_dir("manager-budget-cache");
+    let link = |repo: &str, source: &str| {
+        let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+        let snapshot = repo_dir.join("snapshots/0000");
+        std::fs::create_dir_all(&snapshot).unwrap();
+        std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+        std::fs::write(repo_dir.join("refs/main"), "0000").unwrap();
+        for entry in std::fs::read_dir(installed_model(source)).unwrap() {
+            let entry = entry.unwrap();
+            let target = std::fs::canonicalize(entry.path()).unwrap();
+            std::os::unix::fs::symlink(target, snapshot.join(entry.file_name())).unwrap();
+        }
+    };
+    link("test/smol-a", SMOL);
+    link("test/smol-b", SMOL);
+    link("test/qwen", "Qwen/Qwen2.5-Coder-0.5B-Instruct");
+    // SmolLM2's bf16 checkpoint is ~270 MB: one fits, two do not.
+    let s = Server::launch(
+        &["--models-memory", "400000000"],
+        &[("HF_HUB_CACHE", cache.to_str().unwrap())],
+    );
+    assert_eq!(chat(&s, Some("test/smol-a")).status, 200);
+    assert_eq!(loaded(&s), vec!["test/smol-a"]);
+    assert_eq!(chat(&s, Some("test/smol-b")).status, 200);
+    assert_eq!(loaded(&s), vec!["test/smol-b"]);
+    let log = s.log_lines().join("\n");
+    assert!(
+        log.contains("unloading test/smol-a@main (least recently used) to make room for test/smol-b@main"),
+        "{log}"
+    );
+    let r = chat(&s, Some("test/qwen"));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (503, json!("insufficient_memory")),
+        "{}",
+        r.body
+    );
+    assert_eq!(loaded(&s), vec!["test/smol-b"]);
+}
