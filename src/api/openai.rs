@@ -191,7 +191,13 @@ fn generation_fields(
         params.top_p = p;
     }
     if let Some(k) = f.get::<i64>("top_k")? {
-        // vLLM's convention: 0 or -1 disables.
+        // vLLM's convention: 0 or -1 disables; other negatives are mistakes.
+        if k < -1 {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("`top_k` must be at least 1, or 0 or -1 to disable it, not {k}"),
+            ));
+        }
         params.top_k = if k <= 0 { None } else { Some(k as usize) };
     }
     if let Some(p) = f.get::<f32>("min_p")? {

@@ -196,7 +196,7 @@ fn authorize(state: &ServerState, req: &Request<Incoming>) -> Result<(), ApiErro
     let Some(key) = &state.api_key else { return Ok(()) };
     let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok());
     match given.and_then(|v| v.strip_prefix("Bearer ")) {
-        Some(token) if token == key => Ok(()),
+        Some(token) if constant_time_eq(token.as_bytes(), key.as_bytes()) => Ok(()),
         _ => Err(ApiError {
             code: Some("invalid_api_key"),
             ..ApiError::new(
@@ -206,6 +206,16 @@ fn authorize(state: &ServerState, req: &Request<Incoming>) -> Result<(), ApiErro
             )
         }),
     }
+}
+
+/// Compares without stopping at the first difference, so response times say nothing
+/// about how much of a guessed key was right (only its length can tell, as usual).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 fn model_entry(id: &str, created: u64, loaded: bool) -> Value {

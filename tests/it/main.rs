@@ -11,6 +11,7 @@ mod engine;
 mod errors;
 mod fake_hub;
 mod generate_cli;
+mod hostile;
 mod loader;
 mod manager;
 mod numerics;

@@ -94,6 +94,28 @@ impl Server {
         Server::request_to(self.port, method, path, headers, body)
     }
 
+    /// A request with a raw body (any bytes, not only UTF-8 text).
+    pub fn request_bytes(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str(&format!(
+            "content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        ));
+        let mut raw = req.into_bytes();
+        raw.extend_from_slice(body);
+        stream.write_all(&raw).unwrap();
+        let mut answer = Vec::new();
+        if let Err(e) = stream.read_to_end(&mut answer) {
+            assert!(!answer.is_empty(), "{method} {path}: {e}");
+        }
+        Response::parse(&answer)
+    }
+
     /// A POST to a server from another thread (the `Server` itself stays put).
     pub fn request_port(port: u16, method: &str, path: &str, body: &Value) -> Response {
         Server::request_to(port, method, path, &[], Some(&body.to_string()))
