@@ -178,11 +178,6 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
-    /// `org/name` without the revision.
-    pub fn id(&self) -> &str {
-        self.name.split('@').next().unwrap_or(&self.name)
-    }
-
     fn touch(&self) {
         *lock(&self.last_used) = Instant::now();
     }
@@ -345,14 +340,6 @@ impl ModelManager {
         Ok(ModelRef::parse(name)?.to_string())
     }
 
-    /// The model loaded under `key`, if any.
-    pub fn loaded(&self, key: &str) -> Option<Arc<ServedModel>> {
-        match lock(&self.slots).get(key) {
-            Some(Slot::Ready(m)) => Some(m.clone()),
-            _ => None,
-        }
-    }
-
     /// Every loaded model.
     pub fn all_loaded(&self) -> Vec<Arc<ServedModel>> {
         let mut models: Vec<Arc<ServedModel>> = lock(&self.slots)
@@ -369,20 +356,29 @@ impl ModelManager {
     /// The model for a request: the forced one, a loaded one, or one loaded now (the
     /// request waits for it; a concurrent request for the same model shares the load).
     pub async fn acquire(self: &Arc<Self>, requested: Option<&str>) -> Result<ModelLease, LoadError> {
-        if let Some(forced) = &self.forced {
-            return Ok(ModelLease::new(forced.clone()));
+        if let Some(lease) = self.acquire_loaded(requested) {
+            return Ok(lease);
         }
         let name = requested.ok_or_else(|| {
             LoadError::InvalidId("`model` is required: name the model to use (`org/name[@revision]`)".into())
         })?;
-        let key = Self::key(name)?;
-        // Leased under the registry lock, so the idle unloader cannot take it meanwhile.
-        if let Some(Slot::Ready(model)) = lock(&self.slots).get(&key) {
-            return Ok(ModelLease::new(model.clone()));
-        }
-        match self.start_load(&key) {
+        match self.start_load(&Self::key(name)?) {
             LoadTicket::Ready(model) => Ok(ModelLease::new(model)),
             LoadTicket::Loading(job) => Ok(ModelLease::new(job.wait().await?)),
+        }
+    }
+
+    /// The model for a request when no load is needed (the forced one, or one in
+    /// memory); `None` otherwise, bad names included (`acquire` reports those).
+    pub fn acquire_loaded(&self, requested: Option<&str>) -> Option<ModelLease> {
+        if let Some(forced) = &self.forced {
+            return Some(ModelLease::new(forced.clone()));
+        }
+        let key = Self::key(requested?).ok()?;
+        // Leased under the registry lock, so the idle unloader cannot take it meanwhile.
+        match lock(&self.slots).get(&key) {
+            Some(Slot::Ready(model)) => Some(ModelLease::new(model.clone())),
+            _ => None,
         }
     }
 

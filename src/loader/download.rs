@@ -101,10 +101,6 @@ impl HubClient {
         }
     }
 
-    pub fn is_offline(&self) -> bool {
-        self.offline
-    }
-
     fn request(
         &self,
         agent: &ureq::Agent,

@@ -313,6 +313,22 @@ pub fn requested_model(body: &Value) -> Result<Option<String>, ApiError> {
     }
 }
 
+/// The model a request names. One in memory is leased at once; before a load, the
+/// request is checked (`validate`, without the model's defaults), so that a bad request
+/// never costs one.
+async fn model_for(
+    state: &ServerState,
+    body: &Value,
+    validate: impl Fn(&Value) -> Result<(), ApiError>,
+) -> Result<ModelLease, ApiError> {
+    let requested = requested_model(body)?;
+    if let Some(model) = state.models.acquire_loaded(requested.as_deref()) {
+        return Ok(model);
+    }
+    validate(body)?;
+    Ok(state.models.acquire(requested.as_deref()).await?)
+}
+
 /// A chat request ready for the engine: its model, prompt ids and generation settings.
 pub(super) struct PreparedChat {
     pub model: ModelLease,
@@ -324,9 +340,10 @@ pub(super) struct PreparedChat {
 /// Validates a chat request, finds (or loads) its model, renders the chat template and
 /// tokenizes, off the reactor. Shared by chat completions and the Responses API.
 pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<PreparedChat, ApiError> {
-    // Every field is checked before a model is (perhaps) loaded for the request.
-    parse_chat_request(body, &SamplingDefaults::default())?;
-    let model = state.models.acquire(requested_model(body)?.as_deref()).await?;
+    let model = model_for(state, body, |b| {
+        parse_chat_request(b, &SamplingDefaults::default()).map(drop)
+    })
+    .await?;
     let request = parse_chat_request(body, &state.defaults(&model))?;
     let tokenizer = model.tokenizer.clone();
     let mut kwargs = state.chat_template_kwargs.clone().unwrap_or_default();
@@ -377,8 +394,10 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
 }
 
 pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
-    parse_completion_request(&body, &SamplingDefaults::default())?;
-    let model = state.models.acquire(requested_model(&body)?.as_deref()).await?;
+    let model = model_for(&state, &body, |b| {
+        parse_completion_request(b, &SamplingDefaults::default()).map(drop)
+    })
+    .await?;
     let request = parse_completion_request(&body, &state.defaults(&model))?;
     let tokenizer = model.tokenizer.clone();
     let prompt = request.prompt.clone();

@@ -222,9 +222,9 @@ impl Run {
                 let ttft = self.start.elapsed().as_secs_f64();
                 self.state.metrics.time_to_first_token.observe(ttft);
             }
-            let tokenizer = self.model.tokenizer.clone();
             let counts = matches!(event, EngineEvent::Token { .. });
-            let update = apply_event(&tokenizer, self.kind, std::slice::from_mut(&mut self.choice), event)?;
+            let choices = std::slice::from_mut(&mut self.choice);
+            let update = apply_event(&self.model.tokenizer, self.kind, choices, event)?;
             if counts {
                 self.builder.output_tokens += 1;
                 if update
@@ -354,9 +354,21 @@ impl Run {
 
 /// An output item being written.
 enum Open {
-    Reasoning { index: usize, id: String, text: String },
-    Message { index: usize, id: String, text: String },
-    Call { index: usize, item: Value },
+    Reasoning {
+        index: usize,
+        id: String,
+        text: String,
+    },
+    Message {
+        index: usize,
+        id: String,
+        text: String,
+    },
+    Call {
+        index: usize,
+        item: Value,
+        arguments: String,
+    },
 }
 
 /// Turns a choice's updates into output items and the events that announce them.
@@ -516,14 +528,19 @@ impl ResponseBuilder {
         let added = json!({"type": "response.output_item.added", "output_index": index, "item": item.clone()});
         events.push(self.event(added));
         self.output.push(Value::Null);
-        self.open = Some(Open::Call { index, item });
+        self.open = Some(Open::Call {
+            index,
+            item,
+            arguments: String::new(),
+        });
     }
 
     fn call_args(&mut self, delta: &str, events: &mut Vec<Value>) {
-        if let Some(Open::Call { index, item }) = &mut self.open {
-            let mut args = item["arguments"].as_str().unwrap_or_default().to_owned();
-            args.push_str(delta);
-            item["arguments"] = json!(args);
+        if let Some(Open::Call {
+            index, item, arguments, ..
+        }) = &mut self.open
+        {
+            arguments.push_str(delta);
             let event = json!({"type": "response.function_call_arguments.delta", "item_id": item["id"],
                 "output_index": index, "delta": delta});
             events.push(self.event(event));
@@ -555,10 +572,15 @@ impl ResponseBuilder {
                     "content": [part]});
                 self.item_done(index, item, events);
             }
-            Some(Open::Call { index, mut item }) => {
+            Some(Open::Call {
+                index,
+                mut item,
+                arguments,
+            }) => {
                 let done = json!({"type": "response.function_call_arguments.done", "item_id": item["id"],
-                    "output_index": index, "name": item["name"], "arguments": item["arguments"]});
+                    "output_index": index, "name": item["name"], "arguments": arguments});
                 events.push(self.event(done));
+                item["arguments"] = json!(arguments);
                 item["status"] = json!(status);
                 self.item_done(index, item, events);
             }

@@ -298,9 +298,12 @@ impl ArgsScan {
             }
             match self.scalar {
                 Some(true) => {
+                    // A string value (its text is the arguments), closed by the first
+                    // unescaped quote after the opening one.
+                    let closes = !self.held.is_empty() && !self.escaped && c == '"';
+                    self.escaped = !self.escaped && c == '\\' && !self.held.is_empty();
                     self.held.push(c);
-                    if self.held.len() > 1 && string_body_len(&self.held[1..]) == Some(self.held.len() - 2) {
-                        // A string value: its text is the arguments.
+                    if closes {
                         let text = serde_json::from_str::<String>(&self.held).unwrap_or_default();
                         return (i + c.len_utf8(), text, true);
                     }
