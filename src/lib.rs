@@ -15,6 +15,7 @@ pub mod engine;
 pub mod loader;
 pub mod log;
 pub mod manager;
+pub mod media;
 pub mod models;
 pub mod server;
 pub mod text;

@@ -84,6 +84,9 @@ impl KvCacheShape {
 /// One sequence's share of a forward batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqChunk {
+    /// Which request the sequence belongs to (models with per-request state, such as
+    /// an encoder's output, look it up by this).
+    pub key: u64,
     /// First row of this sequence's tokens in the batch.
     pub query_start: usize,
     /// Number of new tokens this step (prompt chunk, or 1 for decode).
@@ -124,6 +127,7 @@ impl ForwardBatch {
             positions,
             slot_mapping,
             seqs: vec![SeqChunk {
+                key: 0,
                 query_start: 0,
                 query_len: new_tokens.len(),
                 context_len: num_cached + new_tokens.len(),
@@ -136,6 +140,16 @@ impl ForwardBatch {
     pub fn num_tokens(&self) -> usize {
         self.token_ids.len()
     }
+}
+
+/// One sequence of a dense (non-paged) attention: query rows
+/// `q_start..q_start + q_len` attend to every row of `k` / `v` (`[m, kv_width]`), or,
+/// when causal, query `i` to rows `0..m - q_len + i + 1`.
+pub struct DenseAttention<'a, T> {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub k: &'a T,
+    pub v: &'a T,
 }
 
 /// The fused ops of a dense decoder. Shapes are given as `[rows, cols]`, row-major.
@@ -205,6 +219,38 @@ pub trait Backend: Send + Sync {
         batch: &ForwardBatch,
         shape: AttentionShape,
     ) -> Self::Tensor;
+    /// Attention of `q [n, num_heads * head_dim]` over keys and values held as plain
+    /// tensors (an audio encoder's self-attention, a decoder's cross-attention), one
+    /// `DenseAttention` per sequence -> `[n, num_heads * head_dim]`.
+    fn attention_dense(
+        &self,
+        q: &Self::Tensor,
+        seqs: &[DenseAttention<'_, Self::Tensor>],
+        shape: AttentionShape,
+        causal: bool,
+    ) -> Self::Tensor;
+    /// An activation from host values `[rows, cols]` row-major.
+    fn from_host(&self, values: Vec<f32>, rows: usize, cols: usize) -> Self::Tensor;
+    /// LayerNorm of each row of `x [n, d]`: `(x - mean) / sqrt(var + eps) * weight + bias`.
+    fn layer_norm(&self, x: &Self::Tensor, weight: &Self::Weight, bias: &Self::Weight, eps: f32) -> Self::Tensor;
+    /// `residual += delta`, then returns the LayerNorm of the updated residual.
+    fn add_layer_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        weight: &Self::Weight,
+        bias: &Self::Weight,
+        eps: f32,
+    ) -> Self::Tensor;
+    /// `x += y`, same shapes.
+    fn add(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// Exact (erf) GELU, in place.
+    fn gelu(&self, x: &mut Self::Tensor);
+    /// The patches a 1-D convolution reads: `x [len, channels]` (time-major) ->
+    /// `[out_len, channels * kernel]` with column `c * kernel + t` holding
+    /// `x[p * stride + t - pad][c]` (zero outside), so that a conv weight
+    /// `[out, channels, kernel]` read as `[out, channels * kernel]` is a `linear` over it.
+    fn im2col_1d(&self, x: &Self::Tensor, kernel: usize, stride: usize, pad: usize) -> Self::Tensor;
     /// Rows `rows` of `x` -> `[rows.len(), cols]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
     /// Moves `x` to the host: (values row-major, rows, cols). A host backend hands its

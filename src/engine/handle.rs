@@ -11,12 +11,14 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 use super::{validate_request, Engine, EngineEvent, EngineStats, EventSender, RequestId, SamplingParams, SubmitError};
 use crate::backend::Backend;
+use crate::models::{EncoderInput, EngineModel};
 
 enum Command {
     Submit {
         id: RequestId,
         prompt: Vec<u32>,
         params: Box<SamplingParams>,
+        encoder_input: Option<EncoderInput>,
         events: EventSender,
     },
     Cancel(RequestId),
@@ -98,7 +100,7 @@ impl Drop for RequestStream {
 
 impl EngineHandle {
     /// Starts the engine thread.
-    pub fn spawn<B: Backend + 'static>(engine: Engine<B>) -> Self
+    pub fn spawn<B: Backend + 'static, M: EngineModel<B>>(engine: Engine<B, M>) -> Self
     where
         B::KvCache: 'static,
         B::Weight: 'static,
@@ -106,7 +108,7 @@ impl EngineHandle {
         let (commands, inbox) = crossbeam_channel::unbounded();
         let metrics = Arc::new(EngineMetrics::default());
         metrics.publish(&engine.stats());
-        let vocab_size = engine.model().config.vocab_size;
+        let vocab_size = engine.model().vocab_size();
         let max_model_len = engine.max_model_len();
         let max_waiting = engine.config().max_waiting;
         let thread_metrics = metrics.clone();
@@ -149,6 +151,16 @@ impl EngineHandle {
     /// Validates and queues a request. Refused with `Overloaded` when `max_waiting`
     /// requests are already waiting.
     pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream, SubmitError> {
+        self.submit_with_input(prompt, params, None)
+    }
+
+    /// `submit`, with the encoder input a model with an encoder needs.
+    pub fn submit_with_input(
+        &self,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        encoder_input: Option<EncoderInput>,
+    ) -> Result<RequestStream, SubmitError> {
         validate_request(&prompt, &params, self.vocab_size, self.max_model_len)?;
         let waiting = self.metrics.pending.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.max_waiting {
@@ -161,6 +173,7 @@ impl EngineHandle {
             id,
             prompt,
             params: Box::new(params),
+            encoder_input,
             events,
         });
         if sent.is_err() {
@@ -180,7 +193,7 @@ impl EngineHandle {
     }
 }
 
-fn run<B: Backend>(mut engine: Engine<B>, inbox: Receiver<Command>, metrics: Arc<EngineMetrics>) {
+fn run<B: Backend, M: EngineModel<B>>(mut engine: Engine<B, M>, inbox: Receiver<Command>, metrics: Arc<EngineMetrics>) {
     // Requests the engine holds but has not admitted yet count as pending.
     let mut not_admitted: Vec<RequestId> = Vec::new();
     loop {
@@ -199,13 +212,14 @@ fn run<B: Backend>(mut engine: Engine<B>, inbox: Receiver<Command>, metrics: Arc
                     id,
                     prompt,
                     params,
+                    encoder_input,
                     events,
                 } => {
                     if events.is_closed() {
                         metrics.pending.fetch_sub(1, Ordering::SeqCst);
                         continue;
                     }
-                    match engine.add_request(id, prompt, *params, events.clone()) {
+                    match engine.add_request_with_input(id, prompt, *params, encoder_input, events.clone()) {
                         Ok(()) => not_admitted.push(id),
                         Err(e) => {
                             metrics.pending.fetch_sub(1, Ordering::SeqCst);

@@ -16,7 +16,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::{Backend, ForwardBatch, SeqChunk};
-use crate::models::{DecoderModel, ForwardError, LogitsFor};
+use crate::models::{DecoderModel, EncoderInput, EngineModel, ForwardError, LogitsFor};
 
 pub use handle::{EngineHandle, EngineMetrics, RequestStream};
 
@@ -71,16 +71,16 @@ pub enum BudgetError {
 
 impl EngineConfig {
     /// Bytes of f32 K and V one block takes for this model.
-    pub fn bytes_per_block<B: Backend>(model: &DecoderModel<B>, block_size: usize) -> usize {
+    pub fn bytes_per_block<B: Backend, M: EngineModel<B>>(model: &M, block_size: usize) -> usize {
         let shape = model.kv_cache_shape(1, block_size);
         2 * shape.num_layers * shape.elements_per_layer() * std::mem::size_of::<f32>()
     }
 
     /// Sets `num_blocks` from a memory budget, never more than `max_num_seqs` sequences
     /// of the full context window can use.
-    pub fn with_budget<B: Backend>(
+    pub fn with_budget<B: Backend, M: EngineModel<B>>(
         mut self,
-        model: &DecoderModel<B>,
+        model: &M,
         budget: KvCacheBudget,
     ) -> Result<Self, BudgetError> {
         let bytes = match budget {
@@ -99,7 +99,7 @@ impl EngineConfig {
         if affordable == 0 {
             return Err(BudgetError::TooSmall { bytes, block_bytes });
         }
-        let useful = self.max_num_seqs * model.config.max_position_embeddings.div_ceil(self.block_size);
+        let useful = self.max_num_seqs * model.max_positions().div_ceil(self.block_size);
         self.num_blocks = affordable.min(useful);
         Ok(self)
     }
@@ -169,6 +169,8 @@ pub enum SubmitError {
     Overloaded { waiting: usize },
     #[error("the engine has shut down")]
     ShutDown,
+    #[error("{0}")]
+    EncoderInput(String),
 }
 
 struct RequestState {
@@ -180,6 +182,8 @@ struct RequestState {
     events: EventSender,
     unfinished: usize,
     forked: bool,
+    /// For models with an encoder: its input, until the encoder has run.
+    encoder_input: Option<EncoderInput>,
 }
 
 /// Counters the HTTP layer exports (copied into `EngineMetrics` by the engine thread).
@@ -199,9 +203,9 @@ pub struct EngineStats {
     pub last_step_secs: f64,
 }
 
-pub struct Engine<B: Backend> {
+pub struct Engine<B: Backend, M: EngineModel<B> = DecoderModel<B>> {
     backend: B,
-    model: DecoderModel<B>,
+    model: M,
     cache: B::KvCache,
     scheduler: Scheduler,
     config: EngineConfig,
@@ -210,10 +214,10 @@ pub struct Engine<B: Backend> {
     stats: EngineStats,
 }
 
-impl<B: Backend> Engine<B> {
+impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
     /// `eos_ids`: the tokens that end generation for this model (config, generation
     /// config and tokenizer EOS).
-    pub fn new(backend: B, model: DecoderModel<B>, config: EngineConfig, eos_ids: Vec<u32>) -> Self {
+    pub fn new(backend: B, model: M, config: EngineConfig, eos_ids: Vec<u32>) -> Self {
         let cache = backend.alloc_kv_cache(model.kv_cache_shape(config.num_blocks, config.block_size));
         let scheduler = Scheduler::new(SchedulerConfig {
             block_size: config.block_size,
@@ -236,12 +240,12 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    pub fn model(&self) -> &DecoderModel<B> {
+    pub fn model(&self) -> &M {
         &self.model
     }
 
     /// Takes the model back (the engine's KV cache is dropped).
-    pub fn into_model(self) -> DecoderModel<B> {
+    pub fn into_model(self) -> M {
         self.model
     }
 
@@ -255,10 +259,7 @@ impl<B: Backend> Engine<B> {
 
     /// Longest sequence (prompt + output) the engine can hold.
     pub fn max_model_len(&self) -> usize {
-        self.model
-            .config
-            .max_position_embeddings
-            .min(self.scheduler.max_tokens_per_sequence())
+        self.model.max_positions().min(self.scheduler.max_tokens_per_sequence())
     }
 
     pub fn has_work(&self) -> bool {
@@ -284,7 +285,7 @@ impl<B: Backend> Engine<B> {
 
     /// Checks a request against the model and limits, before it is queued.
     pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), SubmitError> {
-        validate_request(prompt, params, self.model.config.vocab_size, self.max_model_len())
+        validate_request(prompt, params, self.model.vocab_size(), self.max_model_len())
     }
 
     /// Queues a request; its events go to `events`.
@@ -295,7 +296,25 @@ impl<B: Backend> Engine<B> {
         params: SamplingParams,
         events: EventSender,
     ) -> Result<(), SubmitError> {
+        self.add_request_with_input(id, prompt, params, None, events)
+    }
+
+    /// Queues a request with its encoder input (required by models with an encoder,
+    /// refused by others).
+    pub fn add_request_with_input(
+        &mut self,
+        id: RequestId,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+        encoder_input: Option<EncoderInput>,
+        events: EventSender,
+    ) -> Result<(), SubmitError> {
         self.validate(&prompt, &params)?;
+        match (self.model.needs_encoder_input(), &encoder_input) {
+            (true, None) => return Err(SubmitError::EncoderInput("this model needs audio input".into())),
+            (false, Some(_)) => return Err(SubmitError::EncoderInput("this model takes no audio input".into())),
+            _ => {}
+        }
         let max_model_len = self.max_model_len();
         let max_len = match params.max_tokens {
             Some(m) => (prompt.len() + m).min(max_model_len),
@@ -310,6 +329,7 @@ impl<B: Backend> Engine<B> {
         self.requests.insert(
             id,
             RequestState {
+                encoder_input,
                 unfinished: params.n,
                 forked: params.n == 1,
                 params,
@@ -325,6 +345,18 @@ impl<B: Backend> Engine<B> {
     pub fn cancel(&mut self, id: RequestId) {
         self.scheduler.remove_request(id);
         self.requests.remove(&id);
+        self.model.end_request(id.0);
+    }
+
+    /// Runs the encoder of every request in the plan that has not had it yet.
+    fn encode_inputs(&mut self, plan: &StepPlan) -> Result<(), ForwardError> {
+        for &(i, _) in &plan.chunks {
+            let id = self.scheduler.running[i].request;
+            if let Some(input) = self.requests.get_mut(&id).and_then(|r| r.encoder_input.take()) {
+                self.model.begin_request(&self.backend, id.0, &input)?;
+            }
+        }
+        Ok(())
     }
 
     /// One scheduling step. Returns the number of tokens computed (0 when idle).
@@ -347,7 +379,12 @@ impl<B: Backend> Engine<B> {
                         .send(EngineEvent::Failed("the request does not fit in the KV cache".into()));
                 }
                 self.scheduler.remove_request(id);
+                self.model.end_request(id.0);
             }
+            return 0;
+        }
+        if let Err(e) = self.encode_inputs(&plan) {
+            self.fail_batch(&plan, &e);
             return 0;
         }
         let batch = self.build_batch(&plan);
@@ -379,6 +416,7 @@ impl<B: Backend> Engine<B> {
             let seq = &self.scheduler.running[i];
             let start = seq.num_computed;
             batch.seqs.push(SeqChunk {
+                key: seq.request.0,
                 query_start: batch.token_ids.len(),
                 query_len: n,
                 context_len: start + n,
@@ -398,6 +436,7 @@ impl<B: Backend> Engine<B> {
     /// Samples a token for every sequence whose chunk reached its end, sends events,
     /// retires finished sequences, forks `n > 1` requests after their prompt.
     fn process_outputs(&mut self, plan: &StepPlan, logits: &mut [f32], vocab: usize) {
+        let touched: Vec<RequestId> = plan.chunks.iter().map(|&(i, _)| self.scheduler.running[i].request).collect();
         let mut finished = Vec::new();
         let mut forks = Vec::new();
         for (row, &(i, _)) in plan.chunks.iter().enumerate() {
@@ -497,6 +536,12 @@ impl<B: Backend> Engine<B> {
             self.scheduler.remove_request(id);
         }
         self.requests.retain(|_, r| r.unfinished > 0);
+        // What the model kept for a request goes with it.
+        for id in touched {
+            if !self.requests.contains_key(&id) {
+                self.model.end_request(id.0);
+            }
+        }
     }
 
     fn fail_batch(&mut self, plan: &StepPlan, error: &ForwardError) {
@@ -512,6 +557,7 @@ impl<B: Backend> Engine<B> {
                 let _ = req.events.send(EngineEvent::Failed(error.to_string()));
             }
             self.scheduler.remove_request(id);
+            self.model.end_request(id.0);
         }
     }
 }
@@ -562,8 +608,8 @@ pub enum GenerateError {
 /// Runs one request to completion, synchronously, on an engine with no other work
 /// (`inferd generate`, benchmarks, tests). `on_token` returns false to stop early.
 /// Returns the generated ids and why generation ended (`None` if stopped early).
-pub fn generate<B: Backend>(
-    engine: &mut Engine<B>,
+pub fn generate<B: Backend, M: EngineModel<B>>(
+    engine: &mut Engine<B, M>,
     prompt: Vec<u32>,
     params: SamplingParams,
     on_token: &mut dyn FnMut(u32) -> bool,

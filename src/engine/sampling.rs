@@ -42,6 +42,84 @@ pub struct SamplingParams {
     /// `tool_choice` forces a call): other tokens are masked until one is complete.
     /// No sequence may be a prefix of another.
     pub forced_prefixes: Vec<Vec<u32>>,
+    /// Whisper's logits processors (token suppression and timestamp rules).
+    pub speech: Option<std::sync::Arc<SpeechRules>>,
+}
+
+/// The logits processors transformers' Whisper `generate` installs, applied first and in
+/// its order: begin suppression, suppression, then the timestamp rules.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SpeechRules {
+    /// Banned at every step.
+    pub suppress_tokens: Vec<u32>,
+    /// Banned at the first generated step only.
+    pub begin_suppress_tokens: Vec<u32>,
+    pub timestamps: Option<TimestampRules>,
+}
+
+/// `WhisperTimeStampLogitsProcessor`: timestamps come in pairs and never go back, the
+/// first token is a timestamp within `max_initial_index` steps, and a timestamp is forced
+/// whenever all timestamps together are likelier than any single text token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimestampRules {
+    /// The first timestamp token (`<|0.00|>`); every id from it up is a timestamp.
+    pub timestamp_begin: u32,
+    pub no_timestamps: u32,
+    pub eos: u32,
+    pub max_initial_index: Option<u32>,
+}
+
+impl SpeechRules {
+    fn apply(&self, logits: &mut [f32], output: &[u32]) {
+        let ban = |logits: &mut [f32], range: std::ops::Range<usize>| {
+            let end = range.end.min(logits.len());
+            if range.start < end {
+                logits[range.start..end].fill(f32::NEG_INFINITY);
+            }
+        };
+        if output.is_empty() {
+            for &t in &self.begin_suppress_tokens {
+                ban(logits, t as usize..t as usize + 1);
+            }
+        }
+        for &t in &self.suppress_tokens {
+            ban(logits, t as usize..t as usize + 1);
+        }
+        let Some(ts) = &self.timestamps else { return };
+        let begin = ts.timestamp_begin as usize;
+        let vocab = logits.len();
+        ban(logits, ts.no_timestamps as usize..ts.no_timestamps as usize + 1);
+        let is_ts = |t: &u32| *t as usize >= begin;
+        let last = output.last().is_some_and(is_ts);
+        let penultimate = output.len() < 2 || is_ts(&output[output.len() - 2]);
+        if last {
+            if penultimate {
+                ban(logits, begin..vocab);
+            } else {
+                ban(logits, 0..ts.eos as usize);
+            }
+        }
+        if let Some(&latest) = output.iter().rev().find(|t| is_ts(t)) {
+            let floor = if last && !penultimate { latest } else { latest + 1 };
+            ban(logits, begin..floor as usize);
+        }
+        if output.is_empty() {
+            ban(logits, 0..begin);
+            if let Some(max) = ts.max_initial_index {
+                ban(logits, begin + max as usize + 1..vocab);
+            }
+        }
+        let lp = log_softmax(logits);
+        let (text, stamps) = lp.split_at(begin.min(vocab));
+        let max_text = text.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let max_ts = stamps.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        if max_ts > f32::NEG_INFINITY {
+            let sum_ts = max_ts + stamps.iter().map(|&v| (v - max_ts).exp()).sum::<f32>().ln();
+            if sum_ts > max_text {
+                ban(logits, 0..begin);
+            }
+        }
+    }
 }
 
 impl Default for SamplingParams {
@@ -64,6 +142,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             stop_token_ids: Vec::new(),
             forced_prefixes: Vec::new(),
+            speech: None,
         }
     }
 }
@@ -304,6 +383,9 @@ pub fn sample(logits: &mut [f32], ctx: &SamplingContext<'_>, rng: &mut Rng) -> (
 
 fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
     let p = ctx.params;
+    if let Some(rules) = &p.speech {
+        rules.apply(logits, ctx.output);
+    }
     for &(token, bias) in &p.logit_bias {
         logits[token as usize] += bias;
     }

@@ -19,6 +19,8 @@ pub enum ForwardError {
     PositionOutOfRange { position: u32, max: usize },
     #[error("a sequence in the batch has no tokens to compute")]
     EmptySequence,
+    #[error("bad encoder input: {0}")]
+    BadEncoderInput(String),
 }
 
 struct DecoderLayer<B: Backend> {

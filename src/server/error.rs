@@ -70,7 +70,9 @@ impl From<SubmitError> for ApiError {
                 code: Some("context_length_exceeded"),
                 ..ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request_error", e.to_string())
             },
-            SubmitError::EmptyPrompt | SubmitError::TokenOutOfRange { .. } => ApiError::bad_request(e.to_string()),
+            SubmitError::EmptyPrompt | SubmitError::TokenOutOfRange { .. } | SubmitError::EncoderInput(_) => {
+                ApiError::bad_request(e.to_string())
+            }
             SubmitError::Overloaded { .. } => ApiError {
                 code: Some("overloaded"),
                 ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", e.to_string())

@@ -8,7 +8,7 @@ pub use matmul::{matmul_transposed, Bf16, PackedMatrix, WeightElem};
 
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, ForwardBatch, KvCacheShape, WeightDtype, MAX_HEAD_DIM};
+use super::{AttentionShape, Backend, DenseAttention, ForwardBatch, KvCacheShape, WeightDtype, MAX_HEAD_DIM};
 use crate::loader::{Dtype, TensorView};
 
 /// A row-major `[rows, cols]` f32 activation.
@@ -190,6 +190,34 @@ pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
         *o = w * (v * inv);
     }
+}
+
+/// LayerNorm of `x` into `out` (biased variance, as torch's `layer_norm`).
+#[inline]
+fn layer_norm_row(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    for (((o, v), w), b) in out.iter_mut().zip(x).zip(weight).zip(bias) {
+        *o = (v - mean) * inv * w + b;
+    }
+}
+
+/// `erf`, to about 1e-7 absolute (Abramowitz & Stegun 7.1.26, evaluated in f64).
+#[inline]
+fn erf(x: f32) -> f32 {
+    let x = x as f64;
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let poly = t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let y = 1.0 - poly * (-x * x).exp();
+    (if x < 0.0 { -y } else { y }) as f32
+}
+
+/// Exact GELU, `x * (1 + erf(x / sqrt 2)) / 2` (torch's `nn.GELU()`).
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 /// Rotate-half rotary embedding of one head in place (HF's `apply_rotary_pos_emb`):
@@ -604,6 +632,136 @@ impl Backend for CpuBackend {
         out
     }
 
+    fn attention_dense(
+        &self,
+        q: &CpuTensor,
+        seqs: &[DenseAttention<'_, CpuTensor>],
+        shape: AttentionShape,
+        causal: bool,
+    ) -> CpuTensor {
+        let hd = shape.head_dim;
+        let (q_width, kv_width) = (shape.q_width(), shape.kv_width());
+        assert_eq!(q.cols, q_width, "attention_dense: q has {} columns", q.cols);
+        let group = shape.group_size();
+        let scale = 1.0 / (hd as f32).sqrt();
+        // Keys transposed per KV head, `[kv_head][d][position]`, so that one query's
+        // scores over all positions are contiguous FMAs.
+        let keys_t: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|s| {
+                assert_eq!((s.k.cols, s.v.cols), (kv_width, kv_width), "attention_dense: K/V width");
+                assert_eq!(s.k.rows, s.v.rows, "attention_dense: K and V rows differ");
+                let m = s.k.rows;
+                let mut t = vec![0.0f32; kv_width * m];
+                for (j, row) in s.k.data.chunks_exact(kv_width).enumerate() {
+                    for (c, &v) in row.iter().enumerate() {
+                        t[c * m + j] = v;
+                    }
+                }
+                t
+            })
+            .collect();
+        let mut token_seq = vec![usize::MAX; q.rows];
+        for (i, s) in seqs.iter().enumerate() {
+            assert!(s.q_start + s.q_len <= q.rows, "attention_dense: query rows out of range");
+            assert!(!causal || s.q_len <= s.k.rows, "attention_dense: more queries than keys");
+            token_seq[s.q_start..s.q_start + s.q_len].fill(i);
+        }
+        let mut out = CpuTensor::zeros(q.rows, q_width);
+        out.data
+            .par_chunks_mut(q_width)
+            .enumerate()
+            .for_each_init(Vec::new, |scores: &mut Vec<f32>, (t, out_row)| {
+                let Some(seq) = seqs.get(token_seq[t]) else { return };
+                let m = seq.k.rows;
+                let visible = if causal { m - seq.q_len + (t - seq.q_start) + 1 } else { m };
+                for h in 0..shape.num_heads {
+                    let kvh = h / group;
+                    let q_head = &q.row(t)[h * hd..(h + 1) * hd];
+                    scores.clear();
+                    scores.resize(visible, 0.0);
+                    for (d, &qd) in q_head.iter().enumerate() {
+                        let qd = qd * scale;
+                        let keys = &keys_t[token_seq[t]][(kvh * hd + d) * m..][..visible];
+                        for (s, k) in scores.iter_mut().zip(keys) {
+                            *s = qd.mul_add(*k, *s);
+                        }
+                    }
+                    let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let mut sum = 0.0f32;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    let out = &mut out_row[h * hd..(h + 1) * hd];
+                    for (j, &w) in scores.iter().enumerate() {
+                        let w = w / sum;
+                        for (o, v) in out.iter_mut().zip(&seq.v.row(j)[kvh * hd..(kvh + 1) * hd]) {
+                            *o = w.mul_add(*v, *o);
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    fn from_host(&self, values: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
+        CpuTensor::new(values, rows, cols)
+    }
+
+    fn layer_norm(&self, x: &CpuTensor, weight: &CpuWeight, bias: &CpuWeight, eps: f32) -> CpuTensor {
+        let mut out = CpuTensor::zeros(x.rows, x.cols);
+        out.data
+            .par_chunks_mut(x.cols)
+            .zip(x.data.par_chunks(x.cols))
+            .for_each(|(o, row)| layer_norm_row(row, weight.f32s(), bias.f32s(), eps, o));
+        out
+    }
+
+    fn add_layer_norm(
+        &self,
+        residual: &mut CpuTensor,
+        delta: &CpuTensor,
+        weight: &CpuWeight,
+        bias: &CpuWeight,
+        eps: f32,
+    ) -> CpuTensor {
+        self.add(residual, delta);
+        self.layer_norm(residual, weight, bias, eps)
+    }
+
+    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) {
+        assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes differ");
+        for (a, b) in x.data.iter_mut().zip(&y.data) {
+            *a += b;
+        }
+    }
+
+    fn gelu(&self, x: &mut CpuTensor) {
+        x.data.par_iter_mut().for_each(|v| *v = gelu(*v));
+    }
+
+    fn im2col_1d(&self, x: &CpuTensor, kernel: usize, stride: usize, pad: usize) -> CpuTensor {
+        let (len, ch) = (x.rows, x.cols);
+        assert!(len + 2 * pad >= kernel && stride > 0, "im2col_1d: input too short");
+        let out_len = (len + 2 * pad - kernel) / stride + 1;
+        let mut out = CpuTensor::zeros(out_len, ch * kernel);
+        out.data
+            .par_chunks_mut(ch * kernel)
+            .enumerate()
+            .for_each(|(p, row)| {
+                for t in 0..kernel {
+                    let Some(src) = (p * stride + t).checked_sub(pad).filter(|&i| i < len) else {
+                        continue;
+                    };
+                    for (c, &v) in x.row(src).iter().enumerate() {
+                        row[c * kernel + t] = v;
+                    }
+                }
+            });
+        out
+    }
+
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> CpuTensor {
         let mut data = Vec::with_capacity(rows.len() * x.cols);
         for &r in rows {
@@ -620,6 +778,50 @@ impl Backend for CpuBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gelu_matches_known_values() {
+        // torch.nn.functional.gelu at these points.
+        for (x, want) in [(-3.0f32, -0.004_049_74), (-1.0, -0.158_655_25), (0.0, 0.0), (0.5, 0.345_731_14), (2.0, 1.954_499_7)] {
+            assert!((gelu(x) - want).abs() < 1e-6, "gelu({x}) = {} not {want}", gelu(x));
+        }
+    }
+
+    #[test]
+    fn im2col_and_linear_make_a_convolution() {
+        let b = CpuBackend::default();
+        // x: 5 steps of 2 channels; kernel 3, stride 2, pad 1 -> 3 outputs.
+        let x = CpuTensor::new((0..10).map(|v| v as f32).collect(), 5, 2);
+        let cols = b.im2col_1d(&x, 3, 2, 1);
+        assert_eq!((cols.rows, cols.cols), (3, 6));
+        // Output 0 reads steps -1, 0, 1: channel 0 -> [0, 0, 2], channel 1 -> [0, 1, 3].
+        assert_eq!(cols.row(0), &[0.0, 0.0, 2.0, 0.0, 1.0, 3.0]);
+        assert_eq!(cols.row(2), &[6.0, 8.0, 0.0, 7.0, 9.0, 0.0]);
+    }
+
+    #[test]
+    fn dense_attention_is_softmax_attention() {
+        let b = CpuBackend::default();
+        let shape = AttentionShape { num_heads: 2, num_kv_heads: 1, head_dim: 2 };
+        let q = CpuTensor::new(vec![1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 1.0, 1.0], 2, 4);
+        let k = CpuTensor::new(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 3, 2);
+        let v = CpuTensor::new(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2);
+        for causal in [false, true] {
+            let out = b.attention_dense(&q, &[DenseAttention { q_start: 0, q_len: 2, k: &k, v: &v }], shape, causal);
+            for t in 0..2 {
+                let visible = if causal { 3 - 2 + t + 1 } else { 3 };
+                for h in 0..2 {
+                    let qh = &q.row(t)[h * 2..h * 2 + 2];
+                    let s: Vec<f32> = (0..visible).map(|j| (qh[0] * k.row(j)[0] + qh[1] * k.row(j)[1]) / 2f32.sqrt()).collect();
+                    let z: f32 = s.iter().map(|x| x.exp()).sum();
+                    for d in 0..2 {
+                        let want: f32 = (0..visible).map(|j| s[j].exp() / z * v.row(j)[d]).sum();
+                        assert!((out.row(t)[h * 2 + d] - want).abs() < 1e-5);
+                    }
+                }
+            }
+        }
+    }
 
     /// `--dtype`: an f32 matrix kept as bf16 is rounded to nearest even (as torch's
     /// `.to(torch.bfloat16)`), a bf16 one kept as f32 is exact, and `auto` keeps each.
