@@ -135,3 +135,14 @@ pub fn load_decoder_dummy<B: Backend>(
     let checkpoint = DecoderModel::<B>::dummy_checkpoint(&config, 0)?;
     Ok(DecoderModel::load(backend, config, &checkpoint, progress)?)
 }
+
+/// Reads a Whisper checkpoint folder (`config.json` and the weights).
+pub fn load_whisper<B: Backend>(
+    backend: &B,
+    dir: &Path,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<WhisperModel<B>, ModelError> {
+    let config = WhisperConfig::from_dir(dir)?;
+    let checkpoint = Checkpoint::open(dir)?;
+    Ok(WhisperModel::load(backend, config, &checkpoint, progress)?)
+}

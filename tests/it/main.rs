@@ -19,6 +19,7 @@ mod responses;
 mod serve_flags;
 mod server;
 mod templates;
+mod whisper;
 mod tokenizer;
 mod tools;
 mod wall;

@@ -1,0 +1,174 @@
+//! Whisper tiny.en against transformers (float32, CPU): log-mel features, encoder output,
+//! decoder logits and greedy ids, from `tests/goldens/whisper.json`
+//! (`scripts/whisper_goldens.py`).
+//!
+//! Tolerances (measured maxima in brackets): mel features 2e-3 absolute (transformers
+//! takes torch's float32 STFT, we a float64 FFT); encoder output 2e-3; decoder top-8
+//! logits 5e-3 absolute.
+
+use std::sync::Arc;
+
+use inferd::backend::cpu::CpuBackend;
+use inferd::backend::{Backend, ForwardBatch};
+use inferd::engine::{Engine, EngineConfig, EngineEvent, RequestId, SamplingParams};
+use inferd::media::audio::{self, LogMel, MelConfig, MelExtractor};
+use inferd::models::whisper::WhisperGeneration;
+use inferd::models::{load_whisper, LogitsFor, WhisperModel};
+
+use crate::common::{golden, ids, installed_model, repo_root};
+
+const REPO: &str = "openai/whisper-tiny.en";
+
+pub fn jfk() -> Vec<f32> {
+    let bytes = std::fs::read(repo_root().join("tests/fixtures/audio/jfk.wav")).unwrap();
+    let audio = audio::decode(&bytes, 60.0).unwrap();
+    assert_eq!(audio.sample_rate, 16_000);
+    audio.samples
+}
+
+fn sweep() -> Vec<f32> {
+    (0..160_000)
+        .map(|i| {
+            let t = i as f64 / 16_000.0;
+            let phase = 2.0 * std::f64::consts::PI * (100.0 * t + (7000.0 - 100.0) * t * t / 20.0);
+            (0.5 * phase.sin()) as f32
+        })
+        .collect()
+}
+
+pub fn long45(speech: &[f32]) -> Vec<f32> {
+    let mut out: Vec<f32> = speech.repeat(4);
+    out.resize(45 * 16_000, 0.0);
+    out
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+#[test]
+fn log_mel_features_match_transformers() {
+    let g = golden("whisper.json");
+    let stride = g["frame_stride"].as_u64().unwrap() as usize;
+    let extractor = MelExtractor::new(MelConfig::default());
+    let speech = jfk();
+    let inputs: [(&str, Vec<f32>); 4] = [
+        ("silence", vec![0.0; 5 * 16_000]),
+        ("sweep", sweep()),
+        ("jfk", speech.clone()),
+        ("long45", long45(&speech)),
+    ];
+    for (name, samples) in inputs {
+        let want = &g["mel"][name];
+        assert_eq!(samples.len() as u64, want["samples"].as_u64().unwrap(), "{name}: input length");
+        let mel = extractor.long_features(&samples);
+        assert_eq!(mel.frames as u64, want["frames"].as_u64().unwrap(), "{name}: frames");
+        let mut sampled = Vec::new();
+        for f in (0..mel.frames).step_by(stride) {
+            for m in 0..mel.n_mels {
+                sampled.push(mel.values[m * mel.frames + f]);
+            }
+        }
+        let diff = max_diff(&sampled, &floats(&want["values"]));
+        eprintln!("mel {name}: max |diff| {diff:e}");
+        assert!(diff < 2e-3, "{name}: mel differs by {diff}");
+        let max = mel.values.iter().fold(f32::MIN, |a, &b| a.max(b));
+        assert!((max - want["max"].as_f64().unwrap() as f32).abs() < 2e-3, "{name}: max");
+    }
+}
+
+fn load() -> WhisperModel<CpuBackend> {
+    let mut last = (0, 0);
+    let model = load_whisper(&CpuBackend::default(), &installed_model(REPO), &mut |c, t| last = (c, t)).unwrap();
+    assert_eq!(last.0, last.1, "progress ends at the total");
+    model
+}
+
+fn jfk_mel() -> LogMel {
+    MelExtractor::new(MelConfig::default()).window_features(&jfk())
+}
+
+#[test]
+fn encoder_and_decoder_match_transformers() {
+    let g = golden("whisper.json");
+    let backend = CpuBackend::default();
+    let mut model = load();
+    let mel = jfk_mel();
+    let encoded = model.encode(&backend, &mel).unwrap();
+    let (values, rows, cols) = backend.to_host(encoded);
+    assert_eq!((rows, cols), (1500, 384));
+    let mut worst = 0.0f32;
+    for (r, want) in g["encoder"]["rows"].as_array().unwrap().iter().zip(g["encoder"]["values"].as_array().unwrap()) {
+        let r = r.as_u64().unwrap() as usize;
+        worst = worst.max(max_diff(&values[r * cols..(r + 1) * cols], &floats(want)));
+    }
+    eprintln!("encoder: max |diff| {worst:e}");
+    assert!(worst < 2e-3, "encoder output differs by {worst}");
+
+    // Decoder logits over the golden sequence, in one prefill.
+    model.begin_request(&backend, 7, &mel).unwrap();
+    let input = ids(&g["decoder"]["input_ids"]);
+    let block_size = 16;
+    let blocks: Vec<u32> = (0..input.len().div_ceil(block_size) as u32).collect();
+    let mut batch = ForwardBatch::single(&input, 0, &blocks, block_size);
+    batch.seqs[0].key = 7;
+    let mut cache = backend.alloc_kv_cache(model.kv_cache_shape(blocks.len(), block_size));
+    let logits = model.forward(&backend, &batch, &mut cache, LogitsFor::AllTokens).unwrap();
+    let (logits, _, vocab) = backend.to_host(logits);
+    let mut worst = 0.0f32;
+    for case in g["decoder"]["top_logits"].as_array().unwrap() {
+        let p = case["position"].as_u64().unwrap() as usize;
+        let row = &logits[p * vocab..(p + 1) * vocab];
+        let want_ids = ids(&case["ids"]);
+        let ours: Vec<f32> = want_ids.iter().map(|&i| row[i as usize]).collect();
+        worst = worst.max(max_diff(&ours, &floats(&case["logits"])));
+        // Same top token.
+        let argmax = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32;
+        assert_eq!(argmax, want_ids[0], "position {p}: top token");
+    }
+    eprintln!("decoder logits: max |diff| {worst:e}");
+    assert!(worst < 5e-3, "decoder logits differ by {worst}");
+    model.end_request(7);
+    assert!(!model.has_request(7));
+}
+
+fn run(engine: &mut Engine<CpuBackend, WhisperModel<CpuBackend>>, id: u64, prompt: Vec<u32>, params: SamplingParams, mel: LogMel) -> Vec<u32> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    engine.add_request_with_input(RequestId(id), prompt, params, Some(Arc::new(mel)), tx).unwrap();
+    let mut out = Vec::new();
+    while engine.has_work() {
+        engine.step();
+    }
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            EngineEvent::Token { token, .. } => out.push(token),
+            EngineEvent::Finished { .. } => break,
+            EngineEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+    out
+}
+
+#[test]
+fn greedy_ids_match_transformers_with_and_without_timestamps() {
+    let g = golden("whisper.json");
+    let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
+    let model = load();
+    let mut engine = Engine::new(CpuBackend::default(), model, EngineConfig::default(), vec![gen.eos_token_id]);
+    let params = |timestamps: bool| SamplingParams {
+        temperature: 0.0,
+        speech: Some(Arc::new(gen.rules(timestamps))),
+        ..SamplingParams::default()
+    };
+    let plain = run(&mut engine, 1, gen.prompt(&[], None, false, false), params(false), jfk_mel());
+    assert_eq!(plain.last(), Some(&gen.eos_token_id));
+    assert_eq!(plain[..plain.len() - 1], ids(&g["greedy"]["ids"])[..]);
+    let stamped = run(&mut engine, 2, gen.prompt(&[], None, false, true), params(true), jfk_mel());
+    assert_eq!(stamped[..stamped.len() - 1], ids(&g["greedy_timestamps"]["ids"])[..]);
+    assert_eq!(engine.stats().kv_blocks_used, 0);
+}
