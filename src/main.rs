@@ -11,7 +11,7 @@ use inferd::backend::WeightDtype;
 use inferd::engine::{self, Engine, EngineConfig, EngineHandle, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::log::Level;
-use inferd::manager::{ModelFiles, ModelManager, ModelSettings, ReasoningMode};
+use inferd::manager::{LoadedModel, ModelFiles, ModelManager, ModelSettings, ReasoningMode};
 use inferd::server::{self, ServerOptions, ServerState};
 use inferd::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
 
@@ -101,9 +101,12 @@ struct ServeArgs {
     cb_use_cuda_graph: Option<bool>,
     #[command(flatten)]
     torch_only: TorchOnlyArgs,
-    /// Largest request body, in bytes.
-    #[arg(long, default_value_t = 16 << 20)]
+    /// Largest request body, in bytes (audio uploads included).
+    #[arg(long, default_value_t = 32 << 20)]
     max_body_bytes: usize,
+    /// Longest audio a transcription may send, in seconds.
+    #[arg(long, default_value_t = 1800.0)]
+    max_audio_seconds: f64,
     /// Seed for requests that do not send one (reproducible runs).
     #[arg(long)]
     default_seed: Option<u64>,
@@ -580,6 +583,12 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     let ModelFiles {
         dir, tokenizer, model, ..
     } = loaded;
+    let model = match model {
+        LoadedModel::Text(m) => m,
+        LoadedModel::Speech(_) => {
+            return Err(format!("`{}` is a speech model: transcribe with `inferd serve` and /v1/audio/transcriptions", args.model).into())
+        }
+    };
 
     let prompt_ids = if args.raw {
         tokenizer.encode(&args.prompt, true)?
@@ -728,6 +737,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         api_key,
         enable_cors: args.enable_cors,
         max_body_bytes: args.max_body_bytes,
+        max_audio_seconds: args.max_audio_seconds,
         metrics: Default::default(),
         next_request: Default::default(),
         responses: inferd::server::responses::ResponseStore::new(args.responses_store_size),

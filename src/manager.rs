@@ -15,7 +15,9 @@ use tokio::sync::watch;
 use crate::backend::cpu::CpuBackend;
 use crate::engine::{available_memory, Engine, EngineConfig, EngineHandle, KvCacheBudget};
 use crate::loader::hub::{resolve_model, HubError, ModelDir, ModelRef};
-use crate::models::{load_decoder, load_decoder_dummy, DecoderModel, GenerationConfig};
+use crate::media::audio::{MelConfig, MelExtractor};
+use crate::models::whisper::WhisperGeneration;
+use crate::models::{load_decoder, load_decoder_dummy, load_whisper, DecoderModel, GenerationConfig, WhisperModel};
 use crate::text::Tokenizer;
 
 /// `--reasoning`: split `<think>` blocks into `reasoning_content`.
@@ -87,12 +89,54 @@ impl From<HubError> for LoadError {
     }
 }
 
+/// The weights of a model, by what it does.
+pub enum LoadedModel {
+    /// A text decoder (chat, completions, responses).
+    Text(DecoderModel<CpuBackend>),
+    /// Speech to text (transcriptions, translations).
+    Speech(WhisperModel<CpuBackend>),
+}
+
+/// What a speech model needs beyond its weights: its feature extractor and decoding
+/// settings.
+pub struct SpeechSettings {
+    pub mel: MelExtractor,
+    pub generation: WhisperGeneration,
+}
+
 /// A model's files, read and uploaded: what `generate` and the server both start from.
 pub struct ModelFiles {
     pub dir: ModelDir,
     pub tokenizer: Tokenizer,
     pub generation_config: GenerationConfig,
-    pub model: DecoderModel<CpuBackend>,
+    pub model: LoadedModel,
+    /// For speech models.
+    pub speech: Option<SpeechSettings>,
+}
+
+/// `model_type` of a folder's config.json (empty when unreadable: the model loader
+/// reports the problem).
+fn model_type(dir: &std::path::Path) -> String {
+    std::fs::read(dir.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("model_type").and_then(|t| t.as_str()).map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// The feature extractor and decoding settings of a Whisper folder.
+fn speech_settings(dir: &std::path::Path) -> Result<SpeechSettings, String> {
+    let path = dir.join("preprocessor_config.json");
+    let value: serde_json::Value = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?,
+        Err(_) => serde_json::Value::Null,
+    };
+    let mel = MelConfig::from_json(&value)?;
+    let generation = WhisperGeneration::from_dir(dir).map_err(|e| e.to_string())?;
+    Ok(SpeechSettings {
+        mel: MelExtractor::new(mel),
+        generation,
+    })
 }
 
 impl ModelFiles {
@@ -132,24 +176,38 @@ impl ModelFiles {
             None => dir,
         };
         let mut weights = |current, total| progress(LoadProgress::Weights { current, total });
-        let model = if dummy {
-            load_decoder_dummy(backend, &dir.path, &mut weights)
+        let (model, speech) = if model_type(&dir.path) == "whisper" {
+            if dummy {
+                return Err(LoadError::Failed("--load-format dummy is for text decoders, not Whisper".into()));
+            }
+            let speech = speech_settings(&dir.path).map_err(|e| failed(&e))?;
+            let model = load_whisper(backend, &dir.path, &mut weights).map_err(|e| failed(&e))?;
+            (LoadedModel::Speech(model), Some(speech))
         } else {
-            load_decoder(backend, &dir.path, &mut weights)
-        }
-        .map_err(|e| failed(&e))?;
+            let model = if dummy {
+                load_decoder_dummy(backend, &dir.path, &mut weights)
+            } else {
+                load_decoder(backend, &dir.path, &mut weights)
+            }
+            .map_err(|e| failed(&e))?;
+            (LoadedModel::Text(model), None)
+        };
         Ok(ModelFiles {
             dir,
             tokenizer,
             generation_config,
             model,
+            speech,
         })
     }
 
     /// EOS ids from every place a model may declare them.
     pub fn eos_ids(&self) -> Vec<u32> {
         let mut ids = self.generation_config.eos_token_ids();
-        ids.extend(&self.model.config.eos_token_ids);
+        match &self.model {
+            LoadedModel::Text(m) => ids.extend(&m.config.eos_token_ids),
+            LoadedModel::Speech(m) => ids.extend(m.config.eos_token_id),
+        }
         let eos_token = self.tokenizer.special_tokens.eos_token.as_deref();
         if let Some(id) = eos_token.and_then(|t| self.tokenizer.token_to_id(t)) {
             ids.push(id);
@@ -169,6 +227,8 @@ pub struct ServedModel {
     pub tokenizer: Arc<Tokenizer>,
     pub generation_config: GenerationConfig,
     pub reasoning: bool,
+    /// Set for speech-to-text models, which answer transcriptions only.
+    pub speech: Option<Arc<SpeechSettings>>,
     /// Unix seconds of the load.
     pub created: u64,
     /// Bytes of its checkpoint (what `--models-memory` counts).
@@ -637,9 +697,11 @@ fn build(
     let eos = files.eos_ids();
     let mut config = settings.engine;
     if config.num_blocks == 0 {
-        config = config
-            .with_budget(&files.model, settings.kv_budget)
-            .map_err(|e| LoadError::OutOfMemory(format!("no room for `{id_or_path}`'s KV cache: {e}")))?;
+        let budget = match &files.model {
+            LoadedModel::Text(m) => config.with_budget(m, settings.kv_budget),
+            LoadedModel::Speech(m) => config.with_budget(m, settings.kv_budget),
+        };
+        config = budget.map_err(|e| LoadError::OutOfMemory(format!("no room for `{id_or_path}`'s KV cache: {e}")))?;
     }
     let reasoning = match settings.reasoning {
         ReasoningMode::On => true,
@@ -654,19 +716,25 @@ fn build(
         tokenizer,
         generation_config,
         model,
+        speech,
     } = files;
     let weight_bytes = if settings.dummy_weights {
         0
     } else {
         checkpoint_bytes(&dir.path)
     };
-    let engine = EngineHandle::spawn(Engine::new(settings.backend.clone(), model, config, eos));
+    let backend = settings.backend.clone();
+    let engine = match model {
+        LoadedModel::Text(m) => EngineHandle::spawn(Engine::new(backend, m, config, eos)),
+        LoadedModel::Speech(m) => EngineHandle::spawn(Engine::new(backend, m, config, eos)),
+    };
     Ok(ServedModel {
         name: dir.display_name,
         engine,
         tokenizer: Arc::new(tokenizer),
         generation_config,
         reasoning,
+        speech: speech.map(Arc::new),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

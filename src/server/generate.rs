@@ -322,11 +322,23 @@ async fn model_for(
     validate: impl Fn(&Value) -> Result<(), ApiError>,
 ) -> Result<ModelLease, ApiError> {
     let requested = requested_model(body)?;
-    if let Some(model) = state.models.acquire_loaded(requested.as_deref()) {
-        return Ok(model);
+    let model = match state.models.acquire_loaded(requested.as_deref()) {
+        Some(model) => model,
+        None => {
+            validate(body)?;
+            state.models.acquire(requested.as_deref()).await?
+        }
+    };
+    if model.speech.is_some() {
+        return Err(ApiError {
+            code: Some("model_not_supported"),
+            ..ApiError::invalid(
+                "model",
+                format!("`{}` is a speech-to-text model: send audio to /v1/audio/transcriptions", model.name),
+            )
+        });
     }
-    validate(body)?;
-    Ok(state.models.acquire(requested.as_deref()).await?)
+    Ok(model)
 }
 
 /// A chat request ready for the engine: its model, prompt ids and generation settings.

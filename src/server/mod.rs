@@ -6,8 +6,10 @@ pub mod error;
 pub mod generate;
 pub mod http;
 pub mod metrics;
+pub mod multipart;
 pub mod responses;
 pub mod routes;
+pub mod transcribe;
 
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -36,6 +38,8 @@ pub struct ServerState {
     pub api_key: Option<String>,
     pub enable_cors: bool,
     pub max_body_bytes: usize,
+    /// Longest audio a transcription may send, in seconds.
+    pub max_audio_seconds: f64,
     pub metrics: ServerMetrics,
     pub next_request: AtomicU64,
     /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.

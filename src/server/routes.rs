@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::http::{
     error_response, json_response, read_json, sse_event, sse_response, text_response, HttpResponse, ResponseBody,
 };
-use super::{generate, responses, ServerState};
+use super::{generate, responses, transcribe, ServerState};
 use crate::loader::hub::hub_cache_dir;
 use crate::manager::{ready_event, LoadTicket, ModelLease, ModelManager, ServedModel};
 
@@ -29,6 +29,8 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/detokenize", &[Method::POST]),
     ("/load_model", &[Method::POST]),
     ("/v1/responses", &[Method::POST]),
+    ("/v1/audio/transcriptions", &[Method::POST]),
+    ("/v1/audio/translations", &[Method::POST]),
 ];
 
 pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
@@ -126,6 +128,8 @@ async fn dispatch(
                 state.metrics.render(&engines),
             ))
         }
+        (Method::POST, "/v1/audio/transcriptions") => transcribe::handle(state.clone(), req, false).await,
+        (Method::POST, "/v1/audio/translations") => transcribe::handle(state.clone(), req, true).await,
         (Method::POST, "/v1/responses") => match read_json(req.into_body(), state.max_body_bytes).await {
             Ok(body) => responses::create(state.clone(), body).await,
             Err(e) => Err(e),

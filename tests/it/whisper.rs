@@ -99,7 +99,9 @@ fn encoder_and_decoder_match_transformers() {
     let backend = CpuBackend::default();
     let mut model = load();
     let mel = jfk_mel();
+    let t0 = std::time::Instant::now();
     let encoded = model.encode(&backend, &mel).unwrap();
+    eprintln!("encode: {:?}", t0.elapsed());
     let (values, rows, cols) = backend.to_host(encoded);
     assert_eq!((rows, cols), (1500, 384));
     let mut worst = 0.0f32;

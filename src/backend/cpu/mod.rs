@@ -248,6 +248,69 @@ struct AttentionToken<'a> {
     layout: KvLayout,
 }
 
+/// One query row of a dense attention (`attention_dense`).
+struct DenseRow<'a> {
+    q_row: &'a [f32],
+    /// `[kv_head][d][position]`
+    keys_t: &'a [f32],
+    values: &'a CpuTensor,
+    positions: usize,
+    visible: usize,
+    shape: AttentionShape,
+    scale: f32,
+}
+
+impl DenseRow<'_> {
+    /// Compiled for AVX-512 where the CPU has it, like `AttentionToken::attend`
+    /// (without it `mul_add` is a libm call per element).
+    fn attend(&self, scores: &mut Vec<f32>, out_row: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if matmul::has_avx512() {
+            // SAFETY: the CPU supports AVX-512F.
+            return unsafe { self.attend_avx512(scores, out_row) };
+        }
+        self.attend_body(scores, out_row)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn attend_avx512(&self, scores: &mut Vec<f32>, out_row: &mut [f32]) {
+        self.attend_body(scores, out_row)
+    }
+
+    #[inline(always)]
+    fn attend_body(&self, scores: &mut Vec<f32>, out_row: &mut [f32]) {
+        let hd = self.shape.head_dim;
+        let group = self.shape.group_size();
+        let (m, visible) = (self.positions, self.visible);
+        for h in 0..self.shape.num_heads {
+            let kvh = h / group;
+            scores.clear();
+            scores.resize(visible, 0.0);
+            for (d, &qd) in self.q_row[h * hd..(h + 1) * hd].iter().enumerate() {
+                let qd = qd * self.scale;
+                let keys = &self.keys_t[(kvh * hd + d) * m..][..visible];
+                for (s, k) in scores.iter_mut().zip(keys) {
+                    *s = qd.mul_add(*k, *s);
+                }
+            }
+            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut sum = 0.0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let out = &mut out_row[h * hd..(h + 1) * hd];
+            for (j, &w) in scores.iter().enumerate() {
+                let w = w / sum;
+                for (o, v) in out.iter_mut().zip(&self.values.row(j)[kvh * hd..(kvh + 1) * hd]) {
+                    *o = w.mul_add(*v, *o);
+                }
+            }
+        }
+    }
+}
+
 /// Block size whose scores get the register-blocked loop (the engine's default).
 const SCORE_LANES: usize = 16;
 
@@ -674,33 +737,16 @@ impl Backend for CpuBackend {
             .for_each_init(Vec::new, |scores: &mut Vec<f32>, (t, out_row)| {
                 let Some(seq) = seqs.get(token_seq[t]) else { return };
                 let m = seq.k.rows;
-                let visible = if causal { m - seq.q_len + (t - seq.q_start) + 1 } else { m };
-                for h in 0..shape.num_heads {
-                    let kvh = h / group;
-                    let q_head = &q.row(t)[h * hd..(h + 1) * hd];
-                    scores.clear();
-                    scores.resize(visible, 0.0);
-                    for (d, &qd) in q_head.iter().enumerate() {
-                        let qd = qd * scale;
-                        let keys = &keys_t[token_seq[t]][(kvh * hd + d) * m..][..visible];
-                        for (s, k) in scores.iter_mut().zip(keys) {
-                            *s = qd.mul_add(*k, *s);
-                        }
-                    }
-                    let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    let mut sum = 0.0f32;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s;
-                    }
-                    let out = &mut out_row[h * hd..(h + 1) * hd];
-                    for (j, &w) in scores.iter().enumerate() {
-                        let w = w / sum;
-                        for (o, v) in out.iter_mut().zip(&seq.v.row(j)[kvh * hd..(kvh + 1) * hd]) {
-                            *o = w.mul_add(*v, *o);
-                        }
-                    }
-                }
+                let row = DenseRow {
+                    q_row: q.row(t),
+                    keys_t: &keys_t[token_seq[t]],
+                    values: seq.v,
+                    positions: m,
+                    visible: if causal { m - seq.q_len + (t - seq.q_start) + 1 } else { m },
+                    shape,
+                    scale,
+                };
+                row.attend(scores, out_row);
             });
         out
     }
