@@ -63,7 +63,12 @@ pub fn decode(bytes: &[u8], max_secs: f64) -> Result<Audio, AudioError> {
             &FormatOptions::default(),
             &MetadataOptions::default(),
         )
-        .map_err(|e| AudioError::Unsupported(e.to_string()))?;
+        .map_err(|e| match e {
+            SymphoniaError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+                AudioError::Corrupt("the file ends before its audio data".into())
+            }
+            e => AudioError::Unsupported(e.to_string()),
+        })?;
     let mut format = probed.format;
     let track = format
         .tracks()

@@ -22,4 +22,5 @@ mod templates;
 mod whisper;
 mod tokenizer;
 mod tools;
+mod transcriptions;
 mod wall;
