@@ -184,6 +184,8 @@ struct RequestState {
     forked: bool,
     /// For models with an encoder: its input, until the encoder has run.
     encoder_input: Option<EncoderInput>,
+    /// The prefix-cache salt of its sequences (the encoder input's content hash).
+    cache_salt: Option<kv_cache::BlockHash>,
 }
 
 /// Counters the HTTP layer exports (copied into `EngineMetrics` by the engine thread).
@@ -325,11 +327,17 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             stop_ids.extend(&self.eos_ids);
         }
         let rng = Rng::seeded(params.seed.unwrap_or_else(fresh_seed));
-        self.scheduler.waiting.push_back(Sequence::new(id, 0, prompt, rng));
+        // Cached decoder K/V depend on the audio too: blocks are shared only between
+        // requests with the same input.
+        let cache_salt = encoder_input.as_ref().map(|input| kv_cache::BlockHash(input.content_hash()));
+        self.scheduler
+            .waiting
+            .push_back(Sequence::new(id, 0, prompt, rng).with_cache_salt(cache_salt));
         self.requests.insert(
             id,
             RequestState {
                 encoder_input,
+                cache_salt,
                 unfinished: params.n,
                 forked: params.n == 1,
                 params,
@@ -348,15 +356,27 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         self.model.end_request(id.0);
     }
 
-    /// Runs the encoder of every request in the plan that has not had it yet.
-    fn encode_inputs(&mut self, plan: &StepPlan) -> Result<(), ForwardError> {
+    /// Runs the encoder of every request in the plan that has not had it yet. A request
+    /// whose input the encoder refuses fails alone; returns false when one did (the plan
+    /// is then stale: the step is skipped, and the next one plans again).
+    fn encode_inputs(&mut self, plan: &StepPlan) -> bool {
+        let mut failed = Vec::new();
         for &(i, _) in &plan.chunks {
             let id = self.scheduler.running[i].request;
             if let Some(input) = self.requests.get_mut(&id).and_then(|r| r.encoder_input.take()) {
-                self.model.begin_request(&self.backend, id.0, &input)?;
+                if let Err(e) = self.model.begin_request(&self.backend, id.0, &input) {
+                    failed.push((id, e));
+                }
             }
         }
-        Ok(())
+        for (id, e) in &failed {
+            if let Some(req) = self.requests.remove(id) {
+                let _ = req.events.send(EngineEvent::Failed(e.to_string()));
+            }
+            self.scheduler.remove_request(*id);
+            self.model.end_request(id.0);
+        }
+        failed.is_empty()
     }
 
     /// One scheduling step. Returns the number of tokens computed (0 when idle).
@@ -383,8 +403,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             }
             return 0;
         }
-        if let Err(e) = self.encode_inputs(&plan) {
-            self.fail_batch(&plan, &e);
+        if !self.encode_inputs(&plan) {
             return 0;
         }
         let batch = self.build_batch(&plan);
@@ -514,7 +533,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             // Pushed to the front in reverse, so they run in index order, next in line.
             for index in (1..req.params.n).rev() {
                 let seed = base_seed.map_or_else(fresh_seed, |s| s.wrapping_add(index as u64));
-                let child = Sequence::new(id, index, prompt.clone(), Rng::seeded(seed));
+                let child = Sequence::new(id, index, prompt.clone(), Rng::seeded(seed)).with_cache_salt(req.cache_salt);
                 self.scheduler.waiting.push_front(child);
             }
         }

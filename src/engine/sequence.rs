@@ -25,6 +25,10 @@ pub struct Sequence {
     /// Prompt tokens served by the prefix cache when the request was first admitted.
     pub num_cached_prompt_tokens: Option<usize>,
     pub rng: Rng,
+    /// Parent hash of the first block: what else besides the tokens the cached K/V
+    /// depend on (an encoder input's content), so that blocks are shared only between
+    /// sequences with the same.
+    pub cache_salt: Option<BlockHash>,
 }
 
 impl Sequence {
@@ -39,7 +43,13 @@ impl Sequence {
             hashes: Vec::new(),
             num_cached_prompt_tokens: None,
             rng,
+            cache_salt: None,
         }
+    }
+
+    pub fn with_cache_salt(mut self, salt: Option<BlockHash>) -> Self {
+        self.cache_salt = salt;
+        self
     }
 
     pub fn prompt(&self) -> &[u32] {
@@ -61,7 +71,7 @@ impl Sequence {
         let end = upto.min(self.tokens.len()) / block_size;
         (start..end).map(move |b| {
             let hash = hash_block(
-                self.hashes.last().copied(),
+                self.hashes.last().copied().or(self.cache_salt),
                 &self.tokens[b * block_size..(b + 1) * block_size],
             );
             self.hashes.push(hash);

@@ -221,6 +221,17 @@ pub struct LogMel {
 }
 
 impl LogMel {
+    /// A hash of the features (shape and exact values), the same on every run.
+    pub fn content_hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        (self.n_mels, self.frames).hash(&mut h);
+        for v in &self.values {
+            v.to_bits().hash(&mut h);
+        }
+        h.finish()
+    }
+
     /// Frames `start..start + len` as `[n_mels, len]`, zero where the spectrogram ends
     /// (the padding transformers gives the last window of long audio).
     pub fn window(&self, start: usize, len: usize) -> LogMel {

@@ -2,9 +2,9 @@
 //! decoder logits and greedy ids, from `tests/goldens/whisper.json`
 //! (`scripts/whisper_goldens.py`).
 //!
-//! Tolerances (measured maxima in brackets): mel features 2e-3 absolute (transformers
-//! takes torch's float32 STFT, we a float64 FFT); encoder output 2e-3; decoder top-8
-//! logits 5e-3 absolute.
+//! Tolerances (measured maxima in brackets): mel features 2e-4 absolute [2.5e-5 on the
+//! sweep; transformers takes torch's float32 STFT, we a float64 FFT]; encoder output
+//! 5e-4 [5.8e-5]; decoder top-8 logits 5e-4 [5.3e-5].
 
 use std::sync::Arc;
 
@@ -76,7 +76,7 @@ fn log_mel_features_match_transformers() {
         }
         let diff = max_diff(&sampled, &floats(&want["values"]));
         eprintln!("mel {name}: max |diff| {diff:e}");
-        assert!(diff < 2e-3, "{name}: mel differs by {diff}");
+        assert!(diff < 2e-4, "{name}: mel differs by {diff}");
         let max = mel.values.iter().fold(f32::MIN, |a, &b| a.max(b));
         assert!((max - want["max"].as_f64().unwrap() as f32).abs() < 2e-3, "{name}: max");
     }
@@ -99,9 +99,7 @@ fn encoder_and_decoder_match_transformers() {
     let backend = CpuBackend::default();
     let mut model = load();
     let mel = jfk_mel();
-    let t0 = std::time::Instant::now();
     let encoded = model.encode(&backend, &mel).unwrap();
-    eprintln!("encode: {:?}", t0.elapsed());
     let (values, rows, cols) = backend.to_host(encoded);
     assert_eq!((rows, cols), (1500, 384));
     let mut worst = 0.0f32;
@@ -110,7 +108,7 @@ fn encoder_and_decoder_match_transformers() {
         worst = worst.max(max_diff(&values[r * cols..(r + 1) * cols], &floats(want)));
     }
     eprintln!("encoder: max |diff| {worst:e}");
-    assert!(worst < 2e-3, "encoder output differs by {worst}");
+    assert!(worst < 5e-4, "encoder output differs by {worst}");
 
     // Decoder logits over the golden sequence, in one prefill.
     model.begin_request(&backend, 7, &mel).unwrap();
@@ -134,7 +132,7 @@ fn encoder_and_decoder_match_transformers() {
         assert_eq!(argmax, want_ids[0], "position {p}: top token");
     }
     eprintln!("decoder logits: max |diff| {worst:e}");
-    assert!(worst < 5e-3, "decoder logits differ by {worst}");
+    assert!(worst < 5e-4, "decoder logits differ by {worst}");
     model.end_request(7);
     assert!(!model.has_request(7));
 }
@@ -173,4 +171,102 @@ fn greedy_ids_match_transformers_with_and_without_timestamps() {
     let stamped = run(&mut engine, 2, gen.prompt(&[], None, false, true), params(true), jfk_mel());
     assert_eq!(stamped[..stamped.len() - 1], ids(&g["greedy_timestamps"]["ids"])[..]);
     assert_eq!(engine.stats().kv_blocks_used, 0);
+}
+
+/// Requests with different audio decode in the same steps (each its own cross-attention
+/// K/V) and get exactly what each gets alone.
+#[test]
+fn concurrent_requests_batch_and_match_their_solo_runs() {
+    let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
+    let mut engine = Engine::new(CpuBackend::default(), load(), EngineConfig::default(), vec![gen.eos_token_id]);
+    let extractor = MelExtractor::new(MelConfig::default());
+    let speech = jfk();
+    let long = long45(&speech);
+    let inputs = [
+        (false, extractor.window_features(&speech)),
+        (true, extractor.window_features(&speech)),
+        (true, extractor.long_features(&long).window(1000, 3000)),
+        (false, extractor.window_features(&speech[16_000 * 4..])),
+    ];
+    let params = |timestamps: bool| SamplingParams {
+        temperature: 0.0,
+        speech: Some(Arc::new(gen.rules(timestamps))),
+        ..SamplingParams::default()
+    };
+    let solo: Vec<Vec<u32>> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (ts, mel))| run(&mut engine, 100 + i as u64, gen.prompt(&[], None, false, *ts), params(*ts), mel.clone()))
+        .collect();
+    let mut receivers = Vec::new();
+    for (i, (ts, mel)) in inputs.iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let prompt = gen.prompt(&[], None, false, *ts);
+        engine.add_request_with_input(RequestId(200 + i as u64), prompt, params(*ts), Some(Arc::new(mel.clone())), tx).unwrap();
+        receivers.push(rx);
+    }
+    let mut widest = 0;
+    while engine.has_work() {
+        engine.step();
+        widest = widest.max(engine.stats().running);
+    }
+    assert_eq!(widest, inputs.len(), "all four ran in the same steps");
+    for (i, mut rx) in receivers.into_iter().enumerate() {
+        let mut out = Vec::new();
+        while let Ok(EngineEvent::Token { token, .. }) = rx.try_recv() {
+            out.push(token);
+        }
+        assert_eq!(out, solo[i], "request {i}");
+    }
+    assert_eq!(engine.stats().kv_blocks_used, 0);
+    // An encoder input is required, and its shape checked.
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let err = engine.add_request(RequestId(300), gen.prompt(&[], None, false, false), params(false), tx);
+    assert!(err.is_err());
+    // A bad input fails its own request only, in a step shared with a good one.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let bad = LogMel { values: vec![0.0; 80 * 10], n_mels: 80, frames: 10 };
+    engine.add_request_with_input(RequestId(301), gen.prompt(&[], None, false, false), params(false), Some(Arc::new(bad)), tx).unwrap();
+    let (tx, mut good) = tokio::sync::mpsc::unbounded_channel();
+    engine
+        .add_request_with_input(RequestId(302), gen.prompt(&[], None, false, false), params(false), Some(Arc::new(inputs[0].1.clone())), tx)
+        .unwrap();
+    while engine.has_work() {
+        engine.step();
+    }
+    assert!(matches!(rx.try_recv(), Ok(EngineEvent::Failed(e)) if e.contains("log-mel")));
+    let mut out = Vec::new();
+    while let Ok(EngineEvent::Token { token, .. }) = good.try_recv() {
+        out.push(token);
+    }
+    assert_eq!(out, solo[0]);
+}
+
+/// Decoder K/V depend on the audio, so the prefix cache shares blocks only between
+/// requests with the same audio, however long their common text prompt.
+#[test]
+fn prefix_cache_is_keyed_by_audio() {
+    let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
+    let mut engine = Engine::new(CpuBackend::default(), load(), EngineConfig::default(), vec![gen.eos_token_id]);
+    let extractor = MelExtractor::new(MelConfig::default());
+    let speech = jfk();
+    // 40 prompt tokens: two full blocks of 16.
+    let text_prompt: Vec<u32> = (300..338).collect();
+    let prompt = gen.prompt(&text_prompt, None, false, false);
+    assert!(prompt.len() >= 40);
+    let params = SamplingParams {
+        temperature: 0.0,
+        max_tokens: Some(4),
+        speech: Some(Arc::new(gen.rules(false))),
+        ..SamplingParams::default()
+    };
+    let hits = |engine: &Engine<CpuBackend, WhisperModel<CpuBackend>>| engine.stats().prefix_cache_hits;
+    let a = run(&mut engine, 1, prompt.clone(), params.clone(), extractor.window_features(&speech));
+    let after_first = hits(&engine);
+    let b = run(&mut engine, 2, prompt.clone(), params.clone(), extractor.window_features(&speech[16_000 * 5..]));
+    assert_eq!(hits(&engine), after_first, "other audio: no block shared");
+    let again = run(&mut engine, 3, prompt.clone(), params.clone(), extractor.window_features(&speech));
+    assert!(hits(&engine) >= after_first + 2, "same audio: the prompt's full blocks are shared");
+    assert_eq!(again, a);
+    assert_ne!(a, b);
 }

@@ -188,8 +188,45 @@ def responses():
     assert json.loads(calls[0].arguments)["city"] == "Paris", calls[0].arguments
 
 
+SPEECH = "openai/whisper-tiny.en"
+JFK = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "audio", "jfk.wav")
+JFK_TEXT = "And so my fellow Americans ask not what your country can do for you, ask what you can do for your country."
+speech_client = openai.OpenAI(base_url=os.environ["INFERD_SPEECH_BASE_URL"], api_key="not-needed", max_retries=0)
+
+
+def transcriptions():
+    with open(JFK, "rb") as f:
+        r = speech_client.audio.transcriptions.create(model=SPEECH, file=f)
+    assert r.text == JFK_TEXT, r.text
+    with open(JFK, "rb") as f:
+        text = speech_client.audio.transcriptions.create(model=SPEECH, file=f, response_format="text")
+    assert text.strip() == JFK_TEXT, text
+    with open(JFK, "rb") as f:
+        v = speech_client.audio.transcriptions.create(model=SPEECH, file=f, response_format="verbose_json",
+                                                      timestamp_granularities=["segment"])
+    assert v.language == "english" and v.duration == 11.0, v
+    assert [(s.start, s.end) for s in v.segments] == [(0.0, 8.0), (8.0, 11.0)], v.segments
+    with open(JFK, "rb") as f:
+        srt = speech_client.audio.transcriptions.create(model=SPEECH, file=f, response_format="srt")
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:08,000\n"), srt
+    deltas, done = "", None
+    with open(JFK, "rb") as f:
+        for event in speech_client.audio.transcriptions.create(model=SPEECH, file=f, stream=True):
+            if event.type == "transcript.text.delta":
+                deltas += event.delta
+            elif event.type == "transcript.text.done":
+                done = event.text
+    assert deltas == JFK_TEXT and done == JFK_TEXT, (deltas, done)
+    try:
+        with open(JFK, "rb") as f:
+            speech_client.audio.transcriptions.create(model=SPEECH, file=f, response_format="xml")
+        raise AssertionError("bad response_format accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "response_format", e.body
+
+
 for name, fn in [("chat", chat_nonstream), ("chat stream", chat_stream), ("sampling parameters", chat_sampling_params),
                  ("completions", completions), ("models", models), ("errors", errors), ("tool calls", tool_calls),
-                 ("responses", responses)]:
+                 ("responses", responses), ("transcriptions", transcriptions)]:
     check(name, fn)
-print(json.dumps({"openai": openai.__version__, "passed": 8}))
+print(json.dumps({"openai": openai.__version__, "passed": 9}))

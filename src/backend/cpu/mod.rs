@@ -705,7 +705,6 @@ impl Backend for CpuBackend {
         let hd = shape.head_dim;
         let (q_width, kv_width) = (shape.q_width(), shape.kv_width());
         assert_eq!(q.cols, q_width, "attention_dense: q has {} columns", q.cols);
-        let group = shape.group_size();
         let scale = 1.0 / (hd as f32).sqrt();
         // Keys transposed per KV head, `[kv_head][d][position]`, so that one query's
         // scores over all positions are contiguous FMAs.
