@@ -262,3 +262,28 @@ fn bad_transcription_requests_are_400s() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.json()["text"].as_str().unwrap().contains("fellow Americans"), "{}", r.body);
 }
+
+/// FLAC decodes to the very samples of the WAV it was made from; Ogg Vorbis and MP3
+/// (lossy) to audio of the same length that transcribes to the same words.
+#[test]
+fn flac_ogg_and_mp3_uploads() {
+    let dir = crate::common::repo_root().join("tests/fixtures/audio");
+    let excerpt = &jfk()[..5 * 16_000];
+    let read = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let flac = inferd::media::audio::decode(&read("jfk-5s.flac"), 60.0).unwrap();
+    assert_eq!((flac.sample_rate, flac.samples.as_slice()), (16_000, excerpt));
+    for name in ["jfk-5s.ogg", "jfk-5s.mp3"] {
+        let audio = inferd::media::audio::decode(&read(name), 60.0).unwrap();
+        assert_eq!(audio.sample_rate, 16_000, "{name}");
+        let len = audio.samples.len() as i64;
+        assert!((len - 80_000).abs() < 2_400, "{name}: {len} samples");
+    }
+    let server = Server::start_model(WHISPER, &[]);
+    let want = transcribe(&server, &wav(excerpt, 16_000, 1), &[("model", WHISPER)]).json()["text"].clone();
+    assert!(want.as_str().unwrap().contains("fellow Americans"), "{want}");
+    for name in ["jfk-5s.flac", "jfk-5s.ogg", "jfk-5s.mp3"] {
+        let r = transcribe(&server, &read(name), &[("model", WHISPER)]);
+        assert_eq!(r.status, 200, "{name}: {}", r.body);
+        assert_eq!(r.json()["text"], want, "{name}");
+    }
+}
