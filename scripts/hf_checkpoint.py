@@ -15,6 +15,10 @@
   hf_checkpoint.py tiny NAME OUT_DIR
       Write one of the seeded random-weight checkpoints (pure stdlib: no numpy, no torch),
       byte-identical on every machine. `tiny --list` prints the names.
+  hf_checkpoint.py tiny-whisper OUT_DIR
+      A seeded random-weight multilingual Whisper (same generator): config, generation
+      config (ten languages, transcribe/translate), preprocessor config and weights. The
+      caller copies a tokenizer.json next to it.
 
 Facts this relies on (from llama.cpp's convert_hf_to_gguf.py):
 - GGUF lists dims innermost first; gguf.quants.dequantize returns row-major
@@ -450,6 +454,89 @@ def tiny_main(args):
     say(f"{args.name}: {len(tensors)} tensors, {spec['dtype']}")
 
 
+# Multilingual Whisper's special tokens (vocab 51865): <|endoftext|> 50257,
+# <|startoftranscript|> 50258, languages from 50259, <|translate|> 50358, <|transcribe|> 50359,
+# <|startoflm|> 50360, <|startofprev|> 50361, <|nospeech|> 50362, <|notimestamps|> 50363.
+WHISPER_LANGUAGES = ["en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr"]
+TINY_WHISPER = {
+    "architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper",
+    "d_model": 64, "encoder_layers": 2, "decoder_layers": 2, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128, "num_mel_bins": 80,
+    "max_source_positions": 1500, "max_target_positions": 64, "vocab_size": 51865,
+    "activation_function": "gelu", "scale_embedding": False, "tie_word_embeddings": True,
+    "bos_token_id": 50257, "eos_token_id": 50257, "pad_token_id": 50257, "decoder_start_token_id": 50258,
+    "begin_suppress_tokens": [220, 50257], "suppress_tokens": [], "torch_dtype": "float32",
+}
+
+
+def tiny_whisper_tensors(cfg):
+    d, v = cfg["d_model"], cfg["vocab_size"]
+    out = [("model.encoder.conv1.weight", [d, cfg["num_mel_bins"], 3], "weight"),
+           ("model.encoder.conv1.bias", [d], "bias"),
+           ("model.encoder.conv2.weight", [d, d, 3], "weight"),
+           ("model.encoder.conv2.bias", [d], "bias"),
+           ("model.encoder.embed_positions.weight", [cfg["max_source_positions"], d], "weight")]
+
+    def attn(p):
+        return [(f"{p}.q_proj.weight", [d, d], "weight"), (f"{p}.q_proj.bias", [d], "bias"),
+                (f"{p}.k_proj.weight", [d, d], "weight"), (f"{p}.v_proj.weight", [d, d], "weight"),
+                (f"{p}.v_proj.bias", [d], "bias"), (f"{p}.out_proj.weight", [d, d], "weight"),
+                (f"{p}.out_proj.bias", [d], "bias")]
+
+    def norm(p):
+        return [(f"{p}.weight", [d], "norm"), (f"{p}.bias", [d], "bias")]
+
+    def mlp(p, ffn):
+        return norm(f"{p}.final_layer_norm") + [
+            (f"{p}.fc1.weight", [ffn, d], "weight"), (f"{p}.fc1.bias", [ffn], "bias"),
+            (f"{p}.fc2.weight", [d, ffn], "weight"), (f"{p}.fc2.bias", [d], "bias")]
+
+    for l in range(cfg["encoder_layers"]):
+        p = f"model.encoder.layers.{l}"
+        out += norm(f"{p}.self_attn_layer_norm") + attn(f"{p}.self_attn") + mlp(p, cfg["encoder_ffn_dim"])
+    out += norm("model.encoder.layer_norm")
+    out += [("model.decoder.embed_tokens.weight", [v, d], "weight"),
+            ("model.decoder.embed_positions.weight", [cfg["max_target_positions"], d], "weight")]
+    for l in range(cfg["decoder_layers"]):
+        p = f"model.decoder.layers.{l}"
+        out += norm(f"{p}.self_attn_layer_norm") + attn(f"{p}.self_attn")
+        out += norm(f"{p}.encoder_attn_layer_norm") + attn(f"{p}.encoder_attn") + mlp(p, cfg["decoder_ffn_dim"])
+    out += norm("model.decoder.layer_norm")
+    return out
+
+
+def tiny_whisper_main(args):
+    cfg = TINY_WHISPER
+    os.makedirs(args.out_dir, exist_ok=True)
+    tensors = tiny_whisper_tensors(cfg)
+    rng = random.Random(4)
+    writer = SafetensorsWriter(os.path.join(args.out_dir, "model.safetensors"),
+                               [(n, "F32", s) for n, s, _ in tensors])
+    for name, shape, kind in tensors:
+        n = 1
+        for dim in shape:
+            n *= dim
+        fan_in = shape[1] * shape[2] if len(shape) == 3 else shape[-1]
+        writer.write(name, pack(tiny_values(rng, n, kind, fan_in), "F32"))
+    writer.close()
+    gen = {
+        "decoder_start_token_id": 50258, "bos_token_id": 50257, "eos_token_id": 50257, "pad_token_id": 50257,
+        "no_timestamps_token_id": 50363, "prev_sot_token_id": 50361, "is_multilingual": True,
+        "lang_to_id": {f"<|{code}|>": 50259 + i for i, code in enumerate(WHISPER_LANGUAGES)},
+        "task_to_id": {"translate": 50358, "transcribe": 50359},
+        "begin_suppress_tokens": [220, 50257], "suppress_tokens": [], "max_initial_timestamp_index": 50,
+        "max_length": cfg["max_target_positions"],
+    }
+    pre = {"chunk_length": 30, "feature_extractor_type": "WhisperFeatureExtractor", "feature_size": 80,
+           "hop_length": 160, "n_fft": 400, "n_samples": 480000, "nb_max_frames": 3000,
+           "padding_side": "right", "padding_value": 0.0, "return_attention_mask": False, "sampling_rate": 16000}
+    for name, doc in (("config.json", cfg), ("generation_config.json", gen), ("preprocessor_config.json", pre)):
+        with open(os.path.join(args.out_dir, name), "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=True)
+            f.write("\n")
+    say(f"tiny-whisper: {len(tensors)} tensors, F32")
+
+
 def unwheel_main(args):
     import hashlib
     import zipfile
@@ -487,6 +574,8 @@ def main():
     w = sub.add_parser("ct2-whisper")
     w.add_argument("ct2_dir")
     w.add_argument("out_dir")
+    tw = sub.add_parser("tiny-whisper")
+    tw.add_argument("out_dir")
     t = sub.add_parser("tiny")
     t.add_argument("--list", action="store_true")
     t.add_argument("name", nargs="?")
@@ -500,6 +589,8 @@ def main():
     elif args.cmd == "ct2-whisper":
         os.makedirs(args.out_dir, exist_ok=True)
         ct2_whisper_main(args)
+    elif args.cmd == "tiny-whisper":
+        tiny_whisper_main(args)
     else:
         tiny_main(args)
 

@@ -670,6 +670,28 @@ impl WhisperGeneration {
         }
     }
 
+    /// The request that detects a multilingual model's language, as transformers'
+    /// `detect_language`: one greedy token after `<|startoftranscript|>`, every token but
+    /// the languages masked. `None` when the model lists no languages.
+    pub fn language_detection(&self) -> Option<(Vec<u32>, crate::engine::SamplingParams)> {
+        if self.lang_to_id.is_empty() {
+            return None;
+        }
+        let params = crate::engine::SamplingParams {
+            temperature: 0.0,
+            max_tokens: Some(1),
+            ignore_eos: true,
+            forced_prefixes: self.lang_to_id.iter().map(|&(_, id)| vec![id]).collect(),
+            ..crate::engine::SamplingParams::default()
+        };
+        Some((vec![self.decoder_start_token_id], params))
+    }
+
+    /// The language code of a language token.
+    pub fn language_code(&self, id: u32) -> Option<&str> {
+        self.lang_to_id.iter().find(|&&(_, i)| i == id).map(|(code, _)| code.as_str())
+    }
+
     /// The decoder prompt of one window: `[<|startofprev|> prompt…]`, `<|startoftranscript|>`,
     /// then for multilingual models the language and task, and `<|notimestamps|>` unless
     /// timestamps are wanted.

@@ -486,14 +486,10 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>, translate: 
         temperature: form.temperature,
         seed: state.default_seed,
     };
+    // English-only models say "english", as OpenAI does; multilingual ones their code.
     let language_name = match language {
         None => "english".to_owned(),
-        Some(id) => generation
-            .lang_to_id
-            .iter()
-            .find(|&&(_, i)| i == id)
-            .map(|(code, _)| code.clone())
-            .unwrap_or_default(),
+        Some(id) => generation.language_code(id).unwrap_or_default().to_owned(),
     };
     if form.stream {
         let (response, tx) = sse_response();
@@ -556,21 +552,12 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>, translate: 
 /// A multilingual model's language guess for the first window: the likeliest language
 /// token after `<|startoftranscript|>` (as transformers' `detect_language`).
 async fn detect_language(model: &ModelLease, speech: &SpeechSettings, mel: &LogMel) -> Result<u32, ApiError> {
-    let generation = &speech.generation;
-    if generation.lang_to_id.is_empty() {
-        return Err(ApiError::invalid("language", "this model lists no languages: give `language`"));
-    }
-    let params = SamplingParams {
-        temperature: 0.0,
-        max_tokens: Some(1),
-        ignore_eos: true,
-        forced_prefixes: generation.lang_to_id.iter().map(|&(_, id)| vec![id]).collect(),
-        ..SamplingParams::default()
-    };
+    let (prompt, params) = speech
+        .generation
+        .language_detection()
+        .ok_or_else(|| ApiError::invalid("language", "this model lists no languages: give `language`"))?;
     let window = Arc::new(mel.window(0, speech.mel.config().frames_per_window()));
-    let mut stream = model
-        .engine
-        .submit_with_input(vec![generation.decoder_start_token_id], params, Some(window))?;
+    let mut stream = model.engine.submit_with_input(prompt, params, Some(window))?;
     while let Some(event) = stream.next().await {
         match event {
             EngineEvent::Token { token, .. } => return Ok(token),

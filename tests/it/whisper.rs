@@ -270,3 +270,54 @@ fn prefix_cache_is_keyed_by_audio() {
     assert_eq!(again, a);
     assert_ne!(a, b);
 }
+
+#[test]
+fn mel_with_128_bins_matches_transformers() {
+    let g = golden("whisper.json");
+    let stride = g["frame_stride"].as_u64().unwrap() as usize;
+    let mel = MelExtractor::new(MelConfig { n_mels: 128, ..MelConfig::default() }).window_features(&jfk());
+    assert_eq!((mel.n_mels, mel.frames), (128, 3000));
+    let mut sampled = Vec::new();
+    for f in (0..mel.frames).step_by(stride) {
+        for m in 0..mel.n_mels {
+            sampled.push(mel.values[m * mel.frames + f]);
+        }
+    }
+    let diff = max_diff(&sampled, &floats(&g["mel128_jfk"]["values"]));
+    assert!(diff < 2e-4, "128-bin mel differs by {diff}");
+}
+
+/// A seeded random multilingual Whisper: language detection and the language / task
+/// tokens of the prompt, against transformers' `detect_language` and `generate`.
+#[test]
+fn multilingual_prompts_and_language_detection_match_transformers() {
+    let g = &golden("whisper.json")["tiny_multilingual"];
+    let dir = installed_model("inferd-test/tiny-whisper");
+    let gen = WhisperGeneration::from_dir(&dir).unwrap();
+    assert!(gen.is_multilingual);
+    let model = load_whisper(&CpuBackend::default(), &dir, &mut |_, _| {}).unwrap();
+    let mut engine = Engine::new(CpuBackend::default(), model, EngineConfig::default(), vec![gen.eos_token_id]);
+    let mel = jfk_mel();
+    let (prompt, params) = gen.language_detection().unwrap();
+    let detected = run(&mut engine, 1, prompt, params, mel.clone());
+    assert_eq!(detected, vec![g["detected_language_id"].as_u64().unwrap() as u32]);
+    let lang = |code: &str| gen.lang_to_id.iter().find(|(c, _)| c == code).unwrap().1;
+    let params = SamplingParams {
+        temperature: 0.0,
+        speech: Some(Arc::new(gen.rules(false))),
+        ..SamplingParams::default()
+    };
+    for (i, (key, language, translate)) in [
+        ("transcribe_fr", lang("fr"), false),
+        ("translate_de", lang("de"), true),
+        ("auto_transcribe", detected[0], false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let prompt = gen.prompt(&[], Some(language), translate, false);
+        assert_eq!(prompt.len(), 4, "{key}: <|startoftranscript|> language task <|notimestamps|>");
+        let out = run(&mut engine, 10 + i as u64, prompt, params.clone(), mel.clone());
+        assert_eq!(out, ids(&g[key]), "{key}");
+    }
+}
