@@ -586,7 +586,11 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     let model = match model {
         LoadedModel::Text(m) => m,
         LoadedModel::Speech(_) => {
-            return Err(format!("`{}` is a speech model: transcribe with `inferd serve` and /v1/audio/transcriptions", args.model).into())
+            return Err(format!(
+                "`{}` is a speech model: transcribe with `inferd serve` and /v1/audio/transcriptions",
+                args.model
+            )
+            .into())
         }
     };
 

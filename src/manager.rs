@@ -89,7 +89,9 @@ impl From<HubError> for LoadError {
     }
 }
 
-/// The weights of a model, by what it does.
+/// The weights of a model, by what it does. Made once per load and moved into its
+/// engine: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum LoadedModel {
     /// A text decoder (chat, completions, responses).
     Text(DecoderModel<CpuBackend>),
@@ -178,7 +180,9 @@ impl ModelFiles {
         let mut weights = |current, total| progress(LoadProgress::Weights { current, total });
         let (model, speech) = if model_type(&dir.path) == "whisper" {
             if dummy {
-                return Err(LoadError::Failed("--load-format dummy is for text decoders, not Whisper".into()));
+                return Err(LoadError::Failed(
+                    "--load-format dummy is for text decoders, not Whisper".into(),
+                ));
             }
             let speech = speech_settings(&dir.path).map_err(|e| failed(&e))?;
             let model = load_whisper(backend, &dir.path, &mut weights).map_err(|e| failed(&e))?;

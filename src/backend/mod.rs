@@ -229,8 +229,8 @@ pub trait Backend: Send + Sync {
         shape: AttentionShape,
         causal: bool,
     ) -> Self::Tensor;
-    /// An activation from host values `[rows, cols]` row-major.
-    fn from_host(&self, values: Vec<f32>, rows: usize, cols: usize) -> Self::Tensor;
+    /// An activation made from host values `[rows, cols]`, row-major.
+    fn upload(&self, values: Vec<f32>, rows: usize, cols: usize) -> Self::Tensor;
     /// LayerNorm of each row of `x [n, d]`: `(x - mean) / sqrt(var + eps) * weight + bias`.
     fn layer_norm(&self, x: &Self::Tensor, weight: &Self::Weight, bias: &Self::Weight, eps: f32) -> Self::Tensor;
     /// `residual += delta`, then returns the LayerNorm of the updated residual.

@@ -329,7 +329,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         let rng = Rng::seeded(params.seed.unwrap_or_else(fresh_seed));
         // Cached decoder K/V depend on the audio too: blocks are shared only between
         // requests with the same input.
-        let cache_salt = encoder_input.as_ref().map(|input| kv_cache::BlockHash(input.content_hash()));
+        let cache_salt = encoder_input
+            .as_ref()
+            .map(|input| kv_cache::BlockHash(input.content_hash()));
         self.scheduler
             .waiting
             .push_back(Sequence::new(id, 0, prompt, rng).with_cache_salt(cache_salt));
@@ -455,7 +457,11 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
     /// Samples a token for every sequence whose chunk reached its end, sends events,
     /// retires finished sequences, forks `n > 1` requests after their prompt.
     fn process_outputs(&mut self, plan: &StepPlan, logits: &mut [f32], vocab: usize) {
-        let touched: Vec<RequestId> = plan.chunks.iter().map(|&(i, _)| self.scheduler.running[i].request).collect();
+        let touched: Vec<RequestId> = plan
+            .chunks
+            .iter()
+            .map(|&(i, _)| self.scheduler.running[i].request)
+            .collect();
         let mut finished = Vec::new();
         let mut forks = Vec::new();
         for (row, &(i, _)) in plan.chunks.iter().enumerate() {

@@ -152,7 +152,9 @@ pub fn resample(audio: &Audio, rate: u32) -> Audio {
         let mut chunk = input[..take].to_vec();
         chunk.extend_from_slice(&zeros[..CHUNK - take]);
         input = &input[take..];
-        let produced = resampler.process(&[chunk], None).expect("resampler input of the right size");
+        let produced = resampler
+            .process(&[chunk], None)
+            .expect("resampler input of the right size");
         out.extend_from_slice(&produced[0]);
     }
     Audio {
@@ -304,7 +306,10 @@ impl MelExtractor {
         }
         // Long audio is padded to a multiple of the hop, as padding="longest" does.
         let mut padded = samples.to_vec();
-        padded.resize(samples.len().div_ceil(self.config.hop_length) * self.config.hop_length, 0.0);
+        padded.resize(
+            samples.len().div_ceil(self.config.hop_length) * self.config.hop_length,
+            0.0,
+        );
         self.features(&padded)
     }
 
@@ -431,7 +436,10 @@ mod tests {
         }
         let filters = slaney_mel_filters(201, 80, 0.0, 8000.0, 16000.0);
         for m in 0..80 {
-            assert!(filters[m * 201..(m + 1) * 201].iter().any(|&w| w > 0.0), "filter {m} is empty");
+            assert!(
+                filters[m * 201..(m + 1) * 201].iter().any(|&w| w > 0.0),
+                "filter {m} is empty"
+            );
         }
     }
 
@@ -442,7 +450,13 @@ mod tests {
                 .map(|i| (2.0 * std::f64::consts::PI * 440.0 * (i as f64 + shift) / rate as f64).sin() as f32 * 0.5)
                 .collect()
         };
-        let out = resample(&Audio { samples: tone(44_100, 1.0, 0.0), sample_rate: 44_100 }, 16_000);
+        let out = resample(
+            &Audio {
+                samples: tone(44_100, 1.0, 0.0),
+                sample_rate: 44_100,
+            },
+            16_000,
+        );
         assert_eq!(out.samples.len(), 16_000);
         // Away from the edges the resampled tone is the tone at the new rate, at most
         // half an output sample (31 us) early or late.
@@ -458,7 +472,10 @@ mod tests {
             .map(|k| (error(k as f64 / 100.0), k as f64 / 100.0))
             .min_by(|a, b| a.0.total_cmp(&b.0))
             .unwrap();
-        assert!(best < 2e-3 && shift.abs() <= 0.5, "max error {best} at a shift of {shift} samples");
+        assert!(
+            best < 2e-3 && shift.abs() <= 0.5,
+            "max error {best} at a shift of {shift} samples"
+        );
     }
 
     #[test]
@@ -507,6 +524,9 @@ mod tests {
     #[test]
     fn garbage_is_refused_with_a_reason() {
         assert_eq!(decode(&[], 60.0), Err(AudioError::Empty));
-        assert!(matches!(decode(b"definitely not audio", 60.0), Err(AudioError::Unsupported(_))));
+        assert!(matches!(
+            decode(b"definitely not audio", 60.0),
+            Err(AudioError::Unsupported(_))
+        ));
     }
 }

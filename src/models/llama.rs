@@ -10,6 +10,7 @@ use crate::loader::safetensors::encode_safetensors;
 use crate::loader::{Checkpoint, LoadError};
 
 use super::config::{DecoderConfig, RopeScaling};
+use super::{check_batch, logit_rows, EngineModel};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -330,9 +331,22 @@ impl<B: Backend> DecoderModel<B> {
     pub fn attention_shape(&self) -> AttentionShape {
         self.shape
     }
+}
+
+impl<B: Backend + 'static> EngineModel<B> for DecoderModel<B>
+where
+    B::Weight: 'static,
+{
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.max_position_embeddings
+    }
 
     /// The KV cache shape for `num_blocks` blocks of `block_size` tokens.
-    pub fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
+    fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
         KvCacheShape {
             num_layers: self.config.num_hidden_layers,
             num_blocks,
@@ -344,7 +358,7 @@ impl<B: Backend> DecoderModel<B> {
 
     /// Runs the batch, writing its K/V into `cache`, and returns logits
     /// `[rows, vocab]` for the requested rows.
-    pub fn forward(
+    fn forward(
         &self,
         backend: &B,
         batch: &ForwardBatch,
@@ -352,25 +366,7 @@ impl<B: Backend> DecoderModel<B> {
         logits_for: LogitsFor,
     ) -> Result<B::Tensor, ForwardError> {
         let cfg = &self.config;
-        if let Some(&id) = batch.token_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(ForwardError::TokenOutOfRange {
-                id,
-                vocab_size: cfg.vocab_size,
-            });
-        }
-        if let Some(&position) = batch
-            .positions
-            .iter()
-            .find(|&&p| p as usize >= cfg.max_position_embeddings)
-        {
-            return Err(ForwardError::PositionOutOfRange {
-                position,
-                max: cfg.max_position_embeddings,
-            });
-        }
-        if batch.seqs.iter().any(|s| s.query_len == 0) {
-            return Err(ForwardError::EmptySequence);
-        }
+        check_batch(batch, cfg.vocab_size, cfg.max_position_embeddings)?;
         let eps = cfg.rms_norm_eps;
         let mut residual = backend.embedding(&self.embed_tokens, &batch.token_ids);
         let mut normed = backend.rms_norm(&residual, &self.layers[0].input_layernorm, eps);
@@ -390,13 +386,7 @@ impl<B: Backend> DecoderModel<B> {
             let next_norm = self.layers.get(l + 1).map_or(&self.norm, |next| &next.input_layernorm);
             normed = backend.add_rms_norm(&mut residual, &mlp_out, next_norm, eps);
         }
-        let hidden = match logits_for {
-            LogitsFor::AllTokens => normed,
-            LogitsFor::LastOfEachSequence => {
-                let rows: Vec<usize> = batch.seqs.iter().map(|s| s.query_start + s.query_len - 1).collect();
-                backend.gather_rows(&normed, &rows)
-            }
-        };
+        let hidden = logit_rows(backend, normed, batch, logits_for);
         Ok(backend.linear(&hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None))
     }
 }

@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::backend::{Backend, ForwardBatch, KvCacheShape};
-use crate::media::audio::LogMel;
 use crate::loader::{Checkpoint, LoadError};
+use crate::media::audio::LogMel;
 
 pub use config::{Architecture, ConfigError, DecoderConfig, GenerationConfig, RopeScaling};
 pub use llama::{DecoderModel, ForwardError, LogitsFor};
@@ -47,61 +47,36 @@ pub trait EngineModel<B: Backend>: Send + 'static {
     fn end_request(&mut self, _key: u64) {}
 }
 
-impl<B: Backend + 'static> EngineModel<B> for DecoderModel<B>
-where
-    B::Weight: 'static,
-{
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
+/// Checks a batch against a model's vocabulary and positions before any compute.
+pub(crate) fn check_batch(batch: &ForwardBatch, vocab_size: usize, max_positions: usize) -> Result<(), ForwardError> {
+    if let Some(&id) = batch.token_ids.iter().find(|&&id| id as usize >= vocab_size) {
+        return Err(ForwardError::TokenOutOfRange { id, vocab_size });
     }
-    fn max_positions(&self) -> usize {
-        self.config.max_position_embeddings
+    if let Some(&position) = batch.positions.iter().find(|&&p| p as usize >= max_positions) {
+        return Err(ForwardError::PositionOutOfRange {
+            position,
+            max: max_positions,
+        });
     }
-    fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
-        DecoderModel::kv_cache_shape(self, num_blocks, block_size)
+    if batch.seqs.iter().any(|s| s.query_len == 0) {
+        return Err(ForwardError::EmptySequence);
     }
-    fn forward(
-        &self,
-        backend: &B,
-        batch: &ForwardBatch,
-        cache: &mut B::KvCache,
-        logits_for: LogitsFor,
-    ) -> Result<B::Tensor, ForwardError> {
-        DecoderModel::forward(self, backend, batch, cache, logits_for)
-    }
+    Ok(())
 }
 
-impl<B: Backend + 'static> EngineModel<B> for WhisperModel<B>
-where
-    B::Weight: 'static,
-    B::Tensor: 'static,
-{
-    fn vocab_size(&self) -> usize {
-        self.config.vocab_size
-    }
-    fn max_positions(&self) -> usize {
-        self.config.max_target_positions
-    }
-    fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
-        WhisperModel::kv_cache_shape(self, num_blocks, block_size)
-    }
-    fn forward(
-        &self,
-        backend: &B,
-        batch: &ForwardBatch,
-        cache: &mut B::KvCache,
-        logits_for: LogitsFor,
-    ) -> Result<B::Tensor, ForwardError> {
-        WhisperModel::forward(self, backend, batch, cache, logits_for)
-    }
-    fn needs_encoder_input(&self) -> bool {
-        true
-    }
-    fn begin_request(&mut self, backend: &B, key: u64, input: &EncoderInput) -> Result<(), ForwardError> {
-        WhisperModel::begin_request(self, backend, key, input)
-    }
-    fn end_request(&mut self, key: u64) {
-        WhisperModel::end_request(self, key)
+/// The rows of the final hidden states that get logits.
+pub(crate) fn logit_rows<B: Backend>(
+    backend: &B,
+    hidden: B::Tensor,
+    batch: &ForwardBatch,
+    logits_for: LogitsFor,
+) -> B::Tensor {
+    match logits_for {
+        LogitsFor::AllTokens => hidden,
+        LogitsFor::LastOfEachSequence => {
+            let rows: Vec<usize> = batch.seqs.iter().map(|s| s.query_start + s.query_len - 1).collect();
+            backend.gather_rows(&hidden, &rows)
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use crate::media::audio::LogMel;
 
 use super::config::{read_json, ConfigError};
 use super::llama::{ForwardError, LogitsFor};
+use super::{check_batch, logit_rows, EncoderInput, EngineModel};
 
 /// `config.json` of a Whisper checkpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,13 +82,18 @@ impl WhisperConfig {
             eos_token_id: value.get("eos_token_id").and_then(|v| v.as_u64()).map(|v| v as u32),
         };
         for heads in [config.encoder_attention_heads, config.decoder_attention_heads] {
-            if config.d_model % heads != 0 || config.d_model / heads > crate::backend::MAX_HEAD_DIM {
-                return Err(invalid(format!("d_model {} does not split into {heads} heads", config.d_model)));
+            if !config.d_model.is_multiple_of(heads) || config.d_model / heads > crate::backend::MAX_HEAD_DIM {
+                return Err(invalid(format!(
+                    "d_model {} does not split into {heads} heads",
+                    config.d_model
+                )));
             }
         }
         if let Some(act) = value.get("activation_function").and_then(|v| v.as_str()) {
             if act != "gelu" {
-                return Err(invalid(format!("activation_function `{act}` is not supported (only gelu)")));
+                return Err(invalid(format!(
+                    "activation_function `{act}` is not supported (only gelu)"
+                )));
             }
         }
         Ok(config)
@@ -197,12 +203,27 @@ impl<B: Backend> WhisperModel<B> {
         .map(String::from)
         .to_vec();
         let attn = |p: &str, names: &mut Vec<String>| {
-            for t in ["q_proj.weight", "q_proj.bias", "k_proj.weight", "v_proj.weight", "v_proj.bias", "out_proj.weight", "out_proj.bias"] {
+            for t in [
+                "q_proj.weight",
+                "q_proj.bias",
+                "k_proj.weight",
+                "v_proj.weight",
+                "v_proj.bias",
+                "out_proj.weight",
+                "out_proj.bias",
+            ] {
                 names.push(format!("{p}.{t}"));
             }
         };
         let norm_mlp = |p: &str, names: &mut Vec<String>| {
-            for t in ["final_layer_norm.weight", "final_layer_norm.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"] {
+            for t in [
+                "final_layer_norm.weight",
+                "final_layer_norm.bias",
+                "fc1.weight",
+                "fc1.bias",
+                "fc2.weight",
+                "fc2.bias",
+            ] {
                 names.push(format!("{p}.{t}"));
             }
         };
@@ -247,8 +268,20 @@ impl<B: Backend> WhisperModel<B> {
             "model.encoder.embed_positions.weight" => vec![config.max_source_positions, d],
             "model.decoder.embed_positions.weight" => vec![config.max_target_positions, d],
             "model.decoder.embed_tokens.weight" => vec![config.vocab_size, d],
-            n if n.contains(".fc1.") => if bias { vec![ffn] } else { vec![ffn, d] },
-            n if n.contains(".fc2.") => if bias { vec![d] } else { vec![d, ffn] },
+            n if n.contains(".fc1.") => {
+                if bias {
+                    vec![ffn]
+                } else {
+                    vec![ffn, d]
+                }
+            }
+            n if n.contains(".fc2.") => {
+                if bias {
+                    vec![d]
+                } else {
+                    vec![d, ffn]
+                }
+            }
             _ if bias || name.contains("norm") => vec![d],
             _ => vec![d, d],
         }
@@ -262,7 +295,9 @@ impl<B: Backend> WhisperModel<B> {
     ) -> Result<Self, LoadError> {
         let names = Self::tensor_names(&config);
         for name in &names {
-            checkpoint.tensor(name)?.expect_shape(&Self::expected_shape(&config, name))?;
+            checkpoint
+                .tensor(name)?
+                .expect_shape(&Self::expected_shape(&config, name))?;
         }
         let total = names.len();
         let matrix = |name: &str| -> Result<B::Weight, LoadError> { Ok(backend.weight(&checkpoint.tensor(name)?)) };
@@ -379,10 +414,22 @@ impl<B: Backend> WhisperModel<B> {
         })
     }
 
-    fn mlp(&self, backend: &B, x: &B::Tensor, mlp: &Mlp<B>) -> B::Tensor {
-        let mut h = backend.linear(x, &mlp.fc1, Some(&mlp.fc1_bias));
+    /// The end of a layer: `residual += attn`, the MLP over its norm, `residual += mlp`;
+    /// returns `next`'s norm of the residual (the next block's input).
+    fn mlp_block(
+        &self,
+        backend: &B,
+        residual: &mut B::Tensor,
+        attn: &B::Tensor,
+        norm: &Norm<B>,
+        mlp: &Mlp<B>,
+        next: &Norm<B>,
+    ) -> B::Tensor {
+        let normed = backend.add_layer_norm(residual, attn, &norm.weight, &norm.bias, LAYER_NORM_EPS);
+        let mut h = backend.linear(&normed, &mlp.fc1, Some(&mlp.fc1_bias));
         backend.gelu(&mut h);
-        backend.linear(&h, &mlp.fc2, Some(&mlp.fc2_bias))
+        let out = backend.linear(&h, &mlp.fc2, Some(&mlp.fc2_bias));
+        backend.add_layer_norm(residual, &out, &next.weight, &next.bias, LAYER_NORM_EPS)
     }
 
     /// The encoder over one 30-second window of log-mel features
@@ -405,7 +452,7 @@ impl<B: Backend> WhisperModel<B> {
                 t[f * mel.n_mels + m] = mel.values[m * mel.frames + f];
             }
         }
-        let x = backend.from_host(t, mel.frames, mel.n_mels);
+        let x = backend.upload(t, mel.frames, mel.n_mels);
         let mut x = backend.linear(&backend.im2col_1d(&x, 3, 1, 1), &self.conv1, Some(&self.conv1_bias));
         backend.gelu(&mut x);
         let mut x = backend.linear(&backend.im2col_1d(&x, 3, 2, 1), &self.conv2, Some(&self.conv2_bias));
@@ -432,23 +479,40 @@ impl<B: Backend> WhisperModel<B> {
             };
             let attn = backend.attention_dense(&q, &[seq], shape, false);
             let attn = backend.linear(&attn, &layer.out, Some(&layer.out_bias));
-            normed = backend.add_layer_norm(
-                &mut residual,
-                &attn,
-                &layer.mlp_norm.weight,
-                &layer.mlp_norm.bias,
-                LAYER_NORM_EPS,
-            );
-            let mlp = self.mlp(backend, &normed, &layer.mlp);
-            let next = self.encoder_layers.get(l + 1).map_or(&self.encoder_norm, |n| &n.attn_norm);
-            normed = backend.add_layer_norm(&mut residual, &mlp, &next.weight, &next.bias, LAYER_NORM_EPS);
+            let next = self
+                .encoder_layers
+                .get(l + 1)
+                .map_or(&self.encoder_norm, |n| &n.attn_norm);
+            normed = self.mlp_block(backend, &mut residual, &attn, &layer.mlp_norm, &layer.mlp, next);
         }
         Ok(normed)
     }
 
-    /// Runs the encoder for request `key` and keeps its cross-attention K/V.
-    pub fn begin_request(&mut self, backend: &B, key: u64, mel: &LogMel) -> Result<(), ForwardError> {
-        let encoded = self.encode(backend, mel)?;
+    pub fn has_request(&self, key: u64) -> bool {
+        self.cross.contains_key(&key)
+    }
+}
+
+impl<B: Backend + 'static> EngineModel<B> for WhisperModel<B>
+where
+    B::Weight: 'static,
+    B::Tensor: 'static,
+{
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn max_positions(&self) -> usize {
+        self.config.max_target_positions
+    }
+
+    fn needs_encoder_input(&self) -> bool {
+        true
+    }
+
+    /// Runs the encoder for request `key` and keeps each decoder layer's cross-attention K/V.
+    fn begin_request(&mut self, backend: &B, key: u64, input: &EncoderInput) -> Result<(), ForwardError> {
+        let encoded = self.encode(backend, input)?;
         let layers = self
             .decoder_layers
             .iter()
@@ -463,16 +527,11 @@ impl<B: Backend> WhisperModel<B> {
         Ok(())
     }
 
-    pub fn has_request(&self, key: u64) -> bool {
-        self.cross.contains_key(&key)
-    }
-
-    /// Frees a request's cross-attention K/V.
-    pub fn end_request(&mut self, key: u64) {
+    fn end_request(&mut self, key: u64) {
         self.cross.remove(&key);
     }
 
-    pub fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
+    fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
         let shape = self.config.decoder_shape();
         KvCacheShape {
             num_layers: self.config.decoder_layers,
@@ -485,7 +544,7 @@ impl<B: Backend> WhisperModel<B> {
 
     /// The decoder over a batch (each sequence's `key` names its request, whose encoder
     /// has run) -> logits for the requested rows.
-    pub fn forward(
+    fn forward(
         &self,
         backend: &B,
         batch: &ForwardBatch,
@@ -493,21 +552,7 @@ impl<B: Backend> WhisperModel<B> {
         logits_for: LogitsFor,
     ) -> Result<B::Tensor, ForwardError> {
         let cfg = &self.config;
-        if let Some(&id) = batch.token_ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
-            return Err(ForwardError::TokenOutOfRange {
-                id,
-                vocab_size: cfg.vocab_size,
-            });
-        }
-        if let Some(&position) = batch.positions.iter().find(|&&p| p as usize >= cfg.max_target_positions) {
-            return Err(ForwardError::PositionOutOfRange {
-                position,
-                max: cfg.max_target_positions,
-            });
-        }
-        if batch.seqs.iter().any(|s| s.query_len == 0) {
-            return Err(ForwardError::EmptySequence);
-        }
+        check_batch(batch, cfg.vocab_size, cfg.max_target_positions)?;
         let cross: Vec<&CrossKv<B>> = batch
             .seqs
             .iter()
@@ -519,7 +564,10 @@ impl<B: Backend> WhisperModel<B> {
             .collect::<Result<_, _>>()?;
         let shape = cfg.decoder_shape();
         let mut residual = backend.embedding(&self.embed_tokens, &batch.token_ids);
-        backend.add(&mut residual, &backend.embedding(&self.decoder_positions, &batch.positions));
+        backend.add(
+            &mut residual,
+            &backend.embedding(&self.decoder_positions, &batch.positions),
+        );
         let first = &self.decoder_layers[0].self_norm;
         let mut normed = backend.layer_norm(&residual, &first.weight, &first.bias, LAYER_NORM_EPS);
         for (l, layer) in self.decoder_layers.iter().enumerate() {
@@ -548,24 +596,13 @@ impl<B: Backend> WhisperModel<B> {
                 .collect();
             let attn = backend.attention_dense(&q, &seqs, shape, false);
             let attn = backend.linear(&attn, &layer.cross_out, Some(&layer.cross_out_bias));
-            normed = backend.add_layer_norm(
-                &mut residual,
-                &attn,
-                &layer.mlp_norm.weight,
-                &layer.mlp_norm.bias,
-                LAYER_NORM_EPS,
-            );
-            let mlp = self.mlp(backend, &normed, &layer.mlp);
-            let next = self.decoder_layers.get(l + 1).map_or(&self.decoder_norm, |n| &n.self_norm);
-            normed = backend.add_layer_norm(&mut residual, &mlp, &next.weight, &next.bias, LAYER_NORM_EPS);
+            let next = self
+                .decoder_layers
+                .get(l + 1)
+                .map_or(&self.decoder_norm, |n| &n.self_norm);
+            normed = self.mlp_block(backend, &mut residual, &attn, &layer.mlp_norm, &layer.mlp, next);
         }
-        let hidden = match logits_for {
-            LogitsFor::AllTokens => normed,
-            LogitsFor::LastOfEachSequence => {
-                let rows: Vec<usize> = batch.seqs.iter().map(|s| s.query_start + s.query_len - 1).collect();
-                backend.gather_rows(&normed, &rows)
-            }
-        };
+        let hidden = logit_rows(backend, normed, batch, logits_for);
         Ok(backend.linear(&hidden, &self.embed_tokens, None))
     }
 }
@@ -689,7 +726,10 @@ impl WhisperGeneration {
 
     /// The language code of a language token.
     pub fn language_code(&self, id: u32) -> Option<&str> {
-        self.lang_to_id.iter().find(|&&(_, i)| i == id).map(|(code, _)| code.as_str())
+        self.lang_to_id
+            .iter()
+            .find(|&&(_, i)| i == id)
+            .map(|(code, _)| code.as_str())
     }
 
     /// The decoder prompt of one window: `[<|startofprev|> prompt…]`, `<|startoftranscript|>`,

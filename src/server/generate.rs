@@ -334,7 +334,10 @@ async fn model_for(
             code: Some("model_not_supported"),
             ..ApiError::invalid(
                 "model",
-                format!("`{}` is a speech-to-text model: send audio to /v1/audio/transcriptions", model.name),
+                format!(
+                    "`{}` is a speech-to-text model: send audio to /v1/audio/transcriptions",
+                    model.name
+                ),
             )
         });
     }

@@ -88,13 +88,19 @@ fn parse_form(parts: Vec<Part>, translate: bool) -> Result<Form, ApiError> {
         let name = part.name.clone();
         let repeatable = name == "timestamp_granularities[]" || name == "include[]";
         if !repeatable && seen.contains(&name) {
-            return Err(ApiError::invalid(name.clone(), format!("`{name}` is given more than once")));
+            return Err(ApiError::invalid(
+                name.clone(),
+                format!("`{name}` is given more than once"),
+            ));
         }
         seen.push(name.clone());
         match name.as_str() {
             "file" => {
                 if part.filename.is_none() {
-                    return Err(ApiError::invalid("file", "`file` must be a file upload, not a text field"));
+                    return Err(ApiError::invalid(
+                        "file",
+                        "`file` must be a file upload, not a text field",
+                    ));
                 }
                 has_file = true;
                 form.file = part.data;
@@ -112,7 +118,10 @@ fn parse_form(parts: Vec<Part>, translate: bool) -> Result<Form, ApiError> {
                     .ok()
                     .filter(|t| (0.0..=1.0).contains(t))
                     .ok_or_else(|| {
-                        ApiError::invalid("temperature", format!("`temperature` must be a number in [0, 1], got `{text}`"))
+                        ApiError::invalid(
+                            "temperature",
+                            format!("`temperature` must be a number in [0, 1], got `{text}`"),
+                        )
                     })?;
             }
             "response_format" => form.format = Format::parse(text_field(&part)?.trim())?,
@@ -121,20 +130,31 @@ fn parse_form(parts: Vec<Part>, translate: bool) -> Result<Form, ApiError> {
                 form.stream = match text_field(&part)?.trim() {
                     "true" | "True" | "1" => true,
                     "false" | "False" | "0" => false,
-                    other => return Err(ApiError::invalid("stream", format!("`stream` must be true or false, got `{other}`"))),
+                    other => {
+                        return Err(ApiError::invalid(
+                            "stream",
+                            format!("`stream` must be true or false, got `{other}`"),
+                        ))
+                    }
                 }
             }
             "chunking_strategy" => {
                 // Windows are always cut the way Whisper was trained (30 s, seeking on
                 // timestamps): that is `auto`.
                 if text_field(&part)?.trim() != "auto" {
-                    return Err(ApiError::invalid("chunking_strategy", "only `auto` chunking is supported"));
+                    return Err(ApiError::invalid(
+                        "chunking_strategy",
+                        "only `auto` chunking is supported",
+                    ));
                 }
             }
             other => {
                 return Err(ApiError::invalid(
                     other.to_owned(),
-                    format!("unknown field `{other}` for /v1/audio/{}", if translate { "translations" } else { "transcriptions" }),
+                    format!(
+                        "unknown field `{other}` for /v1/audio/{}",
+                        if translate { "translations" } else { "transcriptions" }
+                    ),
                 ))
             }
         }
@@ -169,7 +189,10 @@ fn parse_form(parts: Vec<Part>, translate: bool) -> Result<Form, ApiError> {
         ));
     }
     if form.stream && !matches!(form.format, Format::Json | Format::Text) {
-        return Err(ApiError::invalid("stream", "streaming is available for the json and text formats"));
+        return Err(ApiError::invalid(
+            "stream",
+            "streaming is available for the json and text formats",
+        ));
     }
     Ok(form)
 }
@@ -293,7 +316,9 @@ async fn transcribe(
         let mut detok = IncrementalDetokenizer::new(true);
         while let Some(event) = stream.next().await {
             match event {
-                EngineEvent::Token { token, logprobs: lp, .. } => {
+                EngineEvent::Token {
+                    token, logprobs: lp, ..
+                } => {
                     tokens.push(token);
                     logprobs.push(lp.map_or(0.0, |l| l.logprob as f64));
                     if let (Some(sink), false, true) = (sink.as_mut(), job.timestamps, token < eos) {
@@ -311,7 +336,13 @@ async fn transcribe(
             tokens.pop();
             logprobs.pop();
         }
-        let mean = |lp: &[f64]| if lp.is_empty() { 0.0 } else { lp.iter().sum::<f64>() / lp.len() as f64 };
+        let mean = |lp: &[f64]| {
+            if lp.is_empty() {
+                0.0
+            } else {
+                lp.iter().sum::<f64>() / lp.len() as f64
+            }
+        };
         if !job.timestamps {
             if let Some(sink) = sink.as_mut() {
                 if !sink.send(&detok.flush(&tokenizer).unwrap_or_default()).await {
@@ -384,7 +415,12 @@ fn srt(segments: &[Segment]) -> String {
 fn vtt(segments: &[Segment]) -> String {
     let mut out = String::from("WEBVTT\n\n");
     for s in segments {
-        out.push_str(&format!("{} --> {}\n{}\n\n", clock(s.start, '.'), clock(s.end, '.'), s.text.trim()));
+        out.push_str(&format!(
+            "{} --> {}\n{}\n\n",
+            clock(s.start, '.'),
+            clock(s.end, '.'),
+            s.text.trim()
+        ));
     }
     out
 }
@@ -395,7 +431,10 @@ fn usage(duration: f64) -> Value {
 }
 
 /// The model named by the form, loaded, which must be a speech model.
-async fn speech_model(state: &ServerState, requested: Option<&str>) -> Result<(ModelLease, Arc<SpeechSettings>), ApiError> {
+async fn speech_model(
+    state: &ServerState,
+    requested: Option<&str>,
+) -> Result<(ModelLease, Arc<SpeechSettings>), ApiError> {
     let model = state.models.acquire(requested).await?;
     match model.speech.clone() {
         Some(speech) => Ok((model, speech)),
@@ -412,7 +451,11 @@ async fn speech_model(state: &ServerState, requested: Option<&str>) -> Result<(M
     }
 }
 
-pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>, translate: bool) -> Result<HttpResponse, ApiError> {
+pub async fn handle(
+    state: Arc<ServerState>,
+    req: Request<Incoming>,
+    translate: bool,
+) -> Result<HttpResponse, ApiError> {
     let content_type = req
         .headers()
         .get(hyper::header::CONTENT_TYPE)
@@ -422,11 +465,16 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>, translate: 
     let boundary = multipart::boundary(&content_type).ok_or_else(|| {
         ApiError::bad_request(format!(
             "send the audio as multipart/form-data (with a `file` upload and a `model` field), not `{}`",
-            if content_type.is_empty() { "no content type" } else { &content_type }
+            if content_type.is_empty() {
+                "no content type"
+            } else {
+                &content_type
+            }
         ))
     })?;
     let body = read_body(req.into_body(), state.max_body_bytes).await?;
-    let parts = multipart::parse(&body, &boundary).map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
+    let parts = multipart::parse(&body, &boundary)
+        .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
     drop(body);
     let form = parse_form(parts, translate)?;
     let (model, speech) = speech_model(&state, form.model.as_deref()).await?;
@@ -434,7 +482,10 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>, translate: 
     if translate && !generation.is_multilingual {
         return Err(ApiError::invalid(
             "model",
-            format!("`{}` is English-only; translation needs a multilingual Whisper model", model.name),
+            format!(
+                "`{}` is English-only; translation needs a multilingual Whisper model",
+                model.name
+            ),
         ));
     }
     let language = match (&form.language, generation.is_multilingual) {
@@ -452,7 +503,12 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>, translate: 
                 .iter()
                 .find(|(code, _)| code == l)
                 .map(|&(_, id)| id)
-                .ok_or_else(|| ApiError::invalid("language", format!("`{l}` is not a language this model knows (ISO-639-1 codes such as `en`, `de`)")))?,
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "language",
+                        format!("`{l}` is not a language this model knows (ISO-639-1 codes such as `en`, `de`)"),
+                    )
+                })?,
         ),
     };
     // A text prompt conditions the decoder as previous text would: the last
@@ -558,14 +614,11 @@ async fn detect_language(model: &ModelLease, speech: &SpeechSettings, mel: &LogM
         .ok_or_else(|| ApiError::invalid("language", "this model lists no languages: give `language`"))?;
     let window = Arc::new(mel.window(0, speech.mel.config().frames_per_window()));
     let mut stream = model.engine.submit_with_input(prompt, params, Some(window))?;
-    while let Some(event) = stream.next().await {
-        match event {
-            EngineEvent::Token { token, .. } => return Ok(token),
-            EngineEvent::Finished { .. } => break,
-            EngineEvent::Failed(e) => return Err(ApiError::internal(format!("language detection failed: {e}"))),
-        }
+    match stream.next().await {
+        Some(EngineEvent::Token { token, .. }) => Ok(token),
+        Some(EngineEvent::Failed(e)) => Err(ApiError::internal(format!("language detection failed: {e}"))),
+        Some(EngineEvent::Finished { .. }) | None => Err(ApiError::internal("language detection produced no token")),
     }
-    Err(ApiError::internal("language detection produced no token"))
 }
 
 #[cfg(test)]

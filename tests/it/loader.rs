@@ -7,7 +7,7 @@ use inferd::backend::cpu::CpuBackend;
 use inferd::backend::{Backend, ForwardBatch};
 use inferd::loader::hub::resolve_in_cache;
 use inferd::loader::{Checkpoint, ModelRef};
-use inferd::models::{load_decoder, LogitsFor};
+use inferd::models::{load_decoder, EngineModel, LogitsFor};
 
 use crate::common::{f32_bytes, installed_model, scratch_dir, write_safetensors};
 

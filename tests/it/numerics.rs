@@ -8,7 +8,7 @@
 use inferd::backend::cpu::CpuBackend;
 use inferd::backend::{Backend, ForwardBatch};
 use inferd::engine::{self, Engine, EngineConfig, SamplingParams, SubmitError};
-use inferd::models::{load_decoder, DecoderModel, LogitsFor};
+use inferd::models::{load_decoder, DecoderModel, EngineModel, LogitsFor};
 
 use crate::common::{golden, ids, installed_model};
 

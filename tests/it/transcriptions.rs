@@ -57,7 +57,12 @@ fn transcribe(server: &Server, audio: &[u8], fields: &[(&str, &str)]) -> Respons
     let mut parts: Vec<(&str, Option<&str>, &[u8])> = vec![("file", Some("audio.wav"), audio)];
     parts.extend(fields.iter().map(|(k, v)| (*k, None, v.as_bytes())));
     let (content_type, body) = form(&parts);
-    server.request_bytes("POST", "/v1/audio/transcriptions", &[("content-type", &content_type)], &body)
+    server.request_bytes(
+        "POST",
+        "/v1/audio/transcriptions",
+        &[("content-type", &content_type)],
+        &body,
+    )
 }
 
 fn jfk_wav() -> Vec<u8> {
@@ -85,11 +90,18 @@ fn jfk_in_every_format_and_streamed() {
     let r = transcribe(
         &server,
         &audio,
-        &[("model", WHISPER), ("response_format", "verbose_json"), ("timestamp_granularities[]", "segment")],
+        &[
+            ("model", WHISPER),
+            ("response_format", "verbose_json"),
+            ("timestamp_granularities[]", "segment"),
+        ],
     );
     assert_eq!(r.status, 200, "{}", r.body);
     let body = r.json();
-    assert_eq!((body["task"].as_str(), body["language"].as_str()), (Some("transcribe"), Some("english")));
+    assert_eq!(
+        (body["task"].as_str(), body["language"].as_str()),
+        (Some("transcribe"), Some("english"))
+    );
     assert_eq!(body["duration"], 11.0);
     let segments = body["segments"].as_array().unwrap();
     let offsets = g["greedy_timestamps"]["offsets"].as_array().unwrap();
@@ -127,7 +139,10 @@ fn jfk_in_every_format_and_streamed() {
     assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
     let events = r.events();
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let parsed: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let parsed: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     let (done, deltas) = parsed.split_last().unwrap();
     assert!(deltas.len() > 5, "one delta per word or so");
     let joined: String = deltas
@@ -138,23 +153,46 @@ fn jfk_in_every_format_and_streamed() {
         })
         .collect();
     assert_eq!(joined, want);
-    assert_eq!((done["type"].as_str(), done["text"].as_str()), (Some("transcript.text.done"), Some(want)));
+    assert_eq!(
+        (done["type"].as_str(), done["text"].as_str()),
+        (Some("transcript.text.done"), Some(want))
+    );
 
     // A prompt conditions the decoder (and is not part of the transcript).
-    let r = transcribe(&server, &audio, &[("model", WHISPER), ("prompt", "President Kennedy's inaugural address.")]);
+    let r = transcribe(
+        &server,
+        &audio,
+        &[("model", WHISPER), ("prompt", "President Kennedy's inaugural address.")],
+    );
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(r.json()["text"].as_str().unwrap().contains("ask not what your country can do for you"));
+    assert!(r.json()["text"]
+        .as_str()
+        .unwrap()
+        .contains("ask not what your country can do for you"));
 
     // Other rates and channel counts: 44.1 kHz stereo (resampled and mixed down), 8 kHz.
     let speech = jfk();
-    let up = inferd::media::audio::resample(&inferd::media::audio::Audio { samples: speech.clone(), sample_rate: 16_000 }, 44_100);
+    let up = inferd::media::audio::resample(
+        &inferd::media::audio::Audio {
+            samples: speech.clone(),
+            sample_rate: 16_000,
+        },
+        44_100,
+    );
     let stereo: Vec<f32> = up.samples.iter().flat_map(|&s| [s, s]).collect();
     let r = transcribe(&server, &wav(&stereo, 44_100, 2), &[("model", WHISPER)]);
-    assert_eq!((r.status, r.json()["text"].as_str()), (200, Some(want)), "44.1 kHz stereo");
+    assert_eq!(
+        (r.status, r.json()["text"].as_str()),
+        (200, Some(want)),
+        "44.1 kHz stereo"
+    );
 
     // The engine is idle and its KV blocks are all free afterwards.
     let metrics = server.request("GET", "/metrics", &[], None).body;
-    let line = metrics.lines().find(|l| l.starts_with("inferd_kv_blocks_used")).unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("inferd_kv_blocks_used"))
+        .unwrap();
     assert!(line.ends_with(" 0"), "{line}");
 }
 
@@ -163,7 +201,11 @@ fn long_audio_goes_window_by_window_like_transformers() {
     let g = golden("whisper.json");
     let server = Server::start_model(WHISPER, &[]);
     let audio = wav(&long45(&jfk()), 16_000, 1);
-    let r = transcribe(&server, &audio, &[("model", WHISPER), ("response_format", "verbose_json")]);
+    let r = transcribe(
+        &server,
+        &audio,
+        &[("model", WHISPER), ("response_format", "verbose_json")],
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let body = r.json();
     assert_eq!(body["duration"], 45.0);
@@ -175,7 +217,10 @@ fn long_audio_goes_window_by_window_like_transformers() {
     for (s, o) in segments.iter().zip(offsets) {
         assert_eq!(s["text"], o["text"]);
         let (start, end) = (s["start"].as_f64().unwrap(), s["end"].as_f64().unwrap());
-        assert!((start - o["timestamp"][0].as_f64().unwrap()).abs() < 0.006, "{s} vs {o}");
+        assert!(
+            (start - o["timestamp"][0].as_f64().unwrap()).abs() < 0.006,
+            "{s} vs {o}"
+        );
         assert!((end - o["timestamp"][1].as_f64().unwrap()).abs() < 0.006, "{s} vs {o}");
         assert!(start >= last_end - 1e-9 && end >= start, "monotonic: {s}");
         last_end = end;
@@ -190,7 +235,10 @@ fn long_audio_goes_window_by_window_like_transformers() {
         let lines: Vec<&str> = b.lines().collect();
         assert_eq!(lines[0], (i + 1).to_string());
         let (a, z) = lines[1].split_once(" --> ").unwrap();
-        assert!(a.len() == 12 && z.len() == 12 && a <= z && a.as_bytes()[8] == b',', "{b}");
+        assert!(
+            a.len() == 12 && z.len() == 12 && a <= z && a.as_bytes()[8] == b',',
+            "{b}"
+        );
     }
     let vtt = transcribe(&server, &audio, &[("model", WHISPER), ("response_format", "vtt")]).body;
     assert!(vtt.starts_with("WEBVTT\n\n00:00:00.000 --> 00:00:08.000\n"), "{vtt}");
@@ -202,7 +250,11 @@ fn assert_400(r: &Response, param: Option<&str>, needle: &str) {
     let e = &r.json()["error"];
     assert_eq!(e["type"], "invalid_request_error", "{}", r.body);
     assert_eq!(e["param"].as_str(), param, "{}", r.body);
-    assert!(e["message"].as_str().unwrap().contains(needle), "`{needle}` not in {}", r.body);
+    assert!(
+        e["message"].as_str().unwrap().contains(needle),
+        "`{needle}` not in {}",
+        r.body
+    );
 }
 
 #[test]
@@ -216,51 +268,153 @@ fn bad_transcription_requests_are_400s() {
     };
     let m = WHISPER.as_bytes();
     assert_400(&post(&[("model", None, m)]), Some("file"), "no `file`");
-    assert_400(&post(&[("model", None, m), ("file", None, b"notafile")]), Some("file"), "file upload");
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), b"")]), Some("file"), "empty");
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), b"this is not audio at all")]), Some("file"), "not audio");
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), &audio[..44])]), Some("file"), "could not be decoded");
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), &audio)]), Some("file"), "longer than the limit of 5 s");
-    let s = short.as_slice();
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), s), ("foo", None, b"bar")]), Some("foo"), "unknown field");
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), s), ("response_format", None, b"xml")]), Some("response_format"), "xml");
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), s), ("temperature", None, b"5")]), Some("temperature"), "[0, 1]");
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), s), ("stream", None, b"maybe")]), Some("stream"), "true or false");
     assert_400(
-        &post(&[("model", None, m), ("file", Some("a.wav"), s), ("response_format", None, b"verbose_json"), ("timestamp_granularities[]", None, b"word")]),
+        &post(&[("model", None, m), ("file", None, b"notafile")]),
+        Some("file"),
+        "file upload",
+    );
+    assert_400(
+        &post(&[("model", None, m), ("file", Some("a.wav"), b"")]),
+        Some("file"),
+        "empty",
+    );
+    assert_400(
+        &post(&[("model", None, m), ("file", Some("a.wav"), b"this is not audio at all")]),
+        Some("file"),
+        "not audio",
+    );
+    assert_400(
+        &post(&[("model", None, m), ("file", Some("a.wav"), &audio[..44])]),
+        Some("file"),
+        "could not be decoded",
+    );
+    assert_400(
+        &post(&[("model", None, m), ("file", Some("a.wav"), &audio)]),
+        Some("file"),
+        "longer than the limit of 5 s",
+    );
+    let s = short.as_slice();
+    assert_400(
+        &post(&[("model", None, m), ("file", Some("a.wav"), s), ("foo", None, b"bar")]),
+        Some("foo"),
+        "unknown field",
+    );
+    assert_400(
+        &post(&[
+            ("model", None, m),
+            ("file", Some("a.wav"), s),
+            ("response_format", None, b"xml"),
+        ]),
+        Some("response_format"),
+        "xml",
+    );
+    assert_400(
+        &post(&[
+            ("model", None, m),
+            ("file", Some("a.wav"), s),
+            ("temperature", None, b"5"),
+        ]),
+        Some("temperature"),
+        "[0, 1]",
+    );
+    assert_400(
+        &post(&[
+            ("model", None, m),
+            ("file", Some("a.wav"), s),
+            ("stream", None, b"maybe"),
+        ]),
+        Some("stream"),
+        "true or false",
+    );
+    assert_400(
+        &post(&[
+            ("model", None, m),
+            ("file", Some("a.wav"), s),
+            ("response_format", None, b"verbose_json"),
+            ("timestamp_granularities[]", None, b"word"),
+        ]),
         Some("timestamp_granularities[]"),
         "word timestamps",
     );
     assert_400(
-        &post(&[("model", None, m), ("file", Some("a.wav"), s), ("timestamp_granularities[]", None, b"segment")]),
+        &post(&[
+            ("model", None, m),
+            ("file", Some("a.wav"), s),
+            ("timestamp_granularities[]", None, b"segment"),
+        ]),
         Some("timestamp_granularities[]"),
         "verbose_json",
     );
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), s), ("response_format", None, b"srt"), ("stream", None, b"true")]), Some("stream"), "json and text");
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), s), ("model", None, m)]), Some("model"), "more than once");
-    assert_400(&post(&[("model", None, m), ("file", Some("a.wav"), s), ("language", None, b"de")]), Some("language"), "English-only");
+    assert_400(
+        &post(&[
+            ("model", None, m),
+            ("file", Some("a.wav"), s),
+            ("response_format", None, b"srt"),
+            ("stream", None, b"true"),
+        ]),
+        Some("stream"),
+        "json and text",
+    );
+    assert_400(
+        &post(&[("model", None, m), ("file", Some("a.wav"), s), ("model", None, m)]),
+        Some("model"),
+        "more than once",
+    );
+    assert_400(
+        &post(&[
+            ("model", None, m),
+            ("file", Some("a.wav"), s),
+            ("language", None, b"de"),
+        ]),
+        Some("language"),
+        "English-only",
+    );
     // Not multipart at all.
-    let r = server.request("POST", "/v1/audio/transcriptions", &[("content-type", "application/json")], Some("{\"model\": \"x\"}"));
+    let r = server.request(
+        "POST",
+        "/v1/audio/transcriptions",
+        &[("content-type", "application/json")],
+        Some("{\"model\": \"x\"}"),
+    );
     assert_400(&r, None, "multipart/form-data");
-    let r = server.request_bytes("POST", "/v1/audio/transcriptions", &[("content-type", "multipart/form-data; boundary=zz")], b"--zz\r\nbroken");
+    let r = server.request_bytes(
+        "POST",
+        "/v1/audio/transcriptions",
+        &[("content-type", "multipart/form-data; boundary=zz")],
+        b"--zz\r\nbroken",
+    );
     assert_400(&r, None, "malformed multipart");
     // Translation needs a multilingual model.
     let (ct, body) = form(&[("model", None, m), ("file", Some("a.wav"), s)]);
     let r = server.request_bytes("POST", "/v1/audio/translations", &[("content-type", &ct)], &body);
     assert_400(&r, Some("model"), "English-only");
-    let (ct, body) = form(&[("model", None, m), ("file", Some("a.wav"), s), ("language", None, b"en")]);
+    let (ct, body) = form(&[
+        ("model", None, m),
+        ("file", Some("a.wav"), s),
+        ("language", None, b"en"),
+    ]);
     let r = server.request_bytes("POST", "/v1/audio/translations", &[("content-type", &ct)], &body);
     assert_400(&r, Some("language"), "unknown field");
     // Whisper named for chat; a text model named for transcription.
-    let r = server.post("/v1/chat/completions", serde_json::json!({"model": WHISPER, "messages": [{"role": "user", "content": "hi"}]}));
+    let r = server.post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": WHISPER, "messages": [{"role": "user", "content": "hi"}]}),
+    );
     assert_400(&r, Some("model"), "speech-to-text");
     assert_eq!(r.json()["error"]["code"], "model_not_supported");
-    let r = post(&[("model", None, b"HuggingFaceTB/SmolLM2-135M-Instruct"), ("file", Some("a.wav"), s)]);
+    let r = post(&[
+        ("model", None, b"HuggingFaceTB/SmolLM2-135M-Instruct"),
+        ("file", Some("a.wav"), s),
+    ]);
     assert_400(&r, Some("model"), "text model");
     // After all that, a good request still works.
     let r = post(&[("model", None, m), ("file", Some("a.wav"), s)]);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(r.json()["text"].as_str().unwrap().contains("fellow Americans"), "{}", r.body);
+    assert!(
+        r.json()["text"].as_str().unwrap().contains("fellow Americans"),
+        "{}",
+        r.body
+    );
 }
 
 /// FLAC decodes to the very samples of the WAV it was made from; Ogg Vorbis and MP3
@@ -282,7 +436,9 @@ fn flac_ogg_and_mp3_uploads() {
         let snr = |shift: i64| {
             let (mut signal, mut noise) = (0.0f64, 0.0f64);
             for i in 8_000..72_000i64 {
-                let (Some(&a), Some(&b)) = (excerpt.get(i as usize), audio.samples.get((i + shift) as usize)) else { continue };
+                let (Some(&a), Some(&b)) = (excerpt.get(i as usize), audio.samples.get((i + shift) as usize)) else {
+                    continue;
+                };
                 signal += (a as f64).powi(2);
                 noise += (a as f64 - b as f64).powi(2);
             }
@@ -300,7 +456,14 @@ fn flac_ogg_and_mp3_uploads() {
         // A lossy codec may move a word ("asked" for "ask"), not the speech.
         let r = transcribe(&server, &read(name), &[("model", WHISPER)]);
         assert_eq!(r.status, 200, "{name}: {}", r.body);
-        assert!(r.json()["text"].as_str().unwrap().starts_with("And so my fellow Americans"), "{name}: {}", r.body);
+        assert!(
+            r.json()["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("And so my fellow Americans"),
+            "{name}: {}",
+            r.body
+        );
     }
 }
 
@@ -318,11 +481,24 @@ fn multilingual_models_detect_languages_and_translate() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["language"], languages[detected as usize]);
     assert_eq!(r.json()["task"], "transcribe");
-    let r = transcribe(&server, &audio, &[("model", tiny), ("language", "fr"), ("response_format", "verbose_json")]);
-    assert_eq!((r.status, r.json()["language"].as_str()), (200, Some("fr")), "{}", r.body);
+    let r = transcribe(
+        &server,
+        &audio,
+        &[("model", tiny), ("language", "fr"), ("response_format", "verbose_json")],
+    );
+    assert_eq!(
+        (r.status, r.json()["language"].as_str()),
+        (200, Some("fr")),
+        "{}",
+        r.body
+    );
     let r = transcribe(&server, &audio, &[("model", tiny), ("language", "xx")]);
     assert_400(&r, Some("language"), "not a language");
-    let (ct, body) = form(&[("file", Some("a.wav"), &audio), ("model", None, tiny.as_bytes()), ("response_format", None, b"verbose_json")]);
+    let (ct, body) = form(&[
+        ("file", Some("a.wav"), &audio),
+        ("model", None, tiny.as_bytes()),
+        ("response_format", None, b"verbose_json"),
+    ]);
     let r = server.request_bytes("POST", "/v1/audio/translations", &[("content-type", &ct)], &body);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["task"], "translate");

@@ -13,7 +13,7 @@ use inferd::backend::{Backend, ForwardBatch};
 use inferd::engine::{Engine, EngineConfig, EngineEvent, RequestId, SamplingParams};
 use inferd::media::audio::{self, LogMel, MelConfig, MelExtractor};
 use inferd::models::whisper::WhisperGeneration;
-use inferd::models::{load_whisper, LogitsFor, WhisperModel};
+use inferd::models::{load_whisper, EngineModel, LogitsFor, WhisperModel};
 
 use crate::common::{golden, ids, installed_model, repo_root};
 
@@ -48,7 +48,11 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 #[test]
@@ -65,7 +69,11 @@ fn log_mel_features_match_transformers() {
     ];
     for (name, samples) in inputs {
         let want = &g["mel"][name];
-        assert_eq!(samples.len() as u64, want["samples"].as_u64().unwrap(), "{name}: input length");
+        assert_eq!(
+            samples.len() as u64,
+            want["samples"].as_u64().unwrap(),
+            "{name}: input length"
+        );
         let mel = extractor.long_features(&samples);
         assert_eq!(mel.frames as u64, want["frames"].as_u64().unwrap(), "{name}: frames");
         let mut sampled = Vec::new();
@@ -84,7 +92,10 @@ fn log_mel_features_match_transformers() {
 
 fn load() -> WhisperModel<CpuBackend> {
     let mut last = (0, 0);
-    let model = load_whisper(&CpuBackend::default(), &installed_model(REPO), &mut |c, t| last = (c, t)).unwrap();
+    let model = load_whisper(&CpuBackend::default(), &installed_model(REPO), &mut |c, t| {
+        last = (c, t)
+    })
+    .unwrap();
     assert_eq!(last.0, last.1, "progress ends at the total");
     model
 }
@@ -103,7 +114,12 @@ fn encoder_and_decoder_match_transformers() {
     let (values, rows, cols) = backend.to_host(encoded);
     assert_eq!((rows, cols), (1500, 384));
     let mut worst = 0.0f32;
-    for (r, want) in g["encoder"]["rows"].as_array().unwrap().iter().zip(g["encoder"]["values"].as_array().unwrap()) {
+    for (r, want) in g["encoder"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(g["encoder"]["values"].as_array().unwrap())
+    {
         let r = r.as_u64().unwrap() as usize;
         worst = worst.max(max_diff(&values[r * cols..(r + 1) * cols], &floats(want)));
     }
@@ -111,14 +127,16 @@ fn encoder_and_decoder_match_transformers() {
     assert!(worst < 5e-4, "encoder output differs by {worst}");
 
     // Decoder logits over the golden sequence, in one prefill.
-    model.begin_request(&backend, 7, &mel).unwrap();
+    model.begin_request(&backend, 7, &Arc::new(mel)).unwrap();
     let input = ids(&g["decoder"]["input_ids"]);
     let block_size = 16;
     let blocks: Vec<u32> = (0..input.len().div_ceil(block_size) as u32).collect();
     let mut batch = ForwardBatch::single(&input, 0, &blocks, block_size);
     batch.seqs[0].key = 7;
     let mut cache = backend.alloc_kv_cache(model.kv_cache_shape(blocks.len(), block_size));
-    let logits = model.forward(&backend, &batch, &mut cache, LogitsFor::AllTokens).unwrap();
+    let logits = model
+        .forward(&backend, &batch, &mut cache, LogitsFor::AllTokens)
+        .unwrap();
     let (logits, _, vocab) = backend.to_host(logits);
     let mut worst = 0.0f32;
     for case in g["decoder"]["top_logits"].as_array().unwrap() {
@@ -137,9 +155,17 @@ fn encoder_and_decoder_match_transformers() {
     assert!(!model.has_request(7));
 }
 
-fn run(engine: &mut Engine<CpuBackend, WhisperModel<CpuBackend>>, id: u64, prompt: Vec<u32>, params: SamplingParams, mel: LogMel) -> Vec<u32> {
+fn run(
+    engine: &mut Engine<CpuBackend, WhisperModel<CpuBackend>>,
+    id: u64,
+    prompt: Vec<u32>,
+    params: SamplingParams,
+    mel: LogMel,
+) -> Vec<u32> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    engine.add_request_with_input(RequestId(id), prompt, params, Some(Arc::new(mel)), tx).unwrap();
+    engine
+        .add_request_with_input(RequestId(id), prompt, params, Some(Arc::new(mel)), tx)
+        .unwrap();
     let mut out = Vec::new();
     while engine.has_work() {
         engine.step();
@@ -159,16 +185,33 @@ fn greedy_ids_match_transformers_with_and_without_timestamps() {
     let g = golden("whisper.json");
     let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
     let model = load();
-    let mut engine = Engine::new(CpuBackend::default(), model, EngineConfig::default(), vec![gen.eos_token_id]);
+    let mut engine = Engine::new(
+        CpuBackend::default(),
+        model,
+        EngineConfig::default(),
+        vec![gen.eos_token_id],
+    );
     let params = |timestamps: bool| SamplingParams {
         temperature: 0.0,
         speech: Some(Arc::new(gen.rules(timestamps))),
         ..SamplingParams::default()
     };
-    let plain = run(&mut engine, 1, gen.prompt(&[], None, false, false), params(false), jfk_mel());
+    let plain = run(
+        &mut engine,
+        1,
+        gen.prompt(&[], None, false, false),
+        params(false),
+        jfk_mel(),
+    );
     assert_eq!(plain.last(), Some(&gen.eos_token_id));
     assert_eq!(plain[..plain.len() - 1], ids(&g["greedy"]["ids"])[..]);
-    let stamped = run(&mut engine, 2, gen.prompt(&[], None, false, true), params(true), jfk_mel());
+    let stamped = run(
+        &mut engine,
+        2,
+        gen.prompt(&[], None, false, true),
+        params(true),
+        jfk_mel(),
+    );
     assert_eq!(stamped[..stamped.len() - 1], ids(&g["greedy_timestamps"]["ids"])[..]);
     assert_eq!(engine.stats().kv_blocks_used, 0);
 }
@@ -178,7 +221,12 @@ fn greedy_ids_match_transformers_with_and_without_timestamps() {
 #[test]
 fn concurrent_requests_batch_and_match_their_solo_runs() {
     let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
-    let mut engine = Engine::new(CpuBackend::default(), load(), EngineConfig::default(), vec![gen.eos_token_id]);
+    let mut engine = Engine::new(
+        CpuBackend::default(),
+        load(),
+        EngineConfig::default(),
+        vec![gen.eos_token_id],
+    );
     let extractor = MelExtractor::new(MelConfig::default());
     let speech = jfk();
     let long = long45(&speech);
@@ -196,13 +244,29 @@ fn concurrent_requests_batch_and_match_their_solo_runs() {
     let solo: Vec<Vec<u32>> = inputs
         .iter()
         .enumerate()
-        .map(|(i, (ts, mel))| run(&mut engine, 100 + i as u64, gen.prompt(&[], None, false, *ts), params(*ts), mel.clone()))
+        .map(|(i, (ts, mel))| {
+            run(
+                &mut engine,
+                100 + i as u64,
+                gen.prompt(&[], None, false, *ts),
+                params(*ts),
+                mel.clone(),
+            )
+        })
         .collect();
     let mut receivers = Vec::new();
     for (i, (ts, mel)) in inputs.iter().enumerate() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let prompt = gen.prompt(&[], None, false, *ts);
-        engine.add_request_with_input(RequestId(200 + i as u64), prompt, params(*ts), Some(Arc::new(mel.clone())), tx).unwrap();
+        engine
+            .add_request_with_input(
+                RequestId(200 + i as u64),
+                prompt,
+                params(*ts),
+                Some(Arc::new(mel.clone())),
+                tx,
+            )
+            .unwrap();
         receivers.push(rx);
     }
     let mut widest = 0;
@@ -225,11 +289,29 @@ fn concurrent_requests_batch_and_match_their_solo_runs() {
     assert!(err.is_err());
     // A bad input fails its own request only, in a step shared with a good one.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let bad = LogMel { values: vec![0.0; 80 * 10], n_mels: 80, frames: 10 };
-    engine.add_request_with_input(RequestId(301), gen.prompt(&[], None, false, false), params(false), Some(Arc::new(bad)), tx).unwrap();
+    let bad = LogMel {
+        values: vec![0.0; 80 * 10],
+        n_mels: 80,
+        frames: 10,
+    };
+    engine
+        .add_request_with_input(
+            RequestId(301),
+            gen.prompt(&[], None, false, false),
+            params(false),
+            Some(Arc::new(bad)),
+            tx,
+        )
+        .unwrap();
     let (tx, mut good) = tokio::sync::mpsc::unbounded_channel();
     engine
-        .add_request_with_input(RequestId(302), gen.prompt(&[], None, false, false), params(false), Some(Arc::new(inputs[0].1.clone())), tx)
+        .add_request_with_input(
+            RequestId(302),
+            gen.prompt(&[], None, false, false),
+            params(false),
+            Some(Arc::new(inputs[0].1.clone())),
+            tx,
+        )
         .unwrap();
     while engine.has_work() {
         engine.step();
@@ -247,7 +329,12 @@ fn concurrent_requests_batch_and_match_their_solo_runs() {
 #[test]
 fn prefix_cache_is_keyed_by_audio() {
     let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
-    let mut engine = Engine::new(CpuBackend::default(), load(), EngineConfig::default(), vec![gen.eos_token_id]);
+    let mut engine = Engine::new(
+        CpuBackend::default(),
+        load(),
+        EngineConfig::default(),
+        vec![gen.eos_token_id],
+    );
     let extractor = MelExtractor::new(MelConfig::default());
     let speech = jfk();
     // 40 prompt tokens: two full blocks of 16.
@@ -261,12 +348,33 @@ fn prefix_cache_is_keyed_by_audio() {
         ..SamplingParams::default()
     };
     let hits = |engine: &Engine<CpuBackend, WhisperModel<CpuBackend>>| engine.stats().prefix_cache_hits;
-    let a = run(&mut engine, 1, prompt.clone(), params.clone(), extractor.window_features(&speech));
+    let a = run(
+        &mut engine,
+        1,
+        prompt.clone(),
+        params.clone(),
+        extractor.window_features(&speech),
+    );
     let after_first = hits(&engine);
-    let b = run(&mut engine, 2, prompt.clone(), params.clone(), extractor.window_features(&speech[16_000 * 5..]));
+    let b = run(
+        &mut engine,
+        2,
+        prompt.clone(),
+        params.clone(),
+        extractor.window_features(&speech[16_000 * 5..]),
+    );
     assert_eq!(hits(&engine), after_first, "other audio: no block shared");
-    let again = run(&mut engine, 3, prompt.clone(), params.clone(), extractor.window_features(&speech));
-    assert!(hits(&engine) >= after_first + 2, "same audio: the prompt's full blocks are shared");
+    let again = run(
+        &mut engine,
+        3,
+        prompt.clone(),
+        params.clone(),
+        extractor.window_features(&speech),
+    );
+    assert!(
+        hits(&engine) >= after_first + 2,
+        "same audio: the prompt's full blocks are shared"
+    );
     assert_eq!(again, a);
     assert_ne!(a, b);
 }
@@ -275,7 +383,11 @@ fn prefix_cache_is_keyed_by_audio() {
 fn mel_with_128_bins_matches_transformers() {
     let g = golden("whisper.json");
     let stride = g["frame_stride"].as_u64().unwrap() as usize;
-    let mel = MelExtractor::new(MelConfig { n_mels: 128, ..MelConfig::default() }).window_features(&jfk());
+    let mel = MelExtractor::new(MelConfig {
+        n_mels: 128,
+        ..MelConfig::default()
+    })
+    .window_features(&jfk());
     assert_eq!((mel.n_mels, mel.frames), (128, 3000));
     let mut sampled = Vec::new();
     for f in (0..mel.frames).step_by(stride) {
@@ -296,7 +408,12 @@ fn multilingual_prompts_and_language_detection_match_transformers() {
     let gen = WhisperGeneration::from_dir(&dir).unwrap();
     assert!(gen.is_multilingual);
     let model = load_whisper(&CpuBackend::default(), &dir, &mut |_, _| {}).unwrap();
-    let mut engine = Engine::new(CpuBackend::default(), model, EngineConfig::default(), vec![gen.eos_token_id]);
+    let mut engine = Engine::new(
+        CpuBackend::default(),
+        model,
+        EngineConfig::default(),
+        vec![gen.eos_token_id],
+    );
     let mel = jfk_mel();
     let (prompt, params) = gen.language_detection().unwrap();
     let detected = run(&mut engine, 1, prompt, params, mel.clone());
@@ -316,7 +433,11 @@ fn multilingual_prompts_and_language_detection_match_transformers() {
     .enumerate()
     {
         let prompt = gen.prompt(&[], Some(language), translate, false);
-        assert_eq!(prompt.len(), 4, "{key}: <|startoftranscript|> language task <|notimestamps|>");
+        assert_eq!(
+            prompt.len(),
+            4,
+            "{key}: <|startoftranscript|> language task <|notimestamps|>"
+        );
         let out = run(&mut engine, 10 + i as u64, prompt, params.clone(), mel.clone());
         assert_eq!(out, ids(&g[key]), "{key}");
     }

@@ -209,7 +209,8 @@ fn layer_norm_row(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [
 fn erf(x: f32) -> f32 {
     let x = x as f64;
     let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
-    let poly = t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let poly =
+        t * (0.254_829_592 + t * (-0.284_496_736 + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
     let y = 1.0 - poly * (-x * x).exp();
     (if x < 0.0 { -y } else { y }) as f32
 }
@@ -725,8 +726,14 @@ impl Backend for CpuBackend {
             .collect();
         let mut token_seq = vec![usize::MAX; q.rows];
         for (i, s) in seqs.iter().enumerate() {
-            assert!(s.q_start + s.q_len <= q.rows, "attention_dense: query rows out of range");
-            assert!(!causal || s.q_len <= s.k.rows, "attention_dense: more queries than keys");
+            assert!(
+                s.q_start + s.q_len <= q.rows,
+                "attention_dense: query rows out of range"
+            );
+            assert!(
+                !causal || s.q_len <= s.k.rows,
+                "attention_dense: more queries than keys"
+            );
             token_seq[s.q_start..s.q_start + s.q_len].fill(i);
         }
         let mut out = CpuTensor::zeros(q.rows, q_width);
@@ -741,7 +748,11 @@ impl Backend for CpuBackend {
                     keys_t: &keys_t[token_seq[t]],
                     values: seq.v,
                     positions: m,
-                    visible: if causal { m - seq.q_len + (t - seq.q_start) + 1 } else { m },
+                    visible: if causal {
+                        m - seq.q_len + (t - seq.q_start) + 1
+                    } else {
+                        m
+                    },
                     shape,
                     scale,
                 };
@@ -750,7 +761,7 @@ impl Backend for CpuBackend {
         out
     }
 
-    fn from_host(&self, values: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
+    fn upload(&self, values: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
         CpuTensor::new(values, rows, cols)
     }
 
@@ -791,19 +802,16 @@ impl Backend for CpuBackend {
         assert!(len + 2 * pad >= kernel && stride > 0, "im2col_1d: input too short");
         let out_len = (len + 2 * pad - kernel) / stride + 1;
         let mut out = CpuTensor::zeros(out_len, ch * kernel);
-        out.data
-            .par_chunks_mut(ch * kernel)
-            .enumerate()
-            .for_each(|(p, row)| {
-                for t in 0..kernel {
-                    let Some(src) = (p * stride + t).checked_sub(pad).filter(|&i| i < len) else {
-                        continue;
-                    };
-                    for (c, &v) in x.row(src).iter().enumerate() {
-                        row[c * kernel + t] = v;
-                    }
+        out.data.par_chunks_mut(ch * kernel).enumerate().for_each(|(p, row)| {
+            for t in 0..kernel {
+                let Some(src) = (p * stride + t).checked_sub(pad).filter(|&i| i < len) else {
+                    continue;
+                };
+                for (c, &v) in x.row(src).iter().enumerate() {
+                    row[c * kernel + t] = v;
                 }
-            });
+            }
+        });
         out
     }
 
@@ -827,7 +835,13 @@ mod tests {
     #[test]
     fn gelu_matches_known_values() {
         // torch.nn.functional.gelu at these points.
-        for (x, want) in [(-3.0f32, -0.004_049_74), (-1.0, -0.158_655_25), (0.0, 0.0), (0.5, 0.345_731_14), (2.0, 1.954_499_7)] {
+        for (x, want) in [
+            (-3.0f32, -0.004_049_74),
+            (-1.0, -0.158_655_25),
+            (0.0, 0.0),
+            (0.5, 0.345_731_14),
+            (2.0, 1.954_499_7),
+        ] {
             assert!((gelu(x) - want).abs() < 1e-6, "gelu({x}) = {} not {want}", gelu(x));
         }
     }
@@ -847,17 +861,33 @@ mod tests {
     #[test]
     fn dense_attention_is_softmax_attention() {
         let b = CpuBackend::default();
-        let shape = AttentionShape { num_heads: 2, num_kv_heads: 1, head_dim: 2 };
+        let shape = AttentionShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 2,
+        };
         let q = CpuTensor::new(vec![1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 1.0, 1.0], 2, 4);
         let k = CpuTensor::new(vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 3, 2);
         let v = CpuTensor::new(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 3, 2);
         for causal in [false, true] {
-            let out = b.attention_dense(&q, &[DenseAttention { q_start: 0, q_len: 2, k: &k, v: &v }], shape, causal);
+            let out = b.attention_dense(
+                &q,
+                &[DenseAttention {
+                    q_start: 0,
+                    q_len: 2,
+                    k: &k,
+                    v: &v,
+                }],
+                shape,
+                causal,
+            );
             for t in 0..2 {
                 let visible = if causal { 3 - 2 + t + 1 } else { 3 };
                 for h in 0..2 {
                     let qh = &q.row(t)[h * 2..h * 2 + 2];
-                    let s: Vec<f32> = (0..visible).map(|j| (qh[0] * k.row(j)[0] + qh[1] * k.row(j)[1]) / 2f32.sqrt()).collect();
+                    let s: Vec<f32> = (0..visible)
+                        .map(|j| (qh[0] * k.row(j)[0] + qh[1] * k.row(j)[1]) / 2f32.sqrt())
+                        .collect();
                     let z: f32 = s.iter().map(|x| x.exp()).sum();
                     for d in 0..2 {
                         let want: f32 = (0..visible).map(|j| s[j].exp() / z * v.row(j)[d]).sum();
