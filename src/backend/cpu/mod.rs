@@ -249,13 +249,68 @@ struct AttentionToken<'a> {
     layout: KvLayout,
 }
 
+/// Query runs at least this long take the matmul form of `attention_dense`.
+const DENSE_MATMUL_MIN_QUERIES: usize = 16;
+
+/// One sequence of `attention_dense` as matmuls, head by head: `S = Q Kᵀ` (scaled), a
+/// row softmax (causal positions masked), `O = P V`, written to `out`'s rows and the
+/// head's columns. Streams K and V once per head instead of once per query.
+fn dense_attention_matmul(
+    q: &CpuTensor,
+    seq: &DenseAttention<'_, CpuTensor>,
+    shape: AttentionShape,
+    causal: bool,
+    out: &mut CpuTensor,
+) {
+    let hd = shape.head_dim;
+    let (n, m) = (seq.q_len, seq.k.rows);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let group = shape.group_size();
+    let q_width = shape.q_width();
+    for kvh in 0..shape.num_kv_heads {
+        let cols = kvh * hd..(kvh + 1) * hd;
+        let keys = PackedMatrix::<f32>::pack(m, hd, |r, dst| dst.copy_from_slice(&seq.k.row(r)[cols.clone()]));
+        let values_t = PackedMatrix::<f32>::pack(hd, m, |d, dst| {
+            for (j, v) in dst.iter_mut().enumerate() {
+                *v = seq.v.row(j)[kvh * hd + d];
+            }
+        });
+        for h in kvh * group..(kvh + 1) * group {
+            let mut q_head = vec![0.0f32; n * hd];
+            for (i, row) in q_head.chunks_exact_mut(hd).enumerate() {
+                for (o, &x) in row.iter_mut().zip(&q.row(seq.q_start + i)[h * hd..(h + 1) * hd]) {
+                    *o = x * scale;
+                }
+            }
+            let mut scores = vec![0.0f32; n * m];
+            matmul_transposed(&q_head, &keys, &mut scores, n);
+            scores.par_chunks_mut(m).enumerate().for_each(|(i, row)| {
+                let visible = if causal { m - n + i + 1 } else { m };
+                let max = row[..visible].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                for s in &mut row[..visible] {
+                    *s = (*s - max).exp();
+                }
+                let inv = 1.0 / row[..visible].iter().sum::<f32>();
+                for s in &mut row[..visible] {
+                    *s *= inv;
+                }
+                row[visible..].fill(0.0);
+            });
+            let mut heads_out = vec![0.0f32; n * hd];
+            matmul_transposed(&scores, &values_t, &mut heads_out, n);
+            for (i, row) in heads_out.chunks_exact(hd).enumerate() {
+                let at = (seq.q_start + i) * q_width + h * hd;
+                out.data[at..at + hd].copy_from_slice(row);
+            }
+        }
+    }
+}
+
 /// One query row of a dense attention (`attention_dense`).
 struct DenseRow<'a> {
     q_row: &'a [f32],
-    /// `[kv_head][d][position]`
-    keys_t: &'a [f32],
+    keys: &'a CpuTensor,
     values: &'a CpuTensor,
-    positions: usize,
     visible: usize,
     shape: AttentionShape,
     scale: f32,
@@ -283,18 +338,26 @@ impl DenseRow<'_> {
     fn attend_body(&self, scores: &mut Vec<f32>, out_row: &mut [f32]) {
         let hd = self.shape.head_dim;
         let group = self.shape.group_size();
-        let (m, visible) = (self.positions, self.visible);
+        let visible = self.visible;
+        let mut q = [0.0f32; MAX_HEAD_DIM];
         for h in 0..self.shape.num_heads {
             let kvh = h / group;
-            scores.clear();
-            scores.resize(visible, 0.0);
-            for (d, &qd) in self.q_row[h * hd..(h + 1) * hd].iter().enumerate() {
-                let qd = qd * self.scale;
-                let keys = &self.keys_t[(kvh * hd + d) * m..][..visible];
-                for (s, k) in scores.iter_mut().zip(keys) {
-                    *s = qd.mul_add(*k, *s);
-                }
+            for (o, &x) in q[..hd].iter_mut().zip(&self.q_row[h * hd..(h + 1) * hd]) {
+                *o = x * self.scale;
             }
+            // One dot product per position over its contiguous key row: for a single
+            // query (a decode step's cross-attention) this reads K once, in order.
+            scores.clear();
+            scores.extend((0..visible).map(|j| {
+                let key = &self.keys.row(j)[kvh * hd..(kvh + 1) * hd];
+                let mut acc = [0.0f32; 16];
+                for (qc, kc) in q[..hd].chunks(16).zip(key.chunks(16)) {
+                    for ((a, x), y) in acc.iter_mut().zip(qc).zip(kc) {
+                        *a = x.mul_add(*y, *a);
+                    }
+                }
+                acc.iter().sum::<f32>()
+            }));
             let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = 0.0f32;
             for s in scores.iter_mut() {
@@ -707,25 +770,9 @@ impl Backend for CpuBackend {
         let (q_width, kv_width) = (shape.q_width(), shape.kv_width());
         assert_eq!(q.cols, q_width, "attention_dense: q has {} columns", q.cols);
         let scale = 1.0 / (hd as f32).sqrt();
-        // Keys transposed per KV head, `[kv_head][d][position]`, so that one query's
-        // scores over all positions are contiguous FMAs.
-        let keys_t: Vec<Vec<f32>> = seqs
-            .iter()
-            .map(|s| {
-                assert_eq!((s.k.cols, s.v.cols), (kv_width, kv_width), "attention_dense: K/V width");
-                assert_eq!(s.k.rows, s.v.rows, "attention_dense: K and V rows differ");
-                let m = s.k.rows;
-                let mut t = vec![0.0f32; kv_width * m];
-                for (j, row) in s.k.data.chunks_exact(kv_width).enumerate() {
-                    for (c, &v) in row.iter().enumerate() {
-                        t[c * m + j] = v;
-                    }
-                }
-                t
-            })
-            .collect();
-        let mut token_seq = vec![usize::MAX; q.rows];
-        for (i, s) in seqs.iter().enumerate() {
+        for s in seqs {
+            assert_eq!((s.k.cols, s.v.cols), (kv_width, kv_width), "attention_dense: K/V width");
+            assert_eq!(s.k.rows, s.v.rows, "attention_dense: K and V rows differ");
             assert!(
                 s.q_start + s.q_len <= q.rows,
                 "attention_dense: query rows out of range"
@@ -734,9 +781,22 @@ impl Backend for CpuBackend {
                 !causal || s.q_len <= s.k.rows,
                 "attention_dense: more queries than keys"
             );
-            token_seq[s.q_start..s.q_start + s.q_len].fill(i);
         }
         let mut out = CpuTensor::zeros(q.rows, q_width);
+        // Long query runs (an encoder's) as two matmuls per head; the rest row by row.
+        let (long, short): (Vec<&DenseAttention<'_, CpuTensor>>, Vec<&DenseAttention<'_, CpuTensor>>) =
+            seqs.iter().partition(|s| s.q_len >= DENSE_MATMUL_MIN_QUERIES);
+        for seq in long {
+            dense_attention_matmul(q, seq, shape, causal, &mut out);
+        }
+        if short.is_empty() {
+            return out;
+        }
+        let seqs = short;
+        let mut token_seq = vec![usize::MAX; q.rows];
+        for (i, s) in seqs.iter().enumerate() {
+            token_seq[s.q_start..s.q_start + s.q_len].fill(i);
+        }
         out.data
             .par_chunks_mut(q_width)
             .enumerate()
@@ -745,9 +805,8 @@ impl Backend for CpuBackend {
                 let m = seq.k.rows;
                 let row = DenseRow {
                     q_row: q.row(t),
-                    keys_t: &keys_t[token_seq[t]],
+                    keys: seq.k,
                     values: seq.v,
-                    positions: m,
                     visible: if causal {
                         m - seq.q_len + (t - seq.q_start) + 1
                     } else {
@@ -856,6 +915,71 @@ mod tests {
         // Output 0 reads steps -1, 0, 1: channel 0 -> [0, 0, 2], channel 1 -> [0, 1, 3].
         assert_eq!(cols.row(0), &[0.0, 0.0, 2.0, 0.0, 1.0, 3.0]);
         assert_eq!(cols.row(2), &[6.0, 8.0, 0.0, 7.0, 9.0, 0.0]);
+    }
+
+    /// Long query runs (matmul form) and short ones (row by row) in one call, GQA,
+    /// causal and not, against a float64 reference.
+    #[test]
+    fn dense_attention_both_paths_match_a_reference() {
+        let b = CpuBackend::default();
+        let shape = AttentionShape {
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+        };
+        let values = |n: usize, cols: usize, seed: u32| {
+            let data = (0..n * cols)
+                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            CpuTensor::new(data, n, cols)
+        };
+        let q = values(40 + 3, 32, 1);
+        let (k1, v1) = (values(50, 16, 2), values(50, 16, 3));
+        let (k2, v2) = (values(7, 16, 4), values(7, 16, 5));
+        for causal in [false, true] {
+            let seqs = [
+                DenseAttention {
+                    q_start: 0,
+                    q_len: 40,
+                    k: &k1,
+                    v: &v1,
+                },
+                DenseAttention {
+                    q_start: 40,
+                    q_len: 3,
+                    k: &k2,
+                    v: &v2,
+                },
+            ];
+            let out = b.attention_dense(&q, &seqs, shape, causal);
+            for s in &seqs {
+                for i in 0..s.q_len {
+                    let t = s.q_start + i;
+                    let m = s.k.rows;
+                    let visible = if causal { m - s.q_len + i + 1 } else { m };
+                    for h in 0..4 {
+                        let kvh = h / 2;
+                        let score = |j: usize| -> f64 {
+                            (0..8)
+                                .map(|d| q.row(t)[h * 8 + d] as f64 * s.k.row(j)[kvh * 8 + d] as f64)
+                                .sum::<f64>()
+                                / 8f64.sqrt()
+                        };
+                        let z: f64 = (0..visible).map(|j| score(j).exp()).sum();
+                        for d in 0..8 {
+                            let want: f64 = (0..visible)
+                                .map(|j| score(j).exp() / z * s.v.row(j)[kvh * 8 + d] as f64)
+                                .sum();
+                            let got = out.row(t)[h * 8 + d] as f64;
+                            assert!(
+                                (got - want).abs() < 1e-5,
+                                "causal {causal} row {t} head {h}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
