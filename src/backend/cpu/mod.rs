@@ -253,7 +253,7 @@ struct AttentionToken<'a> {
 const DENSE_MATMUL_MIN_QUERIES: usize = 16;
 
 /// One sequence of `attention_dense` as matmuls, head by head: `S = Q Kᵀ` (scaled), a
-/// row softmax (causal positions masked), `O = P V`, written to `out`'s rows and the
+/// row softmax (causal positions masked), `Oᵀ = Vᵀ Pᵀ`, written to `out`'s rows and the
 /// head's columns. Streams K and V once per head instead of once per query.
 fn dense_attention_matmul(
     q: &CpuTensor,
@@ -270,11 +270,13 @@ fn dense_attention_matmul(
     for kvh in 0..shape.num_kv_heads {
         let cols = kvh * hd..(kvh + 1) * hd;
         let keys = PackedMatrix::<f32>::pack(m, hd, |r, dst| dst.copy_from_slice(&seq.k.row(r)[cols.clone()]));
-        let values_t = PackedMatrix::<f32>::pack(hd, m, |d, dst| {
-            for (j, v) in dst.iter_mut().enumerate() {
-                *v = seq.v.row(j)[kvh * hd + d];
+        // Vᵀ `[head_dim, m]`, the left-hand side of `Oᵀ = Vᵀ Pᵀ`.
+        let mut values_t = vec![0.0f32; hd * m];
+        for j in 0..m {
+            for (d, &v) in seq.v.row(j)[cols.clone()].iter().enumerate() {
+                values_t[d * m + j] = v;
             }
-        });
+        }
         for h in kvh * group..(kvh + 1) * group {
             let mut q_head = vec![0.0f32; n * hd];
             for (i, row) in q_head.chunks_exact_mut(hd).enumerate() {
@@ -296,11 +298,16 @@ fn dense_attention_matmul(
                 }
                 row[visible..].fill(0.0);
             });
-            let mut heads_out = vec![0.0f32; n * hd];
-            matmul_transposed(&scores, &values_t, &mut heads_out, n);
-            for (i, row) in heads_out.chunks_exact(hd).enumerate() {
+            // P packed as the matmul's right-hand side (`n` rows: many slabs to run in
+            // parallel), then `Oᵀ [head_dim, n]` transposed into place.
+            let probs = PackedMatrix::<f32>::pack(n, m, |r, dst| dst.copy_from_slice(&scores[r * m..(r + 1) * m]));
+            let mut heads_out_t = vec![0.0f32; hd * n];
+            matmul_transposed(&values_t, &probs, &mut heads_out_t, hd);
+            for i in 0..n {
                 let at = (seq.q_start + i) * q_width + h * hd;
-                out.data[at..at + hd].copy_from_slice(row);
+                for (d, o) in out.data[at..at + hd].iter_mut().enumerate() {
+                    *o = heads_out_t[d * n + i];
+                }
             }
         }
     }
@@ -347,8 +354,11 @@ impl DenseRow<'_> {
             }
             // One dot product per position over its contiguous key row: for a single
             // query (a decode step's cross-attention) this reads K once, in order.
+            // (A plain loop, not an iterator closure: closures are separate functions,
+            // compiled without this one's AVX-512, where `mul_add` is a libm call.)
             scores.clear();
-            scores.extend((0..visible).map(|j| {
+            scores.resize(visible, 0.0);
+            for (j, score) in scores.iter_mut().enumerate() {
                 let key = &self.keys.row(j)[kvh * hd..(kvh + 1) * hd];
                 let mut acc = [0.0f32; 16];
                 for (qc, kc) in q[..hd].chunks(16).zip(key.chunks(16)) {
@@ -356,8 +366,8 @@ impl DenseRow<'_> {
                         *a = x.mul_add(*y, *a);
                     }
                 }
-                acc.iter().sum::<f32>()
-            }));
+                *score = acc.iter().sum::<f32>();
+            }
             let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut sum = 0.0f32;
             for s in scores.iter_mut() {
