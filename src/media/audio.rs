@@ -52,12 +52,25 @@ impl Audio {
 /// decoded length: decoding stops with `TooLong` as soon as it is passed, so a hostile
 /// file cannot make the server hold more than that much audio.
 pub fn decode(bytes: &[u8], max_secs: f64) -> Result<Audio, AudioError> {
+    decode_guarded(bytes, max_secs, None)
+}
+
+/// `decode`, resampled to `rate` while decoding: only the output rate's samples (and
+/// one chunk of the source's) are ever held, however high the file's own rate.
+pub fn decode_at_rate(bytes: &[u8], rate: u32, max_secs: f64) -> Result<Audio, AudioError> {
+    decode_guarded(bytes, max_secs, Some(rate))
+}
+
+/// Highest sample rate a file may declare.
+const MAX_SOURCE_RATE: u32 = 384_000;
+
+fn decode_guarded(bytes: &[u8], max_secs: f64, rate: Option<u32>) -> Result<Audio, AudioError> {
     // A demuxer or codec that panics on a hostile file must not take the caller down.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_unguarded(bytes, max_secs)))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode_unguarded(bytes, max_secs, rate)))
         .unwrap_or_else(|_| Err(AudioError::Corrupt("the decoder failed on this file".into())))
 }
 
-fn decode_unguarded(bytes: &[u8], max_secs: f64) -> Result<Audio, AudioError> {
+fn decode_unguarded(bytes: &[u8], max_secs: f64, target_rate: Option<u32>) -> Result<Audio, AudioError> {
     if bytes.is_empty() {
         return Err(AudioError::Empty);
     }
@@ -86,7 +99,8 @@ fn decode_unguarded(bytes: &[u8], max_secs: f64) -> Result<Audio, AudioError> {
     let mut decoder = symphonia::default::get_codecs()
         .make(&track.codec_params, &DecoderOptions::default())
         .map_err(|e| AudioError::Unsupported(e.to_string()))?;
-    let mut samples: Vec<f32> = Vec::new();
+    let mut sink: Option<StreamingResampler> = None;
+    let mut mono: Vec<f32> = Vec::new();
     let mut buffer: Option<SampleBuffer<f32>> = None;
     loop {
         let packet = match format.next_packet() {
@@ -106,60 +120,125 @@ fn decode_unguarded(bytes: &[u8], max_secs: f64) -> Result<Audio, AudioError> {
         };
         let spec = *decoded.spec();
         let rate = *sample_rate.get_or_insert(spec.rate);
+        if rate == 0 || rate > MAX_SOURCE_RATE {
+            return Err(AudioError::Unsupported(format!(
+                "a sample rate of {rate} Hz (at most {MAX_SOURCE_RATE})"
+            )));
+        }
         let channels = spec.channels.count().max(1);
         let buf = match &mut buffer {
             Some(b) if b.capacity() >= decoded.capacity() * channels => b,
             _ => buffer.insert(SampleBuffer::new(decoded.capacity() as u64, spec)),
         };
         buf.copy_interleaved_ref(decoded);
-        samples.extend(
+        mono.clear();
+        mono.extend(
             buf.samples()
                 .chunks_exact(channels)
                 .map(|frame| frame.iter().sum::<f32>() / channels as f32),
         );
-        if samples.len() as f64 > max_secs * rate as f64 {
+        if mono.iter().any(|s| !s.is_finite()) {
+            return Err(AudioError::Corrupt("non-finite samples".into()));
+        }
+        let sink = sink.get_or_insert_with(|| StreamingResampler::new(rate, target_rate.unwrap_or(rate)));
+        sink.push(&mono);
+        if sink.input_len() as f64 > max_secs * rate as f64 {
             return Err(AudioError::TooLong { limit_secs: max_secs });
         }
     }
-    let sample_rate = sample_rate.filter(|&r| r > 0).ok_or(AudioError::NoSamples)?;
-    if samples.is_empty() {
-        return Err(AudioError::NoSamples);
-    }
-    if samples.iter().any(|s| !s.is_finite()) {
-        return Err(AudioError::Corrupt("non-finite samples".into()));
-    }
-    Ok(Audio { samples, sample_rate })
+    let sink = sink.filter(|s| s.input_len() > 0).ok_or(AudioError::NoSamples)?;
+    let sample_rate = sink.to;
+    Ok(Audio {
+        samples: sink.finish(),
+        sample_rate,
+    })
 }
 
-/// Resamples mono audio to `rate` with rubato's synchronous FFT resampler (band-limited,
-/// no aliasing), compensating its delay so that sample 0 stays sample 0. The result has
-/// `ceil(len * rate / from)` samples.
+/// Resamples mono audio to `rate` (see `StreamingResampler`).
 pub fn resample(audio: &Audio, rate: u32) -> Audio {
-    if audio.sample_rate == rate {
-        return audio.clone();
-    }
-    const CHUNK: usize = 1024;
-    let (from, to) = (audio.sample_rate as usize, rate as usize);
-    let want = (audio.samples.len() * to).div_ceil(from);
-    let mut resampler = FftFixedIn::<f32>::new(from, to, CHUNK, 1, 1).expect("valid resampler rates");
-    let delay = resampler.output_delay();
-    let mut out: Vec<f32> = Vec::with_capacity(want + delay + 2 * CHUNK);
-    let mut input = audio.samples.as_slice();
-    let zeros = vec![0.0f32; CHUNK];
-    // Whole chunks of input, then silence until the delayed tail has come out.
-    while out.len() < want + delay {
-        let take = input.len().min(CHUNK);
-        let mut chunk = input[..take].to_vec();
-        chunk.extend_from_slice(&zeros[..CHUNK - take]);
-        input = &input[take..];
-        let produced = resampler
-            .process(&[chunk], None)
-            .expect("resampler input of the right size");
-        out.extend_from_slice(&produced[0]);
-    }
+    let mut resampler = StreamingResampler::new(audio.sample_rate, rate);
+    resampler.push(&audio.samples);
     Audio {
-        samples: out[delay..delay + want].to_vec(),
+        samples: resampler.finish(),
         sample_rate: rate,
+    }
+}
+
+/// Mono rate conversion fed piece by piece, with rubato's synchronous FFT resampler
+/// (band-limited, no aliasing), compensating its delay so that sample 0 stays sample 0.
+/// Holds at most one chunk of input; the output is `ceil(len * to / from)` samples.
+pub struct StreamingResampler {
+    from: u32,
+    to: u32,
+    /// `None` when the rates are equal.
+    fft: Option<FftFixedIn<f32>>,
+    pending: Vec<f32>,
+    out: Vec<f32>,
+    input_len: usize,
+}
+
+const RESAMPLE_CHUNK: usize = 1024;
+
+impl StreamingResampler {
+    pub fn new(from: u32, to: u32) -> Self {
+        let fft = (from != to).then(|| {
+            FftFixedIn::<f32>::new(from as usize, to as usize, RESAMPLE_CHUNK, 1, 1).expect("valid resampler rates")
+        });
+        StreamingResampler {
+            from,
+            to,
+            fft,
+            pending: Vec::with_capacity(RESAMPLE_CHUNK),
+            out: Vec::new(),
+            input_len: 0,
+        }
+    }
+
+    /// Samples pushed so far.
+    pub fn input_len(&self) -> usize {
+        self.input_len
+    }
+
+    pub fn push(&mut self, samples: &[f32]) {
+        self.input_len += samples.len();
+        let Some(fft) = &mut self.fft else {
+            self.out.extend_from_slice(samples);
+            return;
+        };
+        let mut rest = samples;
+        while !rest.is_empty() {
+            let take = (RESAMPLE_CHUNK - self.pending.len()).min(rest.len());
+            self.pending.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.pending.len() == RESAMPLE_CHUNK {
+                let produced = fft
+                    .process(std::slice::from_ref(&self.pending), None)
+                    .expect("resampler input of the right size");
+                self.out.extend_from_slice(&produced[0]);
+                self.pending.clear();
+            }
+        }
+    }
+
+    /// The whole output.
+    pub fn finish(mut self) -> Vec<f32> {
+        let Some(mut fft) = self.fft.take() else {
+            return self.out;
+        };
+        let want = (self.input_len * self.to as usize).div_ceil(self.from as usize);
+        let delay = fft.output_delay();
+        // The last partial chunk, then silence, until the delayed tail has come out.
+        while self.out.len() < want + delay {
+            self.pending.resize(RESAMPLE_CHUNK, 0.0);
+            let produced = fft
+                .process(std::slice::from_ref(&self.pending), None)
+                .expect("resampler input of the right size");
+            self.out.extend_from_slice(&produced[0]);
+            self.pending.clear();
+        }
+        self.out.drain(..delay);
+        self.out.truncate(want);
+        self.out
     }
 }
 
@@ -476,6 +555,24 @@ mod tests {
             best < 2e-3 && shift.abs() <= 0.5,
             "max error {best} at a shift of {shift} samples"
         );
+    }
+
+    #[test]
+    fn streaming_resampling_equals_resampling_at_once() {
+        let samples: Vec<f32> = (0..44_100).map(|i| ((i * 7919) % 2001) as f32 / 1000.0 - 1.0).collect();
+        let whole = resample(
+            &Audio {
+                samples: samples.clone(),
+                sample_rate: 44_100,
+            },
+            16_000,
+        )
+        .samples;
+        let mut streaming = StreamingResampler::new(44_100, 16_000);
+        for piece in samples.chunks(777) {
+            streaming.push(piece);
+        }
+        assert_eq!(streaming.finish(), whole);
     }
 
     #[test]

@@ -223,8 +223,7 @@ struct PreparedAudio {
 }
 
 fn prepare_audio(bytes: &[u8], speech: &SpeechSettings, max_secs: f64) -> Result<PreparedAudio, AudioError> {
-    let decoded = audio::decode(bytes, max_secs)?;
-    let audio = audio::resample(&decoded, speech.mel.config().sampling_rate);
+    let audio = audio::decode_at_rate(bytes, speech.mel.config().sampling_rate, max_secs)?;
     let duration = audio.samples.len() as f64 / SAMPLE_RATE as f64;
     Ok(PreparedAudio {
         mel: speech.mel.long_features(&audio.samples),

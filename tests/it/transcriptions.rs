@@ -293,6 +293,12 @@ fn bad_transcription_requests_are_400s() {
         Some("file"),
         "longer than the limit of 5 s",
     );
+    let absurd_rate = wav(&jfk()[..16_000], 1_000_000, 1);
+    assert_400(
+        &post(&[("model", None, m), ("file", Some("a.wav"), &absurd_rate)]),
+        Some("file"),
+        "1000000 Hz",
+    );
     let s = short.as_slice();
     assert_400(
         &post(&[("model", None, m), ("file", Some("a.wav"), s), ("foo", None, b"bar")]),
