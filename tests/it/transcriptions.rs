@@ -240,6 +240,17 @@ fn long_audio_goes_window_by_window_like_transformers() {
             "{b}"
         );
     }
+    // Streamed, long audio arrives segment by segment: nothing re-decoded is sent twice.
+    let events = transcribe(&server, &audio, &[("model", WHISPER), ("stream", "true")]).events();
+    let parsed: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    let (done, deltas) = parsed.split_last().unwrap();
+    assert_eq!(deltas.len(), offsets.len());
+    let joined: String = deltas.iter().map(|d| d["delta"].as_str().unwrap()).collect();
+    assert_eq!(Some(joined.as_str()), body["text"].as_str());
+    assert_eq!(done["text"], body["text"]);
     let vtt = transcribe(&server, &audio, &[("model", WHISPER), ("response_format", "vtt")]).body;
     assert!(vtt.starts_with("WEBVTT\n\n00:00:00.000 --> 00:00:08.000\n"), "{vtt}");
     assert_eq!(vtt.matches(" --> ").count(), offsets.len());
