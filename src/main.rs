@@ -101,9 +101,12 @@ struct ServeArgs {
     cb_use_cuda_graph: Option<bool>,
     #[command(flatten)]
     torch_only: TorchOnlyArgs,
-    /// Largest request body, in bytes (audio uploads included).
-    #[arg(long, default_value_t = 32 << 20)]
+    /// Largest JSON request body, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
+    /// Largest transcription upload (the multipart body), in bytes.
+    #[arg(long, default_value_t = 32 << 20)]
+    max_audio_bytes: usize,
     /// Longest audio a transcription may send, in seconds.
     #[arg(long, default_value_t = 1800.0)]
     max_audio_seconds: f64,
@@ -742,6 +745,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         enable_cors: args.enable_cors,
         max_body_bytes: args.max_body_bytes,
         max_audio_seconds: args.max_audio_seconds,
+        max_audio_bytes: args.max_audio_bytes,
         metrics: Default::default(),
         next_request: Default::default(),
         responses: inferd::server::responses::ResponseStore::new(args.responses_store_size),

@@ -186,6 +186,16 @@ impl ModelFiles {
             }
             let speech = speech_settings(&dir.path).map_err(|e| failed(&e))?;
             let model = load_whisper(backend, &dir.path, &mut weights).map_err(|e| failed(&e))?;
+            let (mel, config) = (speech.mel.config(), &model.config);
+            if mel.n_mels != config.num_mel_bins || mel.frames_per_window() != config.mel_frames() {
+                return Err(LoadError::Failed(format!(
+                    "preprocessor_config.json makes [{}, {}] features, the model reads [{}, {}]",
+                    mel.n_mels,
+                    mel.frames_per_window(),
+                    config.num_mel_bins,
+                    config.mel_frames()
+                )));
+            }
             (LoadedModel::Speech(model), Some(speech))
         } else {
             let model = if dummy {

@@ -77,7 +77,8 @@ impl EngineConfig {
     }
 
     /// Sets `num_blocks` from a memory budget, never more than `max_num_seqs` sequences
-    /// of the full context window can use.
+    /// of the full context window can use. For models that keep state per request, half
+    /// the budget at most goes to it, lowering `max_num_seqs` to what fits.
     pub fn with_budget<B: Backend, M: EngineModel<B>>(
         mut self,
         model: &M,
@@ -94,6 +95,14 @@ impl EngineConfig {
             }
             KvCacheBudget::FractionOfAvailable(f) => return Err(BudgetError::BadFraction(f)),
         };
+        // Per-request state outside the KV pool (an encoder's output): half the budget
+        // at most, which caps how many sequences run at once.
+        let mut bytes = bytes;
+        let per_request = model.bytes_per_request();
+        if per_request > 0 {
+            self.max_num_seqs = self.max_num_seqs.min((bytes / 2 / per_request).max(1));
+            bytes = bytes.saturating_sub(self.max_num_seqs * per_request);
+        }
         let block_bytes = Self::bytes_per_block(model, self.block_size);
         let affordable = bytes / block_bytes;
         if affordable == 0 {

@@ -425,8 +425,7 @@ impl MelExtractor {
         let mut spectrum = self.fft.make_output_vec();
         let mut power = vec![0.0f64; bins];
         let mut column = vec![0.0f64; mels];
-        let mut log_max = f64::NEG_INFINITY;
-        let mut logs = vec![0.0f64; mels * frames];
+        let mut log_max = f32::NEG_INFINITY;
         for f in 0..frames {
             let start = (f * hop) as isize - half as isize;
             for (i, x) in input.iter_mut().enumerate() {
@@ -447,13 +446,13 @@ impl MelExtractor {
             }
             for (m, &v) in column.iter().enumerate() {
                 // The spectrogram is float32 before the clamp.
-                let v = v as f32 as f64;
-                logs[m * frames + f] = v;
+                let v = v as f32;
+                values[m * frames + f] = v;
                 log_max = log_max.max(v);
             }
         }
-        for (out, &v) in values.iter_mut().zip(&logs) {
-            *out = ((v.max(log_max - 8.0) + 4.0) / 4.0) as f32;
+        for v in values.iter_mut() {
+            *v = (v.max(log_max - 8.0) + 4.0) / 4.0;
         }
         LogMel {
             values,

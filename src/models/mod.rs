@@ -35,6 +35,11 @@ pub trait EngineModel<B: Backend>: Send + 'static {
         cache: &mut B::KvCache,
         logits_for: LogitsFor,
     ) -> Result<B::Tensor, ForwardError>;
+    /// Bytes the model keeps per running request besides its KV blocks (a Whisper
+    /// request's cross-attention keys and values), for memory budgets.
+    fn bytes_per_request(&self) -> usize {
+        0
+    }
     /// Whether requests must bring an `EncoderInput`.
     fn needs_encoder_input(&self) -> bool {
         false

@@ -510,6 +510,12 @@ where
         true
     }
 
+    /// Each decoder layer's cross-attention K and V, `[max_source_positions, d_model]` f32.
+    fn bytes_per_request(&self) -> usize {
+        let c = &self.config;
+        c.decoder_layers * 2 * c.max_source_positions * c.d_model * std::mem::size_of::<f32>()
+    }
+
     /// Runs the encoder for request `key` and keeps each decoder layer's cross-attention K/V.
     fn begin_request(&mut self, backend: &B, key: u64, input: &EncoderInput) -> Result<(), ForwardError> {
         let encoded = self.encode(backend, input)?;
@@ -779,7 +785,7 @@ pub struct Segment {
 pub fn split_segments(ids: &[u32], timestamp_begin: u32, seek: usize, window_frames: usize) -> (Vec<Segment>, usize) {
     let time_offset = seek as f64 * TIME_PRECISION / INPUT_STRIDE as f64;
     let is_ts = |t: u32| t >= timestamp_begin;
-    let at = |t: u32| (t - timestamp_begin) as f64 * TIME_PRECISION;
+    let at = |t: u32| t.saturating_sub(timestamp_begin) as f64 * TIME_PRECISION;
     let n = ids.len();
     let single_end = n >= 2 && !is_ts(ids[n - 2]) && is_ts(ids[n - 1]);
     let mut cuts: Vec<usize> = (0..n.saturating_sub(1))
@@ -825,7 +831,7 @@ pub fn split_segments(ids: &[u32], timestamp_begin: u32, seek: usize, window_fra
     let advance = if single_end {
         window_frames
     } else {
-        (ids[cuts[cuts.len() - 1] - 2] - timestamp_begin) as usize * INPUT_STRIDE
+        ids[cuts[cuts.len() - 1] - 2].saturating_sub(timestamp_begin) as usize * INPUT_STRIDE
     };
     (segments, advance)
 }

@@ -40,6 +40,8 @@ pub struct ServerState {
     pub max_body_bytes: usize,
     /// Longest audio a transcription may send, in seconds.
     pub max_audio_seconds: f64,
+    /// Largest transcription upload (the whole multipart body), in bytes.
+    pub max_audio_bytes: usize,
     pub metrics: ServerMetrics,
     pub next_request: AtomicU64,
     /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.

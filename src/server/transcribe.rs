@@ -19,7 +19,7 @@ use super::multipart::{self, Part};
 use super::ServerState;
 use crate::engine::{EngineEvent, SamplingParams};
 use crate::manager::{ModelLease, SpeechSettings};
-use crate::media::audio::{self, AudioError, LogMel, SAMPLE_RATE};
+use crate::media::audio::{self, AudioError, LogMel};
 use crate::models::whisper::split_segments;
 use crate::text::IncrementalDetokenizer;
 
@@ -216,6 +216,15 @@ impl From<AudioError> for ApiError {
     }
 }
 
+/// Prompt text looked at (its end): far more than the 223 tokens a window keeps.
+const PROMPT_TAIL_BYTES: usize = 8 * 1024;
+
+/// Audio files decoded at once, server-wide: the cores.
+fn audio_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+}
+
 /// The audio prepared for the model.
 struct PreparedAudio {
     mel: LogMel,
@@ -224,7 +233,7 @@ struct PreparedAudio {
 
 fn prepare_audio(bytes: &[u8], speech: &SpeechSettings, max_secs: f64) -> Result<PreparedAudio, AudioError> {
     let audio = audio::decode_at_rate(bytes, speech.mel.config().sampling_rate, max_secs)?;
-    let duration = audio.samples.len() as f64 / SAMPLE_RATE as f64;
+    let duration = audio.samples.len() as f64 / audio.sample_rate as f64;
     Ok(PreparedAudio {
         mel: speech.mel.long_features(&audio.samples),
         duration,
@@ -298,6 +307,7 @@ async fn transcribe(
     };
     let mut segments = Vec::new();
     let mut seek = 0;
+    let (mut windows, max_windows) = (0, 2 * mel.frames.div_ceil(window) + 2);
     while seek < mel.frames {
         let frames = (mel.frames - seek).min(window);
         let prompt = generation.prompt(&job.prompt_ids, job.language, job.translate, job.timestamps);
@@ -313,7 +323,11 @@ async fn transcribe(
         let mut tokens = Vec::new();
         let mut logprobs = Vec::new();
         let mut detok = IncrementalDetokenizer::new(true);
+        let mut finished = false;
         while let Some(event) = stream.next().await {
+            if sink.as_ref().is_some_and(|s| s.tx.is_closed()) {
+                return Err(gone());
+            }
             match event {
                 EngineEvent::Token {
                     token, logprobs: lp, ..
@@ -327,9 +341,17 @@ async fn transcribe(
                         }
                     }
                 }
-                EngineEvent::Finished { .. } => break,
+                EngineEvent::Finished { .. } => {
+                    finished = true;
+                    break;
+                }
                 EngineEvent::Failed(e) => return Err(ApiError::internal(format!("transcription failed: {e}"))),
             }
+        }
+        if !finished {
+            return Err(ApiError::internal(
+                "the engine stopped before the transcription was complete",
+            ));
         }
         if tokens.last() == Some(&eos) {
             tokens.pop();
@@ -364,6 +386,10 @@ async fn transcribe(
             let lp = &logprobs[offset..offset + s.tokens.len()];
             offset += s.tokens.len();
             let text = decode(&s.tokens);
+            // Segments with no text (a lone timestamp pair) say nothing.
+            if text.trim().is_empty() {
+                continue;
+            }
             if let Some(sink) = sink.as_mut() {
                 if !sink.send(&text).await {
                     return Err(gone());
@@ -378,11 +404,15 @@ async fn transcribe(
                 tokens: s.tokens,
             });
         }
-        // A window that ends on a pair at its very start would not move: go on anyway.
-        seek += advance.max(1);
+        // Bounded work: a window that would not move goes on anyway, and past twice the
+        // windows the audio holds (a model seeking back and forth in tiny steps) every
+        // window is taken whole.
+        windows += 1;
+        seek += if windows > max_windows { frames } else { advance.max(1) };
     }
-    // Segments with no text (a lone timestamp pair) say nothing.
-    segments.retain(|s| !s.text.trim().is_empty());
+    if !job.timestamps {
+        segments.retain(|s| !s.text.trim().is_empty());
+    }
     Ok(segments)
 }
 
@@ -471,7 +501,7 @@ pub async fn handle(
             }
         ))
     })?;
-    let body = read_body(req.into_body(), state.max_body_bytes).await?;
+    let body = read_body(req.into_body(), state.max_audio_bytes).await?;
     let parts = multipart::parse(&body, &boundary)
         .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
     drop(body);
@@ -514,20 +544,35 @@ pub async fn handle(
     // `max_target_positions / 2 - 1` of its tokens.
     let prompt_ids = match form.prompt.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
         Some(p) => {
+            // Only the end is kept: tokenize no more text than could be kept.
+            let mut start = p.len().saturating_sub(PROMPT_TAIL_BYTES);
+            while !p.is_char_boundary(start) {
+                start += 1;
+            }
             let ids = model
                 .tokenizer
-                .encode(&format!(" {p}"), false)
+                .encode(&format!(" {}", &p[start..]), false)
                 .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
-            let keep = model.engine.max_model_len() / 2 - 1;
+            if ids.iter().any(|&t| t >= generation.eos_token_id) {
+                return Err(ApiError::invalid("prompt", "the prompt may not contain special tokens"));
+            }
+            let keep = (model.engine.max_model_len() / 2).saturating_sub(1);
             ids[ids.len().saturating_sub(keep)..].to_vec()
         }
         None => Vec::new(),
     };
     let max_secs = state.max_audio_seconds;
     let (file, settings) = (form.file, speech.clone());
+    // Decoding and features take CPU and up to a few hundred MB for long audio: a few
+    // at a time, the rest wait their turn.
+    let permit = audio_permits()
+        .acquire()
+        .await
+        .map_err(|_| ApiError::internal("audio preparation is shut down"))?;
     let audio = tokio::task::spawn_blocking(move || prepare_audio(&file, &settings, max_secs))
         .await
         .map_err(|e| ApiError::internal(format!("audio preparation failed: {e}")))??;
+    drop(permit);
     let long = audio.mel.frames > speech.mel.config().frames_per_window();
     let language = match (language, generation.is_multilingual) {
         (None, true) => Some(detect_language(&model, &speech, &audio.mel).await?),

@@ -270,7 +270,7 @@ fn assert_400(r: &Response, param: Option<&str>, needle: &str) {
 
 #[test]
 fn bad_transcription_requests_are_400s() {
-    let server = Server::launch(&["--max-audio-seconds", "5"], &[]);
+    let server = Server::launch(&["--max-audio-seconds", "5", "--max-audio-bytes", "300000"], &[]);
     let audio = jfk_wav();
     let short = wav(&jfk()[..16_000 * 3], 16_000, 1);
     let post = |parts: &[(&str, Option<&str>, &[u8])]| {
@@ -299,10 +299,28 @@ fn bad_transcription_requests_are_400s() {
         Some("file"),
         "could not be decoded",
     );
+    let six_seconds = wav(&jfk()[..16_000 * 6], 16_000, 1);
     assert_400(
-        &post(&[("model", None, m), ("file", Some("a.wav"), &audio)]),
+        &post(&[("model", None, m), ("file", Some("a.wav"), &six_seconds)]),
         Some("file"),
         "longer than the limit of 5 s",
+    );
+    // jfk.wav (352 kB) is over this server's upload limit.
+    let r = post(&[("model", None, m), ("file", Some("a.wav"), &audio)]);
+    assert_eq!(r.status, 413, "{}", r.body);
+    assert!(
+        r.json()["error"]["message"].as_str().unwrap().contains("300000 bytes"),
+        "{}",
+        r.body
+    );
+    assert_400(
+        &post(&[
+            ("model", None, m),
+            ("file", Some("a.wav"), &short),
+            ("prompt", None, b"Hi <|endoftext|> there"),
+        ]),
+        Some("prompt"),
+        "special tokens",
     );
     let absurd_rate = wav(&jfk()[..16_000], 1_000_000, 1);
     assert_400(

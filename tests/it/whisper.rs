@@ -442,3 +442,20 @@ fn multilingual_prompts_and_language_detection_match_transformers() {
         assert_eq!(out, ids(&g[key]), "{key}");
     }
 }
+
+/// A memory budget counts each request's cross-attention K/V (18.4 MB for tiny.en), so
+/// it caps how many requests run at once, and the KV pool gets what is left.
+#[test]
+fn memory_budgets_count_the_per_request_encoder_state() {
+    use inferd::engine::KvCacheBudget;
+    let model = load();
+    let per_request = 4 * 2 * 1500 * 384 * 4;
+    assert_eq!(model.bytes_per_request(), per_request);
+    let config = EngineConfig::default()
+        .with_budget(&model, KvCacheBudget::Bytes(100 << 20))
+        .unwrap();
+    assert_eq!(config.max_num_seqs, (100 << 20) / 2 / per_request);
+    let kv_bytes = config.num_blocks * EngineConfig::bytes_per_block(&model, config.block_size);
+    assert!(kv_bytes + config.max_num_seqs * per_request <= 100 << 20);
+    assert!(config.num_blocks >= config.max_num_seqs * 448 / config.block_size);
+}
