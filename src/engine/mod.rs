@@ -99,8 +99,8 @@ impl EngineConfig {
         // at most, which caps how many sequences run at once.
         let mut bytes = bytes;
         let per_request = model.bytes_per_request();
-        if per_request > 0 {
-            self.max_num_seqs = self.max_num_seqs.min((bytes / 2 / per_request).max(1));
+        if let Some(fit) = (bytes / 2).checked_div(per_request) {
+            self.max_num_seqs = self.max_num_seqs.min(fit.max(1));
             bytes = bytes.saturating_sub(self.max_num_seqs * per_request);
         }
         let block_bytes = Self::bytes_per_block(model, self.block_size);
