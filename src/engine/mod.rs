@@ -341,9 +341,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         let cache_salt = encoder_input
             .as_ref()
             .map(|input| kv_cache::BlockHash(input.content_hash()));
-        self.scheduler
-            .waiting
-            .push_back(Sequence::new(id, 0, prompt, rng).with_cache_salt(cache_salt));
+        let mut seq = Sequence::new(id, 0, prompt, rng).with_cache_salt(cache_salt);
+        seq.needs_encoder = encoder_input.is_some();
+        self.scheduler.waiting.push_back(seq);
         self.requests.insert(
             id,
             RequestState {
@@ -375,6 +375,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         for &(i, _) in &plan.chunks {
             let id = self.scheduler.running[i].request;
             if let Some(input) = self.requests.get_mut(&id).and_then(|r| r.encoder_input.take()) {
+                self.scheduler.running[i].needs_encoder = false;
                 if let Err(e) = self.model.begin_request(&self.backend, id.0, &input) {
                     failed.push((id, e));
                 }

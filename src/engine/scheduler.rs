@@ -11,6 +11,11 @@ use std::collections::VecDeque;
 use super::kv_cache::BlockPool;
 use super::sequence::{RequestId, Sequence};
 
+/// Sequences whose encoder has yet to run admitted per step: an encoder pass is long
+/// (a Whisper window: hundreds of ms on a CPU), and every running sequence waits for
+/// the step, so passes are spread over steps with decodes in between.
+pub const MAX_ENCODER_ADMISSIONS_PER_STEP: usize = 1;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
     pub block_size: usize,
@@ -119,8 +124,15 @@ impl Scheduler {
             }
         }
         // Waiting sequences, first come first served, while there is room.
+        let mut encoder_admissions = 0;
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(seq) = self.waiting.front_mut() else { break };
+            if seq.needs_encoder {
+                if encoder_admissions == MAX_ENCODER_ADMISSIONS_PER_STEP {
+                    break;
+                }
+                encoder_admissions += 1;
+            }
             let mut prefix_blocks = Vec::new();
             if seq.blocks.is_empty() {
                 // Longest cached prefix of full blocks, leaving at least one token to

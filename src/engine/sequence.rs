@@ -29,6 +29,8 @@ pub struct Sequence {
     /// depend on (an encoder input's content), so that blocks are shared only between
     /// sequences with the same.
     pub cache_salt: Option<BlockHash>,
+    /// Its request's encoder has yet to run (the scheduler admits few such a step).
+    pub needs_encoder: bool,
 }
 
 impl Sequence {
@@ -44,6 +46,7 @@ impl Sequence {
             num_cached_prompt_tokens: None,
             rng,
             cache_salt: None,
+            needs_encoder: false,
         }
     }
 

@@ -270,10 +270,14 @@ fn concurrent_requests_batch_and_match_their_solo_runs() {
         receivers.push(rx);
     }
     let mut widest = 0;
+    let mut admitted = Vec::new();
     while engine.has_work() {
         engine.step();
         widest = widest.max(engine.stats().running);
+        admitted.push(engine.stats().running);
     }
+    // One encoder pass a step: the requests join one by one, decoding in between.
+    assert_eq!(admitted[..4], [1, 2, 3, 4]);
     assert_eq!(widest, inputs.len(), "all four ran in the same steps");
     for (i, mut rx) in receivers.into_iter().enumerate() {
         let mut out = Vec::new();
