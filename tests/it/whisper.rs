@@ -155,6 +155,18 @@ fn encoder_and_decoder_match_transformers() {
     assert!(!model.has_request(7));
 }
 
+/// tiny.en's decoding settings and an engine over it.
+fn engine() -> (WhisperGeneration, Engine<CpuBackend, WhisperModel<CpuBackend>>) {
+    let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
+    let engine = Engine::new(
+        CpuBackend::default(),
+        load(),
+        EngineConfig::default(),
+        vec![gen.eos_token_id],
+    );
+    (gen, engine)
+}
+
 fn run(
     engine: &mut Engine<CpuBackend, WhisperModel<CpuBackend>>,
     id: u64,
@@ -183,14 +195,7 @@ fn run(
 #[test]
 fn greedy_ids_match_transformers_with_and_without_timestamps() {
     let g = golden("whisper.json");
-    let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
-    let model = load();
-    let mut engine = Engine::new(
-        CpuBackend::default(),
-        model,
-        EngineConfig::default(),
-        vec![gen.eos_token_id],
-    );
+    let (gen, mut engine) = engine();
     let params = |timestamps: bool| SamplingParams {
         temperature: 0.0,
         speech: Some(Arc::new(gen.rules(timestamps))),
@@ -220,13 +225,7 @@ fn greedy_ids_match_transformers_with_and_without_timestamps() {
 /// K/V) and get exactly what each gets alone.
 #[test]
 fn concurrent_requests_batch_and_match_their_solo_runs() {
-    let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
-    let mut engine = Engine::new(
-        CpuBackend::default(),
-        load(),
-        EngineConfig::default(),
-        vec![gen.eos_token_id],
-    );
+    let (gen, mut engine) = engine();
     let extractor = MelExtractor::new(MelConfig::default());
     let speech = jfk();
     let long = long45(&speech);
@@ -332,13 +331,7 @@ fn concurrent_requests_batch_and_match_their_solo_runs() {
 /// requests with the same audio, however long their common text prompt.
 #[test]
 fn prefix_cache_is_keyed_by_audio() {
-    let gen = WhisperGeneration::from_dir(&installed_model(REPO)).unwrap();
-    let mut engine = Engine::new(
-        CpuBackend::default(),
-        load(),
-        EngineConfig::default(),
-        vec![gen.eos_token_id],
-    );
+    let (gen, mut engine) = engine();
     let extractor = MelExtractor::new(MelConfig::default());
     let speech = jfk();
     // 40 prompt tokens: two full blocks of 16.
