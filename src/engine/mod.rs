@@ -373,9 +373,13 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
     fn encode_inputs(&mut self, plan: &StepPlan) -> bool {
         let mut failed = Vec::new();
         for &(i, _) in &plan.chunks {
-            let id = self.scheduler.running[i].request;
+            let seq = &mut self.scheduler.running[i];
+            if !seq.needs_encoder {
+                continue;
+            }
+            seq.needs_encoder = false;
+            let id = seq.request;
             if let Some(input) = self.requests.get_mut(&id).and_then(|r| r.encoder_input.take()) {
-                self.scheduler.running[i].needs_encoder = false;
                 if let Err(e) = self.model.begin_request(&self.backend, id.0, &input) {
                     failed.push((id, e));
                 }

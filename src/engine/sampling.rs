@@ -109,8 +109,10 @@ impl SpeechRules {
                 ban(logits, begin + max as usize + 1..vocab);
             }
         }
-        let lp = log_softmax(logits);
-        let (text, stamps) = lp.split_at(begin.min(vocab));
+        // transformers compares log-softmax values: the timestamps' logsumexp against the
+        // best text token's. Both sides share the softmax's normalizer, so the raw
+        // logits compare the same (no vocabulary-sized pass or buffer per token).
+        let (text, stamps) = logits.split_at(begin.min(vocab));
         let max_text = text.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let max_ts = stamps.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         if max_ts > f32::NEG_INFINITY {

@@ -336,19 +336,14 @@ impl<B: Backend> WhisperModel<B> {
                 fc2_bias: vec_of(&format!("{p}.fc2.bias"))?,
             })
         };
-        let mut tick = {
-            let mut current = 0usize;
-            move |n: usize, progress: &mut dyn FnMut(usize, usize)| {
-                current = (current + n).min(total);
-                progress(current, total);
-            }
-        };
+        // Progress: how many of `names` (in load order) are read once `prefix`'s are.
+        let through = |prefix: &str| names.iter().rposition(|n| n.starts_with(prefix)).map_or(0, |i| i + 1);
         let conv1 = conv("model.encoder.conv1.weight")?;
         let conv1_bias = vec_of("model.encoder.conv1.bias")?;
         let conv2 = conv("model.encoder.conv2.weight")?;
         let conv2_bias = vec_of("model.encoder.conv2.bias")?;
         let encoder_positions = matrix("model.encoder.embed_positions.weight")?;
-        tick(5, progress);
+        progress(through("model.encoder.embed_positions."), total);
         let mut encoder_layers = Vec::with_capacity(config.encoder_layers);
         for l in 0..config.encoder_layers {
             let p = format!("model.encoder.layers.{l}");
@@ -365,12 +360,12 @@ impl<B: Backend> WhisperModel<B> {
                 mlp_norm: norm_of(&format!("{p}.final_layer_norm"))?,
                 mlp: mlp(&p)?,
             });
-            tick(15, progress);
+            progress(through(&format!("{p}.")), total);
         }
         let encoder_norm = norm_of("model.encoder.layer_norm")?;
         let embed_tokens = matrix("model.decoder.embed_tokens.weight")?;
         let decoder_positions = matrix("model.decoder.embed_positions.weight")?;
-        tick(4, progress);
+        progress(through("model.decoder.embed_positions."), total);
         let mut decoder_layers = Vec::with_capacity(config.decoder_layers);
         for l in 0..config.decoder_layers {
             let p = format!("model.decoder.layers.{l}");
@@ -393,10 +388,10 @@ impl<B: Backend> WhisperModel<B> {
                 mlp_norm: norm_of(&format!("{p}.final_layer_norm"))?,
                 mlp: mlp(&p)?,
             });
-            tick(24, progress);
+            progress(through(&format!("{p}.")), total);
         }
         let decoder_norm = norm_of("model.decoder.layer_norm")?;
-        tick(total, progress);
+        progress(total, total);
         Ok(WhisperModel {
             config,
             conv1,
@@ -611,6 +606,116 @@ where
         let hidden = logit_rows(backend, normed, batch, logits_for);
         Ok(backend.linear(&hidden, &self.embed_tokens, None))
     }
+}
+
+/// Whisper's languages: ISO 639-1 code (as in `<|en|>`) and the name OpenAI's
+/// verbose_json reports, in Whisper's token order.
+pub const LANGUAGES: &[(&str, &str)] = &[
+    ("en", "english"),
+    ("zh", "chinese"),
+    ("de", "german"),
+    ("es", "spanish"),
+    ("ru", "russian"),
+    ("ko", "korean"),
+    ("fr", "french"),
+    ("ja", "japanese"),
+    ("pt", "portuguese"),
+    ("tr", "turkish"),
+    ("pl", "polish"),
+    ("ca", "catalan"),
+    ("nl", "dutch"),
+    ("ar", "arabic"),
+    ("sv", "swedish"),
+    ("it", "italian"),
+    ("id", "indonesian"),
+    ("hi", "hindi"),
+    ("fi", "finnish"),
+    ("vi", "vietnamese"),
+    ("he", "hebrew"),
+    ("uk", "ukrainian"),
+    ("el", "greek"),
+    ("ms", "malay"),
+    ("cs", "czech"),
+    ("ro", "romanian"),
+    ("da", "danish"),
+    ("hu", "hungarian"),
+    ("ta", "tamil"),
+    ("no", "norwegian"),
+    ("th", "thai"),
+    ("ur", "urdu"),
+    ("hr", "croatian"),
+    ("bg", "bulgarian"),
+    ("lt", "lithuanian"),
+    ("la", "latin"),
+    ("mi", "maori"),
+    ("ml", "malayalam"),
+    ("cy", "welsh"),
+    ("sk", "slovak"),
+    ("te", "telugu"),
+    ("fa", "persian"),
+    ("lv", "latvian"),
+    ("bn", "bengali"),
+    ("sr", "serbian"),
+    ("az", "azerbaijani"),
+    ("sl", "slovenian"),
+    ("kn", "kannada"),
+    ("et", "estonian"),
+    ("mk", "macedonian"),
+    ("br", "breton"),
+    ("eu", "basque"),
+    ("is", "icelandic"),
+    ("hy", "armenian"),
+    ("ne", "nepali"),
+    ("mn", "mongolian"),
+    ("bs", "bosnian"),
+    ("kk", "kazakh"),
+    ("sq", "albanian"),
+    ("sw", "swahili"),
+    ("gl", "galician"),
+    ("mr", "marathi"),
+    ("pa", "punjabi"),
+    ("si", "sinhala"),
+    ("km", "khmer"),
+    ("sn", "shona"),
+    ("yo", "yoruba"),
+    ("so", "somali"),
+    ("af", "afrikaans"),
+    ("oc", "occitan"),
+    ("ka", "georgian"),
+    ("be", "belarusian"),
+    ("tg", "tajik"),
+    ("sd", "sindhi"),
+    ("gu", "gujarati"),
+    ("am", "amharic"),
+    ("yi", "yiddish"),
+    ("lo", "lao"),
+    ("uz", "uzbek"),
+    ("fo", "faroese"),
+    ("ht", "haitian creole"),
+    ("ps", "pashto"),
+    ("tk", "turkmen"),
+    ("nn", "nynorsk"),
+    ("mt", "maltese"),
+    ("sa", "sanskrit"),
+    ("lb", "luxembourgish"),
+    ("my", "myanmar"),
+    ("bo", "tibetan"),
+    ("tl", "tagalog"),
+    ("mg", "malagasy"),
+    ("as", "assamese"),
+    ("tt", "tatar"),
+    ("haw", "hawaiian"),
+    ("ln", "lingala"),
+    ("ha", "hausa"),
+    ("ba", "bashkir"),
+    ("jw", "javanese"),
+    ("su", "sundanese"),
+    ("yue", "cantonese"),
+];
+
+/// The name of a language code (`en` -> `english`).
+pub fn language_name(code: &str) -> Option<&'static str> {
+    LANGUAGES.iter().find(|(c, _)| *c == code).map(|&(_, name)| name)
 }
 
 /// Seconds per timestamp token step (and per encoder position).

@@ -20,7 +20,7 @@ use super::ServerState;
 use crate::engine::{EngineEvent, SamplingParams};
 use crate::manager::{ModelLease, SpeechSettings};
 use crate::media::audio::{self, AudioError, LogMel};
-use crate::models::whisper::split_segments;
+use crate::models::whisper::{self, split_segments};
 use crate::text::IncrementalDetokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -586,11 +586,10 @@ pub async fn handle(
         temperature: form.temperature,
         seed: state.default_seed,
     };
-    // English-only models say "english", as OpenAI does; multilingual ones their code.
-    let language_name = match language {
-        None => "english".to_owned(),
-        Some(id) => generation.language_code(id).unwrap_or_default().to_owned(),
-    };
+    // Named as OpenAI's verbose_json does ("english"); a code Whisper does not list
+    // stays a code.
+    let code = language.map_or("en", |id| generation.language_code(id).unwrap_or_default());
+    let language_name = whisper::language_name(code).unwrap_or(code).to_owned();
     if form.stream {
         let (response, tx) = sse_response();
         tokio::spawn(async move {
