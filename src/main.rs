@@ -7,11 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use inferd::backend::cpu::CpuBackend;
-use inferd::backend::WeightDtype;
-use inferd::engine::{self, Engine, EngineConfig, EngineHandle, KvCacheBudget, SamplingParams};
+use inferd::backend::{Device, DeviceChoice, WeightDtype};
+use inferd::engine::{Engine, EngineConfig, EngineHandle, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::log::Level;
-use inferd::manager::{LoadedModel, ModelFiles, ModelManager, ModelSettings, ReasoningMode};
+use inferd::manager::{ModelFiles, ModelManager, ModelSettings, ReasoningMode};
 use inferd::server::{self, ServerOptions, ServerState};
 use inferd::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
 
@@ -120,6 +120,11 @@ struct ServeArgs {
     /// Extra chat template variables for every request, as a JSON object.
     #[arg(long)]
     chat_template_kwargs: Option<String>,
+    /// On a GPU: the share of its memory inferd may fill (weights, KV cache and
+    /// activations), in (0, 1]; the KV cache gets what the weights leave. The CPU
+    /// backend sizes its cache by --kv-cache-memory or --kv-cache-fraction instead.
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
     /// Tokens per KV block.
     #[arg(long, alias = "cb-block-size", default_value_t = 16)]
     block_size: usize,
@@ -187,17 +192,6 @@ impl TorchOnlyArgs {
             return Ok(());
         };
         Err(format!("unsupported transformers serve option {why}"))
-    }
-}
-
-/// `--device`: only the CPU backend is built in (CUDA comes with `--features cuda`).
-fn check_device(device: &str) -> Result<(), String> {
-    match device {
-        "auto" | "cpu" => Ok(()),
-        d if d == "cuda" || d.starts_with("cuda:") || d.chars().all(|c| c.is_ascii_digit()) => Err(format!(
-            "--device {d}: this build of inferd has no CUDA backend; use --device cpu"
-        )),
-        d => Err(format!("--device {d}: unknown device (auto, cpu or cuda[:N])")),
     }
 }
 
@@ -499,6 +493,15 @@ struct GenerateArgs {
     /// Print prompt and speed statistics to stderr.
     #[arg(long, short)]
     verbose: bool,
+    /// Also print the generated token ids to stderr, as a JSON array.
+    #[arg(long)]
+    print_ids: bool,
+    /// Where the model runs: auto, cpu, or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// How weights are kept: auto, bfloat16 or float32.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
 }
 
 fn main() -> ExitCode {
@@ -580,22 +583,24 @@ fn download(_: &str) -> Result<(), Box<dyn Error>> {
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     let load_start = std::time::Instant::now();
-    let loaded = ModelFiles::load(&args.model, &CpuBackend::default(), false, &mut |_| {})?;
+    let device = Device::open(
+        &DeviceChoice::parse(&args.device)?,
+        WeightDtype::parse(&args.dtype)?,
+        &mut |note| eprintln!("{note}"),
+    )?;
+    let loaded = ModelFiles::load(&args.model, &device, false, &mut |_| {})?;
     let load_secs = load_start.elapsed().as_secs_f64();
     let eos_ids = loaded.eos_ids();
     let ModelFiles {
         dir, tokenizer, model, ..
     } = loaded;
-    let model = match model {
-        LoadedModel::Text(m) => m,
-        LoadedModel::Speech(_) => {
-            return Err(format!(
-                "`{}` is a speech model: transcribe with `inferd serve` and /v1/audio/transcriptions",
-                args.model
-            )
-            .into())
-        }
-    };
+    if model.text_config().is_none() {
+        return Err(format!(
+            "`{}` is a speech model: transcribe with `inferd serve` and /v1/audio/transcriptions",
+            args.model
+        )
+        .into());
+    }
 
     let prompt_ids = if args.raw {
         tokenizer.encode(&args.prompt, true)?
@@ -623,7 +628,6 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
         max_num_batched_tokens: 512,
         max_waiting: 1,
     };
-    let mut engine = Engine::new(CpuBackend::default(), model, config, eos_ids);
     let params = SamplingParams {
         max_tokens: Some(args.max_tokens),
         ..SamplingParams::greedy()
@@ -635,7 +639,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     let prompt_tokens = prompt_ids.len();
     let start = std::time::Instant::now();
     let mut first_token_at = None;
-    let (tokens, _) = engine::generate(&mut engine, prompt_ids, params, &mut |id| {
+    let (tokens, _) = model.generate(&device, config, eos_ids, prompt_ids, params, &mut |id| {
         first_token_at.get_or_insert_with(std::time::Instant::now);
         let piece = match detokenizer.push(&tokenizer, id) {
             Ok(piece) => stops.push(&piece),
@@ -653,6 +657,9 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     })?;
     if let Some(e) = write_error {
         return Err(e);
+    }
+    if args.print_ids {
+        eprintln!("{}", serde_json::to_string(&tokens)?);
     }
     let tail = stops.push(&detokenizer.flush(&tokenizer)?).text + &stops.finish();
     stdout.write_all(tail.as_bytes())?;
@@ -683,10 +690,11 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         None => None,
     };
     args.torch_only.refuse()?;
-    check_device(&args.device)?;
-    let backend = CpuBackend::with_weights(WeightDtype::parse(&args.dtype)?);
+    let device_choice = DeviceChoice::parse(&args.device)?;
+    let weights = WeightDtype::parse(&args.dtype)?;
     let level = Level::parse(&args.log_level)
         .ok_or_else(|| format!("--log-level {}: use error, warning, info or debug", args.log_level))?;
+    let backend = Device::open(&device_choice, weights, &mut |note| eprintln!("{note}"))?;
     inferd::log::set_level(level);
     if args.cb_use_cuda_graph == Some(true) {
         return Err("--cb-use-cuda-graph: CUDA graphs need the CUDA backend; this build runs on the CPU".into());
@@ -718,6 +726,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         .or_else(|| std::env::var("INFERD_API_KEY").ok().filter(|k| !k.is_empty()));
     let settings = ModelSettings {
         backend,
+        gpu_memory_utilization: args.gpu_memory_utilization,
         engine,
         kv_budget: match args.kv_cache_memory {
             Some(bytes) => KvCacheBudget::Bytes(bytes),

@@ -13,6 +13,9 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::backend::cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, Device};
 use crate::engine::{available_memory, Engine, EngineConfig, EngineHandle, KvCacheBudget};
 use crate::loader::hub::{resolve_model, HubError, ModelDir, ModelRef};
 use crate::media::audio::{MelConfig, MelExtractor};
@@ -32,7 +35,10 @@ pub enum ReasoningMode {
 /// How every model is set up when it loads (the `serve` flags).
 #[derive(Debug, Clone)]
 pub struct ModelSettings {
-    pub backend: CpuBackend,
+    pub backend: Device,
+    /// `--gpu-memory-utilization`: the share of a GPU's memory inferd may fill (weights,
+    /// KV cache and activations); the KV cache gets what the weights leave of it.
+    pub gpu_memory_utilization: f64,
     /// `num_blocks: 0` means "from `kv_budget`".
     pub engine: EngineConfig,
     pub kv_budget: KvCacheBudget,
@@ -97,6 +103,143 @@ pub enum LoadedModel {
     Text(DecoderModel<CpuBackend>),
     /// Speech to text (transcriptions, translations).
     Speech(WhisperModel<CpuBackend>),
+    #[cfg(feature = "cuda")]
+    CudaText(DecoderModel<CudaBackend>),
+    #[cfg(feature = "cuda")]
+    CudaSpeech(WhisperModel<CudaBackend>),
+}
+
+/// A model of either kind on one backend (what `load_on` makes).
+enum Kind<B: Backend> {
+    Text(DecoderModel<B>),
+    Speech(WhisperModel<B>),
+}
+
+/// Uploads a model folder's weights to `backend`.
+fn load_on<B: Backend>(
+    backend: &B,
+    dir: &std::path::Path,
+    dummy: bool,
+    weights: &mut dyn FnMut(usize, usize),
+) -> Result<Kind<B>, LoadError> {
+    let failed = |e: &dyn std::fmt::Display| LoadError::Failed(e.to_string());
+    if model_type(dir) == "whisper" {
+        if dummy {
+            return Err(LoadError::Failed(
+                "--load-format dummy is for text decoders, not Whisper".into(),
+            ));
+        }
+        return load_whisper(backend, dir, weights).map(Kind::Speech).map_err(|e| failed(&e));
+    }
+    if dummy {
+        load_decoder_dummy(backend, dir, weights)
+    } else {
+        load_decoder(backend, dir, weights)
+    }
+    .map(Kind::Text)
+    .map_err(|e| failed(&e))
+}
+
+impl LoadedModel {
+    /// The decoder's config, for text models.
+    pub fn text_config(&self) -> Option<&crate::models::DecoderConfig> {
+        match self {
+            LoadedModel::Text(m) => Some(&m.config),
+            #[cfg(feature = "cuda")]
+            LoadedModel::CudaText(m) => Some(&m.config),
+            _ => None,
+        }
+    }
+
+    fn whisper_config(&self) -> Option<&crate::models::whisper::WhisperConfig> {
+        match self {
+            LoadedModel::Speech(m) => Some(&m.config),
+            #[cfg(feature = "cuda")]
+            LoadedModel::CudaSpeech(m) => Some(&m.config),
+            _ => None,
+        }
+    }
+
+    /// Sizes the KV cache of `config` from `budget`.
+    fn engine_config(&self, config: EngineConfig, budget: KvCacheBudget) -> Result<EngineConfig, String> {
+        match self {
+            LoadedModel::Text(m) => config.with_budget(m, budget),
+            LoadedModel::Speech(m) => config.with_budget(m, budget),
+            #[cfg(feature = "cuda")]
+            LoadedModel::CudaText(m) => config.with_budget(m, budget),
+            #[cfg(feature = "cuda")]
+            LoadedModel::CudaSpeech(m) => config.with_budget(m, budget),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// Greedy or sampled generation of one prompt on an engine of its own, on `device`
+    /// (the one it was loaded on): `inferd generate`. Speech models have no text prompt.
+    pub fn generate(
+        self,
+        device: &Device,
+        config: EngineConfig,
+        eos: Vec<u32>,
+        prompt: Vec<u32>,
+        params: crate::engine::SamplingParams,
+        on_token: &mut dyn FnMut(u32) -> bool,
+    ) -> Result<(Vec<u32>, Option<crate::engine::FinishReason>), crate::engine::GenerateError> {
+        match (self, device) {
+            (LoadedModel::Text(m), Device::Cpu(b)) => {
+                crate::engine::generate(&mut Engine::new(b.clone(), m, config, eos), prompt, params, on_token)
+            }
+            #[cfg(feature = "cuda")]
+            (LoadedModel::CudaText(m), Device::Cuda(b)) => {
+                crate::engine::generate(&mut Engine::new(b.clone(), m, config, eos), prompt, params, on_token)
+            }
+            _ => unreachable!("generate runs text models on the device they were loaded on"),
+        }
+    }
+
+    /// Starts the model's engine on `device` (the one it was loaded on).
+    fn spawn(self, device: &Device, config: EngineConfig, eos: Vec<u32>) -> EngineHandle {
+        match (self, device) {
+            (LoadedModel::Text(m), Device::Cpu(b)) => EngineHandle::spawn(Engine::new(b.clone(), m, config, eos)),
+            (LoadedModel::Speech(m), Device::Cpu(b)) => EngineHandle::spawn(Engine::new(b.clone(), m, config, eos)),
+            #[cfg(feature = "cuda")]
+            (LoadedModel::CudaText(m), Device::Cuda(b)) => EngineHandle::spawn(Engine::new(b.clone(), m, config, eos)),
+            #[cfg(feature = "cuda")]
+            (LoadedModel::CudaSpeech(m), Device::Cuda(b)) => {
+                EngineHandle::spawn(Engine::new(b.clone(), m, config, eos))
+            }
+            #[cfg(feature = "cuda")]
+            _ => unreachable!("a model is started on the device it was loaded on"),
+        }
+    }
+}
+
+/// KV cache bytes on a GPU: `utilization` of its memory, less what is in use now (the
+/// weights) and a reserve for activations.
+#[cfg(feature = "cuda")]
+fn gpu_kv_budget(backend: &CudaBackend, utilization: f64) -> Result<KvCacheBudget, String> {
+    /// Scratch for one step's activations and logits, outside the KV pool.
+    const ACTIVATION_RESERVE: usize = 2 << 30;
+    if !(utilization > 0.0 && utilization <= 1.0) {
+        return Err(format!("--gpu-memory-utilization must be in (0, 1], got {utilization}"));
+    }
+    let (free, total) = backend.memory().map_err(|e| e.to_string())?;
+    let allowed = (total as f64 * utilization) as usize;
+    let used = total - free;
+    let bytes = allowed.saturating_sub(used).saturating_sub(ACTIVATION_RESERVE);
+    if bytes == 0 {
+        return Err(format!(
+            "{} of {} GiB are in use and --gpu-memory-utilization {utilization} allows {:.1} GiB: no room left for a KV cache",
+            fmt_gib(used),
+            fmt_gib(total),
+            allowed as f64 / (1u64 << 30) as f64
+        ));
+    }
+    Ok(KvCacheBudget::Bytes(bytes))
+}
+
+#[cfg(feature = "cuda")]
+fn fmt_gib(bytes: usize) -> String {
+    format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
 }
 
 /// What a speech model needs beyond its weights: its feature extractor and decoding
@@ -146,7 +289,7 @@ impl ModelFiles {
     /// `dummy`: seeded random weights from config.json instead of the checkpoint's.
     pub fn load(
         id_or_path: &str,
-        backend: &CpuBackend,
+        backend: &Device,
         dummy: bool,
         progress: &mut dyn FnMut(LoadProgress),
     ) -> Result<ModelFiles, LoadError> {
@@ -178,15 +321,24 @@ impl ModelFiles {
             None => dir,
         };
         let mut weights = |current, total| progress(LoadProgress::Weights { current, total });
-        let (model, speech) = if model_type(&dir.path) == "whisper" {
-            if dummy {
-                return Err(LoadError::Failed(
-                    "--load-format dummy is for text decoders, not Whisper".into(),
-                ));
-            }
-            let speech = speech_settings(&dir.path).map_err(|e| failed(&e))?;
-            let model = load_whisper(backend, &dir.path, &mut weights).map_err(|e| failed(&e))?;
-            let (mel, config) = (speech.mel.config(), &model.config);
+        let speech = if model_type(&dir.path) == "whisper" {
+            Some(speech_settings(&dir.path).map_err(|e| failed(&e))?)
+        } else {
+            None
+        };
+        let model = match backend {
+            Device::Cpu(b) => match load_on(b, &dir.path, dummy, &mut weights)? {
+                Kind::Text(m) => LoadedModel::Text(m),
+                Kind::Speech(m) => LoadedModel::Speech(m),
+            },
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => match load_on(b, &dir.path, dummy, &mut weights)? {
+                Kind::Text(m) => LoadedModel::CudaText(m),
+                Kind::Speech(m) => LoadedModel::CudaSpeech(m),
+            },
+        };
+        if let (Some(speech), Some(config)) = (&speech, model.whisper_config()) {
+            let mel = speech.mel.config();
             if mel.n_mels != config.num_mel_bins || mel.frames_per_window() != config.mel_frames() {
                 return Err(LoadError::Failed(format!(
                     "preprocessor_config.json makes [{}, {}] features, the model reads [{}, {}]",
@@ -196,16 +348,7 @@ impl ModelFiles {
                     config.mel_frames()
                 )));
             }
-            (LoadedModel::Speech(model), Some(speech))
-        } else {
-            let model = if dummy {
-                load_decoder_dummy(backend, &dir.path, &mut weights)
-            } else {
-                load_decoder(backend, &dir.path, &mut weights)
-            }
-            .map_err(|e| failed(&e))?;
-            (LoadedModel::Text(model), None)
-        };
+        }
         Ok(ModelFiles {
             dir,
             tokenizer,
@@ -218,9 +361,11 @@ impl ModelFiles {
     /// EOS ids from every place a model may declare them.
     pub fn eos_ids(&self) -> Vec<u32> {
         let mut ids = self.generation_config.eos_token_ids();
-        match &self.model {
-            LoadedModel::Text(m) => ids.extend(&m.config.eos_token_ids),
-            LoadedModel::Speech(m) => ids.extend(m.config.eos_token_id),
+        if let Some(config) = self.model.text_config() {
+            ids.extend(&config.eos_token_ids);
+        }
+        if let Some(config) = self.model.whisper_config() {
+            ids.extend(config.eos_token_id);
         }
         let eos_token = self.tokenizer.special_tokens.eos_token.as_deref();
         if let Some(id) = eos_token.and_then(|t| self.tokenizer.token_to_id(t)) {
@@ -711,11 +856,19 @@ fn build(
     let eos = files.eos_ids();
     let mut config = settings.engine;
     if config.num_blocks == 0 {
-        let budget = match &files.model {
-            LoadedModel::Text(m) => config.with_budget(m, settings.kv_budget),
-            LoadedModel::Speech(m) => config.with_budget(m, settings.kv_budget),
+        let no_room = |e: String| LoadError::OutOfMemory(format!("no room for `{id_or_path}`'s KV cache: {e}"));
+        let budget = match &settings.backend {
+            Device::Cpu(_) => settings.kv_budget,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => match settings.kv_budget {
+                // --kv-cache-memory: as many bytes as asked for, on the GPU too.
+                KvCacheBudget::Bytes(bytes) => KvCacheBudget::Bytes(bytes),
+                KvCacheBudget::FractionOfAvailable(_) => {
+                    gpu_kv_budget(b, settings.gpu_memory_utilization).map_err(no_room)?
+                }
+            },
         };
-        config = budget.map_err(|e| LoadError::OutOfMemory(format!("no room for `{id_or_path}`'s KV cache: {e}")))?;
+        config = files.model.engine_config(config, budget).map_err(no_room)?;
     }
     let reasoning = match settings.reasoning {
         ReasoningMode::On => true,
@@ -737,11 +890,7 @@ fn build(
     } else {
         checkpoint_bytes(&dir.path)
     };
-    let backend = settings.backend.clone();
-    let engine = match model {
-        LoadedModel::Text(m) => EngineHandle::spawn(Engine::new(backend, m, config, eos)),
-        LoadedModel::Speech(m) => EngineHandle::spawn(Engine::new(backend, m, config, eos)),
-    };
+    let engine = model.spawn(&settings.backend, config, eos);
     Ok(ServedModel {
         name: dir.display_name,
         engine,

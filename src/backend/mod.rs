@@ -6,6 +6,8 @@
 //! `write_kv`), so prefill, chunked prefill, prefix reuse and decode are one op.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use crate::loader::TensorView;
 
@@ -61,6 +63,79 @@ impl WeightDtype {
                     .into(),
             ),
             other => Err(format!("unknown --dtype `{other}` (auto, bfloat16 or float32)")),
+        }
+    }
+}
+
+/// `--device`: which backend runs the models.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// A GPU when one can be used, else the CPU.
+    Auto,
+    Cpu,
+    /// `cuda` (device 0) or `cuda:N`.
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// `auto`, `cpu`, `cuda`, `cuda:N`, or a bare device number (as torch takes).
+    pub fn parse(name: &str) -> Result<DeviceChoice, String> {
+        let number = |n: &str| {
+            n.parse::<usize>()
+                .map_err(|_| format!("--device {name}: `{n}` is not a device number"))
+        };
+        match name {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" => Ok(DeviceChoice::Cuda(0)),
+            d if d.starts_with("cuda:") => Ok(DeviceChoice::Cuda(number(&d[5..])?)),
+            d if !d.is_empty() && d.chars().all(|c| c.is_ascii_digit()) => Ok(DeviceChoice::Cuda(number(d)?)),
+            d => Err(format!("--device {d}: unknown device (auto, cpu or cuda[:N])")),
+        }
+    }
+}
+
+/// The backend models run on, chosen once per process by `--device`.
+#[derive(Debug, Clone)]
+pub enum Device {
+    Cpu(cpu::CpuBackend),
+    #[cfg(feature = "cuda")]
+    Cuda(cuda::CudaBackend),
+}
+
+impl Device {
+    /// Opens the chosen device. `auto` takes GPU 0 when the CUDA libraries and a device
+    /// are there (a build with `--features cuda`), else the CPU, and says why in `note`.
+    pub fn open(choice: &DeviceChoice, weights: WeightDtype, note: &mut dyn FnMut(&str)) -> Result<Device, String> {
+        match choice {
+            DeviceChoice::Cpu => Ok(Device::Cpu(cpu::CpuBackend::with_weights(weights))),
+            #[cfg(feature = "cuda")]
+            DeviceChoice::Cuda(n) => cuda::CudaBackend::new(*n, weights)
+                .map(Device::Cuda)
+                .map_err(|e| format!("--device cuda:{n}: {e}")),
+            #[cfg(not(feature = "cuda"))]
+            DeviceChoice::Cuda(n) => Err(format!(
+                "--device cuda:{n}: this build of inferd has no CUDA backend (build with `--features cuda`); use --device cpu"
+            )),
+            DeviceChoice::Auto => {
+                #[cfg(feature = "cuda")]
+                match cuda::CudaBackend::new(0, weights) {
+                    Ok(b) => return Ok(Device::Cuda(b)),
+                    Err(e) => note(&format!("--device auto: no usable GPU ({e}); running on the CPU")),
+                }
+                #[cfg(not(feature = "cuda"))]
+                let _ = &note;
+                Ok(Device::Cpu(cpu::CpuBackend::with_weights(weights)))
+            }
+        }
+    }
+
+    /// `cpu`, or `cuda:N (device name)`.
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Cpu(_) => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => format!("cuda:{} ({})", b.ordinal(), b.device_name()),
         }
     }
 }

@@ -1,0 +1,151 @@
+// Attention for prefill, chunked prefill and decode in one kernel: every query row
+// reads its sequence's keys and values either from the paged KV pools (through the
+// sequence's block table) or from a dense `[m, kv_width]` tensor (an encoder's
+// self-attention, a decoder's cross-attention). GQA maps query head h to KV head
+// h / (num_heads / num_kv_heads).
+//
+// Grid (rows, num_heads, splits); 128 threads. A block walks its split of the row's
+// visible keys in chunks: each warp scores keys (lanes over head_dim, coalesced), the
+// block keeps an online softmax (running max and sum), and each thread accumulates
+// output dimensions d = tid + 128 * r. With one split the row is written normalized;
+// with several (long contexts, few rows) each split writes (max, sum, acc) and
+// `attention_combine_f32` merges them.
+#include "common.cuh"
+
+#define ATT_THREADS 128
+#define ATT_WARPS (ATT_THREADS / 32)
+#define ATT_CHUNK 128
+#define MAX_HEAD_DIM 512
+#define ACC_PER_THREAD (MAX_HEAD_DIM / ATT_THREADS)
+
+struct AttentionArgs {
+    const float* q;        // query rows, `q_stride` floats apart (q head h at h * head_dim)
+    const float* k;        // paged pool [slots, kv_width] or dense [m, kv_width]
+    const float* v;
+    float* out;            // [rows, num_heads * head_dim]
+    float* partial;        // [rows, num_heads, splits, head_dim + 2] when splits > 1
+    const int* visible;    // [rows] keys each row attends to (0..visible)
+    const int* row_seq;    // [rows] sequence of each row (paged)
+    const unsigned* block_tables; // [seqs, max_blocks], null for dense
+    int q_stride;
+    int kv_width;
+    int max_blocks;
+    int block_size;
+    int num_heads;
+    int num_kv_heads;
+    int head_dim;
+    int split_len;
+    float scale;
+};
+
+__device__ __forceinline__ size_t key_row(const AttentionArgs& a, int seq, int j) {
+    if (a.block_tables == nullptr) return (size_t)j;
+    const unsigned block = a.block_tables[(size_t)seq * a.max_blocks + j / a.block_size];
+    return (size_t)block * a.block_size + j % a.block_size;
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32(const AttentionArgs a) {
+    __shared__ float q_s[MAX_HEAD_DIM];
+    __shared__ float p_s[ATT_CHUNK];
+    __shared__ float scratch[32];
+    const int row = blockIdx.x, h = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int hd = a.head_dim;
+    const int kvh = h / (a.num_heads / a.num_kv_heads);
+    const int visible = a.visible[row];
+    const int seq = a.row_seq == nullptr ? 0 : a.row_seq[row];
+    const int begin = split * a.split_len;
+    const int end = min(visible, begin + a.split_len);
+
+    const float* q = a.q + (size_t)row * a.q_stride + (size_t)h * hd;
+    for (int d = tid; d < hd; d += ATT_THREADS) q_s[d] = q[d] * a.scale;
+    __syncthreads();
+
+    float m = -INFINITY, l = 0.0f;
+    float acc[ACC_PER_THREAD];
+#pragma unroll
+    for (int r = 0; r < ACC_PER_THREAD; ++r) acc[r] = 0.0f;
+
+    for (int c0 = begin; c0 < end; c0 += ATT_CHUNK) {
+        const int n = min(ATT_CHUNK, end - c0);
+        for (int j = warp; j < n; j += ATT_WARPS) {
+            const float* k = a.k + key_row(a, seq, c0 + j) * a.kv_width + (size_t)kvh * hd;
+            float s = 0.0f;
+            for (int d = lane; d < hd; d += 32) s += q_s[d] * k[d];
+            s = warp_sum(s);
+            if (lane == 0) p_s[j] = s;
+        }
+        __syncthreads();
+        float cm = -INFINITY;
+        for (int j = tid; j < n; j += ATT_THREADS) cm = fmaxf(cm, p_s[j]);
+        cm = block_max(cm, scratch);
+        const float m_new = fmaxf(m, cm);
+        const float alpha = expf(m - m_new);
+        float ps = 0.0f;
+        for (int j = tid; j < n; j += ATT_THREADS) {
+            const float p = expf(p_s[j] - m_new);
+            p_s[j] = p;
+            ps += p;
+        }
+        ps = block_sum(ps, scratch);  // ends with a barrier: p_s is complete
+        l = l * alpha + ps;
+        m = m_new;
+#pragma unroll
+        for (int r = 0; r < ACC_PER_THREAD; ++r) acc[r] *= alpha;
+        for (int j = 0; j < n; ++j) {
+            const float* v = a.v + key_row(a, seq, c0 + j) * a.kv_width + (size_t)kvh * hd;
+            const float p = p_s[j];
+#pragma unroll
+            for (int r = 0; r < ACC_PER_THREAD; ++r) {
+                const int d = tid + r * ATT_THREADS;
+                if (d < hd) acc[r] += p * v[d];
+            }
+        }
+        __syncthreads();
+    }
+
+    if (splits == 1) {
+        float* o = a.out + (size_t)row * a.num_heads * hd + (size_t)h * hd;
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+        for (int r = 0; r < ACC_PER_THREAD; ++r) {
+            const int d = tid + r * ATT_THREADS;
+            if (d < hd) o[d] = acc[r] * inv;
+        }
+    } else {
+        float* p = a.partial + (((size_t)row * a.num_heads + h) * splits + split) * (hd + 2);
+        if (tid == 0) {
+            p[0] = m;
+            p[1] = l;
+        }
+#pragma unroll
+        for (int r = 0; r < ACC_PER_THREAD; ++r) {
+            const int d = tid + r * ATT_THREADS;
+            if (d < hd) p[2 + d] = acc[r];
+        }
+    }
+}
+
+// Merges the splits of `attention_f32`. Grid (rows, num_heads), 128 threads.
+extern "C" __global__ void attention_combine_f32(const float* partial, float* out, int num_heads, int head_dim,
+                                                 int splits) {
+    const int row = blockIdx.x, h = blockIdx.y;
+    const float* p = partial + ((size_t)row * num_heads + h) * splits * (head_dim + 2);
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, p[s * (head_dim + 2)]);
+    float l = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+        const float ms = p[s * (head_dim + 2)];
+        if (ms != -INFINITY) l += p[s * (head_dim + 2) + 1] * expf(ms - m);
+    }
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    float* o = out + (size_t)row * num_heads * head_dim + (size_t)h * head_dim;
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int s = 0; s < splits; ++s) {
+            const float ms = p[s * (head_dim + 2)];
+            if (ms != -INFINITY) acc += p[s * (head_dim + 2) + 2 + d] * expf(ms - m);
+        }
+        o[d] = acc * inv;
+    }
+}
