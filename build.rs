@@ -39,12 +39,17 @@ fn main() {
         .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("cu" | "cuh")))
         .collect();
     sources.sort();
-    let mut modules = String::from("/// Kernel modules compiled by build.rs: (name, fatbin).\npub const MODULES: &[(&str, &[u8])] = &[\n");
+    let mut modules = String::from(
+        "/// Kernel modules compiled by build.rs: (name, fatbin).\npub const MODULES: &[(&str, &[u8])] = &[\n",
+    );
     for src in &sources {
         println!("cargo:rerun-if-changed={}", src.display());
     }
     for src in sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")) {
-        let name = src.file_stem().and_then(|s| s.to_str()).expect("kernel file name is UTF-8");
+        let name = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("kernel file name is UTF-8");
         let fatbin = out_dir.join(format!("{name}.fatbin"));
         let output = Command::new(&nvcc)
             .args(["-fatbin", "-O3", "-std=c++17", "-Xptxas=-warn-spills"])
@@ -66,7 +71,10 @@ fn main() {
         for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
             println!("cargo:warning={name}.cu: {line}");
         }
-        modules.push_str(&format!("    ({name:?}, include_bytes!({:?})),\n", fatbin.display().to_string()));
+        modules.push_str(&format!(
+            "    ({name:?}, include_bytes!({:?})),\n",
+            fatbin.display().to_string()
+        ));
     }
     modules.push_str("];\n");
     std::fs::write(out_dir.join("kernels.rs"), modules).expect("write kernels.rs");
@@ -94,7 +102,10 @@ fn find_nvcc() -> Option<PathBuf> {
         return Some(PathBuf::from("nvcc"));
     }
     // The PyPI package: nvidia/cu13/bin/nvcc inside a Python's site-packages.
-    let mut pythons: Vec<PathBuf> = std::env::var_os("INFERD_NVCC_PYTHON").map(PathBuf::from).into_iter().collect();
+    let mut pythons: Vec<PathBuf> = std::env::var_os("INFERD_NVCC_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .collect();
     if let Some(home) = std::env::var_os("HOME") {
         pythons.push(Path::new(&home).join(".cache/inferd/nvcc-venv/bin/python3"));
     }

@@ -6,12 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use inferd::backend::cpu::CpuBackend;
 use inferd::backend::{Device, DeviceChoice, WeightDtype};
-use inferd::engine::{Engine, EngineConfig, EngineHandle, KvCacheBudget, SamplingParams};
+use inferd::engine::{EngineConfig, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::log::Level;
-use inferd::manager::{ModelFiles, ModelManager, ModelSettings, ReasoningMode};
+use inferd::manager::{kv_budget_on, LoadedModel, ModelFiles, ModelManager, ModelSettings, ReasoningMode};
 use inferd::server::{self, ServerOptions, ServerState};
 use inferd::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
 
@@ -284,9 +283,15 @@ struct BenchArgs {
     /// With --offline: the engine's step token budget.
     #[arg(long, default_value_t = 2048)]
     max_num_batched_tokens: usize,
-    /// With --offline: KV cache as a fraction of available memory.
+    /// With --offline: KV cache as a fraction of available memory (on the CPU).
     #[arg(long, default_value_t = 0.25)]
     kv_cache_fraction: f64,
+    /// With --offline: where the engine runs (auto, cpu, or cuda[:N]).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// With --offline on a GPU: the share of its memory to fill, in (0, 1].
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
 }
 
 fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
@@ -372,13 +377,17 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
     // Offline: an engine here, fed token ids; the model (or its dummy) loads first.
     let offline = if args.offline {
         let dummy = args.load_format == "dummy";
-        let backend = CpuBackend::with_weights(WeightDtype::parse(&args.dtype)?);
+        let device = Device::open(
+            &DeviceChoice::parse(&args.device)?,
+            WeightDtype::parse(&args.dtype)?,
+            &mut |note| eprintln!("{note}"),
+        )?;
         let dir = resolve_model(&args.model)?;
-        let model = if dummy {
-            inferd::models::load_decoder_dummy(&backend, &dir.path, &mut |_, _| {})?
-        } else {
-            inferd::models::load_decoder(&backend, &dir.path, &mut |_, _| {})?
-        };
+        let model = LoadedModel::load(&device, &dir.path, dummy, &mut |_, _| {})?;
+        let vocab = model
+            .text_config()
+            .ok_or_else(|| format!("{}: bench drives text models", args.model))?
+            .vocab_size;
         let max_c = args.concurrency.iter().copied().max().unwrap_or(1);
         let config = EngineConfig {
             block_size: 16,
@@ -386,10 +395,15 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             max_num_seqs: max_c.max(1),
             max_num_batched_tokens: args.max_num_batched_tokens,
             max_waiting: usize::MAX,
-        }
-        .with_budget(&model, KvCacheBudget::FractionOfAvailable(args.kv_cache_fraction))?;
-        let vocab = model.config.vocab_size;
-        Some((EngineHandle::spawn(Engine::new(backend, model, config, vec![])), vocab))
+        };
+        let budget = kv_budget_on(
+            &device,
+            KvCacheBudget::FractionOfAvailable(args.kv_cache_fraction),
+            args.gpu_memory_utilization,
+        )?;
+        let config = model.engine_config(config, budget)?;
+        eprintln!("bench: engine on {}", device.describe());
+        Some((model.spawn(&device, config, vec![]), vocab))
     } else {
         None
     };

@@ -129,7 +129,9 @@ fn load_on<B: Backend>(
                 "--load-format dummy is for text decoders, not Whisper".into(),
             ));
         }
-        return load_whisper(backend, dir, weights).map(Kind::Speech).map_err(|e| failed(&e));
+        return load_whisper(backend, dir, weights)
+            .map(Kind::Speech)
+            .map_err(|e| failed(&e));
     }
     if dummy {
         load_decoder_dummy(backend, dir, weights)
@@ -141,6 +143,26 @@ fn load_on<B: Backend>(
 }
 
 impl LoadedModel {
+    /// Uploads a model folder's weights to `device` (`dummy`: seeded random weights).
+    pub fn load(
+        device: &Device,
+        dir: &std::path::Path,
+        dummy: bool,
+        weights: &mut dyn FnMut(usize, usize),
+    ) -> Result<LoadedModel, LoadError> {
+        Ok(match device {
+            Device::Cpu(b) => match load_on(b, dir, dummy, weights)? {
+                Kind::Text(m) => LoadedModel::Text(m),
+                Kind::Speech(m) => LoadedModel::Speech(m),
+            },
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => match load_on(b, dir, dummy, weights)? {
+                Kind::Text(m) => LoadedModel::CudaText(m),
+                Kind::Speech(m) => LoadedModel::CudaSpeech(m),
+            },
+        })
+    }
+
     /// The decoder's config, for text models.
     pub fn text_config(&self) -> Option<&crate::models::DecoderConfig> {
         match self {
@@ -161,7 +183,7 @@ impl LoadedModel {
     }
 
     /// Sizes the KV cache of `config` from `budget`.
-    fn engine_config(&self, config: EngineConfig, budget: KvCacheBudget) -> Result<EngineConfig, String> {
+    pub fn engine_config(&self, config: EngineConfig, budget: KvCacheBudget) -> Result<EngineConfig, String> {
         match self {
             LoadedModel::Text(m) => config.with_budget(m, budget),
             LoadedModel::Speech(m) => config.with_budget(m, budget),
@@ -197,7 +219,7 @@ impl LoadedModel {
     }
 
     /// Starts the model's engine on `device` (the one it was loaded on).
-    fn spawn(self, device: &Device, config: EngineConfig, eos: Vec<u32>) -> EngineHandle {
+    pub fn spawn(self, device: &Device, config: EngineConfig, eos: Vec<u32>) -> EngineHandle {
         match (self, device) {
             (LoadedModel::Text(m), Device::Cpu(b)) => EngineHandle::spawn(Engine::new(b.clone(), m, config, eos)),
             (LoadedModel::Speech(m), Device::Cpu(b)) => EngineHandle::spawn(Engine::new(b.clone(), m, config, eos)),
@@ -210,6 +232,24 @@ impl LoadedModel {
             #[cfg(feature = "cuda")]
             _ => unreachable!("a model is started on the device it was loaded on"),
         }
+    }
+}
+
+/// The KV cache budget on `device`: `budget` on the CPU; on a GPU, `budget` when it is a
+/// byte count (`--kv-cache-memory`), else what `gpu_memory_utilization` leaves.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn kv_budget_on(
+    device: &Device,
+    budget: KvCacheBudget,
+    gpu_memory_utilization: f64,
+) -> Result<KvCacheBudget, String> {
+    match device {
+        Device::Cpu(_) => Ok(budget),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(b) => match budget {
+            KvCacheBudget::Bytes(_) => Ok(budget),
+            KvCacheBudget::FractionOfAvailable(_) => gpu_kv_budget(b, gpu_memory_utilization),
+        },
     }
 }
 
@@ -326,17 +366,7 @@ impl ModelFiles {
         } else {
             None
         };
-        let model = match backend {
-            Device::Cpu(b) => match load_on(b, &dir.path, dummy, &mut weights)? {
-                Kind::Text(m) => LoadedModel::Text(m),
-                Kind::Speech(m) => LoadedModel::Speech(m),
-            },
-            #[cfg(feature = "cuda")]
-            Device::Cuda(b) => match load_on(b, &dir.path, dummy, &mut weights)? {
-                Kind::Text(m) => LoadedModel::CudaText(m),
-                Kind::Speech(m) => LoadedModel::CudaSpeech(m),
-            },
-        };
+        let model = LoadedModel::load(backend, &dir.path, dummy, &mut weights)?;
         if let (Some(speech), Some(config)) = (&speech, model.whisper_config()) {
             let mel = speech.mel.config();
             if mel.n_mels != config.num_mel_bins || mel.frames_per_window() != config.mel_frames() {
@@ -857,17 +887,8 @@ fn build(
     let mut config = settings.engine;
     if config.num_blocks == 0 {
         let no_room = |e: String| LoadError::OutOfMemory(format!("no room for `{id_or_path}`'s KV cache: {e}"));
-        let budget = match &settings.backend {
-            Device::Cpu(_) => settings.kv_budget,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(b) => match settings.kv_budget {
-                // --kv-cache-memory: as many bytes as asked for, on the GPU too.
-                KvCacheBudget::Bytes(bytes) => KvCacheBudget::Bytes(bytes),
-                KvCacheBudget::FractionOfAvailable(_) => {
-                    gpu_kv_budget(b, settings.gpu_memory_utilization).map_err(no_room)?
-                }
-            },
-        };
+        let budget =
+            kv_budget_on(&settings.backend, settings.kv_budget, settings.gpu_memory_utilization).map_err(no_room)?;
         config = files.model.engine_config(config, budget).map_err(no_room)?;
     }
     let reasoning = match settings.reasoning {

@@ -98,8 +98,16 @@ pub struct CudaTensor {
 /// A parameter on the device. Matrices keep their `[out, in]` shape.
 pub enum CudaWeight {
     Vector(CudaSlice<f32>),
-    F32 { buf: CudaSlice<f32>, rows: usize, cols: usize },
-    Bf16 { buf: CudaSlice<u16>, rows: usize, cols: usize },
+    F32 {
+        buf: CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+    },
+    Bf16 {
+        buf: CudaSlice<u16>,
+        rows: usize,
+        cols: usize,
+    },
 }
 
 impl CudaWeight {
@@ -152,6 +160,9 @@ struct Inner {
     weights: WeightDtype,
     device_name: String,
     sm_count: usize,
+    /// Tests: every new buffer is filled with NaN bytes, so an output element a kernel
+    /// fails to write shows up.
+    poison: bool,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -204,6 +215,16 @@ fn rows_u32(n: usize, what: &str) -> u32 {
 impl CudaBackend {
     /// Opens device `ordinal` (`cuda:N`) and loads the kernels.
     pub fn new(ordinal: usize, weights: WeightDtype) -> Result<Self, CudaError> {
+        Self::open(ordinal, weights, false)
+    }
+
+    /// As `new`, with every output buffer filled with NaN before a kernel writes it (for
+    /// tests: an element left unwritten is caught).
+    pub fn with_poisoned_outputs(ordinal: usize, weights: WeightDtype) -> Result<Self, CudaError> {
+        Self::open(ordinal, weights, true)
+    }
+
+    fn open(ordinal: usize, weights: WeightDtype, poison: bool) -> Result<Self, CudaError> {
         let count = available()?;
         if ordinal >= count {
             return Err(CudaError::NoDevice { ordinal, count });
@@ -242,6 +263,7 @@ impl CudaBackend {
                 weights,
                 device_name,
                 sm_count,
+                poison,
                 _modules: modules,
             }),
         })
@@ -276,7 +298,22 @@ impl CudaBackend {
     /// Uninitialized `len` elements (at least one: the driver refuses empty buffers).
     fn alloc<T: DeviceRepr>(&self, len: usize, what: &str) -> CudaSlice<T> {
         // SAFETY: every op writes all of its output before anything reads it.
-        ok(unsafe { self.inner.stream.alloc::<T>(len.max(1)) }, what)
+        let buf = ok(unsafe { self.inner.stream.alloc::<T>(len.max(1)) }, what);
+        if self.inner.poison {
+            // SAFETY: the range is the buffer just allocated, on its stream.
+            ok(
+                unsafe {
+                    cudarc::driver::result::memset_d8_async(
+                        self.ptr(&buf),
+                        0xFF,
+                        buf.num_bytes(),
+                        self.inner.stream.cu_stream(),
+                    )
+                },
+                what,
+            );
+        }
+        buf
     }
 
     fn tensor(&self, rows: usize, cols: usize, what: &str) -> CudaTensor {
@@ -310,6 +347,8 @@ impl CudaBackend {
         let dims = |v: usize| i32::try_from(v).unwrap_or_else(|_| panic!("linear: dimension {v} too large"));
         let (mi, ni, ki) = (dims(m), dims(n), dims(k));
         let out_ptr = self.ptr(&out.buf);
+        // cuBLAS works in the calling thread's current context (the engine's thread).
+        ok(self.inner.ctx.bind_to_thread(), "linear");
         let handle = *self.inner.blas.handle();
         let op_t = blas_sys::cublasOperation_t::CUBLAS_OP_T;
         let op_n = blas_sys::cublasOperation_t::CUBLAS_OP_N;
@@ -405,7 +444,11 @@ impl CudaBackend {
         if rows == 0 {
             return;
         }
-        assert!(shape.head_dim <= MAX_HEAD_DIM, "attention: head_dim {} > {MAX_HEAD_DIM}", shape.head_dim);
+        assert!(
+            shape.head_dim <= MAX_HEAD_DIM,
+            "attention: head_dim {} > {MAX_HEAD_DIM}",
+            shape.head_dim
+        );
         let max_visible = visible.iter().copied().max().unwrap_or(0).max(1) as usize;
         // Few rows over a long context: split the keys so the grid fills the device.
         let blocks = rows * shape.num_heads;
@@ -417,7 +460,10 @@ impl CudaBackend {
         let row_seq_d = row_seq.map(|r| self.htod(r, "attention: rows"));
         let tables_d = tables.map(|(t, _, _)| self.htod(t, "attention: block tables"));
         let partial = (splits > 1).then(|| {
-            self.alloc::<f32>(rows * shape.num_heads * splits * (shape.head_dim + 2), "attention: partials")
+            self.alloc::<f32>(
+                rows * shape.num_heads * splits * (shape.head_dim + 2),
+                "attention: partials",
+            )
         });
         let args = AttentionArgs {
             q: q_ptr,
@@ -441,7 +487,12 @@ impl CudaBackend {
         let grid = (rows_u32(rows, "attention"), shape.num_heads as u32, splits as u32);
         launch!(self, "attention_f32", cfg(grid, ATTENTION_THREADS); &args);
         if let Some(partial) = &partial {
-            let (p, nh, hd, s) = (self.ptr(partial), shape.num_heads as i32, shape.head_dim as i32, splits as i32);
+            let (p, nh, hd, s) = (
+                self.ptr(partial),
+                shape.num_heads as i32,
+                shape.head_dim as i32,
+                splits as i32,
+            );
             let grid = (rows_u32(rows, "attention"), shape.num_heads as u32, 1);
             launch!(self, "attention_combine_f32", cfg(grid, 128); &p, &out_ptr, &nh, &hd, &s);
         }
@@ -587,7 +638,10 @@ impl Backend for CudaBackend {
                 self.ptr(&out.buf),
                 residual.cols as i32,
             );
-            let c = cfg((rows_u32(residual.rows, "add_rms_norm"), 1, 1), Self::norm_block(residual.cols));
+            let c = cfg(
+                (rows_u32(residual.rows, "add_rms_norm"), 1, 1),
+                Self::norm_block(residual.cols),
+            );
             launch!(self, "add_rms_norm_f32", c; &r, &dl, &w, &o, &d, &eps);
         }
         out
@@ -595,7 +649,11 @@ impl Backend for CudaBackend {
 
     fn linear(&self, x: &CudaTensor, weight: &CudaWeight, bias: Option<&CudaWeight>) -> CudaTensor {
         let (out_dim, in_dim) = weight.dims();
-        assert_eq!(x.cols, in_dim, "linear: input has {} columns, weight [{out_dim}, {in_dim}]", x.cols);
+        assert_eq!(
+            x.cols, in_dim,
+            "linear: input has {} columns, weight [{out_dim}, {in_dim}]",
+            x.cols
+        );
         let out = self.tensor(x.rows, out_dim, "linear");
         if x.rows == 0 {
             return out;
@@ -614,13 +672,25 @@ impl Backend for CudaBackend {
         let inter = gate_up.cols / 2;
         let out = self.tensor(gate_up.rows, inter, "silu_mul");
         if gate_up.rows > 0 {
-            let (g, o, r, i) = (self.ptr(&gate_up.buf), self.ptr(&out.buf), gate_up.rows as i32, inter as i32);
+            let (g, o, r, i) = (
+                self.ptr(&gate_up.buf),
+                self.ptr(&out.buf),
+                gate_up.rows as i32,
+                inter as i32,
+            );
             launch!(self, "silu_mul_f32", elementwise(gate_up.rows * inter); &g, &o, &r, &i);
         }
         out
     }
 
-    fn qk_norm(&self, qkv: &mut CudaTensor, q_weight: &CudaWeight, k_weight: &CudaWeight, eps: f32, shape: AttentionShape) {
+    fn qk_norm(
+        &self,
+        qkv: &mut CudaTensor,
+        q_weight: &CudaWeight,
+        k_weight: &CudaWeight,
+        eps: f32,
+        shape: AttentionShape,
+    ) {
         if qkv.rows == 0 {
             return;
         }
@@ -630,7 +700,11 @@ impl Backend for CudaBackend {
             self.ptr(self.vector(k_weight, "qk_norm")),
         );
         let (width, nh, hd) = (qkv.cols as i32, shape.num_heads as i32, shape.head_dim as i32);
-        let grid = (rows_u32(qkv.rows, "qk_norm"), (shape.num_heads + shape.num_kv_heads) as u32, 1);
+        let grid = (
+            rows_u32(qkv.rows, "qk_norm"),
+            (shape.num_heads + shape.num_kv_heads) as u32,
+            1,
+        );
         launch!(self, "qk_norm_f32", cfg(grid, 32); &x, &qw, &kw, &width, &nh, &hd, &eps);
     }
 
@@ -664,7 +738,10 @@ impl Backend for CudaBackend {
         assert_eq!(slot_mapping.len(), qkv.rows, "write_kv: one slot per row");
         let slots_total = cache.shape.num_blocks * cache.shape.block_size;
         for &s in slot_mapping {
-            assert!((s as usize) < slots_total, "write_kv: slot {s} outside the pool of {slots_total}");
+            assert!(
+                (s as usize) < slots_total,
+                "write_kv: slot {s} outside the pool of {slots_total}"
+            );
         }
         if qkv.rows == 0 {
             return;
@@ -733,7 +810,10 @@ impl Backend for CudaBackend {
         let f = std::mem::size_of::<f32>() as u64;
         for seq in seqs {
             let m = seq.k.rows;
-            assert!(seq.q_start + seq.q_len <= q.rows, "attention_dense: query rows out of range");
+            assert!(
+                seq.q_start + seq.q_len <= q.rows,
+                "attention_dense: query rows out of range"
+            );
             assert_eq!(seq.k.cols, shape.kv_width(), "attention_dense: key width");
             let visible: Vec<i32> = (0..seq.q_len)
                 .map(|i| if causal { (m + i + 1).saturating_sub(seq.q_len) } else { m } as i32)
@@ -755,7 +835,12 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, values: Vec<f32>, rows: usize, cols: usize) -> CudaTensor {
-        assert_eq!(values.len(), rows * cols, "upload: {} values for [{rows}, {cols}]", values.len());
+        assert_eq!(
+            values.len(),
+            rows * cols,
+            "upload: {} values for [{rows}, {cols}]",
+            values.len()
+        );
         CudaTensor {
             buf: self.htod(&values, "upload"),
             rows,
@@ -802,7 +887,10 @@ impl Backend for CudaBackend {
                 self.ptr(&out.buf),
                 residual.cols as i32,
             );
-            let c = cfg((rows_u32(residual.rows, "add_layer_norm"), 1, 1), Self::norm_block(residual.cols));
+            let c = cfg(
+                (rows_u32(residual.rows, "add_layer_norm"), 1, 1),
+                Self::norm_block(residual.cols),
+            );
             launch!(self, "add_layer_norm_f32", c; &r, &dl, &w, &b, &o, &d, &eps);
         }
         out

@@ -2,8 +2,12 @@ use std::path::{Path, PathBuf};
 
 use inferd::loader::resolve_model;
 
+/// The checkout: `INFERD_REPO_ROOT` when set (a test binary run on another machine, as
+/// scripts/gpu-check does), else where it was built.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("INFERD_REPO_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
 }
 
 pub fn fixture(rel: &str) -> PathBuf {
