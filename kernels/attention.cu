@@ -24,8 +24,8 @@ struct AttentionArgs {
     const float* v;
     float* out;            // [rows, num_heads * head_dim]
     float* partial;        // [rows, num_heads, splits, head_dim + 2] when splits > 1
-    const int* visible;    // [rows] keys each row attends to (0..visible)
-    const int* row_seq;    // [rows] sequence of each row (paged)
+    const unsigned* visible; // [rows] keys each row attends to (0..visible)
+    const unsigned* row_seq; // [rows] sequence of each row (paged)
     const unsigned* block_tables; // [seqs, max_blocks], null for dense
     int q_stride;
     int kv_width;

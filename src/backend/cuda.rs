@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
@@ -48,6 +48,7 @@ const KERNELS: &[&str] = &[
     "write_kv_f32",
     "attention_f32",
     "attention_combine_f32",
+    "argmax_rows_f32",
 ];
 
 /// Threads of `attention_f32` and its key chunk (kernels/attention.cu).
@@ -163,8 +164,15 @@ struct Inner {
     /// Tests: every new buffer is filled with NaN bytes, so an output element a kernel
     /// fails to write shows up.
     poison: bool,
+    /// Small index arrays uploaded this step (positions, slots, attention metadata),
+    /// most recent last: every layer of a forward pass reads the same ones, and an
+    /// upload from pageable memory waits for the stream, so each is uploaded once.
+    uploads: Mutex<Vec<(Vec<u32>, Arc<CudaSlice<u32>>)>>,
     _modules: Vec<Arc<CudaModule>>,
 }
+
+/// Index arrays the upload cache keeps.
+const UPLOAD_CACHE_ENTRIES: usize = 16;
 
 /// The CUDA backend of one device. Cheap to clone (shared state).
 #[derive(Clone)]
@@ -264,6 +272,7 @@ impl CudaBackend {
                 device_name,
                 sm_count,
                 poison,
+                uploads: Mutex::new(Vec::new()),
                 _modules: modules,
             }),
         })
@@ -329,6 +338,24 @@ impl CudaBackend {
             return self.alloc(1, what);
         }
         ok(self.inner.stream.clone_htod(values), what)
+    }
+
+    /// `values` on the device, from the upload cache when the same array was uploaded
+    /// recently (it is only read by kernels, so sharing it is safe).
+    fn indices(&self, values: &[u32], what: &str) -> Arc<CudaSlice<u32>> {
+        let mut cache = self.inner.uploads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = cache.iter().position(|(v, _)| v.as_slice() == values) {
+            let entry = cache.remove(i);
+            let buf = entry.1.clone();
+            cache.push(entry);
+            return buf;
+        }
+        let buf = Arc::new(self.htod(values, what));
+        if cache.len() == UPLOAD_CACHE_ENTRIES {
+            cache.remove(0);
+        }
+        cache.push((values.to_vec(), buf.clone()));
+        buf
     }
 
     fn vector<'a>(&self, w: &'a CudaWeight, what: &str) -> &'a CudaSlice<f32> {
@@ -435,8 +462,8 @@ impl CudaBackend {
         k_ptr: u64,
         v_ptr: u64,
         kv_width: usize,
-        visible: &[i32],
-        row_seq: Option<&[i32]>,
+        visible: &[u32],
+        row_seq: Option<&[u32]>,
         tables: Option<(&[u32], usize, usize)>,
         shape: AttentionShape,
     ) {
@@ -456,9 +483,9 @@ impl CudaBackend {
         let splits = want.clamp(1, max_visible.div_ceil(2 * ATTENTION_CHUNK).max(1));
         let split_len = max_visible.div_ceil(splits).next_multiple_of(ATTENTION_CHUNK);
         let splits = max_visible.div_ceil(split_len);
-        let visible_d = self.htod(visible, "attention: visible");
-        let row_seq_d = row_seq.map(|r| self.htod(r, "attention: rows"));
-        let tables_d = tables.map(|(t, _, _)| self.htod(t, "attention: block tables"));
+        let visible_d = self.indices(visible, "attention: visible");
+        let row_seq_d = row_seq.map(|r| self.indices(r, "attention: rows"));
+        let tables_d = tables.map(|(t, _, _)| self.indices(t, "attention: block tables"));
         let partial = (splits > 1).then(|| {
             self.alloc::<f32>(
                 rows * shape.num_heads * splits * (shape.head_dim + 2),
@@ -713,7 +740,7 @@ impl Backend for CudaBackend {
         if qkv.rows == 0 {
             return;
         }
-        let pos = self.htod(positions, "rotary: positions");
+        let pos = self.indices(positions, "rotary: positions");
         let (x, p, f) = (
             self.ptr(&qkv.buf),
             self.ptr(&pos),
@@ -746,7 +773,7 @@ impl Backend for CudaBackend {
         if qkv.rows == 0 {
             return;
         }
-        let slots = self.htod(slot_mapping, "write_kv: slots");
+        let slots = self.indices(slot_mapping, "write_kv: slots");
         let (x, k, v, s) = (
             self.ptr(&qkv.buf),
             self.ptr(&cache.k[layer]),
@@ -768,8 +795,8 @@ impl Backend for CudaBackend {
         let rows = qkv.rows;
         let out = self.tensor(rows, shape.q_width(), "attention");
         let max_blocks = batch.seqs.iter().map(|s| s.block_table.len()).max().unwrap_or(0).max(1);
-        let mut visible = vec![0i32; rows];
-        let mut row_seq = vec![0i32; rows];
+        let mut visible = vec![0u32; rows];
+        let mut row_seq = vec![0u32; rows];
         let mut tables = vec![0u32; batch.seqs.len() * max_blocks];
         for (i, seq) in batch.seqs.iter().enumerate() {
             assert!(
@@ -779,8 +806,8 @@ impl Backend for CudaBackend {
             tables[i * max_blocks..i * max_blocks + seq.block_table.len()].copy_from_slice(&seq.block_table);
             for j in 0..seq.query_len {
                 let row = seq.query_start + j;
-                visible[row] = (seq.context_len - seq.query_len + j + 1) as i32;
-                row_seq[row] = i as i32;
+                visible[row] = (seq.context_len - seq.query_len + j + 1) as u32;
+                row_seq[row] = i as u32;
             }
         }
         let x = self.ptr(&qkv.buf);
@@ -815,8 +842,8 @@ impl Backend for CudaBackend {
                 "attention_dense: query rows out of range"
             );
             assert_eq!(seq.k.cols, shape.kv_width(), "attention_dense: key width");
-            let visible: Vec<i32> = (0..seq.q_len)
-                .map(|i| if causal { (m + i + 1).saturating_sub(seq.q_len) } else { m } as i32)
+            let visible: Vec<u32> = (0..seq.q_len)
+                .map(|i| if causal { (m + i + 1).saturating_sub(seq.q_len) } else { m } as u32)
                 .collect();
             self.attention_rows(
                 self.ptr(&q.buf) + (seq.q_start * q.cols) as u64 * f,
@@ -940,6 +967,26 @@ impl Backend for CudaBackend {
         let (xp, ip, o, c) = (self.ptr(&x.buf), self.ptr(&idx), self.ptr(&out.buf), x.cols as i32);
         launch!(self, "gather_rows_f32", cfg((rows_u32(rows.len(), "gather_rows"), 1, 1), 256); &xp, &ip, &o, &c);
         out
+    }
+
+    fn argmax_rows(&self, x: &CudaTensor, rows: &[usize]) -> Vec<u32> {
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let idx: Vec<u32> = rows
+            .iter()
+            .map(|&r| {
+                assert!(r < x.rows, "argmax_rows: row {r} of {}", x.rows);
+                r as u32
+            })
+            .collect();
+        let idx = self.htod(&idx, "argmax_rows: rows");
+        let out = self.alloc::<u32>(rows.len(), "argmax_rows");
+        let (xp, ip, o, c) = (self.ptr(&x.buf), self.ptr(&idx), self.ptr(&out), x.cols as i32);
+        launch!(self, "argmax_rows_f32", cfg((rows_u32(rows.len(), "argmax_rows"), 1, 1), 1024); &xp, &ip, &o, &c);
+        let mut ids = ok(self.inner.stream.clone_dtoh(&out), "argmax_rows: copy to host");
+        ids.truncate(rows.len());
+        ids
     }
 
     fn to_host(&self, x: CudaTensor) -> (Vec<f32>, usize, usize) {

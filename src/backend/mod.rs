@@ -140,6 +140,21 @@ impl Device {
     }
 }
 
+/// Index of the largest logit; the lowest index wins a tie, as `torch.argmax` does.
+/// NaN logits are never chosen.
+pub fn argmax(logits: &[f32]) -> u32 {
+    // Two branch-free passes (the maximum, then its first position) vectorize; one
+    // compare-and-branch pass over a 150k vocabulary does not.
+    let max = logits
+        .chunks(16)
+        .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
+        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
+    if max == f32::NEG_INFINITY {
+        return 0; // every logit is -inf or NaN
+    }
+    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
+}
+
 /// Size of a paged KV cache: per layer, K and V are `[num_blocks, block_size, num_kv_heads, head_dim]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvCacheShape {
@@ -328,6 +343,9 @@ pub trait Backend: Send + Sync {
     fn im2col_1d(&self, x: &Self::Tensor, kernel: usize, stride: usize, pad: usize) -> Self::Tensor;
     /// Rows `rows` of `x` -> `[rows.len(), cols]`.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+    /// [`argmax`] of each of `rows` of `x`, computed where `x` is: greedy decoding copies
+    /// one id per sequence to the host instead of a vocabulary-sized row.
+    fn argmax_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Vec<u32>;
     /// Moves `x` to the host: (values row-major, rows, cols). A host backend hands its
     /// buffer over without a copy.
     fn to_host(&self, x: Self::Tensor) -> (Vec<f32>, usize, usize);

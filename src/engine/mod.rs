@@ -430,9 +430,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             .forward(&self.backend, &batch, &mut self.cache, LogitsFor::LastOfEachSequence)
         {
             Ok(logits) => {
-                let (mut values, _, vocab) = self.backend.to_host(logits);
                 self.scheduler.commit(&plan);
-                self.process_outputs(&plan, &mut values, vocab);
+                let mut rows = self.read_logits(&plan, logits);
+                self.process_outputs(&plan, &mut rows);
             }
             Err(e) => self.fail_batch(&plan, &e),
         }
@@ -468,9 +468,67 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         batch
     }
 
+    /// Brings to the host what sampling needs of each logits row (one per planned chunk):
+    /// nothing for prompt chunks not at their end, the argmax (computed by the backend)
+    /// for rows `sample` would reduce to it, the whole row for the rest.
+    fn read_logits(&self, plan: &StepPlan, logits: B::Tensor) -> StepLogits {
+        let mut kinds = Vec::with_capacity(plan.chunks.len());
+        for &(i, _) in &plan.chunks {
+            let seq = &self.scheduler.running[i];
+            let kind = match self.requests.get(&seq.request) {
+                _ if seq.num_computed < seq.tokens.len() => RowKind::Skip,
+                None => RowKind::Skip,
+                Some(req) => {
+                    let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
+                    let ctx = SamplingContext {
+                        params: &req.params,
+                        prompt,
+                        output,
+                        stop_ids: &req.stop_ids,
+                    };
+                    if sampling::is_plain_argmax(&ctx) {
+                        RowKind::Argmax
+                    } else {
+                        RowKind::Host
+                    }
+                }
+            };
+            kinds.push(kind);
+        }
+        let pick = |k: RowKind| -> Vec<usize> { (0..kinds.len()).filter(|&r| kinds[r] == k).collect() };
+        let (argmax_rows, host_rows) = (pick(RowKind::Argmax), pick(RowKind::Host));
+        let mut out = StepLogits {
+            tokens: vec![None; kinds.len()],
+            host_row: vec![None; kinds.len()],
+            values: Vec::new(),
+            vocab: 0,
+        };
+        if !argmax_rows.is_empty() {
+            for (&r, id) in argmax_rows.iter().zip(self.backend.argmax_rows(&logits, &argmax_rows)) {
+                out.tokens[r] = Some(id);
+            }
+        }
+        if !host_rows.is_empty() {
+            // Only the rows that need them (all of them: no copy on a host backend).
+            let all = host_rows.len() == kinds.len();
+            let tensor = if all {
+                logits
+            } else {
+                self.backend.gather_rows(&logits, &host_rows)
+            };
+            let (values, _, vocab) = self.backend.to_host(tensor);
+            for (k, &r) in host_rows.iter().enumerate() {
+                out.host_row[r] = Some(k);
+            }
+            out.values = values;
+            out.vocab = vocab;
+        }
+        out
+    }
+
     /// Samples a token for every sequence whose chunk reached its end, sends events,
     /// retires finished sequences, forks `n > 1` requests after their prompt.
-    fn process_outputs(&mut self, plan: &StepPlan, logits: &mut [f32], vocab: usize) {
+    fn process_outputs(&mut self, plan: &StepPlan, logits: &mut StepLogits) {
         let touched: Vec<RequestId> = plan
             .chunks
             .iter()
@@ -491,15 +549,22 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                 req.forked = true;
                 forks.push(i);
             }
-            let row_logits = &mut logits[row * vocab..(row + 1) * vocab];
-            let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
-            let ctx = SamplingContext {
-                params: &req.params,
-                prompt,
-                output,
-                stop_ids: &req.stop_ids,
+            let (token, logprobs) = match (logits.tokens[row], logits.host_row[row]) {
+                (Some(token), _) => (token, None),
+                (None, Some(k)) => {
+                    let vocab = logits.vocab;
+                    let row_logits = &mut logits.values[k * vocab..(k + 1) * vocab];
+                    let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
+                    let ctx = SamplingContext {
+                        params: &req.params,
+                        prompt,
+                        output,
+                        stop_ids: &req.stop_ids,
+                    };
+                    sampling::sample(row_logits, &ctx, &mut seq.rng)
+                }
+                (None, None) => unreachable!("read_logits brings every row that reached its end"),
             };
-            let (token, logprobs) = sampling::sample(row_logits, &ctx, &mut seq.rng);
             seq.tokens.push(token);
             self.stats.tokens_generated += 1;
             let reason = if req.stop_ids.contains(&token) {
@@ -697,4 +762,21 @@ mod tests {
         assert_eq!(mem_available_bytes(text), Some(12_345_678 * 1024));
         assert_eq!(mem_available_bytes("MemTotal: 5 kB\n"), None);
     }
+}
+
+/// What sampling needs of one step's logits rows (see `Engine::read_logits`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RowKind {
+    Skip,
+    Argmax,
+    Host,
+}
+
+/// One step's logits, as far as they were brought to the host: per row, its argmax or
+/// the index of its values in `values` (`[rows, vocab]`).
+struct StepLogits {
+    tokens: Vec<Option<u32>>,
+    host_row: Vec<Option<usize>>,
+    values: Vec<f32>,
+    vocab: usize,
 }

@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+pub use crate::backend::argmax;
+
 /// Everything a request says about how to pick tokens and when to stop.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -330,21 +332,6 @@ pub struct SamplingContext<'a> {
     pub stop_ids: &'a [u32],
 }
 
-/// Index of the largest logit; the lowest index wins a tie, as `torch.argmax` does.
-/// NaN logits are never chosen.
-pub fn argmax(logits: &[f32]) -> u32 {
-    // Two branch-free passes (the maximum, then its first position) vectorize; one
-    // compare-and-branch pass over a 150k vocabulary does not.
-    let max = logits
-        .chunks(16)
-        .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
-        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
-    if max == f32::NEG_INFINITY {
-        return 0; // every logit is -inf or NaN
-    }
-    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
-}
-
 /// `log_softmax(logits)[i]` for every `i`, in f64 for the normalizer.
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
@@ -381,6 +368,23 @@ pub fn sample(logits: &mut [f32], ctx: &SamplingContext<'_>, rng: &mut Rng) -> (
         top: top_entries(&lp, p.logprobs.unwrap_or(0)),
     });
     (token, logprobs)
+}
+
+/// Whether `sample` would pick the largest raw logit, whatever the logits are: greedy,
+/// no log-probabilities, and every logit processor a no-op at this step. Such rows can be
+/// reduced to their argmax where the logits are (on the GPU) instead of being copied out.
+pub fn is_plain_argmax(ctx: &SamplingContext<'_>) -> bool {
+    let p = ctx.params;
+    (p.temperature == 0.0 || p.top_k == Some(1))
+        && p.logprobs.is_none()
+        && p.speech.is_none()
+        && p.logit_bias.is_empty()
+        && p.repetition_penalty == 1.0
+        && p.presence_penalty == 0.0
+        && p.frequency_penalty == 0.0
+        && p.no_repeat_ngram_size == 0
+        && (ctx.output.len() >= p.min_tokens || ctx.stop_ids.is_empty())
+        && forced_next(&p.forced_prefixes, ctx.output).is_none()
 }
 
 fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {

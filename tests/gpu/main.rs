@@ -260,6 +260,39 @@ fn norms_activations_and_layout_ops_match_the_cpu() {
 }
 
 #[test]
+fn argmax_rows_matches_the_cpu_with_ties_nan_and_infinities() {
+    let Some(g) = gpu(WeightDtype::F32) else { return };
+    let c = CpuBackend::with_weights(WeightDtype::F32);
+    let mut rng = Rng(99);
+    for vocab in [1, 7, 1000, 49_152, 151_936] {
+        let rows = 70;
+        let mut values = rng.vec(rows * vocab, 10.0);
+        for r in 0..rows {
+            let row = &mut values[r * vocab..(r + 1) * vocab];
+            match r % 7 {
+                // Ties: the lower index wins.
+                1 if vocab > 5 => {
+                    row[vocab - 1] = 50.0;
+                    row[vocab / 2] = 50.0;
+                }
+                2 => row[rng.below(vocab)] = f32::NAN,
+                3 => row.fill(f32::NEG_INFINITY),
+                4 => row.fill(f32::NAN),
+                5 => row[rng.below(vocab)] = f32::INFINITY,
+                _ => {}
+            }
+        }
+        let x = pair(&c, &g, values, rows, vocab);
+        let pick: Vec<usize> = (0..rows).rev().filter(|r| r % 3 != 0).collect();
+        assert_eq!(
+            g.argmax_rows(&x.gpu, &pick),
+            c.argmax_rows(&x.cpu, &pick),
+            "argmax_rows over a vocabulary of {vocab}"
+        );
+    }
+}
+
+#[test]
 fn linear_matches_the_cpu_in_f32_and_bf16() {
     for (dtype, bound) in [(WeightDtype::F32, 1e-5), (WeightDtype::Bf16, 1e-2)] {
         let Some(g) = gpu(dtype) else { return };
@@ -543,6 +576,21 @@ fn greedy<B: Backend + 'static>(
     prompt: &[u32],
     n: usize,
 ) -> (Vec<u32>, DecoderModel<B>) {
+    let params = SamplingParams {
+        max_tokens: Some(n),
+        ..SamplingParams::greedy()
+    };
+    solo(backend, model, prompt, params)
+}
+
+/// One request on an engine of its own.
+fn solo<B: Backend + 'static>(
+    backend: B,
+    model: DecoderModel<B>,
+    prompt: &[u32],
+    params: SamplingParams,
+) -> (Vec<u32>, DecoderModel<B>) {
+    let n = params.max_tokens.unwrap_or(16);
     let block_size = 16;
     let config = EngineConfig {
         block_size,
@@ -552,10 +600,6 @@ fn greedy<B: Backend + 'static>(
         max_waiting: 1,
     };
     let mut engine = Engine::new(backend, model, config, vec![]);
-    let params = SamplingParams {
-        max_tokens: Some(n),
-        ..SamplingParams::greedy()
-    };
     let (ids, _) = engine::generate(&mut engine, prompt.to_vec(), params, &mut |_| true).unwrap();
     (ids, engine.into_model())
 }
@@ -656,8 +700,9 @@ fn bfloat16_logits_match_transformers_on_the_gpu() {
 }
 
 /// The engine on the GPU: requests batched together (prefill and decode mixed, prompts
-/// chunked) give their solo greedy tokens, a shared prefix is reused from the cache, and
-/// every block comes back.
+/// chunked; greedy rows reduced on the device, seeded sampling and log-probability rows
+/// copied out, in the same steps) give their solo tokens, a shared prefix is reused from
+/// the cache, and every block comes back.
 #[test]
 fn engine_batches_and_prefix_cache_match_solo_runs_on_the_gpu() {
     // f32: batched GEMMs may sum in another order than solo ones; in f32 that cannot
@@ -675,11 +720,29 @@ fn engine_batches_and_prefix_cache_match_solo_runs_on_the_gpu() {
         })
         .collect();
     let n = 24;
+    let params = |i: usize| match i % 3 {
+        0 => SamplingParams {
+            max_tokens: Some(n),
+            ..SamplingParams::greedy()
+        },
+        1 => SamplingParams {
+            max_tokens: Some(n),
+            temperature: 0.8,
+            top_p: 0.9,
+            seed: Some(i as u64),
+            ..SamplingParams::default()
+        },
+        _ => SamplingParams {
+            max_tokens: Some(n),
+            logprobs: Some(2),
+            ..SamplingParams::greedy()
+        },
+    };
     let mut model = Some(model);
-    let mut solo = Vec::new();
-    for p in &prompts {
-        let (ids, m) = greedy(g.clone(), model.take().unwrap(), p, n);
-        solo.push(ids);
+    let mut solo_ids = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let (ids, m) = solo(g.clone(), model.take().unwrap(), p, params(i));
+        solo_ids.push(ids);
         model = Some(m);
     }
     let config = EngineConfig {
@@ -693,11 +756,9 @@ fn engine_batches_and_prefix_cache_match_solo_runs_on_the_gpu() {
     let mut receivers = Vec::new();
     for (i, p) in prompts.iter().enumerate() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let params = SamplingParams {
-            max_tokens: Some(n),
-            ..SamplingParams::greedy()
-        };
-        engine.add_request(RequestId(i as u64), p.clone(), params, tx).unwrap();
+        engine
+            .add_request(RequestId(i as u64), p.clone(), params(i), tx)
+            .unwrap();
         receivers.push(rx);
     }
     while engine.has_work() {
@@ -712,7 +773,7 @@ fn engine_batches_and_prefix_cache_match_solo_runs_on_the_gpu() {
                 EngineEvent::Failed(e) => panic!("request {i}: {e}"),
             }
         }
-        assert_eq!(got, solo[i], "request {i}: batched tokens differ from its solo run");
+        assert_eq!(got, solo_ids[i], "request {i}: batched tokens differ from its solo run");
     }
     assert!(engine.stats().prefix_cache_hits > 0, "the shared prefix was reused");
     assert_eq!(engine.scheduler().num_blocks_in_use(), 0, "every block returned");

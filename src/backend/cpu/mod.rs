@@ -892,6 +892,10 @@ impl Backend for CpuBackend {
         CpuTensor::new(data, rows.len(), x.cols)
     }
 
+    fn argmax_rows(&self, x: &CpuTensor, rows: &[usize]) -> Vec<u32> {
+        rows.iter().map(|&r| super::argmax(x.row(r))).collect()
+    }
+
     fn to_host(&self, x: CpuTensor) -> (Vec<f32>, usize, usize) {
         (x.data, x.rows, x.cols)
     }
