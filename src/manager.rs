@@ -696,6 +696,9 @@ impl ModelManager {
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_default();
+            if message.starts_with(crate::backend::DEVICE_OUT_OF_MEMORY) {
+                return Err(LoadError::OutOfMemory(format!("loading `{key}` failed: {message}")));
+            }
             Err(LoadError::Failed(format!("loading `{key}` failed: {message}")))
         });
         {

@@ -21,7 +21,10 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
-use super::{AttentionShape, Backend, DenseAttention, ForwardBatch, KvCacheShape, WeightDtype, MAX_HEAD_DIM};
+use super::{
+    AttentionShape, Backend, DenseAttention, ForwardBatch, KvCacheShape, WeightDtype, DEVICE_OUT_OF_MEMORY,
+    MAX_HEAD_DIM,
+};
 use crate::loader::{Dtype, TensorView};
 
 mod kernels {
@@ -167,9 +170,12 @@ struct Inner {
     /// Small index arrays uploaded this step (positions, slots, attention metadata),
     /// most recent last: every layer of a forward pass reads the same ones, and an
     /// upload from pageable memory waits for the stream, so each is uploaded once.
-    uploads: Mutex<Vec<(Vec<u32>, Arc<CudaSlice<u32>>)>>,
+    uploads: Mutex<Vec<Upload>>,
     _modules: Vec<Arc<CudaModule>>,
 }
+
+/// An index array on the host and its device copy.
+type Upload = (Vec<u32>, Arc<CudaSlice<u32>>);
 
 /// Index arrays the upload cache keeps.
 const UPLOAD_CACHE_ENTRIES: usize = 16;
@@ -186,9 +192,20 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
-/// Panics with the op's name on a CUDA error (see the module doc).
+/// Panics with the op's name on a CUDA error (see the module doc). Running out of
+/// device memory says so in words (the model manager turns it into an out-of-memory
+/// load error).
 fn ok<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
-    r.unwrap_or_else(|e| panic!("CUDA error in {what}: {e:?}"))
+    r.unwrap_or_else(|e| {
+        let detail = format!("{e:?}");
+        if detail.contains("OUT_OF_MEMORY") {
+            panic!(
+                "{DEVICE_OUT_OF_MEMORY} in {what}: the model, its KV cache and activations do not fit; \
+                 lower --gpu-memory-utilization or --kv-cache-memory, use --dtype bfloat16, or a smaller model"
+            );
+        }
+        panic!("CUDA error in {what}: {detail}")
+    })
 }
 
 macro_rules! launch {
@@ -525,7 +542,7 @@ impl CudaBackend {
         }
     }
 
-    fn from_views(&self, views: &[TensorView<'_>]) -> CudaWeight {
+    fn upload_views(&self, views: &[TensorView<'_>]) -> CudaWeight {
         let cols = views[0].shape[1..].iter().product::<usize>();
         if views.len() == 1 && views[0].shape.len() != 2 {
             return CudaWeight::Vector(self.htod(&views[0].to_f32_vec(), "weight upload"));
@@ -587,11 +604,11 @@ impl Backend for CudaBackend {
     }
 
     fn weight(&self, view: &TensorView<'_>) -> CudaWeight {
-        self.from_views(std::slice::from_ref(view))
+        self.upload_views(std::slice::from_ref(view))
     }
 
     fn weight_stacked(&self, views: &[TensorView<'_>]) -> CudaWeight {
-        self.from_views(views)
+        self.upload_views(views)
     }
 
     fn weight_from_f32(&self, values: Vec<f32>) -> CudaWeight {

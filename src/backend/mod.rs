@@ -11,6 +11,10 @@ pub mod cuda;
 
 use crate::loader::TensorView;
 
+/// How a backend's panic on running out of device memory begins (the model manager
+/// reports such a load as out of memory).
+pub const DEVICE_OUT_OF_MEMORY: &str = "CUDA out of memory";
+
 /// Largest head size a backend must support (per-head scratch lives on the stack).
 pub const MAX_HEAD_DIM: usize = 512;
 
