@@ -12,6 +12,7 @@
 //!   for token on full-size random-weight models, bf16 logits against transformers on
 //!   the GPU (goldens made there by `scripts/gpu_goldens.py`), the engine's batching and
 //!   prefix-cache guarantees, and Whisper's multilingual goldens.
+//! - The engine issue's tests (`tests/it/engine_cases.rs`), run on the CUDA backend.
 
 #![cfg(feature = "cuda")]
 
@@ -821,4 +822,35 @@ fn whisper_multilingual_goldens_on_the_gpu() {
     };
     let out = run(2, gen.prompt(&[], Some(fr), false, false), params);
     assert_eq!(out, ids(&gold["transcribe_fr"]), "transcribe_fr");
+}
+
+/// The engine issue's guarantees (`tests/it/engine_cases.rs`, also run on the CPU) on
+/// the CUDA backend, f32: batch independence, preemption, prefix caching, n > 1,
+/// cancellation, the engine thread, validation and overload.
+#[path = "../it/engine_cases.rs"]
+mod engine_cases;
+
+mod engine_on_the_gpu {
+    use super::{engine_cases, gpu, WeightDtype};
+
+    macro_rules! on_the_gpu {
+        ($($case:ident),* $(,)?) => {$(
+            #[test]
+            fn $case() {
+                let Some(g) = gpu(WeightDtype::F32) else { return };
+                engine_cases::$case(&g);
+            }
+        )*};
+    }
+
+    on_the_gpu!(
+        sixty_four_concurrent_requests_match_each_request_run_alone,
+        a_pool_too_small_for_all_sequences_preempts_and_still_matches,
+        a_shared_prefix_is_computed_once,
+        n_completions_share_the_prompt_and_reproduce_with_a_seed,
+        cancelling_mid_generation_frees_every_block,
+        the_engine_thread_serves_streams_and_dropping_one_cancels_it,
+        invalid_requests_are_refused_before_the_engine,
+        a_full_waiting_queue_reports_overload,
+    );
 }

@@ -8,6 +8,7 @@ mod chat_cli;
 mod common;
 mod download;
 mod engine;
+mod engine_cases;
 mod errors;
 mod fake_hub;
 mod generate_cli;

@@ -1,0 +1,401 @@
+//! The engine's guarantees, written once over the backend: continuous batching gives
+//! outputs independent of batch composition, preemption, cancellation, prefix caching,
+//! n > 1, limits. Every case ends with every KV block free. `tests/it/engine.rs` runs
+//! them on the CPU backend, `tests/gpu` on the CUDA backend.
+
+use std::time::{Duration, Instant};
+
+use inferd::backend::Backend;
+use inferd::engine::{
+    self, Engine, EngineConfig, EngineEvent, EngineHandle, FinishReason, RequestId, SamplingParams, SubmitError,
+};
+use inferd::models::{load_decoder, DecoderModel};
+
+use crate::common::installed_model;
+
+fn load<B: Backend>(backend: &B, repo: &str) -> DecoderModel<B> {
+    load_decoder(backend, &installed_model(repo), &mut |_, _| {}).unwrap()
+}
+
+/// Deterministic pseudo-random prompts and parameters for request `i`.
+fn request(i: usize, vocab: u32) -> (Vec<u32>, SamplingParams) {
+    let len = 3 + (i * 7) % 37;
+    let prompt = (0..len)
+        .map(|j| ((i * 131 + j * 17 + 5) as u32) % (vocab - 3) + 3)
+        .collect();
+    let max_tokens = 1 + (i * 5) % 23;
+    let params = match i % 4 {
+        // Greedy, with and without processors.
+        0 => SamplingParams {
+            max_tokens: Some(max_tokens),
+            ..SamplingParams::greedy()
+        },
+        1 => SamplingParams {
+            max_tokens: Some(max_tokens),
+            repetition_penalty: 1.3,
+            presence_penalty: 0.5,
+            ..SamplingParams::greedy()
+        },
+        // Seeded sampling.
+        2 => SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: 0.9,
+            top_p: 0.9,
+            top_k: Some(50),
+            seed: Some(i as u64),
+            ..Default::default()
+        },
+        _ => SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: 1.3,
+            min_p: 0.05,
+            seed: Some(1000 + i as u64),
+            logprobs: Some(2),
+            ..Default::default()
+        },
+    };
+    (prompt, params)
+}
+
+/// Runs requests on a synchronous engine, all queued at once; returns each request's
+/// tokens per completion index, and the engine (to inspect its counters).
+fn run_batch<B: Backend + 'static>(
+    engine: &mut Engine<B>,
+    requests: &[(Vec<u32>, SamplingParams)],
+) -> Vec<Vec<Vec<u32>>> {
+    let mut receivers = Vec::new();
+    for (i, (prompt, params)) in requests.iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        engine
+            .add_request(RequestId(i as u64), prompt.clone(), params.clone(), tx)
+            .unwrap();
+        receivers.push(rx);
+    }
+    let mut steps = 0;
+    while engine.has_work() {
+        engine.step();
+        steps += 1;
+        assert!(steps < 100_000, "the engine does not make progress");
+    }
+    receivers
+        .into_iter()
+        .zip(requests)
+        .map(|(mut rx, (_, params))| {
+            let mut outputs = vec![Vec::new(); params.n];
+            let mut finished = 0;
+            while let Ok(event) = rx.try_recv() {
+                match event {
+                    EngineEvent::Token { index, token, .. } => outputs[index].push(token),
+                    EngineEvent::Finished { .. } => finished += 1,
+                    EngineEvent::Failed(e) => panic!("request failed: {e}"),
+                }
+            }
+            assert_eq!(finished, params.n, "every completion finishes");
+            outputs
+        })
+        .collect()
+}
+
+fn config(num_blocks: usize, block_size: usize) -> EngineConfig {
+    EngineConfig {
+        block_size,
+        num_blocks,
+        max_num_seqs: 64,
+        max_num_batched_tokens: 96,
+        max_waiting: 1024,
+    }
+}
+
+fn assert_all_blocks_free<B: Backend + 'static>(engine: &Engine<B>) {
+    assert_eq!(engine.scheduler().num_blocks_in_use(), 0, "blocks leaked");
+    engine.scheduler().pool.check_invariants();
+}
+
+pub fn sixty_four_concurrent_requests_match_each_request_run_alone<B: Backend + Clone + 'static>(backend: &B) {
+    let mut model = load(backend, "inferd-test/tiny-llama");
+    let vocab = model.config.vocab_size as u32;
+    let requests: Vec<_> = (0..64).map(|i| request(i, vocab)).collect();
+    let mut alone = Vec::new();
+    for r in &requests {
+        let mut engine = Engine::new(backend.clone(), model, config(64, 16), vec![2]);
+        alone.push(run_batch(&mut engine, std::slice::from_ref(r)).remove(0));
+        assert_all_blocks_free(&engine);
+        model = engine.into_model();
+    }
+    let mut engine = Engine::new(backend.clone(), model, config(512, 16), vec![2]);
+    let together = run_batch(&mut engine, &requests);
+    assert_eq!(engine.stats().preemptions, 0);
+    assert!(engine.stats().steps < 64 * 10, "requests were batched");
+    for (i, (a, b)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, b, "request {i} ({:?}) differs in a batch", requests[i].1);
+    }
+    assert_all_blocks_free(&engine);
+    // Seeded sampling reproduces, run again in another order.
+    let reversed: Vec<_> = requests.iter().rev().cloned().collect();
+    let again = run_batch(&mut engine, &reversed);
+    for (i, out) in again.iter().rev().enumerate() {
+        assert_eq!(out, &together[i], "request {i} run again");
+    }
+    assert_all_blocks_free(&engine);
+}
+
+pub fn a_pool_too_small_for_all_sequences_preempts_and_still_matches<B: Backend + Clone + 'static>(backend: &B) {
+    let model = load(backend, "inferd-test/tiny-qwen3");
+    let vocab = model.config.vocab_size as u32;
+    let mut requests: Vec<_> = (0..24).map(|i| request(i, vocab)).collect();
+    // Some requests fork several long completions while the pool is under pressure.
+    for (i, r) in requests.iter_mut().enumerate().filter(|(i, _)| i % 5 == 2) {
+        r.1.n = 3;
+        r.1.max_tokens = Some(30 + i);
+        r.1.ignore_eos = true;
+    }
+    let mut engine = Engine::new(backend.clone(), model, config(1024, 4), vec![2]);
+    let roomy = run_batch(&mut engine, &requests);
+    assert_eq!(engine.stats().preemptions, 0);
+    let model = engine.into_model();
+    // 24 blocks of 4 tokens: a few sequences at a time at most.
+    let mut engine = Engine::new(backend.clone(), model, config(24, 4), vec![2]);
+    let tight = run_batch(&mut engine, &requests);
+    assert!(engine.stats().preemptions > 0, "the small pool must force preemption");
+    assert_eq!(roomy, tight);
+    assert_all_blocks_free(&engine);
+}
+
+pub fn a_shared_prefix_is_computed_once<B: Backend + Clone + 'static>(backend: &B) {
+    let model = load(backend, "inferd-test/tiny-qwen2");
+    let prefix: Vec<u32> = (0..200).map(|i| 3 + (i * 37) % 380).collect();
+    let with_suffix = |s: &[u32]| prefix.iter().chain(s).copied().collect::<Vec<u32>>();
+    let params = SamplingParams {
+        max_tokens: Some(8),
+        ..SamplingParams::greedy()
+    };
+    let (a, b) = (with_suffix(&[11, 12, 13]), with_suffix(&[21, 22, 23, 24, 25]));
+    let mut engine = Engine::new(backend.clone(), model, config(256, 16), vec![]);
+    let (tx, mut rx_a) = tokio::sync::mpsc::unbounded_channel();
+    engine.add_request(RequestId(1), a, params.clone(), tx).unwrap();
+    while engine.has_work() {
+        engine.step();
+    }
+    let computed_before = engine.stats().tokens_computed;
+    let (tx, mut rx_b) = tokio::sync::mpsc::unbounded_channel();
+    engine.add_request(RequestId(2), b.clone(), params.clone(), tx).unwrap();
+    while engine.has_work() {
+        engine.step();
+    }
+    let computed = engine.stats().tokens_computed - computed_before;
+    // 12 full blocks (192 tokens) of the prefix come from the cache: the rest of the
+    // prompt, then one token per decode step after the first.
+    assert_eq!(computed as usize, (b.len() - 192) + 7);
+    let mut tokens_b = Vec::new();
+    let mut cached = None;
+    while let Ok(event) = rx_b.try_recv() {
+        match event {
+            EngineEvent::Token { token, .. } => tokens_b.push(token),
+            EngineEvent::Finished { usage, .. } => cached = Some(usage.cached_prompt_tokens),
+            EngineEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(cached, Some(192));
+    while rx_a.try_recv().is_ok() {}
+    assert_all_blocks_free(&engine);
+    // Same output as on an engine that never saw the prefix.
+    let model = engine.into_model();
+    let mut fresh = Engine::new(backend.clone(), model, config(256, 16), vec![]);
+    let (alone, _) = engine::generate(&mut fresh, b, params, &mut |_| true).unwrap();
+    assert_eq!(tokens_b, alone);
+}
+
+pub fn n_completions_share_the_prompt_and_reproduce_with_a_seed<B: Backend + Clone + 'static>(backend: &B) {
+    let model = load(backend, "inferd-test/tiny-qwen2");
+    let prompt: Vec<u32> = (0..37).map(|i| 3 + i * 5).collect();
+    let params = SamplingParams {
+        n: 4,
+        temperature: 1.0,
+        seed: Some(42),
+        max_tokens: Some(12),
+        ..Default::default()
+    };
+    let mut engine = Engine::new(backend.clone(), model, config(64, 8), vec![]);
+    let first = run_batch(&mut engine, &[(prompt.clone(), params.clone())]).remove(0);
+    assert_eq!(first.len(), 4);
+    assert!(first.iter().all(|c| c.len() == 12));
+    assert!(first.windows(2).any(|w| w[0] != w[1]), "completions differ");
+    // The 4 completions computed the 37-token prompt once plus a 5-token tail each.
+    let computed = engine.stats().tokens_computed as usize;
+    assert_eq!(computed, 37 + 3 * 5 + 4 * 11);
+    let second = run_batch(&mut engine, &[(prompt, params)]).remove(0);
+    assert_eq!(first, second);
+    assert_all_blocks_free(&engine);
+}
+
+pub fn cancelling_mid_generation_frees_every_block<B: Backend + Clone + 'static>(backend: &B) {
+    let model = load(backend, "inferd-test/tiny-llama");
+    let mut engine = Engine::new(backend.clone(), model, config(64, 4), vec![]);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let params = SamplingParams {
+        max_tokens: Some(100),
+        ..SamplingParams::greedy()
+    };
+    engine.add_request(RequestId(7), vec![5; 30], params, tx).unwrap();
+    for _ in 0..5 {
+        engine.step();
+    }
+    assert!(engine.scheduler().num_blocks_in_use() > 0);
+    assert!(matches!(rx.try_recv(), Ok(EngineEvent::Token { .. })));
+    engine.cancel(RequestId(7));
+    assert!(!engine.has_work());
+    assert_all_blocks_free(&engine);
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+pub fn the_engine_thread_serves_streams_and_dropping_one_cancels_it<B: Backend + Clone + 'static>(backend: &B) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let model = load(backend, "inferd-test/tiny-llama");
+    let handle = EngineHandle::spawn(Engine::new(backend.clone(), model, config(64, 4), vec![2]));
+    let params = SamplingParams {
+        max_tokens: Some(10_000),
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let mut long = handle.submit(vec![9; 20], params).unwrap();
+    let mut short = handle
+        .submit(
+            vec![3, 4, 5],
+            SamplingParams {
+                max_tokens: Some(5),
+                ignore_eos: true,
+                ..SamplingParams::greedy()
+            },
+        )
+        .unwrap();
+    let mut tokens = 0;
+    loop {
+        match short.blocking_next().expect("stream open") {
+            EngineEvent::Token { .. } => tokens += 1,
+            EngineEvent::Finished { reason, usage, .. } => {
+                assert_eq!(
+                    (reason, usage.completion_tokens, usage.prompt_tokens),
+                    (FinishReason::Length, 5, 3)
+                );
+                break;
+            }
+            EngineEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(tokens, 5);
+    assert!(matches!(long.blocking_next(), Some(EngineEvent::Token { .. })));
+    drop(long);
+    wait_for("the dropped request's blocks", || {
+        handle.metrics().kv_blocks_used.load(Relaxed) == 0 && handle.metrics().running.load(Relaxed) == 0
+    });
+}
+
+pub fn invalid_requests_are_refused_before_the_engine<B: Backend + Clone + 'static>(backend: &B) {
+    let model = load(backend, "inferd-test/tiny-qwen2");
+    let vocab = model.config.vocab_size as u32;
+    // A pool larger than the model's window, so the window is the limit.
+    let pool_blocks = model.config.max_position_embeddings.div_ceil(16) + 4;
+    let handle = EngineHandle::spawn(Engine::new(backend.clone(), model, config(pool_blocks, 16), vec![]));
+    let max = handle.max_model_len();
+    let submit = |prompt: Vec<u32>, params: SamplingParams| handle.submit(prompt, params).err();
+    assert_eq!(
+        submit(vec![], SamplingParams::default()),
+        Some(SubmitError::EmptyPrompt)
+    );
+    assert_eq!(
+        submit(vec![1; max + 5], SamplingParams::default()),
+        Some(SubmitError::PromptTooLong { prompt: max + 5, max })
+    );
+    let param = |p: SamplingParams| match submit(vec![1, 2], p) {
+        Some(SubmitError::InvalidParam(e)) => e.param,
+        other => panic!("expected an invalid parameter, got {other:?}"),
+    };
+    assert_eq!(
+        param(SamplingParams {
+            max_tokens: Some(0),
+            ..Default::default()
+        }),
+        "max_tokens"
+    );
+    assert_eq!(
+        param(SamplingParams {
+            top_p: 1.5,
+            ..Default::default()
+        }),
+        "top_p"
+    );
+    assert_eq!(
+        param(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }),
+        "top_p"
+    );
+    assert_eq!(
+        param(SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }),
+        "temperature"
+    );
+    assert_eq!(
+        param(SamplingParams {
+            stop_token_ids: vec![vocab],
+            ..Default::default()
+        }),
+        "stop_token_ids"
+    );
+}
+
+pub fn a_full_waiting_queue_reports_overload<B: Backend + Clone + 'static>(backend: &B) {
+    let model = load(backend, "inferd-test/tiny-llama");
+    let config = EngineConfig {
+        max_num_seqs: 1,
+        max_waiting: 2,
+        ..config(64, 16)
+    };
+    let handle = EngineHandle::spawn(Engine::new(backend.clone(), model, config, vec![]));
+    let params = SamplingParams {
+        max_tokens: Some(200),
+        ..SamplingParams::greedy()
+    };
+    let results: Vec<_> = (0..8).map(|_| handle.submit(vec![7; 10], params.clone())).collect();
+    let overloaded = results
+        .iter()
+        .filter(|r| matches!(r, Err(SubmitError::Overloaded { .. })))
+        .count();
+    assert!(
+        overloaded >= 4,
+        "{overloaded} of 8 refused with max_waiting 2 and one running"
+    );
+    drop(results);
+    wait_for("cancelled requests to go", || {
+        handle
+            .metrics()
+            .kv_blocks_used
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+            && handle.metrics().pending.load(std::sync::atomic::Ordering::SeqCst) == 0
+    });
+    // Nothing is left counted against the queue: a new request is accepted and served.
+    let mut stream = handle
+        .submit(
+            vec![7; 10],
+            SamplingParams {
+                max_tokens: Some(2),
+                ..params
+            },
+        )
+        .unwrap();
+    while !matches!(stream.blocking_next(), Some(EngineEvent::Finished { .. })) {}
+}
