@@ -52,6 +52,7 @@ const KERNELS: &[&str] = &[
     "attention_f32",
     "attention_combine_f32",
     "argmax_rows_f32",
+    "draw_rows_f32",
 ];
 
 /// Threads of `attention_f32` and its key chunk (kernels/attention.cu).
@@ -1002,6 +1003,41 @@ impl Backend for CudaBackend {
         let (xp, ip, o, c) = (self.ptr(&x.buf), self.ptr(&idx), self.ptr(&out), x.cols as i32);
         launch!(self, "argmax_rows_f32", cfg((rows_u32(rows.len(), "argmax_rows"), 1, 1), 1024); &xp, &ip, &o, &c);
         let mut ids = ok(self.inner.stream.clone_dtoh(&out), "argmax_rows: copy to host");
+        ids.truncate(rows.len());
+        ids
+    }
+
+    fn draw_rows(&self, x: &CudaTensor, rows: &[usize], temperatures: &[f32], uniforms: &[f64]) -> Vec<u32> {
+        assert!(
+            rows.len() == temperatures.len() && rows.len() == uniforms.len(),
+            "draw_rows: one temperature and one uniform number per row"
+        );
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let idx: Vec<u32> = rows
+            .iter()
+            .map(|&r| {
+                assert!(r < x.rows, "draw_rows: row {r} of {}", x.rows);
+                r as u32
+            })
+            .collect();
+        let (idx, temps, us) = (
+            self.htod(&idx, "draw_rows: rows"),
+            self.htod(temperatures, "draw_rows: temperatures"),
+            self.htod(uniforms, "draw_rows: uniforms"),
+        );
+        let out = self.alloc::<u32>(rows.len(), "draw_rows");
+        let (xp, ip, tp, up, o, c) = (
+            self.ptr(&x.buf),
+            self.ptr(&idx),
+            self.ptr(&temps),
+            self.ptr(&us),
+            self.ptr(&out),
+            x.cols as i32,
+        );
+        launch!(self, "draw_rows_f32", cfg((rows_u32(rows.len(), "draw_rows"), 1, 1), 1024); &xp, &ip, &tp, &up, &o, &c);
+        let mut ids = ok(self.inner.stream.clone_dtoh(&out), "draw_rows: copy to host");
         ids.truncate(rows.len());
         ids
     }

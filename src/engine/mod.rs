@@ -469,12 +469,15 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
     }
 
     /// Brings to the host what sampling needs of each logits row (one per planned chunk):
-    /// nothing for prompt chunks not at their end, the argmax (computed by the backend)
-    /// for rows `sample` would reduce to it, the whole row for the rest.
-    fn read_logits(&self, plan: &StepPlan, logits: B::Tensor) -> StepLogits {
+    /// nothing for prompt chunks not at their end; for rows whose choice depends on the
+    /// raw logits alone (`sampling::device_choice`), the token the backend picks (the
+    /// argmax, or a draw with a uniform number from the sequence's RNG, as `sample`
+    /// would draw it); the whole row for the rest.
+    fn read_logits(&mut self, plan: &StepPlan, logits: B::Tensor) -> StepLogits {
         let mut kinds = Vec::with_capacity(plan.chunks.len());
-        for &(i, _) in &plan.chunks {
-            let seq = &self.scheduler.running[i];
+        let (mut draw_rows, mut temperatures, mut uniforms) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, &(i, _)) in plan.chunks.iter().enumerate() {
+            let seq = &mut self.scheduler.running[i];
             let kind = match self.requests.get(&seq.request) {
                 _ if seq.num_computed < seq.tokens.len() => RowKind::Skip,
                 None => RowKind::Skip,
@@ -486,10 +489,15 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                         output,
                         stop_ids: &req.stop_ids,
                     };
-                    if sampling::is_plain_argmax(&ctx) {
-                        RowKind::Argmax
-                    } else {
-                        RowKind::Host
+                    match sampling::device_choice(&ctx) {
+                        Some(sampling::DeviceChoice::Argmax) => RowKind::Argmax,
+                        Some(sampling::DeviceChoice::Draw { temperature }) => {
+                            draw_rows.push(row);
+                            temperatures.push(temperature);
+                            uniforms.push(seq.rng.next_f64());
+                            RowKind::Draw
+                        }
+                        None => RowKind::Host,
                     }
                 }
             };
@@ -505,6 +513,12 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         };
         if !argmax_rows.is_empty() {
             for (&r, id) in argmax_rows.iter().zip(self.backend.argmax_rows(&logits, &argmax_rows)) {
+                out.tokens[r] = Some(id);
+            }
+        }
+        if !draw_rows.is_empty() {
+            let ids = self.backend.draw_rows(&logits, &draw_rows, &temperatures, &uniforms);
+            for (&r, id) in draw_rows.iter().zip(ids) {
                 out.tokens[r] = Some(id);
             }
         }
@@ -769,6 +783,7 @@ mod tests {
 enum RowKind {
     Skip,
     Argmax,
+    Draw,
     Host,
 }
 

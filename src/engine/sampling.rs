@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-pub use crate::backend::argmax;
+pub use crate::backend::{argmax, draw};
 
 /// Everything a request says about how to pick tokens and when to stop.
 #[derive(Debug, Clone, PartialEq)]
@@ -370,13 +370,25 @@ pub fn sample(logits: &mut [f32], ctx: &SamplingContext<'_>, rng: &mut Rng) -> (
     (token, logprobs)
 }
 
-/// Whether `sample` would pick the largest raw logit, whatever the logits are: greedy,
-/// no log-probabilities, and every logit processor a no-op at this step. Such rows can be
-/// reduced to their argmax where the logits are (on the GPU) instead of being copied out.
-pub fn is_plain_argmax(ctx: &SamplingContext<'_>) -> bool {
+/// Temperature sampling over the whole vocabulary: no top-k, top-p or min-p.
+fn is_unfiltered(p: &SamplingParams) -> bool {
+    p.top_k.is_none() && p.top_p >= 1.0 && p.min_p <= 0.0
+}
+
+/// How `sample` would choose for this row, when it depends on the raw logits alone
+/// (every logit processor a no-op at this step, no log-probabilities): then the choice
+/// can be made where the logits are (on the GPU) instead of copying them out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DeviceChoice {
+    /// The argmax.
+    Argmax,
+    /// [`draw`] at this temperature, from one uniform number of the sequence's RNG.
+    Draw { temperature: f32 },
+}
+
+pub fn device_choice(ctx: &SamplingContext<'_>) -> Option<DeviceChoice> {
     let p = ctx.params;
-    (p.temperature == 0.0 || p.top_k == Some(1))
-        && p.logprobs.is_none()
+    let plain = p.logprobs.is_none()
         && p.speech.is_none()
         && p.logit_bias.is_empty()
         && p.repetition_penalty == 1.0
@@ -384,7 +396,18 @@ pub fn is_plain_argmax(ctx: &SamplingContext<'_>) -> bool {
         && p.frequency_penalty == 0.0
         && p.no_repeat_ngram_size == 0
         && (ctx.output.len() >= p.min_tokens || ctx.stop_ids.is_empty())
-        && forced_next(&p.forced_prefixes, ctx.output).is_none()
+        && forced_next(&p.forced_prefixes, ctx.output).is_none();
+    if !plain {
+        None
+    } else if p.temperature == 0.0 || p.top_k == Some(1) {
+        Some(DeviceChoice::Argmax)
+    } else if is_unfiltered(p) {
+        Some(DeviceChoice::Draw {
+            temperature: p.temperature,
+        })
+    } else {
+        None
+    }
 }
 
 fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
@@ -486,6 +509,10 @@ fn forced_next(prefixes: &[Vec<u32>], output: &[u32]) -> Option<Vec<u32>> {
 }
 
 fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
+    if is_unfiltered(p) {
+        // The whole distribution, in id order (no sort needed): one uniform number.
+        return draw(logits, p.temperature, rng.next_f64());
+    }
     // An infinite logit (a +100 bias can make one) takes all the probability mass.
     if let Some(i) = logits.iter().position(|&v| v == f32::INFINITY) {
         return i as u32;
@@ -497,24 +524,6 @@ fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         return argmax(logits);
     }
     let inv_t = 1.0 / p.temperature as f64;
-    if p.top_k.is_none() && p.top_p >= 1.0 && p.min_p <= 0.0 {
-        // No filter: draw from the whole distribution, in id order (no sort needed).
-        let max = candidates
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, &i| m.max(logits[i as usize])) as f64;
-        let weights: Vec<f64> = candidates
-            .iter()
-            .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
-            .collect();
-        let mut target = rng.next_f64() * weights.iter().sum::<f64>();
-        for (i, w) in weights.iter().enumerate() {
-            target -= w;
-            if target < 0.0 {
-                return candidates[i];
-            }
-        }
-        return *candidates.last().expect("not empty");
-    }
     // Candidates, most likely first (ties by lower id, so the order is deterministic).
     let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
     if let Some(k) = p.top_k {

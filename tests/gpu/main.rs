@@ -293,6 +293,50 @@ fn argmax_rows_matches_the_cpu_with_ties_nan_and_infinities() {
     }
 }
 
+/// Sampling on the device: the same token as the CPU's `draw` for the same uniform
+/// numbers, over peaked and flat rows, temperatures from 0.1 to 2, rows with -inf, NaN
+/// and +inf logits, and vocabularies from 1 to 152k (ranges of the scan from empty to
+/// 149 ids per thread).
+#[test]
+fn draw_rows_matches_the_cpu() {
+    let Some(g) = gpu(WeightDtype::F32) else { return };
+    let c = CpuBackend::with_weights(WeightDtype::F32);
+    let mut rng = Rng(1234);
+    let mut checked = 0;
+    for vocab in [1, 3, 1000, 1025, 49_152, 151_936] {
+        let rows = 96;
+        let mut values = Vec::with_capacity(rows * vocab);
+        for r in 0..rows {
+            let scale = [0.1, 3.0, 20.0][r % 3];
+            let mut row = rng.vec(vocab, scale);
+            match r % 11 {
+                1 => row.iter_mut().step_by(3).for_each(|v| *v = f32::NEG_INFINITY),
+                2 => row[rng.below(vocab)] = f32::NAN,
+                3 => row.fill(f32::NEG_INFINITY),
+                4 if vocab > 2 => row[vocab - 2] = f32::INFINITY,
+                5 => row.fill(f32::NAN),
+                _ => {}
+            }
+            values.extend(row);
+        }
+        let x = pair(&c, &g, values, rows, vocab);
+        let picks: Vec<usize> = (0..rows).collect();
+        let temps: Vec<f32> = (0..rows).map(|r| [0.1, 0.7, 1.0, 2.0][r % 4]).collect();
+        for _ in 0..4 {
+            let us: Vec<f64> = (0..rows)
+                .map(|_| (rng.next() >> 11) as f64 / (1u64 << 53) as f64)
+                .collect();
+            let (got, want) = (
+                g.draw_rows(&x.gpu, &picks, &temps, &us),
+                c.draw_rows(&x.cpu, &picks, &temps, &us),
+            );
+            assert_eq!(got, want, "draw_rows over a vocabulary of {vocab}");
+            checked += got.len();
+        }
+    }
+    eprintln!("draw_rows: {checked} draws equal to the CPU's");
+}
+
 #[test]
 fn linear_matches_the_cpu_in_f32_and_bf16() {
     for (dtype, bound) in [(WeightDtype::F32, 1e-5), (WeightDtype::Bf16, 1e-2)] {

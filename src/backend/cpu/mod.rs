@@ -896,6 +896,13 @@ impl Backend for CpuBackend {
         rows.iter().map(|&r| super::argmax(x.row(r))).collect()
     }
 
+    fn draw_rows(&self, x: &CpuTensor, rows: &[usize], temperatures: &[f32], uniforms: &[f64]) -> Vec<u32> {
+        rows.iter()
+            .zip(temperatures.iter().zip(uniforms))
+            .map(|(&r, (&t, &u))| super::draw(x.row(r), t, u))
+            .collect()
+    }
+
     fn to_host(&self, x: CpuTensor) -> (Vec<f32>, usize, usize) {
         (x.data, x.rows, x.cols)
     }
