@@ -20,8 +20,8 @@
 
 struct AttentionArgs {
     const float* q;        // query rows, `q_stride` floats apart (q head h at h * head_dim)
-    const float* k;        // paged pool [slots, kv_width] or dense [m, kv_width]
-    const float* v;
+    const void* k;         // paged pool [slots, kv_width] or dense [m, kv_width], f32 or bf16
+    const void* v;
     float* out;            // [rows, num_heads * head_dim]
     float* partial;        // [rows, num_heads, splits, head_dim + 2] when splits > 1
     const unsigned* visible; // [rows] keys each row attends to (0..visible)
@@ -44,7 +44,10 @@ __device__ __forceinline__ size_t key_row(const AttentionArgs& a, int seq, int j
     return (size_t)block * a.block_size + j % a.block_size;
 }
 
-extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32(const AttentionArgs a) {
+template <typename KV>
+__device__ void attention(const AttentionArgs& a) {
+    const KV* keys = (const KV*)a.k;
+    const KV* values = (const KV*)a.v;
     __shared__ float q_s[MAX_HEAD_DIM];
     __shared__ float p_s[ATT_CHUNK];
     __shared__ float scratch[32];
@@ -69,9 +72,9 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32(const At
     for (int c0 = begin; c0 < end; c0 += ATT_CHUNK) {
         const int n = min(ATT_CHUNK, end - c0);
         for (int j = warp; j < n; j += ATT_WARPS) {
-            const float* k = a.k + key_row(a, seq, c0 + j) * a.kv_width + (size_t)kvh * hd;
+            const KV* k = keys + key_row(a, seq, c0 + j) * a.kv_width + (size_t)kvh * hd;
             float s = 0.0f;
-            for (int d = lane; d < hd; d += 32) s += q_s[d] * k[d];
+            for (int d = lane; d < hd; d += 32) s += q_s[d] * to_f32(k[d]);
             s = warp_sum(s);
             if (lane == 0) p_s[j] = s;
         }
@@ -93,12 +96,12 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32(const At
 #pragma unroll
         for (int r = 0; r < ACC_PER_THREAD; ++r) acc[r] *= alpha;
         for (int j = 0; j < n; ++j) {
-            const float* v = a.v + key_row(a, seq, c0 + j) * a.kv_width + (size_t)kvh * hd;
+            const KV* v = values + key_row(a, seq, c0 + j) * a.kv_width + (size_t)kvh * hd;
             const float p = p_s[j];
 #pragma unroll
             for (int r = 0; r < ACC_PER_THREAD; ++r) {
                 const int d = tid + r * ATT_THREADS;
-                if (d < hd) acc[r] += p * v[d];
+                if (d < hd) acc[r] += p * to_f32(v[d]);
             }
         }
         __syncthreads();
@@ -126,7 +129,16 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32(const At
     }
 }
 
-// Merges the splits of `attention_f32`. Grid (rows, num_heads), 128 threads.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_f32(const AttentionArgs a) {
+    attention<float>(a);
+}
+
+// Keys and values stored in bf16 (the KV pools of a bf16 model), f32 arithmetic.
+extern "C" __global__ void __launch_bounds__(ATT_THREADS) attention_bf16kv(const AttentionArgs a) {
+    attention<bf16_bits>(a);
+}
+
+// Merges the splits of `attention_f32` / `attention_bf16kv`. Grid (rows, num_heads), 128 threads.
 extern "C" __global__ void attention_combine_f32(const float* partial, float* out, int num_heads, int head_dim,
                                                  int splits) {
     const int row = blockIdx.x, h = blockIdx.y;

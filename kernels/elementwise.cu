@@ -92,19 +92,28 @@ extern "C" __global__ void im2col_1d_f32(const float* x, float* out, int len, in
     }
 }
 
-// K and V parts of each qkv row -> the paged pools, `[slot, num_kv_heads * head_dim]`.
+// K and V parts of each qkv row -> the paged pools, `[slot, num_kv_heads * head_dim]`,
+// f32 or bf16 (rounded to nearest even).
+__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store(bf16_bits* p, float v) { *p = __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+
 template <typename KV>
 __device__ void write_kv(const float* qkv, KV* k_pool, KV* v_pool, const unsigned* slots, int qkv_width, int q_width,
                          int kv_width) {
     const float* row = qkv + (size_t)blockIdx.x * qkv_width;
     const size_t at = (size_t)slots[blockIdx.x] * kv_width;
     for (int i = threadIdx.x; i < kv_width; i += blockDim.x) {
-        k_pool[at + i] = (KV)row[q_width + i];
-        v_pool[at + i] = (KV)row[q_width + kv_width + i];
+        store(k_pool + at + i, row[q_width + i]);
+        store(v_pool + at + i, row[q_width + kv_width + i]);
     }
 }
 
 extern "C" __global__ void write_kv_f32(const float* qkv, float* k_pool, float* v_pool, const unsigned* slots,
                                         int qkv_width, int q_width, int kv_width) {
+    write_kv(qkv, k_pool, v_pool, slots, qkv_width, q_width, kv_width);
+}
+
+extern "C" __global__ void write_kv_bf16(const float* qkv, bf16_bits* k_pool, bf16_bits* v_pool, const unsigned* slots,
+                                         int qkv_width, int q_width, int kv_width) {
     write_kv(qkv, k_pool, v_pool, slots, qkv_width, q_width, kv_width);
 }

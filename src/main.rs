@@ -401,7 +401,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             KvCacheBudget::FractionOfAvailable(args.kv_cache_fraction),
             args.gpu_memory_utilization,
         )?;
-        let config = model.engine_config(config, budget)?;
+        let config = model.engine_config(&device, config, budget)?;
         eprintln!("bench: engine on {}", device.describe());
         Some((model.spawn(&device, config, vec![]), vocab))
     } else {

@@ -182,15 +182,21 @@ impl LoadedModel {
         }
     }
 
-    /// Sizes the KV cache of `config` from `budget`.
-    pub fn engine_config(&self, config: EngineConfig, budget: KvCacheBudget) -> Result<EngineConfig, String> {
+    /// Sizes the KV cache of `config` from `budget`, with `device`'s KV element size.
+    pub fn engine_config(
+        &self,
+        device: &Device,
+        config: EngineConfig,
+        budget: KvCacheBudget,
+    ) -> Result<EngineConfig, String> {
+        let element = device.kv_bytes_per_element();
         match self {
-            LoadedModel::Text(m) => config.with_budget(m, budget),
-            LoadedModel::Speech(m) => config.with_budget(m, budget),
+            LoadedModel::Text(m) => config.with_budget_for(m, budget, element),
+            LoadedModel::Speech(m) => config.with_budget_for(m, budget, element),
             #[cfg(feature = "cuda")]
-            LoadedModel::CudaText(m) => config.with_budget(m, budget),
+            LoadedModel::CudaText(m) => config.with_budget_for(m, budget, element),
             #[cfg(feature = "cuda")]
-            LoadedModel::CudaSpeech(m) => config.with_budget(m, budget),
+            LoadedModel::CudaSpeech(m) => config.with_budget_for(m, budget, element),
         }
         .map_err(|e| e.to_string())
     }
@@ -892,7 +898,10 @@ fn build(
         let no_room = |e: String| LoadError::OutOfMemory(format!("no room for `{id_or_path}`'s KV cache: {e}"));
         let budget =
             kv_budget_on(&settings.backend, settings.kv_budget, settings.gpu_memory_utilization).map_err(no_room)?;
-        config = files.model.engine_config(config, budget).map_err(no_room)?;
+        config = files
+            .model
+            .engine_config(&settings.backend, config, budget)
+            .map_err(no_room)?;
     }
     let reasoning = match settings.reasoning {
         ReasoningMode::On => true,

@@ -2,8 +2,9 @@
 //! build.rs and embedded as fatbins, launched through cudarc on one stream; GEMMs
 //! through cuBLAS. Activations are f32 `[rows, cols]` device buffers, as on the CPU;
 //! matrices stay bf16 (inputs rounded to bf16 for the GEMM, f32 accumulation and
-//! output) or f32 (f32 GEMM, no TF32), vectors are f32. The KV pools are f32, laid out
-//! `[slot, num_kv_heads * head_dim]`.
+//! output) or f32 (f32 GEMM, no TF32), vectors are f32. The KV pools are bf16 (f32 with
+//! `--dtype float32`), laid out `[slot, num_kv_heads * head_dim]`; attention reads them
+//! into f32 arithmetic.
 //!
 //! The CUDA libraries are loaded at run time (cudarc's dynamic loading): a binary built
 //! with the feature still runs on a machine without them, and [`CudaBackend::new`] says
@@ -49,7 +50,9 @@ const KERNELS: &[&str] = &[
     "gather_rows_f32",
     "im2col_1d_f32",
     "write_kv_f32",
+    "write_kv_bf16",
     "attention_f32",
+    "attention_bf16kv",
     "attention_combine_f32",
     "argmax_rows_f32",
     "draw_rows_f32",
@@ -124,11 +127,17 @@ impl CudaWeight {
     }
 }
 
+/// One layer's K or V pool: f32 for `--dtype float32`, else bf16.
+enum KvPool {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
 /// The paged K and V pools of every layer.
 pub struct CudaKvCache {
     shape: KvCacheShape,
-    k: Vec<CudaSlice<f32>>,
-    v: Vec<CudaSlice<f32>>,
+    k: Vec<KvPool>,
+    v: Vec<KvPool>,
 }
 
 /// The kernel parameters of `attention_f32` (kernels/attention.cu `AttentionArgs`).
@@ -322,6 +331,18 @@ impl CudaBackend {
         s.device_ptr(&self.inner.stream).0
     }
 
+    fn pool_ptr(&self, pool: &KvPool) -> u64 {
+        match pool {
+            KvPool::F32(b) => self.ptr(b),
+            KvPool::Bf16(b) => self.ptr(b),
+        }
+    }
+
+    /// Keys and values in bf16: every mode but `--dtype float32`.
+    fn kv_bf16(&self) -> bool {
+        self.inner.weights != WeightDtype::F32
+    }
+
     /// Uninitialized `len` elements (at least one: the driver refuses empty buffers).
     fn alloc<T: DeviceRepr>(&self, len: usize, what: &str) -> CudaSlice<T> {
         // SAFETY: every op writes all of its output before anything reads it.
@@ -477,8 +498,7 @@ impl CudaBackend {
         q_ptr: u64,
         q_stride: usize,
         out_ptr: u64,
-        k_ptr: u64,
-        v_ptr: u64,
+        (k_ptr, v_ptr, bf16_kv): (u64, u64, bool),
         kv_width: usize,
         visible: &[u32],
         row_seq: Option<&[u32]>,
@@ -530,7 +550,11 @@ impl CudaBackend {
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
         };
         let grid = (rows_u32(rows, "attention"), shape.num_heads as u32, splits as u32);
-        launch!(self, "attention_f32", cfg(grid, ATTENTION_THREADS); &args);
+        if bf16_kv {
+            launch!(self, "attention_bf16kv", cfg(grid, ATTENTION_THREADS); &args);
+        } else {
+            launch!(self, "attention_f32", cfg(grid, ATTENTION_THREADS); &args);
+        }
         if let Some(partial) = &partial {
             let (p, nh, hd, s) = (
                 self.ptr(partial),
@@ -616,10 +640,25 @@ impl Backend for CudaBackend {
         CudaWeight::Vector(self.htod(&values, "weight upload"))
     }
 
+    fn kv_bytes_per_element(&self) -> usize {
+        if self.kv_bf16() {
+            2
+        } else {
+            4
+        }
+    }
+
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> CudaKvCache {
-        let n = shape.elements_per_layer();
+        let n = shape.elements_per_layer().max(1);
         // Zeroed: a position read before it is written is finite.
-        let pool = || ok(self.inner.stream.alloc_zeros::<f32>(n.max(1)), "KV cache allocation");
+        let what = "KV cache allocation";
+        let pool = || {
+            if self.kv_bf16() {
+                KvPool::Bf16(ok(self.inner.stream.alloc_zeros::<u16>(n), what))
+            } else {
+                KvPool::F32(ok(self.inner.stream.alloc_zeros::<f32>(n), what))
+            }
+        };
         CudaKvCache {
             shape,
             k: (0..shape.num_layers).map(|_| pool()).collect(),
@@ -794,12 +833,16 @@ impl Backend for CudaBackend {
         let slots = self.indices(slot_mapping, "write_kv: slots");
         let (x, k, v, s) = (
             self.ptr(&qkv.buf),
-            self.ptr(&cache.k[layer]),
-            self.ptr(&cache.v[layer]),
+            self.pool_ptr(&cache.k[layer]),
+            self.pool_ptr(&cache.v[layer]),
             self.ptr(&slots),
         );
         let (width, qw, kvw) = (qkv.cols as i32, shape.q_width() as i32, shape.kv_width() as i32);
-        launch!(self, "write_kv_f32", cfg((rows_u32(qkv.rows, "write_kv"), 1, 1), 256); &x, &k, &v, &s, &width, &qw, &kvw);
+        let c = cfg((rows_u32(qkv.rows, "write_kv"), 1, 1), 256);
+        match cache.k[layer] {
+            KvPool::F32(_) => launch!(self, "write_kv_f32", c; &x, &k, &v, &s, &width, &qw, &kvw),
+            KvPool::Bf16(_) => launch!(self, "write_kv_bf16", c; &x, &k, &v, &s, &width, &qw, &kvw),
+        }
     }
 
     fn attention(
@@ -833,8 +876,11 @@ impl Backend for CudaBackend {
             x,
             qkv.cols,
             self.ptr(&out.buf),
-            self.ptr(&cache.k[layer]),
-            self.ptr(&cache.v[layer]),
+            (
+                self.pool_ptr(&cache.k[layer]),
+                self.pool_ptr(&cache.v[layer]),
+                matches!(cache.k[layer], KvPool::Bf16(_)),
+            ),
             shape.kv_width(),
             &visible,
             Some(&row_seq),
@@ -867,8 +913,7 @@ impl Backend for CudaBackend {
                 self.ptr(&q.buf) + (seq.q_start * q.cols) as u64 * f,
                 q.cols,
                 self.ptr(&out.buf) + (seq.q_start * shape.q_width()) as u64 * f,
-                self.ptr(&seq.k.buf),
-                self.ptr(&seq.v.buf),
+                (self.ptr(&seq.k.buf), self.ptr(&seq.v.buf), false),
                 seq.k.cols,
                 &visible,
                 None,

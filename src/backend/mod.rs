@@ -134,6 +134,15 @@ impl Device {
         }
     }
 
+    /// Bytes of one element of this device's KV pools.
+    pub fn kv_bytes_per_element(&self) -> usize {
+        match self {
+            Device::Cpu(b) => b.kv_bytes_per_element(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.kv_bytes_per_element(),
+        }
+    }
+
     /// `cpu`, or `cuda:N (device name)`.
     pub fn describe(&self) -> String {
         match self {
@@ -304,6 +313,8 @@ pub trait Backend: Send + Sync {
     /// Uploads host f32 values, such as rotary inverse frequencies.
     fn weight_from_f32(&self, values: Vec<f32>) -> Self::Weight;
 
+    /// Bytes of one K or V element in the pools `alloc_kv_cache` makes.
+    fn kv_bytes_per_element(&self) -> usize;
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> Self::KvCache;
 
     /// `table [vocab, hidden]`, ids `[n]` -> `[n, hidden]`. Ids must be `< vocab`.

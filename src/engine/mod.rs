@@ -72,17 +72,32 @@ pub enum BudgetError {
 impl EngineConfig {
     /// Bytes of f32 K and V one block takes for this model.
     pub fn bytes_per_block<B: Backend, M: EngineModel<B>>(model: &M, block_size: usize) -> usize {
-        let shape = model.kv_cache_shape(1, block_size);
-        2 * shape.num_layers * shape.elements_per_layer() * std::mem::size_of::<f32>()
+        Self::block_bytes(model, block_size, std::mem::size_of::<f32>())
     }
 
-    /// Sets `num_blocks` from a memory budget, never more than `max_num_seqs` sequences
-    /// of the full context window can use. For models that keep state per request, half
-    /// the budget at most goes to it, lowering `max_num_seqs` to what fits.
+    fn block_bytes<B: Backend, M: EngineModel<B>>(model: &M, block_size: usize, element_bytes: usize) -> usize {
+        let shape = model.kv_cache_shape(1, block_size);
+        2 * shape.num_layers * shape.elements_per_layer() * element_bytes
+    }
+
+    /// Sets `num_blocks` from a memory budget for f32 pools (the CPU backend's), never
+    /// more than `max_num_seqs` sequences of the full context window can use. For models
+    /// that keep state per request, half the budget at most goes to it, lowering
+    /// `max_num_seqs` to what fits.
     pub fn with_budget<B: Backend, M: EngineModel<B>>(
+        self,
+        model: &M,
+        budget: KvCacheBudget,
+    ) -> Result<Self, BudgetError> {
+        self.with_budget_for(model, budget, std::mem::size_of::<f32>())
+    }
+
+    /// `with_budget` for pools of `kv_element_bytes` per element (`Backend::kv_bytes_per_element`).
+    pub fn with_budget_for<B: Backend, M: EngineModel<B>>(
         mut self,
         model: &M,
         budget: KvCacheBudget,
+        kv_element_bytes: usize,
     ) -> Result<Self, BudgetError> {
         let bytes = match budget {
             KvCacheBudget::Bytes(b) => b,
@@ -103,7 +118,7 @@ impl EngineConfig {
             self.max_num_seqs = self.max_num_seqs.min(fit.max(1));
             bytes = bytes.saturating_sub(self.max_num_seqs * per_request);
         }
-        let block_bytes = Self::bytes_per_block(model, self.block_size);
+        let block_bytes = Self::block_bytes(model, self.block_size, kv_element_bytes);
         let affordable = bytes / block_bytes;
         if affordable == 0 {
             return Err(BudgetError::TooSmall { bytes, block_bytes });

@@ -569,6 +569,10 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn kv_bytes_per_element(&self) -> usize {
+        std::mem::size_of::<f32>()
+    }
+
     fn alloc_kv_cache(&self, shape: KvCacheShape) -> CpuKvCache {
         let per_layer = shape.elements_per_layer();
         CpuKvCache {
