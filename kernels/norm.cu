@@ -2,6 +2,12 @@
 // per-head q/k RMSNorm of Qwen3. One block per row, f32 accumulation.
 #include "common.cuh"
 
+// r += delta, visible to the whole block afterwards.
+__device__ void add_row(float* r, const float* delta, int d) {
+    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] += delta[i];
+    __syncthreads();
+}
+
 // out = x / sqrt(mean(x^2) + eps) * w
 __device__ void rms_row(const float* x, const float* w, float* out, int d, float eps, float* scratch) {
     float ss = 0.0f;
@@ -22,9 +28,7 @@ extern "C" __global__ void add_rms_norm_f32(float* residual, const float* delta,
     __shared__ float scratch[32];
     const size_t row = blockIdx.x;
     float* r = residual + row * d;
-    const float* dl = delta + row * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] += dl[i];
-    __syncthreads();
+    add_row(r, delta + row * d, d);
     rms_row(r, w, out + row * d, d, eps, scratch);
 }
 
@@ -54,9 +58,7 @@ extern "C" __global__ void add_layer_norm_f32(float* residual, const float* delt
     __shared__ float scratch[32];
     const size_t row = blockIdx.x;
     float* r = residual + row * d;
-    const float* dl = delta + row * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) r[i] += dl[i];
-    __syncthreads();
+    add_row(r, delta + row * d, d);
     layer_norm_row(r, w, b, out + row * d, d, eps, scratch);
 }
 

@@ -421,74 +421,54 @@ impl CudaBackend {
         let compute = blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F;
         let algo = blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
         let f32_t = blas_sys::cudaDataType::CUDA_R_32F;
-        // Column-major view: out^T [m, n] = W [k, m]^T · x^T [k, n].
-        match w {
-            CudaWeight::F32 { buf, .. } => {
-                // SAFETY: shapes checked by the caller; buffers live through the call
-                // (cuBLAS runs on the backend's stream, ordered with the kernels).
-                ok(
-                    unsafe {
-                        blas::gemm_ex(
-                            handle,
-                            op_t,
-                            op_n,
-                            mi,
-                            ni,
-                            ki,
-                            &alpha as *const f32 as *const c_void,
-                            self.ptr(buf) as *const c_void,
-                            f32_t,
-                            ki,
-                            self.ptr(&x.buf) as *const c_void,
-                            f32_t,
-                            ki,
-                            &beta as *const f32 as *const c_void,
-                            out_ptr as *mut c_void,
-                            f32_t,
-                            mi,
-                            compute,
-                            algo,
-                        )
-                    },
-                    "linear (f32 GEMM)",
-                );
-            }
+        // The bf16 input copy lives until the GEMM is queued; its stream-ordered free
+        // runs after it.
+        let mut _bf16_input = None;
+        let (w_ptr, x_ptr, in_t, what) = match w {
+            CudaWeight::F32 { buf, .. } => (self.ptr(buf), self.ptr(&x.buf), f32_t, "linear (f32 GEMM)"),
             CudaWeight::Bf16 { buf, .. } => {
                 let xb = self.alloc::<u16>(n * k, "linear: bf16 input");
                 let (src, dst, len) = (self.ptr(&x.buf), self.ptr(&xb), (n * k) as u64);
                 launch!(self, "cast_f32_bf16", elementwise(n * k); &src, &dst, &len);
-                let bf16_t = blas_sys::cudaDataType::CUDA_R_16BF;
-                // SAFETY: as above; `xb` lives until after the GEMM is queued, and its
-                // stream-ordered free runs after the GEMM.
-                ok(
-                    unsafe {
-                        blas::gemm_ex(
-                            handle,
-                            op_t,
-                            op_n,
-                            mi,
-                            ni,
-                            ki,
-                            &alpha as *const f32 as *const c_void,
-                            self.ptr(buf) as *const c_void,
-                            bf16_t,
-                            ki,
-                            dst as *const c_void,
-                            bf16_t,
-                            ki,
-                            &beta as *const f32 as *const c_void,
-                            out_ptr as *mut c_void,
-                            f32_t,
-                            mi,
-                            compute,
-                            algo,
-                        )
-                    },
+                _bf16_input = Some(xb);
+                (
+                    self.ptr(buf),
+                    dst,
+                    blas_sys::cudaDataType::CUDA_R_16BF,
                     "linear (bf16 GEMM)",
-                );
+                )
             }
             CudaWeight::Vector(_) => panic!("linear: a vector weight where a matrix was expected"),
-        }
+        };
+        // Column-major view: out^T [m, n] = W [k, m]^T · x^T [k, n].
+        // SAFETY: shapes checked by the caller; every buffer outlives the queued call
+        // (cuBLAS runs on the backend's stream, ordered with the kernels).
+        ok(
+            unsafe {
+                blas::gemm_ex(
+                    handle,
+                    op_t,
+                    op_n,
+                    mi,
+                    ni,
+                    ki,
+                    &alpha as *const f32 as *const c_void,
+                    w_ptr as *const c_void,
+                    in_t,
+                    ki,
+                    x_ptr as *const c_void,
+                    in_t,
+                    ki,
+                    &beta as *const f32 as *const c_void,
+                    out_ptr as *mut c_void,
+                    f32_t,
+                    mi,
+                    compute,
+                    algo,
+                )
+            },
+            what,
+        );
     }
 
     /// Launches `attention_f32` (and the split merge) over `rows` query rows.

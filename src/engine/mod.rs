@@ -497,13 +497,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                 _ if seq.num_computed < seq.tokens.len() => RowKind::Skip,
                 None => RowKind::Skip,
                 Some(req) => {
-                    let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
-                    let ctx = SamplingContext {
-                        params: &req.params,
-                        prompt,
-                        output,
-                        stop_ids: &req.stop_ids,
-                    };
+                    let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids);
                     match sampling::device_choice(&ctx) {
                         Some(sampling::DeviceChoice::Argmax) => RowKind::Argmax,
                         Some(sampling::DeviceChoice::Draw { temperature }) => {
@@ -583,13 +577,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                 (None, Some(k)) => {
                     let vocab = logits.vocab;
                     let row_logits = &mut logits.values[k * vocab..(k + 1) * vocab];
-                    let (prompt, output) = seq.tokens.split_at(seq.prompt_len);
-                    let ctx = SamplingContext {
-                        params: &req.params,
-                        prompt,
-                        output,
-                        stop_ids: &req.stop_ids,
-                    };
+                    let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids);
                     sampling::sample(row_logits, &ctx, &mut seq.rng)
                 }
                 (None, None) => unreachable!("read_logits brings every row that reached its end"),

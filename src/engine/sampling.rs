@@ -332,6 +332,19 @@ pub struct SamplingContext<'a> {
     pub stop_ids: &'a [u32],
 }
 
+impl<'a> SamplingContext<'a> {
+    /// The context of a sequence whose first `prompt_len` of `tokens` are its prompt.
+    pub fn new(params: &'a SamplingParams, tokens: &'a [u32], prompt_len: usize, stop_ids: &'a [u32]) -> Self {
+        let (prompt, output) = tokens.split_at(prompt_len);
+        SamplingContext {
+            params,
+            prompt,
+            output,
+            stop_ids,
+        }
+    }
+}
+
 /// `log_softmax(logits)[i]` for every `i`, in f64 for the normalizer.
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
