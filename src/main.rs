@@ -85,7 +85,8 @@ struct ServeArgs {
     #[arg(long)]
     continuous_batching: bool,
     /// How weights are kept: auto (as stored; bf16 stays bf16, f16 and f32 become f32),
-    /// bfloat16 or float32 (torch names such as `torch.bfloat16` are accepted).
+    /// bfloat16 or float32 (torch names such as `torch.bfloat16` are accepted). On a GPU
+    /// the KV cache is bf16 unless this is float32.
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// Where the model runs: auto, cpu, or cuda[:N] (a build with `--features cuda`).
@@ -711,7 +712,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let backend = Device::open(&device_choice, weights, &mut |note| eprintln!("{note}"))?;
     inferd::log::set_level(level);
     if args.cb_use_cuda_graph == Some(true) {
-        return Err("--cb-use-cuda-graph: CUDA graphs need the CUDA backend; this build runs on the CPU".into());
+        return Err("--cb-use-cuda-graph: inferd does not capture CUDA graphs (each step launches its kernels)".into());
     }
     if !(args.kv_cache_fraction > 0.0 && args.kv_cache_fraction <= 1.0) {
         return Err(format!(

@@ -208,7 +208,7 @@ impl std::fmt::Debug for CudaBackend {
 fn ok<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
     r.unwrap_or_else(|e| {
         let detail = format!("{e:?}");
-        if detail.contains("OUT_OF_MEMORY") {
+        if detail.contains("OUT_OF_MEMORY") || detail.contains("ALLOC_FAILED") {
             panic!(
                 "{DEVICE_OUT_OF_MEMORY} in {what}: the model, its KV cache and activations do not fit; \
                  lower --gpu-memory-utilization or --kv-cache-memory, use --dtype bfloat16, or a smaller model"
@@ -313,8 +313,10 @@ impl CudaBackend {
         self.inner.ctx.ordinal()
     }
 
-    /// (free, total) bytes of device memory now.
+    /// (free, total) bytes of device memory now, once the frees queued on the stream
+    /// (an unloaded model's buffers) have run and the pool has returned them.
     pub fn memory(&self) -> Result<(usize, usize), CudaError> {
+        self.inner.stream.synchronize().map_err(driver_err)?;
         self.inner.ctx.mem_get_info().map_err(driver_err)
     }
 
@@ -877,15 +879,37 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
         causal: bool,
     ) -> CudaTensor {
-        let out = self.tensor(q.rows, shape.q_width(), "attention_dense");
+        let (q_width, kv_width) = (shape.q_width(), shape.kv_width());
+        assert_eq!(q.cols, q_width, "attention_dense: q has {} columns", q.cols);
+        for s in seqs {
+            assert_eq!((s.k.cols, s.v.cols), (kv_width, kv_width), "attention_dense: K/V width");
+            assert_eq!(s.k.rows, s.v.rows, "attention_dense: K and V rows differ");
+            assert!(
+                s.q_start + s.q_len <= q.rows,
+                "attention_dense: query rows out of range"
+            );
+            assert!(
+                !causal || s.q_len <= s.k.rows,
+                "attention_dense: more queries than keys"
+            );
+        }
+        // Rows no sequence covers are zero, as on the CPU.
+        let covered: usize = seqs.iter().map(|s| s.q_len).sum();
+        let out = if covered < q.rows {
+            CudaTensor {
+                buf: ok(
+                    self.inner.stream.alloc_zeros::<f32>((q.rows * q_width).max(1)),
+                    "attention_dense",
+                ),
+                rows: q.rows,
+                cols: q_width,
+            }
+        } else {
+            self.tensor(q.rows, q_width, "attention_dense")
+        };
         let f = std::mem::size_of::<f32>() as u64;
         for seq in seqs {
             let m = seq.k.rows;
-            assert!(
-                seq.q_start + seq.q_len <= q.rows,
-                "attention_dense: query rows out of range"
-            );
-            assert_eq!(seq.k.cols, shape.kv_width(), "attention_dense: key width");
             let visible: Vec<u32> = (0..seq.q_len)
                 .map(|i| if causal { (m + i + 1).saturating_sub(seq.q_len) } else { m } as u32)
                 .collect();

@@ -3,6 +3,7 @@
 //! lock on the step path. Dropping a stream cancels its request, which frees its blocks
 //! at the next step.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -232,7 +233,17 @@ fn run<B: Backend, M: EngineModel<B>>(mut engine: Engine<B, M>, inbox: Receiver<
             }
         }
         if engine.has_work() {
-            engine.step();
+            // A panicking step (a backend error: a CUDA fault, device memory exhausted
+            // mid-step) fails the requests it held; the engine goes on with new ones.
+            if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| engine.step())) {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a step panicked".into());
+                crate::warn!("engine step failed, its requests fail: {message}");
+                engine.fail_all(&format!("the engine failed: {message}"));
+            }
         }
         // Admitted (or gone) requests stop counting against max_waiting.
         if !not_admitted.is_empty() {

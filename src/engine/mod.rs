@@ -382,6 +382,32 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         self.model.end_request(id.0);
     }
 
+    /// Fails every request the engine holds with `message` and frees their blocks: what
+    /// the engine thread does when a step panics (a backend error), so that it keeps
+    /// serving new requests instead of dying with them.
+    pub fn fail_all(&mut self, message: &str) {
+        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        for id in ids {
+            if let Some(req) = self.requests.remove(&id) {
+                let _ = req.events.send(EngineEvent::Failed(message.to_owned()));
+            }
+            self.scheduler.remove_request(id);
+            self.model.end_request(id.0);
+        }
+        // Sequences whose request was already gone.
+        let orphans: Vec<RequestId> = self
+            .scheduler
+            .running
+            .iter()
+            .chain(self.scheduler.waiting.iter())
+            .map(|s| s.request)
+            .collect();
+        for id in orphans {
+            self.scheduler.remove_request(id);
+            self.model.end_request(id.0);
+        }
+    }
+
     /// Runs the encoder of every request in the plan that has not had it yet. A request
     /// whose input the encoder refuses fails alone; returns false when one did (the plan
     /// is then stale: the step is skipped, and the next one plans again).

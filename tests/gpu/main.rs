@@ -23,7 +23,7 @@ mod common;
 use std::sync::Arc;
 
 use inferd::backend::cpu::CpuBackend;
-use inferd::backend::cuda::CudaBackend;
+use inferd::backend::cuda::{CudaBackend, CudaError};
 use inferd::backend::{AttentionShape, Backend, DenseAttention, ForwardBatch, SeqChunk, WeightDtype};
 use inferd::engine::{self, Engine, EngineConfig, EngineEvent, RequestId, SamplingParams};
 use inferd::loader::{Dtype, TensorView};
@@ -33,14 +33,17 @@ use inferd::models::{load_decoder, load_decoder_dummy, load_whisper, DecoderMode
 
 use common::{fixture, golden, ids, installed_model};
 
-/// A GPU backend with poisoned outputs, or `None` (and the reason printed) without one.
+/// A GPU backend with poisoned outputs, or `None` (and the reason printed) where the
+/// machine has no CUDA driver, cuBLAS or device. Any other failure to start (kernels the
+/// device cannot load) fails the test.
 fn gpu(weights: WeightDtype) -> Option<CudaBackend> {
     match CudaBackend::with_poisoned_outputs(0, weights) {
         Ok(b) => Some(b),
-        Err(e) => {
+        Err(e @ (CudaError::NoDriver | CudaError::NoCublas | CudaError::NoDevice { .. })) => {
             eprintln!("skipped: no CUDA device ({e})");
             None
         }
+        Err(e) => panic!("the CUDA backend does not start: {e}"),
     }
 }
 

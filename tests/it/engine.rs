@@ -2,8 +2,9 @@
 //! sized from a memory budget.
 
 use inferd::backend::cpu::CpuBackend;
-use inferd::engine::EngineConfig;
-use inferd::models::load_decoder;
+use inferd::backend::{Backend, ForwardBatch, KvCacheShape};
+use inferd::engine::{Engine, EngineConfig, EngineEvent, EngineHandle, SamplingParams};
+use inferd::models::{load_decoder, EngineModel, ForwardError, LogitsFor};
 
 use super::engine_cases as cases;
 use crate::common::installed_model;
@@ -83,4 +84,82 @@ fn the_kv_pool_is_sized_from_a_memory_budget() {
         .with_budget(&model, KvCacheBudget::FractionOfAvailable(0.01))
         .unwrap();
     assert!(from_memory.num_blocks > 0 && from_memory.num_blocks <= 64);
+}
+
+/// A model whose forward pass panics on batches holding token 13, as a backend fault
+/// (a CUDA error) would.
+struct Faulty(inferd::models::DecoderModel<CpuBackend>);
+
+impl EngineModel<CpuBackend> for Faulty {
+    fn vocab_size(&self) -> usize {
+        self.0.vocab_size()
+    }
+    fn max_positions(&self) -> usize {
+        self.0.max_positions()
+    }
+    fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
+        self.0.kv_cache_shape(num_blocks, block_size)
+    }
+    fn forward(
+        &self,
+        backend: &CpuBackend,
+        batch: &ForwardBatch,
+        cache: &mut <CpuBackend as Backend>::KvCache,
+        logits_for: LogitsFor,
+    ) -> Result<<CpuBackend as Backend>::Tensor, ForwardError> {
+        assert!(!batch.token_ids.contains(&13), "injected fault");
+        self.0.forward(backend, batch, cache, logits_for)
+    }
+}
+
+#[test]
+fn a_panicking_step_fails_its_requests_and_the_engine_serves_on() {
+    let model = load_decoder(
+        &CpuBackend::default(),
+        &installed_model("inferd-test/tiny-llama"),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let config = EngineConfig {
+        block_size: 4,
+        num_blocks: 64,
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+        max_waiting: 16,
+    };
+    let handle = EngineHandle::spawn(Engine::new(CpuBackend::default(), Faulty(model), config, vec![]));
+    let params = SamplingParams {
+        max_tokens: Some(5),
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let mut doomed = handle.submit(vec![13, 14, 15], params.clone()).unwrap();
+    match doomed.blocking_next() {
+        Some(EngineEvent::Failed(message)) => assert!(message.contains("injected fault"), "{message}"),
+        other => panic!("expected the request to fail, got {other:?}"),
+    }
+    // The engine thread lives on, with every block back, and serves the next request.
+    let start = std::time::Instant::now();
+    while handle
+        .metrics()
+        .kv_blocks_used
+        .load(std::sync::atomic::Ordering::Relaxed)
+        != 0
+    {
+        assert!(
+            start.elapsed().as_secs() < 30,
+            "the failed request's blocks were not freed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    let mut next = handle.submit(vec![3, 4, 5], params).unwrap();
+    let mut tokens = 0;
+    loop {
+        match next.blocking_next().expect("stream open") {
+            EngineEvent::Token { .. } => tokens += 1,
+            EngineEvent::Finished { .. } => break,
+            EngineEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(tokens, 5);
 }
