@@ -259,19 +259,21 @@ pub fn kv_budget_on(
     }
 }
 
+/// Scratch for one step's activations and logits on a GPU, outside the KV pool.
+#[cfg(feature = "cuda")]
+const GPU_ACTIVATION_RESERVE: usize = 2 << 30;
+
 /// KV cache bytes on a GPU: `utilization` of its memory, less what is in use now (the
 /// weights) and a reserve for activations.
 #[cfg(feature = "cuda")]
 fn gpu_kv_budget(backend: &CudaBackend, utilization: f64) -> Result<KvCacheBudget, String> {
-    /// Scratch for one step's activations and logits, outside the KV pool.
-    const ACTIVATION_RESERVE: usize = 2 << 30;
     if !(utilization > 0.0 && utilization <= 1.0) {
         return Err(format!("--gpu-memory-utilization must be in (0, 1], got {utilization}"));
     }
     let (free, total) = backend.memory().map_err(|e| e.to_string())?;
     let allowed = (total as f64 * utilization) as usize;
     let used = total - free;
-    let bytes = allowed.saturating_sub(used).saturating_sub(ACTIVATION_RESERVE);
+    let bytes = allowed.saturating_sub(used).saturating_sub(GPU_ACTIVATION_RESERVE);
     if bytes == 0 {
         return Err(format!(
             "{} of {} GiB are in use and --gpu-memory-utilization {utilization} allows {:.1} GiB: no room left for a KV cache",
@@ -724,6 +726,24 @@ impl ModelManager {
     /// Unloads least recently used idle models until the new model's weights (the
     /// size of its cached checkpoint, when it is cached) fit in the available memory and
     /// in `--models-memory`.
+    /// Bytes a new model's weights may take on the device models load to: available host
+    /// memory, or on a GPU what `--gpu-memory-utilization` leaves free less the activation
+    /// reserve (the KV pools of loaded models fill the rest, so loading a second model
+    /// unloads idle ones first).
+    fn available_for_weights(&self) -> u64 {
+        match &self.settings.backend {
+            Device::Cpu(_) => available_memory().unwrap_or(usize::MAX) as u64,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => match b.memory() {
+                Ok((free, total)) => {
+                    let headroom = (total as f64 * (1.0 - self.settings.gpu_memory_utilization)) as usize;
+                    free.saturating_sub(headroom).saturating_sub(GPU_ACTIVATION_RESERVE) as u64
+                }
+                Err(_) => u64::MAX, // the load reports the device's state
+            },
+        }
+    }
+
     fn make_room(&self, key: &str) -> Result<(), LoadError> {
         let Ok(dir) = resolve_model(key) else {
             return Ok(()); // not cached: the load reports that
@@ -735,7 +755,7 @@ impl ModelManager {
             )));
         }
         loop {
-            let available = available_memory().unwrap_or(usize::MAX) as u64;
+            let available = self.available_for_weights();
             let loaded: u64 = self.all_loaded().iter().map(|m| m.weight_bytes).sum();
             let over_budget = self.settings.memory_budget.is_some_and(|b| loaded + need > b);
             if available >= need && !over_budget {
