@@ -106,3 +106,55 @@ fn printed_values_use_python_spelling() {
     );
     assert_eq!(out, r#"False None 0.5 [True, None, "it's", 1.0, {'k': 'v'}]"#);
 }
+
+/// Templates are code from a model's files: a runaway loop stops at the fuel limit and
+/// an endless output at the size limit, each as a template error within seconds, while a
+/// real template over 10 000 messages renders.
+#[test]
+fn template_loops_and_output_are_bounded() {
+    use inferd::text::template::{MAX_RENDERED_BYTES, TEMPLATE_FUEL};
+    let tok = Tokenizer::from_dir(&fixture("models/qwen2.5-coder-0.5b")).unwrap();
+    let render = |source: &str, messages: &serde_json::Value| {
+        let template = ChatTemplate::new(source.to_owned(), tok.special_tokens.clone()).unwrap();
+        let start = std::time::Instant::now();
+        let out = template.render(ChatInput {
+            messages,
+            tools: None,
+            add_generation_prompt: true,
+            kwargs: None,
+        });
+        (out, start.elapsed())
+    };
+    let hi = serde_json::json!([{"role": "user", "content": "hi"}]);
+    let (out, took) = render(
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        &hi,
+    );
+    let err = out.unwrap_err().to_string();
+    assert!(err.contains(&TEMPLATE_FUEL.to_string()), "{err}");
+    assert!(took.as_secs() < 30, "the fuel limit took {took:?}");
+    eprintln!("a runaway loop stopped after {took:?}");
+
+    let kib = serde_json::json!([{"role": "user", "content": "x".repeat(1024)}]);
+    let (out, _) = render(
+        "{% for i in range(100000) %}{{ messages[0]['content'] }}{% endfor %}",
+        &kib,
+    );
+    let err = out.unwrap_err().to_string();
+    assert!(err.contains(&format!("{} MiB", MAX_RENDERED_BYTES >> 20)), "{err}");
+
+    let many: Vec<serde_json::Value> = (0..10_000)
+        .map(|i| serde_json::json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("message {i}")}))
+        .collect();
+    let text = tok
+        .chat_template()
+        .unwrap()
+        .render(ChatInput {
+            messages: &serde_json::Value::Array(many),
+            tools: None,
+            add_generation_prompt: true,
+            kwargs: None,
+        })
+        .unwrap();
+    assert!(text.contains("message 9999"));
+}
