@@ -43,14 +43,19 @@ pub const TEMPLATE_FUEL: u64 = 50_000_000;
 pub const MAX_RENDERED_BYTES: usize = 64 << 20;
 
 /// The render's output, refusing to grow past `MAX_RENDERED_BYTES`.
-struct BoundedOutput(Vec<u8>);
+#[derive(Default)]
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    exceeded: bool,
+}
 
 impl std::io::Write for BoundedOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.0.len() + buf.len() > MAX_RENDERED_BYTES {
+        if self.bytes.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.exceeded = true;
             return Err(std::io::Error::other("output limit"));
         }
-        self.0.extend_from_slice(buf);
+        self.bytes.extend_from_slice(buf);
         Ok(buf.len())
     }
 
@@ -108,14 +113,13 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| TextError::Template(describe(&e)))?;
-        let mut out = BoundedOutput(Vec::new());
+        let mut out = BoundedOutput::default();
         match template.render_captured_to(Value::from_serialize(&ctx), &mut out) {
-            Ok(_) => String::from_utf8(out.0).map_err(|e| TextError::Template(e.to_string())),
+            Ok(_) => String::from_utf8(out.bytes).map_err(|e| TextError::Template(e.to_string())),
             Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(TextError::Template(format!(
                 "the chat template ran too long (over {TEMPLATE_FUEL} instructions)"
             ))),
-            // The only writer error is BoundedOutput's.
-            Err(e) if e.kind() == ErrorKind::WriteFailure => Err(TextError::Template(format!(
+            Err(_) if out.exceeded => Err(TextError::Template(format!(
                 "the chat template's output is over {} MiB",
                 MAX_RENDERED_BYTES >> 20
             ))),
