@@ -93,6 +93,11 @@ fn cases() -> Vec<(&'static str, String, Vec<u8>)> {
             json!({"model": SMOL, "messages": messages, "max_tokens": 4}),
         );
     }
+    // A 10 MB model id.
+    post(
+        "/v1/chat/completions",
+        json!({"model": "x".repeat(10 << 20), "messages": [{"role": "user", "content": "hi"}]}),
+    );
     // Too long for the context: 10 MB of text, and 10 000 messages.
     post(
         "/v1/chat/completions",
@@ -151,7 +156,8 @@ fn cases() -> Vec<(&'static str, String, Vec<u8>)> {
     for model in [json!("../x"), json!(""), json!(7), json!("org/name@../../x")] {
         post("/load_model", json!({"model": model}));
     }
-    // Bodies that are not JSON objects.
+    // Bodies that are not JSON objects, or not JSON: NaN and Infinity are JavaScript,
+    // not JSON.
     for raw in [
         &b"{bad"[..],
         b"[1, 2]",
@@ -159,9 +165,13 @@ fn cases() -> Vec<(&'static str, String, Vec<u8>)> {
         b"\xff\xfe{\"a\": 1}",
         b"",
         b"null",
+        b"{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"temperature\": NaN}",
+        b"{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": Infinity}",
+        b"{\"model\": \"m\", \"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"top_p\": -Infinity}",
     ] {
         out.push(("POST", "/v1/chat/completions".into(), raw.to_vec()));
     }
+
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     out.push((
         "POST",
