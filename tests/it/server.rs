@@ -83,6 +83,19 @@ impl Server {
         self.child.id()
     }
 
+    /// Waits for the process to exit by itself; `None` if it is still running after
+    /// `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// The server's stderr lines printed since the last call (after the serving line).
     pub fn log_lines(&self) -> Vec<String> {
         // Lines are forwarded by a thread: give it a moment to catch up.
@@ -569,4 +582,64 @@ fn clients_that_disconnect_mid_stream_leave_nothing_running() {
         settled,
         "generation went on"
     );
+}
+
+/// SIGTERM during a streamed reply: the server stops accepting connections at once, the
+/// reply in flight runs to its end (`data: [DONE]`) within the grace period, and the
+/// process exits with status 0.
+#[test]
+fn sigterm_drains_the_streams_in_flight_then_exits_cleanly() {
+    let mut s = Server::start(&["--shutdown-grace-secs", "120"]);
+    let port = s.port;
+    let tokens = 128;
+    let reply = std::thread::spawn(move || {
+        Server::request_port(
+            port,
+            "POST",
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
+                    "max_tokens": tokens, "ignore_eos": true, "stream": true, "temperature": 0}),
+        )
+    });
+    // Once the reply is being generated (its KV blocks are in use), send SIGTERM.
+    let start = Instant::now();
+    loop {
+        let metrics = s.request("GET", "/metrics", &[], None).body;
+        if metrics
+            .lines()
+            .any(|l| l.starts_with("inferd_kv_blocks_used") && !l.ends_with(" 0"))
+        {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the reply never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed = Command::new("sh")
+        .args(["-c", &format!("kill -TERM {}", s.pid())])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    // New connections are refused soon after.
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still accepting connections after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The reply in flight ends whole.
+    let r = reply.join().unwrap();
+    assert_eq!(r.status, 200);
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let with_content = events.iter().filter(|e| e.contains("\"content\"")).count();
+    assert!(
+        with_content >= tokens / 2,
+        "{with_content} content chunks of {tokens} tokens: {events:?}"
+    );
+    let status = s
+        .wait_exit(Duration::from_secs(60))
+        .expect("the server exits after draining");
+    assert!(status.success(), "exit status {status}");
 }
