@@ -270,24 +270,37 @@ fn gpu_kv_budget(backend: &CudaBackend, utilization: f64) -> Result<KvCacheBudge
     if !(utilization > 0.0 && utilization <= 1.0) {
         return Err(format!("--gpu-memory-utilization must be in (0, 1], got {utilization}"));
     }
-    let (free, total) = backend.memory().map_err(|e| e.to_string())?;
-    let allowed = (total as f64 * utilization) as usize;
-    let used = total - free;
-    let bytes = allowed.saturating_sub(used).saturating_sub(GPU_ACTIVATION_RESERVE);
-    if bytes == 0 {
+    let room = gpu_room(backend, utilization).map_err(|e| e.to_string())?;
+    if room.bytes == 0 {
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
         return Err(format!(
-            "{} of {} GiB are in use and --gpu-memory-utilization {utilization} allows {:.1} GiB: no room left for a KV cache",
-            fmt_gib(used),
-            fmt_gib(total),
-            allowed as f64 / (1u64 << 30) as f64
+            "{:.1} of {:.1} GiB are in use and --gpu-memory-utilization {utilization} allows {:.1} GiB: no room left for a KV cache",
+            gib(room.total - room.free),
+            gib(room.total),
+            gib(room.total) * utilization
         ));
     }
-    Ok(KvCacheBudget::Bytes(bytes))
+    Ok(KvCacheBudget::Bytes(room.bytes))
+}
+
+/// GPU memory now, and what `utilization` of it leaves for new buffers.
+#[cfg(feature = "cuda")]
+struct GpuRoom {
+    free: usize,
+    total: usize,
+    /// Free memory less the headroom `utilization` keeps and the activation reserve.
+    bytes: usize,
 }
 
 #[cfg(feature = "cuda")]
-fn fmt_gib(bytes: usize) -> String {
-    format!("{:.1}", bytes as f64 / (1u64 << 30) as f64)
+fn gpu_room(backend: &CudaBackend, utilization: f64) -> Result<GpuRoom, crate::backend::cuda::CudaError> {
+    let (free, total) = backend.memory()?;
+    let headroom = (total as f64 * (1.0 - utilization)) as usize;
+    Ok(GpuRoom {
+        free,
+        total,
+        bytes: free.saturating_sub(headroom).saturating_sub(GPU_ACTIVATION_RESERVE),
+    })
 }
 
 /// What a speech model needs beyond its weights: its feature extractor and decoding
@@ -734,11 +747,8 @@ impl ModelManager {
         match &self.settings.backend {
             Device::Cpu(_) => available_memory().unwrap_or(usize::MAX) as u64,
             #[cfg(feature = "cuda")]
-            Device::Cuda(b) => match b.memory() {
-                Ok((free, total)) => {
-                    let headroom = (total as f64 * (1.0 - self.settings.gpu_memory_utilization)) as usize;
-                    free.saturating_sub(headroom).saturating_sub(GPU_ACTIVATION_RESERVE) as u64
-                }
+            Device::Cuda(b) => match gpu_room(b, self.settings.gpu_memory_utilization) {
+                Ok(room) => room.bytes as u64,
                 Err(_) => u64::MAX, // the load reports the device's state
             },
         }

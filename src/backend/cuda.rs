@@ -399,6 +399,25 @@ impl CudaBackend {
         buf
     }
 
+    /// `rows` of `x` as a device index array (each checked to be a row of `x`).
+    fn row_indices(&self, x: &CudaTensor, rows: &[usize], what: &str) -> CudaSlice<u32> {
+        let idx: Vec<u32> = rows
+            .iter()
+            .map(|&r| {
+                assert!(r < x.rows, "{what}: row {r} of {}", x.rows);
+                r as u32
+            })
+            .collect();
+        self.htod(&idx, what)
+    }
+
+    /// The first `n` token ids of `ids` on the host.
+    fn ids_to_host(&self, ids: &CudaSlice<u32>, n: usize, what: &str) -> Vec<u32> {
+        let mut host = ok(self.inner.stream.clone_dtoh(ids), what);
+        host.truncate(n);
+        host
+    }
+
     fn vector<'a>(&self, w: &'a CudaWeight, what: &str) -> &'a CudaSlice<f32> {
         match w {
             CudaWeight::Vector(b) => b,
@@ -879,20 +898,8 @@ impl Backend for CudaBackend {
         shape: AttentionShape,
         causal: bool,
     ) -> CudaTensor {
-        let (q_width, kv_width) = (shape.q_width(), shape.kv_width());
-        assert_eq!(q.cols, q_width, "attention_dense: q has {} columns", q.cols);
-        for s in seqs {
-            assert_eq!((s.k.cols, s.v.cols), (kv_width, kv_width), "attention_dense: K/V width");
-            assert_eq!(s.k.rows, s.v.rows, "attention_dense: K and V rows differ");
-            assert!(
-                s.q_start + s.q_len <= q.rows,
-                "attention_dense: query rows out of range"
-            );
-            assert!(
-                !causal || s.q_len <= s.k.rows,
-                "attention_dense: more queries than keys"
-            );
-        }
+        let q_width = shape.q_width();
+        super::check_dense_attention((q.rows, q.cols), seqs, shape, causal, |t| (t.rows, t.cols));
         // Rows no sequence covers are zero, as on the CPU.
         let covered: usize = seqs.iter().map(|s| s.q_len).sum();
         let out = if covered < q.rows {
@@ -1023,14 +1030,7 @@ impl Backend for CudaBackend {
         if rows.is_empty() {
             return out;
         }
-        let idx: Vec<u32> = rows
-            .iter()
-            .map(|&r| {
-                assert!(r < x.rows, "gather_rows: row {r} of {}", x.rows);
-                r as u32
-            })
-            .collect();
-        let idx = self.htod(&idx, "gather_rows: rows");
+        let idx = self.row_indices(x, rows, "gather_rows");
         let (xp, ip, o, c) = (self.ptr(&x.buf), self.ptr(&idx), self.ptr(&out.buf), x.cols as i32);
         launch!(self, "gather_rows_f32", cfg((rows_u32(rows.len(), "gather_rows"), 1, 1), 256); &xp, &ip, &o, &c);
         out
@@ -1040,20 +1040,11 @@ impl Backend for CudaBackend {
         if rows.is_empty() {
             return Vec::new();
         }
-        let idx: Vec<u32> = rows
-            .iter()
-            .map(|&r| {
-                assert!(r < x.rows, "argmax_rows: row {r} of {}", x.rows);
-                r as u32
-            })
-            .collect();
-        let idx = self.htod(&idx, "argmax_rows: rows");
+        let idx = self.row_indices(x, rows, "argmax_rows");
         let out = self.alloc::<u32>(rows.len(), "argmax_rows");
         let (xp, ip, o, c) = (self.ptr(&x.buf), self.ptr(&idx), self.ptr(&out), x.cols as i32);
         launch!(self, "argmax_rows_f32", cfg((rows_u32(rows.len(), "argmax_rows"), 1, 1), 1024); &xp, &ip, &o, &c);
-        let mut ids = ok(self.inner.stream.clone_dtoh(&out), "argmax_rows: copy to host");
-        ids.truncate(rows.len());
-        ids
+        self.ids_to_host(&out, rows.len(), "argmax_rows")
     }
 
     fn draw_rows(&self, x: &CudaTensor, rows: &[usize], temperatures: &[f32], uniforms: &[f64]) -> Vec<u32> {
@@ -1064,15 +1055,8 @@ impl Backend for CudaBackend {
         if rows.is_empty() {
             return Vec::new();
         }
-        let idx: Vec<u32> = rows
-            .iter()
-            .map(|&r| {
-                assert!(r < x.rows, "draw_rows: row {r} of {}", x.rows);
-                r as u32
-            })
-            .collect();
-        let (idx, temps, us) = (
-            self.htod(&idx, "draw_rows: rows"),
+        let idx = self.row_indices(x, rows, "draw_rows");
+        let (temps, us) = (
             self.htod(temperatures, "draw_rows: temperatures"),
             self.htod(uniforms, "draw_rows: uniforms"),
         );
@@ -1086,9 +1070,7 @@ impl Backend for CudaBackend {
             x.cols as i32,
         );
         launch!(self, "draw_rows_f32", cfg((rows_u32(rows.len(), "draw_rows"), 1, 1), 1024); &xp, &ip, &tp, &up, &o, &c);
-        let mut ids = ok(self.inner.stream.clone_dtoh(&out), "draw_rows: copy to host");
-        ids.truncate(rows.len());
-        ids
+        self.ids_to_host(&out, rows.len(), "draw_rows")
     }
 
     fn to_host(&self, x: CudaTensor) -> (Vec<f32>, usize, usize) {

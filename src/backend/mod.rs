@@ -185,20 +185,22 @@ pub fn draw(logits: &[f32], temperature: f32, u: f64) -> u32 {
         return argmax(logits);
     }
     let (max, inv_t) = (max as f64, 1.0 / temperature as f64);
-    let weight = |v: f32| {
-        if v > f32::NEG_INFINITY {
-            ((v as f64 - max) * inv_t).exp()
-        } else {
-            0.0
-        }
-    };
-    let total: f64 = logits.iter().map(|&v| weight(v)).sum();
-    let target = u * total;
+    let weights: Vec<f64> = logits
+        .iter()
+        .map(|&v| {
+            if v > f32::NEG_INFINITY {
+                ((v as f64 - max) * inv_t).exp()
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let target = u * weights.iter().sum::<f64>();
     let mut running = 0.0;
     let mut last = 0;
-    for (i, &v) in logits.iter().enumerate() {
+    for (i, (&v, &w)) in logits.iter().zip(&weights).enumerate() {
         if v > f32::NEG_INFINITY {
-            running += weight(v);
+            running += w;
             last = i;
             if running > target {
                 return i as u32;
@@ -293,6 +295,28 @@ pub struct DenseAttention<'a, T> {
     pub q_len: usize,
     pub k: &'a T,
     pub v: &'a T,
+}
+
+/// The input checks of every backend's `attention_dense`: `q` (given as `(rows, cols)`)
+/// is `[rows, q_width]`, each sequence's K and V are `[m, kv_width]` with the same `m`,
+/// its query rows are in range, and a causal one has no more queries than keys. `dims`
+/// gives a tensor's `(rows, cols)`.
+pub fn check_dense_attention<T>(
+    q: (usize, usize),
+    seqs: &[DenseAttention<'_, T>],
+    shape: AttentionShape,
+    causal: bool,
+    dims: impl Fn(&T) -> (usize, usize),
+) {
+    let (q_width, kv_width) = (shape.q_width(), shape.kv_width());
+    assert_eq!(q.1, q_width, "attention_dense: q has {} columns", q.1);
+    for s in seqs {
+        let ((k_rows, k_cols), (v_rows, v_cols)) = (dims(s.k), dims(s.v));
+        assert_eq!((k_cols, v_cols), (kv_width, kv_width), "attention_dense: K/V width");
+        assert_eq!(k_rows, v_rows, "attention_dense: K and V rows differ");
+        assert!(s.q_start + s.q_len <= q.0, "attention_dense: query rows out of range");
+        assert!(!causal || s.q_len <= k_rows, "attention_dense: more queries than keys");
+    }
 }
 
 /// The fused ops of a dense decoder. Shapes are given as `[rows, cols]`, row-major.

@@ -878,22 +878,7 @@ fn whisper_multilingual_goldens_on_the_gpu() {
     let audio = audio::decode(&bytes, 60.0).unwrap();
     let mel = Arc::new(MelExtractor::new(MelConfig::default()).window_features(&audio.samples));
     let mut run = |id: u64, prompt: Vec<u32>, params: SamplingParams| {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        engine
-            .add_request_with_input(RequestId(id), prompt, params, Some(mel.clone()), tx)
-            .unwrap();
-        while engine.has_work() {
-            engine.step();
-        }
-        let mut out = Vec::new();
-        while let Ok(e) = rx.try_recv() {
-            match e {
-                EngineEvent::Token { token, .. } => out.push(token),
-                EngineEvent::Finished { .. } => break,
-                EngineEvent::Failed(e) => panic!("{e}"),
-            }
-        }
-        out
+        common::run_alone(&mut engine, id, prompt, params, Some(mel.clone()))
     };
     let (prompt, params) = gen.language_detection().unwrap();
     let detected = run(1, prompt, params);

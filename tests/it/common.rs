@@ -53,3 +53,31 @@ pub fn write_safetensors(path: &Path, tensors: &[(&str, &str, Vec<usize>, Vec<u8
 pub fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
+
+/// Runs one request (with its encoder input, if any) on an otherwise idle engine until
+/// it ends; its tokens.
+pub fn run_alone<B: inferd::backend::Backend + 'static, M: inferd::models::EngineModel<B>>(
+    engine: &mut inferd::engine::Engine<B, M>,
+    id: u64,
+    prompt: Vec<u32>,
+    params: inferd::engine::SamplingParams,
+    input: Option<inferd::models::EncoderInput>,
+) -> Vec<u32> {
+    use inferd::engine::{EngineEvent, RequestId};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    engine
+        .add_request_with_input(RequestId(id), prompt, params, input, tx)
+        .unwrap();
+    while engine.has_work() {
+        engine.step();
+    }
+    let mut out = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        match e {
+            EngineEvent::Token { token, .. } => out.push(token),
+            EngineEvent::Finished { .. } => break,
+            EngineEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+    out
+}

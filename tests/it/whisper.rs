@@ -174,22 +174,7 @@ fn run(
     params: SamplingParams,
     mel: LogMel,
 ) -> Vec<u32> {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    engine
-        .add_request_with_input(RequestId(id), prompt, params, Some(Arc::new(mel)), tx)
-        .unwrap();
-    let mut out = Vec::new();
-    while engine.has_work() {
-        engine.step();
-    }
-    while let Ok(e) = rx.try_recv() {
-        match e {
-            EngineEvent::Token { token, .. } => out.push(token),
-            EngineEvent::Finished { .. } => break,
-            EngineEvent::Failed(e) => panic!("{e}"),
-        }
-    }
-    out
+    crate::common::run_alone(engine, id, prompt, params, Some(Arc::new(mel)))
 }
 
 #[test]

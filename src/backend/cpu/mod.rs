@@ -781,21 +781,9 @@ impl Backend for CpuBackend {
         causal: bool,
     ) -> CpuTensor {
         let hd = shape.head_dim;
-        let (q_width, kv_width) = (shape.q_width(), shape.kv_width());
-        assert_eq!(q.cols, q_width, "attention_dense: q has {} columns", q.cols);
+        let q_width = shape.q_width();
+        super::check_dense_attention((q.rows, q.cols), seqs, shape, causal, |t| (t.rows, t.cols));
         let scale = 1.0 / (hd as f32).sqrt();
-        for s in seqs {
-            assert_eq!((s.k.cols, s.v.cols), (kv_width, kv_width), "attention_dense: K/V width");
-            assert_eq!(s.k.rows, s.v.rows, "attention_dense: K and V rows differ");
-            assert!(
-                s.q_start + s.q_len <= q.rows,
-                "attention_dense: query rows out of range"
-            );
-            assert!(
-                !causal || s.q_len <= s.k.rows,
-                "attention_dense: more queries than keys"
-            );
-        }
         let mut out = CpuTensor::zeros(q.rows, q_width);
         // Long query runs (an encoder's) as two matmuls per head; the rest row by row.
         let (long, short): (Vec<&DenseAttention<'_, CpuTensor>>, Vec<&DenseAttention<'_, CpuTensor>>) =
