@@ -150,6 +150,15 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish on SIGINT/SIGTERM.
     #[arg(long, default_value_t = 10)]
     shutdown_grace_secs: u64,
+    /// Seconds a client may send nothing while its request (head or body) is
+    /// incomplete (then 408, or the connection closes); idle keep-alive connections
+    /// close after as long.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    read_timeout_secs: u64,
+    /// Seconds a client may accept no data of a reply being written to it (a stream it
+    /// stopped reading): then its connection closes and its request is cancelled.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    write_timeout_secs: u64,
 }
 
 /// Flags of transformers serve that configure torch; accepted only to refuse them with a
@@ -768,6 +777,8 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         api_key,
         enable_cors: args.enable_cors,
         max_body_bytes: args.max_body_bytes,
+        read_timeout: std::time::Duration::from_secs(args.read_timeout_secs),
+        write_timeout: std::time::Duration::from_secs(args.write_timeout_secs),
         max_audio_seconds: args.max_audio_seconds,
         max_audio_bytes: args.max_audio_bytes,
         metrics: Default::default(),

@@ -1,14 +1,17 @@
 //! HTTP plumbing: the response body type (whole or server-sent events), reading a JSON
 //! body under a size limit, and building responses.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
@@ -95,22 +98,140 @@ pub fn sse_event(data: &str) -> Bytes {
     Bytes::from(format!("data: {data}\n\n"))
 }
 
-/// Reads the whole body as JSON, refusing more than `limit` bytes while reading.
-pub async fn read_json(body: Incoming, limit: usize) -> Result<serde_json::Value, ApiError> {
-    let bytes = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                format!("the request body is larger than {limit} bytes"),
-            ))
-        }
-        Err(e) => return Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
+/// Reads the whole body, refusing more than `limit` bytes (413) and a client that sends
+/// nothing for `idle` while the body is incomplete (408): a half-sent request cannot hold
+/// its connection and task for ever.
+pub async fn read_body(mut body: Incoming, limit: usize, idle: Duration) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is larger than {limit} bytes"),
+        )
     };
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(None) => return Ok(Bytes::from(bytes)),
+            Ok(Some(Err(e))) => return Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    format!(
+                        "the request body stopped arriving: nothing for {} s after {} bytes",
+                        idle.as_secs_f64(),
+                        bytes.len()
+                    ),
+                ))
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            if bytes.len() + data.len() > limit {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+}
+
+/// Reads the whole body as JSON (see `read_body` for the limits).
+pub async fn read_json(body: Incoming, limit: usize, idle: Duration) -> Result<serde_json::Value, ApiError> {
+    let bytes = read_body(body, limit, idle).await?;
     if bytes.is_empty() {
         return Err(ApiError::bad_request("the request body is empty; send a JSON object"));
     }
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))
+}
+
+/// A connection's socket with a write deadline: a write (or flush) that cannot make
+/// progress for `limit` fails with `TimedOut`, which ends the connection. A client that
+/// stops reading a reply (a stalled stream, a huge body it never takes) thus loses its
+/// connection, and the request behind it is cancelled, instead of holding its buffers,
+/// task and KV blocks for ever. Reads are not limited here (hyper's header timeout and
+/// `read_body` cover them).
+pub struct WriteDeadline<T> {
+    inner: T,
+    limit: Duration,
+    /// Set while writes are blocked: when they started to be.
+    blocked: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> WriteDeadline<T> {
+    pub fn new(inner: T, limit: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            blocked: None,
+        }
+    }
+
+    /// After the inner write returned `Pending`: starts the deadline, or fails once it
+    /// has passed. The sleep's waker makes sure the connection is polled again then.
+    fn pending<R>(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<R>> {
+        let limit = self.limit;
+        let sleep = self.blocked.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client accepted no data for {} s", limit.as_secs_f64()),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn progress<R>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<R>>) -> Poll<std::io::Result<R>> {
+        match poll {
+            Poll::Pending => self.pending(cx),
+            ready => {
+                self.blocked = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write(cx, data);
+        this.progress(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progress(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progress(cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.progress(cx, poll)
+    }
 }

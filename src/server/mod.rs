@@ -25,6 +25,7 @@ use tokio::net::TcpListener;
 
 use crate::api::SamplingDefaults;
 use crate::manager::{ModelManager, ServedModel};
+use http::WriteDeadline;
 use metrics::ServerMetrics;
 
 /// Everything the routes share.
@@ -38,6 +39,11 @@ pub struct ServerState {
     pub api_key: Option<String>,
     pub enable_cors: bool,
     pub max_body_bytes: usize,
+    /// How long a client may send nothing while its request (head or body) is
+    /// incomplete, and how long an idle keep-alive connection stays open.
+    pub read_timeout: Duration,
+    /// How long a client may accept nothing while a reply is being written to it.
+    pub write_timeout: Duration,
     /// Longest audio a transcription may send, in seconds.
     pub max_audio_seconds: f64,
     /// Largest transcription upload (the whole multipart body), in bytes.
@@ -67,6 +73,11 @@ pub struct ServerOptions {
 /// Serves until SIGINT or SIGTERM, then stops accepting, lets open connections finish
 /// within the grace period, and returns.
 pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::Result<()> {
+    match raise_open_files_limit() {
+        Ok(n) if n < 4096 => crate::warn!("at most {n} open files (ulimit -n): about as many connections at once"),
+        Ok(n) => crate::debug!("at most {n} open files"),
+        Err(e) => crate::warn!("could not read the open-files limit: {e}"),
+    }
     let listener = TcpListener::bind(options.addr).await?;
     let local = listener.local_addr()?;
     // Tests and scripts read the port from this line (useful with --port 0): it is
@@ -101,17 +112,28 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
                         continue;
                     }
                 };
-                let state = state.clone();
-                let service = service_fn(move |req| routes::handle(state.clone(), req));
+                let service_state = state.clone();
+                let service = service_fn(move |req| routes::handle(service_state.clone(), req));
                 // A connection that sends no complete request head in time is closed (hyper
                 // only enforces this with a timer).
+                // hyper restarts the header timer when a keep-alive connection goes idle,
+                // so it also closes idle connections.
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(TokioIo::new(stream), service);
+                    .header_read_timeout(state.read_timeout)
+                    .serve_connection(TokioIo::new(WriteDeadline::new(stream, state.write_timeout)), service);
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    let _ = conn.await;
+                    if let Err(e) = conn.await {
+                        // A write deadline is worth a line (a client stalled a reply);
+                        // resets and half-closed sockets are routine.
+                        let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+                        if let Some(io) = io.filter(|io| io.kind() == std::io::ErrorKind::TimedOut) {
+                            crate::warn!("connection closed: {e}: {io}");
+                        } else {
+                            crate::debug!("connection ended: {e}");
+                        }
+                    }
                 });
             }
             _ = &mut shutdown => {
@@ -129,6 +151,37 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
         }
     }
     Ok(())
+}
+
+/// Raises this process's soft limit on open files to its hard limit (each connection
+/// takes a descriptor; distributions often default to 1024 soft) and returns the limit
+/// in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read or write the one struct passed.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+                limit = raised;
+            }
+        }
+        Ok(limit.rlim_cur as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(u64::MAX)
+    }
 }
 
 async fn shutdown_signal() {

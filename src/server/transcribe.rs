@@ -7,14 +7,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+
 use hyper::body::Incoming;
 use hyper::{Request, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::error::ApiError;
-use super::http::{json_response, sse_event, sse_response, text_response, HttpResponse};
+use super::http::{json_response, read_body, sse_event, sse_response, text_response, HttpResponse};
 use super::multipart::{self, Part};
 use super::ServerState;
 use crate::engine::{EngineEvent, SamplingParams};
@@ -195,19 +195,6 @@ fn parse_form(parts: Vec<Part>, translate: bool) -> Result<Form, ApiError> {
         ));
     }
     Ok(form)
-}
-
-/// Reads the body as bytes, refusing more than `limit`.
-async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            format!("the request body is larger than {limit} bytes"),
-        )),
-        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
-    }
 }
 
 impl From<AudioError> for ApiError {
@@ -501,7 +488,7 @@ pub async fn handle(
             }
         ))
     })?;
-    let body = read_body(req.into_body(), state.max_audio_bytes).await?;
+    let body = read_body(req.into_body(), state.max_audio_bytes, state.read_timeout).await?;
     let parts = multipart::parse(&body, &boundary)
         .map_err(|e| ApiError::bad_request(format!("malformed multipart body: {e}")))?;
     drop(body);

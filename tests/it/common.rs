@@ -81,3 +81,29 @@ pub fn run_alone<B: inferd::backend::Backend + 'static, M: inferd::models::Engin
     }
     out
 }
+
+/// A folder with SmolLM2's tokenizer and chat template and a tiny Llama config (2 layers
+/// of width 64, SmolLM2's vocabulary), for `--load-format dummy`: a random-weight model
+/// that answers real chat requests in microseconds a token, for load and fault tests.
+pub fn tiny_chat_model(name: &str) -> PathBuf {
+    let dir = scratch_dir(name);
+    let smol = installed_model("HuggingFaceTB/SmolLM2-135M-Instruct");
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(smol.join(file), dir.join(file)).unwrap();
+    }
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "vocab_size": 49152, "max_position_embeddings": 16384, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": true, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32"
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}

@@ -11,6 +11,7 @@ mod engine;
 mod engine_cases;
 mod errors;
 mod fake_hub;
+mod faults;
 mod generate_cli;
 mod hostile;
 mod loader;

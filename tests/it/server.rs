@@ -36,12 +36,19 @@ impl Server {
         Server::launch(&all, &[])
     }
 
-    /// `inferd serve --port 0 --num-blocks 256 ARGS...`, offline, with extra environment.
+    /// `inferd serve --port 0 --num-blocks 256 ARGS...` (256 unless ARGS say), offline,
+    /// with extra environment.
     pub fn launch(args: &[&str], env: &[(&str, &str)]) -> Server {
         static LOCK: Mutex<()> = Mutex::new(());
         let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let default_blocks: &[&str] = if args.contains(&"--num-blocks") {
+            &[]
+        } else {
+            &["--num-blocks", "256"]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
-            .args(["serve", "--port", "0", "--num-blocks", "256"])
+            .args(["serve", "--port", "0"])
+            .args(default_blocks)
             .args(args)
             // No test reaches the real hub; the download tests point HF_ENDPOINT at a
             // fake one and turn this off.
