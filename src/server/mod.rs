@@ -176,6 +176,7 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
                 limit = raised;
             }
         }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
         Ok(limit.rlim_cur as u64)
     }
     #[cfg(not(unix))]
