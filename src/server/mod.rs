@@ -12,7 +12,7 @@ pub mod routes;
 pub mod transcribe;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,6 +99,7 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
         })
     };
     let graceful = GracefulShutdown::new();
+    let open_connections = Arc::new(AtomicUsize::new(0));
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         tokio::select! {
@@ -123,7 +124,9 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
                     .header_read_timeout(state.read_timeout)
                     .serve_connection(TokioIo::new(WriteDeadline::new(stream, state.write_timeout)), service);
                 let conn = graceful.watch(conn);
+                let open = OpenConnection::new(&open_connections);
                 tokio::spawn(async move {
+                    let _open = open;
                     if let Err(e) = conn.await {
                         // A write deadline is worth a line (a client stalled a reply);
                         // resets and half-closed sockets are routine.
@@ -147,10 +150,27 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(options.shutdown_grace) => {
-            crate::warn!("grace period over, closing remaining connections");
+            let open = open_connections.load(Ordering::SeqCst);
+            crate::warn!("grace period over: closing {open} connections still open (their requests are cancelled)");
         }
     }
     Ok(())
+}
+
+/// Counts a connection as open while it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        OpenConnection(count.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Raises this process's soft limit on open files to its hard limit (each connection

@@ -178,7 +178,7 @@ pub struct Response {
 }
 
 impl Response {
-    fn parse(raw: &[u8]) -> Response {
+    pub fn parse(raw: &[u8]) -> Response {
         let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
         let head = String::from_utf8_lossy(&raw[..split]).into_owned();
         let mut lines = head.split("\r\n");
@@ -649,4 +649,57 @@ fn sigterm_drains_the_streams_in_flight_then_exits_cleanly() {
         .wait_exit(Duration::from_secs(60))
         .expect("the server exits after draining");
     assert!(status.success(), "exit status {status}");
+}
+
+/// SIGTERM with a reply that cannot finish within --shutdown-grace-secs: the process
+/// still exits (status 0) once the grace period is over, the reply is cut (no [DONE]) and
+/// the log says how many connections were closed.
+#[test]
+fn sigterm_exits_when_the_grace_period_ends_even_with_streams_running() {
+    let mut s = Server::start(&["--shutdown-grace-secs", "1"]);
+    let port = s.port;
+    // Raw bytes: a cut reply is not a well-formed chunked body.
+    let reply = std::thread::spawn(move || {
+        let body = json!({"messages": [{"role": "user", "content": "Tell me a long story."}],
+                          "max_tokens": 4000, "ignore_eos": true, "stream": true})
+        .to_string();
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        write!(
+            stream,
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut raw = Vec::new();
+        let _ = stream.read_to_end(&mut raw);
+        String::from_utf8_lossy(&raw).into_owned()
+    });
+    let start = Instant::now();
+    while !s
+        .request("GET", "/metrics", &[], None)
+        .body
+        .lines()
+        .any(|l| l.starts_with("inferd_kv_blocks_used") && !l.ends_with(" 0"))
+    {
+        assert!(start.elapsed() < Duration::from_secs(60), "the reply never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let killed = Command::new("kill")
+        .args(["-TERM", &s.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let signalled = Instant::now();
+    let status = s.wait_exit(Duration::from_secs(30)).expect("the server exits");
+    let took = signalled.elapsed();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM with a 1 s grace period"
+    );
+    let log = s.log_lines().join("\n");
+    assert!(log.contains("closing 1 connections still open"), "{log}");
+    let raw = reply.join().unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200") && raw.contains("data: {"), "{raw}");
+    assert!(!raw.contains("[DONE]"), "the reply was not cut");
 }
