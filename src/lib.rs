@@ -12,6 +12,7 @@ pub mod bench;
 pub mod chat;
 pub mod client;
 pub mod engine;
+pub mod fuzzing;
 pub mod loader;
 pub mod log;
 pub mod manager;

@@ -1,0 +1,384 @@
+//! Entry points for fuzzing the parsers that read untrusted bytes: request JSON, chat
+//! templates (code from a model's files), multipart uploads, audio files and generated
+//! tool calls. Each takes arbitrary bytes and panics only when a property fails; the
+//! `cargo fuzz` targets in `fuzz/` call them, and the proptests at the end run them on
+//! random and structured inputs in every test run (bounded in count).
+
+use serde_json::{json, Value};
+
+use crate::api::{parse_chat_request, parse_completion_request, responses::parse_responses_request, SamplingDefaults};
+use crate::text::{collect_calls, ChatInput, ChatTemplate, SpecialTokens, ToolCall, ToolCallParser, ToolEvent};
+
+/// Request bodies: any JSON the routes could receive parses to a request or to a 4xx
+/// error, never a panic or a 5xx.
+pub fn request_json(data: &[u8]) {
+    let Ok(body) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
+    request_value(&body);
+}
+
+/// `request_json` on a parsed value.
+pub fn request_value(body: &Value) {
+    let defaults = SamplingDefaults::default();
+    let check = |route: &str, error: Option<crate::server::error::ApiError>| {
+        if let Some(e) = error {
+            assert!(e.status.is_client_error(), "{route}: {} for {body}", e.status);
+        }
+    };
+    check("chat", parse_chat_request(body, &defaults).err());
+    check("completions", parse_completion_request(body, &defaults).err());
+    let mut n = 0;
+    check(
+        "responses",
+        parse_responses_request(body, &mut |prefix| {
+            n += 1;
+            format!("{prefix}_{n}")
+        })
+        .err(),
+    );
+}
+
+/// A conversation with every kind of message a template meets.
+fn sample_conversation() -> (Value, Value) {
+    let messages = json!([
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": [{"type": "text", "text": "What is the weather?"}]},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function",
+            "function": {"name": "weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_0", "content": "sunny"},
+        {"role": "assistant", "content": "<think>ok</think>It is sunny."}
+    ]);
+    let tools = json!([{"type": "function", "function": {"name": "weather", "description": "d",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+    (messages, tools)
+}
+
+/// Chat templates: any template source compiles or is refused, and renders, fails or
+/// stops at its instruction or output bound, never panics.
+pub fn chat_template(data: &[u8]) {
+    let Ok(source) = std::str::from_utf8(data) else {
+        return;
+    };
+    let tokens = SpecialTokens {
+        bos_token: Some("<s>".into()),
+        eos_token: Some("</s>".into()),
+        pad_token: None,
+        unk_token: None,
+    };
+    let Ok(template) = ChatTemplate::new(source.to_owned(), tokens) else {
+        return;
+    };
+    let (messages, tools) = sample_conversation();
+    let _ = template.render(ChatInput {
+        messages: &messages,
+        tools: Some(&tools),
+        add_generation_prompt: true,
+        kwargs: None,
+    });
+}
+
+/// Multipart bodies: the first line is the boundary, the rest the body. Parsing never
+/// panics, and every part it returns lies within the body.
+pub fn multipart(data: &[u8]) {
+    let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+    let Ok(boundary) = std::str::from_utf8(&data[..split]) else {
+        return;
+    };
+    let body = data.get(split + 1..).unwrap_or(&[]);
+    if let Ok(parts) = crate::server::multipart::parse(body, boundary) {
+        for part in parts {
+            assert!(part.data.len() <= body.len());
+        }
+    }
+}
+
+/// Audio files: decoding any bytes ends in audio or an error, within the length bound.
+pub fn audio(data: &[u8]) {
+    let max_secs = 5.0;
+    for audio in [
+        crate::media::audio::decode(data, max_secs),
+        crate::media::audio::decode_at_rate(data, 16_000, max_secs),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        assert!(audio.duration_secs() <= max_secs + 1.0, "{} s", audio.duration_secs());
+        assert!(audio.samples.iter().all(|s| s.is_finite()));
+    }
+}
+
+/// What a tool-call parser made of a reply given in `pieces`: its content and calls.
+fn parse_tool_calls<'a>(pieces: impl IntoIterator<Item = &'a str>) -> (String, Vec<ToolCall>) {
+    let mut parser = ToolCallParser::new();
+    let mut events = Vec::new();
+    for piece in pieces {
+        events.extend(parser.push(piece));
+    }
+    events.extend(parser.finish());
+    let mut calls = Vec::new();
+    collect_calls(&mut calls, &events);
+    let content = events
+        .iter()
+        .filter_map(|e| match e {
+            ToolEvent::Content(text) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    (content, calls)
+}
+
+/// Generated tool calls: the first byte sets a piece length, the rest is the reply.
+/// However the reply is cut into pieces (as tokens stream), the parser finds the same
+/// content and the same calls as from the whole text.
+pub fn tool_calls(data: &[u8]) {
+    let Some((&size, rest)) = data.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(rest);
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let size = usize::from(size % 16) + 1;
+    let pieces: Vec<&str> = chars
+        .chunks(size)
+        .map(|chunk| {
+            let start = chunk[0].0;
+            let (last, c) = chunk[chunk.len() - 1];
+            &text[start..last + c.len_utf8()]
+        })
+        .collect();
+    assert_eq!(
+        parse_tool_calls(pieces),
+        parse_tool_calls([text.as_ref()]),
+        "{text:?} in pieces of {size}"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Text made of the tokens each parser cares about, and noise.
+    fn fragments(words: &'static [&'static str]) -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![prop::sample::select(words).prop_map(str::to_owned), ".{0,4}"],
+            0..40,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    const TOOL_WORDS: &[&str] = &[
+        "<tool_call>",
+        "</tool_call>",
+        "<tool_",
+        "call>",
+        "{",
+        "}",
+        "[",
+        "]",
+        "\"",
+        "\\",
+        ":",
+        ",",
+        " ",
+        "\n",
+        "\"name\"",
+        "\"arguments\"",
+        "\"parameters\"",
+        "\"f\"",
+        "1",
+        "null",
+        "é",
+        "</tool",
+        "{\"name\": \"get\", \"arguments\": ",
+    ];
+
+    const EXPRESSIONS: &[&str] = &[
+        "x",
+        "x.content",
+        "x['role']",
+        "messages | length",
+        "tools | tojson",
+        "messages | tojson(indent=2)",
+        "loop.index",
+        "'ab' * 1000",
+        "range(10) | list",
+        "x.content.split(' ')",
+        "raise_exception('no')",
+        "1 / 0",
+        "none.x",
+        "messages[-1].content",
+        "x.function.arguments | tojson",
+        "strftime_now('%Y')",
+        "bos_token + eos_token",
+        "(x | string)[::-1]",
+        "x.content | trim",
+        "namespace(a=1).a",
+        "x.tool_calls[0]",
+    ];
+    const ITERABLES: &[&str] = &[
+        "messages",
+        "range(1000)",
+        "range(100000)",
+        "tools",
+        "x.tool_calls",
+        "x.content",
+        "x",
+        "'abc'",
+        "loop",
+    ];
+    const CONDITIONS: &[&str] = &[
+        "x",
+        "loop.first",
+        "x.role == 'user'",
+        "add_generation_prompt",
+        "x is string",
+        "x.tool_calls is defined",
+        "not x",
+    ];
+
+    /// Well-formed templates (the parser refuses most random text before running it):
+    /// nested loops, conditions, macros and the expressions chat templates use.
+    fn template_source() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            prop::sample::select(EXPRESSIONS).prop_map(|e| format!("{{{{ {e} }}}}")),
+            "[a-z <|>]{0,8}",
+            Just("{% set x = messages[0] %}".to_owned()),
+        ];
+        leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(|parts| parts.concat()),
+                (
+                    prop::sample::select(ITERABLES),
+                    prop::collection::vec(inner.clone(), 0..3)
+                )
+                    .prop_map(|(it, body)| format!("{{% for x in {it} %}}{}{{% endfor %}}", body.concat())),
+                (prop::sample::select(CONDITIONS), inner.clone(), inner.clone())
+                    .prop_map(|(c, a, b)| format!("{{% if {c} %}}{a}{{% else %}}{b}{{% endif %}}")),
+                inner.prop_map(|body| format!(
+                    "{{% macro f(x) %}}{body}{{{{ f(x) }}}}{{% endmacro %}}{{{{ f(messages) }}}}"
+                )),
+            ]
+        })
+    }
+
+    /// Any JSON value, a few levels deep, with the numbers and strings that break parsers.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            prop::num::f64::NORMAL.prop_map(Value::from),
+            Just(json!(1e308)),
+            Just(json!(-0.0)),
+            ".{0,12}".prop_map(Value::from),
+            prop::sample::select(vec![
+                "user",
+                "system",
+                "assistant",
+                "tool",
+                "developer",
+                "text",
+                "image_url",
+                "function",
+                "auto",
+                "none",
+                "required"
+            ])
+            .prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map(".{0,6}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    const FIELDS: &[&str] = &[
+        "model",
+        "messages",
+        "prompt",
+        "input",
+        "instructions",
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "n",
+        "stop",
+        "seed",
+        "stream",
+        "stream_options",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "parallel_tool_calls",
+        "ignore_eos",
+        "echo",
+        "suffix",
+        "best_of",
+        "user",
+        "chat_template_kwargs",
+        "previous_response_id",
+        "text",
+        "reasoning",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// A valid request with one field (or one message field) set to any JSON value.
+        #[test]
+        fn requests_with_any_field_parse_or_get_a_4xx(field in prop::sample::select(FIELDS), value in any_json(), in_message in any::<bool>()) {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                  "prompt": "hi", "input": "hi", "max_tokens": 4});
+            if in_message {
+                body["messages"][0][field] = value.clone();
+                body["input"] = json!([{"role": "user", "content": value}]);
+            } else {
+                body[field] = value;
+            }
+            request_value(&body);
+        }
+
+        #[test]
+        fn request_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..256)) {
+            request_json(&data);
+        }
+
+        #[test]
+        fn tool_calls_do_not_depend_on_how_the_text_is_cut(size in any::<u8>(), text in fragments(TOOL_WORDS)) {
+            let mut data = vec![size];
+            data.extend_from_slice(text.as_bytes());
+            tool_calls(&data);
+        }
+
+        #[test]
+        fn multipart_bodies_never_panic(boundary in "[a-zA-Z0-9'()+_,./:=?-]{0,12}", body in fragments(&["--", "\r\n", "\r\n\r\n", "Content-Disposition: form-data; name=\"file\"; filename=\"a\"", "--b", "--b--", "b"])) {
+            multipart(format!("{boundary}\n{body}").as_bytes());
+        }
+    }
+
+    proptest! {
+        // Each case compiles and renders a template; a runaway loop takes ~1 s to run out
+        // of fuel, so fewer cases.
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn templates_render_fail_or_stop_at_their_bounds(source in template_source()) {
+            chat_template(source.as_bytes());
+        }
+    }
+}
