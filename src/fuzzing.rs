@@ -7,7 +7,8 @@
 use serde_json::{json, Value};
 
 use crate::api::{parse_chat_request, parse_completion_request, responses::parse_responses_request, SamplingDefaults};
-use crate::text::{collect_calls, ChatInput, ChatTemplate, SpecialTokens, ToolCall, ToolCallParser, ToolEvent};
+use crate::text::tool_calls::parse_pieces;
+use crate::text::{ChatInput, ChatTemplate, SpecialTokens};
 
 /// Request bodies: any JSON the routes could receive parses to a request or to a 4xx
 /// error, never a panic or a 5xx.
@@ -108,26 +109,6 @@ pub fn audio(data: &[u8]) {
     }
 }
 
-/// What a tool-call parser made of a reply given in `pieces`: its content and calls.
-fn parse_tool_calls<'a>(pieces: impl IntoIterator<Item = &'a str>) -> (String, Vec<ToolCall>) {
-    let mut parser = ToolCallParser::new();
-    let mut events = Vec::new();
-    for piece in pieces {
-        events.extend(parser.push(piece));
-    }
-    events.extend(parser.finish());
-    let mut calls = Vec::new();
-    collect_calls(&mut calls, &events);
-    let content = events
-        .iter()
-        .filter_map(|e| match e {
-            ToolEvent::Content(text) => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
-    (content, calls)
-}
-
 /// Generated tool calls: the first byte sets a piece length, the rest is the reply.
 /// However the reply is cut into pieces (as tokens stream), the parser finds the same
 /// content and the same calls as from the whole text.
@@ -147,8 +128,8 @@ pub fn tool_calls(data: &[u8]) {
         })
         .collect();
     assert_eq!(
-        parse_tool_calls(pieces),
-        parse_tool_calls([text.as_ref()]),
+        parse_pieces(pieces),
+        parse_pieces([text.as_ref()]),
         "{text:?} in pieces of {size}"
     );
 }

@@ -375,6 +375,26 @@ fn parse_call(body: &str) -> Option<ToolCall> {
 }
 
 /// Folds parser events into whole calls (what a non-streaming reply reports).
+/// A whole reply that arrived in `pieces`, parsed: its content and its calls.
+pub fn parse_pieces<S: AsRef<str>>(pieces: impl IntoIterator<Item = S>) -> (String, Vec<ToolCall>) {
+    let mut parser = ToolCallParser::new();
+    let mut events = Vec::new();
+    for piece in pieces {
+        events.extend(parser.push(piece.as_ref()));
+    }
+    events.extend(parser.finish());
+    let content = events
+        .iter()
+        .filter_map(|e| match e {
+            ToolEvent::Content(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut calls = Vec::new();
+    collect_calls(&mut calls, &events);
+    (content, calls)
+}
+
 pub fn collect_calls(calls: &mut Vec<ToolCall>, events: &[ToolEvent]) {
     for event in events {
         match event {
@@ -402,19 +422,7 @@ mod tests {
     }
 
     fn run<S: AsRef<str>>(pieces: &[S]) -> (String, Vec<ToolCall>) {
-        let mut p = ToolCallParser::new();
-        let mut events: Vec<ToolEvent> = pieces.iter().flat_map(|piece| p.push(piece.as_ref())).collect();
-        events.extend(p.finish());
-        let content = events
-            .iter()
-            .filter_map(|e| match e {
-                ToolEvent::Content(t) => Some(t.as_str()),
-                _ => None,
-            })
-            .collect();
-        let mut calls = Vec::new();
-        collect_calls(&mut calls, &events);
-        (content, calls)
+        parse_pieces(pieces)
     }
 
     fn call(name: &str, arguments: &str) -> ToolCall {

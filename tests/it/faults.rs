@@ -192,3 +192,33 @@ fn a_client_that_stops_reading_is_cut_off_without_slowing_anyone() {
     let log = s.log_lines().join("\n");
     assert!(log.contains("accepted no data"), "{log}");
 }
+
+/// Request heads over hyper's limits (about 400 KiB, or more than 100 headers) are
+/// answered 431 and the connection closed; the server answers the next request.
+#[test]
+fn oversized_request_heads_get_431() {
+    let model = tiny_chat_model("faults-heads");
+    let s = Server::start_model(model.to_str().unwrap(), &["--load-format", "dummy"]);
+    let huge = format!(
+        "GET /health HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let many = format!(
+        "GET /health HTTP/1.1\r\nhost: x\r\n{}\r\n",
+        (0..150).map(|i| format!("x-h{i}: v\r\n")).collect::<String>()
+    );
+    // A reset may beat the 431 to a client still writing its 1 MiB (then nothing is read).
+    for (name, head, may_reset) in [("one 1 MiB header", huge, true), ("150 headers", many, false)] {
+        let mut stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        // The server may stop reading (and reset) before the whole head is written.
+        let _ = stream.write_all(head.as_bytes());
+        let (reply, _) = read_until_closed(&mut stream, Duration::from_secs(10));
+        let reply = String::from_utf8_lossy(&reply);
+        assert!(
+            reply.starts_with("HTTP/1.1 431") || (may_reset && reply.is_empty()),
+            "{name}: {}",
+            &reply[..reply.len().min(200)]
+        );
+    }
+    assert_eq!(s.request("GET", "/health", &[], None).status, 200);
+}

@@ -105,6 +105,26 @@ fn burst(port: u16, n: usize, deadline: Duration) -> Vec<Result<Outcome, String>
     })
 }
 
+/// The tiny model behind 64 sequence slots and 256 waiting places.
+fn loaded_server(name: &str, extra: &[&str]) -> Server {
+    let model = tiny_chat_model(name);
+    let mut args = vec![
+        model.to_str().unwrap(),
+        "--load-format",
+        "dummy",
+        "--num-blocks",
+        "2048",
+        "--max-num-seqs",
+        "64",
+        "--max-waiting",
+        "256",
+        "--log-level",
+        "warning",
+    ];
+    args.extend(extra);
+    Server::launch(&args, &[])
+}
+
 fn resident_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
@@ -127,22 +147,7 @@ fn a_thousand_concurrent_streams_complete_or_are_refused_and_leave_nothing_behin
         limit >= 2500,
         "this test opens 1000 connections: raise the open-files limit (ulimit -n is {limit})"
     );
-    let model = tiny_chat_model("load");
-    let s = Server::start_model(
-        model.to_str().unwrap(),
-        &[
-            "--load-format",
-            "dummy",
-            "--num-blocks",
-            "2048",
-            "--max-num-seqs",
-            "64",
-            "--max-waiting",
-            "256",
-            "--log-level",
-            "warning",
-        ],
-    );
+    let s = loaded_server("load", &[]);
     // A first burst like the measured one warms the server up (allocator arenas, the
     // tokenizer's caches, the runtime's threads): its memory after that is the baseline,
     // and a leak shows as growth over the second.
@@ -221,24 +226,7 @@ fn a_thousand_concurrent_streams_complete_or_are_refused_and_leave_nothing_behin
 #[test]
 fn sigterm_under_load_drains_every_admitted_stream_then_exits_cleanly() {
     inferd::server::raise_open_files_limit().unwrap();
-    let model = tiny_chat_model("load-sigterm");
-    let mut s = Server::start_model(
-        model.to_str().unwrap(),
-        &[
-            "--load-format",
-            "dummy",
-            "--num-blocks",
-            "2048",
-            "--max-num-seqs",
-            "64",
-            "--max-waiting",
-            "256",
-            "--shutdown-grace-secs",
-            "120",
-            "--log-level",
-            "warning",
-        ],
-    );
+    let mut s = loaded_server("load-sigterm", &["--shutdown-grace-secs", "120"]);
     let port = s.port;
     let n = 500;
     let load = std::thread::spawn(move || burst(port, n, Duration::from_secs(180)));
