@@ -583,6 +583,14 @@ mod tests {
         assert_eq!(w.values[10], 0.0);
     }
 
+    /// Found by `fuzz/run-all`: a WAV header declaring a zero sample rate makes
+    /// symphonia 0.5 panic (`TimeBase::new`); the guard turns that into a refused file.
+    #[test]
+    fn a_wav_with_a_zero_sample_rate_is_refused() {
+        let file = include_bytes!("../../fuzz/seeds/audio/wav-zero-rate.wav");
+        assert!(matches!(decode(file, 30.0), Err(AudioError::Corrupt(_))));
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
         /// Real files with bytes overwritten and cut short: an error or audio with
