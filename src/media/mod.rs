@@ -4,3 +4,4 @@
 
 pub mod audio;
 pub mod fetch;
+pub mod image;

@@ -14,6 +14,7 @@ mod fake_hub;
 mod faults;
 mod generate_cli;
 mod hostile;
+mod images;
 mod load;
 mod loader;
 mod manager;
