@@ -1,6 +1,6 @@
 //! Entry points for fuzzing the parsers that read untrusted bytes: request JSON, chat
-//! templates (code from a model's files), multipart uploads, audio files and generated
-//! tool calls. Each takes arbitrary bytes and panics only when a property fails; the
+//! templates (code from a model's files), multipart uploads, audio and image files and
+//! generated tool calls. Each takes arbitrary bytes and panics only when a property fails; the
 //! `cargo fuzz` targets in `fuzz/` call them, and the proptests at the end run them on
 //! random and structured inputs in every test run (bounded in count).
 
@@ -106,6 +106,23 @@ pub fn audio(data: &[u8]) {
     {
         assert!(audio.duration_secs() <= max_secs + 1.0, "{} s", audio.duration_secs());
         assert!(audio.samples.iter().all(|s| s.is_finite()));
+    }
+}
+
+/// Images: decoding any bytes ends in an RGB image within the pixel limit, or an error;
+/// a decoded image also goes through the Qwen2-VL preprocessing.
+pub fn image(data: &[u8]) {
+    let max_pixels = 1 << 20;
+    if let Ok(image) = crate::media::image::decode(data, max_pixels) {
+        assert!((image.width * image.height) as u64 <= max_pixels);
+        assert_eq!(image.data.len(), image.width * image.height * 3);
+        if let Ok(pixels) = crate::media::image::preprocess(&image, &crate::media::image::VisionPreprocess::default()) {
+            assert_eq!(
+                pixels.data.len(),
+                pixels.grid.iter().product::<usize>() * pixels.row_len
+            );
+            assert!(pixels.data.iter().all(|v| v.is_finite()));
+        }
     }
 }
 
@@ -349,6 +366,36 @@ mod tests {
         #[test]
         fn multipart_bodies_never_panic(boundary in "[a-zA-Z0-9'()+_,./:=?-]{0,12}", body in fragments(&["--", "\r\n", "\r\n\r\n", "Content-Disposition: form-data; name=\"file\"; filename=\"a\"", "--b", "--b--", "b"])) {
             multipart(format!("{boundary}\n{body}").as_bytes());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Real files of every format with bytes overwritten and cut short.
+        #[test]
+        fn damaged_images_never_panic(
+            which in 0usize..5,
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..12),
+            cut in any::<prop::sample::Index>(),
+            cut_it in any::<bool>(),
+        ) {
+            let files: [&[u8]; 5] = [
+                include_bytes!("../tests/fixtures/images/synthetic-tiny-5x7.png"),
+                include_bytes!("../tests/fixtures/images/synthetic-83x61.gif"),
+                include_bytes!("../tests/fixtures/images/synthetic-83x61.webp"),
+                include_bytes!("../tests/fixtures/images/synthetic-grey-alpha-97x333.png"),
+                include_bytes!("../tests/fixtures/images/rocket.jpg"),
+            ];
+            let mut data = files[which].to_vec();
+            for (at, byte) in edits {
+                let i = at.index(data.len());
+                data[i] = byte;
+            }
+            if cut_it {
+                data.truncate(cut.index(data.len()));
+            }
+            image(&data);
         }
     }
 

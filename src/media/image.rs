@@ -36,6 +36,12 @@ pub enum ImageError {
 /// pixel is decoded) to RGB. Transparency is composited over white and 16-bit channels
 /// keep their high byte, as PIL's `convert("RGB")` after transformers' `convert_to_rgb`.
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
+    // A decoder that panics on a hostile file must not take the caller down.
+    std::panic::catch_unwind(|| decode_unguarded(bytes, max_pixels))
+        .unwrap_or_else(|_| Err(ImageError::Corrupt("the decoder failed on this file".into())))
+}
+
+fn decode_unguarded(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
