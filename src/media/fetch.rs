@@ -1,5 +1,5 @@
-//! Fetching media that a request names by URL (`image_url.url`), under a policy: only
-//! `http` and `https`; no fetching at all when remote media is turned off; a size limit
+//! Media that a request names by URL (`image_url.url`): `data:` URLs decoded, others
+//! fetched under a policy: only `http` and `https`; no fetching at all when remote media is turned off; a size limit
 //! read as the body arrives; one deadline for the whole exchange; few redirects. Every
 //! address a host name resolves to (on each redirect too) is checked before any
 //! connection is made: loopback, private, link-local, shared, documentation, multicast
@@ -56,6 +56,78 @@ pub enum FetchError {
     Status(u16),
     #[error("fetching the media failed: {0}")]
     Failed(String),
+    #[error("malformed data: URL: {0}")]
+    DataUrl(String),
+}
+
+/// A `data:` URL's media type (lower case; `text/plain` when absent, as RFC 2397 says)
+/// and its bytes. Base64 payloads (padding optional) and percent-encoded ones are read;
+/// `max_bytes` bounds the decoded size.
+pub fn parse_data_url(url: &str, max_bytes: u64) -> Result<(String, Vec<u8>), FetchError> {
+    let bad = |why: &str| FetchError::DataUrl(why.to_owned());
+    let rest = url
+        .get(..5)
+        .filter(|scheme| scheme.eq_ignore_ascii_case("data:"))
+        .map(|_| &url[5..])
+        .ok_or_else(|| bad("it does not start with `data:`"))?;
+    let (header, payload) = rest
+        .split_once(',')
+        .ok_or_else(|| bad("no `,` between the media type and the data"))?;
+    let mut params = header.split(';');
+    let media_type = params.next().unwrap_or_default().trim().to_ascii_lowercase();
+    let base64 = params.any(|p| p.trim().eq_ignore_ascii_case("base64"));
+    let media_type = if media_type.is_empty() {
+        "text/plain".to_owned()
+    } else {
+        media_type
+    };
+    let bytes = if base64 {
+        // Decoded size known up front: refuse before decoding.
+        if (payload.len() as u64 / 4) * 3 > max_bytes + 3 {
+            return Err(FetchError::TooLarge(max_bytes));
+        }
+        use base64::Engine as _;
+        let engine = base64::engine::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        );
+        engine
+            .decode(payload.trim())
+            .map_err(|e| FetchError::DataUrl(format!("the base64 data is invalid ({e})")))?
+    } else {
+        percent_decode(payload).ok_or_else(|| bad("a `%` escape is not two hex digits"))?
+    };
+    if bytes.len() as u64 > max_bytes {
+        return Err(FetchError::TooLarge(max_bytes));
+    }
+    Ok((media_type, bytes))
+}
+
+fn percent_decode(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// The bytes a media URL names: a `data:` URL's payload, or an `http(s)` URL fetched
+/// under `policy` (its size limit applies to both). Any other URL is refused.
+pub fn media_bytes(url: &str, policy: &FetchPolicy) -> Result<Vec<u8>, FetchError> {
+    if url.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("data:")) {
+        return parse_data_url(url, policy.max_bytes).map(|(_, bytes)| bytes);
+    }
+    fetch(url, policy)
 }
 
 /// The kind of a non-global address (`None` for a global one, which may be fetched).
@@ -314,6 +386,55 @@ mod tests {
             ..FetchPolicy::default()
         };
         assert_eq!(fetch("https://example.com/a.png", &off), Err(FetchError::Disabled));
+    }
+
+    #[test]
+    fn data_urls_are_read_strictly() {
+        let png = b"\x89PNG\r\n\x1a\n";
+        assert_eq!(
+            parse_data_url("data:image/png;base64,iVBORw0KGgo=", 100),
+            Ok(("image/png".to_owned(), png.to_vec()))
+        );
+        // Padding optional, case-insensitive scheme, parameters before base64.
+        assert_eq!(
+            parse_data_url("DATA:Image/PNG;name=a.png;base64,iVBORw0KGgo", 100),
+            Ok(("image/png".to_owned(), png.to_vec()))
+        );
+        assert_eq!(
+            parse_data_url("data:,a%20b", 100),
+            Ok(("text/plain".to_owned(), b"a b".to_vec()))
+        );
+        for bad in [
+            "data:image/png;base64",
+            "data:image/png;base64,!!!",
+            "data:image/png;base64,iVBO Rw0K",
+            "data:,%zz",
+            "data:,%4",
+            "image/png;base64,iVBORw0KGgo=",
+        ] {
+            assert!(matches!(parse_data_url(bad, 100), Err(FetchError::DataUrl(_))), "{bad}");
+        }
+        assert_eq!(
+            parse_data_url("data:image/png;base64,iVBORw0KGgo=", 4),
+            Err(FetchError::TooLarge(4))
+        );
+        let huge = format!("data:image/png;base64,{}", "A".repeat(4000));
+        assert_eq!(parse_data_url(&huge, 100), Err(FetchError::TooLarge(100)));
+        // media_bytes reads data: URLs even when remote fetching is off, and refuses
+        // anything that is neither data: nor http(s).
+        let off = FetchPolicy {
+            enabled: false,
+            ..FetchPolicy::default()
+        };
+        assert_eq!(
+            media_bytes("data:image/png;base64,iVBORw0KGgo=", &off),
+            Ok(png.to_vec())
+        );
+        assert_eq!(
+            media_bytes("https://example.com/a.png", &off),
+            Err(FetchError::Disabled)
+        );
+        assert!(matches!(media_bytes("/etc/passwd", &off), Err(FetchError::Scheme(_))));
     }
 
     /// URLs naming or resolving to loopback addresses are refused before any connection:
