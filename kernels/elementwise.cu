@@ -73,6 +73,25 @@ extern "C" __global__ void rotary_f32(float* qkv, const unsigned* positions, con
     }
 }
 
+// rotary_f32 over three position streams per row (positions [rows, 3]): frequency i
+// takes stream 0 below s0, stream 1 below s0 + s1, else stream 2.
+extern "C" __global__ void rotary_sections_f32(float* qkv, const unsigned* positions, const float* inv_freq,
+                                               int qkv_width, int num_qk_heads, int head_dim, int s0, int s1) {
+    const int half = head_dim / 2;
+    float* row = qkv + (size_t)blockIdx.x * qkv_width;
+    const unsigned* pos = positions + (size_t)blockIdx.x * 3;
+    for (int j = threadIdx.x; j < num_qk_heads * half; j += blockDim.x) {
+        const int h = j / half, i = j % half;
+        const int stream = (i >= s0) + (i >= s0 + s1);
+        float s, c;
+        sincosf((float)pos[stream] * inv_freq[i], &s, &c);
+        float* x = row + (size_t)h * head_dim;
+        const float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * c - x2 * s;
+        x[i + half] = x2 * c + x1 * s;
+    }
+}
+
 extern "C" __global__ void gather_rows_f32(const float* x, const unsigned* rows, float* out, int cols) {
     const float* src = x + (size_t)rows[blockIdx.x] * cols;
     float* dst = out + (size_t)blockIdx.x * cols;

@@ -365,7 +365,54 @@ TINY = {
         },
         "dtype": "F16", "seed": 3,
     },
+    # Qwen2.5-VL: a Qwen2 decoder with M-RoPE (sections 2/3/3 of head_dim 16) and a vision
+    # tower of 4 blocks (2 heads of 16), window attention in blocks 0 and 2, full in 1 and
+    # 3; the hub's tensor names (`visual.*`, `model.layers.*`), f32.
+    "tiny-qwen2.5-vl": {
+        "config": {
+            "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+            "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+            "vocab_size": 384, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "use_sliding_window": False, "bos_token_id": 1, "eos_token_id": 2,
+            "vision_start_token_id": 378, "vision_end_token_id": 379, "vision_token_id": 380,
+            "image_token_id": 381, "video_token_id": 382, "torch_dtype": "float32",
+            "vision_config": {
+                "model_type": "qwen2_5_vl", "depth": 4, "hidden_size": 32, "intermediate_size": 48,
+                "num_heads": 2, "in_chans": 3, "out_hidden_size": 64, "patch_size": 14,
+                "spatial_merge_size": 2, "spatial_patch_size": 14, "temporal_patch_size": 2,
+                "window_size": 112, "fullatt_block_indexes": [1, 3], "tokens_per_second": 2,
+                "hidden_act": "silu",
+            },
+        },
+        "dtype": "F32", "seed": 4,
+    },
 }
+
+
+def vision_tensors(v):
+    """The Qwen2.5-VL vision tower's tensors, with the hub's names."""
+    h, i, out_h = v["hidden_size"], v["intermediate_size"], v["out_hidden_size"]
+    merged = h * v["spatial_merge_size"] ** 2
+    p = v["patch_size"]
+    out = [("visual.patch_embed.proj.weight", [h, v["in_chans"], v["temporal_patch_size"], p, p], "weight")]
+    for b in range(v["depth"]):
+        q = f"visual.blocks.{b}."
+        out += [
+            (q + "norm1.weight", [h], "norm"), (q + "norm2.weight", [h], "norm"),
+            (q + "attn.qkv.weight", [3 * h, h], "weight"), (q + "attn.qkv.bias", [3 * h], "bias"),
+            (q + "attn.proj.weight", [h, h], "weight"), (q + "attn.proj.bias", [h], "bias"),
+        ]
+        for proj, shape in (("gate", [i, h]), ("up", [i, h]), ("down", [h, i])):
+            out += [(q + f"mlp.{proj}_proj.weight", shape, "weight"), (q + f"mlp.{proj}_proj.bias", shape[:1], "bias")]
+    out += [
+        ("visual.merger.ln_q.weight", [h], "norm"),
+        ("visual.merger.mlp.0.weight", [merged, merged], "weight"), ("visual.merger.mlp.0.bias", [merged], "bias"),
+        ("visual.merger.mlp.2.weight", [out_h, merged], "weight"), ("visual.merger.mlp.2.bias", [out_h], "bias"),
+    ]
+    return out
 
 
 def tiny_tensors(cfg):
@@ -373,7 +420,7 @@ def tiny_tensors(cfg):
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // nh
-    qkv_bias = cfg["model_type"] == "qwen2" or cfg.get("attention_bias", False)
+    qkv_bias = cfg["model_type"] in ("qwen2", "qwen2_5_vl") or cfg.get("attention_bias", False)
     out = [("model.embed_tokens.weight", [cfg["vocab_size"], h], "weight")]
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
@@ -386,7 +433,7 @@ def tiny_tensors(cfg):
             out.append((p + "self_attn.q_norm.weight", [hd], "norm"))
             out.append((p + "self_attn.k_norm.weight", [hd], "norm"))
         out.append((p + "self_attn.o_proj.weight", [h, nh * hd], "weight"))
-        if cfg["model_type"] != "qwen2" and cfg.get("attention_bias", False):
+        if cfg["model_type"] not in ("qwen2", "qwen2_5_vl") and cfg.get("attention_bias", False):
             out.append((p + "self_attn.o_proj.bias", [h], "bias"))
         out.append((p + "post_attention_layernorm.weight", [h], "norm"))
         for proj, shape in (("gate", [i, h]), ("up", [i, h]), ("down", [h, i])):
@@ -396,6 +443,8 @@ def tiny_tensors(cfg):
     out.append(("model.norm.weight", [h], "norm"))
     if not cfg["tie_word_embeddings"]:
         out.append(("lm_head.weight", [cfg["vocab_size"], h], "weight"))
+    if "vision_config" in cfg:
+        out += vision_tensors(cfg["vision_config"])
     return out
 
 
@@ -442,7 +491,9 @@ def tiny_main(args):
         n = 1
         for d in shape:
             n *= d
-        writer.write(name, pack(tiny_values(rng, n, kind, shape[-1]), spec["dtype"]))
+        # A convolution's fan-in is every input of one output (channels x kernel).
+        fan_in = n // shape[0] if len(shape) > 2 else shape[-1]
+        writer.write(name, pack(tiny_values(rng, n, kind, fan_in), spec["dtype"]))
     writer.close()
     with open(os.path.join(args.out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)

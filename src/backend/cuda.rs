@@ -47,6 +47,7 @@ const KERNELS: &[&str] = &[
     "bias_rows_f32",
     "cast_f32_bf16",
     "rotary_f32",
+    "rotary_sections_f32",
     "gather_rows_f32",
     "im2col_1d_f32",
     "write_kv_f32",
@@ -810,6 +811,44 @@ impl Backend for CudaBackend {
             shape.head_dim as i32,
         );
         launch!(self, "rotary_f32", cfg((rows_u32(qkv.rows, "rotary"), 1, 1), 128); &x, &p, &f, &width, &heads, &hd);
+    }
+
+    fn rotary_sections(
+        &self,
+        qkv: &mut CudaTensor,
+        positions: &[[u32; 3]],
+        sections: [usize; 3],
+        inv_freq: &CudaWeight,
+        shape: AttentionShape,
+    ) {
+        assert_eq!(
+            positions.len(),
+            qkv.rows,
+            "rotary_sections: one position triple per row"
+        );
+        assert_eq!(
+            sections.iter().sum::<usize>(),
+            shape.head_dim / 2,
+            "rotary_sections: sections cover head_dim / 2"
+        );
+        if qkv.rows == 0 {
+            return;
+        }
+        let flat: Vec<u32> = positions.iter().flatten().copied().collect();
+        let pos = self.indices(&flat, "rotary_sections: positions");
+        let (x, p, f) = (
+            self.ptr(&qkv.buf),
+            self.ptr(&pos),
+            self.ptr(self.vector(inv_freq, "rotary_sections")),
+        );
+        let (width, heads, hd, s0, s1) = (
+            qkv.cols as i32,
+            (shape.num_heads + shape.num_kv_heads) as i32,
+            shape.head_dim as i32,
+            sections[0] as i32,
+            sections[1] as i32,
+        );
+        launch!(self, "rotary_sections_f32", cfg((rows_u32(qkv.rows, "rotary_sections"), 1, 1), 128); &x, &p, &f, &width, &heads, &hd, &s0, &s1);
     }
 
     fn write_kv(

@@ -369,6 +369,19 @@ pub trait Backend: Send + Sync {
     /// Rotary embedding (neox / rotate-half layout) of the q and k parts of `qkv`, in
     /// place; `inv_freq [head_dim / 2]`, `positions [n]`.
     fn rotary(&self, qkv: &mut Self::Tensor, positions: &[u32], inv_freq: &Self::Weight, shape: AttentionShape);
+    /// Rotary embedding over several position streams (rotate-half layout, in place):
+    /// frequency `i` of a head (of `head_dim / 2`) turns by `positions[row][s] ·
+    /// inv_freq[i]`, `s` the section holding `i` (`sections` sums to `head_dim / 2`).
+    /// Qwen2-VL's M-RoPE has three streams (time, height, width), its vision tower two
+    /// (height, width); plain RoPE is one.
+    fn rotary_sections(
+        &self,
+        qkv: &mut Self::Tensor,
+        positions: &[[u32; 3]],
+        sections: [usize; 3],
+        inv_freq: &Self::Weight,
+        shape: AttentionShape,
+    );
     /// Writes the k and v parts of `qkv [n, qkv_width]` to `slot_mapping [n]` of `layer`.
     fn write_kv(
         &self,

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod llama;
+pub mod qwen2_5_vl;
 pub mod whisper;
 
 use std::path::Path;

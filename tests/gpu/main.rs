@@ -396,7 +396,7 @@ fn linear_matches_the_cpu_in_f32_and_bf16() {
 }
 
 #[test]
-fn rotary_and_qk_norm_match_the_cpu() {
+fn rotary_rotary_sections_and_qk_norm_match_the_cpu() {
     let Some(g) = gpu(WeightDtype::F32) else { return };
     let c = CpuBackend::with_weights(WeightDtype::F32);
     let mut rng = Rng(5);
@@ -423,6 +423,22 @@ fn rotary_and_qk_norm_match_the_cpu() {
             &host_cpu(&c, x.cpu),
             1e-5,
         );
+
+        // Three position streams (M-RoPE sections, and the vision tower's two).
+        for sections in [[hd / 8, hd * 3 / 16, hd * 3 / 16], [hd / 4, hd / 4, 0], [hd / 2, 0, 0]] {
+            let triples: Vec<[u32; 3]> = (0..rows)
+                .map(|_| [rng.below(32_768) as u32, rng.below(512) as u32, rng.below(512) as u32])
+                .collect();
+            let mut x = pair(&c, &g, rng.vec(rows * shape.qkv_width(), 2.0), rows, shape.qkv_width());
+            c.rotary_sections(&mut x.cpu, &triples, sections, &fc, shape);
+            g.rotary_sections(&mut x.gpu, &triples, sections, &fg, shape);
+            check(
+                &format!("rotary_sections {sections:?} {heads}/{kv_heads}x{hd}"),
+                &host_gpu(&g, x.gpu),
+                &host_cpu(&c, x.cpu),
+                1e-5,
+            );
+        }
 
         let (qw, kw) = (rng.vec(hd, 1.0), rng.vec(hd, 1.0));
         let (qc, qg) = (c.weight_from_f32(qw.clone()), g.weight_from_f32(qw));

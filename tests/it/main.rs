@@ -26,5 +26,6 @@ mod templates;
 mod tokenizer;
 mod tools;
 mod transcriptions;
+mod vision;
 mod wall;
 mod whisper;

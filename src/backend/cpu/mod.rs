@@ -709,6 +709,42 @@ impl Backend for CpuBackend {
             });
     }
 
+    fn rotary_sections(
+        &self,
+        qkv: &mut CpuTensor,
+        positions: &[[u32; 3]],
+        sections: [usize; 3],
+        inv_freq: &CpuWeight,
+        shape: AttentionShape,
+    ) {
+        assert_eq!(
+            positions.len(),
+            qkv.rows,
+            "rotary_sections: one position triple per row"
+        );
+        let hd = shape.head_dim;
+        assert_eq!(
+            sections.iter().sum::<usize>(),
+            hd / 2,
+            "rotary_sections: sections cover head_dim / 2"
+        );
+        let num_qk_heads = shape.num_heads + shape.num_kv_heads;
+        let stream = |i: usize| usize::from(i >= sections[0]) + usize::from(i >= sections[0] + sections[1]);
+        qkv.data
+            .par_chunks_mut(qkv.cols)
+            .zip(positions.par_iter())
+            .for_each(|(row, pos)| {
+                let mut cos_sin = [(0.0f32, 0.0f32); MAX_HEAD_DIM / 2];
+                for (i, (cs, f)) in cos_sin.iter_mut().zip(inv_freq.f32s()).enumerate().take(hd / 2) {
+                    let angle = pos[stream(i)] as f32 * f;
+                    *cs = (angle.cos(), angle.sin());
+                }
+                for h in 0..num_qk_heads {
+                    rotate_head(&mut row[h * hd..(h + 1) * hd], &cos_sin[..hd / 2]);
+                }
+            });
+    }
+
     fn write_kv(
         &self,
         cache: &mut CpuKvCache,

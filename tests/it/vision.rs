@@ -1,0 +1,86 @@
+//! Qwen2.5-VL's vision tower against transformers (goldens from scripts/vl_goldens.py):
+//! the seeded random checkpoint inferd-test/tiny-qwen2.5-vl, two images at once (a photo
+//! whose windows are padded, and a small image that is one window), preprocessed by
+//! `media::image` with the same small pixel budget.
+
+use inferd::backend::cpu::CpuBackend;
+use inferd::backend::Backend;
+use inferd::loader::Checkpoint;
+use inferd::media::image::{decode, preprocess, VisionPreprocess};
+use inferd::models::qwen2_5_vl::{VisionConfig, VisionTower};
+
+use super::common::{fixture, golden, installed_model};
+
+#[test]
+fn the_vision_tower_matches_transformers() {
+    let want = golden("models/tiny-qwen2.5-vl-vision.json");
+    let dir = installed_model("inferd-test/tiny-qwen2.5-vl");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let backend = CpuBackend::default();
+    let tower = VisionTower::load(
+        &backend,
+        VisionConfig::from_json(&config).unwrap(),
+        &Checkpoint::open(&dir).unwrap(),
+    )
+    .unwrap();
+    let settings = VisionPreprocess {
+        min_pixels: want["min_pixels"].as_u64().unwrap() as usize,
+        max_pixels: want["max_pixels"].as_u64().unwrap() as usize,
+        ..VisionPreprocess::default()
+    };
+    let images: Vec<_> = want["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|name| {
+            let bytes = std::fs::read(fixture(&format!("images/{}", name.as_str().unwrap()))).unwrap();
+            preprocess(&decode(&bytes, 1 << 24).unwrap(), &settings).unwrap()
+        })
+        .collect();
+    let grids: Vec<[usize; 3]> = images.iter().map(|p| p.grid).collect();
+    assert_eq!(serde_json::json!(grids), want["grids"]);
+    let pixel_sum: f64 = images.iter().flat_map(|p| &p.data).map(|&v| f64::from(v)).sum();
+    assert!((pixel_sum - want["pixel_values_sum"].as_f64().unwrap()).abs() < 1e-6 * pixel_sum.abs().max(1.0));
+
+    let (values, rows, cols) = backend.to_host(tower.forward(&backend, &images));
+    assert_eq!(serde_json::json!([rows, cols]), want["shape"]);
+    let expected: Vec<f64> = want["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let (mut max_err, mut max_ref) = (0f64, 0f64);
+    for (got, want) in values.iter().zip(&expected) {
+        max_err = max_err.max((f64::from(*got) - want).abs());
+        max_ref = max_ref.max(want.abs());
+    }
+    eprintln!("vision tower: {rows} × {cols} embeddings, max |error| {max_err:.2e} (max |value| {max_ref:.2})");
+    // float32 throughout on both sides; the goldens are rounded to 1e-7.
+    assert!(max_err < 1e-4, "max |error| {max_err:.2e}");
+}
+
+/// One section is plain RoPE: `rotary_sections` with every frequency on the first
+/// stream equals `rotary` (and the other streams are ignored).
+#[test]
+fn rotary_sections_with_one_section_is_rotary() {
+    use inferd::backend::AttentionShape;
+    let backend = CpuBackend::default();
+    let shape = AttentionShape {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+    };
+    let rows = 9;
+    let width = shape.q_width() + 2 * shape.kv_width();
+    let values: Vec<f32> = (0..rows * width).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+    let inv_freq: Vec<f32> = (0..8).map(|i| 1.0 / 10_000f32.powf(i as f32 / 8.0)).collect();
+    let freq = backend.weight_from_f32(inv_freq);
+    let positions: Vec<u32> = (0..rows as u32).map(|i| i * 13 + 2).collect();
+    let mut a = backend.upload(values.clone(), rows, width);
+    backend.rotary(&mut a, &positions, &freq, shape);
+    let mut b = backend.upload(values, rows, width);
+    let triples: Vec<[u32; 3]> = positions.iter().map(|&p| [p, 999, 7]).collect();
+    backend.rotary_sections(&mut b, &triples, [8, 0, 0], &freq, shape);
+    assert_eq!(backend.to_host(a), backend.to_host(b));
+}
