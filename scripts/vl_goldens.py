@@ -42,6 +42,51 @@ def main():
     path.write_text(json.dumps(golden) + "\n")
     print(path, golden["grids"], golden["shape"], float(embeddings.abs().mean()))
 
+    # The whole model: prompts with one and with two images (the image tokens expanded
+    # as the processor expands <|image_pad|>), logits of the prompt rows that see the
+    # images and 16 greedy tokens.
+    cfg = model.config
+    merge = cfg.vision_config.spatial_merge_size
+    counts = [int(t * h * w) // (merge * merge) for t, h, w in batch["image_grid_thw"].tolist()]
+    start, end, pad = cfg.vision_start_token_id, cfg.vision_end_token_id, cfg.image_token_id
+
+    def image(n):
+        return [start] + [pad] * n + [end]
+
+    cases = {
+        "one_image": ([1, 17, 99, 5] + image(counts[0]) + [44, 250, 7], [0]),
+        "two_images": ([1, 17] + image(counts[0]) + [60, 61] + image(counts[1]) + [200, 3], [0, 1]),
+    }
+    out = {"model": "inferd-test/tiny-qwen2.5-vl", "images": IMAGES, "min_pixels": MIN_PIXELS,
+           "max_pixels": MAX_PIXELS, "cases": {}}
+    for name, (ids, which) in cases.items():
+        pixel_values = torch.cat([processor(images=[images[i]], return_tensors="pt")["pixel_values"] for i in which])
+        grid = torch.cat([processor(images=[images[i]], return_tensors="pt")["image_grid_thw"] for i in which])
+        input_ids = torch.tensor([ids])
+        mm = (input_ids == pad).int()
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
+                           mm_token_type_ids=mm).logits[0]
+            generated = model.generate(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid,
+                                       mm_token_type_ids=mm, attention_mask=torch.ones_like(input_ids),
+                                       max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
+        # Rows that see the images: the first and last token of each image, the token
+        # after it, and the prompt's last three.
+        rows = sorted({i for i, t in enumerate(ids) if t == pad and ids[i - 1] != pad}
+                      | {i for i, t in enumerate(ids) if t == pad and ids[i + 1] != pad}
+                      | {i + 1 for i, t in enumerate(ids) if t == end}
+                      | set(range(len(ids) - 3, len(ids))))
+        out["cases"][name] = {
+            "images": [IMAGES[i] for i in which],
+            "prompt": ids,
+            "logit_rows": rows,
+            "logits": [[round(float(v), 6) for v in logits[r]] for r in rows],
+            "greedy": generated[0, len(ids):].tolist(),
+        }
+        print(name, len(ids), out["cases"][name]["greedy"])
+    path = ROOT / "tests" / "goldens" / "models" / "tiny-qwen2.5-vl.json"
+    path.write_text(json.dumps(out) + "\n")
+
 
 if __name__ == "__main__":
     main()

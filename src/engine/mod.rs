@@ -336,9 +336,20 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         events: EventSender,
     ) -> Result<(), SubmitError> {
         self.validate(&prompt, &params)?;
-        match (self.model.needs_encoder_input(), &encoder_input) {
-            (true, None) => return Err(SubmitError::EncoderInput("this model needs audio input".into())),
-            (false, Some(_)) => return Err(SubmitError::EncoderInput("this model takes no audio input".into())),
+        let takes = self.model.encoder_input_kind();
+        match &encoder_input {
+            None if self.model.needs_encoder_input() => {
+                return Err(SubmitError::EncoderInput(format!(
+                    "this model needs {} input",
+                    takes.unwrap_or("encoder")
+                )))
+            }
+            Some(input) if takes != Some(input.kind()) => {
+                return Err(SubmitError::EncoderInput(format!(
+                    "this model takes no {} input",
+                    input.kind()
+                )))
+            }
             _ => {}
         }
         let max_model_len = self.max_model_len();
@@ -351,8 +362,8 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             stop_ids.extend(&self.eos_ids);
         }
         let rng = Rng::seeded(params.seed.unwrap_or_else(fresh_seed));
-        // Cached decoder K/V depend on the audio too: blocks are shared only between
-        // requests with the same input.
+        // Cached decoder K/V depend on the audio or images too: blocks are shared only
+        // between requests with the same input.
         let cache_salt = encoder_input
             .as_ref()
             .map(|input| kv_cache::BlockHash(input.content_hash()));
@@ -421,7 +432,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             seq.needs_encoder = false;
             let id = seq.request;
             if let Some(input) = self.requests.get_mut(&id).and_then(|r| r.encoder_input.take()) {
-                if let Err(e) = self.model.begin_request(&self.backend, id.0, &input) {
+                if let Err(e) = self.model.begin_request(&self.backend, id.0, seq.prompt(), &input) {
                     failed.push((id, e));
                 }
             }

@@ -19,7 +19,7 @@ pub enum ConfigError {
     },
     #[error("{path}: invalid JSON: {reason}")]
     Json { path: PathBuf, reason: String },
-    #[error("{path}: model_type `{model_type}` is not supported (supported: llama, qwen2, qwen3)")]
+    #[error("{path}: model_type `{model_type}` is not supported (supported: llama, qwen2, qwen3, qwen2_5_vl)")]
     UnsupportedModel { path: PathBuf, model_type: String },
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
@@ -74,6 +74,9 @@ pub struct DecoderConfig {
     pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Qwen2-VL's multimodal rotary: how many of the `head_dim / 2` frequencies follow
+    /// the time, height and width positions (`rope_scaling.mrope_section`).
+    pub mrope_section: Option<[usize; 3]>,
 }
 
 /// `eos_token_id` is an integer or a list of them in HF files.
@@ -105,6 +108,7 @@ struct RawRope {
     original_max_position_embeddings: Option<f32>,
     /// transformers >= 5 moves rope_theta into `rope_parameters`.
     rope_theta: Option<f32>,
+    mrope_section: Option<Vec<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -164,7 +168,8 @@ impl DecoderConfig {
         };
         let architecture = match model_type.as_str() {
             "llama" => Architecture::Llama,
-            "qwen2" => Architecture::Qwen2,
+            // Qwen2.5-VL's language model is a Qwen2 decoder (with M-RoPE).
+            "qwen2" | "qwen2_5_vl" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
             _ => {
                 return Err(ConfigError::UnsupportedModel {
@@ -219,7 +224,8 @@ impl DecoderConfig {
         let rope_scaling = match rope {
             None => RopeScaling::None,
             Some(r) => match r.rope_type.as_deref().or(r.legacy_type.as_deref()).unwrap_or("default") {
-                "default" => RopeScaling::None,
+                // M-RoPE turns by the default frequencies (its sections are read below).
+                "default" | "mrope" => RopeScaling::None,
                 "linear" => RopeScaling::Linear {
                     factor: r
                         .factor
@@ -246,7 +252,18 @@ impl DecoderConfig {
                 }
             },
         };
+        let mrope_section = match rope.and_then(|r| r.mrope_section.as_deref()) {
+            None => None,
+            Some(&[t, h, w]) if t + h + w == head_dim / 2 => Some([t, h, w]),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "mrope_section {other:?} must be three numbers adding up to head_dim / 2 ({})",
+                    head_dim / 2
+                )))
+            }
+        };
         Ok(DecoderConfig {
+            mrope_section,
             architecture,
             hidden_size: raw.hidden_size,
             intermediate_size: raw.intermediate_size,

@@ -367,15 +367,55 @@ where
     ) -> Result<B::Tensor, ForwardError> {
         let cfg = &self.config;
         check_batch(batch, cfg.vocab_size, cfg.max_position_embeddings)?;
+        let input = backend.embedding(&self.embed_tokens, &batch.token_ids);
+        Ok(self.forward_embedded(backend, input, Rope::Positions, batch, cache, logits_for))
+    }
+}
+
+/// The positions rotary embeddings turn by.
+pub enum Rope<'a> {
+    /// The batch's positions.
+    Positions,
+    /// Position triples (time, height, width) and the frequencies each takes (M-RoPE).
+    Sections(&'a [[u32; 3]], [usize; 3]),
+}
+
+impl<B: Backend> DecoderModel<B> {
+    /// The token embeddings of `ids`.
+    pub fn embed(&self, backend: &B, ids: &[u32]) -> B::Tensor {
+        backend.embedding(&self.embed_tokens, ids)
+    }
+
+    pub fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+
+    /// The decoder from its input rows on (embeddings, some of them replaced by a
+    /// vision-language model's image features), with the batch checked by the caller.
+    pub fn forward_embedded(
+        &self,
+        backend: &B,
+        input: B::Tensor,
+        rope: Rope<'_>,
+        batch: &ForwardBatch,
+        cache: &mut B::KvCache,
+        logits_for: LogitsFor,
+    ) -> B::Tensor {
+        let cfg = &self.config;
         let eps = cfg.rms_norm_eps;
-        let mut residual = backend.embedding(&self.embed_tokens, &batch.token_ids);
+        let mut residual = input;
         let mut normed = backend.rms_norm(&residual, &self.layers[0].input_layernorm, eps);
         for (l, layer) in self.layers.iter().enumerate() {
             let mut qkv = backend.linear(&normed, &layer.qkv_proj, layer.qkv_bias.as_ref());
             if let Some((q_norm, k_norm)) = &layer.qk_norm {
                 backend.qk_norm(&mut qkv, q_norm, k_norm, eps, self.shape);
             }
-            backend.rotary(&mut qkv, &batch.positions, &self.inv_freq, self.shape);
+            match rope {
+                Rope::Positions => backend.rotary(&mut qkv, &batch.positions, &self.inv_freq, self.shape),
+                Rope::Sections(positions, sections) => {
+                    backend.rotary_sections(&mut qkv, positions, sections, &self.inv_freq, self.shape)
+                }
+            }
             backend.write_kv(cache, l, &qkv, &batch.slot_mapping, self.shape);
             let attn = backend.attention(&qkv, cache, l, batch, self.shape);
             let attn_out = backend.linear(&attn, &layer.o_proj, layer.o_proj_bias.as_ref());
@@ -387,6 +427,6 @@ where
             normed = backend.add_rms_norm(&mut residual, &mlp_out, next_norm, eps);
         }
         let hidden = logit_rows(backend, normed, batch, logits_for);
-        Ok(backend.linear(&hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None))
+        backend.linear(&hidden, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
     }
 }

@@ -13,13 +13,48 @@ use std::sync::Arc;
 use crate::backend::{Backend, ForwardBatch, KvCacheShape};
 use crate::loader::{Checkpoint, LoadError};
 use crate::media::audio::LogMel;
+use crate::media::image::PixelValues;
 
 pub use config::{Architecture, ConfigError, DecoderConfig, GenerationConfig, RopeScaling};
 pub use llama::{DecoderModel, ForwardError, LogitsFor};
 pub use whisper::{WhisperConfig, WhisperModel};
 
 /// What a request gives a model besides its prompt tokens: an encoder's input.
-pub type EncoderInput = Arc<LogMel>;
+#[derive(Debug, Clone)]
+pub enum EncoderInput {
+    /// A window of log-mel features (Whisper).
+    Audio(Arc<LogMel>),
+    /// Preprocessed images, in the order of their tokens in the prompt.
+    Images(Arc<Vec<PixelValues>>),
+}
+
+impl EncoderInput {
+    /// A hash of the content (prefix-cache blocks are shared only between requests
+    /// with the same input).
+    pub fn content_hash(&self) -> u64 {
+        match self {
+            EncoderInput::Audio(mel) => mel.content_hash(),
+            EncoderInput::Images(images) => {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                for image in images.iter() {
+                    image.grid.hash(&mut h);
+                    for v in &image.data {
+                        v.to_bits().hash(&mut h);
+                    }
+                }
+                h.finish()
+            }
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EncoderInput::Audio(_) => "audio",
+            EncoderInput::Images(_) => "image",
+        }
+    }
+}
 
 /// What the engine drives: a model with a paged self-attention KV cache that turns a
 /// batch of token chunks into logits. Models with an encoder get each request's input
@@ -41,12 +76,22 @@ pub trait EngineModel<B: Backend>: Send + 'static {
     fn bytes_per_request(&self) -> usize {
         0
     }
-    /// Whether requests must bring an `EncoderInput`.
+    /// Whether requests must bring an `EncoderInput` (Whisper's audio).
     fn needs_encoder_input(&self) -> bool {
         false
     }
-    /// Runs the encoder for request `key`.
-    fn begin_request(&mut self, _backend: &B, _key: u64, _input: &EncoderInput) -> Result<(), ForwardError> {
+    /// The kind of `EncoderInput` the model takes (`EncoderInput::kind`), if any.
+    fn encoder_input_kind(&self) -> Option<&'static str> {
+        None
+    }
+    /// Runs the encoder for request `key`, whose prompt is `prompt`.
+    fn begin_request(
+        &mut self,
+        _backend: &B,
+        _key: u64,
+        _prompt: &[u32],
+        _input: &EncoderInput,
+    ) -> Result<(), ForwardError> {
         Err(ForwardError::BadEncoderInput("this model has no encoder".into()))
     }
     /// Frees what the model kept for request `key` (nothing for a plain decoder).

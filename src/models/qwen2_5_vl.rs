@@ -3,12 +3,21 @@
 //! flattened patch), blocks of RMSNorm, attention with 2-D rotary positions (height and
 //! width) and a SwiGLU MLP, attending within windows of 4 × 4 merged tokens except in the
 //! full-attention blocks, then the patch merger (RMSNorm, 2 × 2 patches concatenated, an
-//! MLP with GELU) to one embedding per merged token, in the processor's order. The
-//! language side (M-RoPE over the decoder of `models::llama`) is not built yet.
+//! MLP with GELU) to one embedding per merged token, in the processor's order.
+//!
+//! The language model is `models::llama`'s decoder (a Qwen2) with multimodal rotary
+//! positions (M-RoPE): each image's run of `<|image_pad|>` tokens takes the image's
+//! features in place of token embeddings, and (time, height, width) positions; text
+//! positions go on after an image from its largest position plus one.
+
+use std::collections::HashMap;
+use std::path::Path;
 
 use serde_json::Value;
 
-use crate::backend::{AttentionShape, Backend, DenseAttention};
+use super::llama::Rope;
+use super::{check_batch, DecoderConfig, DecoderModel, EncoderInput, EngineModel, ForwardError, LogitsFor, ModelError};
+use crate::backend::{AttentionShape, Backend, DenseAttention, ForwardBatch, KvCacheShape};
 use crate::loader::safetensors::{Checkpoint, TensorView};
 use crate::loader::LoadError;
 use crate::media::image::PixelValues;
@@ -396,5 +405,232 @@ impl Layout {
             layout.patches += units * unit;
         }
         layout
+    }
+}
+
+/// M-RoPE positions of a prompt whose images (their grids in `grids`, in order) each
+/// appear as one run of `image_token`s, one per merged patch; and the delta later
+/// positions take (`position = index + delta`). transformers' `get_rope_index` for
+/// images: text counts on from the last position; an image at `start` takes
+/// `(start, start + row, start + column)`, and the text after it starts at `start +
+/// max(rows, columns)`.
+pub fn mrope_positions(
+    prompt: &[u32],
+    image_token: u32,
+    grids: &[[usize; 3]],
+    merge: usize,
+) -> Result<(Vec<[u32; 3]>, i64), String> {
+    let mut positions = Vec::with_capacity(prompt.len());
+    let mut grids = grids.iter();
+    let mut next = 0u32;
+    let mut i = 0;
+    while i < prompt.len() {
+        if prompt[i] != image_token {
+            positions.push([next; 3]);
+            next += 1;
+            i += 1;
+            continue;
+        }
+        let run = prompt[i..].iter().take_while(|&&t| t == image_token).count();
+        let &[t, h, w] = grids.next().ok_or("the prompt has more image token runs than images")?;
+        let (lh, lw) = (h / merge, w / merge);
+        if run != t * lh * lw {
+            return Err(format!(
+                "an image of {} tokens has a run of {run} image tokens",
+                t * lh * lw
+            ));
+        }
+        for ti in 0..t {
+            for y in 0..lh {
+                for x in 0..lw {
+                    positions.push([next + ti as u32, next + y as u32, next + x as u32]);
+                }
+            }
+        }
+        next += lh.max(lw) as u32;
+        i += run;
+    }
+    if grids.next().is_some() {
+        return Err("there are more images than image token runs in the prompt".into());
+    }
+    Ok((positions, i64::from(next) - prompt.len() as i64))
+}
+
+/// What the model keeps for a request with images.
+struct ImagePrompt {
+    /// Image features, one row of `hidden` values per image token, in prompt order.
+    features: Vec<f32>,
+    /// Prompt index of every image token, in order (row `k` of `features` is token
+    /// `image_rows[k]`).
+    image_rows: Vec<usize>,
+    positions: Vec<[u32; 3]>,
+    delta: i64,
+}
+
+/// Qwen2.5-VL: the vision tower and the language model.
+pub struct VisionLanguageModel<B: Backend> {
+    decoder: DecoderModel<B>,
+    vision: VisionTower<B>,
+    image_token: u32,
+    sections: [usize; 3],
+    requests: HashMap<u64, ImagePrompt>,
+}
+
+impl<B: Backend> VisionLanguageModel<B> {
+    /// Reads a Qwen2.5-VL folder (`config.json` with its `vision_config`, the weights).
+    pub fn load(backend: &B, dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
+        let config = DecoderConfig::from_dir(dir)?;
+        let path = dir.join("config.json");
+        let invalid = |reason: String| super::ConfigError::Invalid {
+            path: path.clone(),
+            reason,
+        };
+        let raw: Value = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| invalid("unreadable".into()))?;
+        let sections = config
+            .mrope_section
+            .ok_or_else(|| invalid("a vision-language model needs rope_scaling.mrope_section".into()))?;
+        let image_token = raw
+            .get("image_token_id")
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| invalid("image_token_id is missing".into()))?;
+        let vision_config = VisionConfig::from_json(&raw).map_err(invalid)?;
+        if vision_config.out_hidden_size != config.hidden_size {
+            return Err(invalid(format!(
+                "vision_config.out_hidden_size {} differs from hidden_size {}",
+                vision_config.out_hidden_size, config.hidden_size
+            ))
+            .into());
+        }
+        let checkpoint = Checkpoint::open(dir)?;
+        let decoder = DecoderModel::load(backend, config, &checkpoint, progress)?;
+        let vision = VisionTower::load(backend, vision_config, &checkpoint)?;
+        Ok(VisionLanguageModel {
+            decoder,
+            vision,
+            image_token,
+            sections,
+            requests: HashMap::new(),
+        })
+    }
+
+    pub fn image_token(&self) -> u32 {
+        self.image_token
+    }
+
+    pub fn vision(&self) -> &VisionTower<B> {
+        &self.vision
+    }
+}
+
+impl<B: Backend + 'static> EngineModel<B> for VisionLanguageModel<B>
+where
+    B::Weight: 'static,
+{
+    fn vocab_size(&self) -> usize {
+        self.decoder.vocab_size()
+    }
+
+    fn max_positions(&self) -> usize {
+        self.decoder.max_positions()
+    }
+
+    fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
+        self.decoder.kv_cache_shape(num_blocks, block_size)
+    }
+
+    fn encoder_input_kind(&self) -> Option<&'static str> {
+        Some("image")
+    }
+
+    fn begin_request(
+        &mut self,
+        backend: &B,
+        key: u64,
+        prompt: &[u32],
+        input: &EncoderInput,
+    ) -> Result<(), ForwardError> {
+        let EncoderInput::Images(images) = input else {
+            return Err(ForwardError::BadEncoderInput(format!(
+                "this model takes images, not {}",
+                input.kind()
+            )));
+        };
+        let merge = self.vision.config().spatial_merge_size;
+        let grids: Vec<[usize; 3]> = images.iter().map(|p| p.grid).collect();
+        let (positions, delta) =
+            mrope_positions(prompt, self.image_token, &grids, merge).map_err(ForwardError::BadEncoderInput)?;
+        let image_rows: Vec<usize> = (0..prompt.len()).filter(|&i| prompt[i] == self.image_token).collect();
+        let (features, rows, _) = backend.to_host(self.vision.forward(backend, images));
+        if rows != image_rows.len() {
+            return Err(ForwardError::BadEncoderInput(format!(
+                "{rows} image features for {} image tokens",
+                image_rows.len()
+            )));
+        }
+        self.requests.insert(
+            key,
+            ImagePrompt {
+                features,
+                image_rows,
+                positions,
+                delta,
+            },
+        );
+        Ok(())
+    }
+
+    fn end_request(&mut self, key: u64) {
+        self.requests.remove(&key);
+    }
+
+    fn forward(
+        &self,
+        backend: &B,
+        batch: &ForwardBatch,
+        cache: &mut B::KvCache,
+        logits_for: LogitsFor,
+    ) -> Result<B::Tensor, ForwardError> {
+        let cfg = self.decoder.config();
+        check_batch(batch, cfg.vocab_size, cfg.max_position_embeddings)?;
+        let mut input = self.decoder.embed(backend, &batch.token_ids);
+        let mut positions = Vec::with_capacity(batch.positions.len());
+        // Image features replace the embeddings of the image tokens in this batch.
+        let mut replaced: Vec<(usize, &[f32])> = Vec::new();
+        let hidden = cfg.hidden_size;
+        for seq in &batch.seqs {
+            let prompt = self.requests.get(&seq.key);
+            for row in seq.query_start..seq.query_start + seq.query_len {
+                let index = batch.positions[row] as usize;
+                positions.push(match prompt {
+                    Some(p) if index < p.positions.len() => p.positions[index],
+                    Some(p) => [(index as i64 + p.delta) as u32; 3],
+                    None => [index as u32; 3],
+                });
+                if let Some(p) = prompt {
+                    if let Ok(k) = p.image_rows.binary_search(&index) {
+                        replaced.push((row, &p.features[k * hidden..(k + 1) * hidden]));
+                    }
+                }
+            }
+        }
+        if !replaced.is_empty() {
+            let (mut values, rows, cols) = backend.to_host(input);
+            for (row, features) in replaced {
+                values[row * cols..(row + 1) * cols].copy_from_slice(features);
+            }
+            input = backend.upload(values, rows, cols);
+        }
+        Ok(self.decoder.forward_embedded(
+            backend,
+            input,
+            Rope::Sections(&positions, self.sections),
+            batch,
+            cache,
+            logits_for,
+        ))
     }
 }

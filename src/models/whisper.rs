@@ -512,8 +512,24 @@ where
     }
 
     /// Runs the encoder for request `key` and keeps each decoder layer's cross-attention K/V.
-    fn begin_request(&mut self, backend: &B, key: u64, input: &EncoderInput) -> Result<(), ForwardError> {
-        let encoded = self.encode(backend, input)?;
+    fn encoder_input_kind(&self) -> Option<&'static str> {
+        Some("audio")
+    }
+
+    fn begin_request(
+        &mut self,
+        backend: &B,
+        key: u64,
+        _prompt: &[u32],
+        input: &EncoderInput,
+    ) -> Result<(), ForwardError> {
+        let EncoderInput::Audio(mel) = input else {
+            return Err(ForwardError::BadEncoderInput(format!(
+                "Whisper takes audio, not {}",
+                input.kind()
+            )));
+        };
+        let encoded = self.encode(backend, mel)?;
         let layers = self
             .decoder_layers
             .iter()

@@ -21,6 +21,7 @@ use crate::engine::{EngineEvent, SamplingParams};
 use crate::manager::{ModelLease, SpeechSettings};
 use crate::media::audio::{self, AudioError, LogMel};
 use crate::models::whisper::{self, split_segments};
+use crate::models::EncoderInput;
 use crate::text::IncrementalDetokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -305,7 +306,7 @@ async fn transcribe(
             speech: Some(rules.clone()),
             ..SamplingParams::default()
         };
-        let input = Arc::new(mel.window(seek, window));
+        let input = EncoderInput::Audio(Arc::new(mel.window(seek, window)));
         let mut stream = model.engine.submit_with_input(prompt, params, Some(input))?;
         let mut tokens = Vec::new();
         let mut logprobs = Vec::new();
@@ -642,7 +643,7 @@ async fn detect_language(model: &ModelLease, speech: &SpeechSettings, mel: &LogM
         .generation
         .language_detection()
         .ok_or_else(|| ApiError::invalid("language", "this model lists no languages: give `language`"))?;
-    let window = Arc::new(mel.window(0, speech.mel.config().frames_per_window()));
+    let window = EncoderInput::Audio(Arc::new(mel.window(0, speech.mel.config().frames_per_window())));
     let mut stream = model.engine.submit_with_input(prompt, params, Some(window))?;
     match stream.next().await {
         Some(EngineEvent::Token { token, .. }) => Ok(token),

@@ -73,7 +73,9 @@ fn rotary_sections_with_one_section_is_rotary() {
     };
     let rows = 9;
     let width = shape.q_width() + 2 * shape.kv_width();
-    let values: Vec<f32> = (0..rows * width).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+    let values: Vec<f32> = (0..rows * width)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+        .collect();
     let inv_freq: Vec<f32> = (0..8).map(|i| 1.0 / 10_000f32.powf(i as f32 / 8.0)).collect();
     let freq = backend.weight_from_f32(inv_freq);
     let positions: Vec<u32> = (0..rows as u32).map(|i| i * 13 + 2).collect();
@@ -83,4 +85,89 @@ fn rotary_sections_with_one_section_is_rotary() {
     let triples: Vec<[u32; 3]> = positions.iter().map(|&p| [p, 999, 7]).collect();
     backend.rotary_sections(&mut b, &triples, [8, 0, 0], &freq, shape);
     assert_eq!(backend.to_host(a), backend.to_host(b));
+}
+
+fn vl_images(want: &serde_json::Value, names: &serde_json::Value) -> Vec<inferd::media::image::PixelValues> {
+    let settings = VisionPreprocess {
+        min_pixels: want["min_pixels"].as_u64().unwrap() as usize,
+        max_pixels: want["max_pixels"].as_u64().unwrap() as usize,
+        ..VisionPreprocess::default()
+    };
+    names
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|name| {
+            let bytes = std::fs::read(fixture(&format!("images/{}", name.as_str().unwrap()))).unwrap();
+            preprocess(&decode(&bytes, 1 << 24).unwrap(), &settings).unwrap()
+        })
+        .collect()
+}
+
+/// The whole model on prompts with one and with two images: logits of the rows that see
+/// the images (prefilled in chunks of 7 tokens over reversed blocks), and 16 greedy
+/// tokens through the engine (image features spliced in, M-RoPE positions, decode
+/// positions after the images' delta).
+#[test]
+fn the_vision_language_model_matches_transformers() {
+    use inferd::backend::ForwardBatch;
+    use inferd::engine::{Engine, EngineConfig, SamplingParams};
+    use inferd::models::qwen2_5_vl::VisionLanguageModel;
+    use inferd::models::{EncoderInput, EngineModel, LogitsFor};
+    use std::sync::Arc;
+
+    let want = golden("models/tiny-qwen2.5-vl.json");
+    let dir = installed_model("inferd-test/tiny-qwen2.5-vl");
+    let backend = CpuBackend::default();
+    let mut model = VisionLanguageModel::load(&backend, &dir, &mut |_, _| {}).unwrap();
+    let mut worst = 0f64;
+    for (name, case) in want["cases"].as_object().unwrap() {
+        let images = Arc::new(vl_images(&want, &case["images"]));
+        let prompt = super::common::ids(&case["prompt"]);
+        let input = EncoderInput::Images(images.clone());
+        model.begin_request(&backend, 1, &prompt, &input).unwrap();
+        let (block_size, chunk) = (16, 7);
+        let num_blocks = prompt.len().div_ceil(block_size);
+        let block_table: Vec<u32> = (0..num_blocks as u32).rev().collect();
+        let mut cache = backend.alloc_kv_cache(model.kv_cache_shape(num_blocks, block_size));
+        let mut rows = Vec::new();
+        for (i, piece) in prompt.chunks(chunk).enumerate() {
+            let mut batch = ForwardBatch::single(piece, i * chunk, &block_table, block_size);
+            batch.seqs[0].key = 1;
+            let logits = model
+                .forward(&backend, &batch, &mut cache, LogitsFor::AllTokens)
+                .unwrap();
+            let (values, n, vocab) = backend.to_host(logits);
+            rows.extend(values.chunks(vocab).take(n).map(<[f32]>::to_vec));
+        }
+        model.end_request(1);
+        for (r, expected) in case["logit_rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(case["logits"].as_array().unwrap())
+        {
+            let got = &rows[r.as_u64().unwrap() as usize];
+            for (g, e) in got.iter().zip(expected.as_array().unwrap()) {
+                worst = worst.max((f64::from(*g) - e.as_f64().unwrap()).abs());
+            }
+        }
+        assert!(worst < 1e-4, "{name}: max |logit error| {worst:.2e}");
+
+        let mut engine = Engine::new(
+            CpuBackend::default(),
+            VisionLanguageModel::load(&backend, &dir, &mut |_, _| {}).unwrap(),
+            EngineConfig::default(),
+            vec![],
+        );
+        let params = SamplingParams {
+            max_tokens: Some(16),
+            temperature: 0.0,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        let tokens = super::common::run_alone(&mut engine, 5, prompt.clone(), params, Some(input));
+        assert_eq!(tokens, super::common::ids(&case["greedy"]), "{name}: greedy tokens");
+    }
+    eprintln!("vision-language model: max |logit error| {worst:.2e} over the rows that see the images");
 }

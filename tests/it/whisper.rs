@@ -13,7 +13,7 @@ use inferd::backend::{Backend, ForwardBatch};
 use inferd::engine::{Engine, EngineConfig, EngineEvent, RequestId, SamplingParams};
 use inferd::media::audio::{self, LogMel, MelConfig, MelExtractor};
 use inferd::models::whisper::WhisperGeneration;
-use inferd::models::{load_whisper, EngineModel, LogitsFor, WhisperModel};
+use inferd::models::{load_whisper, EncoderInput, EngineModel, LogitsFor, WhisperModel};
 
 use crate::common::{golden, ids, installed_model, repo_root};
 
@@ -127,7 +127,9 @@ fn encoder_and_decoder_match_transformers() {
     assert!(worst < 5e-4, "encoder output differs by {worst}");
 
     // Decoder logits over the golden sequence, in one prefill.
-    model.begin_request(&backend, 7, &Arc::new(mel)).unwrap();
+    model
+        .begin_request(&backend, 7, &[], &EncoderInput::Audio(Arc::new(mel)))
+        .unwrap();
     let input = ids(&g["decoder"]["input_ids"]);
     let block_size = 16;
     let blocks: Vec<u32> = (0..input.len().div_ceil(block_size) as u32).collect();
@@ -174,7 +176,7 @@ fn run(
     params: SamplingParams,
     mel: LogMel,
 ) -> Vec<u32> {
-    crate::common::run_alone(engine, id, prompt, params, Some(Arc::new(mel)))
+    crate::common::run_alone(engine, id, prompt, params, Some(EncoderInput::Audio(Arc::new(mel))))
 }
 
 #[test]
@@ -247,7 +249,7 @@ fn concurrent_requests_batch_and_match_their_solo_runs() {
                 RequestId(200 + i as u64),
                 prompt,
                 params(*ts),
-                Some(Arc::new(mel.clone())),
+                Some(EncoderInput::Audio(Arc::new(mel.clone()))),
                 tx,
             )
             .unwrap();
@@ -287,7 +289,7 @@ fn concurrent_requests_batch_and_match_their_solo_runs() {
             RequestId(301),
             gen.prompt(&[], None, false, false),
             params(false),
-            Some(Arc::new(bad)),
+            Some(EncoderInput::Audio(Arc::new(bad))),
             tx,
         )
         .unwrap();
@@ -297,7 +299,7 @@ fn concurrent_requests_batch_and_match_their_solo_runs() {
             RequestId(302),
             gen.prompt(&[], None, false, false),
             params(false),
-            Some(Arc::new(inputs[0].1.clone())),
+            Some(EncoderInput::Audio(Arc::new(inputs[0].1.clone()))),
             tx,
         )
         .unwrap();
