@@ -892,7 +892,9 @@ fn whisper_multilingual_goldens_on_the_gpu() {
     let mut engine = Engine::new(g.clone(), model, EngineConfig::default(), vec![gen.eos_token_id]);
     let bytes = std::fs::read(fixture("audio/jfk.wav")).unwrap();
     let audio = audio::decode(&bytes, 60.0).unwrap();
-    let mel = Arc::new(MelExtractor::new(MelConfig::default()).window_features(&audio.samples));
+    let mel = inferd::models::EncoderInput::Audio(Arc::new(
+        MelExtractor::new(MelConfig::default()).window_features(&audio.samples),
+    ));
     let mut run = |id: u64, prompt: Vec<u32>, params: SamplingParams| {
         common::run_alone(&mut engine, id, prompt, params, Some(mel.clone()))
     };
