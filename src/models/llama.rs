@@ -241,13 +241,7 @@ impl<B: Backend> DecoderModel<B> {
         };
         let get = |name: &str| checkpoint.tensor(name);
         // Biases of stacked projections are stacked the same way, as one f32 vector.
-        let stacked_bias = |names: &[String]| -> Result<B::Weight, LoadError> {
-            let mut values = Vec::new();
-            for name in names {
-                values.extend(get(name)?.to_f32_vec());
-            }
-            Ok(backend.weight_from_f32(values))
-        };
+        let stacked_bias = |names: &[String]| super::stacked_vector(backend, checkpoint, names);
         let embed_tokens = backend.weight(&get("model.embed_tokens.weight")?);
         tick(1);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);

@@ -98,6 +98,20 @@ pub trait EngineModel<B: Backend>: Send + 'static {
     fn end_request(&mut self, _key: u64) {}
 }
 
+/// Several 1-D tensors (the biases of projections stacked into one weight) read as one
+/// f32 vector, in order.
+pub(crate) fn stacked_vector<B: Backend>(
+    backend: &B,
+    checkpoint: &Checkpoint,
+    names: &[String],
+) -> Result<B::Weight, LoadError> {
+    let mut values = Vec::new();
+    for name in names {
+        values.extend(checkpoint.tensor(name)?.to_f32_vec());
+    }
+    Ok(backend.weight_from_f32(values))
+}
+
 /// Checks a batch against a model's vocabulary and positions before any compute.
 pub(crate) fn check_batch(batch: &ForwardBatch, vocab_size: usize, max_positions: usize) -> Result<(), ForwardError> {
     if let Some(&id) = batch.token_ids.iter().find(|&&id| id as usize >= vocab_size) {

@@ -183,13 +183,7 @@ impl<B: Backend> VisionTower<B> {
             checkpoint.tensor(name)?.expect_shape(shape)?;
         }
         let get = |name: &str| checkpoint.tensor(name);
-        let vector = |names: &[String]| -> Result<B::Weight, LoadError> {
-            let mut values = Vec::new();
-            for name in names {
-                values.extend(get(name)?.to_f32_vec());
-            }
-            Ok(backend.weight_from_f32(values))
-        };
+        let vector = |names: &[String]| super::stacked_vector(backend, checkpoint, names);
         let embed = get("visual.patch_embed.proj.weight")?;
         let embed_shape = [h, config.patch_width()];
         let patch_embed = backend.weight(&TensorView {

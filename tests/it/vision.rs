@@ -23,20 +23,7 @@ fn the_vision_tower_matches_transformers() {
         &Checkpoint::open(&dir).unwrap(),
     )
     .unwrap();
-    let settings = VisionPreprocess {
-        min_pixels: want["min_pixels"].as_u64().unwrap() as usize,
-        max_pixels: want["max_pixels"].as_u64().unwrap() as usize,
-        ..VisionPreprocess::default()
-    };
-    let images: Vec<_> = want["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|name| {
-            let bytes = std::fs::read(fixture(&format!("images/{}", name.as_str().unwrap()))).unwrap();
-            preprocess(&decode(&bytes, 1 << 24).unwrap(), &settings).unwrap()
-        })
-        .collect();
+    let images = vl_images(&want, &want["images"]);
     let grids: Vec<[usize; 3]> = images.iter().map(|p| p.grid).collect();
     assert_eq!(serde_json::json!(grids), want["grids"]);
     let pixel_sum: f64 = images.iter().flat_map(|p| &p.data).map(|&v| f64::from(v)).sum();
@@ -87,6 +74,7 @@ fn rotary_sections_with_one_section_is_rotary() {
     assert_eq!(backend.to_host(a), backend.to_host(b));
 }
 
+/// The goldens' images, preprocessed with their pixel budget.
 fn vl_images(want: &serde_json::Value, names: &serde_json::Value) -> Vec<inferd::media::image::PixelValues> {
     let settings = VisionPreprocess {
         min_pixels: want["min_pixels"].as_u64().unwrap() as usize,
