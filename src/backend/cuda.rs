@@ -831,9 +831,17 @@ impl Backend for CudaBackend {
             shape.head_dim / 2,
             "rotary_sections: sections cover head_dim / 2"
         );
+        assert!(
+            qkv.cols >= (shape.num_heads + shape.num_kv_heads) * shape.head_dim,
+            "rotary_sections: row width"
+        );
         if qkv.rows == 0 {
             return;
         }
+        assert!(
+            self.vector(inv_freq, "rotary_sections").len() >= shape.head_dim / 2,
+            "rotary_sections: head_dim / 2 frequencies"
+        );
         let flat: Vec<u32> = positions.iter().flatten().copied().collect();
         let pos = self.indices(&flat, "rotary_sections: positions");
         let (x, p, f) = (

@@ -40,7 +40,9 @@ pub enum FetchError {
     Disabled,
     #[error("unsupported URL `{0}`: use an http(s) URL or a data: URL (file paths are never read)")]
     Scheme(String),
-    #[error("`{host}` resolves to {addr}, a {kind} address; such URLs are refused")]
+    // The address is not told to the client (it would map internal names); the server
+    // logs it.
+    #[error("`{host}` resolves to a {kind} address; such URLs are refused")]
     Refused {
         host: String,
         addr: IpAddr,
@@ -176,6 +178,8 @@ fn v6_kind(ip: Ipv6Addr) -> Option<&'static str> {
         [0x100, 0, 0, 0, ..] => "discard-only",
         [0x2001, 0..=0x1ff, ..] => "IETF protocol (Teredo, ORCHID, benchmarking)",
         [0x2001, 0xdb8, ..] | [0x3fff, 0..=0xfff, ..] => "documentation",
+        // The rest of ::/8 (IPv4-translated ::ffff:0:a.b.c.d and other reserved space).
+        [0, ..] => "reserved (::/8)",
         [s, ..] if s & 0xfe00 == 0xfc00 => "unique local (private)",
         [s, ..] if s & 0xffc0 == 0xfe80 => "link-local",
         [s, ..] if s & 0xffc0 == 0xfec0 => "site-local",
@@ -325,6 +329,8 @@ mod tests {
             "255.255.255.255",
             "::",
             "::1",
+            "::ffff:0:7f00:1",
+            "::ffff:0:808:808",
             "::ffff:127.0.0.1",
             "::ffff:10.0.0.1",
             "::ffff:169.254.169.254",

@@ -228,6 +228,11 @@ pub fn smart_resize(
     min_pixels: usize,
     max_pixels: usize,
 ) -> Result<(usize, usize), ImageError> {
+    if height == 0 || width == 0 || factor == 0 {
+        return Err(ImageError::Corrupt(format!(
+            "a {width}×{height} image cannot be resized"
+        )));
+    }
     let (h, w, f) = (height as f64, width as f64, factor as f64);
     if h.max(w) / h.min(w) > 200.0 {
         return Err(ImageError::AspectRatio { width, height });

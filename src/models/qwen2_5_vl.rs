@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::llama::Rope;
 use super::{check_batch, DecoderConfig, DecoderModel, EncoderInput, EngineModel, ForwardError, LogitsFor, ModelError};
-use crate::backend::{AttentionShape, Backend, DenseAttention, ForwardBatch, KvCacheShape};
+use crate::backend::{AttentionShape, Backend, DenseAttention, ForwardBatch, KvCacheShape, MAX_HEAD_DIM};
 use crate::loader::safetensors::{Checkpoint, TensorView};
 use crate::loader::LoadError;
 use crate::media::image::PixelValues;
@@ -77,9 +77,9 @@ impl VisionConfig {
                 .unwrap_or(10000.0),
         };
         let head_dim = c.hidden_size / c.num_heads;
-        if !c.hidden_size.is_multiple_of(c.num_heads) || !head_dim.is_multiple_of(4) {
+        if !c.hidden_size.is_multiple_of(c.num_heads) || !head_dim.is_multiple_of(4) || head_dim > MAX_HEAD_DIM {
             return Err(format!(
-                "vision_config: hidden_size {} over {} heads must give a head size divisible by 4",
+                "vision_config: hidden_size {} over {} heads must give a head size divisible by 4 and at most 512",
                 c.hidden_size, c.num_heads
             ));
         }
@@ -93,7 +93,7 @@ impl VisionConfig {
         self.hidden_size / self.num_heads
     }
 
-    fn patch_width(&self) -> usize {
+    pub fn patch_width(&self) -> usize {
         self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
     }
 
@@ -553,7 +553,29 @@ where
                 input.kind()
             )));
         };
-        let merge = self.vision.config().spatial_merge_size;
+        let vision = self.vision.config();
+        let merge = vision.spatial_merge_size;
+        // Images made with other patch settings than the tower's are refused here, before
+        // any compute (the tower asserts its shapes).
+        for image in images.iter() {
+            let [t, h, w] = image.grid;
+            let rows = t.checked_mul(h).and_then(|n| n.checked_mul(w));
+            if t == 0
+                || h == 0
+                || w == 0
+                || !h.is_multiple_of(merge)
+                || !w.is_multiple_of(merge)
+                || image.row_len != vision.patch_width()
+                || rows.and_then(|n| n.checked_mul(image.row_len)) != Some(image.data.len())
+            {
+                return Err(ForwardError::BadEncoderInput(format!(
+                    "an image's patches ({:?} grid of rows of {}) do not fit the vision tower (patches of {}, merged {merge} × {merge})",
+                    image.grid,
+                    image.row_len,
+                    vision.patch_width()
+                )));
+            }
+        }
         let grids: Vec<[usize; 3]> = images.iter().map(|p| p.grid).collect();
         let (positions, delta) =
             mrope_positions(prompt, self.image_token, &grids, merge).map_err(ForwardError::BadEncoderInput)?;

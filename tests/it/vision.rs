@@ -159,3 +159,39 @@ fn the_vision_language_model_matches_transformers() {
     }
     eprintln!("vision-language model: max |logit error| {worst:.2e} over the rows that see the images");
 }
+
+/// Images that do not fit the tower (a grid not in whole merge units, rows of another
+/// patch size, data of the wrong length) and prompts whose image tokens do not match the
+/// images are refused before any compute, not panics.
+#[test]
+fn mismatched_images_and_prompts_are_refused() {
+    use inferd::media::image::PixelValues;
+    use inferd::models::qwen2_5_vl::VisionLanguageModel;
+    use inferd::models::{EncoderInput, EngineModel};
+    use std::sync::Arc;
+
+    let dir = installed_model("inferd-test/tiny-qwen2.5-vl");
+    let backend = CpuBackend::default();
+    let mut model = VisionLanguageModel::load(&backend, &dir, &mut |_, _| {}).unwrap();
+    let pad = model.image_token();
+    let image = |grid: [usize; 3], row_len: usize, rows: usize| PixelValues {
+        data: vec![0.0; rows * row_len],
+        grid,
+        row_len,
+    };
+    let good = image([1, 4, 6], 1176, 24);
+    let cases = [
+        (vec![image([1, 3, 6], 1176, 18)], vec![1, pad, pad, 2]),
+        (vec![image([1, 4, 6], 588, 24)], vec![1, pad, 2]),
+        (vec![image([1, 4, 6], 1176, 23)], vec![1, pad, 2]),
+        (vec![image([0, 4, 6], 1176, 0)], vec![1, pad, 2]),
+        // 6 image tokens expected, 5 given; two images for one run.
+        (vec![good.clone()], [vec![1], vec![pad; 5], vec![2]].concat()),
+        (vec![good.clone(), good], [vec![1], vec![pad; 6], vec![2]].concat()),
+    ];
+    for (i, (images, prompt)) in cases.into_iter().enumerate() {
+        let input = EncoderInput::Images(Arc::new(images));
+        let result = model.begin_request(&backend, i as u64, &prompt, &input);
+        assert!(result.is_err(), "case {i} was accepted");
+    }
+}

@@ -728,6 +728,14 @@ impl Backend for CpuBackend {
             hd / 2,
             "rotary_sections: sections cover head_dim / 2"
         );
+        assert!(
+            inv_freq.f32s().len() >= hd / 2,
+            "rotary_sections: head_dim / 2 frequencies"
+        );
+        assert!(
+            qkv.cols >= (shape.num_heads + shape.num_kv_heads) * hd,
+            "rotary_sections: row width"
+        );
         let num_qk_heads = shape.num_heads + shape.num_kv_heads;
         let stream = |i: usize| usize::from(i >= sections[0]) + usize::from(i >= sections[0] + sections[1]);
         qkv.data
