@@ -397,26 +397,29 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
     /// the engine thread does when a step panics (a backend error), so that it keeps
     /// serving new requests instead of dying with them.
     pub fn fail_all(&mut self, message: &str) {
-        let ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        // Every request, and sequences whose request was already gone.
+        let mut ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        ids.extend(
+            self.scheduler
+                .running
+                .iter()
+                .chain(self.scheduler.waiting.iter())
+                .map(|s| s.request),
+        );
+        ids.sort_unstable();
+        ids.dedup();
         for id in ids {
-            if let Some(req) = self.requests.remove(&id) {
-                let _ = req.events.send(EngineEvent::Failed(message.to_owned()));
-            }
-            self.scheduler.remove_request(id);
-            self.model.end_request(id.0);
+            self.fail_request(id, message);
         }
-        // Sequences whose request was already gone.
-        let orphans: Vec<RequestId> = self
-            .scheduler
-            .running
-            .iter()
-            .chain(self.scheduler.waiting.iter())
-            .map(|s| s.request)
-            .collect();
-        for id in orphans {
-            self.scheduler.remove_request(id);
-            self.model.end_request(id.0);
+    }
+
+    /// Tells request `id` it failed (when it is still there) and drops it: its
+    /// sequences, their blocks, and what the model kept for it.
+    fn fail_request(&mut self, id: RequestId, message: &str) {
+        if let Some(req) = self.requests.get(&id) {
+            let _ = req.events.send(EngineEvent::Failed(message.to_owned()));
         }
+        self.cancel(id);
     }
 
     /// Runs the encoder of every request in the plan that has not had it yet. A request
@@ -438,11 +441,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             }
         }
         for (id, e) in &failed {
-            if let Some(req) = self.requests.remove(id) {
-                let _ = req.events.send(EngineEvent::Failed(e.to_string()));
-            }
-            self.scheduler.remove_request(*id);
-            self.model.end_request(id.0);
+            self.fail_request(*id, &e.to_string());
         }
         failed.is_empty()
     }
@@ -710,12 +709,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             .collect();
         ids.sort_unstable();
         ids.dedup();
+        let message = error.to_string();
         for id in ids {
-            if let Some(req) = self.requests.remove(&id) {
-                let _ = req.events.send(EngineEvent::Failed(error.to_string()));
-            }
-            self.scheduler.remove_request(id);
-            self.model.end_request(id.0);
+            self.fail_request(id, &message);
         }
     }
 }

@@ -6,6 +6,7 @@
 //! rescale and normalize fused as transformers fuses them, and patches flattened with the
 //! temporal patch of 2, with the (t, h, w) grid.
 
+use std::borrow::Cow;
 use std::io::Cursor;
 
 use serde_json::Value;
@@ -337,8 +338,8 @@ fn tap_sum(taps: &Taps, bits: u32, src: impl Fn(usize) -> u8) -> u8 {
 /// antialias=True)` on the CPU: PyTorch's 8-bit separable resampling, along the width
 /// then the height with an 8-bit image between (a dimension that keeps its size is
 /// skipped).
-pub fn resize_bicubic(image: &RgbImage, height: usize, width: usize) -> RgbImage {
-    let mut current = image.clone();
+pub fn resize_bicubic(image: &RgbImage, height: usize, width: usize) -> Cow<'_, RgbImage> {
+    let mut current = Cow::Borrowed(image);
     if width != current.width {
         let (taps, bits) = taps(current.width, width);
         let mut data = vec![0u8; current.height * width * 3];
@@ -350,11 +351,11 @@ pub fn resize_bicubic(image: &RgbImage, height: usize, width: usize) -> RgbImage
                 }
             }
         }
-        current = RgbImage {
+        current = Cow::Owned(RgbImage {
             width,
             height: current.height,
             data,
-        };
+        });
     }
     if height != current.height {
         let (taps, bits) = taps(current.height, height);
@@ -365,11 +366,11 @@ pub fn resize_bicubic(image: &RgbImage, height: usize, width: usize) -> RgbImage
                 data[y * stride + i] = tap_sum(t, bits, |j| current.data[j * stride + i]);
             }
         }
-        current = RgbImage {
+        current = Cow::Owned(RgbImage {
             width: current.width,
             height,
             data,
-        };
+        });
     }
     current
 }
@@ -452,6 +453,36 @@ mod tests {
             smart_resize(10, 2001, 28, 3136, 1003520),
             Err(ImageError::AspectRatio { .. })
         ));
+    }
+
+    #[test]
+    fn preprocessor_config_is_read_like_transformers() {
+        // Qwen2.5-VL's preprocessor_config.json: min/max_pixels win over size.
+        let config = serde_json::json!({
+            "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+            "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "size": {"shortest_edge": 1, "longest_edge": 2}, "image_processor_type": "Qwen2VLImageProcessor"
+        });
+        let read = VisionPreprocess::from_json(&config).unwrap();
+        assert_eq!(
+            read,
+            VisionPreprocess {
+                max_pixels: 12845056,
+                ..VisionPreprocess::default()
+            }
+        );
+        let sized = serde_json::json!({"size": {"shortest_edge": 100, "longest_edge": 5000}, "merge_size": 1});
+        let read = VisionPreprocess::from_json(&sized).unwrap();
+        assert_eq!((read.min_pixels, read.max_pixels, read.factor()), (100, 5000, 14));
+        for bad in [
+            serde_json::json!({"patch_size": 0}),
+            serde_json::json!({"image_std": [0.5, 0.0, 0.5]}),
+            serde_json::json!({"image_mean": [0.5, 0.5]}),
+            serde_json::json!({"min_pixels": 10, "max_pixels": 5}),
+        ] {
+            assert!(VisionPreprocess::from_json(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -115,10 +115,9 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
                 };
                 let service_state = state.clone();
                 let service = service_fn(move |req| routes::handle(service_state.clone(), req));
-                // A connection that sends no complete request head in time is closed (hyper
-                // only enforces this with a timer).
-                // hyper restarts the header timer when a keep-alive connection goes idle,
-                // so it also closes idle connections.
+                // A connection that sends no complete request head in time is closed; hyper
+                // restarts that timer when a keep-alive connection goes idle, so idle
+                // connections close too. Writes that make no progress fail (WriteDeadline).
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(state.read_timeout)

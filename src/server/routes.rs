@@ -130,12 +130,10 @@ async fn dispatch(
         }
         (Method::POST, "/v1/audio/transcriptions") => transcribe::handle(state.clone(), req, false).await,
         (Method::POST, "/v1/audio/translations") => transcribe::handle(state.clone(), req, true).await,
-        (Method::POST, "/v1/responses") => {
-            match read_json(req.into_body(), state.max_body_bytes, state.read_timeout).await {
-                Ok(body) => responses::create(state.clone(), body).await,
-                Err(e) => Err(e),
-            }
-        }
+        (Method::POST, "/v1/responses") => match json_body(state, req).await {
+            Ok(body) => responses::create(state.clone(), body).await,
+            Err(e) => Err(e),
+        },
         (m, p) if p.starts_with("/v1/responses/") => {
             let rest = &p["/v1/responses/".len()..];
             match (m, rest.strip_suffix("/input_items")) {
@@ -149,24 +147,18 @@ async fn dispatch(
                 )),
             }
         }
-        (Method::POST, "/load_model") => {
-            match read_json(req.into_body(), state.max_body_bytes, state.read_timeout).await {
-                Ok(body) => load_model(state, &body),
-                Err(e) => Err(e),
-            }
-        }
-        (Method::POST, "/v1/chat/completions") => {
-            match read_json(req.into_body(), state.max_body_bytes, state.read_timeout).await {
-                Ok(body) => generate::chat_completions(state.clone(), body, request_id.to_owned()).await,
-                Err(e) => Err(e),
-            }
-        }
-        (Method::POST, "/v1/completions") => {
-            match read_json(req.into_body(), state.max_body_bytes, state.read_timeout).await {
-                Ok(body) => generate::completions(state.clone(), body, request_id.to_owned()).await,
-                Err(e) => Err(e),
-            }
-        }
+        (Method::POST, "/load_model") => match json_body(state, req).await {
+            Ok(body) => load_model(state, &body),
+            Err(e) => Err(e),
+        },
+        (Method::POST, "/v1/chat/completions") => match json_body(state, req).await {
+            Ok(body) => generate::chat_completions(state.clone(), body, request_id.to_owned()).await,
+            Err(e) => Err(e),
+        },
+        (Method::POST, "/v1/completions") => match json_body(state, req).await {
+            Ok(body) => generate::completions(state.clone(), body, request_id.to_owned()).await,
+            Err(e) => Err(e),
+        },
         (Method::POST, p @ ("/tokenize" | "/detokenize")) => {
             let detokenize = p == "/detokenize";
             match with_model(state, req).await {
@@ -307,9 +299,14 @@ fn model_by_id(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> 
     }
 }
 
+/// A request's JSON body, under the server's size limit and read timeout.
+async fn json_body(state: &ServerState, req: Request<Incoming>) -> Result<Value, ApiError> {
+    read_json(req.into_body(), state.max_body_bytes, state.read_timeout).await
+}
+
 /// The model a body names (loaded if need be), and the body.
 async fn with_model(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<(ModelLease, Value), ApiError> {
-    let body = read_json(req.into_body(), state.max_body_bytes, state.read_timeout).await?;
+    let body = json_body(state, req).await?;
     let model = state
         .models
         .acquire(generate::requested_model(&body)?.as_deref())

@@ -47,7 +47,12 @@ async fn one_stream(port: u16, body: &str) -> Result<Outcome, String> {
             break;
         }
         raw.extend_from_slice(&buf[..n]);
-        if first.is_none() && raw.windows(11).any(|w| w == b"\"content\":\"") {
+        // The first token's text (the opening chunk carries an empty content).
+        if first.is_none()
+            && raw
+                .windows(12)
+                .any(|w| w.starts_with(b"\"content\":\"") && w[11] != b'"')
+        {
             first = Some(start.elapsed());
         }
     }
