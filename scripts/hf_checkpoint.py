@@ -387,9 +387,86 @@ TINY = {
                 "hidden_act": "silu",
             },
         },
-        "dtype": "F32", "seed": 4,
+        "dtype": "F32", "seed": 4, "chat": "vision",
     },
 }
+
+
+# ---------------------------------------------------------------------------------------
+# A tokenizer for the tiny vision-language checkpoint, so that it can chat: byte-level
+# BPE over the 384 ids (256 bytes, 119 merges, Qwen's special tokens at the ids its
+# config names), the official Qwen2-VL chat template and an image processor config
+# with a small pixel budget.
+
+VISION_SPECIAL_TOKENS = {
+    "<|endoftext|>": 375, "<|im_start|>": 376, "<|im_end|>": 377, "<|vision_start|>": 378,
+    "<|vision_end|>": 379, "<|vision_pad|>": 380, "<|image_pad|>": 381, "<|video_pad|>": 382,
+    "<|box_start|>": 383,
+}
+VISION_TEMPLATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures",
+                               "templates", "Qwen-Qwen2-VL-7B-Instruct.jinja")
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map of the 256 bytes to printable characters (ByteLevel)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def write_vision_chat_files(out_dir):
+    chars = bytes_to_unicode()
+    vocab = {chars[b]: b for b in range(256)}
+    # Merges: a space before each frequent letter, then pairs of frequent letters.
+    letters = "etaoinshrdlucmfwypvbg"
+    pairs = [(chars[0x20], c) for c in letters]
+    pairs += [(a, b) for a in letters for b in letters]
+    merges = []
+    for a, b in pairs:
+        if len(vocab) == 375:
+            break
+        if a + b not in vocab:
+            vocab[a + b] = len(vocab)
+            merges.append(f"{a} {b}")
+    assert len(vocab) == 375
+    added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for t, i in VISION_SPECIAL_TOKENS.items()]
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "NFC"}, "pre_tokenizer": byte_level, "post_processor": None,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                  "ignore_merges": False, "vocab": vocab, "merges": merges},
+    }
+    with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        json.dump(tokenizer, f, ensure_ascii=False)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "unk_token": None, "clean_up_tokenization_spaces": False,
+        "model_max_length": 1024,
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    shutil.copyfile(VISION_TEMPLATE, os.path.join(out_dir, "chat_template.jinja"))
+    processor = {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
+        "rescale_factor": 1 / 255, "resample": 3, "patch_size": 14, "temporal_patch_size": 2,
+        "merge_size": 2, "min_pixels": 56 * 56, "max_pixels": 64 * 28 * 28,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w") as f:
+        json.dump(processor, f, indent=2, sort_keys=True)
+        f.write("\n")
 
 
 def vision_tensors(v):
@@ -502,6 +579,8 @@ def tiny_main(args):
     with open(os.path.join(args.out_dir, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
         f.write("\n")
+    if spec.get("chat") == "vision":
+        write_vision_chat_files(args.out_dir)
     say(f"{args.name}: {len(tensors)} tensors, {spec['dtype']}")
 
 

@@ -86,6 +86,72 @@ def main():
         print(name, len(ids), out["cases"][name]["greedy"])
     path = ROOT / "tests" / "goldens" / "models" / "tiny-qwen2.5-vl.json"
     path.write_text(json.dumps(out) + "\n")
+    chat_goldens(model)
+
+
+# Chat requests as a client sends them (OpenAI messages; an image_url names a fixture
+# file, which the test sends as a data: URL), through transformers' own processor: the
+# checkpoint's chat template, its tokenizer and image processor (preprocessor_config.json),
+# `<|image_pad|>` expanded by the processor.
+CHATS = {
+    "one_image": [
+        {"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture? "},
+            {"type": "image_url", "image_url": {"url": "chelsea.png"}},
+        ]},
+    ],
+    "conversation": [
+        {"role": "system", "content": "You describe images tersely."},
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "chelsea.png"}},
+            {"type": "text", "text": "A cat?"},
+        ]},
+        {"role": "assistant", "content": "A tabby cat."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "And this one, "},
+            {"type": "image_url", "image_url": {"url": "synthetic-83x61.webp"}},
+            {"type": "text", "text": " next to "},
+            {"type": "image_url", "image_url": {"url": "synthetic-83x61.gif"}},
+        ]},
+    ],
+}
+
+
+def chat_goldens(model):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained("inferd-test/tiny-qwen2.5-vl")
+    tokenizer = processor.tokenizer
+    out = {"model": "inferd-test/tiny-qwen2.5-vl", "max_tokens": 16, "cases": {}}
+    for name, messages in CHATS.items():
+        files = [part["image_url"]["url"] for m in messages if isinstance(m["content"], list)
+                 for part in m["content"] if part["type"] == "image_url"]
+        # transformers' templates see `{"type": "image"}` parts.
+        template_messages = [
+            {**m, "content": [{"type": "image"} if p["type"] == "image_url" else p for p in m["content"]]}
+            if isinstance(m["content"], list) else m
+            for m in messages
+        ]
+        text = processor.apply_chat_template(template_messages, add_generation_prompt=True, tokenize=False)
+        images = [Image.open(ROOT / "tests" / "fixtures" / "images" / f) for f in files]
+        inputs = processor(text=[text], images=images, return_tensors="pt")
+        with torch.no_grad():
+            generated = model.generate(**inputs, max_new_tokens=16, do_sample=False, eos_token_id=None,
+                                       pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        prompt_len = inputs["input_ids"].shape[1]
+        ids = generated.sequences[0, prompt_len:].tolist()
+        logprobs = [float(torch.log_softmax(score[0].double(), -1)[t]) for score, t in zip(generated.scores, ids)]
+        out["cases"][name] = {
+            "messages": messages,
+            "prompt_tokens": prompt_len,
+            "grids": inputs["image_grid_thw"].tolist(),
+            "token_ids": ids,
+            "tokens": [tokenizer.decode([t], skip_special_tokens=False) for t in ids],
+            "logprobs": [round(v, 6) for v in logprobs],
+        }
+        print(name, prompt_len, ids)
+    path = ROOT / "tests" / "goldens" / "models" / "tiny-qwen2.5-vl-chat.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":

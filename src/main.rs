@@ -110,6 +110,26 @@ struct ServeArgs {
     /// Longest audio a transcription may send, in seconds.
     #[arg(long, default_value_t = 1800.0)]
     max_audio_seconds: f64,
+    /// Most images one chat request may carry.
+    #[arg(long, default_value_t = 8)]
+    max_images_per_request: usize,
+    /// Largest image decoded, in pixels (width × height, read from the file's header
+    /// before decoding).
+    #[arg(long, default_value_t = 50_000_000)]
+    max_image_pixels: u64,
+    /// Largest image accepted, in bytes (fetched or in a data: URL).
+    #[arg(long, default_value_t = 20 << 20)]
+    max_image_bytes: u64,
+    /// Deadline for fetching one image URL (lookup, connection, redirects, body).
+    #[arg(long, default_value_t = 10)]
+    image_fetch_timeout_secs: u64,
+    /// Never fetch http(s) image URLs: images come as data: URLs only.
+    #[arg(long)]
+    no_remote_images: bool,
+    /// Allow image URLs on loopback, private and other non-global addresses (refused by
+    /// default: a client could otherwise make the server reach internal services).
+    #[arg(long)]
+    allow_private_image_urls: bool,
     /// Seed for requests that do not send one (reproducible runs).
     #[arg(long)]
     default_seed: Option<u64>,
@@ -781,6 +801,16 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         write_timeout: std::time::Duration::from_secs(args.write_timeout_secs),
         max_audio_seconds: args.max_audio_seconds,
         max_audio_bytes: args.max_audio_bytes,
+        images: inferd::server::images::ImageLimits {
+            fetch: inferd::media::fetch::FetchPolicy {
+                enabled: !args.no_remote_images,
+                allow_private: args.allow_private_image_urls,
+                max_bytes: args.max_image_bytes,
+                timeout: std::time::Duration::from_secs(args.image_fetch_timeout_secs),
+            },
+            max_per_request: args.max_images_per_request,
+            max_pixels: args.max_image_pixels,
+        },
         metrics: Default::default(),
         next_request: Default::default(),
         responses: inferd::server::responses::ResponseStore::new(args.responses_store_size),

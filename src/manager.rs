@@ -19,6 +19,8 @@ use crate::backend::{Backend, Device};
 use crate::engine::{available_memory, Engine, EngineConfig, EngineHandle, KvCacheBudget};
 use crate::loader::hub::{resolve_model, HubError, ModelDir, ModelRef};
 use crate::media::audio::{MelConfig, MelExtractor};
+use crate::media::image::VisionPreprocess;
+use crate::models::qwen2_5_vl::VisionLanguageModel;
 use crate::models::whisper::WhisperGeneration;
 use crate::models::{load_decoder, load_decoder_dummy, load_whisper, DecoderModel, GenerationConfig, WhisperModel};
 use crate::text::Tokenizer;
@@ -103,16 +105,22 @@ pub enum LoadedModel {
     Text(DecoderModel<CpuBackend>),
     /// Speech to text (transcriptions, translations).
     Speech(WhisperModel<CpuBackend>),
+    /// Text and images in, text out (chat with images).
+    Vision(VisionLanguageModel<CpuBackend>),
     #[cfg(feature = "cuda")]
     CudaText(DecoderModel<CudaBackend>),
     #[cfg(feature = "cuda")]
     CudaSpeech(WhisperModel<CudaBackend>),
+    #[cfg(feature = "cuda")]
+    CudaVision(VisionLanguageModel<CudaBackend>),
 }
 
-/// A model of either kind on one backend (what `load_on` makes).
+/// A model of any kind on one backend (what `load_on` makes, moved on at once).
+#[allow(clippy::large_enum_variant)]
 enum Kind<B: Backend> {
     Text(DecoderModel<B>),
     Speech(WhisperModel<B>),
+    Vision(VisionLanguageModel<B>),
 }
 
 /// Uploads a model folder's weights to `backend`.
@@ -123,15 +131,28 @@ fn load_on<B: Backend>(
     weights: &mut dyn FnMut(usize, usize),
 ) -> Result<Kind<B>, LoadError> {
     let failed = |e: &dyn std::fmt::Display| LoadError::Failed(e.to_string());
-    if model_type(dir) == "whisper" {
-        if dummy {
-            return Err(LoadError::Failed(
-                "--load-format dummy is for text decoders, not Whisper".into(),
-            ));
+    let kind = model_type(dir);
+    if dummy && kind == "whisper" {
+        return Err(LoadError::Failed(
+            "--load-format dummy is for text decoders, not Whisper".into(),
+        ));
+    }
+    match kind.as_str() {
+        "whisper" => {
+            return load_whisper(backend, dir, weights)
+                .map(Kind::Speech)
+                .map_err(|e| failed(&e))
         }
-        return load_whisper(backend, dir, weights)
-            .map(Kind::Speech)
-            .map_err(|e| failed(&e));
+        VISION_LANGUAGE_MODEL_TYPE => {
+            return if dummy {
+                VisionLanguageModel::load_dummy(backend, dir, weights)
+            } else {
+                VisionLanguageModel::load(backend, dir, weights)
+            }
+            .map(Kind::Vision)
+            .map_err(|e| failed(&e))
+        }
+        _ => {}
     }
     if dummy {
         load_decoder_dummy(backend, dir, weights)
@@ -154,21 +175,45 @@ impl LoadedModel {
             Device::Cpu(b) => match load_on(b, dir, dummy, weights)? {
                 Kind::Text(m) => LoadedModel::Text(m),
                 Kind::Speech(m) => LoadedModel::Speech(m),
+                Kind::Vision(m) => LoadedModel::Vision(m),
             },
             #[cfg(feature = "cuda")]
             Device::Cuda(b) => match load_on(b, dir, dummy, weights)? {
                 Kind::Text(m) => LoadedModel::CudaText(m),
                 Kind::Speech(m) => LoadedModel::CudaSpeech(m),
+                Kind::Vision(m) => LoadedModel::CudaVision(m),
             },
         })
     }
 
-    /// The decoder's config, for text models.
+    /// The decoder's config, for text (and vision-language) models.
     pub fn text_config(&self) -> Option<&crate::models::DecoderConfig> {
         match self {
             LoadedModel::Text(m) => Some(&m.config),
+            LoadedModel::Vision(m) => Some(m.decoder_config()),
             #[cfg(feature = "cuda")]
             LoadedModel::CudaText(m) => Some(&m.config),
+            #[cfg(feature = "cuda")]
+            LoadedModel::CudaVision(m) => Some(m.decoder_config()),
+            _ => None,
+        }
+    }
+
+    /// The vision tower's config, for vision-language models.
+    fn vision_config(&self) -> Option<&crate::models::qwen2_5_vl::VisionConfig> {
+        match self {
+            LoadedModel::Vision(m) => Some(m.vision().config()),
+            #[cfg(feature = "cuda")]
+            LoadedModel::CudaVision(m) => Some(m.vision().config()),
+            _ => None,
+        }
+    }
+
+    fn image_token(&self) -> Option<u32> {
+        match self {
+            LoadedModel::Vision(m) => Some(m.image_token()),
+            #[cfg(feature = "cuda")]
+            LoadedModel::CudaVision(m) => Some(m.image_token()),
             _ => None,
         }
     }
@@ -193,10 +238,13 @@ impl LoadedModel {
         match self {
             LoadedModel::Text(m) => config.with_budget_for(m, budget, element),
             LoadedModel::Speech(m) => config.with_budget_for(m, budget, element),
+            LoadedModel::Vision(m) => config.with_budget_for(m, budget, element),
             #[cfg(feature = "cuda")]
             LoadedModel::CudaText(m) => config.with_budget_for(m, budget, element),
             #[cfg(feature = "cuda")]
             LoadedModel::CudaSpeech(m) => config.with_budget_for(m, budget, element),
+            #[cfg(feature = "cuda")]
+            LoadedModel::CudaVision(m) => config.with_budget_for(m, budget, element),
         }
         .map_err(|e| e.to_string())
     }
@@ -216,8 +264,15 @@ impl LoadedModel {
             (LoadedModel::Text(m), Device::Cpu(b)) => {
                 crate::engine::generate(&mut Engine::new(b.clone(), m, config, eos), prompt, params, on_token)
             }
+            (LoadedModel::Vision(m), Device::Cpu(b)) => {
+                crate::engine::generate(&mut Engine::new(b.clone(), m, config, eos), prompt, params, on_token)
+            }
             #[cfg(feature = "cuda")]
             (LoadedModel::CudaText(m), Device::Cuda(b)) => {
+                crate::engine::generate(&mut Engine::new(b.clone(), m, config, eos), prompt, params, on_token)
+            }
+            #[cfg(feature = "cuda")]
+            (LoadedModel::CudaVision(m), Device::Cuda(b)) => {
                 crate::engine::generate(&mut Engine::new(b.clone(), m, config, eos), prompt, params, on_token)
             }
             _ => unreachable!("generate runs text models on the device they were loaded on"),
@@ -229,6 +284,11 @@ impl LoadedModel {
         match (self, device) {
             (LoadedModel::Text(m), Device::Cpu(b)) => EngineHandle::spawn(Engine::new(b.clone(), m, config, eos)),
             (LoadedModel::Speech(m), Device::Cpu(b)) => EngineHandle::spawn(Engine::new(b.clone(), m, config, eos)),
+            (LoadedModel::Vision(m), Device::Cpu(b)) => EngineHandle::spawn(Engine::new(b.clone(), m, config, eos)),
+            #[cfg(feature = "cuda")]
+            (LoadedModel::CudaVision(m), Device::Cuda(b)) => {
+                EngineHandle::spawn(Engine::new(b.clone(), m, config, eos))
+            }
             #[cfg(feature = "cuda")]
             (LoadedModel::CudaText(m), Device::Cuda(b)) => EngineHandle::spawn(Engine::new(b.clone(), m, config, eos)),
             #[cfg(feature = "cuda")]
@@ -310,6 +370,27 @@ pub struct SpeechSettings {
     pub generation: WhisperGeneration,
 }
 
+/// What a vision-language model needs beyond its weights: its image processor's
+/// settings and the token each image's features replace.
+#[derive(Debug, Clone)]
+pub struct VisionSettings {
+    pub preprocess: VisionPreprocess,
+    /// `<|image_pad|>`: the chat template writes one per image; the prompt holds one per
+    /// merged patch.
+    pub image_token: u32,
+}
+
+impl VisionSettings {
+    /// Image tokens an image of `grid` (t, h, w patches) takes in the prompt.
+    pub fn tokens_for(&self, grid: [usize; 3]) -> usize {
+        let merge = self.preprocess.merge_size;
+        grid[0] * grid[1] * grid[2] / (merge * merge)
+    }
+}
+
+/// The `model_type` of the vision-language models inferd serves.
+const VISION_LANGUAGE_MODEL_TYPE: &str = "qwen2_5_vl";
+
 /// A model's files, read and uploaded: what `generate` and the server both start from.
 pub struct ModelFiles {
     pub dir: ModelDir,
@@ -318,6 +399,8 @@ pub struct ModelFiles {
     pub model: LoadedModel,
     /// For speech models.
     pub speech: Option<SpeechSettings>,
+    /// For vision-language models.
+    pub vision: Option<VisionSettings>,
 }
 
 /// `model_type` of a folder's config.json (empty when unreadable: the model loader
@@ -328,6 +411,20 @@ fn model_type(dir: &std::path::Path) -> String {
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("model_type").and_then(|t| t.as_str()).map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// The image processor settings of a vision-language folder (transformers' defaults
+/// where `preprocessor_config.json` is missing).
+fn vision_preprocess(dir: &std::path::Path) -> Result<VisionPreprocess, String> {
+    let path = dir.join("preprocessor_config.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            let value: serde_json::Value =
+                serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            VisionPreprocess::from_json(&value)
+        }
+        Err(_) => Ok(VisionPreprocess::default()),
+    }
 }
 
 /// The feature extractor and decoding settings of a Whisper folder.
@@ -388,6 +485,34 @@ impl ModelFiles {
             None
         };
         let model = LoadedModel::load(backend, &dir.path, dummy, &mut weights)?;
+        let vision = match (model.vision_config(), model.image_token()) {
+            (Some(config), Some(image_token)) => {
+                let preprocess = vision_preprocess(&dir.path).map_err(|e| failed(&e))?;
+                if preprocess.patch_size != config.patch_size
+                    || preprocess.temporal_patch_size != config.temporal_patch_size
+                    || preprocess.merge_size != config.spatial_merge_size
+                {
+                    return Err(LoadError::Failed(format!(
+                        "preprocessor_config.json makes patches of {}×{} (×{} frames) merged {}×{}, the vision tower reads {}×{} (×{}) merged {}×{}",
+                        preprocess.patch_size,
+                        preprocess.patch_size,
+                        preprocess.temporal_patch_size,
+                        preprocess.merge_size,
+                        preprocess.merge_size,
+                        config.patch_size,
+                        config.patch_size,
+                        config.temporal_patch_size,
+                        config.spatial_merge_size,
+                        config.spatial_merge_size
+                    )));
+                }
+                Some(VisionSettings {
+                    preprocess,
+                    image_token,
+                })
+            }
+            _ => None,
+        };
         if let (Some(speech), Some(config)) = (&speech, model.whisper_config()) {
             let mel = speech.mel.config();
             if mel.n_mels != config.num_mel_bins || mel.frames_per_window() != config.mel_frames() {
@@ -406,6 +531,7 @@ impl ModelFiles {
             generation_config,
             model,
             speech,
+            vision,
         })
     }
 
@@ -439,6 +565,8 @@ pub struct ServedModel {
     pub reasoning: bool,
     /// Set for speech-to-text models, which answer transcriptions only.
     pub speech: Option<Arc<SpeechSettings>>,
+    /// Set for models that take images in chat.
+    pub vision: Option<Arc<VisionSettings>>,
     /// Unix seconds of the load.
     pub created: u64,
     /// Bytes of its checkpoint (what `--models-memory` counts).
@@ -947,6 +1075,7 @@ fn build(
         generation_config,
         model,
         speech,
+        vision,
     } = files;
     let weight_bytes = if settings.dummy_weights {
         0
@@ -961,6 +1090,7 @@ fn build(
         generation_config,
         reasoning,
         speech: speech.map(Arc::new),
+        vision: vision.map(Arc::new),
         created: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())

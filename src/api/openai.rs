@@ -41,6 +41,23 @@ pub enum ToolChoice {
     Named(String),
 }
 
+/// An image a chat message carries (`image_url` content part), in prompt order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImagePart {
+    /// A `data:` URL or an `http(s)` URL.
+    pub url: String,
+    /// Where it is in the request (`messages[1].content[0].image_url.url`), for errors.
+    pub param: String,
+}
+
+/// `mm_processor_kwargs`: the image processor's pixel budget for this request (vLLM's
+/// name), within the model's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ImageProcessorOverrides {
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
+}
+
 #[derive(Debug, Clone)]
 pub struct ChatRequest {
     pub model: Option<String>,
@@ -55,6 +72,10 @@ pub struct ChatRequest {
     pub generation: GenerationFields,
     /// Chat `logprobs: true` asks for the chosen tokens' log-probabilities.
     pub logprobs: bool,
+    /// The images of all messages, in order (each left as `{"type": "image"}` in its
+    /// message for the chat template).
+    pub images: Vec<ImagePart>,
+    pub image_processor: ImageProcessorOverrides,
 }
 
 #[derive(Debug, Clone)]
@@ -325,8 +346,40 @@ fn apply_generation_config(params: &mut SamplingParams, config: &GenerationConfi
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
-/// Checks the messages and turns them into what chat templates expect.
-fn normalize_messages(value: Option<&Value>) -> Result<Value, ApiError> {
+/// `image_url.detail` values OpenAI defines (accepted; the processor's pixel budget
+/// decides the size, as in vLLM).
+const IMAGE_DETAILS: &[&str] = &["auto", "low", "high"];
+
+/// An `image_url` content part's URL.
+fn image_url(part: &Value, part_param: &str) -> Result<String, ApiError> {
+    let param = format!("{part_param}.image_url");
+    let object = part
+        .get("image_url")
+        .and_then(Value::as_object)
+        .ok_or_else(|| ApiError::invalid(param.clone(), format!("`{param}` must be an object with a `url`")))?;
+    check_fields(object, &["url", "detail"]).map_err(|e| ApiError::invalid(param.clone(), e.message))?;
+    if let Some(detail) = object.get("detail").filter(|d| !d.is_null()) {
+        if !detail.as_str().is_some_and(|d| IMAGE_DETAILS.contains(&d)) {
+            return Err(ApiError::invalid(
+                format!("{param}.detail"),
+                format!("`{param}.detail` must be one of {}", IMAGE_DETAILS.join(", ")),
+            ));
+        }
+    }
+    match object.get("url") {
+        Some(Value::String(url)) if !url.is_empty() => Ok(url.clone()),
+        _ => Err(ApiError::invalid(
+            format!("{param}.url"),
+            format!("`{param}.url` must be a non-empty string (a data: URL or an http(s) URL)"),
+        )),
+    }
+}
+
+/// Checks the messages and turns them into what chat templates expect: text parts
+/// joined into one string, except in messages with images, whose parts stay a list
+/// (`{"type": "text", ...}` and `{"type": "image"}`, as transformers gives templates).
+/// The images, in order, go to `images`.
+fn normalize_messages(value: Option<&Value>, images: &mut Vec<ImagePart>) -> Result<Value, ApiError> {
     let Some(value) = value else {
         return Err(ApiError::invalid("messages", "`messages` is required"));
     };
@@ -362,6 +415,9 @@ fn normalize_messages(value: Option<&Value>) -> Result<Value, ApiError> {
             Some(Value::String(s)) => Value::String(s.clone()),
             Some(Value::Array(parts)) => {
                 let mut text = String::new();
+                // With images: the parts as the template sees them.
+                let mut listed: Vec<Value> = Vec::new();
+                let mut has_image = false;
                 for (j, part) in parts.iter().enumerate() {
                     let part_param = format!("{param}.content[{j}]");
                     match part.get("type").and_then(Value::as_str) {
@@ -370,6 +426,22 @@ fn normalize_messages(value: Option<&Value>) -> Result<Value, ApiError> {
                                 ApiError::invalid(part_param.clone(), format!("`{part_param}.text` must be a string"))
                             })?;
                             text.push_str(t);
+                            listed.push(serde_json::json!({"type": "text", "text": t}));
+                        }
+                        Some("image_url") if role == "user" => {
+                            let url = image_url(part, &part_param)?;
+                            images.push(ImagePart {
+                                url,
+                                param: format!("{part_param}.image_url.url"),
+                            });
+                            listed.push(serde_json::json!({"type": "image"}));
+                            has_image = true;
+                        }
+                        Some("image_url") => {
+                            return Err(ApiError::invalid(
+                                part_param,
+                                format!("images are only allowed in user messages, not in `{role}` ones"),
+                            ))
                         }
                         Some(other) => {
                             return Err(ApiError::invalid(
@@ -385,7 +457,11 @@ fn normalize_messages(value: Option<&Value>) -> Result<Value, ApiError> {
                         }
                     }
                 }
-                Value::String(text)
+                if has_image {
+                    Value::Array(listed)
+                } else {
+                    Value::String(text)
+                }
             }
             _ => {
                 return Err(ApiError::invalid(
@@ -434,10 +510,33 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
         "tool_choice",
         "parallel_tool_calls",
         "chat_template_kwargs",
+        "mm_processor_kwargs",
     ]);
     check_fields(map, &allowed)?;
     let f = Fields { map };
-    let messages = normalize_messages(map.get("messages"))?;
+    let mut images = Vec::new();
+    let messages = normalize_messages(map.get("messages"), &mut images)?;
+    let image_processor = match f.get::<Map<String, Value>>("mm_processor_kwargs")? {
+        None => ImageProcessorOverrides::default(),
+        Some(kwargs) => {
+            check_fields(&kwargs, &["min_pixels", "max_pixels"])
+                .map_err(|e| ApiError::invalid("mm_processor_kwargs", format!("mm_processor_kwargs: {}", e.message)))?;
+            let g = Fields { map: &kwargs };
+            let overrides = ImageProcessorOverrides {
+                min_pixels: g.get::<usize>("min_pixels")?,
+                max_pixels: g.get::<usize>("max_pixels")?,
+            };
+            if let (Some(min), Some(max)) = (overrides.min_pixels, overrides.max_pixels) {
+                if min > max {
+                    return Err(ApiError::invalid(
+                        "mm_processor_kwargs",
+                        format!("`mm_processor_kwargs.min_pixels` ({min}) is over `max_pixels` ({max})"),
+                    ));
+                }
+            }
+            overrides
+        }
+    };
     let mut generation = generation_fields(&f, defaults, &["max_tokens", "max_completion_tokens"])?;
     let logprobs = f.get::<bool>("logprobs")?.unwrap_or(false);
     if let Some(k) = f.get::<usize>("top_logprobs")? {
@@ -550,6 +649,8 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
         chat_template_kwargs: f.get("chat_template_kwargs")?,
         generation,
         logprobs,
+        images,
+        image_processor,
     })
 }
 

@@ -6,7 +6,6 @@
 //! q/k/v and gate/up are fused into one matrix each at load.
 
 use crate::backend::{AttentionShape, Backend, ForwardBatch, KvCacheShape};
-use crate::loader::safetensors::encode_safetensors;
 use crate::loader::{Checkpoint, LoadError};
 
 use super::config::{DecoderConfig, RopeScaling};
@@ -171,45 +170,15 @@ impl<B: Backend> DecoderModel<B> {
         })
     }
 
-    /// A checkpoint of seeded random bf16 weights for `config` (`--load-format dummy`):
-    /// matrices uniform with the standard deviation of transformers' initializer
-    /// (0.02), norms 1, biases 0. For benchmarks of model shapes whose weights are not
-    /// at hand; its outputs mean nothing.
-    pub fn dummy_checkpoint(config: &DecoderConfig, seed: u64) -> Result<Checkpoint, LoadError> {
-        let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            // xorshift64*: plenty for filler weights.
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            state.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        };
-        let bound = 0.02f32 * 3f32.sqrt();
-        let names = Self::tensor_names(config);
-        let tensors: Vec<(Vec<usize>, Vec<u8>)> = names
-            .iter()
+    /// Every checkpoint tensor this config reads, with its shape, in load order.
+    pub fn tensor_shapes(config: &DecoderConfig) -> Vec<(String, Vec<usize>)> {
+        Self::tensor_names(config)
+            .into_iter()
             .map(|name| {
-                let shape = Self::expected_shape(config, name).unwrap_or_default();
-                let n: usize = shape.iter().product();
-                let fill = |value: f32| half::bf16::from_f32(value).to_bits().to_le_bytes();
-                let bytes: Vec<u8> = if name.ends_with(".bias") {
-                    (0..n).flat_map(|_| fill(0.0)).collect()
-                } else if shape.len() == 1 {
-                    (0..n).flat_map(|_| fill(1.0)).collect()
-                } else {
-                    (0..n)
-                        .flat_map(|_| fill(((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound))
-                        .collect()
-                };
-                (shape, bytes)
+                let shape = Self::expected_shape(config, &name).unwrap_or_default();
+                (name, shape)
             })
-            .collect();
-        let refs: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = names
-            .iter()
-            .zip(tensors)
-            .map(|(name, (shape, bytes))| (name.as_str(), "BF16", shape, bytes))
-            .collect();
-        Checkpoint::from_bytes(std::path::Path::new("<dummy weights>"), encode_safetensors(&refs))
+            .collect()
     }
 
     /// Uploads the weights, checking every shape first. `progress(current, total)` is

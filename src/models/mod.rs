@@ -172,8 +172,45 @@ pub fn load_decoder_dummy<B: Backend>(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<DecoderModel<B>, ModelError> {
     let config = DecoderConfig::from_dir(dir)?;
-    let checkpoint = DecoderModel::<B>::dummy_checkpoint(&config, 0)?;
+    let checkpoint = dummy_checkpoint(&DecoderModel::<B>::tensor_shapes(&config), 0)?;
     Ok(DecoderModel::load(backend, config, &checkpoint, progress)?)
+}
+
+/// A checkpoint of seeded random bf16 weights with these names and shapes
+/// (`--load-format dummy`): matrices uniform with the standard deviation of
+/// transformers' initializer (0.02), vectors (norms) 1, biases 0. For benchmarks of
+/// model shapes whose weights are not at hand; its outputs mean nothing.
+pub fn dummy_checkpoint(tensors: &[(String, Vec<usize>)], seed: u64) -> Result<Checkpoint, LoadError> {
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        // xorshift64*: plenty for filler weights.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let bound = 0.02f32 * 3f32.sqrt();
+    let fill = |value: f32| half::bf16::from_f32(value).to_bits().to_le_bytes();
+    let encoded: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let bytes: Vec<u8> = if name.ends_with(".bias") {
+                (0..n).flat_map(|_| fill(0.0)).collect()
+            } else if shape.len() == 1 {
+                (0..n).flat_map(|_| fill(1.0)).collect()
+            } else {
+                (0..n)
+                    .flat_map(|_| fill(((next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * bound))
+                    .collect()
+            };
+            (name.as_str(), "BF16", shape.clone(), bytes)
+        })
+        .collect();
+    Checkpoint::from_bytes(
+        Path::new("<dummy weights>"),
+        crate::loader::safetensors::encode_safetensors(&encoded),
+    )
 }
 
 /// Reads a Whisper checkpoint folder (`config.json` and the weights).

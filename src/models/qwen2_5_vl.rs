@@ -143,8 +143,8 @@ fn third<'a>(t: &TensorView<'a>, part: usize, shape: &'a [usize]) -> TensorView<
 }
 
 impl<B: Backend> VisionTower<B> {
-    /// The tensors under `visual.` (the hub's names), every shape checked first.
-    pub fn load(backend: &B, config: VisionConfig, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
+    /// The tensors under `visual.` (the hub's names) with their shapes.
+    pub fn tensor_shapes(config: &VisionConfig) -> Vec<(String, Vec<usize>)> {
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let merged = h * config.merge_unit();
         let p = config.patch_size;
@@ -179,7 +179,13 @@ impl<B: Backend> VisionTower<B> {
             ),
             ("visual.merger.mlp.2.bias".into(), vec![config.out_hidden_size]),
         ]);
-        for (name, shape) in &expected {
+        expected
+    }
+
+    /// The tensors under `visual.` (the hub's names), every shape checked first.
+    pub fn load(backend: &B, config: VisionConfig, checkpoint: &Checkpoint) -> Result<Self, LoadError> {
+        let h = config.hidden_size;
+        for (name, shape) in &Self::tensor_shapes(&config) {
             checkpoint.tensor(name)?.expect_shape(shape)?;
         }
         let get = |name: &str| checkpoint.tensor(name);
@@ -473,6 +479,21 @@ pub struct VisionLanguageModel<B: Backend> {
 impl<B: Backend> VisionLanguageModel<B> {
     /// Reads a Qwen2.5-VL folder (`config.json` with its `vision_config`, the weights).
     pub fn load(backend: &B, dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
+        Self::from_dir(backend, dir, false, progress)
+    }
+
+    /// Reads `config.json` alone and makes seeded random weights for it, the vision
+    /// tower's too (`--load-format dummy`).
+    pub fn load_dummy(backend: &B, dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Self, ModelError> {
+        Self::from_dir(backend, dir, true, progress)
+    }
+
+    fn from_dir(
+        backend: &B,
+        dir: &Path,
+        dummy: bool,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
         let config = DecoderConfig::from_dir(dir)?;
         let path = dir.join("config.json");
         let invalid = |reason: String| super::ConfigError::Invalid {
@@ -499,7 +520,13 @@ impl<B: Backend> VisionLanguageModel<B> {
             ))
             .into());
         }
-        let checkpoint = Checkpoint::open(dir)?;
+        let checkpoint = if dummy {
+            let mut tensors = DecoderModel::<B>::tensor_shapes(&config);
+            tensors.extend(VisionTower::<B>::tensor_shapes(&vision_config));
+            super::dummy_checkpoint(&tensors, 0)?
+        } else {
+            Checkpoint::open(dir)?
+        };
         let decoder = DecoderModel::load(backend, config, &checkpoint, progress)?;
         let vision = VisionTower::load(backend, vision_config, &checkpoint)?;
         Ok(VisionLanguageModel {
@@ -509,6 +536,10 @@ impl<B: Backend> VisionLanguageModel<B> {
             sections,
             requests: HashMap::new(),
         })
+    }
+
+    pub fn decoder_config(&self) -> &DecoderConfig {
+        self.decoder.config()
     }
 
     pub fn image_token(&self) -> u32 {

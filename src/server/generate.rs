@@ -12,11 +12,13 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::http::{json_response, sse_event, sse_response, HttpResponse};
+use super::images::{expand_image_tokens, load_images, request_preprocess};
 use super::ServerState;
 use crate::api::openai::{GenerationFields, Prompt};
 use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, SamplingDefaults, ToolChoice};
 use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
-use crate::manager::ModelLease;
+use crate::manager::{ModelLease, ServedModel};
+use crate::models::EncoderInput;
 use crate::text::{
     collect_calls, ChatInput, IncrementalDetokenizer, ReasoningParser, StopMatcher, Tokenizer, ToolCall,
     ToolCallParser, ToolEvent,
@@ -344,12 +346,42 @@ async fn model_for(
     Ok(model)
 }
 
-/// A chat request ready for the engine: its model, prompt ids and generation settings.
+/// A chat request ready for the engine: its model, prompt ids, images and generation
+/// settings.
 pub(super) struct PreparedChat {
     pub model: ModelLease,
     pub kind: Kind,
     pub prompt_ids: Vec<u32>,
+    /// Its images, preprocessed, when it has any.
+    pub input: Option<EncoderInput>,
     pub generation: GenerationFields,
+}
+
+/// Refuses images a model cannot take, or more than the server allows.
+fn check_images(state: &ServerState, model: &ServedModel, request: &ChatRequest) -> Result<(), ApiError> {
+    let Some(first) = request.images.first() else {
+        return Ok(());
+    };
+    if model.vision.is_none() {
+        return Err(ApiError {
+            code: Some("model_not_supported"),
+            ..ApiError::invalid(
+                first.param.clone(),
+                format!("`{}` takes text only, not images", model.name),
+            )
+        });
+    }
+    let max = state.images.max_per_request;
+    if request.images.len() > max {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "the request has {} images; at most {max} are allowed per request",
+                request.images.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Validates a chat request, finds (or loads) its model, renders the chat template and
@@ -360,12 +392,24 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
     })
     .await?;
     let request = parse_chat_request(body, &state.defaults(&model))?;
+    check_images(state, &model, &request)?;
+    // Vision models check every prompt's image tokens, with or without images.
+    let images = match &model.vision {
+        Some(vision) => Some((
+            vision.clone(),
+            request_preprocess(&vision.preprocess, &request.image_processor)?,
+            request.images.clone(),
+            state.images.clone(),
+        )),
+        None => None,
+    };
     let tokenizer = model.tokenizer.clone();
     let mut kwargs = state.chat_template_kwargs.clone().unwrap_or_default();
     kwargs.extend(request.chat_template_kwargs.clone().unwrap_or_default());
     let (messages, tools) = (request.messages.clone(), request.tools.clone());
     let forced = forced_call_openings(&request);
-    let (prompt_ids, forced) = tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, Vec<Vec<u32>>), ApiError> {
+    type Prepared = (Vec<u32>, Vec<Vec<u32>>, Option<EncoderInput>);
+    let (prompt_ids, forced, input) = tokio::task::spawn_blocking(move || -> Result<Prepared, ApiError> {
         let template = tokenizer
             .chat_template()
             .map_err(|e| ApiError::bad_request(format!("cannot apply a chat template: {e}")))?;
@@ -383,7 +427,16 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
                 .map_err(|e| ApiError::internal(e.to_string()))
         };
         let forced = forced.iter().map(|t| encode(t)).collect::<Result<_, _>>()?;
-        Ok((encode(&text)?, forced))
+        let prompt = encode(&text)?;
+        match images {
+            Some((vision, config, parts, limits)) => {
+                let pixels = load_images(&parts, &limits, &config)?;
+                let prompt = expand_image_tokens(&prompt, &vision, &pixels)?;
+                let input = (!pixels.is_empty()).then(|| EncoderInput::Images(Arc::new(pixels)));
+                Ok((prompt, forced, input))
+            }
+            None => Ok((prompt, forced, None)),
+        }
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
@@ -399,13 +452,19 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
         model,
         kind,
         prompt_ids,
+        input,
         generation,
     })
 }
 
 pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
     let chat = prepare_chat(&state, &body).await?;
-    run(state, chat.model, id, chat.kind, chat.prompt_ids, None, chat.generation).await
+    let prompt = PromptInput {
+        ids: chat.prompt_ids,
+        input: chat.input,
+        echo: None,
+    };
+    run(state, chat.model, id, chat.kind, prompt, chat.generation).await
 }
 
 pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
@@ -432,8 +491,21 @@ pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Re
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
-    let echo = request.echo.then_some(prompt_text);
-    run(state, model, id, Kind::Text, prompt_ids, echo, request.generation).await
+    let prompt = PromptInput {
+        ids: prompt_ids,
+        input: None,
+        echo: request.echo.then_some(prompt_text),
+    };
+    run(state, model, id, Kind::Text, prompt, request.generation).await
+}
+
+/// What a request gives the engine besides its settings.
+struct PromptInput {
+    ids: Vec<u32>,
+    /// Images, for vision-language models.
+    input: Option<EncoderInput>,
+    /// Completions' `echo`: the prompt text, sent before the reply.
+    echo: Option<String>,
 }
 
 async fn run(
@@ -441,17 +513,17 @@ async fn run(
     model: ModelLease,
     id: String,
     kind: Kind,
-    prompt_ids: Vec<u32>,
-    echo: Option<String>,
+    prompt: PromptInput,
     generation: GenerationFields,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
-    let prompt_tokens = prompt_ids.len();
+    let prompt_tokens = prompt.ids.len();
+    let echo = prompt.echo;
     let n = generation.params.n;
     let param = if kind == Kind::Text { "prompt" } else { "messages" };
     let stream = model
         .engine
-        .submit(prompt_ids, generation.params.clone())
+        .submit_with_input(prompt.ids, generation.params.clone(), prompt.input)
         .map_err(|e| {
             let mut error = ApiError::from(e);
             if error.code == Some("context_length_exceeded") {

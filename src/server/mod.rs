@@ -5,6 +5,7 @@
 pub mod error;
 pub mod generate;
 pub mod http;
+pub mod images;
 pub mod metrics;
 pub mod multipart;
 pub mod responses;
@@ -48,6 +49,8 @@ pub struct ServerState {
     pub max_audio_seconds: f64,
     /// Largest transcription upload (the whole multipart body), in bytes.
     pub max_audio_bytes: usize,
+    /// How chat images are fetched, and how many and how large they may be.
+    pub images: images::ImageLimits,
     pub metrics: ServerMetrics,
     pub next_request: AtomicU64,
     /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.

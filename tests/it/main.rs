@@ -27,5 +27,6 @@ mod tokenizer;
 mod tools;
 mod transcriptions;
 mod vision;
+mod vision_chat;
 mod wall;
 mod whisper;

@@ -1,6 +1,7 @@
 """The official `openai` client against a running `inferd serve` (started by
 scripts/test-openai-client). Plain asserts, no test framework: each check prints its
 name, and the first failure exits non-zero."""
+import base64
 import json
 import os
 import sys
@@ -225,8 +226,46 @@ def transcriptions():
         assert e.body["param"] == "response_format", e.body
 
 
+vision_client = openai.OpenAI(base_url=os.environ["INFERD_VISION_BASE_URL"], api_key="not-needed", max_retries=0)
+VISION = "inferd-test/tiny-qwen2.5-vl"
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+
+
+def image_chat_stream():
+    # The random-weight Qwen2.5-VL: a streamed reply to an image sent as a data: URL,
+    # token for token what transformers generates (tests/goldens, scripts/vl_goldens.py).
+    with open(os.path.join(ROOT, "tests", "goldens", "models", "tiny-qwen2.5-vl-chat.json")) as f:
+        case = json.load(f)["cases"]["one_image"]
+    with open(os.path.join(ROOT, "tests", "fixtures", "images", "chelsea.png"), "rb") as f:
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture? "},
+        {"type": "image_url", "image_url": {"url": url, "detail": "auto"}},
+    ]}]
+    assert case["messages"][0]["content"][0] == messages[0]["content"][0]
+    tokens, usage, finish = [], None, None
+    stream = vision_client.chat.completions.create(
+        model=VISION, messages=messages, max_tokens=16, temperature=0, logprobs=True, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            tokens += [t.token for t in (c.logprobs.content if c.logprobs else None) or []]
+            finish = c.finish_reason or finish
+    assert tokens == case["tokens"], (tokens, case["tokens"])
+    assert usage.prompt_tokens == case["prompt_tokens"] and usage.completion_tokens == 16, usage
+    assert finish == "length", finish
+    try:
+        vision_client.chat.completions.create(model=VISION, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}])
+        raise AssertionError("bytes that are no image accepted")
+    except openai.BadRequestError as e:
+        assert e.body["code"] == "invalid_image_format", e.body
+
+
 for name, fn in [("chat", chat_nonstream), ("chat stream", chat_stream), ("sampling parameters", chat_sampling_params),
                  ("completions", completions), ("models", models), ("errors", errors), ("tool calls", tool_calls),
-                 ("responses", responses), ("transcriptions", transcriptions)]:
+                 ("responses", responses), ("transcriptions", transcriptions),
+                 ("image chat stream", image_chat_stream)]:
     check(name, fn)
-print(json.dumps({"openai": openai.__version__, "passed": 9}))
+print(json.dumps({"openai": openai.__version__, "passed": 10}))
