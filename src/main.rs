@@ -801,16 +801,16 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         write_timeout: std::time::Duration::from_secs(args.write_timeout_secs),
         max_audio_seconds: args.max_audio_seconds,
         max_audio_bytes: args.max_audio_bytes,
-        images: inferd::server::images::ImageLimits {
-            fetch: inferd::media::fetch::FetchPolicy {
+        images: inferd::server::images::ImageLimits::new(
+            inferd::media::fetch::FetchPolicy {
                 enabled: !args.no_remote_images,
                 allow_private: args.allow_private_image_urls,
                 max_bytes: args.max_image_bytes,
                 timeout: std::time::Duration::from_secs(args.image_fetch_timeout_secs),
             },
-            max_per_request: args.max_images_per_request,
-            max_pixels: args.max_image_pixels,
-        },
+            args.max_images_per_request,
+            args.max_image_pixels,
+        ),
         metrics: Default::default(),
         next_request: Default::default(),
         responses: inferd::server::responses::ResponseStore::new(args.responses_store_size),

@@ -354,7 +354,7 @@ fn convert_input(input: &Value, new_id: &mut dyn FnMut(&str) -> String) -> Resul
                         ))
                     }
                 };
-                let content = message_text(i, obj.get("content"))?;
+                let content = message_content(i, obj.get("content"))?;
                 let mut message = json!({"role": role, "content": content});
                 if role == "assistant" {
                     if let Some(r) = reasoning.take() {
@@ -440,6 +440,41 @@ fn convert_input(input: &Value, new_id: &mut dyn FnMut(&str) -> String) -> Resul
         out.items.push(stored);
     }
     Ok(out)
+}
+
+/// A message's content for chat: its text, or, when it has `input_image` parts, its
+/// parts in the chat shape (`text` and `image_url`), which the chat route checks.
+fn message_content(i: usize, content: Option<&Value>) -> Result<Value, ApiError> {
+    let parts = match content {
+        Some(Value::Array(parts)) if parts.iter().any(|p| p["type"] == "input_image") => parts,
+        _ => return message_text(i, content).map(Value::String),
+    };
+    parts
+        .iter()
+        .enumerate()
+        .map(|(j, part)| match part["type"].as_str() {
+            Some("input_image") => {
+                let url = part.get("image_url").and_then(Value::as_str).ok_or_else(|| {
+                    invalid(
+                        format!("input[{i}].content[{j}].image_url"),
+                        "an `input_image` needs an `image_url` (a data: URL or an http(s) URL; file ids are not supported)",
+                    )
+                })?;
+                let mut image = json!({"url": url});
+                if let Some(detail) = part.get("detail").filter(|d| !d.is_null()) {
+                    image["detail"] = detail.clone();
+                }
+                Ok(json!({"type": "image_url", "image_url": image}))
+            }
+            _ => message_text(i, Some(&Value::Array(vec![part.clone()])))
+                .map(|text| json!({"type": "text", "text": text}))
+                .map_err(|mut e| {
+                    e.param = Some(format!("input[{i}].content[{j}]"));
+                    e
+                }),
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Value::Array)
 }
 
 /// A message's content: a string, or text parts (`input_text`, `output_text`, `text`).

@@ -404,6 +404,7 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
         None => None,
     };
     let tokenizer = model.tokenizer.clone();
+    let max_model_len = model.engine.max_model_len();
     let mut kwargs = state.chat_template_kwargs.clone().unwrap_or_default();
     kwargs.extend(request.chat_template_kwargs.clone().unwrap_or_default());
     let (messages, tools) = (request.messages.clone(), request.tools.clone());
@@ -430,7 +431,7 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
         let prompt = encode(&text)?;
         match images {
             Some((vision, config, parts, limits)) => {
-                let pixels = load_images(&parts, &limits, &config)?;
+                let pixels = load_images(&parts, &limits, &vision, &config, prompt.len(), max_model_len)?;
                 let prompt = expand_image_tokens(&prompt, &vision, &pixels)?;
                 let input = (!pixels.is_empty()).then(|| EncoderInput::Images(Arc::new(pixels)));
                 Ok((prompt, forced, input))

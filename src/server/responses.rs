@@ -130,7 +130,7 @@ pub async fn create(state: Arc<ServerState>, body: Value) -> Result<HttpResponse
     let stream = chat
         .model
         .engine
-        .submit(chat.prompt_ids, chat.generation.params.clone())
+        .submit_with_input(chat.prompt_ids, chat.generation.params.clone(), chat.input)
         .map_err(|e| rename_param(ApiError::from(e)))?;
     state
         .metrics

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use base64::Engine as _;
 use serde_json::{json, Value};
 
-use crate::common::{golden, repo_root};
+use crate::common::{golden, installed_model, repo_root, scratch_dir};
 use crate::server::{Response, Server};
 
 const VL: &str = "inferd-test/tiny-qwen2.5-vl";
@@ -104,6 +104,36 @@ fn chats_with_images_match_transformers_streamed_and_not() {
             .collect();
         assert_eq!(streamed, text, "{name}: streamed text");
     }
+
+    // The Responses API takes `input_image` parts: the same prompt, the same reply.
+    let case = &g["cases"]["one_image"];
+    let prompt = case["messages"][0]["content"][0]["text"].clone();
+    let chat = server.post(
+        "/v1/chat/completions",
+        greedy_request(with_urls(&case["messages"], &data_url)),
+    );
+    let text = chat.json()["choices"][0]["message"]["content"].clone();
+    let r = server.post(
+        "/v1/responses",
+        json!({"model": VL, "max_output_tokens": 16, "temperature": 0, "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": prompt},
+            {"type": "input_image", "image_url": data_url("chelsea.png"), "detail": "auto"}]}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["usage"]["input_tokens"], case["prompt_tokens"], "{v}");
+    assert_eq!(v["output"][0]["content"][0]["text"], text, "{v}");
+    let r = server.post(
+        "/v1/responses",
+        json!({"model": VL, "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        r.json()["error"]["param"],
+        "input[0].content[0].image_url",
+        "{}",
+        r.body
+    );
 }
 
 /// Prefix-cache counters of the server's one model.
@@ -353,6 +383,19 @@ fn bad_image_requests_get_400s() {
     );
     drop(server);
 
+    // Images past the context window (1024 positions; 49 tokens per 200×200 image) are
+    // refused as the prompt would be, before the rest are decoded.
+    let server = Server::start_model(VL, &["--max-images-per-request", "32"]);
+    let board = data_url("chessboard_RGB.png");
+    let parts: Vec<Value> = (0..21).map(|_| image_part(&board)).collect();
+    let r = server.post("/v1/chat/completions", chat_with_parts(json!(parts)));
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "context_length_exceeded", "{}", r.body);
+    let parts: Vec<Value> = (0..18).map(|_| image_part(&board)).collect();
+    let r = server.post("/v1/chat/completions", chat_with_parts(json!(parts)));
+    assert_eq!(r.status, 200, "{}", r.body);
+    drop(server);
+
     // A text-only model refuses images, naming the part.
     let server = Server::start(&[]);
     let r = server.post(
@@ -364,4 +407,32 @@ fn bad_image_requests_get_400s() {
     assert_eq!(e["error"]["code"], "model_not_supported");
     assert_eq!(e["error"]["param"], param);
     assert!(e["error"]["message"].as_str().unwrap().contains("text only"), "{e}");
+}
+
+#[test]
+fn dummy_weights_serve_a_vision_language_config() {
+    // config.json, tokenizer and processor files without the checkpoint.
+    let dir = scratch_dir("dummy-qwen2.5-vl");
+    let src = installed_model(VL);
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "preprocessor_config.json",
+    ] {
+        std::fs::copy(src.join(file), dir.join(file)).unwrap();
+    }
+    let g = golden("models/tiny-qwen2.5-vl-chat.json");
+    let case = &g["cases"]["conversation"];
+    let server = Server::start_model(dir.to_str().unwrap(), &["--load-format", "dummy"]);
+    let r = server.post(
+        "/v1/chat/completions",
+        greedy_request(with_urls(&case["messages"], &data_url)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["usage"]["prompt_tokens"], case["prompt_tokens"]);
+    assert_eq!(v["usage"]["completion_tokens"], 16);
 }
