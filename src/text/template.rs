@@ -114,7 +114,17 @@ impl ChatTemplate {
             .get_template(TEMPLATE_NAME)
             .map_err(|e| TextError::Template(describe(&e)))?;
         let mut out = BoundedOutput::default();
-        match template.render_captured_to(Value::from_serialize(&ctx), &mut out) {
+        // minijinja 2.24 panics on some inputs (reverse-slicing an empty string,
+        // `""[::-1]`): a template bug, answered as one.
+        let rendered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            template.render_captured_to(Value::from_serialize(&ctx), &mut out)
+        }));
+        let Ok(rendered) = rendered else {
+            return Err(TextError::Template(
+                "the chat template failed inside the template engine (minijinja panicked)".into(),
+            ));
+        };
+        match rendered {
             Ok(_) => String::from_utf8(out.bytes).map_err(|e| TextError::Template(e.to_string())),
             Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(TextError::Template(format!(
                 "the chat template ran too long (over {TEMPLATE_FUEL} instructions)"
@@ -468,6 +478,22 @@ mod tests {
         assert_eq!(
             strftime("%d %b %Y %H:%M:%S %A %B %%", 1_721_999_109),
             "26 Jul 2024 13:05:09 Friday July %"
+        );
+    }
+
+    #[test]
+    fn a_panic_inside_minijinja_is_a_template_error() {
+        let template = ChatTemplate::new("{{ (x | string)[::-1] }}".into(), SpecialTokens::default()).unwrap();
+        let messages = serde_json::json!([]);
+        let result = template.render(ChatInput {
+            messages: &messages,
+            tools: None,
+            add_generation_prompt: true,
+            kwargs: None,
+        });
+        assert!(
+            matches!(&result, Err(TextError::Template(m)) if m.contains("panicked")),
+            "{result:?}"
         );
     }
 
