@@ -402,6 +402,13 @@ fn tokenize(state: &ServerState, model: &ServedModel, body: &Value) -> Result<Ht
             .map_err(|e| ApiError::internal(e.to_string()))?
     } else if body.get("messages").is_some() {
         let request = crate::api::parse_chat_request(&json!({"messages": body["messages"]}), &state.defaults(model))?;
+        if let Some(image) = request.images.first() {
+            // Counting them would mean fetching and decoding them here.
+            return Err(ApiError::invalid(
+                image.param.clone(),
+                "/tokenize does not take images (an image's token count depends on its size)",
+            ));
+        }
         let template = model
             .tokenizer
             .chat_template()

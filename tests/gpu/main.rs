@@ -11,7 +11,8 @@
 //!   within 5e-4, greedy tokens exact), f32 greedy decoding equal to the CPU backend token
 //!   for token on full-size random-weight models, bf16 logits against transformers on
 //!   the GPU (goldens made there by `scripts/gpu_goldens.py`), the engine's batching and
-//!   prefix-cache guarantees, and Whisper's multilingual goldens.
+//!   prefix-cache guarantees, Whisper's multilingual goldens and Qwen2.5-VL's (vision
+//!   tower embeddings, greedy tokens with one and two images).
 //! - The engine issue's tests (`tests/it/engine_cases.rs`), run on the CUDA backend.
 
 #![cfg(feature = "cuda")]
@@ -882,6 +883,55 @@ fn engine_batches_and_prefix_cache_match_solo_runs_on_the_gpu() {
 
 /// Whisper on the GPU: the seeded multilingual checkpoint detects the language and
 /// decodes transformers' tokens (tests/goldens/whisper.json) on jfk.wav.
+/// Qwen2.5-VL on the GPU (float32): the vision tower's embeddings of two images against
+/// transformers' goldens, and the whole model's 16 greedy tokens for one and for two
+/// images through the engine, as the CPU suite checks them (`tests/it/vision.rs`).
+#[test]
+fn vision_language_goldens_on_the_gpu() {
+    use inferd::media::image::{decode, preprocess, VisionPreprocess};
+    use inferd::models::qwen2_5_vl::VisionLanguageModel;
+    let Some(g) = gpu(WeightDtype::F32) else { return };
+    let dir = installed_model("inferd-test/tiny-qwen2.5-vl");
+    let images_of = |want: &serde_json::Value, names: &serde_json::Value| {
+        let settings = VisionPreprocess {
+            min_pixels: want["min_pixels"].as_u64().unwrap() as usize,
+            max_pixels: want["max_pixels"].as_u64().unwrap() as usize,
+            ..VisionPreprocess::default()
+        };
+        let names = names.as_array().unwrap();
+        names
+            .iter()
+            .map(|n| {
+                let bytes = std::fs::read(fixture(&format!("images/{}", n.as_str().unwrap()))).unwrap();
+                preprocess(&decode(&bytes, 1 << 24).unwrap(), &settings).unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    let tower = golden("models/tiny-qwen2.5-vl-vision.json");
+    let model = VisionLanguageModel::load(&g, &dir, &mut |_, _| {}).unwrap();
+    let embeddings = host_gpu(&g, model.vision().forward(&g, &images_of(&tower, &tower["images"])));
+    let want: Vec<f32> = tower["embeddings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    check("vision tower embeddings", &embeddings, &want, 1e-4);
+    let goldens = golden("models/tiny-qwen2.5-vl.json");
+    let mut engine = Engine::new(g.clone(), model, EngineConfig::default(), vec![]);
+    for (id, (name, case)) in goldens["cases"].as_object().unwrap().iter().enumerate() {
+        let input = inferd::models::EncoderInput::Images(Arc::new(images_of(&goldens, &case["images"])));
+        let params = SamplingParams {
+            max_tokens: Some(16),
+            temperature: 0.0,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        let tokens = common::run_alone(&mut engine, id as u64, ids(&case["prompt"]), params, Some(input));
+        assert_eq!(tokens, ids(&case["greedy"]), "{name}: greedy tokens on the GPU");
+    }
+}
+
 #[test]
 fn whisper_multilingual_goldens_on_the_gpu() {
     let Some(g) = gpu(WeightDtype::F32) else { return };

@@ -363,6 +363,12 @@ fn bad_image_requests_get_400s() {
         assert_eq!(e["error"]["param"].as_str(), param, "{what}: {e}");
         assert!(e["error"]["message"].as_str().unwrap().contains(needle), "{what}: {e}");
     }
+    let r = server.post(
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": [image_part(&chelsea)]}]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], param);
     // The server still answers, and a smaller per-request pixel budget gives fewer
     // image tokens.
     let tiny = data_url("synthetic-83x61.webp");
