@@ -136,6 +136,34 @@ fn chats_with_images_match_transformers_streamed_and_not() {
     );
 }
 
+#[test]
+fn concurrent_image_and_text_requests_batch_without_mixing_their_images() {
+    let g = golden("models/tiny-qwen2.5-vl-chat.json");
+    let server = Server::start_model(VL, &[]);
+    let port = server.port;
+    // Each golden chat four times, and text-only chats, all at once: every image request
+    // still gets exactly its own reply.
+    let mut threads = Vec::new();
+    for round in 0..4 {
+        for (name, case) in g["cases"].as_object().unwrap() {
+            let (name, case) = (name.clone(), case.clone());
+            threads.push(std::thread::spawn(move || {
+                let body = greedy_request(with_urls(&case["messages"], &data_url));
+                let r = Server::request_port(port, "POST", "/v1/chat/completions", &body);
+                assert_matches_golden(&r, &case, &format!("{name} (round {round})"));
+            }));
+        }
+        threads.push(std::thread::spawn(move || {
+            let body = json!({"model": VL, "messages": [{"role": "user", "content": "plain text"}], "max_tokens": 16});
+            let r = Server::request_port(port, "POST", "/v1/chat/completions", &body);
+            assert_eq!(r.status, 200, "{}", r.body);
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
 /// Prefix-cache counters of the server's one model.
 fn prefix_hits(server: &Server) -> u64 {
     let metrics = server.request("GET", "/metrics", &[], None).body;
