@@ -79,6 +79,12 @@ impl ServerMetrics {
                 );
             }
         }
+        if let Some((in_use, free)) = heap_bytes() {
+            let _ = writeln!(
+                out,
+                "# HELP inferd_heap_bytes The allocator's heap: bytes in use, and freed bytes it keeps.\n# TYPE inferd_heap_bytes gauge\ninferd_heap_bytes{{state=\"in_use\"}} {in_use}\ninferd_heap_bytes{{state=\"free\"}} {free}"
+            );
+        }
         self.time_to_first_token.render(
             &mut out,
             "inferd_time_to_first_token_seconds",
@@ -182,4 +188,34 @@ impl ServerMetrics {
         }
         out
     }
+}
+
+/// glibc's heap statistics (`mallinfo2`, glibc 2.33+): bytes in use (small and mmapped
+/// blocks) and freed bytes the allocator keeps; a leak grows the first.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_bytes() -> Option<(usize, usize)> {
+    #[repr(C)]
+    struct Mallinfo2 {
+        arena: usize,
+        ordblks: usize,
+        smblks: usize,
+        hblks: usize,
+        hblkhd: usize,
+        usmblks: usize,
+        fsmblks: usize,
+        uordblks: usize,
+        fordblks: usize,
+        keepcost: usize,
+    }
+    extern "C" {
+        fn mallinfo2() -> Mallinfo2;
+    }
+    // SAFETY: mallinfo2 only reads the allocator's counters (under its locks).
+    let info = unsafe { mallinfo2() };
+    Some((info.uordblks + info.hblkhd, info.fordblks + info.fsmblks))
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_bytes() -> Option<(usize, usize)> {
+    None
 }
