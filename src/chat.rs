@@ -32,6 +32,8 @@ const HELP: &str = "commands:
   /help               this list
   /clear              forget the conversation
   /model NAME         load NAME and talk to it
+  /image PATH|URL     attach an image (a file, sent inline, or an http(s) URL) to your
+                      next message, for vision-language models
   /set KEY=VALUE      a request field for every reply (JSON value, e.g. temperature=0.7,
                       max_tokens=200, stop=[\"\\n\"]; KEY=null removes it); /set alone lists them
   /save FILE          write the conversation and settings as JSON
@@ -100,7 +102,29 @@ struct Session {
     system: Option<String>,
     messages: Vec<Value>,
     params: Map<String, Value>,
+    /// `/image` URLs for the next user message.
+    images: Vec<String>,
     conn: Option<Connection>,
+}
+
+/// An image for a message: an http(s) URL as is, a file as a `data:` URL.
+fn image_url(arg: &str) -> Result<String, String> {
+    if arg.starts_with("http://") || arg.starts_with("https://") || arg.starts_with("data:") {
+        return Ok(arg.to_owned());
+    }
+    let bytes = std::fs::read(arg).map_err(|e| format!("{arg}: {e}"))?;
+    let mime = match bytes.as_slice() {
+        [0x89, b'P', b'N', b'G', ..] => "image/png",
+        [0xff, 0xd8, 0xff, ..] => "image/jpeg",
+        [b'G', b'I', b'F', b'8', ..] => "image/gif",
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "image/webp",
+        _ => return Err(format!("{arg}: not a PNG, JPEG, GIF or WebP file")),
+    };
+    use base64::Engine as _;
+    Ok(format!(
+        "data:{mime};base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    ))
 }
 
 impl Session {
@@ -112,6 +136,7 @@ impl Session {
             system: options.system,
             messages: Vec::new(),
             params: Map::new(),
+            images: Vec::new(),
             conn: None,
         };
         session.clear();
@@ -119,6 +144,7 @@ impl Session {
     }
 
     fn clear(&mut self) {
+        self.images.clear();
         self.messages = self
             .system
             .iter()
@@ -175,7 +201,18 @@ impl Session {
                 }
                 continue;
             }
-            self.messages.push(json!({"role": "user", "content": line}));
+            let content = if self.images.is_empty() {
+                json!(line)
+            } else {
+                let mut parts: Vec<Value> = self
+                    .images
+                    .drain(..)
+                    .map(|url| json!({"type": "image_url", "image_url": {"url": url}}))
+                    .collect();
+                parts.push(json!({"type": "text", "text": line}));
+                Value::Array(parts)
+            };
+            self.messages.push(json!({"role": "user", "content": content}));
             self.reply(&mut interrupts).await;
         }
     }
@@ -196,6 +233,13 @@ impl Session {
                     self.model = arg.to_owned();
                 }
             }
+            "image" if !arg.is_empty() => match image_url(arg) {
+                Ok(url) => {
+                    self.images.push(url);
+                    println!("(image {} attached to your next message)", self.images.len());
+                }
+                Err(e) => println!("error: {e}"),
+            },
             "set" if arg.is_empty() => println!("{}", Value::Object(self.params.clone())),
             "set" => match arg.split_once('=') {
                 Some((key, value)) if !key.trim().is_empty() => {

@@ -91,3 +91,54 @@ fn chat_in_a_terminal_loads_streams_stops_saves_and_exits() {
     session.send(&["/exit", "Enter"]);
     session.wait_for("EXITED=0");
 }
+
+#[test]
+fn chat_in_a_terminal_attaches_images() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("tmux is not installed: the terminal chat test cannot run here");
+        return;
+    }
+    let model = "inferd-test/tiny-qwen2.5-vl";
+    let s = Server::launch(&[], &[]);
+    let saved = scratch_dir("chat-cli-image").join("chat.json");
+    let session = Tmux(format!("inferd-chat-image-{}", std::process::id()));
+    let command = format!(
+        "{} chat {model} --url http://127.0.0.1:{}; echo EXITED=$?; sleep 60",
+        env!("CARGO_BIN_EXE_inferd"),
+        s.port
+    );
+    session.run(&["new-session", "-d", "-s", &session.0, "-x", "150", "-y", "50", &command]);
+    session.wait_for("(/help for commands)");
+    let image = super::common::fixture("images/chelsea.png");
+    session.send(&["/image ", image.to_str().unwrap(), "Enter"]);
+    session.wait_for("(image 1 attached to your next message)");
+    session.send(&["/image /no/such/file.png", "Enter"]);
+    session.wait_for("error: /no/such/file.png");
+    session.send(&["/set max_tokens=4", "Enter"]);
+    session.send(&["What is in this picture?", "Enter"]);
+    // The random-weight model's reply is gibberish; the next prompt shows it ended.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while session.screen().matches("\n> ").count() < 5 {
+        assert!(Instant::now() < deadline, "no reply:\n{}", session.screen());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    session.send(&["/save ", saved.to_str().unwrap(), "Enter"]);
+    session.wait_for("(saved to");
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+    let messages = doc["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), 2, "{doc}");
+    let parts = messages[0]["content"].as_array().unwrap();
+    assert!(parts[0]["image_url"]["url"]
+        .as_str()
+        .unwrap()
+        .starts_with("data:image/png;base64,iVBOR"));
+    assert_eq!(
+        parts[1],
+        serde_json::json!({"type": "text", "text": "What is in this picture?"})
+    );
+    // Only the missing file was an error (a failed reply would have taken the message
+    // out of the conversation, too).
+    assert_eq!(session.screen().matches("error:").count(), 1, "{}", session.screen());
+    session.send(&["/exit", "Enter"]);
+    session.wait_for("EXITED=0");
+}
