@@ -423,7 +423,8 @@ fn vision_preprocess(dir: &std::path::Path) -> Result<VisionPreprocess, String> 
                 serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
             VisionPreprocess::from_json(&value)
         }
-        Err(_) => Ok(VisionPreprocess::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(VisionPreprocess::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
     }
 }
 

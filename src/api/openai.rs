@@ -522,9 +522,18 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
             check_fields(&kwargs, &["min_pixels", "max_pixels"])
                 .map_err(|e| ApiError::invalid("mm_processor_kwargs", format!("mm_processor_kwargs: {}", e.message)))?;
             let g = Fields { map: &kwargs };
+            let pixels = |key: &str| {
+                g.get::<usize>(key).map_err(|e| ApiError {
+                    param: Some(format!("mm_processor_kwargs.{key}")),
+                    message: e
+                        .message
+                        .replace(&format!("`{key}`"), &format!("`mm_processor_kwargs.{key}`")),
+                    ..e
+                })
+            };
             let overrides = ImageProcessorOverrides {
-                min_pixels: g.get::<usize>("min_pixels")?,
-                max_pixels: g.get::<usize>("max_pixels")?,
+                min_pixels: pixels("min_pixels")?,
+                max_pixels: pixels("max_pixels")?,
             };
             if let (Some(min), Some(max)) = (overrides.min_pixels, overrides.max_pixels) {
                 if min > max {

@@ -249,7 +249,14 @@ pub fn rename_param(mut error: ApiError) -> ApiError {
     if let Some(param) = &error.param {
         let renamed = match param.as_str() {
             "max_completion_tokens" => Some("max_output_tokens".to_owned()),
-            p if p.starts_with("messages") => Some(format!("input{}", &p["messages".len()..])),
+            // A chat image part's `image_url.url` / `image_url.detail` are an
+            // `input_image`'s `image_url` / `detail`.
+            p if p.starts_with("messages") => Some(format!(
+                "input{}",
+                p["messages".len()..]
+                    .replace(".image_url.url", ".image_url")
+                    .replace(".image_url.detail", ".detail")
+            )),
             _ => None,
         };
         if let Some(renamed) = renamed {

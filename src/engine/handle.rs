@@ -149,6 +149,16 @@ impl EngineHandle {
         self.max_model_len
     }
 
+    /// `Overloaded` when a request submitted now would be refused for a full queue (for
+    /// callers with costly input to prepare first; `submit` checks again).
+    pub fn check_room(&self) -> Result<(), SubmitError> {
+        let waiting = self.metrics.pending.load(Ordering::SeqCst);
+        if waiting >= self.max_waiting {
+            return Err(SubmitError::Overloaded { waiting });
+        }
+        Ok(())
+    }
+
     /// Validates and queues a request. Refused with `Overloaded` when `max_waiting`
     /// requests are already waiting.
     pub fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<RequestStream, SubmitError> {

@@ -250,6 +250,12 @@ pub fn smart_resize(
         h_bar = (h * beta / f).ceil() * f;
         w_bar = (w * beta / f).ceil() * f;
     }
+    if h_bar == 0.0 || w_bar == 0.0 {
+        // Only with min_pixels 0 (transformers returns the empty size).
+        return Err(ImageError::Corrupt(format!(
+            "a {width}×{height} image resizes to nothing with min_pixels {min_pixels}"
+        )));
+    }
     Ok((h_bar as usize, w_bar as usize))
 }
 

@@ -25,7 +25,40 @@ pub enum EncoderInput {
     /// A window of log-mel features (Whisper).
     Audio(Arc<LogMel>),
     /// Preprocessed images, in the order of their tokens in the prompt.
-    Images(Arc<Vec<PixelValues>>),
+    Images(Arc<ImageSet>),
+}
+
+/// A request's preprocessed images with their content hash, computed once where they
+/// are made (off the engine thread: hashing every pixel value of large images takes a
+/// while).
+#[derive(Debug)]
+pub struct ImageSet {
+    pixels: Vec<PixelValues>,
+    hash: u64,
+}
+
+impl ImageSet {
+    pub fn new(pixels: Vec<PixelValues>) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for image in &pixels {
+            image.grid.hash(&mut h);
+            for v in &image.data {
+                v.to_bits().hash(&mut h);
+            }
+        }
+        ImageSet {
+            pixels,
+            hash: h.finish(),
+        }
+    }
+}
+
+impl std::ops::Deref for ImageSet {
+    type Target = [PixelValues];
+    fn deref(&self) -> &[PixelValues] {
+        &self.pixels
+    }
 }
 
 impl EncoderInput {
@@ -34,17 +67,7 @@ impl EncoderInput {
     pub fn content_hash(&self) -> u64 {
         match self {
             EncoderInput::Audio(mel) => mel.content_hash(),
-            EncoderInput::Images(images) => {
-                use std::hash::{Hash, Hasher};
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                for image in images.iter() {
-                    image.grid.hash(&mut h);
-                    for v in &image.data {
-                        v.to_bits().hash(&mut h);
-                    }
-                }
-                h.finish()
-            }
+            EncoderInput::Images(images) => images.hash,
         }
     }
 

@@ -12,13 +12,13 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::http::{json_response, sse_event, sse_response, HttpResponse};
-use super::images::{expand_image_tokens, load_images, request_preprocess};
+use super::images::{expand_image_tokens, fetch_images, prepare_images, request_preprocess, ImageMemory};
 use super::ServerState;
 use crate::api::openai::{GenerationFields, Prompt};
 use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, SamplingDefaults, ToolChoice};
 use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
 use crate::manager::{ModelLease, ServedModel};
-use crate::models::EncoderInput;
+use crate::models::{EncoderInput, ImageSet};
 use crate::text::{
     collect_calls, ChatInput, IncrementalDetokenizer, ReasoningParser, StopMatcher, Tokenizer, ToolCall,
     ToolCallParser, ToolEvent,
@@ -354,6 +354,8 @@ pub(super) struct PreparedChat {
     pub prompt_ids: Vec<u32>,
     /// Its images, preprocessed, when it has any.
     pub input: Option<EncoderInput>,
+    /// Their share of the server's image memory, held until the reply ends.
+    pub image_memory: Option<ImageMemory>,
     pub generation: GenerationFields,
 }
 
@@ -393,15 +395,18 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
     .await?;
     let request = parse_chat_request(body, &state.defaults(&model))?;
     check_images(state, &model, &request)?;
-    // Vision models check every prompt's image tokens, with or without images.
-    let images = match &model.vision {
-        Some(vision) => Some((
-            vision.clone(),
-            request_preprocess(&vision.preprocess, &request.image_processor)?,
-            request.images.clone(),
-            state.images.clone(),
-        )),
+    let config = match &model.vision {
+        Some(vision) => Some(request_preprocess(&vision.preprocess, &request.image_processor)?),
         None => None,
+    };
+    // Images are fetched first (and the request refused early when the engine's queue
+    // is full: their work would be wasted).
+    let image_bytes = match request.images.is_empty() {
+        true => Vec::new(),
+        false => {
+            model.engine.check_room().map_err(ApiError::from)?;
+            fetch_images(request.images.clone(), &state.images).await?
+        }
     };
     let tokenizer = model.tokenizer.clone();
     let max_model_len = model.engine.max_model_len();
@@ -409,8 +414,7 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
     kwargs.extend(request.chat_template_kwargs.clone().unwrap_or_default());
     let (messages, tools) = (request.messages.clone(), request.tools.clone());
     let forced = forced_call_openings(&request);
-    type Prepared = (Vec<u32>, Vec<Vec<u32>>, Option<EncoderInput>);
-    let (prompt_ids, forced, input) = tokio::task::spawn_blocking(move || -> Result<Prepared, ApiError> {
+    let (prompt_ids, forced) = tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, Vec<Vec<u32>>), ApiError> {
         let template = tokenizer
             .chat_template()
             .map_err(|e| ApiError::bad_request(format!("cannot apply a chat template: {e}")))?;
@@ -428,19 +432,41 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
                 .map_err(|e| ApiError::internal(e.to_string()))
         };
         let forced = forced.iter().map(|t| encode(t)).collect::<Result<_, _>>()?;
-        let prompt = encode(&text)?;
-        match images {
-            Some((vision, config, parts, limits)) => {
-                let pixels = load_images(&parts, &limits, &vision, &config, prompt.len(), max_model_len)?;
-                let prompt = expand_image_tokens(&prompt, &vision, &pixels)?;
-                let input = (!pixels.is_empty()).then(|| EncoderInput::Images(Arc::new(pixels)));
-                Ok((prompt, forced, input))
-            }
-            None => Ok((prompt, forced, None)),
-        }
+        Ok((encode(&text)?, forced))
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
+    // Vision models check every prompt's image tokens, with or without images.
+    let (prompt_ids, input, image_memory) = match (&model.vision, config) {
+        (Some(vision), Some(config)) if !image_bytes.is_empty() => {
+            let permit = super::media_permits()
+                .acquire()
+                .await
+                .map_err(|_| ApiError::internal("image preparation is shut down"))?;
+            let (vision, parts, limits) = (vision.clone(), request.images.clone(), state.images.clone());
+            let prepared = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                let (pixels, memory) = prepare_images(
+                    &parts,
+                    image_bytes,
+                    &limits,
+                    &vision,
+                    &config,
+                    prompt_ids.len(),
+                    max_model_len,
+                )?;
+                let prompt = expand_image_tokens(&prompt_ids, &vision, &pixels)?;
+                // Hashed here, not on the engine thread.
+                let images = ImageSet::new(pixels);
+                Ok::<_, ApiError>((prompt, Some(EncoderInput::Images(Arc::new(images))), Some(memory)))
+            });
+            prepared
+                .await
+                .map_err(|e| ApiError::internal(format!("image preparation failed: {e}")))??
+        }
+        (Some(vision), _) => (expand_image_tokens(&prompt_ids, vision, &[])?, None, None),
+        _ => (prompt_ids, None, None),
+    };
     let kind = Kind::Chat {
         logprobs: request.logprobs,
         tools: request.tools.is_some(),
@@ -454,6 +480,7 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
         kind,
         prompt_ids,
         input,
+        image_memory,
         generation,
     })
 }
@@ -463,6 +490,7 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
     let prompt = PromptInput {
         ids: chat.prompt_ids,
         input: chat.input,
+        image_memory: chat.image_memory,
         echo: None,
     };
     run(state, chat.model, id, chat.kind, prompt, chat.generation).await
@@ -495,6 +523,7 @@ pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Re
     let prompt = PromptInput {
         ids: prompt_ids,
         input: None,
+        image_memory: None,
         echo: request.echo.then_some(prompt_text),
     };
     run(state, model, id, Kind::Text, prompt, request.generation).await
@@ -505,6 +534,7 @@ struct PromptInput {
     ids: Vec<u32>,
     /// Images, for vision-language models.
     input: Option<EncoderInput>,
+    image_memory: Option<ImageMemory>,
     /// Completions' `echo`: the prompt text, sent before the reply.
     echo: Option<String>,
 }
@@ -520,6 +550,8 @@ async fn run(
     let start = Instant::now();
     let prompt_tokens = prompt.ids.len();
     let echo = prompt.echo;
+    // Given back when this request's reply ends (moved into the streaming task).
+    let image_memory = prompt.image_memory;
     let n = generation.params.n;
     let param = if kind == Kind::Text { "prompt" } else { "messages" };
     let stream = model
@@ -542,6 +574,7 @@ async fn run(
         let (response, tx) = sse_response();
         let include_usage = generation.include_usage;
         tokio::spawn(async move {
+            let _image_memory = image_memory;
             stream_events(
                 state,
                 model,

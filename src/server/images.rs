@@ -1,11 +1,12 @@
 //! The images of a chat request: read from their URLs (`data:` or fetched under the
-//! server's policy), decoded within the pixel limit and preprocessed for the model's
-//! vision tower; then each `<|image_pad|>` the chat template wrote is widened to one
-//! token per merged patch of its image. Blocking work: run it off the reactor.
+//! server's policy, a bounded number of requests fetching at once), decoded within the
+//! pixel limit (one image per core at once, server-wide) and preprocessed for the
+//! model's vision tower within the server's image memory; then each `<|image_pad|>` the
+//! chat template wrote is widened to one token per merged patch of its image.
 
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::api::openai::{ImagePart, ImageProcessorOverrides};
 use crate::engine::SubmitError;
@@ -15,7 +16,10 @@ use crate::media::image::{decode, preprocess, smart_resize, ImageError, PixelVal
 
 use super::error::ApiError;
 
-/// The serve flags on images, and the slots that bound decoding across requests.
+/// Requests fetching image URLs at once (each holds a blocking thread while it does).
+const FETCH_SLOTS: usize = 64;
+
+/// The serve flags on images, and what bounds image work across requests.
 #[derive(Debug, Clone)]
 pub struct ImageLimits {
     /// `--no-remote-images`, `--allow-private-image-urls`, `--max-image-bytes`,
@@ -26,29 +30,30 @@ pub struct ImageLimits {
     /// `--max-image-pixels`: the largest image decoded (width × height, read from its
     /// header before decoding).
     pub max_pixels: u64,
-    /// Images decoded and preprocessed at once, over all requests (one per core): a
-    /// burst of large images queues here instead of filling memory with decoded
-    /// pixels. Fetches do not hold a slot.
-    pub decode_slots: Arc<Semaphore>,
+    /// `--max-image-memory`, in KiB: the preprocessed pixel values (4704 bytes per
+    /// patch) all requests in flight may hold, from preprocessing to the end of the
+    /// reply; past it a request is answered 503.
+    memory_kib: u32,
+    memory: Arc<Semaphore>,
+    fetch_slots: Arc<Semaphore>,
 }
 
 impl ImageLimits {
-    pub fn new(fetch: FetchPolicy, max_per_request: usize, max_pixels: u64) -> Self {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    pub fn new(fetch: FetchPolicy, max_per_request: usize, max_pixels: u64, max_memory_bytes: u64) -> Self {
+        let memory_kib = (max_memory_bytes >> 10).min(u64::from(u32::MAX >> 3)) as u32;
         ImageLimits {
             fetch,
             max_per_request,
             max_pixels,
-            decode_slots: Arc::new(Semaphore::new(cores)),
+            memory_kib,
+            memory: Arc::new(Semaphore::new(memory_kib as usize)),
+            fetch_slots: Arc::new(Semaphore::new(FETCH_SLOTS)),
         }
     }
 }
 
-impl Default for ImageLimits {
-    fn default() -> Self {
-        ImageLimits::new(FetchPolicy::default(), 8, 50_000_000)
-    }
-}
+/// A request's share of the image memory, given back when the request ends (dropped).
+pub struct ImageMemory(#[allow(dead_code)] Vec<OwnedSemaphorePermit>);
 
 /// The model's image processor with a request's `mm_processor_kwargs`, which may narrow
 /// its pixel budget but not widen it (the budget bounds each image's tokens and memory).
@@ -61,7 +66,7 @@ pub fn request_preprocess(
     if let Some(max) = overrides.max_pixels {
         if max < smallest || max > model.max_pixels {
             return Err(ApiError::invalid(
-                "mm_processor_kwargs",
+                "mm_processor_kwargs.max_pixels",
                 format!(
                     "`mm_processor_kwargs.max_pixels` must be between {smallest} and the model's {} (got {max})",
                     model.max_pixels
@@ -72,9 +77,15 @@ pub fn request_preprocess(
         out.min_pixels = out.min_pixels.min(max);
     }
     if let Some(min) = overrides.min_pixels {
+        if min == 0 {
+            return Err(ApiError::invalid(
+                "mm_processor_kwargs.min_pixels",
+                "`mm_processor_kwargs.min_pixels` must be at least 1",
+            ));
+        }
         if min > out.max_pixels {
             return Err(ApiError::invalid(
-                "mm_processor_kwargs",
+                "mm_processor_kwargs.min_pixels",
                 format!(
                     "`mm_processor_kwargs.min_pixels` ({min}) is over the pixel budget of {}",
                     out.max_pixels
@@ -112,24 +123,54 @@ fn image_error(part: &ImagePart, e: ImageError) -> ApiError {
     }
 }
 
-/// Reads, decodes and preprocesses each image, in order, refusing the request as soon
-/// as its text and image tokens reach the context window (`max_model_len`). Blocking (fetches and decodes): call it on the blocking pool, inside a
-/// tokio runtime (decode slots are awaited there).
-pub fn load_images(
+/// The bytes of each image, in order: `data:` URLs decoded, others fetched under the
+/// policy (one request among `FETCH_SLOTS` at once: the others wait without holding a
+/// thread).
+pub async fn fetch_images(parts: Vec<ImagePart>, limits: &ImageLimits) -> Result<Vec<Vec<u8>>, ApiError> {
+    let remote = parts
+        .iter()
+        .any(|p| !p.url.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("data:")));
+    let slot = match remote {
+        true => Some(
+            limits
+                .fetch_slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ApiError::internal("image fetching is shut down"))?,
+        ),
+        false => None,
+    };
+    let policy = limits.fetch.clone();
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        parts
+            .iter()
+            .map(|part| media_bytes(&part.url, &policy).map_err(|e| fetch_error(part, e)))
+            .collect()
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("image fetch task failed: {e}")))?
+}
+
+/// Decodes and preprocesses each image (`bytes[i]` of `parts[i]`), in order, refusing
+/// the request as soon as its text and image tokens reach the context window
+/// (`max_model_len`; `text_tokens` counts each image's placeholder) or its pixel values
+/// do not fit the server's image memory. Blocking: run it on the blocking pool, holding
+/// a `media_permits` slot.
+pub fn prepare_images(
     parts: &[ImagePart],
+    bytes: Vec<Vec<u8>>,
     limits: &ImageLimits,
     vision: &VisionSettings,
     config: &VisionPreprocess,
     text_tokens: usize,
     max_model_len: usize,
-) -> Result<Vec<PixelValues>, ApiError> {
+) -> Result<(Vec<PixelValues>, ImageMemory), ApiError> {
     let mut tokens = text_tokens;
     let mut out = Vec::with_capacity(parts.len());
-    for part in parts {
-        let bytes = media_bytes(&part.url, &limits.fetch).map_err(|e| fetch_error(part, e))?;
-        let _slot = tokio::runtime::Handle::try_current()
-            .ok()
-            .and_then(|rt| rt.block_on(limits.decode_slots.clone().acquire_owned()).ok());
+    let mut memory = Vec::with_capacity(parts.len());
+    for (part, bytes) in parts.iter().zip(bytes) {
         let image = decode(&bytes, limits.max_pixels).map_err(|e| image_error(part, e))?;
         drop(bytes);
         let (height, width) = smart_resize(
@@ -140,17 +181,50 @@ pub fn load_images(
             config.max_pixels,
         )
         .map_err(|e| image_error(part, e))?;
-        tokens += vision.tokens_for([1, height / config.patch_size, width / config.patch_size]);
+        // The placeholder, counted in `text_tokens`, becomes the image's tokens.
+        tokens += vision.tokens_for([1, height / config.patch_size, width / config.patch_size]) - 1;
         if tokens >= max_model_len {
-            // The placeholder's own token is in `text_tokens`; the count is a bound.
             return Err(ApiError::from(SubmitError::PromptTooLong {
                 prompt: tokens,
                 max: max_model_len,
             }));
         }
+        let patches = (height / config.patch_size) * (width / config.patch_size);
+        let row_bytes = 3 * config.temporal_patch_size * config.patch_size * config.patch_size * 4;
+        let kib = (patches * row_bytes).div_ceil(1024);
+        memory.push(take_memory(limits, part, kib)?);
         out.push(preprocess(&image, config).map_err(|e| image_error(part, e))?);
     }
-    Ok(out)
+    Ok((out, ImageMemory(memory)))
+}
+
+/// `kib` of the image memory, or the reason there is none: 400 for an image larger than
+/// all of it, 503 (retry) while other requests hold it.
+fn take_memory(limits: &ImageLimits, part: &ImagePart, kib: usize) -> Result<OwnedSemaphorePermit, ApiError> {
+    if kib > limits.memory_kib as usize {
+        return Err(ApiError {
+            code: Some("invalid_image"),
+            ..ApiError::invalid(
+                part.param.clone(),
+                format!(
+                    "`{}`: its pixel values take {} MiB, more than the server's image memory of {} MiB (--max-image-memory); lower mm_processor_kwargs.max_pixels",
+                    part.param,
+                    kib >> 10,
+                    limits.memory_kib >> 10
+                ),
+            )
+        });
+    }
+    limits
+        .memory
+        .clone()
+        .try_acquire_many_owned(kib as u32)
+        .map_err(|_| ApiError {
+            message:
+                "the images of requests in flight fill the server's image memory (--max-image-memory); retry shortly"
+                    .into(),
+            ..ApiError::from(SubmitError::Overloaded { waiting: 0 })
+        })
 }
 
 /// `prompt` with each image token (one per image, as the chat template writes it)
@@ -216,6 +290,43 @@ mod tests {
         assert_eq!(expand_image_tokens(&[1, 2], &vision(), &[]).unwrap(), vec![1, 2]);
     }
 
+    /// The 200×200 fixture: 14 × 14 patches, 49 tokens, 901 KiB of pixel values.
+    fn board() -> (Vec<ImagePart>, Vec<Vec<u8>>) {
+        let bytes = include_bytes!("../../tests/fixtures/images/chessboard_RGB.png").to_vec();
+        let part = ImagePart {
+            url: "data:".into(),
+            param: "messages[0].content[0].image_url.url".into(),
+        };
+        (vec![part], vec![bytes])
+    }
+
+    #[test]
+    fn images_count_against_the_context_window_and_the_image_memory() {
+        let (vision, config) = (vision(), VisionPreprocess::default());
+        let limits = ImageLimits::new(FetchPolicy::default(), 8, 1 << 24, 901 << 10);
+        let (parts, bytes) = board();
+        // 10 text tokens, one of them the placeholder: 9 + 49 = 58 tokens.
+        let (pixels, held) = prepare_images(&parts, bytes.clone(), &limits, &vision, &config, 10, 59).unwrap();
+        assert_eq!(vision.tokens_for(pixels[0].grid), 49);
+        let e = prepare_images(&parts, bytes.clone(), &limits, &vision, &config, 10, 58)
+            .err()
+            .unwrap();
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        // The memory is held while the first request runs: the next one is told to retry.
+        let e = prepare_images(&parts, bytes.clone(), &limits, &vision, &config, 10, 59)
+            .err()
+            .unwrap();
+        assert_eq!(e.status, hyper::StatusCode::SERVICE_UNAVAILABLE, "{e:?}");
+        drop(held);
+        assert!(prepare_images(&parts, bytes.clone(), &limits, &vision, &config, 10, 59).is_ok());
+        // An image larger than all of it is the request's error.
+        let small = ImageLimits::new(FetchPolicy::default(), 8, 1 << 24, 900 << 10);
+        let e = prepare_images(&parts, bytes, &small, &vision, &config, 10, 59)
+            .err()
+            .unwrap();
+        assert_eq!((e.status.as_u16(), e.code), (400, Some("invalid_image")), "{e:?}");
+    }
+
     #[test]
     fn a_request_may_narrow_the_pixel_budget_but_not_widen_it() {
         let model = VisionPreprocess::default();
@@ -232,6 +343,7 @@ mod tests {
         // min_pixels follows a budget under it.
         assert_eq!(request_preprocess(&model, &tiny).unwrap().min_pixels, 28 * 28);
         for bad in [
+            (Some(0), None),
             (None, Some(model.max_pixels + 1)),
             (None, Some(100)),
             (Some(200_000), Some(100_000)),

@@ -212,7 +212,8 @@ fn heap_bytes() -> Option<(usize, usize)> {
     }
     // SAFETY: mallinfo2 only reads the allocator's counters (under its locks).
     let info = unsafe { mallinfo2() };
-    Some((info.uordblks + info.hblkhd, info.fordblks + info.fsmblks))
+    // `fordblks` counts the fastbins' free blocks (`fsmblks`) too.
+    Some((info.uordblks + info.hblkhd, info.fordblks))
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

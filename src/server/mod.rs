@@ -57,6 +57,13 @@ pub struct ServerState {
     pub responses: responses::ResponseStore,
 }
 
+/// Media decoded at once, server-wide (audio files, images): one per core. A burst of
+/// uploads waits its turn here instead of filling memory with decoded samples and pixels.
+pub fn media_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PERMITS.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
+}
+
 impl ServerState {
     /// A request's sampling defaults: its model's generation_config.json and the seed.
     pub fn defaults(&self, model: &ServedModel) -> SamplingDefaults {

@@ -158,6 +158,7 @@ pub async fn create(state: Arc<ServerState>, body: Value) -> Result<HttpResponse
         request,
         history,
         start: Instant::now(),
+        _image_memory: chat.image_memory,
     };
     if run.request.stream {
         let (response, tx) = sse_response();
@@ -206,6 +207,8 @@ struct Run {
     request: ResponsesRequest,
     history: Vec<Value>,
     start: Instant,
+    /// The request's share of the image memory, given back with the run.
+    _image_memory: Option<super::images::ImageMemory>,
 }
 
 impl Run {

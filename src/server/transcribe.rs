@@ -207,12 +207,6 @@ impl From<AudioError> for ApiError {
 /// Prompt text looked at (its end): far more than the 223 tokens a window keeps.
 const PROMPT_TAIL_BYTES: usize = 8 * 1024;
 
-/// Audio files decoded at once, server-wide: the cores.
-fn audio_permits() -> &'static tokio::sync::Semaphore {
-    static PERMITS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
-    PERMITS.get_or_init(|| tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get())))
-}
-
 /// The audio prepared for the model.
 struct PreparedAudio {
     mel: LogMel,
@@ -553,7 +547,7 @@ pub async fn handle(
     let (file, settings) = (form.file, speech.clone());
     // Decoding and features take CPU and up to a few hundred MB for long audio: a few
     // at a time, the rest wait their turn.
-    let permit = audio_permits()
+    let permit = super::media_permits()
         .acquire()
         .await
         .map_err(|_| ApiError::internal("audio preparation is shut down"))?;

@@ -920,7 +920,8 @@ fn vision_language_goldens_on_the_gpu() {
     let goldens = golden("models/tiny-qwen2.5-vl.json");
     let mut engine = Engine::new(g.clone(), model, EngineConfig::default(), vec![]);
     for (id, (name, case)) in goldens["cases"].as_object().unwrap().iter().enumerate() {
-        let input = inferd::models::EncoderInput::Images(Arc::new(images_of(&goldens, &case["images"])));
+        let images = inferd::models::ImageSet::new(images_of(&goldens, &case["images"]));
+        let input = inferd::models::EncoderInput::Images(Arc::new(images));
         let params = SamplingParams {
             max_tokens: Some(16),
             temperature: 0.0,

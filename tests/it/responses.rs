@@ -279,7 +279,7 @@ fn bad_responses_requests_get_openai_errors() {
         (
             json!({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]}]}),
             400,
-            "input[0].content[0].image_url.url",
+            "input[0].content[0].image_url",
         ),
         (json!({"input": "hi", "max_output_tokens": 0}), 400, "max_output_tokens"),
         (

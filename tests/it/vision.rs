@@ -110,7 +110,7 @@ fn the_vision_language_model_matches_transformers() {
     let mut model = VisionLanguageModel::load(&backend, &dir, &mut |_, _| {}).unwrap();
     let mut worst = 0f64;
     for (name, case) in want["cases"].as_object().unwrap() {
-        let images = Arc::new(vl_images(&want, &case["images"]));
+        let images = Arc::new(inferd::models::ImageSet::new(vl_images(&want, &case["images"])));
         let prompt = super::common::ids(&case["prompt"]);
         let input = EncoderInput::Images(images.clone());
         model.begin_request(&backend, 1, &prompt, &input).unwrap();
@@ -190,7 +190,7 @@ fn mismatched_images_and_prompts_are_refused() {
         (vec![good.clone(), good], [vec![1], vec![pad; 6], vec![2]].concat()),
     ];
     for (i, (images, prompt)) in cases.into_iter().enumerate() {
-        let input = EncoderInput::Images(Arc::new(images));
+        let input = EncoderInput::Images(Arc::new(inferd::models::ImageSet::new(images)));
         let result = model.begin_request(&backend, i as u64, &prompt, &input);
         assert!(result.is_err(), "case {i} was accepted");
     }

@@ -369,8 +369,28 @@ fn bad_image_requests_get_400s() {
                 r["mm_processor_kwargs"] = json!({"max_pixels": 100_000_000});
                 r
             },
-            Some("mm_processor_kwargs"),
+            Some("mm_processor_kwargs.max_pixels"),
             "between",
+        ),
+        (
+            "a zero pixel minimum",
+            {
+                let mut r = chat_with_parts(json!([text.clone()]));
+                r["mm_processor_kwargs"] = json!({"min_pixels": 0});
+                r
+            },
+            Some("mm_processor_kwargs.min_pixels"),
+            "at least 1",
+        ),
+        (
+            "a pixel minimum of the wrong type",
+            {
+                let mut r = chat_with_parts(json!([text.clone()]));
+                r["mm_processor_kwargs"] = json!({"min_pixels": "many"});
+                r
+            },
+            Some("mm_processor_kwargs.min_pixels"),
+            "`mm_processor_kwargs.min_pixels` has the wrong type",
         ),
         (
             "an unknown processor setting",
@@ -415,6 +435,19 @@ fn bad_image_requests_get_400s() {
         small < full,
         "{small} prompt tokens with a narrower budget, {full} without"
     );
+    drop(server);
+
+    // An image larger than the server's image memory (64 tokens of chelsea.png take
+    // 1.2 MB here).
+    let server = Server::start_model(VL, &["--max-image-memory", "1000000"]);
+    let r = server.post("/v1/chat/completions", chat_with_parts(json!([image_part(&chelsea)])));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("--max-image-memory"), "{}", r.body);
+    let r = server.post(
+        "/v1/chat/completions",
+        chat_with_parts(json!([image_part(&data_url("synthetic-83x61.webp"))])),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
     drop(server);
 
     // Images past the context window (1024 positions; 49 tokens per 200×200 image) are
