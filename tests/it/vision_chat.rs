@@ -123,6 +123,29 @@ fn chats_with_images_match_transformers_streamed_and_not() {
     let v = r.json();
     assert_eq!(v["usage"]["input_tokens"], case["prompt_tokens"], "{v}");
     assert_eq!(v["output"][0]["content"][0]["text"], text, "{v}");
+    // A follow-up on the stored conversation sends its image again.
+    let first_tokens = v["usage"]["input_tokens"].as_u64().unwrap() + 16;
+    let r = server.post(
+        "/v1/responses",
+        json!({"model": VL, "max_output_tokens": 4, "previous_response_id": v["id"], "input": "And now?"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let follow = r.json()["usage"]["input_tokens"].as_u64().unwrap();
+    assert!(
+        follow > first_tokens,
+        "{follow} input tokens after a {first_tokens}-token turn"
+    );
+
+    // n = 2 greedy choices share the request's images: both are the golden reply.
+    let mut body = greedy_request(with_urls(&case["messages"], &data_url));
+    body["n"] = 2.into();
+    let r = server.post("/v1/chat/completions", body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    for choice in v["choices"].as_array().unwrap() {
+        assert_eq!(choice["message"]["content"], text, "{v}");
+    }
+
     let r = server.post(
         "/v1/responses",
         json!({"model": VL, "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}),
