@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::http::{json_response, sse_event, sse_response, HttpResponse};
-use super::images::{expand_image_tokens, fetch_images, prepare_images, request_preprocess, ImageMemory};
+use super::images::{check_placeholders, expand_image_tokens, load_images, request_preprocess, ImageMemory};
 use super::ServerState;
 use crate::api::openai::{GenerationFields, Prompt};
 use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, SamplingDefaults, ToolChoice};
@@ -399,15 +399,10 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
         Some(vision) => Some(request_preprocess(&vision.preprocess, &request.image_processor)?),
         None => None,
     };
-    // Images are fetched first (and the request refused early when the engine's queue
-    // is full: their work would be wasted).
-    let image_bytes = match request.images.is_empty() {
-        true => Vec::new(),
-        false => {
-            model.engine.check_room().map_err(ApiError::from)?;
-            fetch_images(request.images.clone(), &state.images).await?
-        }
-    };
+    // A full queue refuses a request with images before any image work.
+    if !request.images.is_empty() {
+        model.engine.check_room().map_err(ApiError::from)?;
+    }
     let tokenizer = model.tokenizer.clone();
     let max_model_len = model.engine.max_model_len();
     let mut kwargs = state.chat_template_kwargs.clone().unwrap_or_default();
@@ -438,31 +433,27 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
     .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
     // Vision models check every prompt's image tokens, with or without images.
     let (prompt_ids, input, image_memory) = match (&model.vision, config) {
-        (Some(vision), Some(config)) if !image_bytes.is_empty() => {
-            let permit = super::media_permits()
-                .acquire()
-                .await
-                .map_err(|_| ApiError::internal("image preparation is shut down"))?;
-            let (vision, parts, limits) = (vision.clone(), request.images.clone(), state.images.clone());
-            let prepared = tokio::task::spawn_blocking(move || {
-                let _permit = permit;
-                let (pixels, memory) = prepare_images(
-                    &parts,
-                    image_bytes,
-                    &limits,
-                    &vision,
-                    &config,
-                    prompt_ids.len(),
-                    max_model_len,
-                )?;
+        (Some(vision), Some(config)) if !request.images.is_empty() => {
+            check_placeholders(&prompt_ids, vision, request.images.len())?;
+            let (pixels, memory) = load_images(
+                &request.images,
+                &state.images,
+                vision,
+                &config,
+                prompt_ids.len(),
+                max_model_len,
+            )
+            .await?;
+            let vision = vision.clone();
+            let expanded = tokio::task::spawn_blocking(move || {
                 let prompt = expand_image_tokens(&prompt_ids, &vision, &pixels)?;
                 // Hashed here, not on the engine thread.
-                let images = ImageSet::new(pixels);
-                Ok::<_, ApiError>((prompt, Some(EncoderInput::Images(Arc::new(images))), Some(memory)))
+                Ok::<_, ApiError>((prompt, ImageSet::new(pixels)))
             });
-            prepared
+            let (prompt, images) = expanded
                 .await
-                .map_err(|e| ApiError::internal(format!("image preparation failed: {e}")))??
+                .map_err(|e| ApiError::internal(format!("image preparation failed: {e}")))??;
+            (prompt, Some(EncoderInput::Images(Arc::new(images))), Some(memory))
         }
         (Some(vision), _) => (expand_image_tokens(&prompt_ids, vision, &[])?, None, None),
         _ => (prompt_ids, None, None),

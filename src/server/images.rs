@@ -123,13 +123,49 @@ fn image_error(part: &ImagePart, e: ImageError) -> ApiError {
     }
 }
 
-/// The bytes of each image, in order: `data:` URLs decoded, others fetched under the
-/// policy (one request among `FETCH_SLOTS` at once: the others wait without holding a
-/// thread).
-pub async fn fetch_images(parts: Vec<ImagePart>, limits: &ImageLimits) -> Result<Vec<Vec<u8>>, ApiError> {
-    let remote = parts
-        .iter()
-        .any(|p| !p.url.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("data:")));
+/// Reads, decodes and preprocesses each image, in order, one at a time (so a request
+/// holds one image's file bytes at most): `data:` URLs decoded and other URLs fetched
+/// under the policy (at most `FETCH_SLOTS` fetches at once: the others wait without
+/// holding a thread), then decoded and preprocessed holding a `media_permits` slot.
+/// Refused as soon as the text and image tokens reach the context window
+/// (`max_model_len`; `text_tokens` counts each image's placeholder) or the pixel values
+/// do not fit the server's image memory.
+pub async fn load_images(
+    parts: &[ImagePart],
+    limits: &ImageLimits,
+    vision: &VisionSettings,
+    config: &VisionPreprocess,
+    text_tokens: usize,
+    max_model_len: usize,
+) -> Result<(Vec<PixelValues>, ImageMemory), ApiError> {
+    let mut tokens = text_tokens;
+    let mut pixels = Vec::with_capacity(parts.len());
+    let mut memory = Vec::with_capacity(parts.len());
+    for part in parts {
+        let bytes = fetch_image(part, limits).await?;
+        let permit = super::media_permits()
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("image preparation is shut down"))?;
+        let (part, limits, vision, config) = (part.clone(), limits.clone(), vision.clone(), config.clone());
+        let (image, held, total) = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let mut tokens = tokens;
+            prepare_image(&part, &bytes, &limits, &vision, &config, &mut tokens, max_model_len)
+                .map(|(image, held)| (image, held, tokens))
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("image preparation failed: {e}")))??;
+        tokens = total;
+        pixels.push(image);
+        memory.push(held);
+    }
+    Ok((pixels, ImageMemory(memory)))
+}
+
+/// One image's bytes: a `data:` URL's payload, or the URL fetched under the policy.
+async fn fetch_image(part: &ImagePart, limits: &ImageLimits) -> Result<Vec<u8>, ApiError> {
+    let remote = !part.url.get(..5).is_some_and(|s| s.eq_ignore_ascii_case("data:"));
     let slot = match remote {
         true => Some(
             limits
@@ -141,61 +177,48 @@ pub async fn fetch_images(parts: Vec<ImagePart>, limits: &ImageLimits) -> Result
         ),
         false => None,
     };
-    let policy = limits.fetch.clone();
+    let (part, policy) = (part.clone(), limits.fetch.clone());
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        parts
-            .iter()
-            .map(|part| media_bytes(&part.url, &policy).map_err(|e| fetch_error(part, e)))
-            .collect()
+        media_bytes(&part.url, &policy).map_err(|e| fetch_error(&part, e))
     })
     .await
     .map_err(|e| ApiError::internal(format!("image fetch task failed: {e}")))?
 }
 
-/// Decodes and preprocesses each image (`bytes[i]` of `parts[i]`), in order, refusing
-/// the request as soon as its text and image tokens reach the context window
-/// (`max_model_len`; `text_tokens` counts each image's placeholder) or its pixel values
-/// do not fit the server's image memory. Blocking: run it on the blocking pool, holding
-/// a `media_permits` slot.
-pub fn prepare_images(
-    parts: &[ImagePart],
-    bytes: Vec<Vec<u8>>,
+/// Decodes and preprocesses one image, adding its tokens to `tokens` (less its
+/// placeholder) and taking its pixel values out of the image memory. Blocking.
+fn prepare_image(
+    part: &ImagePart,
+    bytes: &[u8],
     limits: &ImageLimits,
     vision: &VisionSettings,
     config: &VisionPreprocess,
-    text_tokens: usize,
+    tokens: &mut usize,
     max_model_len: usize,
-) -> Result<(Vec<PixelValues>, ImageMemory), ApiError> {
-    let mut tokens = text_tokens;
-    let mut out = Vec::with_capacity(parts.len());
-    let mut memory = Vec::with_capacity(parts.len());
-    for (part, bytes) in parts.iter().zip(bytes) {
-        let image = decode(&bytes, limits.max_pixels).map_err(|e| image_error(part, e))?;
-        drop(bytes);
-        let (height, width) = smart_resize(
-            image.height,
-            image.width,
-            config.factor(),
-            config.min_pixels,
-            config.max_pixels,
-        )
-        .map_err(|e| image_error(part, e))?;
-        // The placeholder, counted in `text_tokens`, becomes the image's tokens.
-        tokens += vision.tokens_for([1, height / config.patch_size, width / config.patch_size]) - 1;
-        if tokens >= max_model_len {
-            return Err(ApiError::from(SubmitError::PromptTooLong {
-                prompt: tokens,
-                max: max_model_len,
-            }));
-        }
-        let patches = (height / config.patch_size) * (width / config.patch_size);
-        let row_bytes = 3 * config.temporal_patch_size * config.patch_size * config.patch_size * 4;
-        let kib = (patches * row_bytes).div_ceil(1024);
-        memory.push(take_memory(limits, part, kib)?);
-        out.push(preprocess(&image, config).map_err(|e| image_error(part, e))?);
+) -> Result<(PixelValues, OwnedSemaphorePermit), ApiError> {
+    let image = decode(bytes, limits.max_pixels).map_err(|e| image_error(part, e))?;
+    let (height, width) = smart_resize(
+        image.height,
+        image.width,
+        config.factor(),
+        config.min_pixels,
+        config.max_pixels,
+    )
+    .map_err(|e| image_error(part, e))?;
+    // The placeholder, counted already, becomes the image's tokens.
+    *tokens += vision.tokens_for([1, height / config.patch_size, width / config.patch_size]) - 1;
+    if *tokens >= max_model_len {
+        return Err(ApiError::from(SubmitError::PromptTooLong {
+            prompt: *tokens,
+            max: max_model_len,
+        }));
     }
-    Ok((out, ImageMemory(memory)))
+    let patches = (height / config.patch_size) * (width / config.patch_size);
+    let row_bytes = 3 * config.temporal_patch_size * config.patch_size * config.patch_size * 4;
+    let held = take_memory(limits, part, (patches * row_bytes).div_ceil(1024))?;
+    let pixels = preprocess(&image, config).map_err(|e| image_error(part, e))?;
+    Ok((pixels, held))
 }
 
 /// `kib` of the image memory, or the reason there is none: 400 for an image larger than
@@ -227,6 +250,21 @@ fn take_memory(limits: &ImageLimits, part: &ImagePart, kib: usize) -> Result<Own
         })
 }
 
+/// Refuses a prompt whose image placeholders (as the chat template wrote them) are not
+/// one per image, as when a placeholder is typed into a message's text.
+pub fn check_placeholders(prompt: &[u32], vision: &VisionSettings, images: usize) -> Result<(), ApiError> {
+    let placeholders = prompt.iter().filter(|&&t| t == vision.image_token).count();
+    if placeholders != images {
+        return Err(ApiError::invalid(
+            "messages",
+            format!(
+                "the chat template placed {placeholders} image placeholders for {images} images (image placeholder tokens in message text are not allowed)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `prompt` with each image token (one per image, as the chat template writes it)
 /// repeated once per merged patch of its image, in order.
 pub fn expand_image_tokens(
@@ -234,16 +272,7 @@ pub fn expand_image_tokens(
     vision: &VisionSettings,
     images: &[PixelValues],
 ) -> Result<Vec<u32>, ApiError> {
-    let placeholders = prompt.iter().filter(|&&t| t == vision.image_token).count();
-    if placeholders != images.len() {
-        return Err(ApiError::invalid(
-            "messages",
-            format!(
-                "the chat template placed {placeholders} image placeholders for {} images (image placeholder tokens in message text are not allowed)",
-                images.len()
-            ),
-        ));
-    }
+    check_placeholders(prompt, vision, images.len())?;
     let extra: usize = images.iter().map(|p| vision.tokens_for(p.grid).saturating_sub(1)).sum();
     let mut out = Vec::with_capacity(prompt.len() + extra);
     let mut images = images.iter();
@@ -291,39 +320,37 @@ mod tests {
     }
 
     /// The 200×200 fixture: 14 × 14 patches, 49 tokens, 901 KiB of pixel values.
-    fn board() -> (Vec<ImagePart>, Vec<Vec<u8>>) {
+    fn board() -> (ImagePart, Vec<u8>) {
         let bytes = include_bytes!("../../tests/fixtures/images/chessboard_RGB.png").to_vec();
         let part = ImagePart {
             url: "data:".into(),
             param: "messages[0].content[0].image_url.url".into(),
         };
-        (vec![part], vec![bytes])
+        (part, bytes)
     }
 
     #[test]
     fn images_count_against_the_context_window_and_the_image_memory() {
         let (vision, config) = (vision(), VisionPreprocess::default());
         let limits = ImageLimits::new(FetchPolicy::default(), 8, 1 << 24, 901 << 10);
-        let (parts, bytes) = board();
-        // 10 text tokens, one of them the placeholder: 9 + 49 = 58 tokens.
-        let (pixels, held) = prepare_images(&parts, bytes.clone(), &limits, &vision, &config, 10, 59).unwrap();
-        assert_eq!(vision.tokens_for(pixels[0].grid), 49);
-        let e = prepare_images(&parts, bytes.clone(), &limits, &vision, &config, 10, 58)
-            .err()
-            .unwrap();
+        let (part, bytes) = board();
+        let prepare = |limits: &ImageLimits, max_model_len| {
+            // 10 text tokens, one of them the placeholder: 9 + 49 = 58 tokens.
+            let mut tokens = 10;
+            prepare_image(&part, &bytes, limits, &vision, &config, &mut tokens, max_model_len).map(|r| (r, tokens))
+        };
+        let ((pixels, held), tokens) = prepare(&limits, 59).unwrap();
+        assert_eq!((vision.tokens_for(pixels.grid), tokens), (49, 58));
+        let e = prepare(&limits, 58).err().unwrap();
         assert_eq!(e.code, Some("context_length_exceeded"));
         // The memory is held while the first request runs: the next one is told to retry.
-        let e = prepare_images(&parts, bytes.clone(), &limits, &vision, &config, 10, 59)
-            .err()
-            .unwrap();
+        let e = prepare(&limits, 59).err().unwrap();
         assert_eq!(e.status, hyper::StatusCode::SERVICE_UNAVAILABLE, "{e:?}");
         drop(held);
-        assert!(prepare_images(&parts, bytes.clone(), &limits, &vision, &config, 10, 59).is_ok());
+        assert!(prepare(&limits, 59).is_ok());
         // An image larger than all of it is the request's error.
         let small = ImageLimits::new(FetchPolicy::default(), 8, 1 << 24, 900 << 10);
-        let e = prepare_images(&parts, bytes, &small, &vision, &config, 10, 59)
-            .err()
-            .unwrap();
+        let e = prepare(&small, 59).err().unwrap();
         assert_eq!((e.status.as_u16(), e.code), (400, Some("invalid_image")), "{e:?}");
     }
 
