@@ -218,6 +218,16 @@ impl VisionPreprocess {
     pub fn factor(&self) -> usize {
         self.patch_size * self.merge_size
     }
+
+    /// (height, width) an image of this size is resized to (`smart_resize`).
+    pub fn resized_size(&self, height: usize, width: usize) -> Result<(usize, usize), ImageError> {
+        smart_resize(height, width, self.factor(), self.min_pixels, self.max_pixels)
+    }
+
+    /// Values in one patch row: channels × temporal patch × patch².
+    pub fn patch_width(&self) -> usize {
+        3 * self.temporal_patch_size * self.patch_size * self.patch_size
+    }
 }
 
 /// transformers' `smart_resize`: the size closest to (height, width) whose sides are
@@ -393,13 +403,7 @@ pub struct PixelValues {
 
 /// The Qwen2-VL image processor on one image.
 pub fn preprocess(image: &RgbImage, config: &VisionPreprocess) -> Result<PixelValues, ImageError> {
-    let (height, width) = smart_resize(
-        image.height,
-        image.width,
-        config.factor(),
-        config.min_pixels,
-        config.max_pixels,
-    )?;
+    let (height, width) = config.resized_size(image.height, image.width)?;
     let resized = resize_bicubic(image, height, width);
     // Planar, with the rescale (1/255) fused into the normalization in float32, as
     // transformers does.
@@ -416,7 +420,7 @@ pub fn preprocess(image: &RgbImage, config: &VisionPreprocess) -> Result<PixelVa
     }
     let (p, m, t) = (config.patch_size, config.merge_size, config.temporal_patch_size);
     let (grid_h, grid_w) = (height / p, width / p);
-    let row_len = 3 * t * p * p;
+    let row_len = config.patch_width();
     let mut data = Vec::with_capacity(grid_h * grid_w * row_len);
     // Rows in merge-window order: (block row, block column, row in block, column in
     // block); each row holds channel, temporal copy, patch row, patch column.

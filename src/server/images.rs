@@ -12,7 +12,7 @@ use crate::api::openai::{ImagePart, ImageProcessorOverrides};
 use crate::engine::SubmitError;
 use crate::manager::VisionSettings;
 use crate::media::fetch::{media_bytes, FetchError, FetchPolicy};
-use crate::media::image::{decode, preprocess, smart_resize, ImageError, PixelValues, VisionPreprocess};
+use crate::media::image::{decode, preprocess, ImageError, PixelValues, VisionPreprocess};
 
 use super::error::ApiError;
 
@@ -198,14 +198,9 @@ fn prepare_image(
     max_model_len: usize,
 ) -> Result<(PixelValues, OwnedSemaphorePermit), ApiError> {
     let image = decode(bytes, limits.max_pixels).map_err(|e| image_error(part, e))?;
-    let (height, width) = smart_resize(
-        image.height,
-        image.width,
-        config.factor(),
-        config.min_pixels,
-        config.max_pixels,
-    )
-    .map_err(|e| image_error(part, e))?;
+    let (height, width) = config
+        .resized_size(image.height, image.width)
+        .map_err(|e| image_error(part, e))?;
     // The placeholder, counted already, becomes the image's tokens.
     *tokens += vision.tokens_for([1, height / config.patch_size, width / config.patch_size]) - 1;
     if *tokens >= max_model_len {
@@ -215,8 +210,8 @@ fn prepare_image(
         }));
     }
     let patches = (height / config.patch_size) * (width / config.patch_size);
-    let row_bytes = 3 * config.temporal_patch_size * config.patch_size * config.patch_size * 4;
-    let held = take_memory(limits, part, (patches * row_bytes).div_ceil(1024))?;
+    let bytes = patches * config.patch_width() * std::mem::size_of::<f32>();
+    let held = take_memory(limits, part, bytes.div_ceil(1024))?;
     let pixels = preprocess(&image, config).map_err(|e| image_error(part, e))?;
     Ok((pixels, held))
 }
