@@ -387,7 +387,8 @@ fn check_images(state: &ServerState, model: &ServedModel, request: &ChatRequest)
 }
 
 /// Validates a chat request, finds (or loads) its model, renders the chat template and
-/// tokenizes, off the reactor. Shared by chat completions and the Responses API.
+/// tokenizes, and reads and preprocesses its images (`server::images`), off the reactor.
+/// Shared by chat completions and the Responses API.
 pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<PreparedChat, ApiError> {
     let model = model_for(state, body, |b| {
         parse_chat_request(b, &SamplingDefaults::default()).map(drop)
