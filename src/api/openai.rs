@@ -48,6 +48,8 @@ pub struct ImagePart {
     pub url: String,
     /// Where it is in the request (`messages[1].content[0].image_url.url`), for errors.
     pub param: String,
+    /// `detail: "low"`: the image at low resolution (OpenAI's 512 × 512).
+    pub low_detail: bool,
 }
 
 /// `mm_processor_kwargs`: the image processor's pixel budget for this request (vLLM's
@@ -346,28 +348,29 @@ fn apply_generation_config(params: &mut SamplingParams, config: &GenerationConfi
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 
-/// `image_url.detail` values OpenAI defines (accepted; the processor's pixel budget
-/// decides the size, as in vLLM).
+/// `image_url.detail` values OpenAI defines: `low` caps the image at 512 × 512 pixels'
+/// area; `auto` and `high` leave the processor's pixel budget to decide.
 const IMAGE_DETAILS: &[&str] = &["auto", "low", "high"];
 
-/// An `image_url` content part's URL.
-fn image_url(part: &Value, part_param: &str) -> Result<String, ApiError> {
+/// An `image_url` content part's URL, and whether it asks for low detail.
+fn image_url(part: &Value, part_param: &str) -> Result<(String, bool), ApiError> {
     let param = format!("{part_param}.image_url");
     let object = part
         .get("image_url")
         .and_then(Value::as_object)
         .ok_or_else(|| ApiError::invalid(param.clone(), format!("`{param}` must be an object with a `url`")))?;
     check_fields(object, &["url", "detail"]).map_err(|e| ApiError::invalid(param.clone(), e.message))?;
-    if let Some(detail) = object.get("detail").filter(|d| !d.is_null()) {
-        if !detail.as_str().is_some_and(|d| IMAGE_DETAILS.contains(&d)) {
-            return Err(ApiError::invalid(
+    let detail = match object.get("detail") {
+        None | Some(Value::Null) => "auto",
+        Some(d) => d.as_str().filter(|d| IMAGE_DETAILS.contains(d)).ok_or_else(|| {
+            ApiError::invalid(
                 format!("{param}.detail"),
                 format!("`{param}.detail` must be one of {}", IMAGE_DETAILS.join(", ")),
-            ));
-        }
-    }
+            )
+        })?,
+    };
     match object.get("url") {
-        Some(Value::String(url)) if !url.is_empty() => Ok(url.clone()),
+        Some(Value::String(url)) if !url.is_empty() => Ok((url.clone(), detail == "low")),
         _ => Err(ApiError::invalid(
             format!("{param}.url"),
             format!("`{param}.url` must be a non-empty string (a data: URL or an http(s) URL)"),
@@ -429,10 +432,11 @@ fn normalize_messages(value: Option<&Value>, images: &mut Vec<ImagePart>) -> Res
                             listed.push(serde_json::json!({"type": "text", "text": t}));
                         }
                         Some("image_url") if role == "user" => {
-                            let url = image_url(part, &part_param)?;
+                            let (url, low_detail) = image_url(part, &part_param)?;
                             images.push(ImagePart {
                                 url,
                                 param: format!("{part_param}.image_url.url"),
+                                low_detail,
                             });
                             listed.push(serde_json::json!({"type": "image"}));
                             has_image = true;

@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::http::{json_response, sse_event, sse_response, HttpResponse};
 use super::images::{check_placeholders, expand_image_tokens, load_images, request_preprocess, ImageMemory};
 use super::ServerState;
-use crate::api::openai::{GenerationFields, Prompt};
+use crate::api::openai::{GenerationFields, ImageProcessorOverrides, Prompt};
 use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, SamplingDefaults, ToolChoice};
 use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
 use crate::manager::{ModelLease, ServedModel};
@@ -361,6 +361,18 @@ pub(super) struct PreparedChat {
 
 /// Refuses images a model cannot take, or more than the server allows.
 fn check_images(state: &ServerState, model: &ServedModel, request: &ChatRequest) -> Result<(), ApiError> {
+    if model.vision.is_none() && request.image_processor != ImageProcessorOverrides::default() {
+        return Err(ApiError {
+            code: Some("model_not_supported"),
+            ..ApiError::invalid(
+                "mm_processor_kwargs",
+                format!(
+                    "`{}` takes text only: `mm_processor_kwargs` has nothing to act on",
+                    model.name
+                ),
+            )
+        });
+    }
     let Some(first) = request.images.first() else {
         return Ok(());
     };

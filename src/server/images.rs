@@ -16,6 +16,9 @@ use crate::media::image::{decode, preprocess, ImageError, PixelValues, VisionPre
 
 use super::error::ApiError;
 
+/// The pixel budget of a `detail: "low"` image (OpenAI's low resolution, 512 × 512).
+pub const LOW_DETAIL_PIXELS: usize = 512 * 512;
+
 /// Requests fetching image URLs at once (each holds a blocking thread while it does).
 const FETCH_SLOTS: usize = 64;
 
@@ -197,6 +200,18 @@ fn prepare_image(
     tokens: &mut usize,
     max_model_len: usize,
 ) -> Result<(PixelValues, OwnedSemaphorePermit), ApiError> {
+    let low;
+    let config = match part.low_detail && config.max_pixels > LOW_DETAIL_PIXELS {
+        true => {
+            low = VisionPreprocess {
+                max_pixels: LOW_DETAIL_PIXELS,
+                min_pixels: config.min_pixels.min(LOW_DETAIL_PIXELS),
+                ..config.clone()
+            };
+            &low
+        }
+        false => config,
+    };
     let image = decode(bytes, limits.max_pixels).map_err(|e| image_error(part, e))?;
     let (height, width) = config
         .resized_size(image.height, image.width)
@@ -320,6 +335,7 @@ mod tests {
         let part = ImagePart {
             url: "data:".into(),
             param: "messages[0].content[0].image_url.url".into(),
+            low_detail: false,
         };
         (part, bytes)
     }
@@ -347,6 +363,36 @@ mod tests {
         let small = ImageLimits::new(FetchPolicy::default(), 8, 1 << 24, 900 << 10);
         let e = prepare(&small, 59).err().unwrap();
         assert_eq!((e.status.as_u16(), e.code), (400, Some("invalid_image")), "{e:?}");
+    }
+
+    #[test]
+    fn low_detail_caps_an_image_at_512_by_512_pixels() {
+        let (vision, config) = (vision(), VisionPreprocess::default());
+        let limits = ImageLimits::new(FetchPolicy::default(), 8, 1 << 24, 1 << 30);
+        // 640 × 427: over 512 × 512 pixels.
+        let bytes = include_bytes!("../../tests/fixtures/images/rocket.jpg");
+        let tokens_at = |low_detail| {
+            let part = ImagePart {
+                url: "data:".into(),
+                param: "p".into(),
+                low_detail,
+            };
+            let mut tokens = 1;
+            let (pixels, _) = prepare_image(&part, bytes, &limits, &vision, &config, &mut tokens, 4096).unwrap();
+            let [_, h, w] = pixels.grid;
+            assert!(
+                h * w * config.patch_size * config.patch_size
+                    <= if low_detail {
+                        LOW_DETAIL_PIXELS
+                    } else {
+                        config.max_pixels
+                    }
+            );
+            tokens
+        };
+        let (auto, low) = (tokens_at(false), tokens_at(true));
+        assert_eq!(auto, 345);
+        assert!(low < auto, "low {low}, auto {auto}");
     }
 
     #[test]

@@ -497,6 +497,12 @@ fn bad_image_requests_get_400s() {
     assert_eq!(e["error"]["code"], "model_not_supported");
     assert_eq!(e["error"]["param"], param);
     assert!(e["error"]["message"].as_str().unwrap().contains("text only"), "{e}");
+    let r = server.post(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "hi"}], "mm_processor_kwargs": {"max_pixels": 50176}}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["param"], "mm_processor_kwargs", "{}", r.body);
 }
 
 #[test]
@@ -525,4 +531,27 @@ fn dummy_weights_serve_a_vision_language_config() {
     let v = r.json();
     assert_eq!(v["usage"]["prompt_tokens"], case["prompt_tokens"]);
     assert_eq!(v["usage"]["completion_tokens"], 16);
+    drop(server);
+
+    // transformers' default pixel budget (up to 1280 tokens), so that `detail` matters.
+    std::fs::write(
+        dir.join("preprocessor_config.json"),
+        json!({"min_pixels": 3136, "max_pixels": 1003520}).to_string(),
+    )
+    .unwrap();
+    let server = Server::start_model(dir.to_str().unwrap(), &["--load-format", "dummy"]);
+    // A 640 × 427 photo: 345 image tokens in full, fewer with `detail: "low"` (at most
+    // 512 × 512 pixels' area).
+    let rocket = data_url("rocket.jpg");
+    let tokens = |detail: &str| {
+        let part = json!({"type": "image_url", "image_url": {"url": rocket, "detail": detail}});
+        let r = server.post("/v1/chat/completions", chat_with_parts(json!([part])));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["usage"]["completion_tokens"], 2);
+        r.json()["usage"]["prompt_tokens"].as_u64().unwrap()
+    };
+    let (auto, high, low) = (tokens("auto"), tokens("high"), tokens("low"));
+    assert_eq!(auto, high);
+    // smart_resize within 512 × 512 pixels: 392 × 616, 14 × 22 = 308 tokens, not 15 × 23.
+    assert_eq!(auto - low, 345 - 308, "low detail {low} prompt tokens, auto {auto}");
 }
