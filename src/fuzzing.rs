@@ -22,13 +22,23 @@ pub fn request_json(data: &[u8]) {
 /// `request_json` on a parsed value.
 pub fn request_value(body: &Value) {
     let defaults = SamplingDefaults::default();
-    let check = |route: &str, error: Option<crate::server::error::ApiError>| {
+    let check = |route: &str, error: Option<crate::api::ApiError>| {
         if let Some(e) = error {
             assert!(e.status.is_client_error(), "{route}: {} for {body}", e.status);
         }
     };
-    check("chat", parse_chat_request(body, &defaults).err());
-    check("completions", parse_completion_request(body, &defaults).err());
+    check(
+        "chat",
+        parse_chat_request(body)
+            .and_then(|r| r.generation.sampling.resolve(&defaults))
+            .err(),
+    );
+    check(
+        "completions",
+        parse_completion_request(body)
+            .and_then(|r| r.generation.sampling.resolve(&defaults))
+            .err(),
+    );
     let mut n = 0;
     check(
         "responses",

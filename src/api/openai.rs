@@ -5,26 +5,16 @@
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use crate::engine::SamplingParams;
-use crate::models::GenerationConfig;
-use crate::server::error::ApiError;
+use super::sampling::{sampling_request, SamplingRequest};
+use super::ApiError;
 
 /// OpenAI's limit on stop strings.
 pub const MAX_STOP_STRINGS: usize = 16;
 
-/// Sampling defaults of the served model (`generation_config.json`), applied where a
-/// request says nothing, as vLLM and transformers serve do.
-#[derive(Debug, Clone, Default)]
-pub struct SamplingDefaults {
-    pub generation_config: GenerationConfig,
-    /// `--default-seed`
-    pub seed: Option<u64>,
-}
-
-/// Fields shared by both routes, already validated for type.
+/// Fields shared by both routes, every one checked.
 #[derive(Debug, Clone)]
 pub struct GenerationFields {
-    pub params: SamplingParams,
+    pub sampling: SamplingRequest,
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
@@ -110,6 +100,16 @@ impl Fields<'_> {
     }
 }
 
+/// The `model` a request names, if any (a wrong type is the request's error), for
+/// routes that read nothing else before they know the model.
+pub fn requested_model(body: &Value) -> Result<Option<String>, ApiError> {
+    match body.get("model") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::invalid("model", "`model` must be a string")),
+    }
+}
+
 pub(crate) fn as_object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
     body.as_object()
         .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))
@@ -153,131 +153,8 @@ const SAMPLING_FIELDS: &[&str] = &[
     "store",
 ];
 
-fn generation_fields(
-    f: &Fields<'_>,
-    defaults: &SamplingDefaults,
-    max_tokens_keys: &[&str],
-) -> Result<GenerationFields, ApiError> {
-    let mut params = SamplingParams::default();
-    // 1. the model's generation_config.json
-    apply_generation_config(&mut params, &defaults.generation_config);
-    params.seed = defaults.seed;
-    // 2. the request's `generation_config` (object or JSON string)
-    if let Some(value) = f.map.get("generation_config").filter(|v| !v.is_null()) {
-        let parsed;
-        let object = match value {
-            Value::String(s) => {
-                parsed = serde_json::from_str::<Value>(s).map_err(|e| {
-                    ApiError::invalid(
-                        "generation_config",
-                        format!("`generation_config` is not valid JSON: {e}"),
-                    )
-                })?;
-                &parsed
-            }
-            v => v,
-        };
-        let map = object
-            .as_object()
-            .ok_or_else(|| ApiError::invalid("generation_config", "`generation_config` must be a JSON object"))?;
-        check_fields(
-            map,
-            &[
-                "max_new_tokens",
-                "do_sample",
-                "temperature",
-                "top_p",
-                "top_k",
-                "min_p",
-                "repetition_penalty",
-                "no_repeat_ngram_size",
-                "seed",
-            ],
-        )
-        .map_err(|e| ApiError::invalid("generation_config", format!("generation_config: {}", e.message)))?;
-        let config: GenerationConfig = serde_json::from_value(object.clone())
-            .map_err(|e| ApiError::invalid("generation_config", format!("generation_config: {e}")))?;
-        apply_generation_config(&mut params, &config);
-        let g = Fields { map };
-        if let Some(n) = g.get::<usize>("no_repeat_ngram_size")? {
-            params.no_repeat_ngram_size = n;
-        }
-        if let Some(seed) = g.get::<i64>("seed")? {
-            params.seed = Some(seed as u64);
-        }
-    }
-    // 3. the request's own fields
-    if let Some(t) = f.get::<f32>("temperature")? {
-        params.temperature = t;
-    }
-    if let Some(p) = f.get::<f32>("top_p")? {
-        params.top_p = p;
-    }
-    if let Some(k) = f.get::<i64>("top_k")? {
-        // vLLM's convention: 0 or -1 disables; other negatives are mistakes.
-        if k < -1 {
-            return Err(ApiError::invalid(
-                "top_k",
-                format!("`top_k` must be at least 1, or 0 or -1 to disable it, not {k}"),
-            ));
-        }
-        params.top_k = if k <= 0 { None } else { Some(k as usize) };
-    }
-    if let Some(p) = f.get::<f32>("min_p")? {
-        params.min_p = p;
-    }
-    for key in max_tokens_keys {
-        if let Some(m) = f.get::<i64>(key)? {
-            if m < 1 {
-                return Err(ApiError::invalid(*key, format!("`{key}` must be at least 1 (got {m})")));
-            }
-            params.max_tokens = Some(m as usize);
-        }
-    }
-    if let Some(seed) = f.get::<i64>("seed")? {
-        params.seed = Some(seed as u64);
-    }
-    if let Some(n) = f.get::<i64>("n")? {
-        if n < 1 {
-            return Err(ApiError::invalid("n", format!("`n` must be at least 1 (got {n})")));
-        }
-        params.n = n as usize;
-    }
-    for (key, slot) in [
-        ("presence_penalty", &mut params.presence_penalty),
-        ("frequency_penalty", &mut params.frequency_penalty),
-        ("repetition_penalty", &mut params.repetition_penalty),
-    ] {
-        if let Some(v) = f.get::<f32>(key)? {
-            *slot = v;
-        }
-    }
-    if let Some(n) = f.get::<usize>("no_repeat_ngram_size")? {
-        params.no_repeat_ngram_size = n;
-    }
-    if let Some(bias) = f.get::<Map<String, Value>>("logit_bias")? {
-        for (token, value) in bias {
-            let id: u32 = token.parse().map_err(|_| {
-                ApiError::invalid("logit_bias", format!("`logit_bias` key `{token}` is not a token id"))
-            })?;
-            let v = value.as_f64().ok_or_else(|| {
-                ApiError::invalid(
-                    "logit_bias",
-                    format!("`logit_bias` value for `{token}` is not a number"),
-                )
-            })?;
-            params.logit_bias.push((id, v as f32));
-        }
-    }
-    if let Some(b) = f.get::<bool>("ignore_eos")? {
-        params.ignore_eos = b;
-    }
-    if let Some(m) = f.get::<usize>("min_tokens")? {
-        params.min_tokens = m;
-    }
-    if let Some(ids) = f.get::<Vec<u32>>("stop_token_ids")? {
-        params.stop_token_ids = ids;
-    }
+fn generation_fields(f: &Fields<'_>, max_tokens_keys: &[&str]) -> Result<GenerationFields, ApiError> {
+    let sampling = sampling_request(f, max_tokens_keys)?;
     let stop = match f.map.get("stop") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],
@@ -315,35 +192,11 @@ fn generation_fields(
         None => false,
     };
     Ok(GenerationFields {
-        params,
+        sampling,
         stop,
         stream,
         include_usage,
     })
-}
-
-fn apply_generation_config(params: &mut SamplingParams, config: &GenerationConfig) {
-    if let Some(t) = config.temperature {
-        params.temperature = t;
-    }
-    if config.do_sample == Some(false) {
-        params.temperature = 0.0;
-    }
-    if let Some(p) = config.top_p {
-        params.top_p = p;
-    }
-    if let Some(k) = config.top_k {
-        params.top_k = if k == 0 { None } else { Some(k as usize) };
-    }
-    if let Some(p) = config.min_p {
-        params.min_p = p;
-    }
-    if let Some(r) = config.repetition_penalty {
-        params.repetition_penalty = r;
-    }
-    if let Some(m) = config.max_new_tokens {
-        params.max_tokens = Some(m as usize);
-    }
 }
 
 const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
@@ -502,7 +355,7 @@ fn normalize_messages(value: Option<&Value>, images: &mut Vec<ImagePart>) -> Res
     Ok(Value::Array(out))
 }
 
-pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<ChatRequest, ApiError> {
+pub fn parse_chat_request(body: &Value) -> Result<ChatRequest, ApiError> {
     let map = as_object(body)?;
     let mut allowed = SAMPLING_FIELDS.to_vec();
     allowed.extend([
@@ -550,18 +403,18 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
             overrides
         }
     };
-    let mut generation = generation_fields(&f, defaults, &["max_tokens", "max_completion_tokens"])?;
+    let mut generation = generation_fields(&f, &["max_tokens", "max_completion_tokens"])?;
     let logprobs = f.get::<bool>("logprobs")?.unwrap_or(false);
-    if let Some(k) = f.get::<usize>("top_logprobs")? {
+    if let Some(k) = f.get::<i64>("top_logprobs")? {
         if !logprobs {
             return Err(ApiError::invalid(
                 "top_logprobs",
                 "`top_logprobs` needs `logprobs: true`",
             ));
         }
-        generation.params.logprobs = Some(k);
+        generation.sampling.set_logprobs("top_logprobs", k)?;
     } else if logprobs {
-        generation.params.logprobs = Some(0);
+        generation.sampling.logprobs = Some(0);
     }
     let tools = match f.get::<Value>("tools")? {
         Some(Value::Array(t)) if t.is_empty() => None,
@@ -667,7 +520,7 @@ pub fn parse_chat_request(body: &Value, defaults: &SamplingDefaults) -> Result<C
     })
 }
 
-pub fn parse_completion_request(body: &Value, defaults: &SamplingDefaults) -> Result<CompletionRequest, ApiError> {
+pub fn parse_completion_request(body: &Value) -> Result<CompletionRequest, ApiError> {
     let map = as_object(body)?;
     let mut allowed = SAMPLING_FIELDS.to_vec();
     allowed.extend(["prompt", "echo", "logprobs", "suffix", "best_of"]);
@@ -706,13 +559,11 @@ pub fn parse_completion_request(body: &Value, defaults: &SamplingDefaults) -> Re
             ))
         }
     };
-    let mut generation = generation_fields(&f, defaults, &["max_tokens"])?;
-    // OpenAI's completions default is 16 tokens (when nothing else set a limit).
-    if generation.params.max_tokens.is_none() {
-        generation.params.max_tokens = Some(16);
-    }
+    let mut generation = generation_fields(&f, &["max_tokens"])?;
+    // OpenAI's completions default is 16 tokens (when nothing else sets a limit).
+    generation.sampling.fallback_max_tokens = Some(16);
     let echo = f.get::<bool>("echo")?.unwrap_or(false);
-    if let Some(k) = f.get::<usize>("logprobs")? {
+    if let Some(k) = f.get::<i64>("logprobs")? {
         if echo {
             // That combination asks for the prompt's log-probabilities, not computed here.
             return Err(ApiError::invalid(
@@ -720,7 +571,7 @@ pub fn parse_completion_request(body: &Value, defaults: &SamplingDefaults) -> Re
                 "`logprobs` with `echo` (prompt logprobs) is not supported",
             ));
         }
-        generation.params.logprobs = Some(k);
+        generation.sampling.set_logprobs("logprobs", k)?;
     }
     Ok(CompletionRequest {
         model: f.get("model")?,

@@ -5,7 +5,7 @@
 use serde_json::{json, Map, Value};
 
 use super::openai::{as_object, check_fields, Fields};
-use crate::server::error::ApiError;
+use super::ApiError;
 
 /// A validated `POST /v1/responses` body.
 #[derive(Debug, Clone)]

@@ -20,7 +20,7 @@ use crate::models::{DecoderModel, EncoderInput, EngineModel, ForwardError, Logit
 
 pub use handle::{EngineHandle, EngineMetrics, RequestStream};
 
-pub use sampling::{InvalidParam, SamplingParams, TokenLogprobs};
+pub use sampling::{SamplingParams, TokenLogprobs, TokenRole};
 pub use scheduler::{Scheduler, SchedulerConfig, StepPlan};
 pub use sequence::RequestId;
 
@@ -185,10 +185,12 @@ pub enum SubmitError {
     EmptyPrompt,
     #[error("the prompt has {prompt} tokens, but the context window holds {max}")]
     PromptTooLong { prompt: usize, max: usize },
-    #[error("prompt token {id} is outside the vocabulary of {vocab_size}")]
-    TokenOutOfRange { id: u32, vocab_size: usize },
-    #[error(transparent)]
-    InvalidParam(#[from] InvalidParam),
+    #[error("{role} {id} is outside the vocabulary of {vocab_size}")]
+    TokenOutOfRange {
+        role: TokenRole,
+        id: u32,
+        vocab_size: usize,
+    },
     #[error("the server is overloaded: {waiting} requests are already waiting")]
     Overloaded { waiting: usize },
     #[error("the engine has shut down")]
@@ -733,10 +735,13 @@ pub fn validate_request(
             max: max_model_len,
         });
     }
-    if let Some(&id) = prompt.iter().find(|&&t| t as usize >= vocab_size) {
-        return Err(SubmitError::TokenOutOfRange { id, vocab_size });
+    let prompt_token = prompt.iter().find(|&&t| t as usize >= vocab_size);
+    if let Some((role, id)) = prompt_token
+        .map(|&id| (TokenRole::Prompt, id))
+        .or_else(|| params.token_out_of_range(vocab_size))
+    {
+        return Err(SubmitError::TokenOutOfRange { role, id, vocab_size });
     }
-    params.validate(vocab_size)?;
     Ok(())
 }
 
@@ -757,6 +762,8 @@ pub enum GenerateError {
     Submit(#[from] SubmitError),
     #[error("generation failed: {0}")]
     Failed(String),
+    #[error("generate runs one completion, not {0}")]
+    SeveralCompletions(usize),
 }
 
 /// Runs one request to completion, synchronously, on an engine with no other work
@@ -769,12 +776,7 @@ pub fn generate<B: Backend, M: EngineModel<B>>(
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<(Vec<u32>, Option<FinishReason>), GenerateError> {
     if params.n != 1 {
-        return Err(SubmitError::InvalidParam(InvalidParam {
-            param: "n",
-            problem: "must be 1 here (generate runs one completion)".into(),
-            value: params.n.to_string(),
-        })
-        .into());
+        return Err(GenerateError::SeveralCompletions(params.n));
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let id = (0..)

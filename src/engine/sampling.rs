@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 pub use crate::backend::{argmax, draw};
+use crate::models::whisper::WhisperGeneration;
 
 /// Everything a request says about how to pick tokens and when to stop.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +73,20 @@ pub struct TimestampRules {
 }
 
 impl SpeechRules {
+    /// Whisper's processors for one window, from its generation settings.
+    pub fn whisper(generation: &WhisperGeneration, timestamps: bool) -> Self {
+        SpeechRules {
+            suppress_tokens: generation.suppress_tokens.clone(),
+            begin_suppress_tokens: generation.begin_suppress_tokens.clone(),
+            timestamps: timestamps.then(|| TimestampRules {
+                timestamp_begin: generation.timestamp_begin(),
+                no_timestamps: generation.no_timestamps_token_id,
+                eos: generation.eos_token_id,
+                max_initial_index: generation.max_initial_timestamp_index,
+            }),
+        }
+    }
+
     fn apply(&self, logits: &mut [f32], output: &[u32]) {
         let ban = |logits: &mut [f32], range: std::ops::Range<usize>| {
             let end = range.end.min(logits.len());
@@ -158,120 +173,55 @@ impl SamplingParams {
             ..Default::default()
         }
     }
+
+    /// One greedy token among `ids`, whatever else the model prefers (EOS included):
+    /// how Whisper's language detection picks a language token.
+    pub fn likeliest_of(ids: &[u32]) -> Self {
+        SamplingParams {
+            max_tokens: Some(1),
+            ignore_eos: true,
+            forced_prefixes: ids.iter().map(|&id| vec![id]).collect(),
+            ..Self::greedy()
+        }
+    }
 }
 
-/// Most completions one request may ask for.
-pub const MAX_N: usize = 128;
-/// Most alternatives `logprobs` may ask for (OpenAI's limit).
-pub const MAX_TOP_LOGPROBS: usize = 20;
-
-/// A parameter outside its range; `param` is the field name the API uses.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("`{param}` {problem} (got {value})")]
-pub struct InvalidParam {
-    pub param: &'static str,
-    pub problem: String,
-    pub value: String,
+/// What a token id given with a request is for (errors say which one is wrong).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenRole {
+    Prompt,
+    /// A key of the logit bias.
+    Biased,
+    /// A stop token.
+    Stop,
+    /// Part of a forced prefix.
+    Forced,
 }
 
-fn invalid(param: &'static str, problem: impl Into<String>, value: impl std::fmt::Display) -> InvalidParam {
-    InvalidParam {
-        param,
-        problem: problem.into(),
-        value: value.to_string(),
+impl std::fmt::Display for TokenRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenRole::Prompt => "prompt token",
+            TokenRole::Biased => "biased token",
+            TokenRole::Stop => "stop token",
+            TokenRole::Forced => "forced token",
+        })
     }
 }
 
 impl SamplingParams {
-    /// Checks every range against the model's vocabulary size.
-    pub fn validate(&self, vocab_size: usize) -> Result<(), InvalidParam> {
-        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(invalid("temperature", "must be a finite number >= 0", self.temperature));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(invalid("top_p", "must be in (0, 1]", self.top_p));
-        }
-        if self.top_k == Some(0) {
-            return Err(invalid("top_k", "must be at least 1 (omit it to disable)", 0));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(invalid("min_p", "must be in [0, 1]", self.min_p));
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(invalid(
-                "repetition_penalty",
-                "must be a finite number > 0",
-                self.repetition_penalty,
-            ));
-        }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if !(-2.0..=2.0).contains(&v) {
-                return Err(invalid(name, "must be in [-2, 2]", v));
-            }
-        }
-        for &(token, bias) in &self.logit_bias {
-            if token as usize >= vocab_size {
-                return Err(invalid(
-                    "logit_bias",
-                    format!("names token {token}, outside the vocabulary of {vocab_size}"),
-                    token,
-                ));
-            }
-            if !(-100.0..=100.0).contains(&bias) {
-                return Err(invalid(
-                    "logit_bias",
-                    format!("value for token {token} must be in [-100, 100]"),
-                    bias,
-                ));
-            }
-        }
-        if self.n == 0 || self.n > MAX_N {
-            return Err(invalid("n", format!("must be in [1, {MAX_N}]"), self.n));
-        }
-        if let Some(k) = self.logprobs {
-            if k > MAX_TOP_LOGPROBS {
-                return Err(invalid(
-                    "top_logprobs",
-                    format!("must be in [0, {MAX_TOP_LOGPROBS}]"),
-                    k,
-                ));
-            }
-        }
-        if self.max_tokens == Some(0) {
-            return Err(invalid("max_tokens", "must be at least 1", 0));
-        }
-        if let Some(max) = self.max_tokens {
-            if self.min_tokens > max {
-                return Err(invalid(
-                    "min_tokens",
-                    format!("must not exceed max_tokens ({max})"),
-                    self.min_tokens,
-                ));
-            }
-        }
-        if let Some(&t) = self.stop_token_ids.iter().find(|&&t| t as usize >= vocab_size) {
-            return Err(invalid(
-                "stop_token_ids",
-                format!("outside the vocabulary of {vocab_size}"),
-                t,
-            ));
-        }
-        if let Some(&t) = self
-            .forced_prefixes
-            .iter()
-            .flatten()
-            .find(|&&t| t as usize >= vocab_size)
-        {
-            return Err(invalid(
-                "tool_choice",
-                format!("forces token {t}, outside the vocabulary of {vocab_size}"),
-                t,
-            ));
-        }
-        Ok(())
+    /// The first token id these parameters name that is outside a vocabulary of
+    /// `vocab_size`, with its role. Ranges of the other fields are the API layer's to
+    /// check (`api::sampling`); the vocabulary is known only here.
+    pub fn token_out_of_range(&self, vocab_size: usize) -> Option<(TokenRole, u32)> {
+        let outside = |&t: &u32| t as usize >= vocab_size;
+        let biased = self.logit_bias.iter().map(|&(t, _)| t).find(|t| outside(t));
+        let stop = self.stop_token_ids.iter().copied().find(outside);
+        let forced = self.forced_prefixes.iter().flatten().copied().find(outside);
+        biased
+            .map(|t| (TokenRole::Biased, t))
+            .or(stop.map(|t| (TokenRole::Stop, t)))
+            .or(forced.map(|t| (TokenRole::Forced, t)))
     }
 }
 
@@ -699,70 +649,26 @@ mod tests {
     }
 
     #[test]
-    fn validation_names_the_parameter() {
-        let bad = [
-            (
-                SamplingParams {
-                    temperature: -0.5,
-                    ..Default::default()
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    top_p: 0.0,
-                    ..Default::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    top_p: 1.5,
-                    ..Default::default()
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    max_tokens: Some(0),
-                    ..Default::default()
-                },
-                "max_tokens",
-            ),
-            (
-                SamplingParams {
-                    n: 0,
-                    ..Default::default()
-                },
-                "n",
-            ),
-            (
-                SamplingParams {
-                    logit_bias: vec![(1000, 1.0)],
-                    ..Default::default()
-                },
-                "logit_bias",
-            ),
-            (
-                SamplingParams {
-                    min_tokens: 5,
-                    max_tokens: Some(2),
-                    ..Default::default()
-                },
-                "min_tokens",
-            ),
-            (
-                SamplingParams {
-                    top_k: Some(0),
-                    ..Default::default()
-                },
-                "top_k",
-            ),
-        ];
-        for (params, name) in bad {
-            assert_eq!(params.validate(100).unwrap_err().param, name);
-        }
-        SamplingParams::default().validate(100).unwrap();
+    fn token_ids_outside_the_vocabulary_are_found_with_their_role() {
+        let with = |f: fn(&mut SamplingParams)| {
+            let mut p = SamplingParams::default();
+            f(&mut p);
+            p.token_out_of_range(100)
+        };
+        assert_eq!(with(|_| {}), None);
+        assert_eq!(with(|p| p.logit_bias = vec![(99, 1.0)]), None);
+        assert_eq!(
+            with(|p| p.logit_bias = vec![(5, 1.0), (100, 1.0)]),
+            Some((TokenRole::Biased, 100))
+        );
+        assert_eq!(
+            with(|p| p.stop_token_ids = vec![3, 1000]),
+            Some((TokenRole::Stop, 1000))
+        );
+        assert_eq!(
+            with(|p| p.forced_prefixes = vec![vec![1], vec![2, 100]]),
+            Some((TokenRole::Forced, 100))
+        );
     }
 
     #[test]

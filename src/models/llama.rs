@@ -9,19 +9,7 @@ use crate::backend::{AttentionShape, Backend, ForwardBatch, KvCacheShape};
 use crate::loader::{Checkpoint, LoadError};
 
 use super::config::{DecoderConfig, RopeScaling};
-use super::{check_batch, logit_rows, EngineModel};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ForwardError {
-    #[error("token id {id} is outside the vocabulary of {vocab_size}")]
-    TokenOutOfRange { id: u32, vocab_size: usize },
-    #[error("position {position} is beyond the model's context of {max} tokens")]
-    PositionOutOfRange { position: u32, max: usize },
-    #[error("a sequence in the batch has no tokens to compute")]
-    EmptySequence,
-    #[error("bad encoder input: {0}")]
-    BadEncoderInput(String),
-}
+use super::{check_batch, logit_rows, EngineModel, ForwardError, LogitsFor};
 
 struct DecoderLayer<B: Backend> {
     input_layernorm: B::Weight,
@@ -38,15 +26,6 @@ struct DecoderLayer<B: Backend> {
     gate_up_bias: Option<B::Weight>,
     down_proj: B::Weight,
     down_bias: Option<B::Weight>,
-}
-
-/// Which positions get logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsFor {
-    /// The last token of each sequence (generation).
-    LastOfEachSequence,
-    /// Every token of the batch (scoring, tests).
-    AllTokens,
 }
 
 pub struct DecoderModel<B: Backend> {

@@ -16,8 +16,30 @@ use crate::media::audio::LogMel;
 use crate::media::image::PixelValues;
 
 pub use config::{Architecture, ConfigError, DecoderConfig, GenerationConfig, RopeScaling};
-pub use llama::{DecoderModel, ForwardError, LogitsFor};
+pub use llama::DecoderModel;
 pub use whisper::{WhisperConfig, WhisperModel};
+
+/// Why a forward pass refused its batch (shared by every model).
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("token id {id} is outside the vocabulary of {vocab_size}")]
+    TokenOutOfRange { id: u32, vocab_size: usize },
+    #[error("position {position} is beyond the model's context of {max} tokens")]
+    PositionOutOfRange { position: u32, max: usize },
+    #[error("a sequence in the batch has no tokens to compute")]
+    EmptySequence,
+    #[error("bad encoder input: {0}")]
+    BadEncoderInput(String),
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// The last token of each sequence (generation).
+    LastOfEachSequence,
+    /// Every token of the batch (scoring, tests).
+    AllTokens,
+}
 
 /// What a request gives a model besides its prompt tokens: an encoder's input.
 #[derive(Debug, Clone)]

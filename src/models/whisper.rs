@@ -20,8 +20,8 @@ use crate::loader::{Checkpoint, LoadError};
 use crate::media::audio::LogMel;
 
 use super::config::{read_json, ConfigError};
-use super::llama::{ForwardError, LogitsFor};
 use super::{check_batch, logit_rows, EncoderInput, EngineModel};
+use super::{ForwardError, LogitsFor};
 
 /// `config.json` of a Whisper checkpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -820,35 +820,15 @@ impl WhisperGeneration {
         self.no_timestamps_token_id + 1
     }
 
-    /// The logits processors for one window.
-    pub fn rules(&self, timestamps: bool) -> crate::engine::sampling::SpeechRules {
-        crate::engine::sampling::SpeechRules {
-            suppress_tokens: self.suppress_tokens.clone(),
-            begin_suppress_tokens: self.begin_suppress_tokens.clone(),
-            timestamps: timestamps.then(|| crate::engine::sampling::TimestampRules {
-                timestamp_begin: self.timestamp_begin(),
-                no_timestamps: self.no_timestamps_token_id,
-                eos: self.eos_token_id,
-                max_initial_index: self.max_initial_timestamp_index,
-            }),
-        }
-    }
-
-    /// The request that detects a multilingual model's language, as transformers'
-    /// `detect_language`: one greedy token after `<|startoftranscript|>`, every token but
-    /// the languages masked. `None` when the model lists no languages.
-    pub fn language_detection(&self) -> Option<(Vec<u32>, crate::engine::SamplingParams)> {
+    /// What detects a multilingual model's language, as transformers' `detect_language`:
+    /// the prompt (`<|startoftranscript|>`), then one greedy token among the language
+    /// tokens returned. `None` when the model lists no languages.
+    pub fn language_detection(&self) -> Option<(Vec<u32>, Vec<u32>)> {
         if self.lang_to_id.is_empty() {
             return None;
         }
-        let params = crate::engine::SamplingParams {
-            temperature: 0.0,
-            max_tokens: Some(1),
-            ignore_eos: true,
-            forced_prefixes: self.lang_to_id.iter().map(|&(_, id)| vec![id]).collect(),
-            ..crate::engine::SamplingParams::default()
-        };
-        Some((vec![self.decoder_start_token_id], params))
+        let languages = self.lang_to_id.iter().map(|&(_, id)| id).collect();
+        Some((vec![self.decoder_start_token_id], languages))
     }
 
     /// The language code of a language token.

@@ -1,70 +1,23 @@
-//! One error type for the whole HTTP edge, rendered in the OpenAI shape
-//! `{"error": {"message", "type", "param", "code"}}` with its status. Client errors
-//! say what was wrong; internal errors are logged and answered vaguely.
+//! What the engine's and the manager's refusals become at the HTTP edge: each mapped
+//! once onto an OpenAI error (`api::ApiError`) with its status and code.
 
 use hyper::StatusCode;
 
-use crate::engine::SubmitError;
+use crate::api::ApiError;
+use crate::engine::{SubmitError, TokenRole};
 use crate::manager::LoadError;
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-    /// OpenAI `type`: `invalid_request_error`, `authentication_error`, ...
-    pub kind: &'static str,
-    pub param: Option<String>,
-    pub code: Option<&'static str>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-            kind,
-            param: None,
-            code: None,
-        }
-    }
-
-    /// 400 naming the offending parameter.
-    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        ApiError {
-            param: Some(param.into()),
-            ..ApiError::bad_request(message)
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
-    }
-
-    pub fn not_found(message: impl Into<String>) -> Self {
-        ApiError {
-            code: Some("not_found"),
-            ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
-        }
-    }
-
-    pub fn internal(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
-    }
-
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({"error": {
-            "message": self.message,
-            "type": self.kind,
-            "param": self.param,
-            "code": self.code,
-        }})
-    }
-}
 
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::InvalidParam(p) => ApiError::invalid(p.param, p.to_string()),
+            SubmitError::TokenOutOfRange { role, .. } if role != TokenRole::Prompt => {
+                let param = match role {
+                    TokenRole::Biased => "logit_bias",
+                    TokenRole::Stop => "stop_token_ids",
+                    _ => "tool_choice",
+                };
+                ApiError::invalid(param, e.to_string())
+            }
             SubmitError::PromptTooLong { .. } => ApiError {
                 param: Some("messages".into()),
                 code: Some("context_length_exceeded"),

@@ -10,13 +10,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use hyper::StatusCode;
 use serde_json::{json, Value};
 
-use super::error::ApiError;
 use super::http::{json_response, sse_event, sse_response, HttpResponse};
 use super::images::{check_placeholders, expand_image_tokens, load_images, request_preprocess, ImageMemory};
 use super::ServerState;
 use crate::api::openai::{GenerationFields, ImageProcessorOverrides, Prompt};
-use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, SamplingDefaults, ToolChoice};
-use crate::engine::{EngineEvent, FinishReason, RequestStream, TokenLogprobs};
+use crate::api::ApiError;
+use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, ToolChoice};
+use crate::engine::{EngineEvent, FinishReason, RequestStream, SamplingParams, TokenLogprobs};
 use crate::manager::{ModelLease, ServedModel};
 use crate::models::{EncoderInput, ImageSet};
 use crate::text::{
@@ -306,30 +306,13 @@ fn forced_call_openings(request: &ChatRequest) -> Vec<String> {
     }
 }
 
-/// The `model` a request names, if any (a wrong type is the request's error).
-pub fn requested_model(body: &Value) -> Result<Option<String>, ApiError> {
-    match body.get("model") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ApiError::invalid("model", "`model` must be a string")),
-    }
-}
-
-/// The model a request names. One in memory is leased at once; before a load, the
-/// request is checked (`validate`, without the model's defaults), so that a bad request
-/// never costs one.
-async fn model_for(
-    state: &ServerState,
-    body: &Value,
-    validate: impl Fn(&Value) -> Result<(), ApiError>,
-) -> Result<ModelLease, ApiError> {
-    let requested = requested_model(body)?;
-    let model = match state.models.acquire_loaded(requested.as_deref()) {
+/// The model a request names (`None`: the forced or only model), leased, or loaded
+/// first. Requests are parsed and checked before they get here, so a bad request never
+/// costs a load.
+async fn model_for(state: &ServerState, requested: Option<&str>) -> Result<ModelLease, ApiError> {
+    let model = match state.models.acquire_loaded(requested) {
         Some(model) => model,
-        None => {
-            validate(body)?;
-            state.models.acquire(requested.as_deref()).await?
-        }
+        None => state.models.acquire(requested).await?,
     };
     if model.speech.is_some() {
         return Err(ApiError {
@@ -357,6 +340,8 @@ pub(super) struct PreparedChat {
     /// Their share of the server's image memory, held until the reply ends.
     pub image_memory: Option<ImageMemory>,
     pub generation: GenerationFields,
+    /// The request's sampling over its model's defaults.
+    pub params: SamplingParams,
 }
 
 /// Refuses images a model cannot take, or more than the server allows.
@@ -402,11 +387,9 @@ fn check_images(state: &ServerState, model: &ServedModel, request: &ChatRequest)
 /// tokenizes, and reads and preprocesses its images (`server::images`), off the reactor.
 /// Shared by chat completions and the Responses API.
 pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<PreparedChat, ApiError> {
-    let model = model_for(state, body, |b| {
-        parse_chat_request(b, &SamplingDefaults::default()).map(drop)
-    })
-    .await?;
-    let request = parse_chat_request(body, &state.defaults(&model))?;
+    let request = parse_chat_request(body)?;
+    let model = model_for(state, request.model.as_deref()).await?;
+    let mut params = request.generation.sampling.resolve(&state.defaults(&model))?;
     check_images(state, &model, &request)?;
     let config = match &model.vision {
         Some(vision) => Some(request_preprocess(&vision.preprocess, &request.image_processor)?),
@@ -477,15 +460,15 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
         reasoning: model.reasoning,
         one_call: matches!(request.tool_choice, ToolChoice::Named(_)) || !request.parallel_tool_calls,
     };
-    let mut generation = request.generation;
-    generation.params.forced_prefixes = forced;
+    params.forced_prefixes = forced;
     Ok(PreparedChat {
         model,
         kind,
         prompt_ids,
         input,
         image_memory,
-        generation,
+        generation: request.generation,
+        params,
     })
 }
 
@@ -497,15 +480,13 @@ pub async fn chat_completions(state: Arc<ServerState>, body: Value, id: String) 
         image_memory: chat.image_memory,
         echo: None,
     };
-    run(state, chat.model, id, chat.kind, prompt, chat.generation).await
+    run(state, chat.model, id, chat.kind, prompt, chat.generation, chat.params).await
 }
 
 pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Result<HttpResponse, ApiError> {
-    let model = model_for(&state, &body, |b| {
-        parse_completion_request(b, &SamplingDefaults::default()).map(drop)
-    })
-    .await?;
-    let request = parse_completion_request(&body, &state.defaults(&model))?;
+    let request = parse_completion_request(&body)?;
+    let model = model_for(&state, request.model.as_deref()).await?;
+    let params = request.generation.sampling.resolve(&state.defaults(&model))?;
     let tokenizer = model.tokenizer.clone();
     let prompt = request.prompt.clone();
     let (prompt_ids, prompt_text) = tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, String), ApiError> {
@@ -530,7 +511,7 @@ pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Re
         image_memory: None,
         echo: request.echo.then_some(prompt_text),
     };
-    run(state, model, id, Kind::Text, prompt, request.generation).await
+    run(state, model, id, Kind::Text, prompt, request.generation, params).await
 }
 
 /// What a request gives the engine besides its settings.
@@ -550,17 +531,18 @@ async fn run(
     kind: Kind,
     prompt: PromptInput,
     generation: GenerationFields,
+    params: SamplingParams,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     let prompt_tokens = prompt.ids.len();
     let echo = prompt.echo;
     // Given back when this request's reply ends (moved into the streaming task).
     let image_memory = prompt.image_memory;
-    let n = generation.params.n;
+    let n = params.n;
     let param = if kind == Kind::Text { "prompt" } else { "messages" };
     let stream = model
         .engine
-        .submit_with_input(prompt.ids, generation.params.clone(), prompt.input)
+        .submit_with_input(prompt.ids, params, prompt.input)
         .map_err(|e| {
             let mut error = ApiError::from(e);
             if error.code == Some("context_length_exceeded") {

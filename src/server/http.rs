@@ -14,7 +14,7 @@ use hyper::{Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use super::error::ApiError;
+use crate::api::ApiError;
 
 /// A response body: one buffer, or a stream of SSE frames fed by a task.
 pub enum ResponseBody {

@@ -14,7 +14,7 @@ use crate::manager::VisionSettings;
 use crate::media::fetch::{media_bytes, FetchError, FetchPolicy};
 use crate::media::image::{decode, preprocess, ImageError, PixelValues, VisionPreprocess};
 
-use super::error::ApiError;
+use crate::api::ApiError;
 
 /// The pixel budget of a `detail: "low"` image (OpenAI's low resolution, 512 × 512).
 pub const LOW_DETAIL_PIXELS: usize = 512 * 512;

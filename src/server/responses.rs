@@ -12,11 +12,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use hyper::StatusCode;
 use serde_json::{json, Map, Value};
 
-use super::error::ApiError;
 use super::generate::{apply_event, prepare_chat, Choice, ChoiceUpdate};
 use super::http::{json_response, sse_response, HttpResponse};
 use super::ServerState;
 use crate::api::responses::{parse_responses_request, rename_param, ResponsesRequest};
+use crate::api::ApiError;
 use crate::engine::{EngineEvent, RequestStream};
 use crate::manager::ModelLease;
 use crate::text::ToolEvent;
@@ -123,14 +123,14 @@ pub async fn create(state: Arc<ServerState>, body: Value) -> Result<HttpResponse
     };
     let chat_body = request.chat_body(&history)?;
     let chat = prepare_chat(&state, &chat_body).await.map_err(rename_param)?;
-    if chat.generation.params.n != 1 {
+    if chat.params.n != 1 {
         return Err(ApiError::invalid("n", "the Responses API makes one reply"));
     }
     let prompt_tokens = chat.prompt_ids.len();
     let stream = chat
         .model
         .engine
-        .submit_with_input(chat.prompt_ids, chat.generation.params.clone(), chat.input)
+        .submit_with_input(chat.prompt_ids, chat.params.clone(), chat.input)
         .map_err(|e| rename_param(ApiError::from(e)))?;
     state
         .metrics

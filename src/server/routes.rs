@@ -10,11 +10,11 @@ use hyper::header::{HeaderValue, AUTHORIZATION};
 use hyper::{Method, Request, StatusCode};
 use serde_json::{json, Value};
 
-use super::error::ApiError;
 use super::http::{
     error_response, json_response, read_json, sse_event, sse_response, text_response, HttpResponse, ResponseBody,
 };
 use super::{generate, responses, transcribe, ServerState};
+use crate::api::ApiError;
 use crate::loader::hub::hub_cache_dir;
 use crate::manager::{ready_event, LoadTicket, ModelLease, ModelManager, ServedModel};
 
@@ -309,7 +309,7 @@ async fn with_model(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<
     let body = json_body(state, req).await?;
     let model = state
         .models
-        .acquire(generate::requested_model(&body)?.as_deref())
+        .acquire(crate::api::openai::requested_model(&body)?.as_deref())
         .await?;
     Ok((model, body))
 }
@@ -401,7 +401,7 @@ fn tokenize(state: &ServerState, model: &ServedModel, body: &Value) -> Result<Ht
             .encode(text, add_special)
             .map_err(|e| ApiError::internal(e.to_string()))?
     } else if body.get("messages").is_some() {
-        let request = crate::api::parse_chat_request(&json!({"messages": body["messages"]}), &state.defaults(model))?;
+        let request = crate::api::parse_chat_request(&json!({"messages": body["messages"]}))?;
         if let Some(image) = request.images.first() {
             // Counting them would mean fetching and decoding them here.
             return Err(ApiError::invalid(

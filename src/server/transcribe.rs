@@ -13,10 +13,11 @@ use hyper::{Request, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::error::ApiError;
 use super::http::{json_response, read_body, sse_event, sse_response, text_response, HttpResponse};
 use super::multipart::{self, Part};
 use super::ServerState;
+use crate::api::ApiError;
+use crate::engine::sampling::SpeechRules;
 use crate::engine::{EngineEvent, SamplingParams};
 use crate::manager::{ModelLease, SpeechSettings};
 use crate::media::audio::{self, AudioError, LogMel};
@@ -281,7 +282,7 @@ async fn transcribe(
     let timestamp_begin = generation.timestamp_begin();
     let eos = generation.eos_token_id;
     let window = speech.mel.config().frames_per_window();
-    let rules = Arc::new(generation.rules(job.timestamps));
+    let rules = Arc::new(SpeechRules::whisper(generation, job.timestamps));
     let tokenizer = model.tokenizer.clone();
     let decode = |ids: &[u32]| -> String {
         let text: Vec<u32> = ids.iter().copied().filter(|&t| t < eos).collect();
@@ -633,10 +634,11 @@ pub async fn handle(
 /// A multilingual model's language guess for the first window: the likeliest language
 /// token after `<|startoftranscript|>` (as transformers' `detect_language`).
 async fn detect_language(model: &ModelLease, speech: &SpeechSettings, mel: &LogMel) -> Result<u32, ApiError> {
-    let (prompt, params) = speech
+    let (prompt, languages) = speech
         .generation
         .language_detection()
         .ok_or_else(|| ApiError::invalid("language", "this model lists no languages: give `language`"))?;
+    let params = SamplingParams::likeliest_of(&languages);
     let window = EncoderInput::Audio(Arc::new(mel.window(0, speech.mel.config().frames_per_window())));
     let mut stream = model.engine.submit_with_input(prompt, params, Some(window))?;
     match stream.next().await {

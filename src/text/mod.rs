@@ -14,8 +14,8 @@ use std::path::PathBuf;
 pub use detokenizer::IncrementalDetokenizer;
 pub use reasoning::ReasoningParser;
 pub use stop::{StopMatcher, StopOutput};
-pub use template::{ChatInput, ChatTemplate};
-pub use tokenizer::{SpecialTokens, Tokenizer};
+pub use template::{ChatInput, ChatTemplate, SpecialTokens};
+pub use tokenizer::Tokenizer;
 pub use tool_calls::{collect_calls, ToolCall, ToolCallParser, ToolEvent};
 
 #[derive(Debug, thiserror::Error)]

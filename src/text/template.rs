@@ -10,10 +10,18 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
 
-use super::tokenizer::SpecialTokens;
 use super::TextError;
 
 const TEMPLATE_NAME: &str = "chat_template";
+
+/// Special token strings the chat template may refer to.
+#[derive(Debug, Clone, Default)]
+pub struct SpecialTokens {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub unk_token: Option<String>,
+}
 
 pub struct ChatTemplate {
     env: Environment<'static>,

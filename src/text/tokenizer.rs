@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::template::ChatTemplate;
+use super::template::{ChatTemplate, SpecialTokens};
 use super::TextError;
 
 /// `bos_token` and friends are a string or an AddedToken object in HF files.
@@ -45,15 +45,6 @@ struct TokenizerConfigFile {
     pad_token: Option<TokenSpec>,
     unk_token: Option<TokenSpec>,
     chat_template: Option<TemplateSpec>,
-}
-
-/// Special token strings the chat template may refer to.
-#[derive(Debug, Clone, Default)]
-pub struct SpecialTokens {
-    pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
-    pub pad_token: Option<String>,
-    pub unk_token: Option<String>,
 }
 
 pub struct Tokenizer {

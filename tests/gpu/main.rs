@@ -26,6 +26,7 @@ use std::sync::Arc;
 use inferd::backend::cpu::CpuBackend;
 use inferd::backend::cuda::{CudaBackend, CudaError};
 use inferd::backend::{AttentionShape, Backend, DenseAttention, ForwardBatch, SeqChunk, WeightDtype};
+use inferd::engine::sampling::SpeechRules;
 use inferd::engine::{self, Engine, EngineConfig, EngineEvent, RequestId, SamplingParams};
 use inferd::loader::{Dtype, TensorView};
 use inferd::media::audio::{self, MelConfig, MelExtractor};
@@ -949,13 +950,14 @@ fn whisper_multilingual_goldens_on_the_gpu() {
     let mut run = |id: u64, prompt: Vec<u32>, params: SamplingParams| {
         common::run_alone(&mut engine, id, prompt, params, Some(mel.clone()))
     };
-    let (prompt, params) = gen.language_detection().unwrap();
+    let (prompt, languages) = gen.language_detection().unwrap();
+    let params = SamplingParams::likeliest_of(&languages);
     let detected = run(1, prompt, params);
     assert_eq!(detected, vec![gold["detected_language_id"].as_u64().unwrap() as u32]);
     let fr = gen.lang_to_id.iter().find(|(c, _)| c == "fr").unwrap().1;
     let params = SamplingParams {
         temperature: 0.0,
-        speech: Some(Arc::new(gen.rules(false))),
+        speech: Some(Arc::new(SpeechRules::whisper(&gen, false))),
         ..SamplingParams::default()
     };
     let out = run(2, gen.prompt(&[], Some(fr), false, false), params);

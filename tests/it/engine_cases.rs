@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use inferd::backend::Backend;
 use inferd::engine::{
     self, Engine, EngineConfig, EngineEvent, EngineHandle, FinishReason, RequestId, SamplingParams, SubmitError,
+    TokenRole,
 };
 use inferd::models::{load_decoder, DecoderModel};
 
@@ -316,44 +317,46 @@ pub fn invalid_requests_are_refused_before_the_engine<B: Backend + Clone + 'stat
         submit(vec![1; max + 5], SamplingParams::default()),
         Some(SubmitError::PromptTooLong { prompt: max + 5, max })
     );
-    let param = |p: SamplingParams| match submit(vec![1, 2], p) {
-        Some(SubmitError::InvalidParam(e)) => e.param,
-        other => panic!("expected an invalid parameter, got {other:?}"),
+    // Parameter ranges are the API layer's (api::sampling); the engine checks what only
+    // it knows: token ids against the vocabulary.
+    let out_of_range = |role: TokenRole, p: SamplingParams| {
+        assert_eq!(
+            submit(vec![1, 2], p),
+            Some(SubmitError::TokenOutOfRange {
+                role,
+                id: vocab,
+                vocab_size: vocab as usize
+            })
+        )
     };
     assert_eq!(
-        param(SamplingParams {
-            max_tokens: Some(0),
-            ..Default::default()
-        }),
-        "max_tokens"
+        submit(vec![1, vocab], SamplingParams::default()),
+        Some(SubmitError::TokenOutOfRange {
+            role: TokenRole::Prompt,
+            id: vocab,
+            vocab_size: vocab as usize
+        })
     );
-    assert_eq!(
-        param(SamplingParams {
-            top_p: 1.5,
-            ..Default::default()
-        }),
-        "top_p"
-    );
-    assert_eq!(
-        param(SamplingParams {
-            top_p: 0.0,
-            ..Default::default()
-        }),
-        "top_p"
-    );
-    assert_eq!(
-        param(SamplingParams {
-            temperature: -1.0,
-            ..Default::default()
-        }),
-        "temperature"
-    );
-    assert_eq!(
-        param(SamplingParams {
+    out_of_range(
+        TokenRole::Stop,
+        SamplingParams {
             stop_token_ids: vec![vocab],
             ..Default::default()
-        }),
-        "stop_token_ids"
+        },
+    );
+    out_of_range(
+        TokenRole::Biased,
+        SamplingParams {
+            logit_bias: vec![(vocab, 1.0)],
+            ..Default::default()
+        },
+    );
+    out_of_range(
+        TokenRole::Forced,
+        SamplingParams {
+            forced_prefixes: vec![vec![1, vocab]],
+            ..Default::default()
+        },
     );
 }
 

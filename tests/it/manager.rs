@@ -284,3 +284,78 @@ fn models_memory_unloads_the_least_recently_used_idle_model_to_make_room() {
     );
     assert_eq!(loaded(&s), vec!["test/smol-b"]);
 }
+
+/// A request that is bad in any way is refused (400 naming the field) before it can
+/// cause a load: the model stays unloaded, and `/metrics` has no engine for it. A good
+/// request then loads it (so the check can see a load).
+#[test]
+fn bad_requests_are_refused_before_any_load() {
+    let s = Server::launch(&[], &[]);
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let bad = [
+        ("/v1/chat/completions", json!({"temperature": -1}), "temperature"),
+        ("/v1/chat/completions", json!({"top_k": -5}), "top_k"),
+        ("/v1/chat/completions", json!({"n": 0}), "n"),
+        ("/v1/chat/completions", json!({"top_p": 0}), "top_p"),
+        ("/v1/chat/completions", json!({"max_tokens": 0}), "max_tokens"),
+        (
+            "/v1/chat/completions",
+            json!({"presence_penalty": 9}),
+            "presence_penalty",
+        ),
+        ("/v1/chat/completions", json!({"logit_bias": {"3": 500}}), "logit_bias"),
+        (
+            "/v1/chat/completions",
+            json!({"min_tokens": 9, "max_tokens": 2}),
+            "min_tokens",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"logprobs": true, "top_logprobs": 50}),
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"generation_config": {"top_p": 7}}),
+            "generation_config",
+        ),
+        ("/v1/chat/completions", json!({"frobnicate": 1}), "frobnicate"),
+        (
+            "/v1/completions",
+            json!({"prompt": "x", "temperature": -1}),
+            "temperature",
+        ),
+        ("/v1/completions", json!({"prompt": "x", "n": 0}), "n"),
+        ("/v1/completions", json!({"prompt": "x", "logprobs": 99}), "logprobs"),
+        ("/v1/responses", json!({"input": "x", "temperature": -1}), "temperature"),
+        ("/v1/responses", json!({"input": "x", "top_p": 3}), "top_p"),
+    ];
+    for (route, fields, param) in bad {
+        let mut body = json!({"model": SMOL});
+        if route == "/v1/chat/completions" {
+            body["messages"] = messages.clone();
+        }
+        body.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        let r = s.post(route, body.clone());
+        assert_eq!(
+            (r.status, r.json()["error"]["param"].clone()),
+            (400, json!(param)),
+            "{route} {body}: {}",
+            r.body
+        );
+    }
+    let engines = |s: &Server| {
+        let m = s.request("GET", "/metrics", &[], None).body;
+        m.lines()
+            .filter(|l| l.starts_with("inferd_kv_blocks_total{model="))
+            .count()
+    };
+    assert_eq!(engines(&s), 0);
+    assert!(loaded(&s).is_empty(), "{:?}", loaded(&s));
+    let r = chat(&s, Some(SMOL));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(engines(&s), 1);
+    assert_eq!(loaded(&s), vec![SMOL]);
+}

@@ -138,6 +138,7 @@ fn out_of_range_token_ids_are_an_error_not_a_panic() {
     assert_eq!(
         err,
         SubmitError::TokenOutOfRange {
+            role: inferd::engine::TokenRole::Prompt,
             id: 384,
             vocab_size: 384
         }

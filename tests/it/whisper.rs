@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use inferd::backend::cpu::CpuBackend;
 use inferd::backend::{Backend, ForwardBatch};
+use inferd::engine::sampling::SpeechRules;
 use inferd::engine::{Engine, EngineConfig, EngineEvent, RequestId, SamplingParams};
 use inferd::media::audio::{self, LogMel, MelConfig, MelExtractor};
 use inferd::models::whisper::WhisperGeneration;
@@ -185,7 +186,7 @@ fn greedy_ids_match_transformers_with_and_without_timestamps() {
     let (gen, mut engine) = engine();
     let params = |timestamps: bool| SamplingParams {
         temperature: 0.0,
-        speech: Some(Arc::new(gen.rules(timestamps))),
+        speech: Some(Arc::new(SpeechRules::whisper(&gen, timestamps))),
         ..SamplingParams::default()
     };
     let plain = run(
@@ -224,7 +225,7 @@ fn concurrent_requests_batch_and_match_their_solo_runs() {
     ];
     let params = |timestamps: bool| SamplingParams {
         temperature: 0.0,
-        speech: Some(Arc::new(gen.rules(timestamps))),
+        speech: Some(Arc::new(SpeechRules::whisper(&gen, timestamps))),
         ..SamplingParams::default()
     };
     let solo: Vec<Vec<u32>> = inputs
@@ -328,7 +329,7 @@ fn prefix_cache_is_keyed_by_audio() {
     let params = SamplingParams {
         temperature: 0.0,
         max_tokens: Some(4),
-        speech: Some(Arc::new(gen.rules(false))),
+        speech: Some(Arc::new(SpeechRules::whisper(&gen, false))),
         ..SamplingParams::default()
     };
     let hits = |engine: &Engine<CpuBackend, WhisperModel<CpuBackend>>| engine.stats().prefix_cache_hits;
@@ -399,13 +400,14 @@ fn multilingual_prompts_and_language_detection_match_transformers() {
         vec![gen.eos_token_id],
     );
     let mel = jfk_mel();
-    let (prompt, params) = gen.language_detection().unwrap();
+    let (prompt, languages) = gen.language_detection().unwrap();
+    let params = SamplingParams::likeliest_of(&languages);
     let detected = run(&mut engine, 1, prompt, params, mel.clone());
     assert_eq!(detected, vec![g["detected_language_id"].as_u64().unwrap() as u32]);
     let lang = |code: &str| gen.lang_to_id.iter().find(|(c, _)| c == code).unwrap().1;
     let params = SamplingParams {
         temperature: 0.0,
-        speech: Some(Arc::new(gen.rules(false))),
+        speech: Some(Arc::new(SpeechRules::whisper(&gen, false))),
         ..SamplingParams::default()
     };
     for (i, (key, language, translate)) in [
