@@ -10,6 +10,8 @@
 
 use rayon::prelude::*;
 
+use super::{CpuTensor, CpuWeight, WeightValues};
+
 /// Output features per slab.
 pub const NR: usize = 32;
 /// Rows of x per microkernel call.
@@ -306,6 +308,30 @@ pub fn has_avx512() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// `linear`: `x · Wᵀ (+ bias)`, the backend op over the packed weight.
+pub(super) fn linear(x: &CpuTensor, weight: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
+    let (out_features, in_features) = (weight.rows(), weight.cols());
+    assert_eq!(
+        x.cols, in_features,
+        "linear: x has {} columns, weight {:?}",
+        x.cols, weight.shape
+    );
+    let mut out = CpuTensor::zeros(x.rows, out_features);
+    match &weight.values {
+        WeightValues::MatrixF32(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows),
+        WeightValues::MatrixBf16(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows),
+        WeightValues::Vector(_) => panic!("linear: weight {:?} is not a matrix", weight.shape),
+    }
+    if let Some(bias) = bias {
+        for row in out.data.chunks_exact_mut(out_features) {
+            for (o, b) in row.iter_mut().zip(bias.f32s()) {
+                *o += b;
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
