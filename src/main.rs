@@ -10,7 +10,7 @@ use inferd::backend::{Device, DeviceChoice, WeightDtype};
 use inferd::engine::{EngineConfig, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::log::Level;
-use inferd::manager::{kv_budget_on, LoadedModel, ModelFiles, ModelManager, ModelSettings, ReasoningMode};
+use inferd::manager::{kv_budget_on, load_model, ModelFiles, ModelManager, ModelSettings, ReasoningMode};
 use inferd::server::{self, ServerOptions, ServerState};
 use inferd::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
 
@@ -417,7 +417,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             &mut |note| eprintln!("{note}"),
         )?;
         let dir = resolve_model(&args.model)?;
-        let model = LoadedModel::load(&device, &dir.path, dummy, &mut |_, _| {})?;
+        let model = load_model(&device, &dir.path, dummy, &mut |_, _| {})?;
         let vocab = model
             .text_config()
             .ok_or_else(|| format!("{}: bench drives text models", args.model))?
@@ -435,9 +435,9 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             KvCacheBudget::FractionOfAvailable(args.kv_cache_fraction),
             args.gpu_memory_utilization,
         )?;
-        let config = model.engine_config(&device, config, budget)?;
+        let config = model.engine_config(config, budget)?;
         eprintln!("bench: engine on {}", device.describe());
-        Some((model.spawn(&device, config, vec![]), vocab))
+        Some((model.spawn(config, vec![]), vocab))
     } else {
         None
     };
@@ -687,7 +687,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
     let prompt_tokens = prompt_ids.len();
     let start = std::time::Instant::now();
     let mut first_token_at = None;
-    let (tokens, _) = model.generate(&device, config, eos_ids, prompt_ids, params, &mut |id| {
+    let (tokens, _) = model.generate(config, eos_ids, prompt_ids, params, &mut |id| {
         first_token_at.get_or_insert_with(std::time::Instant::now);
         let piece = match detokenizer.push(&tokenizer, id) {
             Ok(piece) => stops.push(&piece),

@@ -6,6 +6,7 @@ pub mod error;
 pub mod generate;
 pub mod http;
 pub mod images;
+pub mod load_events;
 pub mod metrics;
 pub mod multipart;
 pub mod responses;

@@ -13,10 +13,11 @@ use serde_json::{json, Value};
 use super::http::{
     error_response, json_response, read_json, sse_event, sse_response, text_response, HttpResponse, ResponseBody,
 };
+use super::load_events::load_event_bytes;
 use super::{generate, responses, transcribe, ServerState};
 use crate::api::ApiError;
 use crate::loader::hub::hub_cache_dir;
-use crate::manager::{ready_event, LoadTicket, ModelLease, ModelManager, ServedModel};
+use crate::manager::{LoadEvent, LoadTicket, ModelLease, ModelManager, ServedModel};
 
 /// (path, methods) of every route, for 404 versus 405.
 const ROUTES: &[(&str, &[Method])] = &[
@@ -325,9 +326,9 @@ fn load_model(state: &Arc<ServerState>, body: &Value) -> Result<HttpResponse, Ap
         Some(_) => return Err(ApiError::invalid("model", "`model` must be a string")),
     };
     let (response, tx) = sse_response();
-    let send = move |event: Value| {
+    let send = move |model: String, event: LoadEvent| {
         let tx = tx.clone();
-        async move { tx.send(sse_event(&python_json(&event))).await.is_ok() }
+        async move { tx.send(sse_event(&load_event_bytes(&model, &event))).await.is_ok() }
     };
     // A pinned server loads nothing else: the answer names the model that will serve.
     let ticket = match state.models.forced() {
@@ -336,7 +337,7 @@ fn load_model(state: &Arc<ServerState>, body: &Value) -> Result<HttpResponse, Ap
     };
     match ticket {
         LoadTicket::Ready(model) => {
-            tokio::spawn(async move { send(ready_event(&model.name, true)).await });
+            tokio::spawn(async move { send(model.name.clone(), LoadEvent::Ready { cached: true }).await });
         }
         LoadTicket::Loading(job) => {
             tokio::spawn(async move {
@@ -348,8 +349,8 @@ fn load_model(state: &Arc<ServerState>, body: &Value) -> Result<HttpResponse, Ap
                     }
                     seen += events.len();
                     for event in events {
-                        let last = event["status"] != "loading";
-                        if !send(event).await || last {
+                        let last = event.is_terminal();
+                        if !send(job.model.clone(), event).await || last {
                             return;
                         }
                     }
@@ -358,35 +359,6 @@ fn load_model(state: &Arc<ServerState>, body: &Value) -> Result<HttpResponse, Ap
         }
     }
     Ok(response)
-}
-
-/// JSON with Python's default separators (`", "`, `": "`), ASCII-only like `json.dumps`.
-fn python_json(value: &Value) -> String {
-    match value {
-        Value::Object(map) => {
-            let fields: Vec<String> = map
-                .iter()
-                .map(|(k, v)| format!("{}: {}", python_json(&Value::String(k.clone())), python_json(v)))
-                .collect();
-            format!("{{{}}}", fields.join(", "))
-        }
-        Value::Array(items) => format!("[{}]", items.iter().map(python_json).collect::<Vec<_>>().join(", ")),
-        Value::String(s) => {
-            let mut out = String::with_capacity(s.len() + 2);
-            for c in serde_json::to_string(s).unwrap_or_default().chars() {
-                if c.is_ascii() {
-                    out.push(c);
-                } else {
-                    let mut units = [0u16; 2];
-                    for unit in c.encode_utf16(&mut units) {
-                        out.push_str(&format!("\\u{unit:04x}"));
-                    }
-                }
-            }
-            out
-        }
-        other => other.to_string(),
-    }
 }
 
 /// `{"prompt": "..."}` or `{"messages": [...]}` -> token ids.

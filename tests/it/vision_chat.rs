@@ -545,7 +545,11 @@ fn dummy_weights_serve_a_vision_language_config() {
     let rocket = data_url("rocket.jpg");
     let tokens = |detail: &str| {
         let part = json!({"type": "image_url", "image_url": {"url": rocket, "detail": detail}});
-        let r = server.post("/v1/chat/completions", chat_with_parts(json!([part])));
+        // Unseeded sampling over random weights may pick EOS first: ignored, so that the
+        // reply's length is the one asked for.
+        let mut body = chat_with_parts(json!([part]));
+        body["ignore_eos"] = json!(true);
+        let r = server.post("/v1/chat/completions", body);
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(r.json()["usage"]["completion_tokens"], 2);
         r.json()["usage"]["prompt_tokens"].as_u64().unwrap()
