@@ -2,6 +2,7 @@
 //! (every error names its parameter), and the response objects.
 
 pub mod error;
+pub mod fields;
 pub mod openai;
 
 pub mod responses;

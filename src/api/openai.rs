@@ -2,9 +2,9 @@
 //! one so that a wrong type names its parameter; unknown fields are refused rather than
 //! silently ignored (a few informational OpenAI fields are accepted and documented).
 
-use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use super::fields::{as_object, check_fields, Fields};
 use super::sampling::{sampling_request, SamplingRequest};
 use super::ApiError;
 
@@ -82,47 +82,6 @@ pub struct CompletionRequest {
     pub prompt: Prompt,
     pub echo: bool,
     pub generation: GenerationFields,
-}
-
-/// Reads typed fields out of a JSON object, naming the field on error.
-pub(crate) struct Fields<'a> {
-    pub map: &'a Map<String, Value>,
-}
-
-impl Fields<'_> {
-    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ApiError> {
-        match self.map.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => T::deserialize(v)
-                .map(Some)
-                .map_err(|e| ApiError::invalid(key, format!("`{key}` has the wrong type: {e}"))),
-        }
-    }
-}
-
-/// The `model` a request names, if any (a wrong type is the request's error), for
-/// routes that read nothing else before they know the model.
-pub fn requested_model(body: &Value) -> Result<Option<String>, ApiError> {
-    match body.get("model") {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ApiError::invalid("model", "`model` must be a string")),
-    }
-}
-
-pub(crate) fn as_object(body: &Value) -> Result<&Map<String, Value>, ApiError> {
-    body.as_object()
-        .ok_or_else(|| ApiError::bad_request("the request body must be a JSON object"))
-}
-
-pub(crate) fn check_fields(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
-    match map.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::invalid(
-            k.clone(),
-            format!("`{k}` is not a supported parameter"),
-        )),
-        None => Ok(()),
-    }
 }
 
 /// Sampling fields common to both routes.

@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::openai::{as_object, check_fields, Fields};
+use super::fields::{as_object, check_fields, Fields};
 use super::ApiError;
 
 /// A validated `POST /v1/responses` body.

@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use super::openai::{check_fields, Fields};
+use super::fields::{check_fields, Fields};
 use super::ApiError;
 use crate::engine::SamplingParams;
 use crate::models::GenerationConfig;

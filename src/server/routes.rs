@@ -310,7 +310,7 @@ async fn with_model(state: &Arc<ServerState>, req: Request<Incoming>) -> Result<
     let body = json_body(state, req).await?;
     let model = state
         .models
-        .acquire(crate::api::openai::requested_model(&body)?.as_deref())
+        .acquire(crate::api::fields::requested_model(&body)?.as_deref())
         .await?;
     Ok((model, body))
 }
