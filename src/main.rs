@@ -1,4 +1,9 @@
 //! The `inferd` command line: serve | chat | download | bench | generate.
+//!
+//! Over 800 lines, on purpose: most of it is the commands' flags (clap derive structs,
+//! one documented field per flag, which is what `--help` prints), kept beside the short
+//! entry function of each command so that a flag and its use read together. The work
+//! itself lives in the library (`server`, `manager`, `bench`, `chat`).
 
 use std::error::Error;
 use std::io::Write;

@@ -4,6 +4,7 @@
 //! requests over a channel and returning each request's tokens on a channel of its own.
 //! The engine knows token ids only: no HTTP, JSON or text.
 
+pub mod config;
 pub mod handle;
 pub mod kv_cache;
 pub mod sampling;
@@ -18,6 +19,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::backend::{Backend, ForwardBatch, SeqChunk};
 use crate::models::{DecoderModel, EncoderInput, EngineModel, ForwardError, LogitsFor};
 
+pub use config::{available_memory, BudgetError, EngineConfig, KvCacheBudget};
 pub use handle::{EngineHandle, EngineMetrics, RequestStream};
 
 pub use sampling::{SamplingParams, TokenLogprobs, TokenRole};
@@ -26,120 +28,6 @@ pub use sequence::RequestId;
 
 use sampling::{Rng, SamplingContext};
 use sequence::Sequence;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EngineConfig {
-    /// Tokens per KV block.
-    pub block_size: usize,
-    /// KV blocks in the pool (see `EngineConfig::with_budget`).
-    pub num_blocks: usize,
-    pub max_num_seqs: usize,
-    pub max_num_batched_tokens: usize,
-    /// Requests accepted but not yet running, beyond which `submit` says overloaded.
-    pub max_waiting: usize,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        EngineConfig {
-            block_size: 16,
-            num_blocks: 4096,
-            max_num_seqs: 256,
-            max_num_batched_tokens: 2048,
-            max_waiting: 1024,
-        }
-    }
-}
-
-/// How much memory the KV pool may take.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KvCacheBudget {
-    Bytes(usize),
-    /// A fraction of the memory available now (`MemAvailable` in /proc/meminfo).
-    FractionOfAvailable(f64),
-}
-
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum BudgetError {
-    #[error("cannot read the available memory ({0}); give the KV cache size in bytes")]
-    NoMemInfo(String),
-    #[error("the KV cache budget of {bytes} bytes holds no block of {block_bytes} bytes")]
-    TooSmall { bytes: usize, block_bytes: usize },
-    #[error("the KV cache fraction must be in (0, 1], got {0}")]
-    BadFraction(f64),
-}
-
-impl EngineConfig {
-    /// Bytes of f32 K and V one block takes for this model.
-    pub fn bytes_per_block<B: Backend, M: EngineModel<B>>(model: &M, block_size: usize) -> usize {
-        Self::block_bytes(model, block_size, std::mem::size_of::<f32>())
-    }
-
-    fn block_bytes<B: Backend, M: EngineModel<B>>(model: &M, block_size: usize, element_bytes: usize) -> usize {
-        let shape = model.kv_cache_shape(1, block_size);
-        2 * shape.num_layers * shape.elements_per_layer() * element_bytes
-    }
-
-    /// Sets `num_blocks` from a memory budget for f32 pools (the CPU backend's), never
-    /// more than `max_num_seqs` sequences of the full context window can use. For models
-    /// that keep state per request, half the budget at most goes to it, lowering
-    /// `max_num_seqs` to what fits.
-    pub fn with_budget<B: Backend, M: EngineModel<B>>(
-        self,
-        model: &M,
-        budget: KvCacheBudget,
-    ) -> Result<Self, BudgetError> {
-        self.with_budget_for(model, budget, std::mem::size_of::<f32>())
-    }
-
-    /// `with_budget` for pools of `kv_element_bytes` per element (`Backend::kv_bytes_per_element`).
-    pub fn with_budget_for<B: Backend, M: EngineModel<B>>(
-        mut self,
-        model: &M,
-        budget: KvCacheBudget,
-        kv_element_bytes: usize,
-    ) -> Result<Self, BudgetError> {
-        let bytes = match budget {
-            KvCacheBudget::Bytes(b) => b,
-            KvCacheBudget::FractionOfAvailable(f) if f > 0.0 && f <= 1.0 => {
-                let meminfo =
-                    std::fs::read_to_string("/proc/meminfo").map_err(|e| BudgetError::NoMemInfo(e.to_string()))?;
-                (mem_available_bytes(&meminfo).ok_or_else(|| BudgetError::NoMemInfo("no MemAvailable line".into()))?
-                    as f64
-                    * f) as usize
-            }
-            KvCacheBudget::FractionOfAvailable(f) => return Err(BudgetError::BadFraction(f)),
-        };
-        // Per-request state outside the KV pool (an encoder's output): half the budget
-        // at most, which caps how many sequences run at once.
-        let mut bytes = bytes;
-        let per_request = model.bytes_per_request();
-        if let Some(fit) = (bytes / 2).checked_div(per_request) {
-            self.max_num_seqs = self.max_num_seqs.min(fit.max(1));
-            bytes = bytes.saturating_sub(self.max_num_seqs * per_request);
-        }
-        let block_bytes = Self::block_bytes(model, self.block_size, kv_element_bytes);
-        let affordable = bytes / block_bytes;
-        if affordable == 0 {
-            return Err(BudgetError::TooSmall { bytes, block_bytes });
-        }
-        let useful = self.max_num_seqs * model.max_positions().div_ceil(self.block_size);
-        self.num_blocks = affordable.min(useful);
-        Ok(self)
-    }
-}
-
-/// Memory the kernel says is available now (`MemAvailable`), in bytes.
-pub fn available_memory() -> Option<usize> {
-    mem_available_bytes(&std::fs::read_to_string("/proc/meminfo").ok()?)
-}
-
-/// `MemAvailable` from /proc/meminfo text, in bytes.
-fn mem_available_bytes(meminfo: &str) -> Option<usize> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -802,18 +690,6 @@ pub fn generate<B: Backend, M: EngineModel<B>>(
         }
     }
     Ok((tokens, None))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mem_available_is_read_from_meminfo() {
-        let text = "MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   12345678 kB\n";
-        assert_eq!(mem_available_bytes(text), Some(12_345_678 * 1024));
-        assert_eq!(mem_available_bytes("MemTotal: 5 kB\n"), None);
-    }
 }
 
 /// What sampling needs of one step's logits rows (see `Engine::read_logits`).

@@ -2,6 +2,7 @@
 //! the shared state, and the routes. Requests become engine submissions in `generate`;
 //! the engine itself never sees HTTP.
 
+pub mod choice;
 pub mod error;
 pub mod generate;
 pub mod http;

@@ -12,7 +12,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use hyper::StatusCode;
 use serde_json::{json, Map, Value};
 
-use super::generate::{apply_event, prepare_chat, Choice, ChoiceUpdate};
+use super::choice::{apply_event, Choice, ChoiceUpdate, Kind};
+use super::generate::prepare_chat;
 use super::http::{json_response, sse_response, HttpResponse};
 use super::ServerState;
 use crate::api::responses::{parse_responses_request, rename_param, ResponsesRequest};
@@ -200,7 +201,7 @@ pub fn input_items(state: &ServerState, id: &str) -> Result<HttpResponse, ApiErr
 struct Run {
     state: Arc<ServerState>,
     model: ModelLease,
-    kind: super::generate::Kind,
+    kind: Kind,
     stream: RequestStream,
     choice: Choice,
     builder: ResponseBuilder,
