@@ -29,10 +29,10 @@ pub mod api;
 /// The model registry: on-demand loads with progress events, leases, idle and LRU unloads.
 pub mod manager;
 
-/// The HTTP server: routes, streaming replies, Responses, transcriptions, metrics.
-pub mod server;
 /// A small OpenAI-compatible HTTP client (keep-alive, SSE) for `bench` and `chat`.
 pub mod client;
+/// The HTTP server: routes, streaming replies, Responses, transcriptions, metrics.
+pub mod server;
 
 /// `inferd bench`: serving benchmarks against any OpenAI-compatible server, or offline.
 pub mod bench;

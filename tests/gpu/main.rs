@@ -120,6 +120,18 @@ fn host_gpu(g: &CudaBackend, t: <CudaBackend as Backend>::Tensor) -> Vec<f32> {
     g.to_host(t).0
 }
 
+/// Head layouts of the per-head ops (rotary, q/k norm): GQA 3:1 and 7:1 at head_dim 64,
+/// 4:1 and a single KV head at 128, and a narrow head_dim of 16.
+fn head_shapes() -> impl Iterator<Item = AttentionShape> {
+    [(9, 3, 64), (14, 2, 64), (32, 8, 128), (7, 1, 128), (6, 2, 16)]
+        .into_iter()
+        .map(|(num_heads, num_kv_heads, head_dim)| AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+        })
+}
+
 /// A checkpoint-like tensor of `values` in `dtype`.
 fn view_bytes(values: &[f32], dtype: Dtype) -> Vec<u8> {
     match dtype {

@@ -65,12 +65,8 @@ fn norms_match_the_cpu() {
             1e-5,
         );
     }
-    for (heads, kv_heads, hd) in [(9, 3, 64), (14, 2, 64), (32, 8, 128), (7, 1, 128), (6, 2, 16)] {
-        let shape = AttentionShape {
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim: hd,
-        };
+    for shape in head_shapes() {
+        let (heads, kv_heads, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
         let rows = 37;
         let (qw, kw) = (rng.vec(hd, 1.0), rng.vec(hd, 1.0));
         let (qc, qg) = (c.weight_from_f32(qw.clone()), g.weight_from_f32(qw));

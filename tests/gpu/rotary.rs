@@ -8,12 +8,8 @@ fn rotary_and_rotary_sections_match_the_cpu() {
     let Some(g) = gpu(WeightDtype::F32) else { return };
     let c = CpuBackend::with_weights(WeightDtype::F32);
     let mut rng = Rng(5);
-    for (heads, kv_heads, hd) in [(9, 3, 64), (14, 2, 64), (32, 8, 128), (7, 1, 128), (6, 2, 16)] {
-        let shape = AttentionShape {
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim: hd,
-        };
+    for shape in head_shapes() {
+        let (heads, kv_heads, hd) = (shape.num_heads, shape.num_kv_heads, shape.head_dim);
         let rows = 37;
         let inv: Vec<f32> = (0..hd / 2)
             .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / hd as f32))
