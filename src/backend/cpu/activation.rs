@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::*;
+use super::CpuTensor;
 
 /// `erf`, to about 1e-7 absolute (Abramowitz & Stegun 7.1.26, evaluated in f64).
 #[inline]

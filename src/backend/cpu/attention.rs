@@ -5,9 +5,9 @@
 
 use rayon::prelude::*;
 
-use crate::backend::MAX_HEAD_DIM;
-
-use super::*;
+use super::matmul::{self, matmul_transposed, PackedMatrix};
+use super::{CpuKvCache, CpuTensor, KvLayout};
+use crate::backend::{AttentionShape, DenseAttention, ForwardBatch, MAX_HEAD_DIM};
 
 /// One query token's attention over its sequence's cached keys and values.
 ///
@@ -406,6 +406,8 @@ pub(super) fn attention_dense(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::Backend;
 
     /// Long query runs (matmul form) and short ones (row by row) in one call, GQA,
     /// causal and not, against a float64 reference.

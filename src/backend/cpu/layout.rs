@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::*;
+use super::{CpuTensor, CpuWeight, WeightValues};
 
 pub(super) fn embedding(table: &CpuWeight, token_ids: &[u32]) -> CpuTensor {
     let hidden = table.cols();
@@ -57,6 +57,8 @@ pub(super) fn to_host(x: CpuTensor) -> (Vec<f32>, usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::Backend;
 
     #[test]
     fn im2col_and_linear_make_a_convolution() {

@@ -4,9 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::backend::MAX_HEAD_DIM;
-
-use super::*;
+use super::{CpuBackend, CpuTensor, CpuWeight};
+use crate::backend::{AttentionShape, Backend, MAX_HEAD_DIM};
 
 /// RMSNorm of `x` into `out`: `x / sqrt(mean(x²) + eps) * weight`, as transformers does
 /// it in f32 for every model family here.

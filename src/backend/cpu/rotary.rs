@@ -4,9 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::backend::MAX_HEAD_DIM;
-
-use super::*;
+use super::{CpuKvCache, CpuTensor, CpuWeight, KvLayout};
+use crate::backend::{AttentionShape, MAX_HEAD_DIM};
 
 /// Rotate-half rotary embedding of one head in place (HF's `apply_rotary_pos_emb`):
 /// pairs are `(x[i], x[i + d/2])`.

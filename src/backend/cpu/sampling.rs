@@ -1,7 +1,7 @@
 //! Token choice over logits rows: greedy argmax and the seeded inverse-CDF draw
 //! (`backend::argmax`, `backend::draw`). The reference of kernels/sampling.cu.
 
-use super::*;
+use super::CpuTensor;
 
 pub(super) fn argmax_rows(x: &CpuTensor, rows: &[usize]) -> Vec<u32> {
     rows.iter().map(|&r| crate::backend::argmax(x.row(r))).collect()

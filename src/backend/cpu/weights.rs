@@ -1,8 +1,10 @@
 //! Parameter storage: matrices packed at load for the matmul kernel (bf16 checkpoints
 //! stay bf16), vectors as f32. CUDA counterpart: `backend::cuda::weights`.
 
-use super::*;
-use crate::loader::Dtype;
+use super::matmul::{Bf16, PackedMatrix};
+use super::CpuBackend;
+use crate::backend::WeightDtype;
+use crate::loader::{Dtype, TensorView};
 
 /// Parameter storage. Matrices are packed for the matmul kernel; those from bf16
 /// checkpoints stay bf16 (half the bytes to stream per decode step; widening to f32 is
@@ -119,6 +121,8 @@ pub(super) fn weight_from_f32(values: Vec<f32>) -> CpuWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::CpuTensor;
+    use crate::backend::Backend;
     use crate::loader::Dtype;
 
     /// `--dtype`: an f32 matrix kept as bf16 is rounded to nearest even (as torch's

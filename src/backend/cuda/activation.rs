@@ -1,7 +1,8 @@
 //! Elementwise activations (kernels/activation.cu): SiLU·mul of the gate and up
 //! halves, exact GELU, and in-place adds. CPU reference: `backend::cpu::activation`.
 
-use super::*;
+use super::device::elementwise;
+use super::{CudaBackend, CudaTensor};
 
 pub(super) fn silu_mul(be: &CudaBackend, gate_up: &CudaTensor) -> CudaTensor {
     let inter = gate_up.cols / 2;

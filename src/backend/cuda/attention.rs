@@ -2,7 +2,11 @@
 //! chunked prefill and decode, and dense attention over given K/V tensors, one kernel
 //! with a split-K merge for long contexts. CPU reference: `backend::cpu::attention`.
 
-use super::*;
+use cudarc::driver::DeviceRepr;
+
+use super::device::{cfg, ok, rows_u32};
+use super::{CudaBackend, CudaKvCache, CudaTensor, KvPool};
+use crate::backend::{AttentionShape, DenseAttention, ForwardBatch, MAX_HEAD_DIM};
 
 /// Threads of `attention_f32` and its key chunk (kernels/attention.cu).
 pub(super) const ATTENTION_THREADS: u32 = 128;

@@ -2,7 +2,15 @@
 //! (stream-ordered allocations, NaN-poisoned in tests), uploads and the upload cache,
 //! and the launch helpers every op family uses.
 
-use super::*;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::driver::{sys as drv_sys, CudaContext, CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig};
+use cudarc::nvrtc::Ptx;
+
+use super::{kernels, CudaBackend, CudaTensor, CudaWeight, Inner, KvPool};
+use crate::backend::{WeightDtype, DEVICE_OUT_OF_MEMORY};
 
 /// Every kernel the backend launches, looked up once when the backend is made.
 pub(super) const KERNELS: &[&str] = &[
@@ -87,6 +95,7 @@ pub(super) fn ok<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
 macro_rules! launch {
     ($be:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let func = $be.func($name);
+        use cudarc::driver::PushKernelArg as _;
         let mut builder = $be.inner.stream.launch_builder(func);
         $( builder.arg($arg); )*
         // SAFETY: the arguments match the kernel's parameter list in kernels/*.cu and

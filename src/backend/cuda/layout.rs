@@ -2,7 +2,8 @@
 //! a conv stem, and activations to and from the host. CPU reference:
 //! `backend::cpu::layout`.
 
-use super::*;
+use super::device::{cfg, ok, rows_u32};
+use super::{CudaBackend, CudaTensor, CudaWeight};
 
 pub(super) fn embedding(be: &CudaBackend, table: &CudaWeight, token_ids: &[u32]) -> CudaTensor {
     let (vocab, hidden) = table.dims();

@@ -2,7 +2,12 @@
 //! f32 accumulation, or f32 throughout (no TF32); a bias is broadcast into the output
 //! first and accumulated with beta = 1. CPU reference: `backend::cpu::matmul`.
 
-use super::*;
+use std::ffi::c_void;
+
+use cudarc::cublas::{result as blas, sys as blas_sys};
+
+use super::device::{elementwise, ok};
+use super::{CudaBackend, CudaTensor, CudaWeight};
 
 impl CudaBackend {
     /// `c [n, m] (+)= a [n, k] · bᵀ`, `b` the weight `[m, k]`; `accumulate` keeps c's

@@ -11,22 +11,16 @@
 //! what is missing. A CUDA error inside an op (out of memory mid-step, a fault) panics
 //! with the op's name: the engine's caller turns that into failed requests.
 
+// AUTO-IMPORTS
 use std::collections::HashMap;
-use std::ffi::c_void;
-
-use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use std::sync::{Arc, Mutex};
 
-use super::{
-    AttentionShape, Backend, DenseAttention, ForwardBatch, KvCacheShape, WeightDtype, DEVICE_OUT_OF_MEMORY,
-    MAX_HEAD_DIM,
-};
-use crate::loader::{Dtype, TensorView};
-use cudarc::driver::{
-    sys as drv_sys, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
-    PushKernelArg,
-};
-use cudarc::nvrtc::Ptx;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream};
+
+use super::{AttentionShape, Backend, DenseAttention, ForwardBatch, KvCacheShape, WeightDtype};
+use crate::loader::TensorView;
+use device::ok;
 
 mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -43,7 +37,6 @@ mod rotary;
 mod sampling;
 mod weights;
 
-use device::*;
 pub use device::{available, CudaError};
 
 /// A row-major `[rows, cols]` f32 activation on the device.

@@ -2,7 +2,9 @@
 //! residual add fused, and Qwen3's per-head q/k RMSNorm. CPU reference:
 //! `backend::cpu::norm`.
 
-use super::*;
+use super::device::{cfg, rows_u32};
+use super::{CudaBackend, CudaTensor, CudaWeight};
+use crate::backend::AttentionShape;
 
 /// Threads of a row-norm block: one per column, in whole warps, at most 1024.
 fn norm_block(cols: usize) -> u32 {

@@ -2,7 +2,9 @@
 //! and k heads (one position stream, or M-RoPE's three), and the new tokens' K and V
 //! into their paged slots. CPU reference: `backend::cpu::rotary`.
 
-use super::*;
+use super::device::{cfg, rows_u32};
+use super::{CudaBackend, CudaKvCache, CudaTensor, CudaWeight, KvPool};
+use crate::backend::AttentionShape;
 
 pub(super) fn rotary(
     be: &CudaBackend,

@@ -2,7 +2,8 @@
 //! inverse-CDF draw of `backend::draw`, so only ids come back to the host. CPU
 //! reference: `backend::cpu::sampling`.
 
-use super::*;
+use super::device::{cfg, rows_u32};
+use super::{CudaBackend, CudaTensor};
 
 pub(super) fn argmax_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize]) -> Vec<u32> {
     if rows.is_empty() {

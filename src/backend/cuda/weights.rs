@@ -1,7 +1,9 @@
 //! Weights onto the device: matrices as bf16 or f32 per `--dtype`, vectors as f32,
 //! stacked matrices uploaded as one. CPU counterpart: `backend::cpu::weights`.
 
-use super::*;
+use super::{CudaBackend, CudaWeight};
+use crate::backend::WeightDtype;
+use crate::loader::{Dtype, TensorView};
 
 impl CudaBackend {
     pub(super) fn upload_views(&self, views: &[TensorView<'_>]) -> CudaWeight {
