@@ -315,8 +315,8 @@ impl SamplingRequest {
 
     /// The engine's parameters: the request over the model's `generation_config.json`
     /// and `--default-seed`. A default out of its range (a broken file) is left out,
-    /// the same rules deciding. Refused only when the model's default `max_new_tokens`
-    /// is below the request's `min_tokens`.
+    /// the same rules deciding. Refused only when the default length limit (the model's
+    /// `max_new_tokens`, or the route's fallback) is below the request's `min_tokens`.
     pub fn resolve(&self, defaults: &SamplingDefaults) -> Result<SamplingParams, ApiError> {
         let mut merged = SamplingRequest::default();
         apply_generation_config(&mut merged, &defaults.generation_config, |_, verdict| {
@@ -329,7 +329,7 @@ impl SamplingRequest {
             return Err(ApiError::invalid(
                 "min_tokens",
                 format!(
-                    "`min_tokens` must not exceed the model's default `max_tokens` ({max}) (got {}): give `max_tokens`",
+                    "`min_tokens` must not exceed the default `max_tokens` ({max}) (got {}): give `max_tokens`",
                     self.min_tokens
                 ),
             ));
