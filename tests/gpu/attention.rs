@@ -79,11 +79,12 @@ fn attention_case(
     let max_ctx = seqs.iter().map(|s| s.0).max().unwrap_or(0);
     check(
         &format!(
-            "attention {}/{}x{} over {} sequences (longest {max_ctx}, {rows} rows, block {block_size}, bf16 KV {bf16_kv})",
+            "attention {}/{}x{} over {} sequences (longest {max_ctx}, {rows} rows, block {block_size}, bf16 KV {bf16_kv}, grouped kernel {})",
             shape.num_heads,
             shape.num_kv_heads,
             shape.head_dim,
-            seqs.len()
+            seqs.len(),
+            g.grouped_attention()
         ),
         &host_gpu(g, og),
         &host_cpu(c, oc),
@@ -96,7 +97,21 @@ fn paged_attention_matches_the_cpu_over_batches_contexts_and_gqa() {
     let Some(g) = gpu(WeightDtype::F32) else { return };
     let c = CpuBackend::with_weights(WeightDtype::F32);
     let mut rng = Rng(42);
-    for (heads, kv_heads, hd) in [(8, 8, 64), (16, 8, 128), (14, 2, 64), (28, 4, 128), (7, 1, 128)] {
+    // Both paged kernels (grouped: one block per KV head for groups of 2 to 8; per head);
+    // 24/3 is the widest group the grouped kernel takes, 32/2 falls back to per head.
+    for (grouped, (heads, kv_heads, hd)) in [true, false].into_iter().flat_map(|grouped| {
+        [
+            (8, 8, 64),
+            (16, 8, 128),
+            (14, 2, 64),
+            (28, 4, 128),
+            (7, 1, 128),
+            (24, 3, 64),
+            (32, 2, 64),
+        ]
+        .map(|s| (grouped, s))
+    }) {
+        g.set_grouped_attention(grouped);
         let shape = AttentionShape {
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -127,7 +142,11 @@ fn paged_attention_over_bf16_pools_matches_the_cpu() {
     assert_eq!(g.kv_bytes_per_element(), 2);
     let c = CpuBackend::with_weights(WeightDtype::F32);
     let mut rng = Rng(43);
-    for (heads, kv_heads, hd) in [(14, 2, 64), (32, 8, 128), (7, 1, 128)] {
+    for (grouped, (heads, kv_heads, hd)) in [true, false]
+        .into_iter()
+        .flat_map(|grouped| [(14, 2, 64), (32, 8, 128), (7, 1, 128)].map(|s| (grouped, s)))
+    {
+        g.set_grouped_attention(grouped);
         let shape = AttentionShape {
             num_heads: heads,
             num_kv_heads: kv_heads,

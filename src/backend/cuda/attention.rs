@@ -2,6 +2,8 @@
 //! chunked prefill and decode, and dense attention over given K/V tensors, one kernel
 //! with a split-K merge for long contexts. CPU reference: `backend::cpu::attention`.
 
+use std::sync::atomic::Ordering;
+
 use cudarc::driver::DeviceRepr;
 
 use super::device::{cfg, ok, rows_u32};
@@ -12,6 +14,24 @@ use crate::backend::{AttentionShape, DenseAttention, ForwardBatch, MAX_HEAD_DIM}
 pub(super) const ATTENTION_THREADS: u32 = 128;
 
 pub(super) const ATTENTION_CHUNK: usize = 128;
+
+/// Most query heads per KV head `attention_grouped_*` serves in one block (`MAX_GROUP`
+/// of kernels/attention.cu); wider groups take the per-head kernel.
+const MAX_GROUP: usize = 8;
+
+impl CudaBackend {
+    /// Chooses the grouped paged-attention kernel (`INFERD_CUDA_ATTENTION=grouped` at
+    /// start) or the per-head one: both compute the same values in the same order; the
+    /// GPU suite runs both.
+    pub fn set_grouped_attention(&self, on: bool) {
+        self.inner.grouped_attention.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether paged attention takes the grouped kernel (for groups of 2 to `MAX_GROUP`).
+    pub fn grouped_attention(&self) -> bool {
+        self.inner.grouped_attention.load(Ordering::Relaxed)
+    }
+}
 
 /// The kernel parameters of `attention_f32` (kernels/attention.cu `AttentionArgs`).
 #[repr(C)]
@@ -40,7 +60,8 @@ pub(super) struct AttentionArgs {
 unsafe impl DeviceRepr for AttentionArgs {}
 
 impl CudaBackend {
-    /// Launches `attention_f32` (and the split merge) over `rows` query rows.
+    /// Launches attention (`attention_grouped_*` or the per-head `attention_*`, and the
+    /// split merge) over `rows` query rows.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_rows(
         &self,
@@ -64,8 +85,12 @@ impl CudaBackend {
             shape.head_dim
         );
         let max_visible = visible.iter().copied().max().unwrap_or(0).max(1) as usize;
+        // One block per KV head serves its whole group of query heads (read K/V once).
+        let group = shape.num_heads / shape.num_kv_heads;
+        let grouped = group > 1 && group <= MAX_GROUP && self.grouped_attention();
+        let heads_per_block = if grouped { group } else { 1 };
         // Few rows over a long context: split the keys so the grid fills the device.
-        let blocks = rows * shape.num_heads;
+        let blocks = rows * shape.num_heads / heads_per_block;
         let want = (2 * self.inner.sm_count).div_ceil(blocks);
         let splits = want.clamp(1, max_visible.div_ceil(2 * ATTENTION_CHUNK).max(1));
         let split_len = max_visible.div_ceil(splits).next_multiple_of(ATTENTION_CHUNK);
@@ -98,11 +123,16 @@ impl CudaBackend {
             split_len: split_len as i32,
             scale: 1.0 / (shape.head_dim as f32).sqrt(),
         };
-        let grid = (rows_u32(rows, "attention"), shape.num_heads as u32, splits as u32);
-        if bf16_kv {
-            launch!(self, "attention_bf16kv", cfg(grid, ATTENTION_THREADS); &args);
-        } else {
-            launch!(self, "attention_f32", cfg(grid, ATTENTION_THREADS); &args);
+        let grid = (
+            rows_u32(rows, "attention"),
+            (shape.num_heads / heads_per_block) as u32,
+            splits as u32,
+        );
+        match (grouped, bf16_kv) {
+            (true, true) => launch!(self, "attention_grouped_bf16kv", cfg(grid, ATTENTION_THREADS); &args),
+            (true, false) => launch!(self, "attention_grouped_f32", cfg(grid, ATTENTION_THREADS); &args),
+            (false, true) => launch!(self, "attention_bf16kv", cfg(grid, ATTENTION_THREADS); &args),
+            (false, false) => launch!(self, "attention_f32", cfg(grid, ATTENTION_THREADS); &args),
         }
         if let Some(partial) = &partial {
             let (p, nh, hd, s) = (

@@ -3,6 +3,7 @@
 //! and the launch helpers every op family uses.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
@@ -35,6 +36,8 @@ pub(super) const KERNELS: &[&str] = &[
     "attention_f32",
     "attention_bf16kv",
     "attention_combine_f32",
+    "attention_grouped_f32",
+    "attention_grouped_bf16kv",
     "argmax_rows_f32",
     "draw_rows_f32",
 ];
@@ -175,6 +178,7 @@ impl CudaBackend {
                 sm_count,
                 poison,
                 uploads: Mutex::new(Vec::new()),
+                grouped_attention: AtomicBool::new(std::env::var("INFERD_CUDA_ATTENTION").as_deref() == Ok("grouped")),
                 _modules: modules,
             }),
         })
