@@ -79,12 +79,12 @@ fn attention_case(
     let max_ctx = seqs.iter().map(|s| s.0).max().unwrap_or(0);
     check(
         &format!(
-            "attention {}/{}x{} over {} sequences (longest {max_ctx}, {rows} rows, block {block_size}, bf16 KV {bf16_kv}, grouped kernel {})",
+            "attention {}/{}x{} over {} sequences (longest {max_ctx}, {rows} rows, block {block_size}, bf16 KV {bf16_kv}, kernel {:?})",
             shape.num_heads,
             shape.num_kv_heads,
             shape.head_dim,
             seqs.len(),
-            g.grouped_attention()
+            g.paged_attention()
         ),
         &host_gpu(g, og),
         &host_cpu(c, oc),
@@ -97,9 +97,11 @@ fn paged_attention_matches_the_cpu_over_batches_contexts_and_gqa() {
     let Some(g) = gpu(WeightDtype::F32) else { return };
     let c = CpuBackend::with_weights(WeightDtype::F32);
     let mut rng = Rng(42);
-    // Both paged kernels (grouped: one block per KV head for groups of 2 to 8; per head);
-    // 24/3 is the widest group the grouped kernel takes, 32/2 falls back to per head.
-    for (grouped, (heads, kv_heads, hd)) in [true, false].into_iter().flat_map(|grouped| {
+    // Both paged kernels, forced (grouped: one block per KV head for groups of 2 to 8;
+    // per head; the models' tests run the default's choice between them); 24/3 is the
+    // widest group the grouped kernel takes, 32/2 falls back to per head.
+    let kernels = [PagedAttention::Grouped, PagedAttention::PerHead];
+    for (kernel, (heads, kv_heads, hd)) in kernels.into_iter().flat_map(|kernel| {
         [
             (8, 8, 64),
             (16, 8, 128),
@@ -109,9 +111,9 @@ fn paged_attention_matches_the_cpu_over_batches_contexts_and_gqa() {
             (24, 3, 64),
             (32, 2, 64),
         ]
-        .map(|s| (grouped, s))
+        .map(|s| (kernel, s))
     }) {
-        g.set_grouped_attention(grouped);
+        g.set_paged_attention(kernel);
         let shape = AttentionShape {
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -142,11 +144,11 @@ fn paged_attention_over_bf16_pools_matches_the_cpu() {
     assert_eq!(g.kv_bytes_per_element(), 2);
     let c = CpuBackend::with_weights(WeightDtype::F32);
     let mut rng = Rng(43);
-    for (grouped, (heads, kv_heads, hd)) in [true, false]
+    for (kernel, (heads, kv_heads, hd)) in [PagedAttention::Grouped, PagedAttention::PerHead]
         .into_iter()
-        .flat_map(|grouped| [(14, 2, 64), (32, 8, 128), (7, 1, 128)].map(|s| (grouped, s)))
+        .flat_map(|kernel| [(14, 2, 64), (32, 8, 128), (7, 1, 128)].map(|s| (kernel, s)))
     {
-        g.set_grouped_attention(grouped);
+        g.set_paged_attention(kernel);
         let shape = AttentionShape {
             num_heads: heads,
             num_kv_heads: kv_heads,

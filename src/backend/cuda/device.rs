@@ -3,14 +3,13 @@
 //! and the launch helpers every op family uses.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
 use cudarc::driver::{sys as drv_sys, CudaContext, CudaFunction, CudaSlice, DevicePtr, DeviceRepr, LaunchConfig};
 use cudarc::nvrtc::Ptx;
 
-use super::{kernels, CudaBackend, CudaTensor, CudaWeight, Inner, KvPool};
+use super::{kernels, CudaBackend, CudaTensor, CudaWeight, Inner, KvPool, PagedAttention};
 use crate::backend::{WeightDtype, DEVICE_OUT_OF_MEMORY};
 
 /// Every kernel the backend launches, looked up once when the backend is made.
@@ -53,6 +52,8 @@ pub enum CudaError {
     NoDevice { ordinal: usize, count: usize },
     #[error("CUDA: {0}")]
     Driver(String),
+    #[error("{0}")]
+    Setting(String),
 }
 
 pub(super) fn driver_err(e: impl std::fmt::Debug) -> CudaError {
@@ -178,7 +179,7 @@ impl CudaBackend {
                 sm_count,
                 poison,
                 uploads: Mutex::new(Vec::new()),
-                grouped_attention: AtomicBool::new(std::env::var("INFERD_CUDA_ATTENTION").as_deref() == Ok("grouped")),
+                paged_attention: Mutex::new(PagedAttention::from_env().map_err(CudaError::Setting)?),
                 _modules: modules,
             }),
         })

@@ -13,7 +13,6 @@
 
 // AUTO-IMPORTS
 use std::collections::HashMap;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::CudaBlas;
@@ -38,6 +37,7 @@ mod rotary;
 mod sampling;
 mod weights;
 
+pub use attention::PagedAttention;
 pub use device::{available, CudaError};
 
 /// A row-major `[rows, cols]` f32 activation on the device.
@@ -99,10 +99,8 @@ struct Inner {
     /// most recent last: every layer of a forward pass reads the same ones, and an
     /// upload from pageable memory waits for the stream, so each is uploaded once.
     uploads: Mutex<Vec<Upload>>,
-    /// Paged attention with one block per KV head serving its group of query heads
-    /// (`attention_grouped_*`, chosen by `INFERD_CUDA_ATTENTION=grouped` until it has
-    /// passed the GPU suite on a device), or the per-head kernel.
-    grouped_attention: AtomicBool,
+    /// Which paged-attention kernel to take (`INFERD_CUDA_ATTENTION`, default auto).
+    paged_attention: Mutex<PagedAttention>,
     _modules: Vec<Arc<CudaModule>>,
 }
 
