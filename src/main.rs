@@ -635,6 +635,10 @@ fn download(_: &str) -> Result<(), Box<dyn Error>> {
 }
 
 fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
+    // The engine trusts its parameters' ranges (the server's are checked in `api`).
+    if args.max_tokens == 0 {
+        return Err("--max-tokens must be at least 1".into());
+    }
     let load_start = std::time::Instant::now();
     let device = Device::open(
         &DeviceChoice::parse(&args.device)?,

@@ -207,4 +207,19 @@ fn generate_cli_reports_bad_models_in_one_line_without_panicking() {
             "{model}: {stderr}"
         );
     }
+    // Parameters out of range are refused before any load.
+    let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .args([
+            "generate",
+            "--model",
+            "nobody/does-not-exist",
+            "--max-tokens",
+            "0",
+            "hello",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim(), "error: --max-tokens must be at least 1");
 }
