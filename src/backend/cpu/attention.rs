@@ -5,7 +5,8 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{self, matmul_transposed, PackedMatrix};
+use super::kernels::{per_path, CpuKernels, MulAdd};
+use super::matmul::{matmul, PackedMatrix};
 use super::{CpuKvCache, CpuTensor, KvLayout};
 use crate::backend::{AttentionShape, DenseAttention, ForwardBatch, MAX_HEAD_DIM};
 
@@ -31,6 +32,7 @@ pub(super) const DENSE_MATMUL_MIN_QUERIES: usize = 16;
 /// row softmax (causal positions masked), `Oᵀ = Vᵀ Pᵀ`, written to `out`'s rows and the
 /// head's columns. Streams K and V once per head instead of once per query.
 pub(super) fn dense_attention_matmul(
+    kernels: CpuKernels,
     q: &CpuTensor,
     seq: &DenseAttention<'_, CpuTensor>,
     shape: AttentionShape,
@@ -60,7 +62,7 @@ pub(super) fn dense_attention_matmul(
                 }
             }
             let mut scores = vec![0.0f32; n * m];
-            matmul_transposed(&q_head, &keys, &mut scores, n);
+            matmul(kernels, &q_head, &keys, &mut scores, n);
             scores.par_chunks_mut(m).enumerate().for_each(|(i, row)| {
                 let visible = if causal { m - n + i + 1 } else { m };
                 let max = row[..visible].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -77,7 +79,7 @@ pub(super) fn dense_attention_matmul(
             // parallel), then `Oᵀ [head_dim, n]` transposed into place.
             let probs = PackedMatrix::<f32>::pack(n, m, |r, dst| dst.copy_from_slice(&scores[r * m..(r + 1) * m]));
             let mut heads_out_t = vec![0.0f32; hd * n];
-            matmul_transposed(&values_t, &probs, &mut heads_out_t, hd);
+            matmul(kernels, &values_t, &probs, &mut heads_out_t, hd);
             for i in 0..n {
                 let at = (seq.q_start + i) * q_width + h * hd;
                 for (d, o) in out.data[at..at + hd].iter_mut().enumerate() {
@@ -98,26 +100,16 @@ pub(super) struct DenseRow<'a> {
     scale: f32,
 }
 
+per_path!(fn dense_row(row: &DenseRow<'_>, scores: &mut Vec<f32>, out_row: &mut [f32]) => dense_row_body);
+
+#[inline(always)]
+fn dense_row_body<A: MulAdd>(row: &DenseRow<'_>, scores: &mut Vec<f32>, out_row: &mut [f32]) {
+    row.attend_body::<A>(scores, out_row)
+}
+
 impl DenseRow<'_> {
-    /// Compiled for AVX-512 where the CPU has it, like `AttentionToken::attend`
-    /// (without it `mul_add` is a libm call per element).
-    fn attend(&self, scores: &mut Vec<f32>, out_row: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if matmul::has_avx512() {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { self.attend_avx512(scores, out_row) };
-        }
-        self.attend_body(scores, out_row)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn attend_avx512(&self, scores: &mut Vec<f32>, out_row: &mut [f32]) {
-        self.attend_body(scores, out_row)
-    }
-
     #[inline(always)]
-    fn attend_body(&self, scores: &mut Vec<f32>, out_row: &mut [f32]) {
+    fn attend_body<A: MulAdd>(&self, scores: &mut Vec<f32>, out_row: &mut [f32]) {
         let hd = self.shape.head_dim;
         let group = self.shape.group_size();
         let visible = self.visible;
@@ -130,7 +122,7 @@ impl DenseRow<'_> {
             // One dot product per position over its contiguous key row: for a single
             // query (a decode step's cross-attention) this reads K once, in order.
             // (A plain loop, not an iterator closure: closures are separate functions,
-            // compiled without this one's AVX-512, where `mul_add` is a libm call.)
+            // compiled without this one's target features.)
             scores.clear();
             scores.resize(visible, 0.0);
             for (j, score) in scores.iter_mut().enumerate() {
@@ -138,7 +130,7 @@ impl DenseRow<'_> {
                 let mut acc = [0.0f32; 16];
                 for (qc, kc) in q[..hd].chunks(16).zip(key.chunks(16)) {
                     for ((a, x), y) in acc.iter_mut().zip(qc).zip(kc) {
-                        *a = x.mul_add(*y, *a);
+                        *a = A::mul_add(*x, *y, *a);
                     }
                 }
                 *score = acc.iter().sum::<f32>();
@@ -153,7 +145,7 @@ impl DenseRow<'_> {
             for (j, &w) in scores.iter().enumerate() {
                 let w = w / sum;
                 for (o, v) in out.iter_mut().zip(&self.values.row(j)[kvh * hd..(kvh + 1) * hd]) {
-                    *o = w.mul_add(*v, *o);
+                    *o = A::mul_add(w, *v, *o);
                 }
             }
         }
@@ -174,32 +166,29 @@ pub(super) struct AttentionScratch {
     acc: Vec<f32>,
 }
 
+per_path!(fn attend_token(
+    token: &AttentionToken<'_>,
+    k_pool: &[f32],
+    v_pool: &[f32],
+    scratch: &mut AttentionScratch,
+    out_row: &mut [f32],
+) => attend_token_body);
+
+/// Writes `out_row [num_heads * head_dim]` (the same arithmetic on every path).
+#[inline(always)]
+fn attend_token_body<A: MulAdd>(
+    token: &AttentionToken<'_>,
+    k_pool: &[f32],
+    v_pool: &[f32],
+    scratch: &mut AttentionScratch,
+    out_row: &mut [f32],
+) {
+    token.attend_body::<A>(k_pool, v_pool, scratch, out_row)
+}
+
 impl AttentionToken<'_> {
-    /// Writes `out_row [num_heads * head_dim]`. Compiled for AVX-512 where the CPU has
-    /// it (the inner loops vectorize; the arithmetic is the same either way).
-    fn attend(&self, k_pool: &[f32], v_pool: &[f32], scratch: &mut AttentionScratch, out_row: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if matmul::has_avx512() {
-            // SAFETY: the CPU supports AVX-512F.
-            return unsafe { self.attend_avx512(k_pool, v_pool, scratch, out_row) };
-        }
-        self.attend_body(k_pool, v_pool, scratch, out_row)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn attend_avx512(
-        &self,
-        k_pool: &[f32],
-        v_pool: &[f32],
-        scratch: &mut AttentionScratch,
-        out_row: &mut [f32],
-    ) {
-        self.attend_body(k_pool, v_pool, scratch, out_row)
-    }
-
     #[inline(always)]
-    fn attend_body(&self, k_pool: &[f32], v_pool: &[f32], scratch: &mut AttentionScratch, out_row: &mut [f32]) {
+    fn attend_body<A: MulAdd>(&self, k_pool: &[f32], v_pool: &[f32], scratch: &mut AttentionScratch, out_row: &mut [f32]) {
         let KvLayout {
             num_kv_heads,
             head_dim: hd,
@@ -222,7 +211,7 @@ impl AttentionToken<'_> {
                 let q = &scratch.q[g * hd..(g + 1) * hd];
                 let scores = &mut scratch.scores[g * visible..(g + 1) * visible];
                 if bs == SCORE_LANES {
-                    self.scores_lanes(q, k_pool, kvh, scores);
+                    self.scores_lanes::<A>(q, k_pool, kvh, scores);
                 } else {
                     for (bi, &block) in self.block_table[..num_blocks].iter().enumerate() {
                         let keys = &k_pool[self.layout.k_offset(block, kvh)..][..hd * bs];
@@ -230,7 +219,7 @@ impl AttentionToken<'_> {
                         acc.fill(0.0);
                         for (d, &qd) in q.iter().enumerate() {
                             for (a, k) in acc.iter_mut().zip(&keys[d * bs..(d + 1) * bs]) {
-                                *a = qd.mul_add(*k, *a);
+                                *a = A::mul_add(qd, *k, *a);
                             }
                         }
                         let n = bs.min(visible - bi * bs);
@@ -248,8 +237,8 @@ impl AttentionToken<'_> {
                 }
                 let out = &mut out_row[(heads.start + g) * hd..][..hd];
                 match hd {
-                    64 => self.weighted_values::<64>(scores, sum, v_pool, kvh, out),
-                    128 => self.weighted_values::<128>(scores, sum, v_pool, kvh, out),
+                    64 => self.weighted_values::<A, 64>(scores, sum, v_pool, kvh, out),
+                    128 => self.weighted_values::<A, 128>(scores, sum, v_pool, kvh, out),
                     _ => {
                         out.fill(0.0);
                         for (bi, &block) in self.block_table[..num_blocks].iter().enumerate() {
@@ -258,7 +247,7 @@ impl AttentionToken<'_> {
                             for (j, value) in values.chunks_exact(hd).take(n).enumerate() {
                                 let weight = scores[bi * bs + j] / sum;
                                 for (o, v) in out.iter_mut().zip(value) {
-                                    *o = weight.mul_add(*v, *o);
+                                    *o = A::mul_add(weight, *v, *o);
                                 }
                             }
                         }
@@ -272,7 +261,7 @@ impl AttentionToken<'_> {
     /// chain per position as the general loop (so results are identical), with the
     /// accumulators in registers and four chains in flight.
     #[inline(always)]
-    fn scores_lanes(&self, q: &[f32], k_pool: &[f32], kvh: usize, scores: &mut [f32]) {
+    fn scores_lanes<A: MulAdd>(&self, q: &[f32], k_pool: &[f32], kvh: usize, scores: &mut [f32]) {
         const L: usize = SCORE_LANES;
         let hd = q.len();
         let visible = scores.len();
@@ -286,7 +275,7 @@ impl AttentionToken<'_> {
                 for (a, k) in acc.iter_mut().zip(&keys) {
                     let k: &[f32; L] = k[d * L..(d + 1) * L].try_into().expect("L lanes");
                     for j in 0..L {
-                        a[j] = qd.mul_add(k[j], a[j]);
+                        a[j] = A::mul_add(qd, k[j], a[j]);
                     }
                 }
             }
@@ -301,7 +290,7 @@ impl AttentionToken<'_> {
     /// `out = Σ_p (scores[p] / sum) · V[p]` with a head size known at compile time, so the
     /// accumulator stays in registers (same operation order as the general loop).
     #[inline(always)]
-    fn weighted_values<const HD: usize>(&self, scores: &[f32], sum: f32, v_pool: &[f32], kvh: usize, out: &mut [f32]) {
+    fn weighted_values<A: MulAdd, const HD: usize>(&self, scores: &[f32], sum: f32, v_pool: &[f32], kvh: usize, out: &mut [f32]) {
         let bs = self.layout.block_size;
         let mut acc = [0.0f32; HD];
         for (bi, &block) in self.block_table[..scores.len().div_ceil(bs)].iter().enumerate() {
@@ -311,7 +300,7 @@ impl AttentionToken<'_> {
                 let weight = scores[bi * bs + j] / sum;
                 let value: &[f32; HD] = value.try_into().expect("HD values");
                 for d in 0..HD {
-                    acc[d] = weight.mul_add(value[d], acc[d]);
+                    acc[d] = A::mul_add(weight, value[d], acc[d]);
                 }
             }
         }
@@ -320,6 +309,7 @@ impl AttentionToken<'_> {
 }
 
 pub(super) fn attention(
+    kernels: CpuKernels,
     qkv: &CpuTensor,
     cache: &CpuKvCache,
     layer: usize,
@@ -350,12 +340,13 @@ pub(super) fn attention(
                 block_table: &seq.block_table,
                 layout,
             };
-            token.attend(k_pool, v_pool, scratch, out_row);
+            attend_token(kernels, &token, k_pool, v_pool, scratch, out_row);
         });
     out
 }
 
 pub(super) fn attention_dense(
+    kernels: CpuKernels,
     q: &CpuTensor,
     seqs: &[DenseAttention<'_, CpuTensor>],
     shape: AttentionShape,
@@ -370,7 +361,7 @@ pub(super) fn attention_dense(
     let (long, short): (Vec<&DenseAttention<'_, CpuTensor>>, Vec<&DenseAttention<'_, CpuTensor>>) =
         seqs.iter().partition(|s| s.q_len >= DENSE_MATMUL_MIN_QUERIES);
     for seq in long {
-        dense_attention_matmul(q, seq, shape, causal, &mut out);
+        dense_attention_matmul(kernels, q, seq, shape, causal, &mut out);
     }
     if short.is_empty() {
         return out;
@@ -398,7 +389,7 @@ pub(super) fn attention_dense(
                 shape,
                 scale,
             };
-            row.attend(scores, out_row);
+            dense_row(kernels, &row, scores, out_row);
         });
     out
 }

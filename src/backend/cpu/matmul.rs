@@ -1,15 +1,24 @@
 //! `y = x · Wᵀ` for the CPU backend.
 //!
 //! Weights are packed once at load into slabs of `NR` output rows, each slab transposed
-//! (`[ceil(m / NR)][k][NR]`, zero-padded), in f32 or bf16 (widened on the fly; exact).
-//! Slabs are split across rayon tasks; a task owns the output columns of its slabs. On
-//! AVX-512 CPUs one register-blocked microkernel of our own serves both prefill (many
-//! rows of x, compute-bound) and decode (one row, memory-bound: each slab streams once,
-//! contiguously, and bf16 halves the bytes); the `gemm` crate's stable build stops at
-//! AVX2, and this kernel is faster there. Elsewhere each slab goes to the `gemm` crate.
+//! (`[ceil(m / NR)][k][NR]`, zero-padded), in f32 or bf16 (widened in registers; exact).
+//! x is packed per call into blocks of `MR` rows (`[ceil(n / MR)][k][MR]`). Slabs are
+//! split across rayon tasks; a task owns the output columns of its slabs and fills each
+//! `MR x NR` tile of them, `KC` values of k at a time, with one register-blocked
+//! microkernel per instruction set (`kernels`): AVX-512 (the whole tile in 24 zmm
+//! accumulators), AVX2 + FMA (6 x 16 sub-tiles in 12 ymm; 2 x 32 for decode's one or
+//! two rows), or portable Rust (a row at a time, 32 accumulators the compiler
+//! vectorizes). The same kernel serves prefill (many rows of x, compute-bound) and decode
+//! (a row or a few, memory-bound: each slab streams once, contiguously, and bf16 halves
+//! the bytes).
+//!
+//! Every output is one multiply-add chain over each `KC` slice of k, in order, whatever
+//! the number of rows or the sub-tile shape, and the slices are summed in order: a row's
+//! result does not depend on the rows it is computed with.
 
 use rayon::prelude::*;
 
+use super::kernels::{CpuKernels, Isa};
 use super::{CpuTensor, CpuWeight, WeightValues};
 
 /// Output features per slab.
@@ -106,8 +115,28 @@ impl OutPtr {
     }
 }
 
-/// `x [n, k]` times `w [m, k]` transposed -> `out [n, m]` (overwritten).
+/// One `MR x NR` tile: `tile[r][c] = Σ_kk a[kk][r] · b[kk][c]` for `r < rows`, with
+/// `a [kc][MR]` (packed x) and `b [kc][NR]` (a slab's rows kk).
+type Microkernel<W> = fn(rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]);
+
+fn microkernel_of<W: WeightElem>(kernels: CpuKernels) -> Microkernel<W> {
+    match kernels.0 {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => avx512::microkernel::<W>,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => avx2::microkernel::<W>,
+        _ => portable::microkernel::<W>,
+    }
+}
+
+/// `x [n, k]` times `w [m, k]` transposed -> `out [n, m]` (overwritten), on the
+/// process's CPU kernels (`CpuKernels::selected`).
 pub fn matmul_transposed<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
+    matmul(CpuKernels::selected(), x, w, out, n)
+}
+
+/// `matmul_transposed` on the given kernels.
+pub(super) fn matmul<W: WeightElem>(kernels: CpuKernels, x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
     let (k, m) = (w.cols, w.rows);
     assert_eq!(x.len(), n * k, "matmul: x is not [{n}, {k}]");
     assert_eq!(out.len(), n * m, "matmul: out is not [{n}, {m}]");
@@ -118,133 +147,81 @@ pub fn matmul_transposed<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mu
         out.fill(0.0);
         return;
     }
-    #[cfg(target_arch = "x86_64")]
-    if has_avx512() {
-        return avx512::matmul(x, w, out, n);
-    }
-    matmul_with_gemm_crate(x, w, out, n);
-}
-
-/// Without AVX-512: each slab (widened to f32 when bf16) is the strided right-hand side
-/// `[k, NR]` of a `gemm` crate call (its own AVX2/FMA or NEON kernels), single threaded
-/// per task, into the task's columns of the output.
-fn matmul_with_gemm_crate<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
-    let (k, m) = (w.cols, w.rows);
+    let microkernel = microkernel_of::<W>(kernels);
+    let xp = pack_x(x, n, k);
     let out_ptr = OutPtr(out.as_mut_ptr());
     w.data
-        .par_chunks(k * NR)
+        .par_chunks(SLABS_PER_TASK * k * NR)
         .enumerate()
-        .for_each_init(Vec::new, |scratch: &mut Vec<f32>, (s, slab)| {
-            let j0 = s * NR;
-            let cols = NR.min(m - j0);
-            scratch.clear();
-            scratch.extend(slab.iter().map(|v| v.to_f32()));
-            // SAFETY: dst is the [n, cols] column block j0.. of out [n, m] (row stride m),
-            // written by this task only; lhs is x [n, k] row-major; rhs is the slab,
-            // [k, cols] with row stride NR.
-            unsafe {
-                gemm::gemm(
-                    n,
-                    cols,
-                    k,
-                    out_ptr.get().add(j0),
-                    1,
-                    m as isize,
-                    false,
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    scratch.as_ptr(),
-                    1,
-                    NR as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+        .for_each(|(t, slabs)| {
+            let mut tile = [0.0f32; MR * NR];
+            for (s, slab) in slabs.chunks_exact(k * NR).enumerate() {
+                let j0 = (t * SLABS_PER_TASK + s) * NR;
+                let cols = NR.min(m - j0);
+                for (b, xb) in xp.chunks_exact(k * MR).enumerate() {
+                    let rows = MR.min(n - b * MR);
+                    let mut k0 = 0;
+                    while k0 < k {
+                        let kc = KC.min(k - k0);
+                        microkernel(rows, &xb[k0 * MR..(k0 + kc) * MR], &slab[k0 * NR..(k0 + kc) * NR], &mut tile);
+                        for r in 0..rows {
+                            // SAFETY: row b * MR + r, columns j0..j0 + cols lie in out
+                            // [n, m], and those columns belong to this task's slab alone.
+                            let dst =
+                                unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((b * MR + r) * m + j0), cols) };
+                            let src = &tile[r * NR..r * NR + cols];
+                            if k0 == 0 {
+                                dst.copy_from_slice(src);
+                            } else {
+                                for (d, s) in dst.iter_mut().zip(src) {
+                                    *d += s;
+                                }
+                            }
+                        }
+                        k0 += kc;
+                    }
+                }
             }
         });
 }
 
-/// A register-blocked AVX-512 GEMM over the packed slabs: x is packed into blocks of
-/// `MR` rows (`[ceil(n / MR)][k][MR]`), and each `MR x NR` output tile is accumulated in
-/// 24 zmm registers over `KC`-deep slices of k.
+/// Packs x `[n, k]` into row blocks `[ceil(n / MR)][k][MR]`, zero-padded.
+fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let blocks = n.div_ceil(MR);
+    let mut packed = vec![0.0f32; blocks * k * MR];
+    for (b, dst) in packed.chunks_mut(k * MR).enumerate() {
+        for r in 0..MR.min(n - b * MR) {
+            for (kk, v) in x[(b * MR + r) * k..(b * MR + r + 1) * k].iter().enumerate() {
+                dst[kk * MR + r] = *v;
+            }
+        }
+    }
+    packed
+}
+
+/// Checks a microkernel's arguments; returns `kc`.
+fn tile_depth<W>(rows: usize, a: &[f32], b: &[W]) -> usize {
+    let kc = b.len() / NR;
+    assert!(a.len() == kc * MR && b.len() == kc * NR && rows <= MR, "microkernel: bad tile");
+    kc
+}
+
+/// The whole `12 x 32` tile in 24 zmm accumulators.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use rayon::prelude::*;
+    use super::{tile_depth, WeightElem, MR, NR};
 
-    use super::{OutPtr, PackedMatrix, WeightElem, KC, MR, NR, SLABS_PER_TASK};
-
-    /// Packs x `[n, k]` into row blocks `[ceil(n / MR)][k][MR]`, zero-padded.
-    fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<f32> {
-        let blocks = n.div_ceil(MR);
-        let mut packed = vec![0.0f32; blocks * k * MR];
-        for (b, dst) in packed.chunks_mut(k * MR).enumerate() {
-            for r in 0..MR.min(n - b * MR) {
-                for (kk, v) in x[(b * MR + r) * k..(b * MR + r + 1) * k].iter().enumerate() {
-                    dst[kk * MR + r] = *v;
-                }
-            }
-        }
-        packed
-    }
-
-    /// The CPU must support AVX-512F (`super::has_avx512`); shapes are checked by
-    /// `matmul_transposed`.
-    pub fn matmul<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
-        let (k, m) = (w.cols, w.rows);
-        let xp = pack_x(x, n, k);
-        let out_ptr = OutPtr(out.as_mut_ptr());
-        w.data
-            .par_chunks(SLABS_PER_TASK * k * NR)
-            .enumerate()
-            .for_each(|(t, slabs)| {
-                let mut tile = [0.0f32; MR * NR];
-                for (s, slab) in slabs.chunks_exact(k * NR).enumerate() {
-                    let j0 = (t * SLABS_PER_TASK + s) * NR;
-                    let cols = NR.min(m - j0);
-                    for (b, xb) in xp.chunks_exact(k * MR).enumerate() {
-                        let rows = MR.min(n - b * MR);
-                        let mut k0 = 0;
-                        while k0 < k {
-                            let kc = KC.min(k - k0);
-                            let (a, bw) = (&xb[k0 * MR..(k0 + kc) * MR], &slab[k0 * NR..(k0 + kc) * NR]);
-                            microkernel(rows, a, bw, &mut tile);
-                            for r in 0..rows {
-                                // SAFETY: row b * MR + r, columns j0..j0 + cols lie in out
-                                // [n, m], and those columns belong to this task's slab alone.
-                                let dst = unsafe {
-                                    std::slice::from_raw_parts_mut(out_ptr.get().add((b * MR + r) * m + j0), cols)
-                                };
-                                let src = &tile[r * NR..r * NR + cols];
-                                if k0 == 0 {
-                                    dst.copy_from_slice(src);
-                                } else {
-                                    for (d, s) in dst.iter_mut().zip(src) {
-                                        *d += s;
-                                    }
-                                }
-                            }
-                            k0 += kc;
-                        }
-                    }
-                }
-            });
-    }
-
-    /// `tile[r][c] = Σ_kk a[kk][r] · b[kk][c]` for `r < rows`, `a [kc][MR]`, `b [kc][NR]`.
+    /// Only reached through `CpuKernels` naming AVX-512 (the CPU has AVX-512F).
     pub(super) fn microkernel<W: WeightElem>(rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
-        assert!(a.len() / MR == b.len() / NR && rows <= MR);
+        let kc = tile_depth(rows, a, b);
         macro_rules! dispatch {
             ($($r:literal)*) => {
                 match rows {
-                    // SAFETY: callers reach this module only when the CPU supports
-                    // AVX-512F; the slices hold kc rows of MR and NR values.
-                    $($r => unsafe { kernel::<W, $r>(a, b, tile) },)*
+                    // SAFETY: the CPU supports AVX-512F; a and b hold kc rows of MR and
+                    // NR values.
+                    $($r => unsafe { kernel::<W, $r>(kc, a.as_ptr(), b.as_ptr(), tile) },)*
                     _ => unreachable!("rows <= MR"),
                 }
             };
@@ -269,12 +246,10 @@ mod avx512 {
     /// `R` rows: `2 * R` zmm accumulators (24 at R = 12, within the 32 registers).
     ///
     /// # Safety
-    /// AVX-512F; `a` holds `kc * MR` values and `b` `kc * NR`, for the same `kc`.
+    /// AVX-512F; `a` holds `kc * MR` values and `b` `kc * NR`.
     #[target_feature(enable = "avx512f")]
-    unsafe fn kernel<W: WeightElem, const R: usize>(a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
-        let kc = b.len() / NR;
+    unsafe fn kernel<W: WeightElem, const R: usize>(kc: usize, a: *const f32, b: *const W, tile: &mut [f32; MR * NR]) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        let (a, b) = (a.as_ptr(), b.as_ptr());
         for kk in 0..kc {
             // SAFETY: kk < kc rows of a and b.
             unsafe {
@@ -298,20 +273,123 @@ mod avx512 {
     }
 }
 
-/// Whether the AVX-512 kernels run on this CPU (checked once).
-pub fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::sync::OnceLock;
-        static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| is_x86_feature_detected!("avx512f"))
+/// With 16 ymm registers: one or two rows across all 32 columns (decode; 8 accumulators),
+/// else sub-tiles of up to 6 rows by 16 columns (12 accumulators, 2 weight vectors and
+/// a broadcast: the classic 6 x 16 AVX2 tile).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{tile_depth, WeightElem, MR, NR};
+
+    /// Only reached through `CpuKernels` naming AVX2 (the CPU has AVX2 and FMA).
+    pub(super) fn microkernel<W: WeightElem>(rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
+        let kc = tile_depth(rows, a, b);
+        let (a, b, t) = (a.as_ptr(), b.as_ptr(), tile.as_mut_ptr());
+        // SAFETY (every call below): the CPU supports AVX2 and FMA; sub-tile (r0, c0)
+        // with R rows and 8 * V columns lies inside the MR x NR tile and the a/b blocks.
+        unsafe {
+            match rows {
+                1 => kernel::<W, 1, 4>(kc, a, b, t),
+                2 => kernel::<W, 2, 4>(kc, a, b, t),
+                _ => {
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        for c0 in [0, 16] {
+                            let (a, b, t) = (a.add(r0), b.add(c0), t.add(r0 * NR + c0));
+                            match rows - r0 {
+                                1 => kernel::<W, 1, 2>(kc, a, b, t),
+                                2 => kernel::<W, 2, 2>(kc, a, b, t),
+                                3 => kernel::<W, 3, 2>(kc, a, b, t),
+                                4 => kernel::<W, 4, 2>(kc, a, b, t),
+                                5 => kernel::<W, 5, 2>(kc, a, b, t),
+                                _ => kernel::<W, 6, 2>(kc, a, b, t),
+                            }
+                        }
+                        r0 += 6;
+                    }
+                }
+            }
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+
+    /// Loads 8 weights at `p` as f32.
+    #[inline(always)]
+    unsafe fn load8<W: WeightElem>(p: *const W) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements at p and AVX2.
+        unsafe {
+            if W::IS_BF16 {
+                let bits = _mm_loadu_si128(p as *const __m128i);
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(bits)))
+            } else {
+                _mm256_loadu_ps(p as *const f32)
+            }
+        }
+    }
+
+    /// `R` rows by `8 * V` columns: `a` at the sub-tile's first row (row stride `MR`),
+    /// `b` at its first column (row stride `NR`), `tile` at its first output.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `kc` rows of `a` and `b` readable there, R rows of 8 * V outputs
+    /// writable at `tile` with row stride NR.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn kernel<W: WeightElem, const R: usize, const V: usize>(
+        kc: usize,
+        a: *const f32,
+        b: *const W,
+        tile: *mut f32,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        for kk in 0..kc {
+            // SAFETY: kk < kc rows of a and b.
+            unsafe {
+                let mut w = [_mm256_setzero_ps(); V];
+                for (v, w) in w.iter_mut().enumerate() {
+                    *w = load8(b.add(kk * NR + 8 * v));
+                }
+                let a_row = a.add(kk * MR);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let ar = _mm256_set1_ps(*a_row.add(r));
+                    for (acc_rv, w) in acc_r.iter_mut().zip(&w) {
+                        *acc_rv = _mm256_fmadd_ps(ar, *w, *acc_rv);
+                    }
+                }
+            }
+        }
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (v, acc_rv) in acc_r.iter().enumerate() {
+                // SAFETY: inside the sub-tile.
+                unsafe { _mm256_storeu_ps(tile.add(r * NR + 8 * v), *acc_rv) };
+            }
+        }
+    }
+}
+
+/// No intrinsics: one row at a time across the 32 columns (the compiler keeps the
+/// accumulators in vector registers: SSE2 on any x86-64, NEON on ARM).
+mod portable {
+    use super::{tile_depth, WeightElem, MR, NR};
+    use crate::backend::cpu::kernels::{MulAdd, PortableMulAdd};
+
+    pub(super) fn microkernel<W: WeightElem>(rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
+        let kc = tile_depth(rows, a, b);
+        for r in 0..rows {
+            let mut acc = [0.0f32; NR];
+            for kk in 0..kc {
+                let ar = a[kk * MR + r];
+                let w: &[W; NR] = b[kk * NR..(kk + 1) * NR].try_into().expect("NR weights");
+                for c in 0..NR {
+                    acc[c] = PortableMulAdd::mul_add(ar, w[c].to_f32(), acc[c]);
+                }
+            }
+            tile[r * NR..(r + 1) * NR].copy_from_slice(&acc);
+        }
+    }
 }
 
 /// `linear`: `x · Wᵀ (+ bias)`, the backend op over the packed weight.
-pub(super) fn linear(x: &CpuTensor, weight: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
+pub(super) fn linear(kernels: CpuKernels, x: &CpuTensor, weight: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
     let (out_features, in_features) = (weight.rows(), weight.cols());
     assert_eq!(
         x.cols, in_features,
@@ -320,8 +398,8 @@ pub(super) fn linear(x: &CpuTensor, weight: &CpuWeight, bias: Option<&CpuWeight>
     );
     let mut out = CpuTensor::zeros(x.rows, out_features);
     match &weight.values {
-        WeightValues::MatrixF32(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows),
-        WeightValues::MatrixBf16(w) => matmul_transposed(&x.data, w, &mut out.data, x.rows),
+        WeightValues::MatrixF32(w) => matmul(kernels, &x.data, w, &mut out.data, x.rows),
+        WeightValues::MatrixBf16(w) => matmul(kernels, &x.data, w, &mut out.data, x.rows),
         WeightValues::Vector(_) => panic!("linear: weight {:?} is not a matrix", weight.shape),
     }
     if let Some(bias) = bias {
@@ -356,44 +434,90 @@ mod tests {
     }
 
     fn check(got: &[f32], want: &[f32], what: &str) {
+        assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{what}: {g} vs {w}");
         }
     }
 
+    fn packed(w: &[f32], m: usize, k: usize) -> (PackedMatrix<f32>, PackedMatrix<Bf16>) {
+        let f32s = PackedMatrix::<f32>::pack(m, k, |r, dst| dst.copy_from_slice(&w[r * k..(r + 1) * k]));
+        let bf16s = PackedMatrix::<Bf16>::pack(m, k, |r, dst| {
+            for (d, v) in dst.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                *d = Bf16((v.to_bits() >> 16) as u16);
+            }
+        });
+        (f32s, bf16s)
+    }
+
     #[test]
-    fn packed_matmul_matches_a_float64_reference_for_f32_and_bf16_weights() {
+    fn packed_matmul_matches_a_float64_reference_on_every_path_for_f32_and_bf16_weights() {
         let shapes = [
             (1, 7, 5),
+            (2, 40, 33),
             (3, 64, 70),
             (4, 129, 33),
             (5, 96, 40),
+            (7, 300, 64),
             (17, 300, 130),
             (13, 33, 200),
             (25, 600, 70),
         ];
-        for &(n, k, m) in &shapes {
-            let x = values(n * k, 1);
-            let w = values(m * k, 2);
-            let want = reference(&x, &w, n, k, m);
-            let packed = PackedMatrix::<f32>::pack(m, k, |r, dst| dst.copy_from_slice(&w[r * k..(r + 1) * k]));
-            let packed_bf16 = PackedMatrix::<Bf16>::pack(m, k, |r, dst| {
-                for (d, v) in dst.iter_mut().zip(&w[r * k..(r + 1) * k]) {
-                    *d = Bf16((v.to_bits() >> 16) as u16);
+        for kernels in CpuKernels::available() {
+            for &(n, k, m) in &shapes {
+                let x = values(n * k, 1);
+                let w = values(m * k, 2);
+                let want = reference(&x, &w, n, k, m);
+                let (packed, packed_bf16) = packed(&w, m, k);
+                let mut out = vec![f32::NAN; n * m];
+                matmul(kernels, &x, &packed, &mut out, n);
+                check(&out, &want, &format!("{kernels} f32 n={n} k={k} m={m}"));
+                out.fill(f32::NAN);
+                matmul(kernels, &x, &packed_bf16, &mut out, n);
+                check(&out, &want, &format!("{kernels} bf16 n={n} k={k} m={m}"));
+                let mut row = vec![0.0; k];
+                packed_bf16.row_f32(m - 1, &mut row);
+                assert_eq!(row, w[(m - 1) * k..]);
+            }
+        }
+    }
+
+    /// Each row's result is the same bits whether it is computed alone, in a chunk or
+    /// with all the others (every sub-tile shape of every path), and the paths with the
+    /// FMA instruction agree with each other bit for bit.
+    #[test]
+    fn a_rows_result_does_not_depend_on_the_rows_around_it_on_any_path() {
+        let (n, k, m) = (31, 700, 72);
+        let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 997.0 - 0.5) * 1.37).collect();
+        let w: Vec<f32> = (0..m * k).map(|i| ((i * 104_729 % 977) as f32 / 971.0 - 0.5) * 0.91).collect();
+        let (_, packed_bf16) = packed(&w, m, k);
+        let mut fused: Option<Vec<u32>> = None;
+        for kernels in CpuKernels::available() {
+            let mut whole = vec![0.0f32; n * m];
+            matmul(kernels, &x, &packed_bf16, &mut whole, n);
+            for chunk in [1, 2, 5, 6, 7, 12, 13] {
+                let mut start = 0;
+                while start < n {
+                    let rows = chunk.min(n - start);
+                    let mut part = vec![0.0f32; rows * m];
+                    matmul(kernels, &x[start * k..(start + rows) * k], &packed_bf16, &mut part, rows);
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&part),
+                        bits(&whole[start * m..(start + rows) * m]),
+                        "{kernels}: rows {start}..{} in chunks of {chunk}",
+                        start + rows
+                    );
+                    start += rows;
                 }
-            });
-            let mut out = vec![f32::NAN; n * m];
-            matmul_transposed(&x, &packed, &mut out, n);
-            check(&out, &want, &format!("f32 n={n} k={k} m={m}"));
-            matmul_transposed(&x, &packed_bf16, &mut out, n);
-            check(&out, &want, &format!("bf16 n={n} k={k} m={m}"));
-            // The path of CPUs without AVX-512, whatever this one has.
-            out.fill(f32::NAN);
-            matmul_with_gemm_crate(&x, &packed_bf16, &mut out, n);
-            check(&out, &want, &format!("gemm crate n={n} k={k} m={m}"));
-            let mut row = vec![0.0; k];
-            packed_bf16.row_f32(m - 1, &mut row);
-            assert_eq!(row, w[(m - 1) * k..]);
+            }
+            let bits: Vec<u32> = whole.iter().map(|f| f.to_bits()).collect();
+            if kernels.name() != "portable" || cfg!(target_arch = "aarch64") {
+                match &fused {
+                    Some(first) => assert!(first == &bits, "{kernels} differs from the other FMA paths"),
+                    None => fused = Some(bits),
+                }
+            }
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod activation;
 mod attention;
+mod kernels;
 mod layout;
 mod matmul;
 mod norm;
@@ -12,6 +13,7 @@ mod sampling;
 mod weights;
 
 pub use activation::gelu;
+pub use kernels::CpuKernels;
 pub use matmul::{matmul_transposed, Bf16, PackedMatrix, WeightElem};
 pub use norm::rms_norm_row;
 pub use weights::{CpuWeight, WeightValues};
@@ -81,15 +83,31 @@ pub struct CpuKvCache {
     pub v: Vec<Vec<f32>>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CpuBackend {
     /// How matrices are kept (decided at upload).
     pub weights: WeightDtype,
+    /// The instruction set of the hot loops (`CpuKernels::selected` unless chosen).
+    pub kernels: CpuKernels,
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        CpuBackend::with_weights(WeightDtype::default())
+    }
 }
 
 impl CpuBackend {
     pub fn with_weights(weights: WeightDtype) -> Self {
-        CpuBackend { weights }
+        CpuBackend {
+            weights,
+            kernels: CpuKernels::selected(),
+        }
+    }
+
+    /// The same backend on other kernels (tests compare the paths in one process).
+    pub fn with_kernels(self, kernels: CpuKernels) -> Self {
+        CpuBackend { kernels, ..self }
     }
 }
 
@@ -142,7 +160,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, weight: &CpuWeight, bias: Option<&CpuWeight>) -> CpuTensor {
-        matmul::linear(x, weight, bias)
+        matmul::linear(self.kernels, x, weight, bias)
     }
 
     fn silu_mul(&self, gate_up: &CpuTensor) -> CpuTensor {
@@ -194,7 +212,7 @@ impl Backend for CpuBackend {
         batch: &ForwardBatch,
         shape: AttentionShape,
     ) -> CpuTensor {
-        attention::attention(qkv, cache, layer, batch, shape)
+        attention::attention(self.kernels, qkv, cache, layer, batch, shape)
     }
 
     fn attention_dense(
@@ -204,7 +222,7 @@ impl Backend for CpuBackend {
         shape: AttentionShape,
         causal: bool,
     ) -> CpuTensor {
-        attention::attention_dense(q, seqs, shape, causal)
+        attention::attention_dense(self.kernels, q, seqs, shape, causal)
     }
 
     fn upload(&self, values: Vec<f32>, rows: usize, cols: usize) -> CpuTensor {
