@@ -751,8 +751,8 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let weights = WeightDtype::parse(&args.dtype)?;
     let level = Level::parse(&args.log_level)
         .ok_or_else(|| format!("--log-level {}: use error, warning, info or debug", args.log_level))?;
-    let backend = Device::open(&device_choice, weights, &mut |note| eprintln!("{note}"))?;
     inferd::log::set_level(level);
+    let backend = Device::open(&device_choice, weights, &mut |note| eprintln!("{note}"))?;
     if args.cb_use_cuda_graph == Some(true) {
         return Err("--cb-use-cuda-graph: inferd does not capture CUDA graphs (each step launches its kernels)".into());
     }

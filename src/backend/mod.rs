@@ -99,6 +99,13 @@ impl DeviceChoice {
     }
 }
 
+/// The CPU backend on the process's kernels (an error if `INFERD_CPU_KERNELS` names a
+/// path this CPU cannot run).
+fn cpu_backend(weights: WeightDtype) -> Result<cpu::CpuBackend, String> {
+    cpu::CpuKernels::from_env()?;
+    Ok(cpu::CpuBackend::with_weights(weights))
+}
+
 /// The backend models run on, chosen once per process by `--device`.
 #[derive(Debug, Clone)]
 pub enum Device {
@@ -112,7 +119,7 @@ impl Device {
     /// are there (a build with `--features cuda`), else the CPU, and says why in `note`.
     pub fn open(choice: &DeviceChoice, weights: WeightDtype, note: &mut dyn FnMut(&str)) -> Result<Device, String> {
         match choice {
-            DeviceChoice::Cpu => Ok(Device::Cpu(cpu::CpuBackend::with_weights(weights))),
+            DeviceChoice::Cpu => Ok(Device::Cpu(cpu_backend(weights)?)),
             #[cfg(feature = "cuda")]
             DeviceChoice::Cuda(n) => cuda::CudaBackend::new(*n, weights)
                 .map(Device::Cuda)
@@ -129,7 +136,7 @@ impl Device {
                 }
                 #[cfg(not(feature = "cuda"))]
                 let _ = &note;
-                Ok(Device::Cpu(cpu::CpuBackend::with_weights(weights)))
+                Ok(Device::Cpu(cpu_backend(weights)?))
             }
         }
     }

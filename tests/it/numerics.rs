@@ -5,7 +5,7 @@
 //! in f32 from identical weights; what remains is summation order (matmul blocking,
 //! softmax). Measured maxima: 8e-5 on SmolLM2-135M, 3.4e-6 on the tiny checkpoints.
 
-use inferd::backend::cpu::CpuBackend;
+use inferd::backend::cpu::{CpuBackend, CpuKernels};
 use inferd::backend::{Backend, ForwardBatch};
 use inferd::engine::{self, Engine, EngineConfig, SamplingParams, SubmitError};
 use inferd::models::{load_decoder, DecoderModel, EngineModel, LogitsFor};
@@ -33,17 +33,23 @@ fn load(repo: &str) -> DecoderModel<CpuBackend> {
 
 /// Logits of every prompt position, prefilled in chunks of `chunk` tokens into blocks of
 /// `block_size` laid out in reverse order (so block ids differ from logical order).
-fn prompt_logits(model: &DecoderModel<CpuBackend>, prompt: &[u32], chunk: usize, block_size: usize) -> Vec<Vec<f32>> {
+fn prompt_logits(
+    backend: &CpuBackend,
+    model: &DecoderModel<CpuBackend>,
+    prompt: &[u32],
+    chunk: usize,
+    block_size: usize,
+) -> Vec<Vec<f32>> {
     let num_blocks = prompt.len().div_ceil(block_size);
     let block_table: Vec<u32> = (0..num_blocks as u32).rev().collect();
-    let mut cache = CpuBackend::default().alloc_kv_cache(model.kv_cache_shape(num_blocks, block_size));
+    let mut cache = backend.alloc_kv_cache(model.kv_cache_shape(num_blocks, block_size));
     let mut rows = Vec::new();
     for (i, piece) in prompt.chunks(chunk).enumerate() {
         let batch = ForwardBatch::single(piece, i * chunk, &block_table, block_size);
         let logits = model
-            .forward(&CpuBackend::default(), &batch, &mut cache, LogitsFor::AllTokens)
+            .forward(backend, &batch, &mut cache, LogitsFor::AllTokens)
             .unwrap();
-        let (values, n, vocab) = CpuBackend::default().to_host(logits);
+        let (values, n, vocab) = backend.to_host(logits);
         rows.extend(values.chunks(vocab).take(n).map(<[f32]>::to_vec));
     }
     rows
@@ -58,7 +64,7 @@ fn check_model(golden_file: &str) {
         let prompt = ids(&case["prompt_ids"]);
         let mut first: Option<Vec<Vec<f32>>> = None;
         for (chunk, block_size) in [(prompt.len(), 16), (5, 4), (3, 16)] {
-            let logits = prompt_logits(&model, &prompt, chunk, block_size);
+            let logits = prompt_logits(&CpuBackend::default(), &model, &prompt, chunk, block_size);
             // Batch invariance: chunking and block size change nothing, bit for bit.
             match &first {
                 None => first = Some(logits.clone()),
@@ -107,6 +113,41 @@ fn check_model(golden_file: &str) {
             assert_eq!(engine.scheduler().num_blocks_in_use(), 0, "every block returned");
             model = engine.into_model();
         }
+    }
+}
+
+/// The CPU kernel paths with the FMA instruction (AVX-512, AVX2, and the portable one on
+/// aarch64) give the same logits bit for bit; the portable one on x86-64 (multiply, then
+/// add) stays within the goldens' tolerance of them. (`scripts/test` also runs every test
+/// here with each path forced through `INFERD_CPU_KERNELS`.)
+#[test]
+fn every_cpu_kernel_path_gives_the_same_smollm2_logits() {
+    let g = golden("models/smollm2-135m.json");
+    let model = load(g["model"].as_str().unwrap());
+    let prompt = ids(&g["cases"][0]["prompt_ids"]);
+    let mut fused: Option<(String, Vec<Vec<f32>>)> = None;
+    let mut portable = None;
+    for kernels in CpuKernels::available() {
+        let backend = CpuBackend::default().with_kernels(kernels);
+        let logits = prompt_logits(&backend, &model, &prompt, 5, 16);
+        if kernels.name() == "portable" && !cfg!(target_arch = "aarch64") {
+            portable = Some(logits);
+            continue;
+        }
+        match &fused {
+            None => fused = Some((kernels.to_string(), logits)),
+            Some((first, want)) => assert!(want == &logits, "{kernels} logits differ from {first}'s"),
+        }
+    }
+    if let (Some((first, want)), Some(got)) = (&fused, &portable) {
+        let worst = want
+            .iter()
+            .flatten()
+            .zip(got.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        eprintln!("portable against {first}: max |logit difference| {worst:.2e}");
+        assert!(worst <= ABS_TOL, "portable logits are {worst} from {first}'s");
     }
 }
 

@@ -188,7 +188,13 @@ fn attend_token_body<A: MulAdd>(
 
 impl AttentionToken<'_> {
     #[inline(always)]
-    fn attend_body<A: MulAdd>(&self, k_pool: &[f32], v_pool: &[f32], scratch: &mut AttentionScratch, out_row: &mut [f32]) {
+    fn attend_body<A: MulAdd>(
+        &self,
+        k_pool: &[f32],
+        v_pool: &[f32],
+        scratch: &mut AttentionScratch,
+        out_row: &mut [f32],
+    ) {
         let KvLayout {
             num_kv_heads,
             head_dim: hd,
@@ -290,7 +296,14 @@ impl AttentionToken<'_> {
     /// `out = Σ_p (scores[p] / sum) · V[p]` with a head size known at compile time, so the
     /// accumulator stays in registers (same operation order as the general loop).
     #[inline(always)]
-    fn weighted_values<A: MulAdd, const HD: usize>(&self, scores: &[f32], sum: f32, v_pool: &[f32], kvh: usize, out: &mut [f32]) {
+    fn weighted_values<A: MulAdd, const HD: usize>(
+        &self,
+        scores: &[f32],
+        sum: f32,
+        v_pool: &[f32],
+        kvh: usize,
+        out: &mut [f32],
+    ) {
         let bs = self.layout.block_size;
         let mut acc = [0.0f32; HD];
         for (bi, &block) in self.block_table[..scores.len().div_ceil(bs)].iter().enumerate() {

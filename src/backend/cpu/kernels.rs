@@ -108,8 +108,12 @@ impl CpuKernels {
         static SELECTED: OnceLock<CpuKernels> = OnceLock::new();
         *SELECTED.get_or_init(|| {
             let kernels = Self::from_env().unwrap_or_else(|e| panic!("{e}"));
-            let forced = if kernels == Self::best() { "" } else { ", forced by INFERD_CPU_KERNELS" };
-            crate::debug!("CPU kernels: {kernels}{forced}");
+            let forced = if kernels == Self::best() {
+                ""
+            } else {
+                ", forced by INFERD_CPU_KERNELS"
+            };
+            crate::info!("CPU kernels: {kernels}{forced}");
             kernels
         })
     }

@@ -163,12 +163,18 @@ pub(super) fn matmul<W: WeightElem>(kernels: CpuKernels, x: &[f32], w: &PackedMa
                     let mut k0 = 0;
                     while k0 < k {
                         let kc = KC.min(k - k0);
-                        microkernel(rows, &xb[k0 * MR..(k0 + kc) * MR], &slab[k0 * NR..(k0 + kc) * NR], &mut tile);
+                        microkernel(
+                            rows,
+                            &xb[k0 * MR..(k0 + kc) * MR],
+                            &slab[k0 * NR..(k0 + kc) * NR],
+                            &mut tile,
+                        );
                         for r in 0..rows {
                             // SAFETY: row b * MR + r, columns j0..j0 + cols lie in out
                             // [n, m], and those columns belong to this task's slab alone.
-                            let dst =
-                                unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add((b * MR + r) * m + j0), cols) };
+                            let dst = unsafe {
+                                std::slice::from_raw_parts_mut(out_ptr.get().add((b * MR + r) * m + j0), cols)
+                            };
                             let src = &tile[r * NR..r * NR + cols];
                             if k0 == 0 {
                                 dst.copy_from_slice(src);
@@ -202,7 +208,10 @@ fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<f32> {
 /// Checks a microkernel's arguments; returns `kc`.
 fn tile_depth<W>(rows: usize, a: &[f32], b: &[W]) -> usize {
     let kc = b.len() / NR;
-    assert!(a.len() == kc * MR && b.len() == kc * NR && rows <= MR, "microkernel: bad tile");
+    assert!(
+        a.len() == kc * MR && b.len() == kc * NR && rows <= MR,
+        "microkernel: bad tile"
+    );
     kc
 }
 
@@ -488,8 +497,12 @@ mod tests {
     #[test]
     fn a_rows_result_does_not_depend_on_the_rows_around_it_on_any_path() {
         let (n, k, m) = (31, 700, 72);
-        let x: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 997.0 - 0.5) * 1.37).collect();
-        let w: Vec<f32> = (0..m * k).map(|i| ((i * 104_729 % 977) as f32 / 971.0 - 0.5) * 0.91).collect();
+        let x: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 997.0 - 0.5) * 1.37)
+            .collect();
+        let w: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 104_729 % 977) as f32 / 971.0 - 0.5) * 0.91)
+            .collect();
         let (_, packed_bf16) = packed(&w, m, k);
         let mut fused: Option<Vec<u32>> = None;
         for kernels in CpuKernels::available() {
@@ -500,7 +513,13 @@ mod tests {
                 while start < n {
                     let rows = chunk.min(n - start);
                     let mut part = vec![0.0f32; rows * m];
-                    matmul(kernels, &x[start * k..(start + rows) * k], &packed_bf16, &mut part, rows);
+                    matmul(
+                        kernels,
+                        &x[start * k..(start + rows) * k],
+                        &packed_bf16,
+                        &mut part,
+                        rows,
+                    );
                     let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                     assert_eq!(
                         bits(&part),
