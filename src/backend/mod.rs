@@ -337,6 +337,17 @@ pub trait Backend: Send + Sync {
 
     fn name(&self) -> &'static str;
 
+    /// Runs one engine step (scheduling, forward, sampling) where this backend wants its
+    /// host work done: the CPU backend runs it on a worker of its thread pool, so that
+    /// each op's parallel loop starts there instead of waking the pool from another
+    /// thread and waiting for it, hundreds of times a step.
+    fn run_step<R: Send>(step: impl FnOnce() -> R + Send) -> R
+    where
+        Self: Sized,
+    {
+        step()
+    }
+
     /// Uploads a checkpoint tensor (any supported dtype).
     fn weight(&self, view: &TensorView<'_>) -> Self::Weight;
     /// Uploads 2-D tensors stacked along rows: fused `[q; k; v]` or `[gate; up]`.

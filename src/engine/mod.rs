@@ -338,6 +338,11 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
 
     /// One scheduling step. Returns the number of tokens computed (0 when idle).
     pub fn step(&mut self) -> usize {
+        B::run_step(|| self.step_here())
+    }
+
+    /// `step`, on the thread `Backend::run_step` chose.
+    fn step_here(&mut self) -> usize {
         let start = Instant::now();
         let plan = self.scheduler.schedule();
         if plan.chunks.is_empty() {

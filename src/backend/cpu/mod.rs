@@ -122,6 +122,12 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn run_step<R: Send>(step: impl FnOnce() -> R + Send) -> R {
+        // `rayon::scope` runs its body on a pool worker (the caller blocks until it is
+        // done); the step's parallel loops then split from that worker.
+        rayon::scope(|_| step())
+    }
+
     fn weight(&self, view: &TensorView<'_>) -> CpuWeight {
         weights::weight(self, view)
     }
