@@ -13,6 +13,8 @@ use inferd::models::{load_decoder, DecoderModel, EngineModel, LogitsFor};
 use crate::common::{golden, ids, installed_model};
 
 const ABS_TOL: f32 = 5e-4;
+/// The opt-in bf16 matmuls (`INFERD_CPU_KERNELS=avx512-bf16`) against the exact paths.
+const BF16_ABS_TOL: f32 = 1.0;
 
 fn load(repo: &str) -> DecoderModel<CpuBackend> {
     let mut calls = Vec::new();
@@ -138,6 +140,27 @@ fn every_cpu_kernel_path_gives_the_same_smollm2_logits() {
             None => fused = Some((kernels.to_string(), logits)),
             Some((first, want)) => assert!(want == &logits, "{kernels} logits differ from {first}'s"),
         }
+    }
+    // The opt-in bf16 matmuls: batch-invariant, but off by the rounding of activations.
+    if let Ok(kernels) = CpuKernels::named("avx512-bf16") {
+        let backend = CpuBackend::default().with_kernels(kernels);
+        let got = prompt_logits(&backend, &model, &prompt, 5, 16);
+        assert!(
+            got == prompt_logits(&backend, &model, &prompt, prompt.len(), 16),
+            "avx512-bf16: chunked and whole prefills differ"
+        );
+        let (first, want) = fused.as_ref().expect("an exact FMA path beside avx512-bf16");
+        let (mut worst, mut same_top) = (0.0f32, 0);
+        for (w, g) in want.iter().zip(&got) {
+            worst = w.iter().zip(g).map(|(a, b)| (a - b).abs()).fold(worst, f32::max);
+            let top = |v: &[f32]| (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j]));
+            same_top += usize::from(top(w) == top(g));
+        }
+        eprintln!(
+            "avx512-bf16 against {first}: max |logit difference| {worst:.2e}, same top token at {same_top} of {} positions",
+            want.len()
+        );
+        assert!(worst <= BF16_ABS_TOL, "avx512-bf16 logits are {worst} from {first}'s");
     }
     if let (Some((first, want)), Some(got)) = (&fused, &portable) {
         let worst = want

@@ -4,7 +4,15 @@
 //! `INFERD_CPU_KERNELS=avx512|avx2|portable` forces a lower one, so that every path a
 //! machine can run is also tested on it.
 //!
-//! Every path computes each output with the same operations in the same order (one FMA
+//! `INFERD_CPU_KERNELS=avx512-bf16` (opt-in, never chosen by default: it is less exact)
+//! is the AVX-512 path with the matmuls over bf16 weights computed in bf16 on CPUs with
+//! AVX512-BF16: activations rounded to bf16, pairs of products summed into f32 by
+//! `vdpbf16ps`, twice the multiply-adds per instruction of f32 FMA. Every row is still
+//! computed the same way whatever the batch (batch-invariant), but the rounded
+//! activations move logits from transformers' float32 by far more than the goldens'
+//! tolerance (docs/perf.md states by how much).
+//!
+//! Every exact path computes each output with the same operations in the same order (one FMA
 //! chain per matmul output over each `KC` slice of k, then the slices summed in order), so
 //! results do not depend on how many rows a call has: chunked prefill, batching and
 //! decode agree bit for bit on each path. The AVX-512 and AVX2 paths (and the portable
@@ -28,16 +36,21 @@ pub(super) enum Isa {
     Avx512,
     Avx2,
     Portable,
+    /// `Avx512` with bf16 matmuls (opt-in only).
+    Avx512Bf16,
 }
 
 impl Isa {
-    const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+    /// The exact paths, fastest first.
+    const EXACT: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+    const ALL: [Isa; 4] = [Isa::Avx512, Isa::Avx2, Isa::Portable, Isa::Avx512Bf16];
 
     fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "avx512",
             Isa::Avx2 => "avx2",
             Isa::Portable => "portable",
+            Isa::Avx512Bf16 => "avx512-bf16",
         }
     }
 
@@ -47,8 +60,14 @@ impl Isa {
             Isa::Avx512 => is_x86_feature_detected!("avx512f"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512bf16")
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx512 | Isa::Avx2 => false,
+            Isa::Avx512 | Isa::Avx2 | Isa::Avx512Bf16 => false,
             Isa::Portable => true,
         }
     }
@@ -59,14 +78,19 @@ impl Isa {
             Isa::Avx512 => "an x86-64 CPU with AVX-512F",
             Isa::Avx2 => "an x86-64 CPU with AVX2 and FMA",
             Isa::Portable => "nothing",
+            Isa::Avx512Bf16 => "an x86-64 CPU with AVX-512F, AVX-512BW and AVX512-BF16",
         }
     }
 }
 
 impl CpuKernels {
-    /// Every path this CPU runs, fastest first (`portable` always).
+    /// Every exact path this CPU runs, fastest first (`portable` always).
     pub fn available() -> Vec<CpuKernels> {
-        Isa::ALL.into_iter().filter(|i| i.supported()).map(CpuKernels).collect()
+        Isa::EXACT
+            .into_iter()
+            .filter(|i| i.supported())
+            .map(CpuKernels)
+            .collect()
     }
 
     /// The fastest path this CPU runs.
@@ -120,6 +144,11 @@ impl CpuKernels {
 
     pub fn name(self) -> &'static str {
         self.0.name()
+    }
+
+    /// Whether results match the other exact paths' (all but `avx512-bf16`).
+    pub fn is_exact(self) -> bool {
+        Isa::EXACT.contains(&self.0)
     }
 }
 
@@ -180,7 +209,7 @@ macro_rules! per_path {
             match kernels.0 {
                 // SAFETY: a `CpuKernels` names only a path this CPU runs.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => unsafe { avx512 $(::<$($g),*>)? ($($arg),*) },
+                Isa::Avx512 | Isa::Avx512Bf16 => unsafe { avx512 $(::<$($g),*>)? ($($arg),*) },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2 => unsafe { avx2 $(::<$($g),*>)? ($($arg),*) },
@@ -199,6 +228,7 @@ mod tests {
     fn paths_are_named_and_checked_against_the_cpu() {
         let available = CpuKernels::available();
         assert_eq!(available.last().map(|k| k.name()), Some("portable"));
+        assert!(available.iter().all(|k| k.is_exact()));
         assert_eq!(CpuKernels::best(), available[0]);
         for k in &available {
             assert_eq!(CpuKernels::named(&k.name().to_uppercase()), Ok(*k));

@@ -116,13 +116,13 @@ impl OutPtr {
 }
 
 /// One `MR x NR` tile: `tile[r][c] = Σ_kk a[kk][r] · b[kk][c]` for `r < rows`, with
-/// `a [kc][MR]` (packed x) and `b [kc][NR]` (a slab's rows kk).
-type Microkernel<W> = fn(rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]);
+/// `a [kc][MR]` (packed x, `X` values) and `b [kc][NR]` (a slab's rows kk).
+type Microkernel<X, W> = fn(rows: usize, a: &[X], b: &[W], tile: &mut [f32; MR * NR]);
 
-fn microkernel_of<W: WeightElem>(kernels: CpuKernels) -> Microkernel<W> {
+fn microkernel_of<W: WeightElem>(kernels: CpuKernels) -> Microkernel<f32, W> {
     match kernels.0 {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => avx512::microkernel::<W>,
+        Isa::Avx512 | Isa::Avx512Bf16 => avx512::microkernel::<W>,
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => avx2::microkernel::<W>,
         _ => portable::microkernel::<W>,
@@ -147,8 +147,25 @@ pub(super) fn matmul<W: WeightElem>(kernels: CpuKernels, x: &[f32], w: &PackedMa
         out.fill(0.0);
         return;
     }
-    let microkernel = microkernel_of::<W>(kernels);
-    let xp = pack_x(x, n, k);
+    #[cfg(target_arch = "x86_64")]
+    if kernels.0 == Isa::Avx512Bf16 && W::IS_BF16 {
+        let xp = avx512bf16::pack_x(x, n, k);
+        return tiles(&xp, k + k % 2, w, out, n, avx512bf16::microkernel::<W>);
+    }
+    tiles(&pack_x(x, n, k), k, w, out, n, microkernel_of::<W>(kernels))
+}
+
+/// Fills `out [n, m]` tile by tile from x packed into row blocks of `kx * MR` values
+/// (`kx >= k`: room for padding) and the weight slabs.
+fn tiles<X: Sync, W: WeightElem>(
+    xp: &[X],
+    kx: usize,
+    w: &PackedMatrix<W>,
+    out: &mut [f32],
+    n: usize,
+    microkernel: Microkernel<X, W>,
+) {
+    let (k, m) = (w.cols, w.rows);
     let out_ptr = OutPtr(out.as_mut_ptr());
     w.data
         .par_chunks(SLABS_PER_TASK * k * NR)
@@ -158,14 +175,16 @@ pub(super) fn matmul<W: WeightElem>(kernels: CpuKernels, x: &[f32], w: &PackedMa
             for (s, slab) in slabs.chunks_exact(k * NR).enumerate() {
                 let j0 = (t * SLABS_PER_TASK + s) * NR;
                 let cols = NR.min(m - j0);
-                for (b, xb) in xp.chunks_exact(k * MR).enumerate() {
+                for (b, xb) in xp.chunks_exact(kx * MR).enumerate() {
                     let rows = MR.min(n - b * MR);
                     let mut k0 = 0;
                     while k0 < k {
                         let kc = KC.min(k - k0);
+                        // The last slice of x takes the padding with it.
+                        let a_end = if k0 + kc == k { kx } else { k0 + kc };
                         microkernel(
                             rows,
-                            &xb[k0 * MR..(k0 + kc) * MR],
+                            &xb[k0 * MR..a_end * MR],
                             &slab[k0 * NR..(k0 + kc) * NR],
                             &mut tile,
                         );
@@ -375,6 +394,105 @@ mod avx2 {
     }
 }
 
+/// bf16 products summed in f32 (`vdpbf16ps`): x rounded to bf16 and packed in pairs
+/// along k (`[ceil(n / MR)][k / 2][MR][2]`, zero-padded to even k), slab rows taken two at
+/// a time and interleaved in registers, so each instruction does 32 multiply-adds into
+/// 16 f32 lanes. The interleave works within 128-bit lanes, so each row's two
+/// accumulators hold the columns `{0-3, 8-11, 16-19, 24-27}` and `{4-7, ...}`; one
+/// permute per tile puts them back in order.
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16 {
+    use std::arch::x86_64::*;
+
+    use super::{WeightElem, KC, MR, NR};
+
+    /// f32 to bf16, rounding to nearest even (NaN stays NaN).
+    fn to_bf16(v: f32) -> u16 {
+        let bits = v.to_bits();
+        if v.is_nan() {
+            return ((bits >> 16) | 0x40) as u16;
+        }
+        ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16
+    }
+
+    pub(super) fn pack_x(x: &[f32], n: usize, k: usize) -> Vec<u16> {
+        let kx = k + k % 2;
+        let mut packed = vec![0u16; n.div_ceil(MR) * kx * MR];
+        for (b, dst) in packed.chunks_mut(kx * MR).enumerate() {
+            for r in 0..MR.min(n - b * MR) {
+                for (kk, v) in x[(b * MR + r) * k..(b * MR + r + 1) * k].iter().enumerate() {
+                    dst[((kk / 2) * MR + r) * 2 + kk % 2] = to_bf16(*v);
+                }
+            }
+        }
+        packed
+    }
+
+    /// Only reached through `CpuKernels` naming avx512-bf16 (the CPU has AVX-512F and
+    /// AVX512-BF16), with bf16 weights.
+    pub(super) fn microkernel<W: WeightElem>(rows: usize, a: &[u16], b: &[W], tile: &mut [f32; MR * NR]) {
+        let kc = b.len() / NR;
+        assert!(
+            W::IS_BF16 && kc <= KC && a.len() == (kc + kc % 2) * MR && b.len() == kc * NR && rows <= MR,
+            "bf16 microkernel: bad tile"
+        );
+        macro_rules! dispatch {
+            ($($r:literal)*) => {
+                match rows {
+                    // SAFETY: the CPU supports AVX-512F and AVX512-BF16; a holds
+                    // ceil(kc / 2) pairs of MR rows, b kc rows of NR bf16 values.
+                    $($r => unsafe { kernel::<$r>(kc, a.as_ptr(), b.as_ptr() as *const u16, tile) },)*
+                    _ => unreachable!("rows <= MR"),
+                }
+            };
+        }
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
+
+    /// # Safety
+    /// AVX-512F and AVX512-BF16; `a` holds `ceil(kc / 2) * MR` pairs, `b` `kc * NR`
+    /// values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn kernel<const R: usize>(kc: usize, a: *const u16, b: *const u16, tile: &mut [f32; MR * NR]) {
+        let mut lo = [_mm512_setzero_ps(); R];
+        let mut hi = [_mm512_setzero_ps(); R];
+        for p in 0..kc.div_ceil(2) {
+            // SAFETY: rows 2p (and 2p + 1 when it exists) of b, pair p of a.
+            unsafe {
+                let r0 = _mm512_loadu_si512(b.add(2 * p * NR) as *const _);
+                let r1 = if 2 * p + 1 < kc {
+                    _mm512_loadu_si512(b.add((2 * p + 1) * NR) as *const _)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let w_lo: __m512bh = std::mem::transmute(_mm512_unpacklo_epi16(r0, r1));
+                let w_hi: __m512bh = std::mem::transmute(_mm512_unpackhi_epi16(r0, r1));
+                let pair = a.add(p * MR * 2) as *const i32;
+                for r in 0..R {
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair.add(r).read_unaligned()));
+                    lo[r] = _mm512_dpbf16_ps(lo[r], x, w_lo);
+                    hi[r] = _mm512_dpbf16_ps(hi[r], x, w_hi);
+                }
+            }
+        }
+        let first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+        let second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+        for r in 0..R {
+            // SAFETY: the tile holds MR >= R rows of NR values.
+            unsafe {
+                _mm512_storeu_ps(
+                    tile.as_mut_ptr().add(r * NR),
+                    _mm512_permutex2var_ps(lo[r], first, hi[r]),
+                );
+                _mm512_storeu_ps(
+                    tile.as_mut_ptr().add(r * NR + 16),
+                    _mm512_permutex2var_ps(lo[r], second, hi[r]),
+                );
+            }
+        }
+    }
+}
+
 /// No intrinsics: one row at a time across the 32 columns (the compiler keeps the
 /// accumulators in vector registers: SSE2 on any x86-64, NEON on ARM).
 mod portable {
@@ -459,6 +577,48 @@ mod tests {
         (f32s, bf16s)
     }
 
+    /// The exact paths and, where the CPU has it, avx512-bf16.
+    fn every_path() -> Vec<CpuKernels> {
+        let mut paths = CpuKernels::available();
+        paths.extend(CpuKernels::named("avx512-bf16").ok());
+        paths
+    }
+
+    /// With x not exact in bf16, the bf16 path is off by the rounding of x: at most
+    /// 2^-8 of `Σ |x| |w|` per output (each x moves by at most 2^-9 of itself).
+    #[test]
+    fn the_bf16_path_is_off_only_by_rounding_x_to_bf16() {
+        let Ok(kernels) = CpuKernels::named("avx512-bf16") else {
+            eprintln!("skipped: this CPU lacks AVX512-BF16");
+            return;
+        };
+        let (n, k, m) = (13, 301, 70);
+        let x: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 997.0 - 0.5) * 1.37)
+            .collect();
+        let w = values(m * k, 2);
+        let want = reference(&x, &w, n, k, m);
+        let (_, packed_bf16) = packed(&w, m, k);
+        let mut out = vec![f32::NAN; n * m];
+        matmul(kernels, &x, &packed_bf16, &mut out, n);
+        let mut worst = 0.0f64;
+        for i in 0..n {
+            for j in 0..m {
+                let scale: f64 = (0..k).map(|l| (x[i * k + l] as f64 * w[j * k + l] as f64).abs()).sum();
+                let err = (out[i * m + j] as f64 - want[i * m + j] as f64).abs() / scale;
+                assert!(
+                    err <= 1.0 / 256.0,
+                    "row {i} column {j}: {} vs {}",
+                    out[i * m + j],
+                    want[i * m + j]
+                );
+                worst = worst.max(err);
+            }
+        }
+        // Rounded, not truncated: far inside the bound on average.
+        assert!(worst > 0.0 && worst < 1.0 / 512.0, "worst relative error {worst}");
+    }
+
     #[test]
     fn packed_matmul_matches_a_float64_reference_on_every_path_for_f32_and_bf16_weights() {
         let shapes = [
@@ -471,8 +631,10 @@ mod tests {
             (17, 300, 130),
             (13, 33, 200),
             (25, 600, 70),
+            (6, 513, 40),
         ];
-        for kernels in CpuKernels::available() {
+        // The x values are exact in bf16, so the bf16 path is held to the same bound.
+        for kernels in every_path() {
             for &(n, k, m) in &shapes {
                 let x = values(n * k, 1);
                 let w = values(m * k, 2);
@@ -505,7 +667,7 @@ mod tests {
             .collect();
         let (_, packed_bf16) = packed(&w, m, k);
         let mut fused: Option<Vec<u32>> = None;
-        for kernels in CpuKernels::available() {
+        for kernels in every_path() {
             let mut whole = vec![0.0f32; n * m];
             matmul(kernels, &x, &packed_bf16, &mut whole, n);
             for chunk in [1, 2, 5, 6, 7, 12, 13] {
@@ -531,7 +693,7 @@ mod tests {
                 }
             }
             let bits: Vec<u32> = whole.iter().map(|f| f.to_bits()).collect();
-            if kernels.name() != "portable" || cfg!(target_arch = "aarch64") {
+            if kernels.is_exact() && (kernels.name() != "portable" || cfg!(target_arch = "aarch64")) {
                 match &fused {
                     Some(first) => assert!(first == &bits, "{kernels} differs from the other FMA paths"),
                     None => fused = Some(bits),
