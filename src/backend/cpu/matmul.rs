@@ -175,13 +175,15 @@ fn tiles<X: Sync, W: WeightElem>(
             for (s, slab) in slabs.chunks_exact(k * NR).enumerate() {
                 let j0 = (t * SLABS_PER_TASK + s) * NR;
                 let cols = NR.min(m - j0);
-                for (b, xb) in xp.chunks_exact(kx * MR).enumerate() {
-                    let rows = MR.min(n - b * MR);
-                    let mut k0 = 0;
-                    while k0 < k {
-                        let kc = KC.min(k - k0);
-                        // The last slice of x takes the padding with it.
-                        let a_end = if k0 + kc == k { kx } else { k0 + kc };
+                // Each KC-deep slice of the slab serves every row block while it is in
+                // cache.
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = KC.min(k - k0);
+                    // The last slice of x takes the padding with it.
+                    let a_end = if k0 + kc == k { kx } else { k0 + kc };
+                    for (b, xb) in xp.chunks_exact(kx * MR).enumerate() {
+                        let rows = MR.min(n - b * MR);
                         microkernel(
                             rows,
                             &xb[k0 * MR..a_end * MR],
@@ -203,8 +205,8 @@ fn tiles<X: Sync, W: WeightElem>(
                                 }
                             }
                         }
-                        k0 += kc;
                     }
+                    k0 += kc;
                 }
             }
         });
