@@ -7,7 +7,7 @@
 //! `MR x NR` tile of them, `KC` values of k at a time, with one register-blocked
 //! microkernel per instruction set (`kernels`): AVX-512 (the whole tile in 24 zmm
 //! accumulators), AVX2 + FMA (6 x 16 sub-tiles in 12 ymm; 2 x 32 for decode's one or
-//! two rows), or portable Rust (a row at a time, 32 accumulators the compiler
+//! two rows), or portable Rust (two rows at a time, 64 accumulators the compiler
 //! vectorizes). The same kernel serves prefill (many rows of x, compute-bound) and decode
 //! (a row or a few, memory-bound: each slab streams once, contiguously, and bf16 halves
 //! the bytes).
@@ -495,7 +495,7 @@ mod avx512bf16 {
     }
 }
 
-/// No intrinsics: one row at a time across the 32 columns (the compiler keeps the
+/// No intrinsics: two rows at a time across the 32 columns (the compiler keeps the
 /// accumulators in vector registers: SSE2 on any x86-64, NEON on ARM).
 mod portable {
     use super::{tile_depth, WeightElem, MR, NR};
@@ -503,16 +503,45 @@ mod portable {
 
     pub(super) fn microkernel<W: WeightElem>(rows: usize, a: &[f32], b: &[W], tile: &mut [f32; MR * NR]) {
         let kc = tile_depth(rows, a, b);
-        for r in 0..rows {
-            let mut acc = [0.0f32; NR];
-            for kk in 0..kc {
-                let ar = a[kk * MR + r];
-                let w: &[W; NR] = b[kk * NR..(kk + 1) * NR].try_into().expect("NR weights");
+        let mut r = 0;
+        while r < rows {
+            if rows - r >= ROWS {
+                rows_at_once::<W, ROWS>(r, kc, a, b, tile);
+                r += ROWS;
+            } else {
+                rows_at_once::<W, 1>(r, kc, a, b, tile);
+                r += 1;
+            }
+        }
+    }
+
+    /// Rows per pass: each weight row loaded is used this many times.
+    const ROWS: usize = 2;
+
+    #[inline(always)]
+    fn rows_at_once<W: WeightElem, const R: usize>(
+        r0: usize,
+        kc: usize,
+        a: &[f32],
+        b: &[W],
+        tile: &mut [f32; MR * NR],
+    ) {
+        let mut acc = [[0.0f32; NR]; R];
+        for kk in 0..kc {
+            let w: &[W; NR] = b[kk * NR..(kk + 1) * NR].try_into().expect("NR weights");
+            let mut wf = [0.0f32; NR];
+            for c in 0..NR {
+                wf[c] = w[c].to_f32();
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let ar = a[kk * MR + r0 + i];
                 for c in 0..NR {
-                    acc[c] = PortableMulAdd::mul_add(ar, w[c].to_f32(), acc[c]);
+                    acc[c] = PortableMulAdd::mul_add(ar, wf[c], acc[c]);
                 }
             }
-            tile[r * NR..(r + 1) * NR].copy_from_slice(&acc);
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            tile[(r0 + i) * NR..(r0 + i + 1) * NR].copy_from_slice(acc);
         }
     }
 }
