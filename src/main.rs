@@ -753,6 +753,11 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         .ok_or_else(|| format!("--log-level {}: use error, warning, info or debug", args.log_level))?;
     inferd::log::set_level(level);
     let backend = Device::open(&device_choice, weights, &mut |note| eprintln!("{note}"))?;
+    let cpu_kernels = match &backend {
+        Device::Cpu(cpu) => Some(cpu.kernels),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => None,
+    };
     if args.cb_use_cuda_graph == Some(true) {
         return Err("--cb-use-cuda-graph: inferd does not capture CUDA graphs (each step launches its kernels)".into());
     }
@@ -838,6 +843,9 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         .parse()
         .or_else(|_| format!("[{host}]:{}", args.port).parse())
         .map_err(|_| format!("--host `{}` is not an IP address", args.host))?;
+    if let Some(kernels) = cpu_kernels {
+        inferd::info!("{}", kernels.describe());
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -126,24 +126,30 @@ impl CpuKernels {
         }
     }
 
-    /// The process-wide path (`from_env`, decided and logged once). Panics if
-    /// `INFERD_CPU_KERNELS` is wrong; the CLI checks it with `from_env` at start-up.
+    /// The process-wide path (`from_env`, decided once; logged at debug level, and by
+    /// `inferd serve` at start-up). Panics if `INFERD_CPU_KERNELS` is wrong; the CLI
+    /// checks it with `from_env` when it opens the device.
     pub fn selected() -> CpuKernels {
         static SELECTED: OnceLock<CpuKernels> = OnceLock::new();
         *SELECTED.get_or_init(|| {
             let kernels = Self::from_env().unwrap_or_else(|e| panic!("{e}"));
-            let forced = if kernels == Self::best() {
-                ""
-            } else {
-                ", forced by INFERD_CPU_KERNELS"
-            };
-            crate::info!("CPU kernels: {kernels}{forced}");
+            crate::debug!("{}", kernels.describe());
             kernels
         })
     }
 
     pub fn name(self) -> &'static str {
         self.0.name()
+    }
+
+    /// `CPU kernels: NAME`, and whether `INFERD_CPU_KERNELS` forced them (for logs).
+    pub fn describe(self) -> String {
+        let forced = if self == Self::best() {
+            ""
+        } else {
+            ", forced by INFERD_CPU_KERNELS"
+        };
+        format!("CPU kernels: {self}{forced}")
     }
 
     /// Whether results match the other exact paths' (all but `avx512-bf16`).
