@@ -179,9 +179,12 @@ impl MulAdd for Fused {
     }
 }
 
-/// Two roundings: a multiply, then an add.
+/// Two roundings: a multiply, then an add (the portable path where the target has no
+/// FMA in its baseline).
+#[cfg(not(target_arch = "aarch64"))]
 pub(super) struct Unfused;
 
+#[cfg(not(target_arch = "aarch64"))]
 impl MulAdd for Unfused {
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
@@ -201,7 +204,6 @@ pub(super) type PortableMulAdd = Unfused;
 macro_rules! per_path {
     ($vis:vis fn $name:ident $(<$($g:ident : $bound:path),*>)? ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
         $vis fn $name $(<$($g: $bound),*>)? (kernels: $crate::backend::cpu::kernels::CpuKernels, $($arg: $ty),*) $(-> $ret)? {
-            use $crate::backend::cpu::kernels::Isa;
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f")]
             unsafe fn avx512 $(<$($g: $bound),*>)? ($($arg: $ty),*) $(-> $ret)? {
@@ -215,10 +217,10 @@ macro_rules! per_path {
             match kernels.0 {
                 // SAFETY: a `CpuKernels` names only a path this CPU runs.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 | Isa::Avx512Bf16 => unsafe { avx512 $(::<$($g),*>)? ($($arg),*) },
+                $crate::backend::cpu::kernels::Isa::Avx512 | $crate::backend::cpu::kernels::Isa::Avx512Bf16 => unsafe { avx512 $(::<$($g),*>)? ($($arg),*) },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2 => unsafe { avx2 $(::<$($g),*>)? ($($arg),*) },
+                $crate::backend::cpu::kernels::Isa::Avx2 => unsafe { avx2 $(::<$($g),*>)? ($($arg),*) },
                 _ => $body::<$crate::backend::cpu::kernels::PortableMulAdd $(, $($g),*)?>($($arg),*),
             }
         }

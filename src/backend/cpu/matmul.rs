@@ -18,7 +18,9 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{CpuKernels, Isa};
+use super::kernels::CpuKernels;
+#[cfg(target_arch = "x86_64")]
+use super::kernels::Isa;
 use super::{CpuTensor, CpuWeight, WeightValues};
 
 /// Output features per slab.
