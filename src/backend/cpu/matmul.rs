@@ -131,13 +131,8 @@ fn microkernel_of<W: WeightElem>(kernels: CpuKernels) -> Microkernel<f32, W> {
     }
 }
 
-/// `x [n, k]` times `w [m, k]` transposed -> `out [n, m]` (overwritten), on the
-/// process's CPU kernels (`CpuKernels::selected`).
-pub fn matmul_transposed<W: WeightElem>(x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
-    matmul(CpuKernels::selected(), x, w, out, n)
-}
-
-/// `matmul_transposed` on the given kernels.
+/// `x [n, k]` times `w [m, k]` transposed -> `out [n, m]` (overwritten), on the given
+/// kernels.
 pub(super) fn matmul<W: WeightElem>(kernels: CpuKernels, x: &[f32], w: &PackedMatrix<W>, out: &mut [f32], n: usize) {
     let (k, m) = (w.cols, w.rows);
     assert_eq!(x.len(), n * k, "matmul: x is not [{n}, {k}]");

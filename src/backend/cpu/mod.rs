@@ -14,7 +14,7 @@ mod weights;
 
 pub use activation::gelu;
 pub use kernels::CpuKernels;
-pub use matmul::{matmul_transposed, Bf16, PackedMatrix, WeightElem};
+pub use matmul::{Bf16, PackedMatrix, WeightElem};
 pub use norm::rms_norm_row;
 pub use weights::{CpuWeight, WeightValues};
 
