@@ -1,10 +1,10 @@
 //! `/v1/chat/completions` and `/v1/completions` request bodies. Fields are read one by
-//! one so that a wrong type names its parameter; unknown fields are refused rather than
-//! silently ignored (a few informational OpenAI fields are accepted and documented).
+//! one so that a wrong type names its parameter; which fields a route takes, and which
+//! it refuses, is `fields::FIELD_TABLE` (unknown fields are refused, not ignored).
 
 use serde_json::{Map, Value};
 
-use super::fields::{as_object, check_fields, Fields};
+use super::fields::{as_object, check_fields, check_route_fields, Fields, Route};
 use super::sampling::{sampling_request, SamplingRequest};
 use super::ApiError;
 
@@ -18,7 +18,27 @@ pub struct GenerationFields {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// vLLM's `stream_options.continuous_usage_stats`: usage on every chunk.
+    pub continuous_usage: bool,
+    /// vLLM's `include_stop_str_in_output`.
+    pub include_stop_str: bool,
+    pub skip_special_tokens: bool,
+    /// vLLM's `bad_words`, tokenized once the model is known.
+    pub bad_words: Vec<String>,
+    /// Keep only the last this many prompt tokens (`Some(None)`: the context window less
+    /// one, vLLM's `-1`).
+    pub truncate_prompt_tokens: Option<Option<usize>>,
+    pub return_tokens_as_token_ids: bool,
+    /// vLLM's `request_id`: the response's id.
+    pub request_id: Option<String>,
+    /// Whether the tokenizer adds its special tokens (`None`: the route's default).
+    pub add_special_tokens: Option<bool>,
+    /// The field that set the length limit, for errors about it.
+    pub max_tokens_param: &'static str,
 }
+
+/// Most characters of a `request_id`.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// `tool_choice`: whether the reply may, must, or must call one named function.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +88,18 @@ pub struct ChatRequest {
     /// message for the chat template).
     pub images: Vec<ImagePart>,
     pub image_processor: ImageProcessorOverrides,
+    /// vLLM's chat `echo`: the last message's content before the reply, when that
+    /// message is the assistant's.
+    pub echo: bool,
+    pub add_generation_prompt: bool,
+    /// Continue the last (assistant) message rather than open a new one.
+    pub continue_final_message: bool,
+    /// A chat template for this request instead of the model's.
+    pub chat_template: Option<String>,
+    /// Given to the chat template as `documents`.
+    pub documents: Option<Value>,
+    /// `false`: no `reasoning_content` in the reply.
+    pub include_reasoning: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -79,40 +111,13 @@ pub enum Prompt {
 #[derive(Debug, Clone)]
 pub struct CompletionRequest {
     pub model: Option<String>,
-    pub prompt: Prompt,
+    /// One or more prompts (a batch: `n` choices each, in order).
+    pub prompts: Vec<Prompt>,
     pub echo: bool,
     pub generation: GenerationFields,
 }
 
-/// Sampling fields common to both routes.
-const SAMPLING_FIELDS: &[&str] = &[
-    "model",
-    "stream",
-    "stream_options",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "max_tokens",
-    "seed",
-    "n",
-    "stop",
-    "stop_token_ids",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "logit_bias",
-    "ignore_eos",
-    "min_tokens",
-    "generation_config",
-    // Informational OpenAI fields, accepted and not acted on.
-    "user",
-    "metadata",
-    "store",
-];
-
-fn generation_fields(f: &Fields<'_>, max_tokens_keys: &[&str]) -> Result<GenerationFields, ApiError> {
+fn generation_fields(f: &Fields<'_>, max_tokens_keys: &[&'static str]) -> Result<GenerationFields, ApiError> {
     let sampling = sampling_request(f, max_tokens_keys)?;
     let stop = match f.map.get("stop") {
         None | Some(Value::Null) => Vec::new(),
@@ -136,7 +141,7 @@ fn generation_fields(f: &Fields<'_>, max_tokens_keys: &[&str]) -> Result<Generat
         ));
     }
     let stream = f.get::<bool>("stream")?.unwrap_or(false);
-    let include_usage = match f.get::<Map<String, Value>>("stream_options")? {
+    let (include_usage, continuous_usage) = match f.get::<Map<String, Value>>("stream_options")? {
         Some(_) if !stream => {
             return Err(ApiError::invalid(
                 "stream_options",
@@ -144,17 +149,83 @@ fn generation_fields(f: &Fields<'_>, max_tokens_keys: &[&str]) -> Result<Generat
             ))
         }
         Some(options) => {
-            check_fields(&options, &["include_usage"])
-                .map_err(|e| ApiError::invalid("stream_options", format!("stream_options: {}", e.message)))?;
-            Fields { map: &options }.get::<bool>("include_usage")?.unwrap_or(false)
+            check_fields(
+                &options,
+                &["include_usage", "continuous_usage_stats", "include_obfuscation"],
+            )
+            .map_err(|e| ApiError::invalid("stream_options", format!("stream_options: {}", e.message)))?;
+            let g = Fields { map: &options };
+            g.get::<bool>("include_obfuscation")?;
+            (
+                g.get::<bool>("include_usage")?.unwrap_or(false),
+                g.get::<bool>("continuous_usage_stats")?.unwrap_or(false),
+            )
         }
-        None => false,
+        None => (false, false),
     };
+    if let Some(format) = f.get::<Value>("response_format")? {
+        if format.get("type").and_then(Value::as_str) != Some("text") {
+            return Err(ApiError::invalid(
+                "response_format",
+                "only `{\"type\": \"text\"}` is supported: JSON modes (structured outputs) are not supported yet",
+            ));
+        }
+    }
+    if f.get::<bool>("use_beam_search")? == Some(true) {
+        return Err(ApiError::invalid("use_beam_search", "beam search is not supported"));
+    }
+    f.get::<bool>("spaces_between_special_tokens")?;
+    f.get::<f32>("length_penalty")?;
+    let bad_words = match f.get::<Vec<String>>("bad_words")? {
+        Some(words) if words.iter().any(|w| w.trim().is_empty()) => {
+            return Err(ApiError::invalid("bad_words", "`bad_words` must not hold empty words"))
+        }
+        Some(words) => words,
+        None => Vec::new(),
+    };
+    let truncate_prompt_tokens = match f.get::<i64>("truncate_prompt_tokens")? {
+        None => None,
+        Some(-1) => Some(None),
+        Some(k) if k >= 1 => Some(Some(k as usize)),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "truncate_prompt_tokens",
+                format!("`truncate_prompt_tokens` must be at least 1, or -1 for the context window (got {k})"),
+            ))
+        }
+    };
+    let request_id = f.get::<String>("request_id")?;
+    if let Some(id) = &request_id {
+        let ok = (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+        if !ok {
+            return Err(ApiError::invalid(
+                "request_id",
+                format!("`request_id` must be 1 to {MAX_REQUEST_ID_LEN} letters, digits, `-`, `_`, `.` or `:`"),
+            ));
+        }
+    }
     Ok(GenerationFields {
         sampling,
         stop,
         stream,
         include_usage,
+        continuous_usage,
+        include_stop_str: f.get::<bool>("include_stop_str_in_output")?.unwrap_or(false),
+        skip_special_tokens: f.get::<bool>("skip_special_tokens")?.unwrap_or(true),
+        bad_words,
+        truncate_prompt_tokens,
+        return_tokens_as_token_ids: f.get::<bool>("return_tokens_as_token_ids")?.unwrap_or(false),
+        request_id,
+        add_special_tokens: f.get::<bool>("add_special_tokens")?,
+        max_tokens_param: max_tokens_keys
+            .iter()
+            .rev()
+            .find(|k| f.map.get(**k).is_some_and(|v| !v.is_null()))
+            .copied()
+            .unwrap_or("generation_config"),
     })
 }
 
@@ -316,20 +387,27 @@ fn normalize_messages(value: Option<&Value>, images: &mut Vec<ImagePart>) -> Res
 
 pub fn parse_chat_request(body: &Value) -> Result<ChatRequest, ApiError> {
     let map = as_object(body)?;
-    let mut allowed = SAMPLING_FIELDS.to_vec();
-    allowed.extend([
-        "messages",
-        "max_completion_tokens",
-        "logprobs",
-        "top_logprobs",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "chat_template_kwargs",
-        "mm_processor_kwargs",
-    ]);
-    check_fields(map, &allowed)?;
+    check_route_fields(map, Route::Chat)?;
     let f = Fields { map };
+    for key in [
+        "store",
+        "metadata",
+        "user",
+        "safety_identifier",
+        "service_tier",
+        "prompt_cache_key",
+        "verbosity",
+    ] {
+        f.get::<Value>(key)?;
+    }
+    if let Some(modalities) = f.get::<Vec<String>>("modalities")? {
+        if let Some(other) = modalities.iter().find(|m| *m != "text") {
+            return Err(ApiError::invalid(
+                "modalities",
+                format!("only the `text` modality is supported, not `{other}`"),
+            ));
+        }
+    }
     let mut images = Vec::new();
     let messages = normalize_messages(map.get("messages"), &mut images)?;
     let image_processor = match f.get::<Map<String, Value>>("mm_processor_kwargs")? {
@@ -465,76 +543,137 @@ pub fn parse_chat_request(body: &Value) -> Result<ChatRequest, ApiError> {
         Some(choice) => (tools, choice),
         None => (None, ToolChoice::Auto),
     };
+    let continue_final_message = f.get::<bool>("continue_final_message")?.unwrap_or(false);
+    let add_generation_prompt = f
+        .get::<bool>("add_generation_prompt")?
+        .unwrap_or(!continue_final_message);
+    if continue_final_message {
+        if add_generation_prompt {
+            return Err(ApiError::invalid(
+                "continue_final_message",
+                "`continue_final_message` and `add_generation_prompt` cannot both be true",
+            ));
+        }
+        let last = messages.as_array().and_then(|m| m.last());
+        if last.and_then(|m| m["role"].as_str()) != Some("assistant") {
+            return Err(ApiError::invalid(
+                "continue_final_message",
+                "`continue_final_message` needs the last message to be the assistant's",
+            ));
+        }
+    }
+    let mut chat_template_kwargs: Option<Map<String, Value>> = f.get("chat_template_kwargs")?;
+    if let Some(effort) = f.get::<String>("reasoning_effort")? {
+        chat_template_kwargs
+            .get_or_insert_with(Map::new)
+            .entry("reasoning_effort")
+            .or_insert(Value::String(effort));
+    }
+    let chat_template = f.get::<String>("chat_template")?;
+    if chat_template.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(ApiError::invalid("chat_template", "`chat_template` must not be empty"));
+    }
+    if let Some(k) = f.get::<i64>("prompt_logprobs")? {
+        generation.sampling.set_prompt_logprobs("prompt_logprobs", k)?;
+    }
     Ok(ChatRequest {
         model: f.get("model")?,
         messages,
         tools,
         tool_choice,
         parallel_tool_calls: f.get::<bool>("parallel_tool_calls")?.unwrap_or(true),
-        chat_template_kwargs: f.get("chat_template_kwargs")?,
+        chat_template_kwargs,
         generation,
         logprobs,
         images,
         image_processor,
+        echo: f.get::<bool>("echo")?.unwrap_or(false),
+        add_generation_prompt,
+        continue_final_message,
+        chat_template,
+        documents: f.get::<Value>("documents")?,
+        include_reasoning: f.get::<bool>("include_reasoning")?.unwrap_or(true),
     })
+}
+
+/// Most prompts one completions request may batch.
+pub const MAX_PROMPTS: usize = 1024;
+
+/// A completions `prompt`: a string, a list of token ids, or a list of either.
+fn parse_prompts(value: Option<&Value>) -> Result<Vec<Prompt>, ApiError> {
+    let ids = |items: &[Value]| -> Option<Vec<u32>> {
+        items
+            .iter()
+            .map(|v| v.as_u64().filter(|&id| id <= u32::MAX as u64).map(|id| id as u32))
+            .collect()
+    };
+    let bad = || {
+        ApiError::invalid(
+            "prompt",
+            "`prompt` must be a string, a list of token ids, or a list of strings or of token-id lists",
+        )
+    };
+    let prompts = match value {
+        None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+        Some(Value::String(s)) => vec![Prompt::Text(s.clone())],
+        Some(Value::Array(items)) if items.is_empty() => return Err(bad()),
+        Some(Value::Array(items)) if items[0].is_number() => vec![Prompt::Ids(ids(items).ok_or_else(bad)?)],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => Ok(Prompt::Text(s.clone())),
+                Value::Array(inner) if !inner.is_empty() => ids(inner).map(Prompt::Ids).ok_or_else(bad),
+                _ => Err(bad()),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad()),
+    };
+    if prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!("at most {MAX_PROMPTS} prompts per request (got {})", prompts.len()),
+        ));
+    }
+    Ok(prompts)
 }
 
 pub fn parse_completion_request(body: &Value) -> Result<CompletionRequest, ApiError> {
     let map = as_object(body)?;
-    let mut allowed = SAMPLING_FIELDS.to_vec();
-    allowed.extend(["prompt", "echo", "logprobs", "suffix", "best_of"]);
-    check_fields(map, &allowed)?;
+    check_route_fields(map, Route::Completions)?;
     let f = Fields { map };
-    if map.get("suffix").is_some_and(|s| !s.is_null()) {
+    f.get::<Value>("user")?;
+    if f.get::<String>("suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
             "suffix",
             "`suffix` (fill-in-the-middle) is not supported",
         ));
     }
-    if f.get::<i64>("best_of")?.is_some_and(|b| b != 1) {
-        return Err(ApiError::invalid("best_of", "`best_of` is not supported (use `n`)"));
-    }
-    let prompt = match map.get("prompt") {
-        Some(Value::String(s)) => Prompt::Text(s.clone()),
-        Some(Value::Array(items))
-            if !items.is_empty() && items.iter().all(|v| v.as_u64().is_some_and(|id| id <= u32::MAX as u64)) =>
-        {
-            Prompt::Ids(items.iter().map(|v| v.as_u64().unwrap_or(0) as u32).collect())
-        }
-        Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
-            Prompt::Text(items[0].as_str().unwrap_or_default().to_owned())
-        }
-        Some(Value::Array(_)) => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "`prompt` must be a string or a list of token ids (send one request per prompt)",
-            ))
-        }
-        None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "prompt",
-                "`prompt` must be a string or a list of token ids",
-            ))
-        }
-    };
+    let prompts = parse_prompts(map.get("prompt"))?;
     let mut generation = generation_fields(&f, &["max_tokens"])?;
+    if let Some(best_of) = f.get::<i64>("best_of")? {
+        if best_of != generation.sampling.n as i64 {
+            return Err(ApiError::invalid(
+                "best_of",
+                "`best_of` is only supported equal to `n` (no server-side selection)",
+            ));
+        }
+    }
     // OpenAI's completions default is 16 tokens (when nothing else sets a limit).
     generation.sampling.fallback_max_tokens = Some(16);
     let echo = f.get::<bool>("echo")?.unwrap_or(false);
     if let Some(k) = f.get::<i64>("logprobs")? {
-        if echo {
-            // That combination asks for the prompt's log-probabilities, not computed here.
-            return Err(ApiError::invalid(
-                "logprobs",
-                "`logprobs` with `echo` (prompt logprobs) is not supported",
-            ));
-        }
         generation.sampling.set_logprobs("logprobs", k)?;
+        if echo {
+            // With the prompt echoed, its tokens' log-probabilities come too (vLLM, OpenAI).
+            generation.sampling.set_prompt_logprobs("logprobs", k)?;
+        }
+    }
+    if let Some(k) = f.get::<i64>("prompt_logprobs")? {
+        generation.sampling.set_prompt_logprobs("prompt_logprobs", k)?;
     }
     Ok(CompletionRequest {
         model: f.get("model")?,
-        prompt,
+        prompts,
         echo,
         generation,
     })

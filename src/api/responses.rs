@@ -4,7 +4,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::fields::{as_object, check_fields, Fields};
+use super::fields::{as_object, check_route_fields, Fields, Route};
 use super::ApiError;
 
 /// A validated `POST /v1/responses` body.
@@ -29,25 +29,6 @@ pub struct ResponsesRequest {
     pub echo: Map<String, Value>,
 }
 
-/// The Responses fields besides `SAMPLING`.
-const FIELDS: &[&str] = &[
-    "model",
-    "input",
-    "instructions",
-    "tools",
-    "tool_choice",
-    "max_output_tokens",
-    "text",
-    "metadata",
-    "store",
-    "previous_response_id",
-    "stream",
-    "user",
-    "truncation",
-    "reasoning",
-    "include",
-];
-
 /// Passed to the chat request as they are (including the extras chat completions takes).
 const SAMPLING: &[&str] = &[
     "temperature",
@@ -64,6 +45,11 @@ const SAMPLING: &[&str] = &[
     "min_tokens",
     "chat_template_kwargs",
     "parallel_tool_calls",
+    "stop_token_ids",
+    "bad_words",
+    "allowed_token_ids",
+    "priority",
+    "cache_salt",
 ];
 
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
@@ -75,13 +61,29 @@ pub fn parse_responses_request(
     new_id: &mut dyn FnMut(&str) -> String,
 ) -> Result<ResponsesRequest, ApiError> {
     let map = as_object(body)?;
-    let allowed: Vec<&str> = FIELDS.iter().chain(SAMPLING).copied().collect();
-    check_fields(map, &allowed)?;
+    check_route_fields(map, Route::Responses)?;
     let f = Fields { map };
-    if f.get::<Value>("reasoning")?.is_some() {
+    for key in [
+        "user",
+        "safety_identifier",
+        "service_tier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+    ] {
+        f.get::<Value>(key)?;
+    }
+    f.get::<i64>("max_tool_calls")?;
+    f.get::<Map<String, Value>>("stream_options")?;
+    if f.get::<bool>("background")? == Some(true) {
         return Err(invalid(
-            "reasoning",
-            "`reasoning` is not supported: thinking is the model's, set by `--reasoning` or `chat_template_kwargs`",
+            "background",
+            "`background: true` is not supported: responses run in the foreground",
+        ));
+    }
+    if f.get::<i64>("top_logprobs")?.is_some_and(|k| k != 0) {
+        return Err(invalid(
+            "top_logprobs",
+            "`top_logprobs` is not supported in Responses output yet (only 0)",
         ));
     }
     if f.get::<Vec<Value>>("include")?.is_some_and(|i| !i.is_empty()) {

@@ -48,6 +48,11 @@ pub struct SamplingRequest {
     pub min_tokens: usize,
     pub ignore_eos: bool,
     pub stop_token_ids: Vec<u32>,
+    pub allowed_token_ids: Option<Vec<u32>>,
+    pub prompt_logprobs: Option<usize>,
+    pub priority: i64,
+    /// `cache_salt`, hashed.
+    pub cache_salt: Option<u64>,
 }
 
 impl Default for SamplingRequest {
@@ -70,6 +75,10 @@ impl Default for SamplingRequest {
             min_tokens: 0,
             ignore_eos: false,
             stop_token_ids: Vec::new(),
+            allowed_token_ids: None,
+            prompt_logprobs: None,
+            priority: 0,
+            cache_salt: None,
         }
     }
 }
@@ -302,6 +311,28 @@ pub(crate) fn sampling_request(f: &Fields<'_>, max_tokens_keys: &[&str]) -> Resu
     if let Some(ids) = f.get::<Vec<u32>>("stop_token_ids")? {
         s.stop_token_ids = ids;
     }
+    if let Some(ids) = f.get::<Vec<u32>>("allowed_token_ids")? {
+        if ids.is_empty() {
+            return Err(ApiError::invalid(
+                "allowed_token_ids",
+                "`allowed_token_ids` must not be empty",
+            ));
+        }
+        s.allowed_token_ids = Some(ids);
+    }
+    if let Some(p) = f.get::<i64>("priority")? {
+        s.priority = p;
+    }
+    if let Some(salt) = f.get::<String>("cache_salt")? {
+        if salt.is_empty() {
+            return Err(ApiError::invalid("cache_salt", "`cache_salt` must not be empty"));
+        }
+        // SipHash with fixed keys: the same salt hashes the same on every run.
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        salt.hash(&mut h);
+        s.cache_salt = Some(h.finish());
+    }
     Ok(s)
 }
 
@@ -310,6 +341,12 @@ impl SamplingRequest {
     /// asked, for the error).
     pub(crate) fn set_logprobs(&mut self, key: &str, k: i64) -> Result<(), ApiError> {
         self.logprobs = Some(checked(key, k, rule::top_logprobs)? as usize);
+        Ok(())
+    }
+
+    /// Asks for the prompt tokens' log-probabilities with `k` alternatives each.
+    pub(crate) fn set_prompt_logprobs(&mut self, key: &str, k: i64) -> Result<(), ApiError> {
+        self.prompt_logprobs = Some(checked(key, k, rule::top_logprobs)? as usize);
         Ok(())
     }
 
@@ -355,6 +392,10 @@ impl SamplingRequest {
             min_tokens: self.min_tokens,
             ignore_eos: self.ignore_eos,
             stop_token_ids: self.stop_token_ids.clone(),
+            allowed_token_ids: self.allowed_token_ids.clone(),
+            prompt_logprobs: self.prompt_logprobs,
+            priority: self.priority,
+            cache_salt: self.cache_salt,
             ..engine
         })
     }

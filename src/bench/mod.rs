@@ -342,6 +342,7 @@ async fn engine_request(engine: &EngineHandle, ids: Vec<u32>, params: SamplingPa
                 outcome.chunks += 1;
             }
             EngineEvent::Finished { .. } => break,
+            EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Failed(e) => {
                 outcome.error = Some(e);
                 break;

@@ -91,6 +91,12 @@ impl RequestStream {
     pub async fn next(&mut self) -> Option<EngineEvent> {
         self.events.recv().await
     }
+
+    /// The next event if one is there, else wakes `cx` when one is (several streams
+    /// are awaited together this way).
+    pub fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<EngineEvent>> {
+        self.events.poll_recv(cx)
+    }
 }
 
 impl Drop for RequestStream {

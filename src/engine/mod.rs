@@ -54,12 +54,19 @@ pub enum EngineEvent {
         index: usize,
         token: u32,
         logprobs: Option<TokenLogprobs>,
+        /// The token ended the sequence as a stop token (EOS or a stop token id): its
+        /// text is not part of the reply unless the request keeps stop strings.
+        stop: bool,
     },
     Finished {
         index: usize,
         reason: FinishReason,
         usage: Usage,
     },
+    /// Log-probabilities of prompt tokens (`SamplingParams::prompt_logprobs`), in
+    /// order from position 1, each with its rank; the prompt may come in several such
+    /// events (one per prefill chunk), all before the first `Token`.
+    PromptLogprobs(Vec<(TokenLogprobs, usize)>),
     /// The request failed; nothing more follows.
     Failed(String),
 }
@@ -253,13 +260,19 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         }
         let rng = Rng::seeded(params.seed.unwrap_or_else(fresh_seed));
         // Cached decoder K/V depend on the audio or images too: blocks are shared only
-        // between requests with the same input.
-        let cache_salt = encoder_input
+        // between requests with the same input (and the same `cache_salt`).
+        let encoder_salt = encoder_input
             .as_ref()
             .map(|input| kv_cache::BlockHash(input.content_hash()));
+        let cache_salt = match params.cache_salt {
+            Some(salt) => Some(kv_cache::hash_block(encoder_salt, &[(salt >> 32) as u32, salt as u32])),
+            None => encoder_salt,
+        };
         let mut seq = Sequence::new(id, 0, prompt, rng).with_cache_salt(cache_salt);
         seq.needs_encoder = encoder_input.is_some();
-        self.scheduler.waiting.push_back(seq);
+        seq.priority = params.priority;
+        seq.prompt_logprobs_done = params.prompt_logprobs.map(|_| 1);
+        self.scheduler.enqueue(seq);
         self.requests.insert(
             id,
             RequestState {
@@ -371,11 +384,17 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         let batch = self.build_batch(&plan);
         let num_tokens = batch.num_tokens();
         self.stats.tokens_computed += num_tokens as u64;
-        match self
-            .model
-            .forward(&self.backend, &batch, &mut self.cache, LogitsFor::LastOfEachSequence)
-        {
+        let prompt_rows = self.prompt_logprob_rows(&plan, &batch);
+        let logits_for = match &prompt_rows {
+            None => LogitsFor::LastOfEachSequence,
+            Some(rows) => LogitsFor::Rows(&rows.rows),
+        };
+        match self.model.forward(&self.backend, &batch, &mut self.cache, logits_for) {
             Ok(logits) => {
+                let logits = match prompt_rows {
+                    None => logits,
+                    Some(rows) => self.send_prompt_logprobs(&plan, rows, logits),
+                };
                 self.scheduler.commit(&plan);
                 let mut rows = self.read_logits(&plan, logits);
                 self.process_outputs(&plan, &mut rows);
@@ -385,6 +404,60 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         self.stats.steps += 1;
         self.stats.last_step_secs = start.elapsed().as_secs_f64();
         num_tokens
+    }
+
+    /// The logits rows a step needs when some of its chunks owe prompt log-probabilities:
+    /// those prompt rows, and the last row of every chunk (what sampling reads). `None`
+    /// when no chunk does (the usual step: the last rows only).
+    fn prompt_logprob_rows(&self, plan: &StepPlan, batch: &ForwardBatch) -> Option<PromptRows> {
+        let mut out = PromptRows::default();
+        for (c, &(i, n)) in plan.chunks.iter().enumerate() {
+            let seq = &self.scheduler.running[i];
+            let chunk = &batch.seqs[c];
+            if let Some(done) = seq.prompt_logprobs_done {
+                // Row j of the chunk predicts the token at position start + j + 1.
+                let start = seq.num_computed;
+                for pos in done.max(start + 1)..(start + n + 1).min(seq.prompt_len) {
+                    out.prompt.push((out.rows.len(), c, pos));
+                    out.rows.push(chunk.query_start + pos - start - 1);
+                }
+            }
+            out.last.push(out.rows.len());
+            out.rows.push(chunk.query_start + chunk.query_len - 1);
+        }
+        (!out.prompt.is_empty()).then_some(out)
+    }
+
+    /// Sends each request its prompt log-probabilities out of `logits` (rows as
+    /// `prompt_logprob_rows` laid them out); returns the rows sampling reads, one per
+    /// chunk.
+    fn send_prompt_logprobs(&mut self, plan: &StepPlan, rows: PromptRows, logits: B::Tensor) -> B::Tensor {
+        let wanted: Vec<usize> = rows.prompt.iter().map(|p| p.0).collect();
+        let (values, _, vocab) = self.backend.to_host(self.backend.gather_rows(&logits, &wanted));
+        let mut per_chunk: Vec<Vec<(TokenLogprobs, usize)>> = vec![Vec::new(); plan.chunks.len()];
+        for (k, &(_, c, pos)) in rows.prompt.iter().enumerate() {
+            let seq = &self.scheduler.running[plan.chunks[c].0];
+            let Some(req) = self.requests.get(&seq.request) else {
+                continue;
+            };
+            let top = req.params.prompt_logprobs.unwrap_or(0);
+            per_chunk[c].push(sampling::token_logprobs(
+                &values[k * vocab..(k + 1) * vocab],
+                seq.tokens[pos],
+                top,
+            ));
+        }
+        for (c, entries) in per_chunk.into_iter().enumerate() {
+            if entries.is_empty() {
+                continue;
+            }
+            let seq = &mut self.scheduler.running[plan.chunks[c].0];
+            seq.prompt_logprobs_done = Some(seq.prompt_logprobs_done.unwrap_or(1) + entries.len());
+            if let Some(req) = self.requests.get(&seq.request) {
+                let _ = req.events.send(EngineEvent::PromptLogprobs(entries));
+            }
+        }
+        self.backend.gather_rows(&logits, &rows.last)
     }
 
     fn build_batch(&self, plan: &StepPlan) -> ForwardBatch {
@@ -528,6 +601,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                     index: seq.index,
                     token,
                     logprobs,
+                    stop: reason == Some(FinishReason::Stop),
                 })
                 .is_ok();
             if let Some(reason) = reason {
@@ -690,11 +764,23 @@ pub fn generate<B: Backend, M: EngineModel<B>>(
                     }
                 }
                 EngineEvent::Finished { reason, .. } => return Ok((tokens, Some(reason))),
+                EngineEvent::PromptLogprobs(_) => {}
                 EngineEvent::Failed(e) => return Err(GenerateError::Failed(e)),
             }
         }
     }
     Ok((tokens, None))
+}
+
+/// A step's logits rows when some owe prompt log-probabilities.
+#[derive(Default)]
+struct PromptRows {
+    /// Batch rows to compute logits for.
+    rows: Vec<usize>,
+    /// Per chunk, the index in `rows` of its last row.
+    last: Vec<usize>,
+    /// (index in `rows`, chunk, prompt position whose token it predicts).
+    prompt: Vec<(usize, usize, usize)>,
 }
 
 /// What sampling needs of one step's logits rows (see `Engine::read_logits`).

@@ -41,6 +41,20 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Generation ends after any of these (in addition to the model's EOS ids).
     pub stop_token_ids: Vec<u32>,
+    /// When set, only these tokens may be generated (vLLM's `allowed_token_ids`).
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// Token sequences the output must not contain (vLLM's `bad_words`, tokenized): the
+    /// last token of each is banned wherever the output ends with the rest.
+    pub bad_words: Vec<Vec<u32>>,
+    /// Report each prompt token's log-probability (given the tokens before it) and this
+    /// many alternatives (vLLM's `prompt_logprobs`). Such a request does not take its
+    /// prompt from the prefix cache: the prompt's logits have to be computed.
+    pub prompt_logprobs: Option<usize>,
+    /// Waiting requests are admitted lowest value first (arrival order among equals).
+    pub priority: i64,
+    /// Cached K/V are shared only between requests with the same salt (vLLM's
+    /// `cache_salt`, hashed).
+    pub cache_salt: Option<u64>,
     /// When not empty, the output must begin with one of these token sequences (how
     /// `tool_choice` forces a call): other tokens are masked until one is complete.
     /// No sequence may be a prefix of another.
@@ -160,6 +174,11 @@ impl Default for SamplingParams {
             min_tokens: 0,
             ignore_eos: false,
             stop_token_ids: Vec::new(),
+            allowed_token_ids: None,
+            bad_words: Vec::new(),
+            prompt_logprobs: None,
+            priority: 0,
+            cache_salt: None,
             forced_prefixes: Vec::new(),
             speech: None,
         }
@@ -196,6 +215,10 @@ pub enum TokenRole {
     Stop,
     /// Part of a forced prefix.
     Forced,
+    /// One of `allowed_token_ids`.
+    Allowed,
+    /// Part of a bad word.
+    BadWord,
 }
 
 impl std::fmt::Display for TokenRole {
@@ -205,6 +228,8 @@ impl std::fmt::Display for TokenRole {
             TokenRole::Biased => "biased token",
             TokenRole::Stop => "stop token",
             TokenRole::Forced => "forced token",
+            TokenRole::Allowed => "allowed token",
+            TokenRole::BadWord => "bad-word token",
         })
     }
 }
@@ -218,10 +243,14 @@ impl SamplingParams {
         let biased = self.logit_bias.iter().map(|&(t, _)| t).find(|t| outside(t));
         let stop = self.stop_token_ids.iter().copied().find(outside);
         let forced = self.forced_prefixes.iter().flatten().copied().find(outside);
+        let allowed = self.allowed_token_ids.iter().flatten().copied().find(outside);
+        let bad = self.bad_words.iter().flatten().copied().find(outside);
         biased
             .map(|t| (TokenRole::Biased, t))
             .or(stop.map(|t| (TokenRole::Stop, t)))
             .or(forced.map(|t| (TokenRole::Forced, t)))
+            .or(allowed.map(|t| (TokenRole::Allowed, t)))
+            .or(bad.map(|t| (TokenRole::BadWord, t)))
     }
 }
 
@@ -315,6 +344,25 @@ fn top_entries(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, values[i as usize])).collect()
 }
 
+/// The log-probability of `token` under one row of raw logits, its rank (1: the
+/// likeliest), and the `k` likeliest tokens: a prompt token's entry in
+/// `prompt_logprobs`.
+pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> (TokenLogprobs, usize) {
+    let lp = log_softmax(logits);
+    let own = lp[token as usize];
+    let rank = 1 + lp
+        .iter()
+        .enumerate()
+        .filter(|&(i, &v)| v > own || (v == own && (i as u32) < token))
+        .count();
+    let entry = TokenLogprobs {
+        token,
+        logprob: own,
+        top: top_entries(&lp, k),
+    };
+    (entry, rank)
+}
+
 /// Picks the next token from one row of raw logits (modified in place).
 pub fn sample(logits: &mut [f32], ctx: &SamplingContext<'_>, rng: &mut Rng) -> (u32, Option<TokenLogprobs>) {
     let p = ctx.params;
@@ -358,6 +406,8 @@ pub fn device_choice(ctx: &SamplingContext<'_>) -> Option<DeviceChoice> {
         && p.presence_penalty == 0.0
         && p.frequency_penalty == 0.0
         && p.no_repeat_ngram_size == 0
+        && p.allowed_token_ids.is_none()
+        && p.bad_words.is_empty()
         && (ctx.output.len() >= p.min_tokens || ctx.stop_ids.is_empty())
         && forced_next(&p.forced_prefixes, ctx.output).is_none();
     if !plain {
@@ -419,6 +469,29 @@ fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
                         *l = f32::NEG_INFINITY;
                     }
                 }
+            }
+        }
+    }
+    for word in &p.bad_words {
+        // vLLM's rule: the last token is banned where the output ends with the others.
+        if let Some((&last, before)) = word.split_last() {
+            if ctx.output.ends_with(before) {
+                if let Some(l) = logits.get_mut(last as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    if let Some(allowed) = &p.allowed_token_ids {
+        let mut mask = vec![false; logits.len()];
+        for &t in allowed {
+            if let Some(m) = mask.get_mut(t as usize) {
+                *m = true;
+            }
+        }
+        for (l, keep) in logits.iter_mut().zip(mask) {
+            if !keep {
+                *l = f32::NEG_INFINITY;
             }
         }
     }
@@ -591,6 +664,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn bad_words_and_allowed_tokens_mask_as_vllm_does() {
+        let logits = vec![1.0, 5.0, 4.0, 3.0, 2.0];
+        let pick = |params: &SamplingParams, output: &[u32]| {
+            sample(&mut logits.clone(), &ctx(params, &[], output), &mut Rng::seeded(0)).0
+        };
+        let bad = SamplingParams {
+            bad_words: vec![vec![1], vec![4, 2]],
+            ..SamplingParams::greedy()
+        };
+        // A one-token word is always banned; a longer one only after its beginning.
+        assert_eq!(pick(&bad, &[]), 2);
+        assert_eq!(pick(&bad, &[3, 4]), 3);
+        assert_eq!(device_choice(&ctx(&bad, &[], &[])), None);
+        let allowed = SamplingParams {
+            allowed_token_ids: Some(vec![0, 4]),
+            ..SamplingParams::greedy()
+        };
+        assert_eq!(pick(&allowed, &[]), 4);
+        let (entry, rank) = token_logprobs(&logits, 2, 2);
+        assert_eq!(rank, 2);
+        assert_eq!(entry.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((entry.logprob - entry.top[1].1).abs() < 1e-6);
     }
 
     #[test]

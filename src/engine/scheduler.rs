@@ -1,7 +1,8 @@
 //! Which tokens each step computes. No prefill or decode phase: every sequence's
 //! `num_computed` catches up with its token count under one token budget. A step takes
 //! running sequences needing one token (decodes) first, then running sequences still
-//! prefilling, then waiting ones in arrival order (FCFS), each prompt in chunks that fit
+//! prefilling, then waiting ones by priority, in arrival order among equals (FCFS),
+//! each prompt in chunks that fit
 //! the budget (chunked prefill). When blocks run out the newest running sequence is
 //! preempted: its blocks are released and it is recomputed later (the prefix cache often
 //! still holds them).
@@ -50,6 +51,17 @@ impl Scheduler {
             running: Vec::new(),
             num_preemptions: 0,
         }
+    }
+
+    /// Queues a new sequence after every waiting one of the same or a lower priority
+    /// value (first come, first served among equals).
+    pub fn enqueue(&mut self, seq: Sequence) {
+        let at = self
+            .waiting
+            .iter()
+            .position(|s| s.priority > seq.priority)
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(at, seq);
     }
 
     pub fn has_work(&self) -> bool {
@@ -123,7 +135,7 @@ impl Scheduler {
                 }
             }
         }
-        // Waiting sequences, first come first served, while there is room.
+        // Waiting sequences, in queue order (`enqueue`), while there is room.
         let mut encoder_admissions = 0;
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(seq) = self.waiting.front_mut() else { break };
@@ -134,7 +146,7 @@ impl Scheduler {
                 encoder_admissions += 1;
             }
             let mut prefix_blocks = Vec::new();
-            if seq.blocks.is_empty() {
+            if seq.blocks.is_empty() && seq.may_reuse_prefix() {
                 // Longest cached prefix of full blocks, leaving at least one token to
                 // compute (its logits pick the next token).
                 let reusable = (seq.tokens.len() - 1) / bs;

@@ -31,6 +31,12 @@ pub struct Sequence {
     pub cache_salt: Option<BlockHash>,
     /// Its request's encoder has yet to run (the scheduler admits few such a step).
     pub needs_encoder: bool,
+    /// Admission order among waiting sequences: lowest first.
+    pub priority: i64,
+    /// For a request that asked for prompt log-probabilities: the prompt positions
+    /// before this one have theirs (position 0 has none). Until the whole prompt has,
+    /// the prompt is computed, not taken from the prefix cache.
+    pub prompt_logprobs_done: Option<usize>,
 }
 
 impl Sequence {
@@ -47,12 +53,19 @@ impl Sequence {
             rng,
             cache_salt: None,
             needs_encoder: false,
+            priority: 0,
+            prompt_logprobs_done: None,
         }
     }
 
     pub fn with_cache_salt(mut self, salt: Option<BlockHash>) -> Self {
         self.cache_salt = salt;
         self
+    }
+
+    /// Whether admission may take its prompt from the prefix cache.
+    pub fn may_reuse_prefix(&self) -> bool {
+        self.prompt_logprobs_done.is_none_or(|done| done >= self.prompt_len)
     }
 
     pub fn prompt(&self) -> &[u32] {

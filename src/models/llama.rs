@@ -305,7 +305,7 @@ where
         backend: &B,
         batch: &ForwardBatch,
         cache: &mut B::KvCache,
-        logits_for: LogitsFor,
+        logits_for: LogitsFor<'_>,
     ) -> Result<B::Tensor, ForwardError> {
         let cfg = &self.config;
         check_batch(batch, cfg.vocab_size, cfg.max_position_embeddings)?;
@@ -341,7 +341,7 @@ impl<B: Backend> DecoderModel<B> {
         rope: Rope<'_>,
         batch: &ForwardBatch,
         cache: &mut B::KvCache,
-        logits_for: LogitsFor,
+        logits_for: LogitsFor<'_>,
     ) -> B::Tensor {
         let cfg = &self.config;
         let eps = cfg.rms_norm_eps;

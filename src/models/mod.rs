@@ -34,11 +34,14 @@ pub enum ForwardError {
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogitsFor {
+pub enum LogitsFor<'a> {
     /// The last token of each sequence (generation).
     LastOfEachSequence,
     /// Every token of the batch (scoring, tests).
     AllTokens,
+    /// These rows of the batch, in this order (prompt log-probabilities as well as the
+    /// rows generation samples from).
+    Rows(&'a [usize]),
 }
 
 /// What a request gives a model besides its prompt tokens: an encoder's input.
@@ -114,7 +117,7 @@ pub trait EngineModel<B: Backend>: Send + 'static {
         backend: &B,
         batch: &ForwardBatch,
         cache: &mut B::KvCache,
-        logits_for: LogitsFor,
+        logits_for: LogitsFor<'_>,
     ) -> Result<B::Tensor, ForwardError>;
     /// Bytes the model keeps per running request besides its KV blocks (a Whisper
     /// request's cross-attention keys and values), for memory budgets.
@@ -179,10 +182,11 @@ pub(crate) fn logit_rows<B: Backend>(
     backend: &B,
     hidden: B::Tensor,
     batch: &ForwardBatch,
-    logits_for: LogitsFor,
+    logits_for: LogitsFor<'_>,
 ) -> B::Tensor {
     match logits_for {
         LogitsFor::AllTokens => hidden,
+        LogitsFor::Rows(rows) => backend.gather_rows(&hidden, rows),
         LogitsFor::LastOfEachSequence => {
             let rows: Vec<usize> = batch.seqs.iter().map(|s| s.query_start + s.query_len - 1).collect();
             backend.gather_rows(&hidden, &rows)

@@ -639,7 +639,7 @@ where
         backend: &B,
         batch: &ForwardBatch,
         cache: &mut B::KvCache,
-        logits_for: LogitsFor,
+        logits_for: LogitsFor<'_>,
     ) -> Result<B::Tensor, ForwardError> {
         let cfg = self.decoder.config();
         check_batch(batch, cfg.vocab_size, cfg.max_position_embeddings)?;

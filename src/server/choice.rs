@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use crate::api::openai::GenerationFields;
 use crate::engine::{EngineEvent, FinishReason, TokenLogprobs};
 use crate::text::{
     collect_calls, IncrementalDetokenizer, ReasoningParser, StopMatcher, Tokenizer, ToolCall, ToolCallParser, ToolEvent,
@@ -18,10 +19,12 @@ pub(super) enum Kind {
     /// `reasoning`: `<think>` blocks go to `reasoning_content`.
     /// `one_call`: the reply ends with its first call (a named `tool_choice`, or
     /// `parallel_tool_calls: false`).
+    /// `include_reasoning: false`: the reasoning is split off and not shown.
     Chat {
         logprobs: bool,
         tools: bool,
         reasoning: bool,
+        include_reasoning: bool,
         one_call: bool,
     },
     Text,
@@ -41,13 +44,19 @@ pub(super) struct Choice {
     /// A call's arguments are complete (what ends a `one_call` reply).
     call_ended: bool,
     pub finish: Option<&'static str>,
+    /// vLLM's `include_stop_str_in_output`.
+    include_stop_str: bool,
+    /// vLLM's `return_tokens_as_token_ids`: log-probability entries say `token_id:<id>`.
+    token_ids_as_text: bool,
 }
 
 impl Choice {
-    pub(super) fn new(stops: &[String], kind: Kind) -> Self {
+    pub(super) fn new(generation: &GenerationFields, kind: Kind) -> Self {
         Choice {
-            detokenizer: IncrementalDetokenizer::new(true),
-            stops: StopMatcher::new(stops.iter().cloned()),
+            detokenizer: IncrementalDetokenizer::new(generation.skip_special_tokens),
+            stops: StopMatcher::new(generation.stop.iter().cloned()),
+            include_stop_str: generation.include_stop_str,
+            token_ids_as_text: generation.return_tokens_as_token_ids,
             text: String::new(),
             tokens: 0,
             logprobs: Vec::new(),
@@ -107,6 +116,15 @@ impl Choice {
         (content, events)
     }
 
+    /// The text released by the stop matcher, followed by the stop string it matched
+    /// when the request keeps stop strings.
+    fn with_stop_string(&self, mut text: String, matched: Option<String>) -> String {
+        if let Some(stop) = matched.filter(|_| self.include_stop_str) {
+            text.push_str(&stop);
+        }
+        text
+    }
+
     /// `stop` becomes `tool_calls` when the reply called tools.
     fn finish_with(&mut self, reason: &'static str) -> &'static str {
         let reason = if reason == "stop" && !self.tool_calls.is_empty() {
@@ -133,13 +151,17 @@ pub(super) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn token_text(tokenizer: &Tokenizer, id: u32) -> String {
+/// A token as log-probability entries name it: its text, or `token_id:<id>`.
+pub(super) fn token_text(tokenizer: &Tokenizer, id: u32, as_id: bool) -> String {
+    if as_id {
+        return format!("token_id:{id}");
+    }
     tokenizer.decode(&[id], false).unwrap_or_default()
 }
 
-fn chat_logprob(tokenizer: &Tokenizer, lp: &TokenLogprobs) -> Value {
+fn chat_logprob(tokenizer: &Tokenizer, lp: &TokenLogprobs, as_id: bool) -> Value {
     let entry = |id: u32, logprob: f32| {
-        let token = token_text(tokenizer, id);
+        let token = token_text(tokenizer, id, as_id);
         json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()})
     };
     let mut main = entry(lp.token, lp.logprob);
@@ -169,20 +191,31 @@ pub(super) fn apply_event(
     event: EngineEvent,
 ) -> Result<Option<ChoiceUpdate>, String> {
     match event {
-        EngineEvent::Token { index, token, logprobs } => {
+        EngineEvent::Token {
+            index,
+            token,
+            logprobs,
+            stop,
+        } => {
             let choice = &mut choices[index];
             if choice.finish.is_some() {
                 return Ok(None);
             }
             choice.tokens += 1;
-            let piece = choice.detokenizer.push(tokenizer, token).map_err(|e| e.to_string())?;
+            // A stop token's text is left out, as vLLM leaves it out (unless kept).
+            let piece = if stop && !choice.include_stop_str {
+                String::new()
+            } else {
+                choice.detokenizer.push(tokenizer, token).map_err(|e| e.to_string())?
+            };
             let out = choice.stops.push(&piece);
             let stopped = out.matched.is_some();
-            let (text, calls, reasoning) = choice.route(out.text, stopped);
+            let text = choice.with_stop_string(out.text, out.matched);
+            let (text, calls, reasoning) = choice.route(text, stopped);
+            let as_id = choice.token_ids_as_text;
             let logprob = logprobs.map(|lp| match kind {
-                Kind::Chat { .. } => chat_logprob(tokenizer, &lp),
-                Kind::Text => json!({"token": token_text(tokenizer, lp.token), "logprob": lp.logprob,
-                    "top": lp.top.iter().map(|&(id, l)| (token_text(tokenizer, id), l)).collect::<Vec<_>>()}),
+                Kind::Chat { .. } => chat_logprob(tokenizer, &lp, as_id),
+                Kind::Text => text_logprob(tokenizer, &lp, as_id),
             });
             if let Some(l) = &logprob {
                 choice.logprobs.push(l.clone());
@@ -205,7 +238,8 @@ pub(super) fn apply_event(
                 return Ok(None);
             }
             let rest = choice.detokenizer.flush(tokenizer).map_err(|e| e.to_string())?;
-            let mut text = choice.stops.push(&rest).text;
+            let out = choice.stops.push(&rest);
+            let mut text = choice.with_stop_string(out.text, out.matched);
             if !choice.stops.is_stopped() {
                 text.push_str(&choice.stops.finish());
             }
@@ -225,8 +259,18 @@ pub(super) fn apply_event(
                 finish: Some(reason),
             }))
         }
+        // The caller's (a request's, not a choice's).
+        EngineEvent::PromptLogprobs(_) => Ok(None),
         EngineEvent::Failed(e) => Err(e),
     }
+}
+
+/// A completions log-probability entry (the chosen token, its log-probability, and the
+/// alternatives as (token, log-probability) pairs), before `completion_logprobs`
+/// lays entries out.
+pub(super) fn text_logprob(tokenizer: &Tokenizer, lp: &TokenLogprobs, as_id: bool) -> Value {
+    json!({"token": token_text(tokenizer, lp.token, as_id), "logprob": lp.logprob,
+        "top": lp.top.iter().map(|&(id, l)| (token_text(tokenizer, id, as_id), l)).collect::<Vec<_>>()})
 }
 
 /// `call_<request id>_<choice>_<call>`: unique within the server's request ids.
@@ -235,9 +279,17 @@ pub(super) fn tool_call_id(request_id: &str, choice: usize, call: usize) -> Stri
 }
 
 /// The assistant message of a finished chat choice.
-pub(super) fn chat_message(request_id: &str, index: usize, choice: &Choice) -> Value {
+pub(super) fn chat_message(request_id: &str, index: usize, choice: &Choice, kind: Kind) -> Value {
     let mut message = chat_message_body(request_id, index, choice);
-    if !choice.reasoning.is_empty() {
+    if !choice.reasoning.is_empty()
+        && !matches!(
+            kind,
+            Kind::Chat {
+                include_reasoning: false,
+                ..
+            }
+        )
+    {
         message["reasoning_content"] = Value::String(choice.reasoning.clone());
     }
     message
@@ -275,6 +327,12 @@ pub(super) fn usage_json(prompt_tokens: usize, choices: &[Choice]) -> Value {
 mod tests {
     use super::*;
 
+    fn test_fields() -> GenerationFields {
+        crate::api::parse_chat_request(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+            .unwrap()
+            .generation
+    }
+
     /// A scripted Qwen reply with two tool calls, fed one token at a time.
     #[test]
     fn tool_calls_are_parsed_out_of_a_token_stream_into_the_chat_message() {
@@ -285,9 +343,10 @@ mod tests {
             logprobs: false,
             tools: true,
             reasoning: true,
+            include_reasoning: true,
             one_call: false,
         };
-        let mut choices = vec![Choice::new(&[], kind)];
+        let mut choices = vec![Choice::new(&test_fields(), kind)];
         let mut streamed = String::new();
         let mut calls = Vec::new();
         let ids = tokenizer.encode(reply, false).unwrap();
@@ -297,6 +356,7 @@ mod tests {
                 index: 0,
                 token,
                 logprobs: None,
+                stop: false,
             })
             .chain([EngineEvent::Finished {
                 index: 0,
@@ -313,7 +373,7 @@ mod tests {
         assert_eq!(streamed, "Checking both.\n\n");
         assert_eq!(calls.iter().filter(|e| matches!(e, ToolEvent::CallStart(_))).count(), 2);
         assert_eq!(choices[0].finish, Some("tool_calls"));
-        let message = chat_message("req_1", 0, &choices[0]);
+        let message = chat_message("req_1", 0, &choices[0], kind);
         assert_eq!(message["content"], "Checking both.");
         assert_eq!(message["reasoning_content"], "Two tools.");
         assert_eq!(message["tool_calls"][0]["id"], "call_req_1_0_0");
@@ -337,15 +397,17 @@ mod tests {
             logprobs: false,
             tools: true,
             reasoning: false,
+            include_reasoning: true,
             one_call: true,
         };
-        let mut choices = vec![Choice::new(&[], kind)];
+        let mut choices = vec![Choice::new(&test_fields(), kind)];
         let mut updates = 0;
         for token in tokenizer.encode(reply, false).unwrap() {
             let event = EngineEvent::Token {
                 index: 0,
                 token,
                 logprobs: None,
+                stop: false,
             };
             updates += apply_event(&tokenizer, kind, &mut choices, event).unwrap().is_some() as usize;
         }

@@ -148,7 +148,7 @@ pub async fn create(state: Arc<ServerState>, body: Value) -> Result<HttpResponse
     base.insert("model".into(), json!(chat.model.name));
     base.extend(request.echo.clone());
     let builder = ResponseBuilder::new(Value::Object(base), rid, prompt_tokens);
-    let choice = Choice::new(&chat.generation.stop, chat.kind);
+    let choice = Choice::new(&chat.generation, chat.kind);
     let run = Run {
         state,
         model: chat.model,

@@ -46,6 +46,11 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<H
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
     let (route, result) = dispatch(&state, req, &request_id).await;
     let mut response = result.unwrap_or_else(|e| error_response(&e));
+    // A generation request may name itself (vLLM's `request_id`): its id wins.
+    let request_id = match response.headers().get("x-request-id").and_then(|v| v.to_str().ok()) {
+        Some(own) => own.to_owned(),
+        None => request_id,
+    };
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("x-request-id", v);
     }

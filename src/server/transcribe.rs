@@ -328,6 +328,7 @@ async fn transcribe(
                     finished = true;
                     break;
                 }
+                EngineEvent::PromptLogprobs(_) => {}
                 EngineEvent::Failed(e) => return Err(ApiError::internal(format!("transcription failed: {e}"))),
             }
         }
@@ -644,7 +645,9 @@ async fn detect_language(model: &ModelLease, speech: &SpeechSettings, mel: &LogM
     match stream.next().await {
         Some(EngineEvent::Token { token, .. }) => Ok(token),
         Some(EngineEvent::Failed(e)) => Err(ApiError::internal(format!("language detection failed: {e}"))),
-        Some(EngineEvent::Finished { .. }) | None => Err(ApiError::internal("language detection produced no token")),
+        Some(EngineEvent::Finished { .. } | EngineEvent::PromptLogprobs(_)) | None => {
+            Err(ApiError::internal("language detection produced no token"))
+        }
     }
 }
 

@@ -185,5 +185,7 @@ mod engine_on_the_gpu {
         the_engine_thread_serves_streams_and_dropping_one_cancels_it,
         invalid_requests_are_refused_before_the_engine,
         a_full_waiting_queue_reports_overload,
+        prompt_logprobs_are_the_next_token_logprobs_of_each_prefix,
+        priority_orders_admission_and_cache_salt_separates_prefixes,
     );
 }

@@ -76,6 +76,7 @@ pub fn run_alone<B: inferd::backend::Backend + 'static, M: inferd::models::Engin
         match e {
             EngineEvent::Token { token, .. } => out.push(token),
             EngineEvent::Finished { .. } => break,
+            EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Failed(e) => panic!("{e}"),
         }
     }

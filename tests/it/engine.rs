@@ -158,8 +158,19 @@ fn a_panicking_step_fails_its_requests_and_the_engine_serves_on() {
         match next.blocking_next().expect("stream open") {
             EngineEvent::Token { .. } => tokens += 1,
             EngineEvent::Finished { .. } => break,
+            EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Failed(e) => panic!("{e}"),
         }
     }
     assert_eq!(tokens, 5);
+}
+
+#[test]
+fn prompt_logprobs_are_the_next_token_logprobs_of_each_prefix() {
+    cases::prompt_logprobs_are_the_next_token_logprobs_of_each_prefix(&CpuBackend::default());
+}
+
+#[test]
+fn priority_orders_admission_and_cache_salt_separates_prefixes() {
+    cases::priority_orders_admission_and_cache_salt_separates_prefixes(&CpuBackend::default());
 }

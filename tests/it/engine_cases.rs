@@ -88,6 +88,7 @@ fn run_batch<B: Backend + 'static>(
                 match event {
                     EngineEvent::Token { index, token, .. } => outputs[index].push(token),
                     EngineEvent::Finished { .. } => finished += 1,
+                    EngineEvent::PromptLogprobs(_) => {}
                     EngineEvent::Failed(e) => panic!("request failed: {e}"),
                 }
             }
@@ -193,6 +194,7 @@ pub fn a_shared_prefix_is_computed_once<B: Backend + Clone + 'static>(backend: &
         match event {
             EngineEvent::Token { token, .. } => tokens_b.push(token),
             EngineEvent::Finished { usage, .. } => cached = Some(usage.cached_prompt_tokens),
+            EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Failed(e) => panic!("{e}"),
         }
     }
@@ -290,6 +292,7 @@ pub fn the_engine_thread_serves_streams_and_dropping_one_cancels_it<B: Backend +
                 );
                 break;
             }
+            EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Failed(e) => panic!("{e}"),
         }
     }
@@ -401,4 +404,154 @@ pub fn a_full_waiting_queue_reports_overload<B: Backend + Clone + 'static>(backe
         )
         .unwrap();
     while !matches!(stream.blocking_next(), Some(EngineEvent::Finished { .. })) {}
+}
+
+/// Every event of one request that ran alone: prompt log-probabilities, tokens, and
+/// the usage it finished with.
+fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<EngineEvent>) -> (Vec<(u32, f32, usize)>, Vec<u32>, usize) {
+    let (mut prompt, mut tokens, mut cached) = (Vec::new(), Vec::new(), 0);
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            EngineEvent::PromptLogprobs(entries) => {
+                assert!(tokens.is_empty(), "prompt log-probabilities come before tokens");
+                prompt.extend(entries.iter().map(|(lp, rank)| (lp.token, lp.logprob, *rank)));
+            }
+            EngineEvent::Token { token, .. } => tokens.push(token),
+            EngineEvent::Finished { usage, .. } => cached = usage.cached_prompt_tokens,
+            EngineEvent::Failed(e) => panic!("{e}"),
+        }
+    }
+    (prompt, tokens, cached)
+}
+
+/// vLLM's `prompt_logprobs`: each prompt token's log-probability given the tokens before
+/// it is what the decode path reports for that token as the next one (checked by
+/// forcing it with `allowed_token_ids`: log-probabilities are of the raw logits), in
+/// one chunk or many, and a prompt the prefix cache holds is computed again for them.
+pub fn prompt_logprobs_are_the_next_token_logprobs_of_each_prefix<B: Backend + Clone + 'static>(backend: &B) {
+    let model = load(backend, "inferd-test/tiny-qwen2");
+    let prompt: Vec<u32> = (0..40).map(|i| 3 + (i * 29) % 380).collect();
+    let params = SamplingParams {
+        max_tokens: Some(3),
+        prompt_logprobs: Some(2),
+        ..SamplingParams::greedy()
+    };
+    let mut engine = Engine::new(backend.clone(), model, config(64, 8), vec![]);
+    let mut run = |engine: &mut Engine<B>, params: &SamplingParams| {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine
+            .add_request(RequestId(7), prompt.clone(), params.clone(), tx)
+            .unwrap();
+        while engine.has_work() {
+            engine.step();
+        }
+        drain(&mut rx)
+    };
+    let (entries, tokens, _) = run(&mut engine, &params);
+    assert_eq!(entries.len(), prompt.len() - 1);
+    assert_eq!(entries.iter().map(|e| e.0).collect::<Vec<_>>(), prompt[1..]);
+    // Again, with the prompt in the prefix cache: the same, and nothing taken from it.
+    let (again, tokens_again, cached) = run(&mut engine, &params);
+    assert_eq!((&again, &tokens_again, cached), (&entries, &tokens, 0));
+    let plain = SamplingParams {
+        prompt_logprobs: None,
+        ..params.clone()
+    };
+    let (none, plain_tokens, cached) = run(&mut engine, &plain);
+    assert!(none.is_empty() && cached > 0);
+    assert_eq!(
+        plain_tokens, tokens,
+        "asking for prompt log-probabilities changes no token"
+    );
+    assert_all_blocks_free(&engine);
+    // Against the decode path, one prefix at a time.
+    let model = engine.into_model();
+    let mut fresh = Engine::new(backend.clone(), model, config(64, 8), vec![]);
+    for (p, &(token, logprob, rank)) in entries.iter().enumerate().step_by(7) {
+        let forced = SamplingParams {
+            max_tokens: Some(1),
+            logprobs: Some(1),
+            allowed_token_ids: Some(vec![token]),
+            ..SamplingParams::greedy()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        fresh
+            .add_request(RequestId(9), prompt[..p + 1].to_vec(), forced, tx)
+            .unwrap();
+        while fresh.has_work() {
+            fresh.step();
+        }
+        let reported = std::iter::from_fn(|| rx.try_recv().ok())
+            .find_map(|e| match e {
+                EngineEvent::Token { logprobs, .. } => logprobs,
+                _ => None,
+            })
+            .expect("a token with log-probabilities");
+        assert_eq!(reported.token, token);
+        assert!(
+            (reported.logprob - logprob).abs() < 1e-4,
+            "position {}: {logprob} vs {}",
+            p + 1,
+            reported.logprob
+        );
+        assert_eq!(rank == 1, reported.top[0].0 == token, "rank 1 is the likeliest token");
+    }
+}
+
+/// vLLM's `priority`: waiting requests start lowest value first, arrival order among
+/// equals; `cache_salt`: cached blocks are shared only between equal salts.
+pub fn priority_orders_admission_and_cache_salt_separates_prefixes<B: Backend + Clone + 'static>(backend: &B) {
+    let model = load(backend, "inferd-test/tiny-qwen2");
+    let mut engine = Engine::new(
+        backend.clone(),
+        model,
+        EngineConfig {
+            max_num_seqs: 1,
+            ..config(64, 8)
+        },
+        vec![],
+    );
+    let mut receivers = Vec::new();
+    for (id, priority) in [(1, 0), (2, 5), (3, -1), (4, 0), (5, -1)] {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let params = SamplingParams {
+            max_tokens: Some(2),
+            priority,
+            ..SamplingParams::greedy()
+        };
+        engine.add_request(RequestId(id), vec![5, 6, 7], params, tx).unwrap();
+        receivers.push((id, rx));
+    }
+    let mut finished = Vec::new();
+    while engine.has_work() {
+        engine.step();
+        for (id, rx) in receivers.iter_mut() {
+            while let Ok(event) = rx.try_recv() {
+                if matches!(event, EngineEvent::Finished { .. }) {
+                    finished.push(*id);
+                }
+            }
+        }
+    }
+    assert_eq!(finished, vec![3, 5, 1, 4, 2]);
+
+    let prompt: Vec<u32> = (0..40).map(|i| 3 + i).collect();
+    let mut cached_with = |salt: Option<u64>| {
+        let params = SamplingParams {
+            max_tokens: Some(1),
+            cache_salt: salt,
+            ..SamplingParams::greedy()
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        engine.add_request(RequestId(20), prompt.clone(), params, tx).unwrap();
+        while engine.has_work() {
+            engine.step();
+        }
+        drain(&mut rx).2
+    };
+    assert_eq!(cached_with(Some(1)), 0);
+    assert_eq!(cached_with(Some(2)), 0, "another salt shares nothing");
+    assert_eq!(cached_with(None), 0, "nor does no salt");
+    // Four full blocks: the last token is always computed (its logits pick the next).
+    assert_eq!(cached_with(Some(1)), 32, "the same salt shares the prefix");
 }

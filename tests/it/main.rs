@@ -12,6 +12,7 @@ mod engine_cases;
 mod errors;
 mod fake_hub;
 mod faults;
+mod fields;
 mod generate_cli;
 mod hostile;
 mod images;

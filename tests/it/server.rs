@@ -484,7 +484,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
         ("/v1/completions", json!({"prompt": "a", "suffix": "b"}), "suffix"),
         (
             "/v1/completions",
-            json!({"prompt": "a", "echo": true, "logprobs": 1}),
+            json!({"prompt": "a", "echo": true, "logprobs": 21}),
             "logprobs",
         ),
         (

@@ -572,7 +572,7 @@ where
         backend: &B,
         batch: &ForwardBatch,
         cache: &mut B::KvCache,
-        logits_for: LogitsFor,
+        logits_for: LogitsFor<'_>,
     ) -> Result<B::Tensor, ForwardError> {
         let cfg = &self.config;
         check_batch(batch, cfg.vocab_size, cfg.max_target_positions)?;
