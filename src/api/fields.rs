@@ -198,7 +198,7 @@ pub const FIELD_TABLE: &[FieldRule] = &[
     rule("stop_token_ids", C | T | R, Vllm, Acted, "Token ids that end generation, besides EOS."),
     rule("include_stop_str_in_output", C | T, Vllm, Acted, "The matched stop string stays at the end of the text."),
     rule("skip_special_tokens", C | T, Vllm, Acted, "`false` keeps special tokens in the text (default `true`)."),
-    rule("spaces_between_special_tokens", C | T, Vllm, Acted, "Only the default `true`, what fast tokenizers (every model inferd serves) do; vLLM ignores it for them too."),
+    rule("spaces_between_special_tokens", C | T, Vllm, Ignored, "Fast tokenizers (every model inferd serves) decode the same either way; vLLM ignores it for them too."),
     rule("bad_words", C | T | R, Vllm, Acted, "Words never generated: each word's tokens, with and without a leading space, are banned as a sequence."),
     rule("allowed_token_ids", C | T | R, Vllm, Acted, "Only these token ids may be generated."),
     rule("truncate_prompt_tokens", C | T, Vllm, Acted, "Keep only the last k prompt tokens (k >= 1, or -1 for the context window less one)."),

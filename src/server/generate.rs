@@ -474,11 +474,14 @@ struct Submitted {
     opened: bool,
 }
 
-/// The next event of any of the request's prompts, with the prompt's index (`None`:
-/// a stream ended before its request finished).
-async fn next_event(prompts: &mut [Submitted]) -> Option<(usize, EngineEvent)> {
+/// The next event of any of the request's unfinished prompts (`n` choices each), with
+/// the prompt's index (`None`: a stream ended before its choices finished).
+async fn next_event(prompts: &mut [Submitted], choices: &[Choice], n: usize) -> Option<(usize, EngineEvent)> {
     std::future::poll_fn(|cx| {
         for (k, p) in prompts.iter_mut().enumerate() {
+            if choices[k * n..(k + 1) * n].iter().all(|c| c.finish.is_some()) {
+                continue; // its stream closes once its request is done
+            }
             match p.stream.poll_next(cx) {
                 std::task::Poll::Ready(Some(event)) => return std::task::Poll::Ready(Some((k, event))),
                 std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
@@ -589,7 +592,7 @@ async fn collect(
     let tokenizer = model.tokenizer.clone();
     let mut first = true;
     while choices.iter().any(|c| c.finish.is_none()) {
-        let Some((k, event)) = next_event(&mut prompts).await else {
+        let Some((k, event)) = next_event(&mut prompts, &choices, ctx.n).await else {
             return Err(ApiError::internal("the engine stopped before the request finished"));
         };
         if let EngineEvent::PromptLogprobs(entries) = event {
@@ -856,7 +859,7 @@ async fn stream_events(
         // Watch the client too: tokens that add no text (a split character, held-back
         // stop prefix) send nothing, and would not notice a hang-up for a long time.
         let event = tokio::select! {
-            event = next_event(&mut prompts) => event,
+            event = next_event(&mut prompts, &choices, ctx.n) => event,
             _ = tx.closed() => return,
         };
         let Some((k, event)) = event else {

@@ -28,6 +28,7 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/metrics", &[Method::GET]),
     ("/tokenize", &[Method::POST]),
     ("/detokenize", &[Method::POST]),
+    ("/tokenizer_info", &[Method::GET]),
     ("/load_model", &[Method::POST]),
     ("/v1/responses", &[Method::POST]),
     ("/v1/audio/transcriptions", &[Method::POST]),
@@ -165,6 +166,18 @@ async fn dispatch(
             Ok(body) => generate::completions(state.clone(), body, request_id.to_owned()).await,
             Err(e) => Err(e),
         },
+        (Method::GET, "/tokenizer_info") => {
+            // A `?model=` names the model; else the forced or only one.
+            let query = req.uri().query().unwrap_or("");
+            let requested = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("model="))
+                .map(percent_decode);
+            match state.models.acquire(requested.as_deref()).await {
+                Ok(model) => Ok(json_response(StatusCode::OK, &tokenizer_info(&model))),
+                Err(e) => Err(ApiError::from(e)),
+            }
+        }
         (Method::POST, p @ ("/tokenize" | "/detokenize")) => {
             let detokenize = p == "/detokenize";
             match with_model(state, req).await {
@@ -412,6 +425,24 @@ fn tokenize(state: &ServerState, model: &ServedModel, body: &Value) -> Result<Ht
         StatusCode::OK,
         &json!({"tokens": ids, "count": ids.len(), "max_model_len": model.engine.max_model_len()}),
     ))
+}
+
+/// `GET /tokenizer_info` (vLLM's): what a client needs to tokenize as the server does
+/// (lm-eval's remote tokenizer reads it): the special tokens, the chat template, the
+/// context window.
+fn tokenizer_info(model: &ServedModel) -> Value {
+    let t = &model.tokenizer;
+    let special = &t.special_tokens;
+    json!({
+        "model": model.name,
+        "eos_token": special.eos_token,
+        "bos_token": special.bos_token,
+        "pad_token": special.pad_token,
+        "unk_token": special.unk_token,
+        "chat_template": t.chat_template().ok().map(|c| c.source().to_owned()),
+        "vocab_size": t.vocab_size(),
+        "model_max_length": model.engine.max_model_len(),
+    })
 }
 
 fn detokenize_route(model: &ServedModel, body: &Value) -> Result<HttpResponse, ApiError> {

@@ -437,7 +437,7 @@ pub fn prompt_logprobs_are_the_next_token_logprobs_of_each_prefix<B: Backend + C
         ..SamplingParams::greedy()
     };
     let mut engine = Engine::new(backend.clone(), model, config(64, 8), vec![]);
-    let mut run = |engine: &mut Engine<B>, params: &SamplingParams| {
+    let run = |engine: &mut Engine<B>, params: &SamplingParams| {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         engine
             .add_request(RequestId(7), prompt.clone(), params.clone(), tx)

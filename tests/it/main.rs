@@ -10,6 +10,7 @@ mod download;
 mod engine;
 mod engine_cases;
 mod errors;
+mod extensions;
 mod fake_hub;
 mod faults;
 mod fields;
