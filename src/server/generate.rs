@@ -155,42 +155,43 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
     let (add_generation_prompt, continue_final) = (request.add_generation_prompt, request.continue_final_message);
     let add_special_tokens = request.generation.add_special_tokens.unwrap_or(false);
     let bad_words = request.generation.bad_words.clone();
-    let prepared =
-        tokio::task::spawn_blocking(move || -> Result<(Vec<u32>, Vec<Vec<u32>>, Vec<Vec<u32>>), ApiError> {
-            let request_template;
-            let template = match own_template {
-                Some(source) => {
-                    request_template = ChatTemplate::new(source, tokenizer.special_tokens.clone())
-                        .map_err(|e| ApiError::invalid("chat_template", format!("`chat_template`: {e}")))?;
-                    &request_template
-                }
-                None => tokenizer
-                    .chat_template()
-                    .map_err(|e| ApiError::bad_request(format!("cannot apply a chat template: {e}")))?,
-            };
-            let mut text = template
-                .render(ChatInput {
-                    messages: &messages,
-                    tools: tools.as_ref(),
-                    add_generation_prompt,
-                    kwargs: Some(&kwargs),
-                })
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            if continue_final {
-                text = cut_after_final_message(&text, &messages)?;
+    // (prompt ids, forced openings, bad words), each tokenized.
+    type Tokenized = (Vec<u32>, Vec<Vec<u32>>, Vec<Vec<u32>>);
+    let prepared = tokio::task::spawn_blocking(move || -> Result<Tokenized, ApiError> {
+        let request_template;
+        let template = match own_template {
+            Some(source) => {
+                request_template = ChatTemplate::new(source, tokenizer.special_tokens.clone())
+                    .map_err(|e| ApiError::invalid("chat_template", format!("`chat_template`: {e}")))?;
+                &request_template
             }
-            let encode = |text: &str, special: bool| {
-                tokenizer
-                    .encode(text, special)
-                    .map_err(|e| ApiError::internal(e.to_string()))
-            };
-            let forced = forced.iter().map(|t| encode(t, false)).collect::<Result<_, _>>()?;
-            Ok((
-                encode(&text, add_special_tokens)?,
-                forced,
-                tokenize_bad_words(&tokenizer, &bad_words)?,
-            ))
-        });
+            None => tokenizer
+                .chat_template()
+                .map_err(|e| ApiError::bad_request(format!("cannot apply a chat template: {e}")))?,
+        };
+        let mut text = template
+            .render(ChatInput {
+                messages: &messages,
+                tools: tools.as_ref(),
+                add_generation_prompt,
+                kwargs: Some(&kwargs),
+            })
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        if continue_final {
+            text = cut_after_final_message(&text, &messages)?;
+        }
+        let encode = |text: &str, special: bool| {
+            tokenizer
+                .encode(text, special)
+                .map_err(|e| ApiError::internal(e.to_string()))
+        };
+        let forced = forced.iter().map(|t| encode(t, false)).collect::<Result<_, _>>()?;
+        Ok((
+            encode(&text, add_special_tokens)?,
+            forced,
+            tokenize_bad_words(&tokenizer, &bad_words)?,
+        ))
+    });
     let (prompt_ids, forced, bad_words) = prepared
         .await
         .map_err(|e| ApiError::internal(format!("tokenization task failed: {e}")))??;
@@ -494,26 +495,11 @@ async fn next_event(prompts: &mut [Submitted], choices: &[Choice], n: usize) -> 
 }
 
 /// An event of prompt `k` with its choice index made the request's (`k * n + i`).
-fn global_index(event: EngineEvent, k: usize, n: usize) -> EngineEvent {
-    match event {
-        EngineEvent::Token {
-            index,
-            token,
-            logprobs,
-            stop,
-        } => EngineEvent::Token {
-            index: k * n + index,
-            token,
-            logprobs,
-            stop,
-        },
-        EngineEvent::Finished { index, reason, usage } => EngineEvent::Finished {
-            index: k * n + index,
-            reason,
-            usage,
-        },
-        other => other,
+fn global_index(mut event: EngineEvent, k: usize, n: usize) -> EngineEvent {
+    if let EngineEvent::Token { index, .. } | EngineEvent::Finished { index, .. } = &mut event {
+        *index += k * n;
     }
+    event
 }
 
 async fn run(
@@ -845,13 +831,13 @@ async fn stream_events(
     };
     // Without prompt log-probabilities to wait for, every choice opens at once.
     if !ctx.prompt_logprobs {
-        for k in 0..prompts.len() {
-            for frame in opening_frames(&ctx, &tokenizer, &model, k, &prompts[k], &choices) {
+        for (k, prompt) in prompts.iter_mut().enumerate() {
+            for frame in opening_frames(&ctx, &tokenizer, &model, k, prompt, &choices) {
                 if !send(frame).await {
                     return;
                 }
             }
-            prompts[k].opened = true;
+            prompt.opened = true;
         }
     }
     let mut last_token_at: Option<Instant> = None;

@@ -221,6 +221,7 @@ fn engine_batches_and_prefix_cache_match_solo_runs_on_the_gpu() {
             match e {
                 EngineEvent::Token { token, .. } => got.push(token),
                 EngineEvent::Finished { .. } => break,
+                EngineEvent::PromptLogprobs(_) => {}
                 EngineEvent::Failed(e) => panic!("request {i}: {e}"),
             }
         }
