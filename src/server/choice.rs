@@ -376,6 +376,17 @@ mod tests {
         let message = chat_message("req_1", 0, &choices[0], kind);
         assert_eq!(message["content"], "Checking both.");
         assert_eq!(message["reasoning_content"], "Two tools.");
+        // vLLM's `include_reasoning: false`: split off all the same, not shown.
+        let hidden = Kind::Chat {
+            include_reasoning: false,
+            logprobs: false,
+            tools: true,
+            reasoning: true,
+            one_call: false,
+        };
+        let quiet = chat_message("req_1", 0, &choices[0], hidden);
+        assert!(quiet.get("reasoning_content").is_none());
+        assert_eq!(quiet["content"], "Checking both.");
         assert_eq!(message["tool_calls"][0]["id"], "call_req_1_0_0");
         assert_eq!(message["tool_calls"][0]["function"]["name"], "get_weather");
         let args: Value =

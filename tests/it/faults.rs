@@ -136,7 +136,15 @@ fn a_client_that_stops_reading_is_cut_off_without_slowing_anyone() {
     let model = tiny_chat_model("faults-write");
     let s = Server::start_model(
         model.to_str().unwrap(),
-        &["--load-format", "dummy", "--write-timeout-secs", "2"],
+        // A context window (16 384 tokens) with room for the 12 000 asked for.
+        &[
+            "--load-format",
+            "dummy",
+            "--write-timeout-secs",
+            "2",
+            "--num-blocks",
+            "1024",
+        ],
     );
     // A small receive buffer, so that the stall shows after a few hundred kB.
     let runtime = tokio::runtime::Builder::new_current_thread()
