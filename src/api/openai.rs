@@ -596,7 +596,7 @@ pub fn parse_chat_request(body: &Value) -> Result<ChatRequest, ApiError> {
     })
 }
 
-/// Most prompts one completions request may batch.
+/// Most prompts one completions request may batch (and most completions: prompts × `n`).
 pub const MAX_PROMPTS: usize = 1024;
 
 /// A completions `prompt`: a string, a list of token ids, or a list of either.
@@ -657,6 +657,17 @@ pub fn parse_completion_request(body: &Value) -> Result<CompletionRequest, ApiEr
                 "`best_of` is only supported equal to `n` (no server-side selection)",
             ));
         }
+    }
+    if prompts.len() * generation.sampling.n > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} prompts with `n` = {} ask for {} completions; at most {MAX_PROMPTS} per request",
+                prompts.len(),
+                generation.sampling.n,
+                prompts.len() * generation.sampling.n
+            ),
+        ));
     }
     // OpenAI's completions default is 16 tokens (when nothing else sets a limit).
     generation.sampling.fallback_max_tokens = Some(16);

@@ -115,6 +115,7 @@ fn refused_values(route: Route) -> Vec<Value> {
             json!({"best_of": 3}),
             json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
             json!({"truncate_prompt_tokens": 0}),
+            json!({"n": 2, "prompt": vec!["x"; 600]}),
         ],
         Route::Responses => vec![
             json!({"background": true}),
