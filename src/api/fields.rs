@@ -12,6 +12,12 @@ pub(crate) struct Fields<'a> {
 }
 
 impl Fields<'_> {
+    /// Type-checks fields that must be strings when given (informational fields with no
+    /// effect: a wrong type is still the caller's mistake).
+    pub fn check_strings(&self, keys: &[&str]) -> Result<(), ApiError> {
+        keys.iter().try_for_each(|key| self.get::<String>(key).map(drop))
+    }
+
     pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ApiError> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),

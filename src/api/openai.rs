@@ -176,6 +176,9 @@ fn generation_fields(f: &Fields<'_>, max_tokens_keys: &[&'static str]) -> Result
     }
     f.get::<bool>("spaces_between_special_tokens")?;
     f.get::<f32>("length_penalty")?;
+    for key in ["vllm_xargs", "kv_transfer_params"] {
+        f.get::<Map<String, Value>>(key)?;
+    }
     let bad_words = match f.get::<Vec<String>>("bad_words")? {
         Some(words) if words.iter().any(|w| w.trim().is_empty()) => {
             return Err(ApiError::invalid("bad_words", "`bad_words` must not hold empty words"))
@@ -389,17 +392,16 @@ pub fn parse_chat_request(body: &Value) -> Result<ChatRequest, ApiError> {
     let map = as_object(body)?;
     check_route_fields(map, Route::Chat)?;
     let f = Fields { map };
-    for key in [
-        "store",
-        "metadata",
+    f.check_strings(&[
         "user",
         "safety_identifier",
         "service_tier",
         "prompt_cache_key",
+        "prompt_cache_retention",
         "verbosity",
-    ] {
-        f.get::<Value>(key)?;
-    }
+    ])?;
+    f.get::<bool>("store")?;
+    f.get::<Map<String, Value>>("metadata")?;
     if let Some(modalities) = f.get::<Vec<String>>("modalities")? {
         if let Some(other) = modalities.iter().find(|m| *m != "text") {
             return Err(ApiError::invalid(
@@ -641,7 +643,7 @@ pub fn parse_completion_request(body: &Value) -> Result<CompletionRequest, ApiEr
     let map = as_object(body)?;
     check_route_fields(map, Route::Completions)?;
     let f = Fields { map };
-    f.get::<Value>("user")?;
+    f.check_strings(&["user"])?;
     if f.get::<String>("suffix")?.is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
             "suffix",

@@ -29,27 +29,35 @@ pub struct ResponsesRequest {
     pub echo: Map<String, Value>,
 }
 
-/// Passed to the chat request as they are (including the extras chat completions takes).
-const SAMPLING: &[&str] = &[
-    "temperature",
-    "top_p",
-    "seed",
-    "generation_config",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "ignore_eos",
-    "min_tokens",
-    "chat_template_kwargs",
-    "parallel_tool_calls",
-    "stop_token_ids",
-    "bad_words",
-    "allowed_token_ids",
-    "priority",
-    "cache_salt",
+/// The fields this parser reads itself. Every other field the table
+/// (`fields::FIELD_TABLE`) gives the Responses API is passed to the chat request as it
+/// is (sampling fields and vLLM's extras), where it is checked and acted on.
+const OWN: &[&str] = &[
+    "model",
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "max_output_tokens",
+    "text",
+    "metadata",
+    "store",
+    "previous_response_id",
+    "stream",
+    "stream_options",
+    "truncation",
+    "reasoning",
+    "include",
+    "background",
+    "conversation",
+    "prompt",
+    "max_tool_calls",
+    "top_logprobs",
+    "user",
+    "safety_identifier",
+    "service_tier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
 ];
 
 fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
@@ -63,15 +71,13 @@ pub fn parse_responses_request(
     let map = as_object(body)?;
     check_route_fields(map, Route::Responses)?;
     let f = Fields { map };
-    for key in [
+    f.check_strings(&[
         "user",
         "safety_identifier",
         "service_tier",
         "prompt_cache_key",
         "prompt_cache_retention",
-    ] {
-        f.get::<Value>(key)?;
-    }
+    ])?;
     f.get::<i64>("max_tool_calls")?;
     f.get::<Map<String, Value>>("stream_options")?;
     if f.get::<bool>("background")? == Some(true) {
@@ -129,9 +135,9 @@ pub fn parse_responses_request(
     let converted = convert_input(input, new_id)?;
 
     let mut chat_fields = Map::new();
-    for key in SAMPLING {
-        if let Some(v) = map.get(*key) {
-            chat_fields.insert((*key).into(), v.clone());
+    for (key, value) in map {
+        if !OWN.contains(&key.as_str()) {
+            chat_fields.insert(key.clone(), value.clone());
         }
     }
     if let Some(v) = map.get("max_output_tokens") {

@@ -628,33 +628,45 @@ async fn collect(
             }).collect::<Vec<_>>(),
             "usage": usage,
         }),
-        Kind::Text => json!({
-            "id": id,
-            "object": "text_completion",
-            "created": ctx.created,
-            "model": model.name,
-            "choices": choices.iter().enumerate().map(|(i, c)| {
-                let prompt = &prompts[i / ctx.n];
-                let echo = prompt.echo.as_deref().unwrap_or("");
-                // With `echo`, the prompt's own entries come first (vLLM, OpenAI).
-                let mut entries = match (&prompt.echo, ctx.prompt_logprobs) {
-                    (Some(_), true) => prompt_entries_as_text(&tokenizer, prompt, ctx.token_ids_as_text),
-                    _ => Vec::new(),
-                };
-                entries.extend(c.logprobs.iter().cloned());
-                let mut choice = json!({
-                    "index": i,
-                    "text": format!("{echo}{}", c.text),
-                    "logprobs": if entries.is_empty() { Value::Null } else { completion_logprobs(&entries) },
-                    "finish_reason": c.finish,
-                });
-                if ctx.prompt_logprobs {
-                    choice["prompt_logprobs"] = prompt_logprobs_json(&tokenizer, prompt, ctx.token_ids_as_text);
-                }
-                choice
-            }).collect::<Vec<_>>(),
-            "usage": usage,
-        }),
+        Kind::Text => {
+            // Each prompt's entries, made once for its `n` choices: with `echo`, its
+            // tokens' entries open `logprobs` (vLLM, OpenAI); `prompt_logprobs` too.
+            let per_prompt: Vec<(Vec<Value>, Option<Value>)> = prompts
+                .iter()
+                .map(|p| {
+                    let echoed = match (&p.echo, ctx.prompt_logprobs) {
+                        (Some(_), true) => prompt_entries_as_text(&tokenizer, p, ctx.token_ids_as_text),
+                        _ => Vec::new(),
+                    };
+                    let scored = ctx
+                        .prompt_logprobs
+                        .then(|| prompt_logprobs_json(&tokenizer, p, ctx.token_ids_as_text));
+                    (echoed, scored)
+                })
+                .collect();
+            json!({
+                "id": id,
+                "object": "text_completion",
+                "created": ctx.created,
+                "model": model.name,
+                "choices": choices.iter().enumerate().map(|(i, c)| {
+                    let (echoed, scored) = &per_prompt[i / ctx.n];
+                    let echo = prompts[i / ctx.n].echo.as_deref().unwrap_or("");
+                    let entries: Vec<Value> = echoed.iter().chain(&c.logprobs).cloned().collect();
+                    let mut choice = json!({
+                        "index": i,
+                        "text": format!("{echo}{}", c.text),
+                        "logprobs": if entries.is_empty() { Value::Null } else { completion_logprobs(&entries) },
+                        "finish_reason": c.finish,
+                    });
+                    if let Some(scored) = scored {
+                        choice["prompt_logprobs"] = scored.clone();
+                    }
+                    choice
+                }).collect::<Vec<_>>(),
+                "usage": usage,
+            })
+        }
     };
     if ctx.prompt_logprobs && matches!(ctx.kind, Kind::Chat { .. }) {
         body["prompt_logprobs"] = prompt_logprobs_json(&tokenizer, &prompts[0], ctx.token_ids_as_text);
@@ -776,6 +788,14 @@ fn opening_frames(
     prompt: &Submitted,
     choices: &[Choice],
 ) -> Vec<Value> {
+    // The prompt's entries, made once for its `n` choices.
+    let prompt_logprobs = ctx
+        .prompt_logprobs
+        .then(|| prompt_logprobs_json(tokenizer, prompt, ctx.token_ids_as_text));
+    let echo_logprobs = match (&prompt.echo, ctx.prompt_logprobs) {
+        (Some(_), true) => completion_logprobs(&prompt_entries_as_text(tokenizer, prompt, ctx.token_ids_as_text)),
+        _ => Value::Null,
+    };
     let mut frames = Vec::new();
     for i in k * ctx.n..(k + 1) * ctx.n {
         let mut frame = match (ctx.kind, &prompt.echo) {
@@ -784,18 +804,11 @@ fn opening_frames(
                 json!([{"index": i, "delta": {"role": "assistant", "content": echo.as_deref().unwrap_or("")}, "logprobs": null, "finish_reason": null}]),
                 choices,
             ),
-            (Kind::Text, Some(echo)) => {
-                let logprobs = if ctx.prompt_logprobs {
-                    completion_logprobs(&prompt_entries_as_text(tokenizer, prompt, ctx.token_ids_as_text))
-                } else {
-                    Value::Null
-                };
-                ctx.chunk(
-                    model,
-                    json!([{"index": i, "text": echo, "logprobs": logprobs, "finish_reason": null}]),
-                    choices,
-                )
-            }
+            (Kind::Text, Some(echo)) => ctx.chunk(
+                model,
+                json!([{"index": i, "text": echo, "logprobs": echo_logprobs, "finish_reason": null}]),
+                choices,
+            ),
             (Kind::Text, None) if ctx.prompt_logprobs => ctx.chunk(
                 model,
                 json!([{"index": i, "text": "", "logprobs": null, "finish_reason": null}]),
@@ -803,11 +816,10 @@ fn opening_frames(
             ),
             (Kind::Text, None) => continue,
         };
-        if ctx.prompt_logprobs {
-            let value = prompt_logprobs_json(tokenizer, prompt, ctx.token_ids_as_text);
+        if let Some(value) = &prompt_logprobs {
             match ctx.kind {
-                Kind::Chat { .. } => frame["prompt_logprobs"] = value,
-                Kind::Text => frame["choices"][0]["prompt_logprobs"] = value,
+                Kind::Chat { .. } => frame["prompt_logprobs"] = value.clone(),
+                Kind::Text => frame["choices"][0]["prompt_logprobs"] = value.clone(),
             }
         }
         frames.push(frame);

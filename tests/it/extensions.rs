@@ -250,7 +250,7 @@ fn vllm_prompt_and_reply_fields_do_what_vllm_says() {
     // continuous_usage_stats: usage on every chunk, counting up.
     let r = s.post(
         "/v1/chat/completions",
-        json!({"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true,
+        json!({"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "stream": true, "ignore_eos": true,
                "stream_options": {"include_usage": true, "continuous_usage_stats": true}}),
     );
     let events = r.events();

@@ -109,6 +109,10 @@ fn refused_values(route: Route) -> Vec<Value> {
             json!({"use_beam_search": true}),
             json!({"continue_final_message": true}),
             json!({"stream_options": {"include_usage": true}}),
+            // Fields with no effect are still type-checked.
+            json!({"user": 5}),
+            json!({"store": "yes"}),
+            json!({"metadata": [1]}),
         ],
         Route::Completions => vec![
             json!({"suffix": "x"}),
@@ -116,6 +120,8 @@ fn refused_values(route: Route) -> Vec<Value> {
             json!({"response_format": {"type": "json_schema", "json_schema": {}}}),
             json!({"truncate_prompt_tokens": 0}),
             json!({"n": 2, "prompt": vec!["x"; 600]}),
+            json!({"user": ["u"]}),
+            json!({"kv_transfer_params": "x"}),
         ],
         Route::Responses => vec![
             json!({"background": true}),
@@ -123,6 +129,8 @@ fn refused_values(route: Route) -> Vec<Value> {
             json!({"truncation": "auto"}),
             json!({"top_logprobs": 3}),
             json!({"text": {"format": {"type": "json_schema"}}}),
+            json!({"service_tier": 1}),
+            json!({"max_tool_calls": "3"}),
         ],
     }
 }
@@ -145,7 +153,9 @@ fn parse(route: Route, fields: &Value) -> Result<(), ApiError> {
                 counter += 1;
                 format!("{p}_{counter}")
             };
-            parse_responses_request(&body, &mut new_id).map(drop)
+            // What Responses passes on is checked by the chat parser, as the server does.
+            let request = parse_responses_request(&body, &mut new_id)?;
+            parse_chat_request(&request.chat_body(&[])?).map(drop)
         }
     }
 }
