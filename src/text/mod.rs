@@ -1,8 +1,10 @@
 //! Text in and out of a model: the tokenizer, chat templates, the incremental
 //! detokenizer that turns a token stream into valid UTF-8 text pieces, stop strings,
-//! tool-call parsing and the reasoning / answer split.
+//! tool-call parsing, the reasoning / answer split, and structured-output grammars.
 
 pub mod detokenizer;
+pub mod gbnf;
+pub mod grammar;
 pub mod reasoning;
 pub mod stop;
 pub mod template;
@@ -12,6 +14,7 @@ pub mod tool_calls;
 use std::path::PathBuf;
 
 pub use detokenizer::IncrementalDetokenizer;
+pub use grammar::{Grammar, GrammarCompiler, GrammarError, GrammarMatcher, GrammarSpec, JsonStyle, TokenMask};
 pub use reasoning::ReasoningParser;
 pub use stop::{StopMatcher, StopOutput};
 pub use template::{ChatInput, ChatTemplate, SpecialTokens};

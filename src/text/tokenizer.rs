@@ -138,6 +138,11 @@ impl Tokenizer {
             .map_err(|e| TextError::Decode(e.to_string()))
     }
 
+    /// The `tokenizers` tokenizer itself (what structured outputs read token bytes from).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

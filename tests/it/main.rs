@@ -15,6 +15,7 @@ mod fake_hub;
 mod faults;
 mod fields;
 mod generate_cli;
+mod grammar;
 mod hostile;
 mod images;
 mod load;

@@ -1,0 +1,430 @@
+//! Structured outputs: a constraint (JSON schema, any JSON object, regex, a list of
+//! choices, a Lark or GBNF grammar) compiled by llguidance against the model's own
+//! tokenizer, and the per-sequence matcher that says which tokens may come next.
+//! Compiled grammars are cached by content; every input is bounded before it compiles.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{JsonCompileOptions, Matcher, ParserFactory, TokenParser};
+use serde_json::{json, Value};
+
+use super::gbnf;
+use super::Tokenizer;
+
+/// Longest schema, regex or grammar source accepted (bytes).
+pub const MAX_SOURCE_BYTES: usize = 64 * 1024;
+/// Most alternatives of a `choice` list.
+pub const MAX_CHOICES: usize = 1024;
+/// Most grammars kept compiled per model.
+const CACHE_ENTRIES: usize = 256;
+
+/// The limits a grammar compiles and runs under (llguidance's names, which its errors
+/// quote). The defaults bound compilation to tens of milliseconds and a mask to about
+/// as long; the grammar size is a few hundred kilobytes of schema.
+fn limits() -> ParserLimits {
+    ParserLimits {
+        max_grammar_size: 200_000,
+        ..ParserLimits::default()
+    }
+}
+
+/// What a request constrains its output to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GrammarSpec {
+    /// A JSON schema (`response_format` `json_schema`, vLLM's `structured_outputs.json`).
+    JsonSchema(Value),
+    /// Any JSON object (`json_object`).
+    JsonObject,
+    /// A regular expression (Rust `regex` syntax) the whole output matches.
+    Regex(String),
+    /// Exactly one of these strings.
+    Choice(Vec<String>),
+    /// A context-free grammar: GBNF when it defines a rule with `::=`, else Lark.
+    Grammar(String),
+    /// Lark the server writes itself (tool-call arguments).
+    Lark(String),
+}
+
+/// How JSON is laid out: compact (`{"a": 1, "b": [2, 3]}`) unless a request asks for any
+/// whitespace (vLLM's `disable_any_whitespace: false`). Small models given free
+/// whitespace can emit newlines until `max_tokens`, so compact is the default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct JsonStyle {
+    pub any_whitespace: bool,
+    /// A regex for the whitespace allowed between JSON tokens (vLLM's
+    /// `whitespace_pattern`); implies `any_whitespace`.
+    pub whitespace_pattern: Option<String>,
+}
+
+impl JsonStyle {
+    fn options(&self) -> JsonCompileOptions {
+        let flexible = self.any_whitespace || self.whitespace_pattern.is_some();
+        // Flexible whitespace takes the bare separators (whitespace may go around them).
+        let (item, key) = if flexible { (",", ":") } else { (", ", ": ") };
+        JsonCompileOptions {
+            item_separator: item.into(),
+            key_separator: key.into(),
+            whitespace_flexible: flexible,
+            whitespace_pattern: self.whitespace_pattern.clone(),
+            ..JsonCompileOptions::default()
+        }
+    }
+
+    /// `schema` with the layout stamped in (as llguidance's `x-guidance` key), unless the
+    /// schema sets its own.
+    fn stamp(&self, mut schema: Value) -> Value {
+        if let Some(object) = schema.as_object_mut() {
+            if !object.contains_key("x-guidance") {
+                object.insert("x-guidance".into(), serde_json::to_value(self.options()).unwrap_or(Value::Null));
+            }
+        }
+        schema
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GrammarError {
+    /// The constraint is malformed or unsupported: what is wrong.
+    #[error("{0}")]
+    Invalid(String),
+    /// Larger than a limit this server sets: which.
+    #[error("{0}")]
+    TooLarge(String),
+    /// The model's tokenizer cannot back a grammar (not byte-level BPE or byte fallback).
+    #[error("structured outputs are not available for this model: {0}")]
+    Unavailable(String),
+}
+
+impl GrammarSpec {
+    /// Checks sizes and shapes that need no compiling, and turns the spec into what
+    /// llguidance compiles.
+    fn to_grammar(&self, style: &JsonStyle) -> Result<TopLevelGrammar, GrammarError> {
+        let too_long = |what: &str, len: usize| {
+            (len > MAX_SOURCE_BYTES).then(|| {
+                GrammarError::TooLarge(format!(
+                    "the {what} is {len} bytes; at most {MAX_SOURCE_BYTES} are allowed"
+                ))
+            })
+        };
+        if let Some(pattern) = &style.whitespace_pattern {
+            if let Some(e) = too_long("whitespace pattern", pattern.len()) {
+                return Err(e);
+            }
+        }
+        Ok(match self {
+            GrammarSpec::JsonSchema(schema) => {
+                if !schema.is_object() {
+                    return Err(GrammarError::Invalid("the JSON schema must be an object".into()));
+                }
+                let len = serde_json::to_string(schema).map(|s| s.len()).unwrap_or(0);
+                if let Some(e) = too_long("JSON schema", len) {
+                    return Err(e);
+                }
+                TopLevelGrammar::from_json_schema(style.stamp(schema.clone()))
+            }
+            GrammarSpec::JsonObject => TopLevelGrammar::from_json_schema(style.stamp(json!({"type": "object"}))),
+            GrammarSpec::Regex(rx) => {
+                if let Some(e) = too_long("regex", rx.len()) {
+                    return Err(e);
+                }
+                // llguidance's own parser checks it as it compiles; regex-syntax names
+                // the error more clearly, so it goes first.
+                regex_check(rx)?;
+                TopLevelGrammar::from_regex(rx)
+            }
+            GrammarSpec::Choice(choices) => {
+                if choices.is_empty() {
+                    return Err(GrammarError::Invalid("the list of choices is empty".into()));
+                }
+                if choices.len() > MAX_CHOICES {
+                    return Err(GrammarError::TooLarge(format!(
+                        "{} choices; at most {MAX_CHOICES} are allowed",
+                        choices.len()
+                    )));
+                }
+                let total: usize = choices.iter().map(String::len).sum();
+                if let Some(e) = too_long("list of choices", total) {
+                    return Err(e);
+                }
+                let alternatives: Vec<String> = choices
+                    .iter()
+                    .map(|c| serde_json::to_string(c).unwrap_or_default())
+                    .collect();
+                TopLevelGrammar::from_lark(format!("start: {}\n", alternatives.join(" | ")))
+            }
+            GrammarSpec::Grammar(source) => {
+                if let Some(e) = too_long("grammar", source.len()) {
+                    return Err(e);
+                }
+                if source.trim().is_empty() {
+                    return Err(GrammarError::Invalid("the grammar is empty".into()));
+                }
+                let lark = if gbnf::looks_like_gbnf(source) {
+                    gbnf::gbnf_to_lark(source).map_err(|e| GrammarError::Invalid(format!("GBNF grammar: {e}")))?
+                } else {
+                    source.clone()
+                };
+                TopLevelGrammar::from_lark(lark)
+            }
+            GrammarSpec::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
+        })
+    }
+
+    /// The cache key: the kind, its content and the JSON layout.
+    fn key(&self, style: &JsonStyle) -> String {
+        let (kind, content) = match self {
+            GrammarSpec::JsonSchema(v) => ("json", v.to_string()),
+            GrammarSpec::JsonObject => ("json_object", String::new()),
+            GrammarSpec::Regex(s) => ("regex", s.clone()),
+            GrammarSpec::Choice(c) => ("choice", Value::from(c.clone()).to_string()),
+            GrammarSpec::Grammar(s) => ("grammar", s.clone()),
+            GrammarSpec::Lark(s) => ("lark", s.clone()),
+        };
+        format!(
+            "{kind}\u{0}{}\u{0}{}\u{0}{content}",
+            style.any_whitespace,
+            style.whitespace_pattern.as_deref().unwrap_or("")
+        )
+    }
+}
+
+fn regex_check(rx: &str) -> Result<(), GrammarError> {
+    regex_syntax::ParserBuilder::new()
+        .build()
+        .parse(rx)
+        .map(|_| ())
+        .map_err(|e| GrammarError::Invalid(format!("the regex does not parse: {}", one_line(&e.to_string()))))
+}
+
+/// llguidance and regex-syntax errors span lines (a caret under the source); an API
+/// error message is one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A compiled constraint, shared by every request that sends the same one.
+pub struct Grammar {
+    /// Never advanced: each sequence matches against its own deep clone.
+    pristine: Mutex<TokenParser>,
+    /// How long it took to compile.
+    pub compile_time: Duration,
+}
+
+impl std::fmt::Debug for Grammar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grammar").field("compile_time", &self.compile_time).finish()
+    }
+}
+
+impl Grammar {
+    /// A matcher at the start of the output.
+    pub fn matcher(&self) -> GrammarMatcher {
+        let parser = self.pristine.lock().unwrap_or_else(|e| e.into_inner()).deep_clone();
+        GrammarMatcher {
+            inner: Matcher::new(Ok(parser)),
+        }
+    }
+}
+
+/// Which tokens may come next, one bit per token of the model's vocabulary.
+#[derive(Clone)]
+pub struct TokenMask(SimpleVob);
+
+impl TokenMask {
+    pub fn allows(&self, token: u32) -> bool {
+        (token as usize) < self.0.len() && self.0.is_allowed(token)
+    }
+
+    /// How many tokens it allows.
+    pub fn count(&self) -> usize {
+        self.0.num_set()
+    }
+
+    /// Sets every logit the mask does not allow to -inf (logits past the mask's
+    /// vocabulary too).
+    pub fn apply(&self, logits: &mut [f32]) {
+        let words = self.0.as_slice();
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            let bits = words.get(w).copied().unwrap_or(0);
+            if bits == u32::MAX {
+                continue;
+            }
+            for (b, l) in chunk.iter_mut().enumerate() {
+                if bits & (1 << b) == 0 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+}
+
+/// One sequence's position in its grammar.
+pub struct GrammarMatcher {
+    inner: Matcher,
+}
+
+impl GrammarMatcher {
+    /// The tokens allowed next: when the grammar is complete, the model's end tokens only.
+    pub fn mask(&mut self) -> Result<TokenMask, String> {
+        let mask = self.inner.compute_mask_or_eos().map_err(|e| one_line(&e.to_string()))?;
+        if mask.is_zero() {
+            return Err("the grammar allows no token here".into());
+        }
+        Ok(TokenMask(mask))
+    }
+
+    /// Advances past a generated token.
+    pub fn consume(&mut self, token: u32) -> Result<(), String> {
+        self.inner.consume_token(token).map_err(|e| one_line(&e.to_string()))
+    }
+
+    /// The grammar is complete and only an end token may follow.
+    pub fn is_finished(&self) -> bool {
+        self.inner.is_stopped()
+    }
+}
+
+/// The model's tokenizer as llguidance sees it: each token's bytes, in a trie.
+struct TokenizerBytes {
+    trie: TokTrie,
+    tokenizer: tokenizers::Tokenizer,
+}
+
+impl TokenizerEnv for TokenizerBytes {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        self.trie.tokenize_with_greedy_fallback(s, |text| {
+            self.tokenizer
+                .encode_fast(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .unwrap_or_else(|_| self.trie.greedy_tokenize(text.as_bytes()))
+        })
+    }
+}
+
+/// Compiles constraints for one model and keeps the compiled ones (most recently used
+/// first out when full). Built on the first request that needs it (building the token
+/// trie of a 150k vocabulary takes a moment, which a model that never sees a
+/// constrained request should not pay at load).
+pub struct GrammarCompiler {
+    tokenizer: Arc<Tokenizer>,
+    vocab_size: usize,
+    end_ids: Vec<u32>,
+    factory: OnceLock<Result<ParserFactory, GrammarError>>,
+    cache: Mutex<GrammarCache>,
+}
+
+#[derive(Default)]
+struct GrammarCache {
+    entries: HashMap<String, (Arc<Grammar>, u64)>,
+    clock: u64,
+}
+
+impl GrammarCompiler {
+    /// `vocab_size`: the model's logits width; `end_ids`: the tokens that end its output
+    /// (a complete grammar allows only these).
+    pub fn new(tokenizer: Arc<Tokenizer>, vocab_size: usize, end_ids: Vec<u32>) -> Self {
+        GrammarCompiler {
+            tokenizer,
+            vocab_size,
+            end_ids,
+            factory: OnceLock::new(),
+            cache: Mutex::new(GrammarCache::default()),
+        }
+    }
+
+    fn factory(&self) -> Result<&ParserFactory, GrammarError> {
+        self.factory
+            .get_or_init(|| {
+                // llguidance's tokenizer.json reader asserts on shapes it does not expect:
+                // a model whose tokenizer it cannot read just has no structured outputs.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.build_factory()))
+                    .unwrap_or_else(|_| Err(GrammarError::Unavailable("its tokenizer could not be read".into())))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn build_factory(&self) -> Result<ParserFactory, GrammarError> {
+        let unavailable = |e: &dyn std::fmt::Display| GrammarError::Unavailable(one_line(&e.to_string()));
+        let inner = self.tokenizer.inner();
+        let json: Value = serde_json::from_str(&inner.to_string(false).map_err(|e| unavailable(&e))?)
+            .map_err(|e| unavailable(&e))?;
+        let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| unavailable(&e))?;
+        let vocab_size = self.vocab_size.max(words.len());
+        words.resize(vocab_size, Vec::new());
+        let Some(&eos) = self.end_ids.first() else {
+            return Err(GrammarError::Unavailable("the model has no end-of-sequence token".into()));
+        };
+        let mut trie = TokTrie::from(&TokRxInfo::new(vocab_size as u32, eos), &words);
+        if self.end_ids.len() > 1 {
+            trie = trie.with_eos_tokens(&self.end_ids);
+        }
+        let env: TokEnv = Arc::new(TokenizerBytes {
+            trie,
+            tokenizer: inner.clone(),
+        });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| unavailable(&e))?;
+        factory.quiet();
+        *factory.limits_mut() = limits();
+        Ok(factory)
+    }
+
+    /// The compiled grammar for `spec`, from the cache or compiled now (call it off the
+    /// async reactor: compiling takes milliseconds).
+    pub fn compile(&self, spec: &GrammarSpec, style: &JsonStyle) -> Result<Arc<Grammar>, GrammarError> {
+        let key = spec.key(style);
+        {
+            let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.clock += 1;
+            let clock = cache.clock;
+            if let Some((grammar, used)) = cache.entries.get_mut(&key) {
+                *used = clock;
+                return Ok(grammar.clone());
+            }
+        }
+        let grammar = spec.to_grammar(style)?;
+        let factory = self.factory()?;
+        let start = Instant::now();
+        let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(grammar)))
+            .map_err(|_| GrammarError::Invalid("the grammar could not be compiled".into()))?
+            .map_err(|e| classify(&e.to_string()))?;
+        let compiled = Arc::new(Grammar {
+            pristine: Mutex::new(parser),
+            compile_time: start.elapsed(),
+        });
+        // A grammar whose start allows nothing is refused now, not mid-request.
+        compiled.matcher().mask().map_err(GrammarError::Invalid)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.entries.len() >= CACHE_ENTRIES {
+            if let Some(oldest) = cache.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) {
+                cache.entries.remove(&oldest);
+            }
+        }
+        let clock = cache.clock;
+        cache.entries.insert(key, (compiled.clone(), clock));
+        Ok(compiled)
+    }
+
+    /// Grammars compiled and kept.
+    pub fn cached(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).entries.len()
+    }
+}
+
+/// llguidance's errors, sorted into "too large" (a limit was hit) and "invalid".
+fn classify(message: &str) -> GrammarError {
+    let message = one_line(message);
+    if message.contains("too big") || message.contains("limit") || message.contains("fuel") {
+        GrammarError::TooLarge(message)
+    } else {
+        GrammarError::Invalid(message)
+    }
+}

@@ -1,0 +1,190 @@
+//! Structured-output grammars over the real Qwen2.5 tokenizer: what each kind of
+//! constraint allows token by token, how compiled grammars are cached, and the errors
+//! bad constraints get.
+
+use std::sync::Arc;
+
+use inferd::text::{GrammarCompiler, GrammarError, GrammarSpec, JsonStyle, Tokenizer};
+use serde_json::json;
+
+use crate::common::fixture;
+
+/// Qwen2.5's vocabulary width (the model's logits) and its end tokens.
+const VOCAB: usize = 151_936;
+const IM_END: u32 = 151_645;
+const ENDOFTEXT: u32 = 151_643;
+
+fn compiler() -> GrammarCompiler {
+    let tok = Arc::new(Tokenizer::from_dir(&fixture("models/qwen2.5-coder-0.5b")).unwrap());
+    GrammarCompiler::new(tok, VOCAB, vec![IM_END, ENDOFTEXT])
+}
+
+/// Walks `text`'s tokens through the grammar: each must be allowed when it comes, and
+/// after the last the grammar must allow ending (`complete`) or not.
+fn walk(compiler: &GrammarCompiler, spec: &GrammarSpec, style: &JsonStyle, text: &str) -> Result<bool, String> {
+    let tok = Tokenizer::from_dir(&fixture("models/qwen2.5-coder-0.5b")).unwrap();
+    let grammar = compiler.compile(spec, style).map_err(|e| e.to_string())?;
+    let mut m = grammar.matcher();
+    for id in tok.encode(text, false).unwrap() {
+        let mask = m.mask()?;
+        if !mask.allows(id) {
+            return Err(format!("token {id} ({:?}) refused", tok.decode(&[id], false).unwrap()));
+        }
+        m.consume(id)?;
+    }
+    let mask = m.mask()?;
+    Ok(mask.allows(IM_END) && mask.allows(ENDOFTEXT))
+}
+
+#[test]
+fn json_schema_allows_exactly_the_documents_it_describes() {
+    let c = compiler();
+    let schema = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "pattern": "^[A-Z][a-z]+$"},
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "minItems": 1, "maxItems": 2}
+        },
+        "required": ["name", "age", "tags"],
+        "additionalProperties": false
+    });
+    let spec = GrammarSpec::JsonSchema(schema);
+    let style = JsonStyle::default();
+    assert_eq!(walk(&c, &spec, &style, r#"{"name": "Ada", "age": 36, "tags": ["a", "b"]}"#), Ok(true));
+    // A prefix is allowed but not complete.
+    assert_eq!(walk(&c, &spec, &style, r#"{"name": "Ada", "age": 3"#), Ok(false));
+    for bad in [
+        r#"{"name": "ada""#,                                   // pattern
+        r#"{"name": "Ada", "age": 151"#,                       // maximum
+        r#"{"name": "Ada", "age": 36, "tags": ["c"#,           // enum
+        r#"{"name": "Ada", "age": 36, "tags": ["a", "b", "a""#, // maxItems
+        r#"{"name": "Ada", "extra""#,                          // additionalProperties
+        r#"{ "name""#,                                         // compact layout
+    ] {
+        assert!(walk(&c, &spec, &style, bad).is_err(), "{bad} was allowed");
+    }
+    // Any whitespace when asked for.
+    let loose = JsonStyle {
+        any_whitespace: true,
+        ..Default::default()
+    };
+    assert_eq!(walk(&c, &spec, &loose, "{\n  \"name\": \"Ada\",\"age\":1,\"tags\":[\"a\"]}"), Ok(true));
+}
+
+#[test]
+fn refs_any_of_and_formats_compile_and_hold() {
+    let c = compiler();
+    let schema = json!({
+        "$defs": {"point": {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"], "additionalProperties": false}},
+        "type": "object",
+        "properties": {
+            "at": {"$ref": "#/$defs/point"},
+            "when": {"type": "string", "format": "date"},
+            "id": {"anyOf": [{"type": "integer"}, {"type": "null"}]}
+        },
+        "required": ["at", "when", "id"],
+        "additionalProperties": false
+    });
+    let spec = GrammarSpec::JsonSchema(schema);
+    let style = JsonStyle::default();
+    assert_eq!(walk(&c, &spec, &style, r#"{"at": {"x": -1.5}, "when": "2024-02-29", "id": null}"#), Ok(true));
+    assert!(walk(&c, &spec, &style, r#"{"at": {"x": -1.5}, "when": "2024-13"#).is_err());
+    assert!(walk(&c, &spec, &style, r#"{"at": {"y""#).is_err());
+}
+
+#[test]
+fn json_object_regex_choice_and_grammars() {
+    let c = compiler();
+    let style = JsonStyle::default();
+    assert_eq!(walk(&c, &GrammarSpec::JsonObject, &style, r#"{"any": [1, {"thing": true}]}"#), Ok(true));
+    assert!(walk(&c, &GrammarSpec::JsonObject, &style, "[1]").is_err());
+
+    let rx = GrammarSpec::Regex(r"\d{3}-[a-z]+".into());
+    assert_eq!(walk(&c, &rx, &style, "123-abc"), Ok(true));
+    assert_eq!(walk(&c, &rx, &style, "12"), Ok(false));
+    assert!(walk(&c, &rx, &style, "12a").is_err());
+
+    let choice = GrammarSpec::Choice(vec!["positive".into(), "negative".into(), "neutral \"quoted\"".into()]);
+    assert_eq!(walk(&c, &choice, &style, "negative"), Ok(true));
+    assert_eq!(walk(&c, &choice, &style, "neutral \"quoted\""), Ok(true));
+    assert!(walk(&c, &choice, &style, "positively").is_err());
+
+    let gbnf = GrammarSpec::Grammar(
+        "root ::= \"SELECT \" column \" FROM \" table\ncolumn ::= \"a\" | \"b\"\ntable ::= [a-z]+\n".into(),
+    );
+    assert_eq!(walk(&c, &gbnf, &style, "SELECT b FROM users"), Ok(true));
+    assert_eq!(walk(&c, &gbnf, &style, "SELECT b FROM"), Ok(false));
+    assert!(walk(&c, &gbnf, &style, "SELECT c").is_err());
+    let lark = GrammarSpec::Grammar("start: \"yes\" | \"no\" NUM\nNUM: /[0-9]/\n".into());
+    assert_eq!(walk(&c, &lark, &style, "no7"), Ok(true));
+    assert!(walk(&c, &lark, &style, "maybe").is_err());
+}
+
+#[test]
+fn a_finished_grammar_allows_only_the_end_tokens() {
+    let c = compiler();
+    let g = c.compile(&GrammarSpec::Choice(vec!["ok".into()]), &JsonStyle::default()).unwrap();
+    let tok = Tokenizer::from_dir(&fixture("models/qwen2.5-coder-0.5b")).unwrap();
+    let mut m = g.matcher();
+    for id in tok.encode("ok", false).unwrap() {
+        m.consume(id).unwrap();
+    }
+    let mask = m.mask().unwrap();
+    assert_eq!(mask.count(), 2);
+    assert!(mask.allows(IM_END) && mask.allows(ENDOFTEXT));
+    let mut logits = vec![1.0f32; VOCAB];
+    mask.apply(&mut logits);
+    let finite: Vec<usize> = (0..VOCAB).filter(|&i| logits[i].is_finite()).collect();
+    assert_eq!(finite, vec![ENDOFTEXT as usize, IM_END as usize]);
+}
+
+#[test]
+fn compiled_grammars_are_cached_by_content() {
+    let c = compiler();
+    let style = JsonStyle::default();
+    let a = c.compile(&GrammarSpec::JsonSchema(json!({"type": "integer"})), &style).unwrap();
+    let b = c.compile(&GrammarSpec::JsonSchema(json!({"type": "integer"})), &style).unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    let loose = JsonStyle {
+        any_whitespace: true,
+        ..Default::default()
+    };
+    let d = c.compile(&GrammarSpec::JsonSchema(json!({"type": "integer"})), &loose).unwrap();
+    assert!(!Arc::ptr_eq(&a, &d), "another layout is another grammar");
+    assert_eq!(c.cached(), 2);
+}
+
+#[test]
+fn bad_constraints_say_what_is_wrong() {
+    let c = compiler();
+    let style = JsonStyle::default();
+    let err = |spec: GrammarSpec| c.compile(&spec, &style).unwrap_err();
+    let cases: Vec<(GrammarSpec, &str)> = vec![
+        (GrammarSpec::Regex("(ab".into()), "regex does not parse"),
+        (GrammarSpec::Choice(vec![]), "list of choices is empty"),
+        (GrammarSpec::JsonSchema(json!([1])), "must be an object"),
+        (GrammarSpec::JsonSchema(json!({"type": "strange"})), "strange"),
+        (GrammarSpec::JsonSchema(json!({"$ref": "#/$defs/missing"})), "missing"),
+        (GrammarSpec::JsonSchema(json!({"type": "integer", "minimum": 5, "maximum": 1})), ""),
+        (GrammarSpec::Grammar("start: undefined_rule\n".into()), "undefined_rule"),
+        (GrammarSpec::Grammar("root ::= \"a".into()), "never closed"),
+        (GrammarSpec::Grammar("   ".into()), "empty"),
+    ];
+    for (spec, says) in cases {
+        let e = err(spec.clone());
+        assert!(matches!(e, GrammarError::Invalid(_)), "{spec:?}: {e:?}");
+        assert!(e.to_string().contains(says), "{spec:?}: {e}");
+        assert!(!e.to_string().contains('\n'), "{spec:?}: one line: {e}");
+    }
+    let huge = GrammarSpec::Regex("a".repeat(inferd::text::grammar::MAX_SOURCE_BYTES + 1));
+    assert!(matches!(err(huge), GrammarError::TooLarge(m) if m.contains("at most 65536")));
+    let many: Vec<String> = (0..2000).map(|i| i.to_string()).collect();
+    assert!(matches!(err(GrammarSpec::Choice(many)), GrammarError::TooLarge(m) if m.contains("at most 1024")));
+    // A schema whose grammar exceeds llguidance's size limit is refused naming it.
+    let wide: serde_json::Map<String, serde_json::Value> = (0..3000)
+        .map(|i| (format!("p{i}"), json!({"type": "string", "enum": ["x", "y", "z", "w"]})))
+        .collect();
+    let e = err(GrammarSpec::JsonSchema(json!({"type": "object", "properties": wide})));
+    assert!(matches!(e, GrammarError::TooLarge(_)), "{e:?}");
+}
