@@ -7,7 +7,9 @@ pub mod openai;
 
 pub mod responses;
 pub mod sampling;
+pub mod structured;
 
 pub use error::ApiError;
 pub use openai::{parse_chat_request, parse_completion_request, ChatRequest, CompletionRequest, ToolChoice};
 pub use sampling::{SamplingDefaults, SamplingRequest};
+pub use structured::StructuredRequest;

@@ -6,6 +6,7 @@ use serde_json::{Map, Value};
 
 use super::fields::{as_object, check_fields, check_route_fields, Fields, Route};
 use super::sampling::{sampling_request, SamplingRequest};
+use super::structured::{structured_request, StructuredRequest};
 use super::ApiError;
 
 /// OpenAI's limit on stop strings.
@@ -35,6 +36,8 @@ pub struct GenerationFields {
     pub add_special_tokens: Option<bool>,
     /// The field that set the length limit, for errors about it.
     pub max_tokens_param: &'static str,
+    /// Structured outputs: what the output must follow.
+    pub structured: Option<StructuredRequest>,
 }
 
 /// Most characters of a `request_id`.
@@ -163,14 +166,8 @@ fn generation_fields(f: &Fields<'_>, max_tokens_keys: &[&'static str]) -> Result
         }
         None => (false, false),
     };
-    if let Some(format) = f.get::<Value>("response_format")? {
-        if format.get("type").and_then(Value::as_str) != Some("text") {
-            return Err(ApiError::invalid(
-                "response_format",
-                "only `{\"type\": \"text\"}` is supported: JSON modes (structured outputs) are not supported yet",
-            ));
-        }
-    }
+    let structured = structured_request(f)?;
+    f.get::<String>("guided_decoding_backend")?;
     if f.get::<bool>("use_beam_search")? == Some(true) {
         return Err(ApiError::invalid("use_beam_search", "beam search is not supported"));
     }
@@ -229,6 +226,7 @@ fn generation_fields(f: &Fields<'_>, max_tokens_keys: &[&'static str]) -> Result
             .find(|k| f.map.get(**k).is_some_and(|v| !v.is_null()))
             .copied()
             .unwrap_or("generation_config"),
+        structured,
     })
 }
 

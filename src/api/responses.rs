@@ -104,15 +104,11 @@ pub fn parse_responses_request(
             ))
         }
     }
-    if let Some(text) = f.get::<Value>("text")? {
-        let kind = text.pointer("/format/type").and_then(Value::as_str);
-        if !matches!(kind, None | Some("text")) || !text.is_object() {
-            return Err(invalid(
-                "text.format",
-                "only `{\"format\": {\"type\": \"text\"}}` is supported (no structured outputs yet)",
-            ));
-        }
-    }
+    let text = f.get::<Value>("text")?;
+    let response_format = match &text {
+        Some(text) => super::structured::responses_text_format(text)?,
+        None => None,
+    };
     let metadata = f.get::<Map<String, Value>>("metadata")?.unwrap_or_default();
     if metadata.len() > 16
         || metadata
@@ -200,7 +196,15 @@ pub fn parse_responses_request(
         json!(f.get::<bool>("parallel_tool_calls")?.unwrap_or(true)),
     );
     echo.insert("store".into(), json!(store));
-    echo.insert("text".into(), json!({"format": {"type": "text"}}));
+    // The format as asked (OpenAI repeats it), plain text by default.
+    let mut text_echo = text.clone().and_then(|t| t.as_object().cloned()).unwrap_or_default();
+    if text_echo.get("format").is_none_or(Value::is_null) {
+        text_echo.insert("format".into(), json!({"type": "text"}));
+    }
+    echo.insert("text".into(), Value::Object(text_echo));
+    if let Some(format) = response_format {
+        chat_fields.insert("response_format".into(), format);
+    }
     echo.insert("truncation".into(), json!("disabled"));
     echo.insert("user".into(), map.get("user").cloned().unwrap_or(Value::Null));
 

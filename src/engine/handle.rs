@@ -151,6 +151,11 @@ impl EngineHandle {
         &self.metrics
     }
 
+    /// The model's vocabulary (its logits' width).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
     }

@@ -5,6 +5,7 @@
 //! The engine knows token ids only: no HTTP, JSON or text.
 
 pub mod config;
+pub mod constraint;
 pub mod handle;
 pub mod kv_cache;
 pub mod sampling;
@@ -22,6 +23,7 @@ use crate::models::{DecoderModel, EncoderInput, EngineModel, ForwardError, Logit
 pub use config::{available_memory, BudgetError, EngineConfig, KvCacheBudget};
 pub use handle::{EngineHandle, EngineMetrics, RequestStream};
 
+pub use constraint::{Constraint, ConstraintStart};
 pub use sampling::{SamplingParams, TokenLogprobs, TokenRole};
 pub use scheduler::{Scheduler, SchedulerConfig, StepPlan};
 pub use sequence::RequestId;
@@ -268,7 +270,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             Some(salt) => Some(kv_cache::hash_block(encoder_salt, &[(salt >> 32) as u32, salt as u32])),
             None => encoder_salt,
         };
-        let mut seq = Sequence::new(id, 0, prompt, rng).with_cache_salt(cache_salt);
+        let mut seq = Sequence::new(id, 0, prompt, rng)
+            .with_cache_salt(cache_salt)
+            .with_constraint(params.constraint.as_ref());
         seq.needs_encoder = encoder_input.is_some();
         seq.priority = params.priority;
         seq.prompt_logprobs_done = params.prompt_logprobs.map(|_| 1);
@@ -389,7 +393,23 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             None => LogitsFor::LastOfEachSequence,
             Some(rows) => LogitsFor::Rows(&rows.rows),
         };
-        match self.model.forward(&self.backend, &batch, &mut self.cache, logits_for) {
+        // The masks of constrained sequences that sample this step are computed while the
+        // forward pass runs.
+        let mut states: Vec<&mut constraint::ConstraintState> = self
+            .scheduler
+            .running
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, seq)| {
+                plan.chunks.iter().any(|&(c, n)| c == *i && seq.num_computed + n == seq.tokens.len())
+            })
+            .filter_map(|(_, seq)| seq.constraint.as_deref_mut())
+            .filter(|state| state.constrains_next())
+            .collect();
+        let (model, backend, cache) = (&self.model, &self.backend, &mut self.cache);
+        let forward = constraint::prepare_during(&mut states, || model.forward(backend, &batch, cache, logits_for));
+        drop(states);
+        match forward {
             Ok(logits) => {
                 let logits = match prompt_rows {
                     None => logits,
@@ -501,7 +521,8 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                 _ if seq.num_computed < seq.tokens.len() => RowKind::Skip,
                 None => RowKind::Skip,
                 Some(req) => {
-                    let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids);
+                    let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids)
+                        .with_mask(seq.constraint.as_deref().and_then(|c| c.mask()));
                     match sampling::device_choice(&ctx) {
                         Some(sampling::DeviceChoice::Argmax) => RowKind::Argmax,
                         Some(sampling::DeviceChoice::Draw { temperature }) => {
@@ -568,6 +589,14 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             if seq.num_computed < seq.tokens.len() {
                 continue; // a prompt chunk; the sequence is not at its end yet
             }
+            if let Some(error) = seq.constraint.as_ref().and_then(|c| c.error.clone()) {
+                // Its grammar failed: the request fails alone (its sequences go with the
+                // requests whose receiver is gone, below).
+                if let Some(req) = self.requests.remove(&seq.request) {
+                    let _ = req.events.send(EngineEvent::Failed(error));
+                }
+                continue;
+            }
             let Some(req) = self.requests.get_mut(&seq.request) else {
                 finished.push(i);
                 continue;
@@ -581,7 +610,8 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                 (None, Some(k)) => {
                     let vocab = logits.vocab;
                     let row_logits = &mut logits.values[k * vocab..(k + 1) * vocab];
-                    let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids);
+                    let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids)
+                        .with_mask(seq.constraint.as_deref().and_then(|c| c.mask()));
                     sampling::sample(row_logits, &ctx, &mut seq.rng)
                 }
                 (None, None) => unreachable!("read_logits brings every row that reached its end"),
@@ -595,6 +625,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             } else {
                 None
             };
+            if let Some(state) = seq.constraint.as_mut() {
+                state.advance(token, reason.is_some());
+            }
             let mut delivered = req
                 .events
                 .send(EngineEvent::Token {
@@ -640,7 +673,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             // Pushed to the front in reverse, so they run in index order, next in line.
             for index in (1..req.params.n).rev() {
                 let seed = base_seed.map_or_else(fresh_seed, |s| s.wrapping_add(index as u64));
-                let child = Sequence::new(id, index, prompt.clone(), Rng::seeded(seed)).with_cache_salt(req.cache_salt);
+                let child = Sequence::new(id, index, prompt.clone(), Rng::seeded(seed))
+                    .with_cache_salt(req.cache_salt)
+                    .with_constraint(req.params.constraint.as_ref());
                 self.scheduler.waiting.push_front(child);
             }
         }

@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 
+pub use super::constraint::Constraint;
 pub use crate::backend::{argmax, draw};
+use crate::text::TokenMask;
 use crate::models::whisper::WhisperGeneration;
 
 /// Everything a request says about how to pick tokens and when to stop.
@@ -61,6 +63,9 @@ pub struct SamplingParams {
     pub forced_prefixes: Vec<Vec<u32>>,
     /// Whisper's logits processors (token suppression and timestamp rules).
     pub speech: Option<std::sync::Arc<SpeechRules>>,
+    /// Structured outputs: the grammar the output follows (the sampler masks every
+    /// token it does not allow).
+    pub constraint: Option<Constraint>,
 }
 
 /// The logits processors transformers' Whisper `generate` installs, applied first and in
@@ -181,6 +186,7 @@ impl Default for SamplingParams {
             cache_salt: None,
             forced_prefixes: Vec::new(),
             speech: None,
+            constraint: None,
         }
     }
 }
@@ -309,6 +315,8 @@ pub struct SamplingContext<'a> {
     pub output: &'a [u32],
     /// Token ids that end generation (EOS and stop ids), banned before `min_tokens`.
     pub stop_ids: &'a [u32],
+    /// The tokens a structured-output grammar allows next.
+    pub mask: Option<&'a TokenMask>,
 }
 
 impl<'a> SamplingContext<'a> {
@@ -320,7 +328,13 @@ impl<'a> SamplingContext<'a> {
             prompt,
             output,
             stop_ids,
+            mask: None,
         }
+    }
+
+    pub fn with_mask(mut self, mask: Option<&'a TokenMask>) -> Self {
+        self.mask = mask;
+        self
     }
 }
 
@@ -408,6 +422,7 @@ pub fn device_choice(ctx: &SamplingContext<'_>) -> Option<DeviceChoice> {
         && p.no_repeat_ngram_size == 0
         && p.allowed_token_ids.is_none()
         && p.bad_words.is_empty()
+        && ctx.mask.is_none()
         && (ctx.output.len() >= p.min_tokens || ctx.stop_ids.is_empty())
         && forced_next(&p.forced_prefixes, ctx.output).is_none();
     if !plain {
@@ -499,6 +514,19 @@ fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
         for &t in ctx.stop_ids {
             if let Some(l) = logits.get_mut(t as usize) {
                 *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+    if let Some(mask) = ctx.mask {
+        mask.apply(logits);
+        if logits.iter().all(|&l| l == f32::NEG_INFINITY) {
+            // The processors above banned all the grammar allows (`min_tokens` against a
+            // complete grammar, a bad word, `allowed_token_ids`): the grammar wins, its
+            // tokens equally likely.
+            for (t, l) in logits.iter_mut().enumerate() {
+                if mask.allows(t as u32) {
+                    *l = 0.0;
+                }
             }
         }
     }
@@ -612,6 +640,7 @@ mod tests {
             prompt,
             output,
             stop_ids: &[0],
+            mask: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! One sequence being generated: its tokens, how many of them are in the KV cache, and
 //! the blocks that hold them. A request with `n > 1` has one sequence per completion.
 
+use super::constraint::ConstraintState;
 use super::kv_cache::{hash_block, BlockHash, BlockId};
 use super::sampling::Rng;
 
@@ -37,6 +38,8 @@ pub struct Sequence {
     /// before this one have theirs (position 0 has none). Until the whole prompt has,
     /// the prompt is computed, not taken from the prefix cache.
     pub prompt_logprobs_done: Option<usize>,
+    /// Structured outputs: where the output is in its grammar.
+    pub constraint: Option<Box<ConstraintState>>,
 }
 
 impl Sequence {
@@ -55,7 +58,13 @@ impl Sequence {
             needs_encoder: false,
             priority: 0,
             prompt_logprobs_done: None,
+            constraint: None,
         }
+    }
+
+    pub fn with_constraint(mut self, constraint: Option<&super::sampling::Constraint>) -> Self {
+        self.constraint = constraint.map(|c| Box::new(ConstraintState::new(c)));
+        self
     }
 
     pub fn with_cache_salt(mut self, salt: Option<BlockHash>) -> Self {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use super::memory::{checkpoint_bytes, kv_budget_on};
+use crate::text::GrammarCompiler;
 use super::{lock, LoadError, ModelFiles, ModelSettings, ReasoningMode, ServedModel};
 
 /// Where a load is.
@@ -174,11 +175,13 @@ pub(super) fn build(
     } else {
         checkpoint_bytes(&dir.path)
     };
-    let engine = model.spawn(config, eos);
+    let engine = model.spawn(config, eos.clone());
+    let tokenizer = Arc::new(tokenizer);
     Ok(ServedModel {
         name: dir.display_name,
+        grammars: Arc::new(GrammarCompiler::new(tokenizer.clone(), engine.vocab_size(), eos)),
         engine,
-        tokenizer: Arc::new(tokenizer),
+        tokenizer,
         generation_config,
         reasoning,
         speech: speech.map(Arc::new),

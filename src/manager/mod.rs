@@ -19,7 +19,7 @@ use crate::backend::Device;
 use crate::engine::{EngineConfig, EngineHandle, KvCacheBudget};
 use crate::loader::hub::{HubError, ModelRef};
 use crate::models::GenerationConfig;
-use crate::text::Tokenizer;
+use crate::text::{GrammarCompiler, Tokenizer};
 
 pub use files::{ModelFiles, SpeechSettings, VisionSettings};
 use load::build;
@@ -90,6 +90,8 @@ pub struct ServedModel {
     pub name: String,
     pub engine: EngineHandle,
     pub tokenizer: Arc<Tokenizer>,
+    /// Structured outputs: compiles (and caches) grammars over this tokenizer.
+    pub grammars: Arc<GrammarCompiler>,
     pub generation_config: GenerationConfig,
     pub reasoning: bool,
     /// Set for speech-to-text models, which answer transcriptions only.

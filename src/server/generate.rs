@@ -19,10 +19,10 @@ use super::ServerState;
 use crate::api::openai::{GenerationFields, ImageProcessorOverrides, Prompt};
 use crate::api::ApiError;
 use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, ToolChoice};
-use crate::engine::{EngineEvent, RequestStream, SamplingParams, TokenLogprobs};
+use crate::engine::{Constraint, ConstraintStart, EngineEvent, RequestStream, SamplingParams, TokenLogprobs};
 use crate::manager::{ModelLease, ServedModel};
 use crate::models::{EncoderInput, ImageSet};
-use crate::text::{ChatInput, ChatTemplate, ToolEvent};
+use crate::text::{call_grammar, CallSchema, ChatInput, ChatTemplate, GrammarError, GrammarSpec, JsonStyle, ToolEvent};
 
 /// How a reply forced to call a tool must open: `<tool_call>` and the function's name,
 /// in the Qwen / Hermes format the tool-call parser reads, one opening per allowed
@@ -44,6 +44,85 @@ fn forced_call_openings(request: &ChatRequest) -> Vec<String> {
             names.dedup();
             names.into_iter().map(opening).collect()
         }
+    }
+}
+
+/// What a chat request's output is constrained to, and from where: its
+/// `response_format` (or vLLM's fields), or, for strict tools, the calls' arguments.
+fn chat_constraint(
+    request: &ChatRequest,
+    model: &ServedModel,
+) -> Result<Option<(GrammarSpec, JsonStyle, &'static str, ConstraintStart)>, ApiError> {
+    let think = |t| model.tokenizer.token_to_id(t);
+    let answer_start = match (model.reasoning, think("<think>"), think("</think>")) {
+        (true, Some(open), Some(close)) => ConstraintStart::AfterReasoning { open, close },
+        _ => ConstraintStart::Now,
+    };
+    let tools = strict_tool_grammar(request, model);
+    match (&request.generation.structured, tools) {
+        (Some(s), Some((_, ConstraintStart::Now))) => Err(ApiError::invalid(
+            s.param,
+            format!("`{}` cannot constrain a reply that `tool_choice` forces to be a tool call", s.param),
+        )),
+        (Some(s), _) => Ok(Some((s.spec.clone(), s.style.clone(), s.param, answer_start))),
+        (None, Some((lark, start))) => Ok(Some((GrammarSpec::Lark(lark), JsonStyle::default(), "tools", start))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// For requests offering tools with `"strict": true`: the grammar of the calls (each
+/// strict function's arguments follow its `parameters`, others are any JSON object) and
+/// where it starts: at once when `tool_choice` forces a call, else once the model opens
+/// one (`<tool_call>`, a single token in the models that use this format).
+fn strict_tool_grammar(request: &ChatRequest, model: &ServedModel) -> Option<(String, ConstraintStart)> {
+    let functions: Vec<(&str, Option<&Value>)> = request
+        .tools
+        .iter()
+        .flat_map(|t| t.as_array().into_iter().flatten())
+        .filter_map(|t| {
+            let f = t.get("function")?;
+            let strict = f.get("strict").and_then(Value::as_bool) == Some(true);
+            Some((f.get("name")?.as_str()?, strict.then(|| f.get("parameters")).flatten()))
+        })
+        .collect();
+    let allowed: Vec<CallSchema<'_>> = functions
+        .iter()
+        .filter(|(name, _)| match &request.tool_choice {
+            ToolChoice::Named(named) => name == named,
+            _ => true,
+        })
+        .map(|&(name, parameters)| CallSchema { name, parameters })
+        .collect();
+    if !allowed.iter().any(|f| f.parameters.is_some()) {
+        return None;
+    }
+    let several = !(matches!(request.tool_choice, ToolChoice::Named(_)) || !request.parallel_tool_calls);
+    match request.tool_choice {
+        ToolChoice::Named(_) | ToolChoice::Required => Some((call_grammar(&allowed, false, several), ConstraintStart::Now)),
+        ToolChoice::Auto => {
+            let open = model.tokenizer.token_to_id("<tool_call>")?;
+            Some((call_grammar(&allowed, true, several), ConstraintStart::AfterToken(open)))
+        }
+    }
+}
+
+/// Compiles a constraint against the model's tokenizer (cached by content), off the
+/// reactor. Errors name `param`.
+async fn compile_constraint(
+    model: &ServedModel,
+    (spec, style, param, start): (GrammarSpec, JsonStyle, &'static str, ConstraintStart),
+) -> Result<Constraint, ApiError> {
+    let grammars = model.grammars.clone();
+    let compiled = tokio::task::spawn_blocking(move || grammars.compile(&spec, &style))
+        .await
+        .map_err(|e| ApiError::internal(format!("grammar compilation failed: {e}")))?;
+    match compiled {
+        Ok(grammar) => Ok(Constraint { grammar, start }),
+        Err(e @ GrammarError::Unavailable(_)) => Err(ApiError {
+            code: Some("model_not_supported"),
+            ..ApiError::invalid(param, format!("`{param}`: {e}"))
+        }),
+        Err(e) => Err(ApiError::invalid(param, format!("`{param}`: {e}"))),
     }
 }
 
@@ -150,7 +229,15 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
         kwargs.insert("documents".into(), documents.clone());
     }
     let (messages, tools) = (request.messages.clone(), request.tools.clone());
-    let forced = forced_call_openings(&request);
+    let constraint = match chat_constraint(&request, &model)? {
+        Some(c) => Some(compile_constraint(&model, c).await?),
+        None => None,
+    };
+    // A grammar for the calls replaces the forced openings.
+    let forced = match &constraint {
+        Some(_) => Vec::new(),
+        None => forced_call_openings(&request),
+    };
     let own_template = request.chat_template.clone();
     let (add_generation_prompt, continue_final) = (request.add_generation_prompt, request.continue_final_message);
     let add_special_tokens = request.generation.add_special_tokens.unwrap_or(false);
@@ -239,6 +326,7 @@ pub(super) async fn prepare_chat(state: &ServerState, body: &Value) -> Result<Pr
         one_call: matches!(request.tool_choice, ToolChoice::Named(_)) || !request.parallel_tool_calls,
     };
     params.forced_prefixes = forced;
+    params.constraint = constraint;
     let echo = match request.messages.as_array().and_then(|m| m.last()) {
         Some(last) if request.echo && last["role"] == "assistant" => Some(message_text(last)),
         _ => None,
@@ -402,6 +490,10 @@ pub async fn completions(state: Arc<ServerState>, body: Value, id: String) -> Re
     let model = model_for(&state, request.model.as_deref()).await?;
     let mut params = request.generation.sampling.resolve(&state.defaults(&model))?;
     let id = response_id(&request.generation, id);
+    if let Some(s) = &request.generation.structured {
+        let constraint = (s.spec.clone(), s.style.clone(), s.param, ConstraintStart::Now);
+        params.constraint = Some(compile_constraint(&model, constraint).await?);
+    }
     let tokenizer = model.tokenizer.clone();
     let prompts = request.prompts.clone();
     let add_special_tokens = request.generation.add_special_tokens.unwrap_or(true);

@@ -60,8 +60,21 @@ pub fn gbnf_to_lark(source: &str) -> Result<String, String> {
     if rules == 0 {
         return Err("the grammar has no rules".into());
     }
-    if !tokens.iter().any(|t| *t == Token::Name("root".into())) {
+    let defined: Vec<&str> = tokens
+        .windows(2)
+        .filter_map(|w| match w {
+            [Token::Name(n), Token::Defines] => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    if !defined.contains(&"root") {
         return Err("the grammar has no `root` rule".into());
+    }
+    if let Some(undefined) = tokens.iter().find_map(|t| match t {
+        Token::Name(n) if !defined.contains(&n.as_str()) => Some(n),
+        _ => None,
+    }) {
+        return Err(format!("rule `{undefined}` is used but never defined"));
     }
     Ok(out)
 }
@@ -245,12 +258,13 @@ mod tests {
         for (gbnf, says) in [
             ("root ::= \"a", "never closed"),
             ("root ::= [a-", "never closed"),
-            ("root ::= a{x}", "not a repetition"),
+            ("root ::= \"a\"{x}", "not a repetition"),
             ("root ::= \"\\q\"", "unknown escape"),
             ("x ::= \"a\"", "no `root`"),
             ("root ::=", "empty body"),
             ("\"a\" root ::= b", "expected a rule definition"),
             ("root ::= a ; b", "unexpected character"),
+            ("root ::= foo", "`foo` is used but never defined"),
         ] {
             let err = gbnf_to_lark(gbnf).unwrap_err();
             assert!(err.contains(says), "{gbnf:?}: {err}");

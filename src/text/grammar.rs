@@ -239,6 +239,13 @@ impl TokenMask {
         (token as usize) < self.0.len() && self.0.is_allowed(token)
     }
 
+    /// Allows `token` too.
+    pub fn allow(&mut self, token: u32) {
+        if (token as usize) < self.0.len() {
+            self.0.allow_token(token);
+        }
+    }
+
     /// How many tokens it allows.
     pub fn count(&self) -> usize {
         self.0.num_set()
