@@ -299,6 +299,9 @@ impl GrammarMatcher {
 struct TokenizerBytes {
     trie: TokTrie,
     tokenizer: tokenizers::Tokenizer,
+    /// The tokenizer's ids all fit the model's vocabulary, so its tokenization is the
+    /// one to force text with (else llguidance tokenizes through the trie).
+    canonical: bool,
 }
 
 impl TokenizerEnv for TokenizerBytes {
@@ -313,6 +316,10 @@ impl TokenizerEnv for TokenizerBytes {
                 .map(|e| e.get_ids().to_vec())
                 .unwrap_or_else(|_| self.trie.greedy_tokenize(text.as_bytes()))
         })
+    }
+
+    fn tokenize_is_canonical(&self) -> bool {
+        self.canonical
     }
 }
 
@@ -365,18 +372,23 @@ impl GrammarCompiler {
         let json: Value = serde_json::from_str(&inner.to_string(false).map_err(|e| unavailable(&e))?)
             .map_err(|e| unavailable(&e))?;
         let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| unavailable(&e))?;
-        let vocab_size = self.vocab_size.max(words.len());
+        // The model's vocabulary: padding ids past the tokenizer's have no bytes (never
+        // allowed); tokenizer ids past the model's can never be generated.
+        let canonical = words.len() <= self.vocab_size;
+        let vocab_size = self.vocab_size;
         words.resize(vocab_size, Vec::new());
-        let Some(&eos) = self.end_ids.first() else {
+        let end_ids: Vec<u32> = self.end_ids.iter().copied().filter(|&t| (t as usize) < vocab_size).collect();
+        let Some(&eos) = end_ids.first() else {
             return Err(GrammarError::Unavailable("the model has no end-of-sequence token".into()));
         };
         let mut trie = TokTrie::from(&TokRxInfo::new(vocab_size as u32, eos), &words);
-        if self.end_ids.len() > 1 {
-            trie = trie.with_eos_tokens(&self.end_ids);
+        if end_ids.len() > 1 {
+            trie = trie.with_eos_tokens(&end_ids);
         }
         let env: TokEnv = Arc::new(TokenizerBytes {
             trie,
             tokenizer: inner.clone(),
+            canonical,
         });
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| unavailable(&e))?;
         factory.quiet();

@@ -174,3 +174,8 @@ fn prompt_logprobs_are_the_next_token_logprobs_of_each_prefix() {
 fn priority_orders_admission_and_cache_salt_separates_prefixes() {
     cases::priority_orders_admission_and_cache_salt_separates_prefixes(&CpuBackend::default());
 }
+
+#[test]
+fn constrained_outputs_follow_their_grammar_alone_batched_and_preempted() {
+    cases::constrained_outputs_follow_their_grammar_alone_batched_and_preempted(&CpuBackend::default());
+}

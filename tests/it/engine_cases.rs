@@ -555,3 +555,100 @@ pub fn priority_orders_admission_and_cache_salt_separates_prefixes<B: Backend + 
     // Four full blocks: the last token is always computed (its logits pick the next).
     assert_eq!(cached_with(Some(1)), 32, "the same salt shares the prefix");
 }
+
+/// Structured outputs on a random-weight model (whose choices the grammar alone keeps in
+/// line): every output is a complete document of its grammar, the same alone, in a batch
+/// of 32 and under preemption, with greedy, seeded top-k / top-p, log-probabilities and
+/// n > 1. The grammars are compiled over the Qwen2.5 tokenizer, whose first 256 ids are
+/// its byte tokens: a 384-token model can spell any document with them.
+pub fn constrained_outputs_follow_their_grammar_alone_batched_and_preempted<B: Backend + Clone + 'static>(backend: &B) {
+    use std::sync::Arc;
+
+    use inferd::engine::{Constraint, ConstraintStart};
+    use inferd::text::{GrammarCompiler, GrammarSpec, JsonStyle, Tokenizer};
+    use serde_json::json;
+
+    const EOS: u32 = 2;
+    let tokenizer = Arc::new(Tokenizer::from_dir(&crate::common::fixture("models/qwen2.5-coder-0.5b")).unwrap());
+    let compiler = GrammarCompiler::new(tokenizer.clone(), 384, vec![EOS]);
+    let schema = json!({
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}, "tag": {"enum": ["x", "yy"]}},
+        "required": ["n", "tag"],
+        "additionalProperties": false
+    });
+    let specs = [
+        GrammarSpec::JsonSchema(schema),
+        GrammarSpec::Regex("[a-f]{2,5}-[0-9]{1,3}".into()),
+        GrammarSpec::Choice(vec!["alpha".into(), "beta".into(), "gamma".into()]),
+        GrammarSpec::Grammar("root ::= \"(\" [0-9] (\"+\" [0-9]){0,3} \")\"".into()),
+    ];
+    let grammars: Vec<_> = specs
+        .iter()
+        .map(|s| compiler.compile(s, &JsonStyle::default()).unwrap())
+        .collect();
+    let model = load(backend, "inferd-test/tiny-qwen2");
+    let vocab = model.config.vocab_size as u32;
+    let requests: Vec<(Vec<u32>, SamplingParams)> = (0..32)
+        .map(|i| {
+            let (prompt, mut params) = request(i, vocab);
+            params.max_tokens = Some(48);
+            params.constraint = Some(Constraint {
+                grammar: grammars[i % grammars.len()].clone(),
+                start: ConstraintStart::Now,
+            });
+            if i % 7 == 3 {
+                params.n = 2;
+                params.seed = Some(i as u64);
+            }
+            (prompt, params)
+        })
+        .collect();
+    let check = |outputs: &[Vec<Vec<u32>>]| {
+        for (i, completions) in outputs.iter().enumerate() {
+            for tokens in completions {
+                assert_eq!(tokens.last(), Some(&EOS), "request {i} ends its document: {tokens:?}");
+                let text = tokenizer.decode(&tokens[..tokens.len() - 1], false).unwrap();
+                let ok = match i % grammars.len() {
+                    0 => serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| {
+                        v["n"].as_u64().is_some_and(|n| n <= 999)
+                            && ["x", "yy"].contains(&v["tag"].as_str().unwrap_or(""))
+                            && v.as_object().unwrap().len() == 2
+                    }),
+                    1 => {
+                        let (letters, digits) = text.split_once('-').unwrap_or(("", ""));
+                        (2..=5).contains(&letters.len())
+                            && letters.chars().all(|c| ('a'..='f').contains(&c))
+                            && (1..=3).contains(&digits.len())
+                            && digits.chars().all(|c| c.is_ascii_digit())
+                    }
+                    2 => ["alpha", "beta", "gamma"].contains(&text.as_str()),
+                    _ => {
+                        let inner = text.strip_prefix('(').and_then(|t| t.strip_suffix(')')).unwrap_or("");
+                        let parts: Vec<&str> = inner.split('+').collect();
+                        (1..=4).contains(&parts.len()) && parts.iter().all(|p| p.len() == 1 && p.as_bytes()[0].is_ascii_digit())
+                    }
+                };
+                assert!(ok, "request {i}: {text:?} does not follow its grammar");
+            }
+        }
+    };
+    let mut alone = Vec::new();
+    let mut model = model;
+    for r in &requests {
+        let mut engine = Engine::new(backend.clone(), model, config(64, 16), vec![EOS]);
+        alone.push(run_batch(&mut engine, std::slice::from_ref(r)).remove(0));
+        assert_all_blocks_free(&engine);
+        model = engine.into_model();
+    }
+    check(&alone);
+    let mut engine = Engine::new(backend.clone(), model, config(512, 16), vec![EOS]);
+    let together = run_batch(&mut engine, &requests);
+    assert_eq!(together, alone, "a batch of 32 changes no document");
+    let model = engine.into_model();
+    let mut engine = Engine::new(backend.clone(), model, config(20, 4), vec![EOS]);
+    let tight = run_batch(&mut engine, &requests);
+    assert!(engine.stats().preemptions > 0, "the small pool must force preemption");
+    assert_eq!(tight, alone, "preemption changes no document");
+    assert_all_blocks_free(&engine);
+}
