@@ -1,6 +1,6 @@
 //! Entry points for fuzzing the parsers that read untrusted bytes: request JSON, chat
-//! templates (code from a model's files), multipart uploads, audio and image files and
-//! generated tool calls. Each takes arbitrary bytes and panics only when a property fails; the
+//! templates (code from a model's files), multipart uploads, audio and image files,
+//! generated tool calls and structured-output constraints (schemas, regexes, grammars). Each takes arbitrary bytes and panics only when a property fails; the
 //! `cargo fuzz` targets in `fuzz/` call them, and the proptests at the end run them on
 //! random and structured inputs in every test run (bounded in count).
 
@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::api::{parse_chat_request, parse_completion_request, responses::parse_responses_request, SamplingDefaults};
 use crate::text::tool_calls::parse_pieces;
-use crate::text::{ChatInput, ChatTemplate, SpecialTokens};
+use crate::text::{ChatInput, ChatTemplate, GrammarCompiler, GrammarError, GrammarSpec, JsonStyle, SpecialTokens, Tokenizer};
 
 /// Request bodies: any JSON the routes could receive parses to a request or to a 4xx
 /// error, never a panic or a 5xx.
@@ -161,6 +161,81 @@ pub fn tool_calls(data: &[u8]) {
     );
 }
 
+/// The Qwen2.5 tokenizer of the test fixtures, compiled into grammars once.
+fn fixture_grammars() -> &'static GrammarCompiler {
+    static COMPILER: std::sync::OnceLock<GrammarCompiler> = std::sync::OnceLock::new();
+    COMPILER.get_or_init(|| {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/qwen2.5-coder-0.5b");
+        let tokenizer = Tokenizer::from_dir(std::path::Path::new(dir)).expect("the fixture tokenizer");
+        GrammarCompiler::new(std::sync::Arc::new(tokenizer), 151_936, vec![151_645, 151_643])
+    })
+}
+
+/// Structured-output constraints: the first byte picks the kind (JSON schema, regex,
+/// grammar, choices, or a whole `structured_outputs` object), the rest is its text.
+/// Each compiles or gets an error (never a panic); one that compiles allows a token at
+/// every step until it is complete, for a few steps.
+pub fn grammar(data: &[u8]) {
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
+    let Ok(text) = std::str::from_utf8(rest) else {
+        return;
+    };
+    let spec = match kind % 5 {
+        0 => match serde_json::from_str(text) {
+            Ok(schema) => GrammarSpec::JsonSchema(schema),
+            Err(_) => return,
+        },
+        1 => GrammarSpec::Regex(text.to_owned()),
+        2 => GrammarSpec::Grammar(text.to_owned()),
+        3 => GrammarSpec::Choice(text.split('\n').map(str::to_owned).collect()),
+        _ => {
+            let Ok(options) = serde_json::from_str::<Value>(text) else {
+                return;
+            };
+            let body = json!({"messages": [{"role": "user", "content": "hi"}], "structured_outputs": options});
+            match parse_chat_request(&body) {
+                Ok(request) => match request.generation.structured {
+                    Some(s) => return grammar_steps(&s.spec, &s.style),
+                    None => return,
+                },
+                Err(e) => {
+                    assert!(e.status.is_client_error(), "{} for {body}", e.status);
+                    return;
+                }
+            }
+        }
+    };
+    grammar_steps(&spec, &JsonStyle::default());
+}
+
+fn grammar_steps(spec: &GrammarSpec, style: &JsonStyle) {
+    let grammar = match fixture_grammars().compile(spec, style) {
+        Ok(g) => g,
+        Err(GrammarError::Invalid(m) | GrammarError::TooLarge(m)) => {
+            assert!(!m.is_empty() && !m.contains('\n'), "an error says what is wrong on one line: {m:?}");
+            return;
+        }
+        Err(e @ GrammarError::Unavailable(_)) => panic!("{e}"),
+    };
+    let mut matcher = grammar.matcher();
+    for _ in 0..8 {
+        if matcher.is_finished() {
+            break;
+        }
+        let mask = matcher.mask().unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+        // The likeliest token of a model that prefers high ids: the last one allowed.
+        let Some(token) = (0..151_936u32).rev().find(|&t| mask.allows(t)) else {
+            panic!("{spec:?}: an empty mask");
+        };
+        if token == 151_645 || token == 151_643 {
+            break;
+        }
+        matcher.consume(token).unwrap_or_else(|e| panic!("{spec:?}: {e}"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -271,6 +346,38 @@ mod tests {
         })
     }
 
+    /// The pieces schemas, regexes and grammars are made of.
+    const GRAMMAR_WORDS: &[&str] = &[
+        "root ::= ", "start: ", "\"a\"", "[a-z]", "[^", "]", "(", ")", "|", "*", "+", "?", "{2,3}", "{", "}",
+        ".", "\\d", "\\", "/x/", "%json", "::=", " ", "\n", "rule", "A", "-", "\"", "^", "$", "{\"json\": {}}",
+        "{\"regex\": \"a+\"}", "{\"choice\": []}", "{\"grammar\": 1}", "{\"json_object\": true, \"regex\": \"x\"}",
+    ];
+
+    /// JSON-schema-like objects: real keywords with any values.
+    fn any_schema() -> impl Strategy<Value = Value> {
+        let keyword = prop::sample::select(vec![
+            "type", "properties", "items", "required", "enum", "const", "minimum", "maximum", "minLength",
+            "maxLength", "pattern", "format", "anyOf", "oneOf", "allOf", "$ref", "$defs", "additionalProperties",
+            "minItems", "maxItems", "prefixItems", "not", "if", "then", "exclusiveMinimum", "multipleOf",
+        ]);
+        let leaf = prop_oneof![
+            prop::sample::select(vec!["object", "string", "integer", "number", "array", "boolean", "null", "date", "email", "#/$defs/a", "#", "^a*$"])
+                .prop_map(Value::from),
+            any::<i32>().prop_map(Value::from),
+            any::<bool>().prop_map(Value::from),
+            Just(json!(1e300)),
+            Just(json!(-0.5)),
+        ];
+        leaf.prop_recursive(3, 24, 4, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::vec((keyword.clone(), inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
+            ]
+        })
+        .prop_map(|v| if v.is_object() { v } else { json!({"type": "array", "items": v}) })
+    }
+
     /// Any JSON value, a few levels deep, with the numbers and strings that break parsers.
     fn any_json() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
@@ -371,6 +478,20 @@ mod tests {
             let mut data = vec![size];
             data.extend_from_slice(text.as_bytes());
             tool_calls(&data);
+        }
+
+        #[test]
+        fn constraints_compile_or_say_why(kind in 0u8..5, text in fragments(GRAMMAR_WORDS)) {
+            let mut data = vec![kind];
+            data.extend_from_slice(text.as_bytes());
+            grammar(&data);
+        }
+
+        #[test]
+        fn schemas_compile_or_say_why(schema in any_schema()) {
+            let mut data = vec![0];
+            data.extend_from_slice(schema.to_string().as_bytes());
+            grammar(&data);
         }
 
         #[test]
