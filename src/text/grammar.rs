@@ -19,6 +19,10 @@ use super::Tokenizer;
 pub const MAX_SOURCE_BYTES: usize = 64 * 1024;
 /// Most alternatives of a `choice` list.
 pub const MAX_CHOICES: usize = 1024;
+/// Most repetitions a regex may count (`{m,n}` bounds multiply when nested): llguidance
+/// builds counted repetitions out as it lexes, and a larger count exhausts its lexer
+/// mid-generation instead of failing at compile time.
+pub const MAX_REGEX_REPEAT: u64 = 100_000;
 /// Most grammars kept compiled per model.
 const CACHE_ENTRIES: usize = 256;
 
@@ -28,6 +32,8 @@ const CACHE_ENTRIES: usize = 256;
 fn limits() -> ParserLimits {
     ParserLimits {
         max_grammar_size: 200_000,
+        // Errors name the problem, not the parser's state dump.
+        verbose_errors: false,
         ..ParserLimits::default()
     }
 }
@@ -124,6 +130,7 @@ impl GrammarSpec {
                 if let Some(e) = too_long("JSON schema", len) {
                     return Err(e);
                 }
+                check_patterns(schema)?;
                 TopLevelGrammar::from_json_schema(style.stamp(schema.clone()))
             }
             GrammarSpec::JsonObject => TopLevelGrammar::from_json_schema(style.stamp(json!({"type": "object"}))),
@@ -193,11 +200,54 @@ impl GrammarSpec {
 }
 
 fn regex_check(rx: &str) -> Result<(), GrammarError> {
-    regex_syntax::ParserBuilder::new()
+    let hir = regex_syntax::ParserBuilder::new()
         .build()
         .parse(rx)
-        .map(|_| ())
-        .map_err(|e| GrammarError::Invalid(format!("the regex does not parse: {}", one_line(&e.to_string()))))
+        .map_err(|e| GrammarError::Invalid(format!("the regex does not parse: {}", one_line(&e.to_string()))))?;
+    let count = repeat_count(&hir);
+    if count > MAX_REGEX_REPEAT {
+        return Err(GrammarError::TooLarge(format!(
+            "the regex `{}` counts {count} repetitions (nested `{{m,n}}` bounds multiply); at most {MAX_REGEX_REPEAT} are allowed",
+            abbreviate(rx)
+        )));
+    }
+    Ok(())
+}
+
+/// The largest product of nested counted-repetition bounds in a regex.
+fn repeat_count(hir: &regex_syntax::hir::Hir) -> u64 {
+    use regex_syntax::hir::HirKind;
+    match hir.kind() {
+        HirKind::Repetition(r) => {
+            let bound = u64::from(r.max.unwrap_or(r.min).max(1));
+            bound.saturating_mul(repeat_count(&r.sub))
+        }
+        HirKind::Capture(c) => repeat_count(&c.sub),
+        HirKind::Concat(items) | HirKind::Alternation(items) => items.iter().map(repeat_count).max().unwrap_or(1),
+        _ => 1,
+    }
+}
+
+/// A long source cut for an error message.
+fn abbreviate(s: &str) -> String {
+    match s.char_indices().nth(40) {
+        Some((at, _)) => format!("{}...", &s[..at]),
+        None => s.to_owned(),
+    }
+}
+
+/// The `pattern`s of a JSON schema are regexes too.
+fn check_patterns(schema: &Value) -> Result<(), GrammarError> {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::String(rx)) = map.get("pattern") {
+                regex_check(rx)?;
+            }
+            map.values().try_for_each(check_patterns)
+        }
+        Value::Array(items) => items.iter().try_for_each(check_patterns),
+        _ => Ok(()),
+    }
 }
 
 /// llguidance and regex-syntax errors span lines (a caret under the source); an API

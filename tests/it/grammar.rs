@@ -188,3 +188,19 @@ fn bad_constraints_say_what_is_wrong() {
     let e = err(GrammarSpec::JsonSchema(json!({"type": "object", "properties": wide})));
     assert!(matches!(e, GrammarError::TooLarge(_)), "{e:?}");
 }
+
+#[test]
+fn counted_repetitions_are_bounded_before_they_compile() {
+    let c = compiler();
+    let style = JsonStyle::default();
+    for rx in [r"a{99999999}", r"(a{1000}){1000}", r"x|(b{500}c){300}"] {
+        let e = c.compile(&GrammarSpec::Regex(rx.into()), &style).unwrap_err();
+        assert!(matches!(&e, GrammarError::TooLarge(m) if m.contains("at most 100000")), "{rx}: {e:?}");
+    }
+    let e = c
+        .compile(&GrammarSpec::JsonSchema(json!({"type": "string", "pattern": "^((ab){2000}c){100}$"})), &style)
+        .unwrap_err();
+    assert!(matches!(&e, GrammarError::TooLarge(m) if m.contains("200000 repetitions")), "{e:?}");
+    // Bounds up to the limit compile and match.
+    assert_eq!(walk(&c, &GrammarSpec::Regex("[a-z]{1,100000}".into()), &style, "hello"), Ok(true));
+}

@@ -9,6 +9,14 @@ use super::server::Server;
 
 const SMOL: &str = "HuggingFaceTB/SmolLM2-135M-Instruct";
 
+/// A schema whose grammar is over llguidance's size limit.
+fn wide_schema() -> Value {
+    (0..3000)
+        .map(|i| (format!("p{i}"), json!({"enum": ["x", "y", "z", "w"]})))
+        .collect::<serde_json::Map<String, Value>>()
+        .into()
+}
+
 /// (method, path, raw body) of each bad request.
 fn cases() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut out: Vec<(&'static str, String, Vec<u8>)> = Vec::new();
@@ -69,12 +77,50 @@ fn cases() -> Vec<(&'static str, String, Vec<u8>)> {
             ],
         ),
         ("unknown_field", vec![json!(1)]),
+        // Structured outputs: malformed, unsupported or oversized constraints.
+        (
+            "response_format",
+            vec![
+                json!("json"),
+                json!({"type": "json_schema"}),
+                json!({"type": "json_schema", "json_schema": {"schema": 5}}),
+                json!({"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}),
+                json!({"type": "json_schema", "json_schema": {"schema": {"$ref": "#/nowhere"}}}),
+                json!({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
+                json!({"type": "json_schema", "json_schema": {"schema": {"type": "object", "properties": wide_schema()}}}),
+                json!({"type": "structural_tag"}),
+            ],
+        ),
+        (
+            "structured_outputs",
+            vec![
+                json!("x"),
+                json!({"regex": "("}),
+                json!({"regex": "a{99999999}"}),
+                json!({"grammar": "root ::= x"}),
+                json!({"grammar": "start: ("}),
+                json!({"grammar": "x".repeat(100_000)}),
+                json!({"choice": []}),
+                json!({"choice": [1]}),
+                json!({"json_object": true, "regex": "a"}),
+                json!({"structural_tag": {}}),
+                json!({"bogus": 1}),
+                json!({"json": "not json"}),
+            ],
+        ),
+        ("guided_json", vec![json!("{not json"), json!(5)]),
+        ("guided_choice", vec![json!("a")]),
     ];
     for (field, values) in bad_values {
         for v in values {
             post("/v1/chat/completions", chat(json!({field: v})));
         }
     }
+    // A strict tool whose parameters are not a schema.
+    post(
+        "/v1/chat/completions",
+        chat(json!({"tools": [{"type": "function", "function": {"name": "f", "strict": true, "parameters": {"type": "bogus"}}}], "tool_choice": "required"})),
+    );
     // Messages.
     for messages in [
         json!([]),
