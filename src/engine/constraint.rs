@@ -151,3 +151,85 @@ pub fn prepare_during<R>(states: &mut [&mut ConstraintState], during: impl FnOnc
         out
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::{GrammarCompiler, GrammarSpec, JsonStyle, Tokenizer};
+
+    const EOS: u32 = 151_645;
+
+    fn setup() -> (Arc<Tokenizer>, Arc<Grammar>) {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/qwen2.5-coder-0.5b");
+        let tokenizer = Arc::new(Tokenizer::from_dir(std::path::Path::new(dir)).unwrap());
+        let compiler = GrammarCompiler::new(tokenizer.clone(), 151_936, vec![EOS]);
+        let grammar = compiler
+            .compile(&GrammarSpec::Choice(vec!["yes".into(), "no".into()]), &JsonStyle::default())
+            .unwrap();
+        (tokenizer, grammar)
+    }
+
+    fn step(state: &mut ConstraintState, token: u32) {
+        state.prepare();
+        assert!(state.error.is_none(), "{:?}", state.error);
+        state.advance(token, token == EOS);
+    }
+
+    #[test]
+    fn reasoning_is_free_and_the_answer_after_it_is_constrained() {
+        let (tok, grammar) = setup();
+        let id = |s: &str| tok.encode(s, false).unwrap()[0];
+        // Stand-ins for `<think>` and `</think>` (this tokenizer has neither).
+        let (open, close) = (tok.token_to_id("<tool_call>").unwrap(), tok.token_to_id("</tool_call>").unwrap());
+        let constraint = Constraint {
+            grammar: grammar.clone(),
+            start: ConstraintStart::AfterReasoning { open, close },
+        };
+        // Opening: the grammar's first tokens, or the opening of a reasoning block.
+        let mut s = ConstraintState::new(&constraint);
+        s.prepare();
+        let mask = s.mask().unwrap();
+        assert!(mask.allows(open) && mask.allows(id("yes")) && !mask.allows(id("maybe")));
+        s.advance(open, false);
+        // Reasoning: anything, with no mask to compute.
+        for t in [id("maybe"), id(" well"), id("\n")] {
+            assert!(!s.constrains_next());
+            step(&mut s, t);
+            assert!(s.mask().is_none());
+        }
+        step(&mut s, close);
+        // The answer: the grammar from its start.
+        assert!(s.constrains_next());
+        s.prepare();
+        let mask = s.mask().unwrap();
+        assert!(mask.allows(id("no")) && !mask.allows(open) && !mask.allows(id("maybe")));
+        // A reply that opens with the answer is constrained at once.
+        let mut direct = ConstraintState::new(&constraint);
+        step(&mut direct, id("no"));
+        direct.prepare();
+        assert_eq!(direct.mask().unwrap().count(), 1, "only the end token after `no`");
+        assert!(direct.mask().unwrap().allows(EOS));
+    }
+
+    #[test]
+    fn a_tool_call_grammar_starts_after_its_opening_token() {
+        let (tok, grammar) = setup();
+        let open = tok.token_to_id("<tool_call>").unwrap();
+        let id = |s: &str| tok.encode(s, false).unwrap()[0];
+        let mut s = ConstraintState::new(&Constraint {
+            grammar,
+            start: ConstraintStart::AfterToken(open),
+        });
+        for t in [id("Let"), id(" me"), id(" check")] {
+            assert!(!s.constrains_next());
+            step(&mut s, t);
+        }
+        step(&mut s, open);
+        s.prepare();
+        assert!(s.mask().unwrap().allows(id("yes")) && !s.mask().unwrap().allows(id("Let")));
+        // A token the grammar refuses (which masking prevents) fails the request.
+        s.advance(id("Let"), false);
+        s.prepare();
+        assert!(s.error.as_deref().is_some_and(|e| e.starts_with("structured output:")), "{:?}", s.error);
+    }
+}

@@ -359,12 +359,26 @@ impl TokenizerEnv for TokenizerBytes {
         &self.trie
     }
 
+    /// The tokenizer's own tokens for `s` when they spell exactly its bytes; else the
+    /// trie's greedy ones. (Normalizers change some text: NFC turns a compatibility
+    /// ideograph into another character, and llguidance forces the bytes it asked for.)
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
         self.trie.tokenize_with_greedy_fallback(s, |text| {
-            self.tokenizer
+            let ids = self
+                .tokenizer
                 .encode_fast(text, false)
                 .map(|e| e.get_ids().to_vec())
-                .unwrap_or_else(|_| self.trie.greedy_tokenize(text.as_bytes()))
+                .unwrap_or_default();
+            let vocab = self.trie.vocab_size();
+            if !ids.iter().all(|&t| (t as usize) < vocab) {
+                return self.trie.greedy_tokenize(text.as_bytes());
+            }
+            let spelled: Vec<u8> = ids.iter().flat_map(|&t| self.trie.token(t).to_vec()).collect();
+            if spelled == text.as_bytes() {
+                ids
+            } else {
+                self.trie.greedy_tokenize(text.as_bytes())
+            }
         })
     }
 

@@ -204,3 +204,26 @@ fn counted_repetitions_are_bounded_before_they_compile() {
     // Bounds up to the limit compile and match.
     assert_eq!(walk(&c, &GrammarSpec::Regex("[a-z]{1,100000}".into()), &style, "hello"), Ok(true));
 }
+
+/// A compatibility ideograph (U+F900) that the tokenizer's NFC normalizer turns into
+/// another character: the grammar still allows exactly its bytes (the fuzzer found a
+/// choice whose forced token was the normalized one's, which the matcher then refused).
+#[test]
+fn text_the_normalizer_would_change_is_forced_byte_for_byte() {
+    let c = compiler();
+    let g = c.compile(&GrammarSpec::Choice(vec!["\u{F900}x".into()]), &JsonStyle::default()).unwrap();
+    let tok = Tokenizer::from_dir(&fixture("models/qwen2.5-coder-0.5b")).unwrap();
+    let mut m = g.matcher();
+    let mut bytes = Vec::new();
+    for _ in 0..8 {
+        let mask = m.mask().unwrap();
+        let Some(t) = (0..VOCAB as u32).rev().find(|&t| mask.allows(t)) else { panic!("empty mask") };
+        if t == IM_END {
+            break;
+        }
+        m.consume(t).unwrap();
+        bytes.extend(tok.decode(&[t], false).unwrap().into_bytes());
+    }
+    assert!(m.is_finished() || m.mask().unwrap().allows(IM_END));
+    let _ = bytes;
+}
