@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 
 use crate::api::{parse_chat_request, parse_completion_request, responses::parse_responses_request, SamplingDefaults};
 use crate::text::tool_calls::parse_pieces;
-use crate::text::{ChatInput, ChatTemplate, GrammarCompiler, GrammarError, GrammarSpec, JsonStyle, SpecialTokens, Tokenizer};
+use crate::text::{
+    ChatInput, ChatTemplate, GrammarCompiler, GrammarError, GrammarSpec, JsonStyle, SpecialTokens, Tokenizer,
+};
 
 /// Request bodies: any JSON the routes could receive parses to a request or to a 4xx
 /// error, never a panic or a 5xx.
@@ -214,7 +216,10 @@ fn grammar_steps(spec: &GrammarSpec, style: &JsonStyle) {
     let grammar = match fixture_grammars().compile(spec, style) {
         Ok(g) => g,
         Err(GrammarError::Invalid(m) | GrammarError::TooLarge(m)) => {
-            assert!(!m.is_empty() && !m.contains('\n'), "an error says what is wrong on one line: {m:?}");
+            assert!(
+                !m.is_empty() && !m.contains('\n'),
+                "an error says what is wrong on one line: {m:?}"
+            );
             return;
         }
         Err(e @ GrammarError::Unavailable(_)) => panic!("{e}"),
@@ -348,21 +353,88 @@ mod tests {
 
     /// The pieces schemas, regexes and grammars are made of.
     const GRAMMAR_WORDS: &[&str] = &[
-        "root ::= ", "start: ", "\"a\"", "[a-z]", "[^", "]", "(", ")", "|", "*", "+", "?", "{2,3}", "{", "}",
-        ".", "\\d", "\\", "/x/", "%json", "::=", " ", "\n", "rule", "A", "-", "\"", "^", "$", "{\"json\": {}}",
-        "{\"regex\": \"a+\"}", "{\"choice\": []}", "{\"grammar\": 1}", "{\"json_object\": true, \"regex\": \"x\"}",
+        "root ::= ",
+        "start: ",
+        "\"a\"",
+        "[a-z]",
+        "[^",
+        "]",
+        "(",
+        ")",
+        "|",
+        "*",
+        "+",
+        "?",
+        "{2,3}",
+        "{",
+        "}",
+        ".",
+        "\\d",
+        "\\",
+        "/x/",
+        "%json",
+        "::=",
+        " ",
+        "\n",
+        "rule",
+        "A",
+        "-",
+        "\"",
+        "^",
+        "$",
+        "{\"json\": {}}",
+        "{\"regex\": \"a+\"}",
+        "{\"choice\": []}",
+        "{\"grammar\": 1}",
+        "{\"json_object\": true, \"regex\": \"x\"}",
     ];
 
     /// JSON-schema-like objects: real keywords with any values.
     fn any_schema() -> impl Strategy<Value = Value> {
         let keyword = prop::sample::select(vec![
-            "type", "properties", "items", "required", "enum", "const", "minimum", "maximum", "minLength",
-            "maxLength", "pattern", "format", "anyOf", "oneOf", "allOf", "$ref", "$defs", "additionalProperties",
-            "minItems", "maxItems", "prefixItems", "not", "if", "then", "exclusiveMinimum", "multipleOf",
+            "type",
+            "properties",
+            "items",
+            "required",
+            "enum",
+            "const",
+            "minimum",
+            "maximum",
+            "minLength",
+            "maxLength",
+            "pattern",
+            "format",
+            "anyOf",
+            "oneOf",
+            "allOf",
+            "$ref",
+            "$defs",
+            "additionalProperties",
+            "minItems",
+            "maxItems",
+            "prefixItems",
+            "not",
+            "if",
+            "then",
+            "exclusiveMinimum",
+            "multipleOf",
         ]);
         let leaf = prop_oneof![
-            prop::sample::select(vec!["object", "string", "integer", "number", "array", "boolean", "null", "date", "email", "#/$defs/a", "#", "^a*$"])
-                .prop_map(Value::from),
+            prop::sample::select(vec![
+                "object",
+                "string",
+                "integer",
+                "number",
+                "array",
+                "boolean",
+                "null",
+                "date",
+                "email",
+                "#/$defs/a",
+                "#",
+                "^a*$"
+            ])
+            .prop_map(Value::from),
             any::<i32>().prop_map(Value::from),
             any::<bool>().prop_map(Value::from),
             Just(json!(1e300)),
@@ -375,7 +447,13 @@ mod tests {
                     .prop_map(|kv| Value::Object(kv.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())),
             ]
         })
-        .prop_map(|v| if v.is_object() { v } else { json!({"type": "array", "items": v}) })
+        .prop_map(|v| {
+            if v.is_object() {
+                v
+            } else {
+                json!({"type": "array", "items": v})
+            }
+        })
     }
 
     /// Any JSON value, a few levels deep, with the numbers and strings that break parsers.

@@ -92,7 +92,8 @@ pub(crate) fn json_schema_object(object: &Map<String, Value>, param: &str) -> Re
     let g = Fields { map: object };
     let name = g.get::<String>("name").map_err(|e| renamed(e, param))?;
     if let Some(name) = &name {
-        let ok = (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let ok =
+            (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !ok {
             return Err(ApiError::invalid(
                 format!("{param}.name"),
@@ -167,7 +168,11 @@ fn structured_outputs(f: &Fields<'_>) -> Result<Option<StructuredRequest>, ApiEr
     g.get::<bool>("disable_fallback").map_err(|e| renamed(e, P))?;
     let any_whitespace = g.get::<bool>("disable_any_whitespace").map_err(|e| renamed(e, P))? == Some(false);
     let whitespace_pattern = g.get::<String>("whitespace_pattern").map_err(|e| renamed(e, P))?;
-    let spec = match (spec, g.get::<bool>("disable_additional_properties").map_err(|e| renamed(e, P))?) {
+    let spec = match (
+        spec,
+        g.get::<bool>("disable_additional_properties")
+            .map_err(|e| renamed(e, P))?,
+    ) {
         (GrammarSpec::JsonSchema(mut schema), Some(true)) => {
             close_objects(&mut schema);
             GrammarSpec::JsonSchema(schema)
@@ -212,8 +217,19 @@ fn guided_fields(f: &Fields<'_>) -> Result<Option<StructuredRequest>, ApiError> 
 
 /// The one constraint among `keys` (JSON schema, regex, choices, grammar, in that
 /// order) or `json_object`. `parent`: the object they are in ("" at top level).
-fn constraint_of(f: &Fields<'_>, keys: [&str; 4], json_object: bool, parent: &str) -> Result<Option<GrammarSpec>, ApiError> {
-    let path = |k: &str| if parent.is_empty() { k.to_owned() } else { format!("{parent}.{k}") };
+fn constraint_of(
+    f: &Fields<'_>,
+    keys: [&str; 4],
+    json_object: bool,
+    parent: &str,
+) -> Result<Option<GrammarSpec>, ApiError> {
+    let path = |k: &str| {
+        if parent.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{parent}.{k}")
+        }
+    };
     let given: Vec<&str> = keys
         .into_iter()
         .filter(|k| f.map.get(*k).is_some_and(|v| !v.is_null()))
@@ -244,7 +260,12 @@ fn constraint_of(f: &Fields<'_>, keys: [&str; 4], json_object: bool, parent: &st
                     ))
                 }
             },
-            _ => return Err(ApiError::invalid(p.clone(), format!("`{p}` must be a JSON schema object"))),
+            _ => {
+                return Err(ApiError::invalid(
+                    p.clone(),
+                    format!("`{p}` must be a JSON schema object"),
+                ))
+            }
         },
         Some(1) => GrammarSpec::Regex(
             value
@@ -293,7 +314,8 @@ pub fn responses_text_format(text: &Value) -> Result<Option<Value>, ApiError> {
     let Some(object) = text.as_object() else {
         return Err(ApiError::invalid("text", "`text` must be an object"));
     };
-    check_fields(object, &["format", "verbosity"]).map_err(|e| ApiError::invalid("text", format!("text: {}", e.message)))?;
+    check_fields(object, &["format", "verbosity"])
+        .map_err(|e| ApiError::invalid("text", format!("text: {}", e.message)))?;
     let format = match object.get("format") {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(f)) => f,

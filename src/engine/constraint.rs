@@ -37,9 +37,16 @@ pub enum ConstraintStart {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// The first token: the grammar's, or `open` to start reasoning.
-    Opening { open: u32, close: u32 },
-    Reasoning { close: u32 },
-    Waiting { open: u32 },
+    Opening {
+        open: u32,
+        close: u32,
+    },
+    Reasoning {
+        close: u32,
+    },
+    Waiting {
+        open: u32,
+    },
     Active,
 }
 
@@ -164,7 +171,10 @@ mod tests {
         let tokenizer = Arc::new(Tokenizer::from_dir(std::path::Path::new(dir)).unwrap());
         let compiler = GrammarCompiler::new(tokenizer.clone(), 151_936, vec![EOS]);
         let grammar = compiler
-            .compile(&GrammarSpec::Choice(vec!["yes".into(), "no".into()]), &JsonStyle::default())
+            .compile(
+                &GrammarSpec::Choice(vec!["yes".into(), "no".into()]),
+                &JsonStyle::default(),
+            )
             .unwrap();
         (tokenizer, grammar)
     }
@@ -180,7 +190,10 @@ mod tests {
         let (tok, grammar) = setup();
         let id = |s: &str| tok.encode(s, false).unwrap()[0];
         // Stand-ins for `<think>` and `</think>` (this tokenizer has neither).
-        let (open, close) = (tok.token_to_id("<tool_call>").unwrap(), tok.token_to_id("</tool_call>").unwrap());
+        let (open, close) = (
+            tok.token_to_id("<tool_call>").unwrap(),
+            tok.token_to_id("</tool_call>").unwrap(),
+        );
         let constraint = Constraint {
             grammar: grammar.clone(),
             start: ConstraintStart::AfterReasoning { open, close },
@@ -230,6 +243,10 @@ mod tests {
         // A token the grammar refuses (which masking prevents) fails the request.
         s.advance(id("Let"), false);
         s.prepare();
-        assert!(s.error.as_deref().is_some_and(|e| e.starts_with("structured output:")), "{:?}", s.error);
+        assert!(
+            s.error.as_deref().is_some_and(|e| e.starts_with("structured output:")),
+            "{:?}",
+            s.error
+        );
     }
 }

@@ -401,7 +401,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             .iter_mut()
             .enumerate()
             .filter(|(i, seq)| {
-                plan.chunks.iter().any(|&(c, n)| c == *i && seq.num_computed + n == seq.tokens.len())
+                plan.chunks
+                    .iter()
+                    .any(|&(c, n)| c == *i && seq.num_computed + n == seq.tokens.len())
             })
             .filter_map(|(_, seq)| seq.constraint.as_deref_mut())
             .filter(|state| state.constrains_next())

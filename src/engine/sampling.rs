@@ -7,8 +7,8 @@ use std::collections::HashMap;
 
 pub use super::constraint::Constraint;
 pub use crate::backend::{argmax, draw};
-use crate::text::TokenMask;
 use crate::models::whisper::WhisperGeneration;
+use crate::text::TokenMask;
 
 /// Everything a request says about how to pick tokens and when to stop.
 #[derive(Debug, Clone, PartialEq)]

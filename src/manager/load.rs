@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use super::memory::{checkpoint_bytes, kv_budget_on};
-use crate::text::GrammarCompiler;
 use super::{lock, LoadError, ModelFiles, ModelSettings, ReasoningMode, ServedModel};
+use crate::text::GrammarCompiler;
 
 /// Where a load is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -62,7 +62,10 @@ fn chat_constraint(
     match (&request.generation.structured, tools) {
         (Some(s), Some((_, ConstraintStart::Now))) => Err(ApiError::invalid(
             s.param,
-            format!("`{}` cannot constrain a reply that `tool_choice` forces to be a tool call", s.param),
+            format!(
+                "`{}` cannot constrain a reply that `tool_choice` forces to be a tool call",
+                s.param
+            ),
         )),
         (Some(s), _) => Ok(Some((s.spec.clone(), s.style.clone(), s.param, answer_start))),
         (None, Some((lark, start))) => Ok(Some((GrammarSpec::Lark(lark), JsonStyle::default(), "tools", start))),
@@ -98,7 +101,9 @@ fn strict_tool_grammar(request: &ChatRequest, model: &ServedModel) -> Option<(St
     }
     let several = !(matches!(request.tool_choice, ToolChoice::Named(_)) || !request.parallel_tool_calls);
     match request.tool_choice {
-        ToolChoice::Named(_) | ToolChoice::Required => Some((call_grammar(&allowed, false, several), ConstraintStart::Now)),
+        ToolChoice::Named(_) | ToolChoice::Required => {
+            Some((call_grammar(&allowed, false, several), ConstraintStart::Now))
+        }
         ToolChoice::Auto => {
             let open = model.tokenizer.token_to_id("<tool_call>")?;
             Some((call_grammar(&allowed, true, several), ConstraintStart::AfterToken(open)))

@@ -32,7 +32,10 @@ pub fn gbnf_to_lark(source: &str) -> Result<String, String> {
     let mut rules = 0;
     while i < tokens.len() {
         let (Token::Name(name), Some(Token::Defines)) = (&tokens[i], tokens.get(i + 1)) else {
-            return Err(format!("expected a rule definition (`name ::= ...`), found {}", describe(&tokens[i])));
+            return Err(format!(
+                "expected a rule definition (`name ::= ...`), found {}",
+                describe(&tokens[i])
+            ));
         };
         i += 2;
         let start = i;
@@ -174,7 +177,9 @@ fn tokenize(source: &str) -> Result<Vec<Token>, String> {
                     && body.chars().all(|c| c.is_ascii_digit() || c == ',')
                     && !body.starts_with(',');
                 if !valid {
-                    return Err(format!("`{{{body}}}` is not a repetition (`{{m}}`, `{{m,}}` or `{{m,n}}`)"));
+                    return Err(format!(
+                        "`{{{body}}}` is not a repetition (`{{m}}`, `{{m,}}` or `{{m,n}}`)"
+                    ));
                 }
                 tokens.push(Token::Punct(format!("{{{body}}}")));
             }

@@ -85,7 +85,10 @@ impl JsonStyle {
     fn stamp(&self, mut schema: Value) -> Value {
         if let Some(object) = schema.as_object_mut() {
             if !object.contains_key("x-guidance") {
-                object.insert("x-guidance".into(), serde_json::to_value(self.options()).unwrap_or(Value::Null));
+                object.insert(
+                    "x-guidance".into(),
+                    serde_json::to_value(self.options()).unwrap_or(Value::Null),
+                );
             }
         }
         schema
@@ -266,7 +269,9 @@ pub struct Grammar {
 
 impl std::fmt::Debug for Grammar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Grammar").field("compile_time", &self.compile_time).finish()
+        f.debug_struct("Grammar")
+            .field("compile_time", &self.compile_time)
+            .finish()
     }
 }
 
@@ -433,17 +438,24 @@ impl GrammarCompiler {
     fn build_factory(&self) -> Result<ParserFactory, GrammarError> {
         let unavailable = |e: &dyn std::fmt::Display| GrammarError::Unavailable(one_line(&e.to_string()));
         let inner = self.tokenizer.inner();
-        let json: Value = serde_json::from_str(&inner.to_string(false).map_err(|e| unavailable(&e))?)
-            .map_err(|e| unavailable(&e))?;
+        let json: Value =
+            serde_json::from_str(&inner.to_string(false).map_err(|e| unavailable(&e))?).map_err(|e| unavailable(&e))?;
         let mut words = llguidance::token_bytes_from_tokenizer_json(&json).map_err(|e| unavailable(&e))?;
         // The model's vocabulary: padding ids past the tokenizer's have no bytes (never
         // allowed); tokenizer ids past the model's can never be generated.
         let canonical = words.len() <= self.vocab_size;
         let vocab_size = self.vocab_size;
         words.resize(vocab_size, Vec::new());
-        let end_ids: Vec<u32> = self.end_ids.iter().copied().filter(|&t| (t as usize) < vocab_size).collect();
+        let end_ids: Vec<u32> = self
+            .end_ids
+            .iter()
+            .copied()
+            .filter(|&t| (t as usize) < vocab_size)
+            .collect();
         let Some(&eos) = end_ids.first() else {
-            return Err(GrammarError::Unavailable("the model has no end-of-sequence token".into()));
+            return Err(GrammarError::Unavailable(
+                "the model has no end-of-sequence token".into(),
+            ));
         };
         let mut trie = TokTrie::from(&TokRxInfo::new(vocab_size as u32, eos), &words);
         if end_ids.len() > 1 {
@@ -487,7 +499,12 @@ impl GrammarCompiler {
         compiled.matcher().mask().map_err(GrammarError::Invalid)?;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.entries.len() >= CACHE_ENTRIES {
-            if let Some(oldest) = cache.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone()) {
+            if let Some(oldest) = cache
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+            {
                 cache.entries.remove(&oldest);
             }
         }

@@ -553,7 +553,10 @@ pub fn call_grammar(functions: &[CallSchema<'_>], opened: bool, several: bool) -
     lark.push('\n');
     lark.push_str(&format!("body: {}\n", alternatives.join(" | ")));
     for (i, f) in functions.iter().enumerate() {
-        let arguments = f.parameters.cloned().unwrap_or_else(|| serde_json::json!({"type": "object"}));
+        let arguments = f
+            .parameters
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"type": "object"}));
         let schema = serde_json::json!({
             "type": "object",
             "properties": {"name": {"const": f.name}, "arguments": arguments},

@@ -626,7 +626,8 @@ pub fn constrained_outputs_follow_their_grammar_alone_batched_and_preempted<B: B
                     _ => {
                         let inner = text.strip_prefix('(').and_then(|t| t.strip_suffix(')')).unwrap_or("");
                         let parts: Vec<&str> = inner.split('+').collect();
-                        (1..=4).contains(&parts.len()) && parts.iter().all(|p| p.len() == 1 && p.as_bytes()[0].is_ascii_digit())
+                        (1..=4).contains(&parts.len())
+                            && parts.iter().all(|p| p.len() == 1 && p.as_bytes()[0].is_ascii_digit())
                     }
                 };
                 assert!(ok, "request {i}: {text:?} does not follow its grammar");

@@ -40,8 +40,12 @@ fn sample(route: Route, name: &str) -> Value {
         (_, "tools") => json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
         (_, "tool_choice") => json!("auto"),
         (_, "parallel_tool_calls") => json!(false),
-        (_, "response_format") => json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": true}}),
-        (_, "text") => json!({"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}, "verbosity": "low"}),
+        (_, "response_format") => {
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}, "strict": true}})
+        }
+        (_, "text") => {
+            json!({"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}, "verbosity": "low"})
+        }
         (_, "modalities") => json!(["text"]),
         (_, "audio") => json!({"voice": "alloy", "format": "wav"}),
         (_, "prediction") => json!({"type": "content", "content": "x"}),
@@ -90,7 +94,9 @@ fn sample(route: Route, name: &str) -> Value {
         (_, "guided_regex") => json!("a+"),
         (_, "guided_choice") => json!(["a", "b"]),
         (_, "guided_grammar") => json!("root ::= \"x\""),
-        (_, "guided_whitespace_pattern") => return json!({"guided_json": {"type": "object"}, "guided_whitespace_pattern": " ?"}),
+        (_, "guided_whitespace_pattern") => {
+            return json!({"guided_json": {"type": "object"}, "guided_whitespace_pattern": " ?"})
+        }
         (_, "guided_decoding_backend") => json!("guidance"),
         (_, "logits_processors") => json!(["my.module:Processor"]),
         (_, "prompt_embeds") => json!("AAAA"),

@@ -51,16 +51,19 @@ fn json_schema_allows_exactly_the_documents_it_describes() {
     });
     let spec = GrammarSpec::JsonSchema(schema);
     let style = JsonStyle::default();
-    assert_eq!(walk(&c, &spec, &style, r#"{"name": "Ada", "age": 36, "tags": ["a", "b"]}"#), Ok(true));
+    assert_eq!(
+        walk(&c, &spec, &style, r#"{"name": "Ada", "age": 36, "tags": ["a", "b"]}"#),
+        Ok(true)
+    );
     // A prefix is allowed but not complete.
     assert_eq!(walk(&c, &spec, &style, r#"{"name": "Ada", "age": 3"#), Ok(false));
     for bad in [
-        r#"{"name": "ada""#,                                   // pattern
-        r#"{"name": "Ada", "age": 151"#,                       // maximum
-        r#"{"name": "Ada", "age": 36, "tags": ["c"#,           // enum
+        r#"{"name": "ada""#,                                    // pattern
+        r#"{"name": "Ada", "age": 151"#,                        // maximum
+        r#"{"name": "Ada", "age": 36, "tags": ["c"#,            // enum
         r#"{"name": "Ada", "age": 36, "tags": ["a", "b", "a""#, // maxItems
-        r#"{"name": "Ada", "extra""#,                          // additionalProperties
-        r#"{ "name""#,                                         // compact layout
+        r#"{"name": "Ada", "extra""#,                           // additionalProperties
+        r#"{ "name""#,                                          // compact layout
     ] {
         assert!(walk(&c, &spec, &style, bad).is_err(), "{bad} was allowed");
     }
@@ -69,7 +72,10 @@ fn json_schema_allows_exactly_the_documents_it_describes() {
         any_whitespace: true,
         ..Default::default()
     };
-    assert_eq!(walk(&c, &spec, &loose, "{\n  \"name\": \"Ada\",\"age\":1,\"tags\":[\"a\"]}"), Ok(true));
+    assert_eq!(
+        walk(&c, &spec, &loose, "{\n  \"name\": \"Ada\",\"age\":1,\"tags\":[\"a\"]}"),
+        Ok(true)
+    );
 }
 
 #[test]
@@ -88,7 +94,15 @@ fn refs_any_of_and_formats_compile_and_hold() {
     });
     let spec = GrammarSpec::JsonSchema(schema);
     let style = JsonStyle::default();
-    assert_eq!(walk(&c, &spec, &style, r#"{"at": {"x": -1.5}, "when": "2024-02-29", "id": null}"#), Ok(true));
+    assert_eq!(
+        walk(
+            &c,
+            &spec,
+            &style,
+            r#"{"at": {"x": -1.5}, "when": "2024-02-29", "id": null}"#
+        ),
+        Ok(true)
+    );
     assert!(walk(&c, &spec, &style, r#"{"at": {"x": -1.5}, "when": "2024-13"#).is_err());
     assert!(walk(&c, &spec, &style, r#"{"at": {"y""#).is_err());
 }
@@ -97,7 +111,10 @@ fn refs_any_of_and_formats_compile_and_hold() {
 fn json_object_regex_choice_and_grammars() {
     let c = compiler();
     let style = JsonStyle::default();
-    assert_eq!(walk(&c, &GrammarSpec::JsonObject, &style, r#"{"any": [1, {"thing": true}]}"#), Ok(true));
+    assert_eq!(
+        walk(&c, &GrammarSpec::JsonObject, &style, r#"{"any": [1, {"thing": true}]}"#),
+        Ok(true)
+    );
     assert!(walk(&c, &GrammarSpec::JsonObject, &style, "[1]").is_err());
 
     let rx = GrammarSpec::Regex(r"\d{3}-[a-z]+".into());
@@ -124,7 +141,9 @@ fn json_object_regex_choice_and_grammars() {
 #[test]
 fn a_finished_grammar_allows_only_the_end_tokens() {
     let c = compiler();
-    let g = c.compile(&GrammarSpec::Choice(vec!["ok".into()]), &JsonStyle::default()).unwrap();
+    let g = c
+        .compile(&GrammarSpec::Choice(vec!["ok".into()]), &JsonStyle::default())
+        .unwrap();
     let tok = Tokenizer::from_dir(&fixture("models/qwen2.5-coder-0.5b")).unwrap();
     let mut m = g.matcher();
     for id in tok.encode("ok", false).unwrap() {
@@ -143,14 +162,20 @@ fn a_finished_grammar_allows_only_the_end_tokens() {
 fn compiled_grammars_are_cached_by_content() {
     let c = compiler();
     let style = JsonStyle::default();
-    let a = c.compile(&GrammarSpec::JsonSchema(json!({"type": "integer"})), &style).unwrap();
-    let b = c.compile(&GrammarSpec::JsonSchema(json!({"type": "integer"})), &style).unwrap();
+    let a = c
+        .compile(&GrammarSpec::JsonSchema(json!({"type": "integer"})), &style)
+        .unwrap();
+    let b = c
+        .compile(&GrammarSpec::JsonSchema(json!({"type": "integer"})), &style)
+        .unwrap();
     assert!(Arc::ptr_eq(&a, &b));
     let loose = JsonStyle {
         any_whitespace: true,
         ..Default::default()
     };
-    let d = c.compile(&GrammarSpec::JsonSchema(json!({"type": "integer"})), &loose).unwrap();
+    let d = c
+        .compile(&GrammarSpec::JsonSchema(json!({"type": "integer"})), &loose)
+        .unwrap();
     assert!(!Arc::ptr_eq(&a, &d), "another layout is another grammar");
     assert_eq!(c.cached(), 2);
 }
@@ -166,7 +191,10 @@ fn bad_constraints_say_what_is_wrong() {
         (GrammarSpec::JsonSchema(json!([1])), "must be an object"),
         (GrammarSpec::JsonSchema(json!({"type": "strange"})), "strange"),
         (GrammarSpec::JsonSchema(json!({"$ref": "#/$defs/missing"})), "missing"),
-        (GrammarSpec::JsonSchema(json!({"type": "integer", "minimum": 5, "maximum": 1})), ""),
+        (
+            GrammarSpec::JsonSchema(json!({"type": "integer", "minimum": 5, "maximum": 1})),
+            "",
+        ),
         (GrammarSpec::Grammar("start: undefined_rule\n".into()), "undefined_rule"),
         (GrammarSpec::Grammar("root ::= \"a".into()), "never closed"),
         (GrammarSpec::Grammar("   ".into()), "empty"),
@@ -195,14 +223,26 @@ fn counted_repetitions_are_bounded_before_they_compile() {
     let style = JsonStyle::default();
     for rx in [r"a{99999999}", r"(a{1000}){1000}", r"x|(b{500}c){300}"] {
         let e = c.compile(&GrammarSpec::Regex(rx.into()), &style).unwrap_err();
-        assert!(matches!(&e, GrammarError::TooLarge(m) if m.contains("at most 100000")), "{rx}: {e:?}");
+        assert!(
+            matches!(&e, GrammarError::TooLarge(m) if m.contains("at most 100000")),
+            "{rx}: {e:?}"
+        );
     }
     let e = c
-        .compile(&GrammarSpec::JsonSchema(json!({"type": "string", "pattern": "^((ab){2000}c){100}$"})), &style)
+        .compile(
+            &GrammarSpec::JsonSchema(json!({"type": "string", "pattern": "^((ab){2000}c){100}$"})),
+            &style,
+        )
         .unwrap_err();
-    assert!(matches!(&e, GrammarError::TooLarge(m) if m.contains("200000 repetitions")), "{e:?}");
+    assert!(
+        matches!(&e, GrammarError::TooLarge(m) if m.contains("200000 repetitions")),
+        "{e:?}"
+    );
     // Bounds up to the limit compile and match.
-    assert_eq!(walk(&c, &GrammarSpec::Regex("[a-z]{1,100000}".into()), &style, "hello"), Ok(true));
+    assert_eq!(
+        walk(&c, &GrammarSpec::Regex("[a-z]{1,100000}".into()), &style, "hello"),
+        Ok(true)
+    );
 }
 
 /// A compatibility ideograph (U+F900) that the tokenizer's NFC normalizer turns into
@@ -211,13 +251,17 @@ fn counted_repetitions_are_bounded_before_they_compile() {
 #[test]
 fn text_the_normalizer_would_change_is_forced_byte_for_byte() {
     let c = compiler();
-    let g = c.compile(&GrammarSpec::Choice(vec!["\u{F900}x".into()]), &JsonStyle::default()).unwrap();
+    let g = c
+        .compile(&GrammarSpec::Choice(vec!["\u{F900}x".into()]), &JsonStyle::default())
+        .unwrap();
     let tok = Tokenizer::from_dir(&fixture("models/qwen2.5-coder-0.5b")).unwrap();
     let mut m = g.matcher();
     let mut bytes = Vec::new();
     for _ in 0..8 {
         let mask = m.mask().unwrap();
-        let Some(t) = (0..VOCAB as u32).rev().find(|&t| mask.allows(t)) else { panic!("empty mask") };
+        let Some(t) = (0..VOCAB as u32).rev().find(|&t| mask.allows(t)) else {
+            panic!("empty mask")
+        };
         if t == IM_END {
             break;
         }

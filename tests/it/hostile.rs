@@ -119,7 +119,9 @@ fn cases() -> Vec<(&'static str, String, Vec<u8>)> {
     // A strict tool whose parameters are not a schema.
     post(
         "/v1/chat/completions",
-        chat(json!({"tools": [{"type": "function", "function": {"name": "f", "strict": true, "parameters": {"type": "bogus"}}}], "tool_choice": "required"})),
+        chat(
+            json!({"tools": [{"type": "function", "function": {"name": "f", "strict": true, "parameters": {"type": "bogus"}}}], "tool_choice": "required"}),
+        ),
     );
     // Messages.
     for messages in [

@@ -25,6 +25,7 @@ mod numerics;
 mod responses;
 mod serve_flags;
 mod server;
+mod structured;
 mod templates;
 mod tokenizer;
 mod tools;
