@@ -99,7 +99,7 @@ fn strict_tool_grammar(request: &ChatRequest, model: &ServedModel) -> Option<(St
     if !allowed.iter().any(|f| f.parameters.is_some()) {
         return None;
     }
-    let several = !(matches!(request.tool_choice, ToolChoice::Named(_)) || !request.parallel_tool_calls);
+    let several = !matches!(request.tool_choice, ToolChoice::Named(_)) && request.parallel_tool_calls;
     match request.tool_choice {
         ToolChoice::Named(_) | ToolChoice::Required => {
             Some((call_grammar(&allowed, false, several), ConstraintStart::Now))

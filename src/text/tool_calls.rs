@@ -412,6 +412,44 @@ pub fn collect_calls(calls: &mut Vec<ToolCall>, events: &[ToolEvent]) {
     }
 }
 
+/// A function a tool-call grammar allows: its name and, for a `strict` tool, the JSON
+/// schema of its arguments (`None`: any JSON object).
+pub struct CallSchema<'a> {
+    pub name: &'a str,
+    pub parameters: Option<&'a Value>,
+}
+
+/// A Lark grammar (llguidance's dialect) for calls in the Qwen / Hermes block format, so
+/// that strict tools get arguments that follow their schema. `opened`: the output
+/// already holds the first `<tool_call>` (the grammar starts right after it); else it
+/// starts with one. `several`: more calls may follow, each on its own line.
+pub fn call_grammar(functions: &[CallSchema<'_>], opened: bool, several: bool) -> String {
+    let mut lark = String::new();
+    let alternatives: Vec<String> = (0..functions.len()).map(|i| format!("call_{i}")).collect();
+    let first = if opened { "\"\\n\"" } else { "\"<tool_call>\\n\"" };
+    lark.push_str(&format!("start: {first} body \"\\n</tool_call>\""));
+    if several {
+        lark.push_str(" (\"\\n<tool_call>\\n\" body \"\\n</tool_call>\")*");
+    }
+    lark.push('\n');
+    lark.push_str(&format!("body: {}\n", alternatives.join(" | ")));
+    for (i, f) in functions.iter().enumerate() {
+        let arguments = f
+            .parameters
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"name": {"const": f.name}, "arguments": arguments},
+            "required": ["name", "arguments"],
+            "additionalProperties": false,
+            "x-guidance": {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": false},
+        });
+        lark.push_str(&format!("call_{i}: %json {schema}\n"));
+    }
+    lark
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -529,42 +567,4 @@ mod tests {
         let (content, calls) = run(&["<tool_call>{\"name\": \"a\", \"arguments\": {\"x\": [1,"]);
         assert_eq!((content.as_str(), calls), ("", vec![call("a", "{\"x\": [1,")]));
     }
-}
-
-/// A function a tool-call grammar allows: its name and, for a `strict` tool, the JSON
-/// schema of its arguments (`None`: any JSON object).
-pub struct CallSchema<'a> {
-    pub name: &'a str,
-    pub parameters: Option<&'a Value>,
-}
-
-/// A Lark grammar (llguidance's dialect) for calls in the Qwen / Hermes block format, so
-/// that strict tools get arguments that follow their schema. `opened`: the output
-/// already holds the first `<tool_call>` (the grammar starts right after it); else it
-/// starts with one. `several`: more calls may follow, each on its own line.
-pub fn call_grammar(functions: &[CallSchema<'_>], opened: bool, several: bool) -> String {
-    let mut lark = String::new();
-    let alternatives: Vec<String> = (0..functions.len()).map(|i| format!("call_{i}")).collect();
-    let first = if opened { "\"\\n\"" } else { "\"<tool_call>\\n\"" };
-    lark.push_str(&format!("start: {first} body \"\\n</tool_call>\""));
-    if several {
-        lark.push_str(" (\"\\n<tool_call>\\n\" body \"\\n</tool_call>\")*");
-    }
-    lark.push('\n');
-    lark.push_str(&format!("body: {}\n", alternatives.join(" | ")));
-    for (i, f) in functions.iter().enumerate() {
-        let arguments = f
-            .parameters
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!({"type": "object"}));
-        let schema = serde_json::json!({
-            "type": "object",
-            "properties": {"name": {"const": f.name}, "arguments": arguments},
-            "required": ["name", "arguments"],
-            "additionalProperties": false,
-            "x-guidance": {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": false},
-        });
-        lark.push_str(&format!("call_{i}: %json {schema}\n"));
-    }
-    lark
 }
