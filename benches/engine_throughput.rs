@@ -7,19 +7,16 @@
 //! PROMPTS_JSON is a list of prompts (lists of token ids); the default is seeded random
 //! ids, 128 per prompt. Defaults: SmolLM2-135M-Instruct, 1,8,32,64, 128 output tokens.
 
-use std::time::Instant;
+mod offline;
 
 use inferd::backend::cpu::CpuBackend;
-use inferd::engine::{Engine, EngineConfig, EngineEvent, RequestId, SamplingParams};
+use inferd::engine::SamplingParams;
 use inferd::loader::resolve_model;
 use inferd::models::load_decoder;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let model_id = args
-        .first()
-        .map(String::as_str)
-        .unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct");
+    let (args, model_id) = offline::args();
+    let model_id = model_id.as_str();
     let concurrency: Vec<usize> = args
         .get(2)
         .map(String::as_str)
@@ -52,42 +49,15 @@ fn main() {
     };
     assert!(prompts.len() >= max_c, "need {max_c} prompts");
     for &c in &concurrency {
-        let block_size = 16;
-        let per_seq = (prompts[..c].iter().map(Vec::len).max().unwrap() + output_tokens).div_ceil(block_size);
-        let config = EngineConfig {
-            block_size,
-            num_blocks: per_seq * c,
-            max_num_seqs: c,
-            max_num_batched_tokens: 2048,
-            max_waiting: c,
-        };
-        let mut engine = Engine::new(CpuBackend::default(), model.take().unwrap(), config, vec![]);
+        let max_len = prompts[..c].iter().map(Vec::len).max().unwrap() + output_tokens;
+        let mut engine = offline::engine_for(model.take().unwrap(), c, max_len, vec![]);
         let params = SamplingParams {
             max_tokens: Some(output_tokens),
             ignore_eos: true,
             ..SamplingParams::greedy()
         };
-        let mut receivers = Vec::new();
-        let start = Instant::now();
-        for (i, prompt) in prompts[..c].iter().enumerate() {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            engine
-                .add_request(RequestId(i as u64), prompt.clone(), params.clone(), tx)
-                .expect("request");
-            receivers.push(rx);
-        }
-        while engine.has_work() {
-            engine.step();
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let mut generated = 0;
-        for mut rx in receivers {
-            while let Ok(event) = rx.try_recv() {
-                if matches!(event, EngineEvent::Token { .. }) {
-                    generated += 1;
-                }
-            }
-        }
+        let (secs, outputs) = offline::run_queued(&mut engine, &prompts[..c], &params);
+        let generated: usize = outputs.iter().map(Vec::len).sum();
         let prompt_tokens: usize = prompts[..c].iter().map(Vec::len).sum();
         println!(
             "{{\"engine\": \"inferd cpu\", \"threads\": {}, \"concurrency\": {c}, \"prompt_tokens\": {prompt_tokens}, \"output_tokens\": {generated}, \"seconds\": {secs:.2}, \"output_tok_s\": {:.1}, \"steps\": {}}}",

@@ -14,12 +14,11 @@ use inferd::loader::resolve_model;
 use inferd::models::load_decoder;
 use inferd::text::Tokenizer;
 
+mod offline;
+
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let model_id = args
-        .first()
-        .map(String::as_str)
-        .unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct");
+    let (args, model_id) = offline::args();
+    let model_id = model_id.as_str();
     let new_tokens: usize = args.get(2).map(|s| s.parse().expect("NEW_TOKENS")).unwrap_or(64);
     let dir = resolve_model(model_id).expect("model (run scripts/fetch-test-models)");
     let prompt: Vec<u32> = match args.get(1) {

@@ -8,22 +8,21 @@
 //!
 //! Defaults: SmolLM2-135M-Instruct, 16,64, 128 output tokens.
 
+mod offline;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use inferd::backend::cpu::CpuBackend;
-use inferd::engine::{Constraint, ConstraintStart, Engine, EngineConfig, EngineEvent, RequestId, SamplingParams};
+use inferd::engine::{Constraint, ConstraintStart, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::models::load_decoder;
 use inferd::text::{GrammarCompiler, GrammarSpec, JsonStyle, Tokenizer};
 use serde_json::json;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let model_id = args
-        .first()
-        .map(String::as_str)
-        .unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct");
+    let (args, model_id) = offline::args();
+    let model_id = model_id.as_str();
     let concurrency: Vec<usize> = args
         .get(1)
         .map(String::as_str)
@@ -99,16 +98,7 @@ fn main() {
         .collect();
     for &c in &concurrency {
         for constrained in [false, true] {
-            let block_size = 16;
-            let per_seq = (64 + output_tokens).div_ceil(block_size);
-            let config = EngineConfig {
-                block_size,
-                num_blocks: per_seq * c,
-                max_num_seqs: c,
-                max_num_batched_tokens: 2048,
-                max_waiting: c,
-            };
-            let mut engine = Engine::new(CpuBackend::default(), model.take().unwrap(), config, eos.clone());
+            let mut engine = offline::engine_for(model.take().unwrap(), c, 64 + output_tokens, eos.clone());
             let params = SamplingParams {
                 max_tokens: Some(output_tokens),
                 ignore_eos: true,
@@ -118,37 +108,11 @@ fn main() {
                 }),
                 ..SamplingParams::greedy()
             };
-            let mut receivers = Vec::new();
-            let start = Instant::now();
-            for (i, prompt) in prompts[..c].iter().enumerate() {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                engine
-                    .add_request(RequestId(i as u64), prompt.clone(), params.clone(), tx)
-                    .expect("request");
-                receivers.push(rx);
-            }
-            while engine.has_work() {
-                engine.step();
-            }
-            let secs = start.elapsed().as_secs_f64();
-            let mut tokens = 0;
-            let mut sample = Vec::new();
-            for (i, mut rx) in receivers.into_iter().enumerate() {
-                while let Ok(event) = rx.try_recv() {
-                    match event {
-                        EngineEvent::Token { token, .. } => {
-                            tokens += 1;
-                            if i == 0 {
-                                sample.push(token);
-                            }
-                        }
-                        EngineEvent::Failed(e) => panic!("request failed: {e}"),
-                        _ => {}
-                    }
-                }
-            }
+            let (secs, outputs) = offline::run_queued(&mut engine, &prompts[..c], &params);
+            let tokens: usize = outputs.iter().map(Vec::len).sum();
             assert_eq!(tokens, c * output_tokens, "every request writes its full length");
-            let text = tokenizer.decode(&sample, false).unwrap_or_default();
+            let sample = &outputs[0];
+            let text = tokenizer.decode(sample, false).unwrap_or_default();
             println!(
                 "{}",
                 json!({"bench": "throughput", "model": model_id, "concurrency": c, "constrained": constrained,
