@@ -261,6 +261,8 @@ pub fn rename_param(mut error: ApiError) -> ApiError {
     if let Some(param) = &error.param {
         let renamed = match param.as_str() {
             "max_completion_tokens" => Some("max_output_tokens".to_owned()),
+            // Chat's `response_format` is what `text.format` became.
+            p if p.starts_with("response_format") => Some("text.format".to_owned()),
             // A chat image part's `image_url.url` / `image_url.detail` are an
             // `input_image`'s `image_url` / `detail`.
             p if p.starts_with("messages") => Some(format!(
@@ -275,6 +277,8 @@ pub fn rename_param(mut error: ApiError) -> ApiError {
             error.message = error
                 .message
                 .replace("max_completion_tokens", "max_output_tokens")
+                .replace("`response_format.json_schema", "`text.format")
+                .replace("`response_format", "`text.format")
                 .replace("`messages", "`input");
             error.param = Some(renamed);
         }

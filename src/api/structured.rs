@@ -90,16 +90,17 @@ pub(crate) fn json_schema_object(object: &Map<String, Value>, param: &str) -> Re
     check_fields(object, &["name", "schema", "strict", "description", "type"])
         .map_err(|e| ApiError::invalid(param, format!("{param}: {}", e.message)))?;
     let g = Fields { map: object };
-    let name = g.get::<String>("name").map_err(|e| renamed(e, param))?;
-    if let Some(name) = &name {
-        let ok =
-            (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !ok {
-            return Err(ApiError::invalid(
-                format!("{param}.name"),
-                format!("`{param}.name` must be 1 to 64 letters, digits, `_` or `-`"),
-            ));
-        }
+    // OpenAI requires the name (no schema means any JSON object).
+    let name = g
+        .get::<String>("name")
+        .map_err(|e| renamed(e, param))?
+        .unwrap_or_default();
+    let ok = (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !ok {
+        return Err(ApiError::invalid(
+            format!("{param}.name"),
+            format!("`{param}.name` is required: 1 to 64 letters, digits, `_` or `-`"),
+        ));
     }
     g.get::<bool>("strict").map_err(|e| renamed(e, param))?;
     g.get::<String>("description").map_err(|e| renamed(e, param))?;

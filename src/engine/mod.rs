@@ -395,17 +395,17 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         };
         // The masks of constrained sequences that sample this step are computed while the
         // forward pass runs.
-        let mut states: Vec<&mut constraint::ConstraintState> = self
-            .scheduler
-            .running
+        let running = &mut self.scheduler.running;
+        let mut samples = vec![false; running.len()];
+        for &(i, n) in &plan.chunks {
+            let seq = &running[i];
+            samples[i] = seq.constraint.is_some() && seq.num_computed + n == seq.tokens.len();
+        }
+        let mut states: Vec<&mut constraint::ConstraintState> = running
             .iter_mut()
-            .enumerate()
-            .filter(|(i, seq)| {
-                plan.chunks
-                    .iter()
-                    .any(|&(c, n)| c == *i && seq.num_computed + n == seq.tokens.len())
-            })
-            .filter_map(|(_, seq)| seq.constraint.as_deref_mut())
+            .zip(samples)
+            .filter(|(_, samples)| *samples)
+            .filter_map(|(seq, _)| seq.constraint.as_deref_mut())
             .filter(|state| state.constrains_next())
             .collect();
         let (model, backend, cache) = (&self.model, &self.backend, &mut self.cache);

@@ -22,7 +22,7 @@ use crate::api::{parse_chat_request, parse_completion_request, ChatRequest, Tool
 use crate::engine::{Constraint, ConstraintStart, EngineEvent, RequestStream, SamplingParams, TokenLogprobs};
 use crate::manager::{ModelLease, ServedModel};
 use crate::models::{EncoderInput, ImageSet};
-use crate::text::{call_grammar, CallSchema, ChatInput, ChatTemplate, GrammarError, GrammarSpec, JsonStyle, ToolEvent};
+use crate::text::{CallSchema, ChatInput, ChatTemplate, GrammarError, GrammarSpec, JsonStyle, ToolEvent};
 
 /// How a reply forced to call a tool must open: `<tool_call>` and the function's name,
 /// in the Qwen / Hermes format the tool-call parser reads, one opening per allowed
@@ -58,9 +58,9 @@ fn chat_constraint(
         (true, Some(open), Some(close)) => ConstraintStart::AfterReasoning { open, close },
         _ => ConstraintStart::Now,
     };
-    let tools = strict_tool_grammar(request, model);
-    match (&request.generation.structured, tools) {
-        (Some(s), Some((_, ConstraintStart::Now))) => Err(ApiError::invalid(
+    let forced_call = request.tools.is_some() && !matches!(request.tool_choice, ToolChoice::Auto);
+    match (&request.generation.structured, strict_tool_grammar(request, model)) {
+        (Some(s), _) if forced_call => Err(ApiError::invalid(
             s.param,
             format!(
                 "`{}` cannot constrain a reply that `tool_choice` forces to be a tool call",
@@ -68,7 +68,7 @@ fn chat_constraint(
             ),
         )),
         (Some(s), _) => Ok(Some((s.spec.clone(), s.style.clone(), s.param, answer_start))),
-        (None, Some((lark, start))) => Ok(Some((GrammarSpec::Lark(lark), JsonStyle::default(), "tools", start))),
+        (None, Some((spec, start))) => Ok(Some((spec, JsonStyle::default(), "tools", start))),
         (None, None) => Ok(None),
     }
 }
@@ -77,38 +77,42 @@ fn chat_constraint(
 /// strict function's arguments follow its `parameters`, others are any JSON object) and
 /// where it starts: at once when `tool_choice` forces a call, else once the model opens
 /// one (`<tool_call>`, a single token in the models that use this format).
-fn strict_tool_grammar(request: &ChatRequest, model: &ServedModel) -> Option<(String, ConstraintStart)> {
-    let functions: Vec<(&str, Option<&Value>)> = request
+fn strict_tool_grammar(request: &ChatRequest, model: &ServedModel) -> Option<(GrammarSpec, ConstraintStart)> {
+    let functions: Vec<CallSchema> = request
         .tools
         .iter()
         .flat_map(|t| t.as_array().into_iter().flatten())
         .filter_map(|t| {
             let f = t.get("function")?;
+            let name = f.get("name")?.as_str()?.to_owned();
             let strict = f.get("strict").and_then(Value::as_bool) == Some(true);
-            Some((f.get("name")?.as_str()?, strict.then(|| f.get("parameters")).flatten()))
+            let parameters = strict.then(|| f.get("parameters").cloned()).flatten();
+            Some(CallSchema { name, parameters })
         })
-        .collect();
-    let allowed: Vec<CallSchema<'_>> = functions
-        .iter()
-        .filter(|(name, _)| match &request.tool_choice {
-            ToolChoice::Named(named) => name == named,
+        .filter(|f| match &request.tool_choice {
+            ToolChoice::Named(named) => &f.name == named,
             _ => true,
         })
-        .map(|&(name, parameters)| CallSchema { name, parameters })
         .collect();
-    if !allowed.iter().any(|f| f.parameters.is_some()) {
+    if !functions.iter().any(|f| f.parameters.is_some()) {
         return None;
     }
     let several = !matches!(request.tool_choice, ToolChoice::Named(_)) && request.parallel_tool_calls;
-    match request.tool_choice {
-        ToolChoice::Named(_) | ToolChoice::Required => {
-            Some((call_grammar(&allowed, false, several), ConstraintStart::Now))
-        }
-        ToolChoice::Auto => {
-            let open = model.tokenizer.token_to_id("<tool_call>")?;
-            Some((call_grammar(&allowed, true, several), ConstraintStart::AfterToken(open)))
-        }
-    }
+    let (opened, start) = match request.tool_choice {
+        ToolChoice::Named(_) | ToolChoice::Required => (false, ConstraintStart::Now),
+        ToolChoice::Auto => (
+            true,
+            ConstraintStart::AfterToken(model.tokenizer.token_to_id("<tool_call>")?),
+        ),
+    };
+    Some((
+        GrammarSpec::ToolCalls {
+            functions,
+            opened,
+            several,
+        },
+        start,
+    ))
 }
 
 /// Compiles a constraint against the model's tokenizer (cached by content), off the

@@ -17,7 +17,7 @@ enum Token {
     Defines,
     /// A string literal's decoded text.
     Literal(String),
-    /// A character class as written, brackets included (`[^a-z\]]`).
+    /// A character class, as a Rust regex class with every character escaped.
     Class(String),
     Any,
     /// `( ) | * + ?` and a whole `{m,n}` repetition.
@@ -138,21 +138,9 @@ fn tokenize(source: &str) -> Result<Vec<Token>, String> {
                 i = next;
             }
             '[' => {
-                let start = i;
-                i += 1;
-                if chars.get(i) == Some(&'^') {
-                    i += 1;
-                }
-                loop {
-                    match chars.get(i) {
-                        None => return Err("a character class `[` is never closed".into()),
-                        Some('\\') => i += 2,
-                        Some(']') => break,
-                        Some(_) => i += 1,
-                    }
-                }
-                i += 1;
-                tokens.push(Token::Class(chars[start..i].iter().collect()));
+                let (class, next) = class(&chars, i + 1)?;
+                tokens.push(Token::Class(class));
+                i = next;
             }
             '.' => {
                 tokens.push(Token::Any);
@@ -196,6 +184,71 @@ fn tokenize(source: &str) -> Result<Vec<Token>, String> {
     Ok(tokens)
 }
 
+/// A character class from just after its `[`, as a Rust regex class in which every
+/// character is escaped (GBNF's `[[(]` or `[a&&b]` are plain characters, not Rust's
+/// nested classes and set operations); returns it and the index after the `]`.
+fn class(chars: &[char], mut i: usize) -> Result<(String, usize), String> {
+    let mut out = String::from("[");
+    if chars.get(i) == Some(&'^') {
+        out.push('^');
+        i += 1;
+    }
+    let mut items = 0;
+    loop {
+        let (c, next) = match chars.get(i) {
+            None => return Err("a character class `[` is never closed".into()),
+            Some(']') => break,
+            Some('\\') => escaped_char(chars, i + 1)?,
+            Some(&c) => (c, i + 1),
+        };
+        i = next;
+        out.push_str(&regex_syntax::escape(&c.to_string()));
+        // A range `a-z` (a `-` just before the `]` is a plain `-`).
+        if chars.get(i) == Some(&'-') && chars.get(i + 1).is_some_and(|&n| n != ']') {
+            let (end, next) = match chars[i + 1] {
+                '\\' => escaped_char(chars, i + 2)?,
+                e => (e, i + 2),
+            };
+            if end < c {
+                return Err(format!("the class range `{c}-{end}` is out of order"));
+            }
+            out.push('-');
+            out.push_str(&regex_syntax::escape(&end.to_string()));
+            i = next;
+        }
+        items += 1;
+    }
+    if items == 0 {
+        return Err("an empty character class `[]` matches nothing".into());
+    }
+    out.push(']');
+    Ok((out, i + 1))
+}
+
+/// The character an escape stands for, from just after its `\`; returns it and the
+/// index after the escape. llama.cpp's escapes.
+fn escaped_char(chars: &[char], i: usize) -> Result<(char, usize), String> {
+    let esc = *chars.get(i).ok_or("the grammar ends in `\\`")?;
+    let hex = |n: usize| -> Result<(char, usize), String> {
+        let digits: String = chars.get(i + 1..i + 1 + n).ok_or("a short escape")?.iter().collect();
+        u32::from_str_radix(&digits, 16)
+            .ok()
+            .and_then(char::from_u32)
+            .map(|c| (c, i + 1 + n))
+            .ok_or_else(|| format!("`\\{esc}{digits}` is not a character"))
+    };
+    match esc {
+        'n' => Ok(('\n', i + 1)),
+        't' => Ok(('\t', i + 1)),
+        'r' => Ok(('\r', i + 1)),
+        'x' => hex(2),
+        'u' => hex(4),
+        'U' => hex(8),
+        '\\' | '"' | '[' | ']' | '-' | '^' => Ok((esc, i + 1)),
+        other => Err(format!("unknown escape `\\{other}`")),
+    }
+}
+
 /// A string literal's text from just after its opening quote; returns it and the index
 /// after the closing quote. Escapes as llama.cpp reads them.
 fn literal(chars: &[char], mut i: usize) -> Result<(String, usize), String> {
@@ -205,34 +258,9 @@ fn literal(chars: &[char], mut i: usize) -> Result<(String, usize), String> {
             None => return Err("a string literal is never closed".into()),
             Some('"') => return Ok((text, i + 1)),
             Some('\\') => {
-                let esc = *chars.get(i + 1).ok_or("a string literal ends in `\\`")?;
-                i += 2;
-                let hex = |i: usize, n: usize| -> Result<char, String> {
-                    let digits: String = chars.get(i..i + n).ok_or("a short escape")?.iter().collect();
-                    u32::from_str_radix(&digits, 16)
-                        .ok()
-                        .and_then(char::from_u32)
-                        .ok_or_else(|| format!("`\\{esc}{digits}` is not a character"))
-                };
-                match esc {
-                    'n' => text.push('\n'),
-                    't' => text.push('\t'),
-                    'r' => text.push('\r'),
-                    '\\' | '"' | '[' | ']' => text.push(esc),
-                    'x' => {
-                        text.push(hex(i, 2)?);
-                        i += 2;
-                    }
-                    'u' => {
-                        text.push(hex(i, 4)?);
-                        i += 4;
-                    }
-                    'U' => {
-                        text.push(hex(i, 8)?);
-                        i += 8;
-                    }
-                    other => return Err(format!("unknown escape `\\{other}` in a string literal")),
-                }
+                let (c, next) = escaped_char(chars, i + 1).map_err(|e| format!("{e} in a string literal"))?;
+                text.push(c);
+                i = next;
             }
             Some(&c) => {
                 text.push(c);
@@ -255,6 +283,11 @@ mod tests {
             "start: r_greeting ( \" \" r__uname_d2 ) ?\nr_greeting: \"hi\\n\" | /[a-c]/ + /(?s:.)/\nr__uname_d2: /[^\\]\\/]/ {1,3}\n"
         );
         assert!(looks_like_gbnf(gbnf));
+        // Class characters are characters: no nested classes or set operations.
+        assert_eq!(
+            gbnf_to_lark("root ::= [[(] [a&&b-] [\\x41-\\u0043]").unwrap(),
+            "start: /[\\[\\(]/ /[a\\&\\&b\\-]/ /[A-C]/\n"
+        );
         assert!(!looks_like_gbnf("start: \"a\" | b"));
     }
 
@@ -270,6 +303,8 @@ mod tests {
             ("\"a\" root ::= b", "expected a rule definition"),
             ("root ::= a ; b", "unexpected character"),
             ("root ::= foo", "`foo` is used but never defined"),
+            ("root ::= []", "empty character class"),
+            ("root ::= [z-a]", "out of order"),
         ] {
             let err = gbnf_to_lark(gbnf).unwrap_err();
             assert!(err.contains(says), "{gbnf:?}: {err}");

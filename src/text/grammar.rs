@@ -13,6 +13,7 @@ use llguidance::{JsonCompileOptions, Matcher, ParserFactory, TokenParser};
 use serde_json::{json, Value};
 
 use super::gbnf;
+use super::tool_calls::{call_grammar, CallSchema};
 use super::Tokenizer;
 
 /// Longest schema, regex or grammar source accepted (bytes).
@@ -51,8 +52,13 @@ pub enum GrammarSpec {
     Choice(Vec<String>),
     /// A context-free grammar: GBNF when it defines a rule with `::=`, else Lark.
     Grammar(String),
-    /// Lark the server writes itself (tool-call arguments).
-    Lark(String),
+    /// Calls of tools in the Qwen / Hermes format, strict ones' arguments following
+    /// their schemas (see `tool_calls::call_grammar`).
+    ToolCalls {
+        functions: Vec<CallSchema>,
+        opened: bool,
+        several: bool,
+    },
 }
 
 /// How JSON is laid out: compact (`{"a": 1, "b": [2, 3]}`) unless a request asks for any
@@ -180,7 +186,28 @@ impl GrammarSpec {
                 };
                 TopLevelGrammar::from_lark(lark)
             }
-            GrammarSpec::Lark(source) => TopLevelGrammar::from_lark(source.clone()),
+            GrammarSpec::ToolCalls {
+                functions,
+                opened,
+                several,
+            } => {
+                for f in functions {
+                    let Some(schema) = &f.parameters else { continue };
+                    if !schema.is_object() {
+                        return Err(GrammarError::Invalid(format!(
+                            "`{}`: the parameters must be a JSON schema object",
+                            f.name
+                        )));
+                    }
+                    let len = serde_json::to_string(schema).map(|s| s.len()).unwrap_or(0);
+                    if let Some(e) = too_long(&format!("`{}` parameters schema", f.name), len) {
+                        return Err(e);
+                    }
+                    check_patterns(schema)?;
+                }
+                let layout = serde_json::to_value(JsonStyle::default().options()).unwrap_or(Value::Null);
+                TopLevelGrammar::from_lark(call_grammar(functions, *opened, *several, &layout))
+            }
         })
     }
 
@@ -192,7 +219,14 @@ impl GrammarSpec {
             GrammarSpec::Regex(s) => ("regex", s.clone()),
             GrammarSpec::Choice(c) => ("choice", Value::from(c.clone()).to_string()),
             GrammarSpec::Grammar(s) => ("grammar", s.clone()),
-            GrammarSpec::Lark(s) => ("lark", s.clone()),
+            GrammarSpec::ToolCalls {
+                functions,
+                opened,
+                several,
+            } => {
+                let functions: Vec<Value> = functions.iter().map(|f| json!([f.name, f.parameters])).collect();
+                ("tool_calls", json!([functions, opened, several]).to_string())
+            }
         };
         format!(
             "{kind}\u{0}{}\u{0}{}\u{0}{content}",
@@ -239,14 +273,17 @@ fn abbreviate(s: &str) -> String {
     }
 }
 
-/// The `pattern`s of a JSON schema are regexes too.
+/// The `pattern`s of a JSON schema are regexes too (not inside the keywords whose values
+/// are data: `const`, `enum`, `default`, `examples`).
 fn check_patterns(schema: &Value) -> Result<(), GrammarError> {
     match schema {
         Value::Object(map) => {
             if let Some(Value::String(rx)) = map.get("pattern") {
                 regex_check(rx)?;
             }
-            map.values().try_for_each(check_patterns)
+            map.iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "const" | "enum" | "default" | "examples"))
+                .try_for_each(|(_, v)| check_patterns(v))
         }
         Value::Array(items) => items.iter().try_for_each(check_patterns),
         _ => Ok(()),

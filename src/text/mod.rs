@@ -19,7 +19,7 @@ pub use reasoning::ReasoningParser;
 pub use stop::{StopMatcher, StopOutput};
 pub use template::{ChatInput, ChatTemplate, SpecialTokens};
 pub use tokenizer::Tokenizer;
-pub use tool_calls::{call_grammar, collect_calls, CallSchema, ToolCall, ToolCallParser, ToolEvent};
+pub use tool_calls::{collect_calls, CallSchema, ToolCall, ToolCallParser, ToolEvent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TextError {

@@ -414,38 +414,43 @@ pub fn collect_calls(calls: &mut Vec<ToolCall>, events: &[ToolEvent]) {
 
 /// A function a tool-call grammar allows: its name and, for a `strict` tool, the JSON
 /// schema of its arguments (`None`: any JSON object).
-pub struct CallSchema<'a> {
-    pub name: &'a str,
-    pub parameters: Option<&'a Value>,
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallSchema {
+    pub name: String,
+    pub parameters: Option<Value>,
 }
 
 /// A Lark grammar (llguidance's dialect) for calls in the Qwen / Hermes block format, so
 /// that strict tools get arguments that follow their schema. `opened`: the output
 /// already holds the first `<tool_call>` (the grammar starts right after it); else it
-/// starts with one. `several`: more calls may follow, each on its own line.
-pub fn call_grammar(functions: &[CallSchema<'_>], opened: bool, several: bool) -> String {
-    let mut lark = String::new();
-    let alternatives: Vec<String> = (0..functions.len()).map(|i| format!("call_{i}")).collect();
-    let first = if opened { "\"\\n\"" } else { "\"<tool_call>\\n\"" };
-    lark.push_str(&format!("start: {first} body \"\\n</tool_call>\""));
+/// starts with one. `several`: more calls may follow, each on its own line. Each
+/// function's arguments are their own `%json` root, so a schema's `$ref`s to its own
+/// `$defs` resolve; `layout` is stamped into each (llguidance's `x-guidance` options).
+pub fn call_grammar(functions: &[CallSchema], opened: bool, several: bool, layout: &Value) -> String {
+    let quoted = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let first = if opened { quoted("\n") } else { quoted("<tool_call>\n") };
+    let close = quoted("\n</tool_call>");
+    let mut lark = format!("start: {first} body {close}");
     if several {
-        lark.push_str(" (\"\\n<tool_call>\\n\" body \"\\n</tool_call>\")*");
+        lark.push_str(&format!(" ({} body {close})*", quoted("\n<tool_call>\n")));
     }
     lark.push('\n');
+    let alternatives: Vec<String> = (0..functions.len()).map(|i| format!("call_{i}")).collect();
     lark.push_str(&format!("body: {}\n", alternatives.join(" | ")));
     for (i, f) in functions.iter().enumerate() {
-        let arguments = f
+        let mut arguments = f
             .parameters
-            .cloned()
+            .clone()
             .unwrap_or_else(|| serde_json::json!({"type": "object"}));
-        let schema = serde_json::json!({
-            "type": "object",
-            "properties": {"name": {"const": f.name}, "arguments": arguments},
-            "required": ["name", "arguments"],
-            "additionalProperties": false,
-            "x-guidance": {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": false},
-        });
-        lark.push_str(&format!("call_{i}: %json {schema}\n"));
+        if let Some(object) = arguments.as_object_mut() {
+            object.entry("x-guidance").or_insert_with(|| layout.clone());
+        }
+        let opening = format!("{{\"name\": {}, \"arguments\": ", quoted(&f.name));
+        lark.push_str(&format!(
+            "call_{i}: {} %json {arguments} {}\n",
+            quoted(&opening),
+            quoted("}")
+        ));
     }
     lark
 }

@@ -130,7 +130,8 @@ fn refused_values(route: Route) -> Vec<Value> {
         Route::Completions => vec![
             json!({"suffix": "x"}),
             json!({"best_of": 3}),
-            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": [1]}}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}),
             json!({"guided_json": 5}),
             json!({"truncate_prompt_tokens": 0}),
             json!({"n": 2, "prompt": vec!["x"; 600]}),
@@ -142,7 +143,7 @@ fn refused_values(route: Route) -> Vec<Value> {
             json!({"include": ["message.output_text.logprobs"]}),
             json!({"truncation": "auto"}),
             json!({"top_logprobs": 3}),
-            json!({"text": {"format": {"type": "json_schema", "schema": "x"}}}),
+            json!({"text": {"format": {"type": "json_schema", "name": "a", "schema": "x"}}}),
             json!({"text": {"format": {"type": "xml"}}}),
             json!({"service_tier": 1}),
             json!({"max_tool_calls": "3"}),

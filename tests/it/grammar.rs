@@ -271,3 +271,79 @@ fn text_the_normalizer_would_change_is_forced_byte_for_byte() {
     assert!(m.is_finished() || m.mask().unwrap().allows(IM_END));
     let _ = bytes;
 }
+
+/// Strict tools: each function's arguments are their own schema root (a `$ref` to the
+/// schema's own `$defs` resolves), in the Qwen block format the tool-call parser reads.
+#[test]
+fn tool_call_grammars_hold_each_functions_schema() {
+    use inferd::text::CallSchema;
+    let c = compiler();
+    let style = JsonStyle::default();
+    let params = json!({"$defs": {"unit": {"enum": ["c", "f"]}}, "type": "object",
+                        "properties": {"city": {"type": "string"}, "unit": {"$ref": "#/$defs/unit"}},
+                        "required": ["city", "unit"], "additionalProperties": false});
+    let spec = |opened, several| GrammarSpec::ToolCalls {
+        functions: vec![
+            CallSchema {
+                name: "weather".into(),
+                parameters: Some(params.clone()),
+            },
+            CallSchema {
+                name: "time".into(),
+                parameters: None,
+            },
+        ],
+        opened,
+        several,
+    };
+    let call =
+        "<tool_call>\n{\"name\": \"weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"c\"}}\n</tool_call>";
+    assert_eq!(walk(&c, &spec(false, false), &style, call), Ok(true));
+    let two = format!("{call}\n<tool_call>\n{{\"name\": \"time\", \"arguments\": {{\"any\": 1}}}}\n</tool_call>");
+    assert_eq!(walk(&c, &spec(false, true), &style, &two), Ok(true));
+    assert!(walk(&c, &spec(false, false), &style, &two).is_err(), "one call only");
+    assert!(
+        walk(&c, &spec(false, false), &style, &call.replace("\"c\"", "\"k\"")).is_err(),
+        "the enum holds"
+    );
+    assert!(
+        walk(&c, &spec(false, false), &style, &call.replace("weather", "rain")).is_err(),
+        "known names only"
+    );
+    // Opened: the grammar starts after `<tool_call>`.
+    assert_eq!(
+        walk(
+            &c,
+            &spec(true, false),
+            &style,
+            call.strip_prefix("<tool_call>").unwrap()
+        ),
+        Ok(true)
+    );
+    // Tool schemas get the same checks as response formats.
+    let bad = GrammarSpec::ToolCalls {
+        functions: vec![CallSchema {
+            name: "f".into(),
+            parameters: Some(json!({"type": "string", "pattern": "a{1,200000}"})),
+        }],
+        opened: false,
+        several: false,
+    };
+    assert!(matches!(c.compile(&bad, &style), Err(GrammarError::TooLarge(_))));
+    // Data that looks like a pattern is data.
+    let data = json!({"type": "object", "properties": {"p": {"const": {"pattern": "(unclosed"}}}});
+    assert!(c.compile(&GrammarSpec::JsonSchema(data), &style).is_ok());
+}
+
+/// llguidance lexes each GBNF literal or class as a lexeme, greedily: an alternative
+/// that is a prefix of another is not backtracked into (docs/structured-outputs.md says
+/// so). llama.cpp would accept `ab` here.
+#[test]
+fn gbnf_literals_are_lexed_greedily() {
+    let c = compiler();
+    let style = JsonStyle::default();
+    let g = GrammarSpec::Grammar("root ::= x \"b\"\nx ::= \"a\" | \"ab\"\n".into());
+    assert_eq!(walk(&c, &g, &style, "abb"), Ok(true));
+    let ab = walk(&c, &g, &style, "ab");
+    eprintln!("`ab` under a greedy lexer: {ab:?}");
+}

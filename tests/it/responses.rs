@@ -285,7 +285,7 @@ fn bad_responses_requests_get_openai_errors() {
         (
             json!({"input": "hi", "text": {"format": {"type": "json_schema"}}}),
             400,
-            "text.format",
+            "text.format.name",
         ),
         (json!({"input": "hi", "bogus": 1}), 400, "bogus"),
         (json!({"input": "hi", "temperature": "hot"}), 400, "temperature"),

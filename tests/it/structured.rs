@@ -150,12 +150,12 @@ fn bad_constraints_are_400s_naming_their_field() {
     let s = Server::start(&[]);
     for (extra, param, says) in [
         (
-            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "wat"}}}}),
             "response_format",
             "wat",
         ),
         (
-            json!({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "array", "uniqueItems": true}}}}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "u", "schema": {"type": "array", "uniqueItems": true}}}}),
             "response_format",
             "uniqueItems",
         ),
@@ -170,6 +170,12 @@ fn bad_constraints_are_400s_naming_their_field() {
             "at most 100000",
         ),
         (json!({"guided_regex": "(x"}), "guided_regex", "unclosed group"),
+        (
+            json!({"response_format": {"type": "json_object"}, "tool_choice": "required",
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+            "response_format",
+            "forces to be a tool call",
+        ),
         (json!({"guided_choice": [], "stream": true}), "guided_choice", "empty"),
         (
             json!({"tools": [{"type": "function", "function": {"name": "f", "strict": true, "parameters": {"type": "object", "properties": {"a": {"type": "nope"}}}}}],
