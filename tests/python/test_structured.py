@@ -168,8 +168,13 @@ def responses_text_format():
     assert isinstance(parsed.output_parsed, Person), parsed
 
 
-class Weather(BaseModel):
+class Place(BaseModel):
     city: Literal["Paris", "London", "Rome"]
+    country: str = Field(max_length=20)
+
+
+class Weather(BaseModel):
+    place: Place  # a nested model: the tool's schema refers to its own `$defs`
     unit: Literal["celsius", "fahrenheit"]
     days: int = Field(ge=1, le=7)
 
@@ -180,6 +185,7 @@ def strict_tools():
     r = client.chat.completions.parse(model=QWEN, messages=messages, tools=[tool], tool_choice="required",
                                       temperature=0.7, seed=1, max_tokens=80)
     call = r.choices[0].message.tool_calls[0]
+    assert "$defs" in json.dumps(tool), tool
     assert isinstance(call.function.parsed_arguments, Weather), call
 
 
