@@ -184,6 +184,13 @@ impl GrammarSpec {
                 } else {
                     source.clone()
                 };
+                // Its regex terminals get the repetition bound (their syntax errors are
+                // llguidance's to report, in its words).
+                for rx in lark_regexes(&lark) {
+                    if let Err(e @ GrammarError::TooLarge(_)) = regex_check(rx) {
+                        return Err(e);
+                    }
+                }
                 TopLevelGrammar::from_lark(lark)
             }
             GrammarSpec::ToolCalls {
@@ -249,6 +256,47 @@ fn regex_check(rx: &str) -> Result<(), GrammarError> {
         )));
     }
     Ok(())
+}
+
+/// The `/regex/` terminals of a Lark grammar (outside strings and comments).
+fn lark_regexes(source: &str) -> Vec<&str> {
+    let bytes = source.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'#' => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'/') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' => {
+                let start = i + 1;
+                i = start;
+                while i < bytes.len() && bytes[i] != b'/' && bytes[i] != b'\n' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                if let Some(rx) = source.get(start..i.min(bytes.len())) {
+                    out.push(rx);
+                }
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    out
 }
 
 /// The largest product of nested counted-repetition bounds in a regex.

@@ -238,6 +238,11 @@ fn counted_repetitions_are_bounded_before_they_compile() {
         matches!(&e, GrammarError::TooLarge(m) if m.contains("200000 repetitions")),
         "{e:?}"
     );
+    // A Lark grammar's regex terminals too (not its strings or comments).
+    let lark = GrammarSpec::Grammar("start: \"/a{999999}/\" X  # /b{999999}/\nX: /[0-9]{1,200000}/\n".into());
+    assert!(matches!(c.compile(&lark, &style), Err(GrammarError::TooLarge(m)) if m.contains("200000 repetitions")));
+    let fine = GrammarSpec::Grammar("start: \"/a{999999}/\" X  # /b{999999}/\nX: /[0-9]{1,3}/\n".into());
+    assert_eq!(walk(&c, &fine, &style, "/a{999999}/12"), Ok(true));
     // Bounds up to the limit compile and match.
     assert_eq!(
         walk(&c, &GrammarSpec::Regex("[a-z]{1,100000}".into()), &style, "hello"),
@@ -345,5 +350,8 @@ fn gbnf_literals_are_lexed_greedily() {
     let g = GrammarSpec::Grammar("root ::= x \"b\"\nx ::= \"a\" | \"ab\"\n".into());
     assert_eq!(walk(&c, &g, &style, "abb"), Ok(true));
     // Pinned so that the documented difference is noticed if llguidance changes it.
-    assert!(walk(&c, &g, &style, "ab").is_err(), "llama.cpp's reading: `ab` is x = `a`, then `b`");
+    assert!(
+        walk(&c, &g, &style, "ab").is_err(),
+        "llama.cpp's reading: `ab` is x = `a`, then `b`"
+    );
 }
