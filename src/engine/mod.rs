@@ -2,7 +2,8 @@
 //! `schedule()` -> `forward(plan)` -> `sample + commit`; `Engine` is that loop and owns
 //! every piece of its state, and `EngineHandle` runs it on its own thread, taking
 //! requests over a channel and returning each request's tokens on a channel of its own.
-//! The engine knows token ids only: no HTTP, JSON or text.
+//! The engine knows token ids only: no HTTP, JSON or text (a structured-output grammar
+//! reaches it compiled, and speaks to it in token masks).
 
 pub mod config;
 pub mod constraint;
@@ -395,19 +396,23 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         };
         // The masks of constrained sequences that sample this step are computed while the
         // forward pass runs.
+        // (Nothing is allocated for a step without constrained sequences.)
         let running = &mut self.scheduler.running;
-        let mut samples = vec![false; running.len()];
-        for &(i, n) in &plan.chunks {
-            let seq = &running[i];
-            samples[i] = seq.constraint.is_some() && seq.num_computed + n == seq.tokens.len();
+        let mut states: Vec<&mut constraint::ConstraintState> = Vec::new();
+        if running.iter().any(|seq| seq.constraint.is_some()) {
+            let mut samples = vec![false; running.len()];
+            for &(i, n) in &plan.chunks {
+                let seq = &running[i];
+                samples[i] = seq.constraint.is_some() && seq.num_computed + n == seq.tokens.len();
+            }
+            states = running
+                .iter_mut()
+                .zip(samples)
+                .filter(|(_, samples)| *samples)
+                .filter_map(|(seq, _)| seq.constraint.as_deref_mut())
+                .filter(|state| state.constrains_next())
+                .collect();
         }
-        let mut states: Vec<&mut constraint::ConstraintState> = running
-            .iter_mut()
-            .zip(samples)
-            .filter(|(_, samples)| *samples)
-            .filter_map(|(seq, _)| seq.constraint.as_deref_mut())
-            .filter(|state| state.constrains_next())
-            .collect();
         let (model, backend, cache) = (&self.model, &self.backend, &mut self.cache);
         let forward = constraint::prepare_during(&mut states, || model.forward(backend, &batch, cache, logits_for));
         drop(states);
