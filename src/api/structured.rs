@@ -36,6 +36,13 @@ pub(crate) fn structured_request(f: &Fields<'_>) -> Result<Option<StructuredRequ
             format!("give one output constraint, not several ({})", names.join(" and ")),
         ));
     }
+    // What can be checked without the model's tokenizer is checked now, so that a bad
+    // constraint never costs a model load.
+    if let Some(r) = &found.first() {
+        r.spec
+            .check(&r.style)
+            .map_err(|e| ApiError::invalid(r.param, format!("`{}`: {e}", r.param)))?;
+    }
     Ok(found.pop())
 }
 

@@ -115,6 +115,12 @@ pub enum GrammarError {
 }
 
 impl GrammarSpec {
+    /// The checks that need no tokenizer (shapes, sizes, regex syntax and repetition
+    /// bounds, GBNF syntax): what the API runs before a model is chosen or loaded.
+    pub fn check(&self, style: &JsonStyle) -> Result<(), GrammarError> {
+        self.to_grammar(style).map(drop)
+    }
+
     /// Checks sizes and shapes that need no compiling, and turns the spec into what
     /// llguidance compiles.
     fn to_grammar(&self, style: &JsonStyle) -> Result<TopLevelGrammar, GrammarError> {

@@ -118,6 +118,9 @@ fn refused_values(route: Route) -> Vec<Value> {
             json!({"structured_outputs": {"structural_tag": {}}}),
             json!({"structured_outputs": {"regex": "a", "choice": ["a"]}}),
             json!({"structured_outputs": {}}),
+            // Checked before any model is chosen: no load for a constraint that cannot compile.
+            json!({"structured_outputs": {"regex": "(a"}}),
+            json!({"structured_outputs": {"grammar": "root ::= undefined"}}),
             json!({"guided_decoding_backend": 1}),
             json!({"use_beam_search": true}),
             json!({"continue_final_message": true}),
