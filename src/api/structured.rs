@@ -38,7 +38,7 @@ pub(crate) fn structured_request(f: &Fields<'_>) -> Result<Option<StructuredRequ
     }
     // What can be checked without the model's tokenizer is checked now, so that a bad
     // constraint never costs a model load.
-    if let Some(r) = &found.first() {
+    if let Some(r) = found.first() {
         r.spec
             .check(&r.style)
             .map_err(|e| ApiError::invalid(r.param, format!("`{}`: {e}", r.param)))?;

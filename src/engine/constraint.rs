@@ -149,6 +149,8 @@ pub fn prepare_during<R>(states: &mut [&mut ConstraintState], during: impl FnOnc
     if states.is_empty() {
         return during();
     }
+    // The forward pass stays on this thread (a CUDA context is current on the thread
+    // that made it); the masks go to a scoped thread that fans out on rayon's pool.
     std::thread::scope(|scope| {
         let worker = scope.spawn(|| states.par_iter_mut().for_each(|s| s.prepare()));
         let out = during();

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 use llguidance::api::{ParserLimits, TopLevelGrammar};
 use llguidance::toktrie::{SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
@@ -354,15 +353,11 @@ fn one_line(message: &str) -> String {
 pub struct Grammar {
     /// Never advanced: each sequence matches against its own deep clone.
     pristine: Mutex<TokenParser>,
-    /// How long it took to compile.
-    pub compile_time: Duration,
 }
 
 impl std::fmt::Debug for Grammar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Grammar")
-            .field("compile_time", &self.compile_time)
-            .finish()
+        f.debug_struct("Grammar").finish_non_exhaustive()
     }
 }
 
@@ -578,13 +573,11 @@ impl GrammarCompiler {
         }
         let grammar = spec.to_grammar(style)?;
         let factory = self.factory()?;
-        let start = Instant::now();
         let parser = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| factory.create_parser(grammar)))
             .map_err(|_| GrammarError::Invalid("the grammar could not be compiled".into()))?
             .map_err(|e| classify(&e.to_string()))?;
         let compiled = Arc::new(Grammar {
             pristine: Mutex::new(parser),
-            compile_time: start.elapsed(),
         });
         // A grammar whose start allows nothing is refused now, not mid-request.
         compiled.matcher().mask().map_err(GrammarError::Invalid)?;
