@@ -250,41 +250,76 @@ struct ChatArgs {
 
 #[derive(clap::Args)]
 struct BenchArgs {
-    /// The server's base URL (http only).
-    #[arg(long, default_value = "http://127.0.0.1:8000")]
-    url: String,
+    /// A server's base URL (http only); repeat it to run the same workload against each
+    /// server in turn, side by side (named by host:port). Default http://127.0.0.1:8000.
+    #[arg(long)]
+    url: Vec<String>,
+    /// A named server, `NAME=URL` (repeatable, after any --url).
+    #[arg(long)]
+    target: Vec<String>,
     /// The model named in requests; its tokenizer, when in the local cache, makes the
-    /// random prompts (else a repeated sentence of about the same length is sent).
+    /// random prompts and counts prompt tokens (else words are counted).
     #[arg(long)]
     model: String,
     /// `completions` (prompt as given) or `chat` (prompt as one user message).
     #[arg(long, default_value = "completions", value_parser = ["chat", "completions"])]
     endpoint: String,
-    /// Most requests in flight; a comma-separated list runs once per value.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// Most requests in flight; a comma-separated list runs once per value (default 1).
+    #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
-    /// Poisson arrivals at this many requests per second (default: as fast as the
-    /// concurrency limit allows).
+    /// Requests arriving at this many per second; a comma-separated list runs once per
+    /// rate (in-flight requests capped by --max-concurrency).
+    #[arg(long, value_delimiter = ',')]
+    request_rate: Vec<f64>,
+    /// A sweep of N runs (default 10): one request at a time, every request at once, and
+    /// N-2 request rates evenly spaced between the two; reports the knee, the highest load
+    /// before median latency leaves its floor.
+    #[arg(long, num_args = 0..=1, default_missing_value = "10")]
+    sweep: Option<usize>,
+    /// Most requests in flight in rate, sweep and all-at-once runs (default: no limit).
     #[arg(long)]
-    request_rate: Option<f64>,
-    /// Requests per run (default: --requests-per-client x concurrency, at least 16).
+    max_concurrency: Option<usize>,
+    /// How requests arrive at a rate: `poisson` (exponential gaps) or `constant`.
+    #[arg(long, default_value = "poisson", value_parser = ["poisson", "constant"])]
+    arrival: String,
+    /// Requests per run (default: --requests-per-client x concurrency, at least 16, for
+    /// concurrency runs; 64 for rate and sweep runs).
     #[arg(long)]
     num_requests: Option<usize>,
     /// Requests per concurrent client in each run, when --num-requests is not given.
     #[arg(long, default_value_t = 8)]
     requests_per_client: usize,
-    /// Prompt length in tokens.
+    /// Where prompts come from: `random` tokens, `prompts` (a text file, one per line),
+    /// `sharegpt` (a JSON file of conversations; replies' lengths become max_tokens), or
+    /// `prefix` (--num-prefixes system prompts of --prefix-len tokens shared by all requests).
+    #[arg(long, default_value = "random", value_parser = ["random", "prompts", "sharegpt", "prefix"])]
+    dataset: String,
+    /// The file of `--dataset prompts` or `--dataset sharegpt`.
+    #[arg(long)]
+    dataset_path: Option<std::path::PathBuf>,
+    /// Prompts, one per line, used in turn (same as --dataset prompts --dataset-path).
+    #[arg(long)]
+    prompt_file: Option<std::path::PathBuf>,
+    /// `--dataset prefix`: how many shared system prompts.
+    #[arg(long, default_value_t = 4)]
+    num_prefixes: usize,
+    /// `--dataset prefix`: each shared system prompt's length in tokens.
+    #[arg(long, default_value_t = 256)]
+    prefix_len: usize,
+    /// Prompt length in tokens (random prompts, and the question after a shared prefix).
     #[arg(long, default_value_t = 128)]
     input_len: usize,
-    /// Reply length in tokens (`max_tokens`, with `ignore_eos`).
-    #[arg(long, default_value_t = 128)]
-    output_len: usize,
+    /// Reply length in tokens (`max_tokens`, with `ignore_eos`); default 128, and for
+    /// ShareGPT each conversation's own reply length unless given.
+    #[arg(long)]
+    output_len: Option<usize>,
     /// Draw each length uniformly within +-this fraction of the given one.
     #[arg(long, default_value_t = 0.0)]
     range_ratio: f64,
-    /// Prompts, one per line, used in turn instead of random ones.
+    /// Latency targets for goodput, e.g. `ttft=200ms,itl=50ms` (also tpot, latency;
+    /// `ttft:p99=1s` judges the run by another percentile than p90).
     #[arg(long)]
-    prompt_file: Option<std::path::PathBuf>,
+    slo: Option<String>,
     /// Requests sent before each run and not counted.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -299,14 +334,18 @@ struct BenchArgs {
     /// Sent as `Authorization: Bearer KEY` (or INFERD_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
-    /// Also write the reports to this file as JSON.
+    /// Also write the session to this file as JSON (schema in docs/bench.md).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// No progress line on stderr.
+    /// Also write one self-contained HTML report (tables and plots) to this file.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+    /// No progress on stderr (by default: redrawn in place on a terminal, else a line
+    /// every 10 s at most).
     #[arg(long)]
     quiet: bool,
-    /// Also draw throughput.svg, latency.svg and ttft.svg (latency distributions and
-    /// throughput against concurrency) into this folder.
+    /// Also draw the plots into this folder, as SVG and PNG (throughput, latency against
+    /// load, and TTFT, ITL and latency distributions).
     #[arg(long)]
     plots: Option<std::path::PathBuf>,
     /// Drive an engine in this process instead of a server (no HTTP): the model loads
@@ -334,87 +373,113 @@ struct BenchArgs {
 }
 
 fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
-    use inferd::bench::{self, BenchRequest, Endpoint, RunSettings};
-    use inferd::client::Target;
-    if args.concurrency.contains(&0) {
-        return Err("--concurrency must be at least 1".into());
-    }
-    if args.request_rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
-        return Err("--request-rate must be a positive number".into());
+    use inferd::bench::session::{self, Context, Driver, Plan, SessionOptions};
+    use inferd::bench::{self, Arrival, Dataset, Endpoint, HttpSettings, Load, ProgressMode, Slo, WorkloadSpec};
+    let plan = match (args.sweep, args.request_rate.is_empty(), args.concurrency.is_empty()) {
+        (Some(_), false, _) | (Some(_), _, false) => {
+            return Err("--sweep chooses its own loads: leave out --concurrency and --request-rate".into())
+        }
+        (Some(points), ..) if points < 2 => return Err("--sweep needs at least 2 runs".into()),
+        (Some(points), ..) => Plan::Sweep { points },
+        (None, false, false) => {
+            return Err("--request-rate and --concurrency are two kinds of load: cap a rate's in-flight requests with --max-concurrency".into())
+        }
+        (None, false, true) => {
+            if args.request_rate.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
+                return Err("--request-rate must be positive numbers".into());
+            }
+            Plan::Loads(args.request_rate.iter().map(|r| Load::Rate(*r)).collect())
+        }
+        (None, true, _) => {
+            let list = if args.concurrency.is_empty() { vec![1] } else { args.concurrency.clone() };
+            if list.contains(&0) {
+                return Err("--concurrency must be at least 1".into());
+            }
+            Plan::Loads(list.into_iter().map(Load::Concurrency).collect())
+        }
+    };
+    if args.max_concurrency == Some(0) {
+        return Err("--max-concurrency must be at least 1".into());
     }
     if !(0.0..1.0).contains(&args.range_ratio) {
         return Err("--range-ratio must be in [0, 1)".into());
     }
-    if args.input_len == 0 || args.output_len == 0 {
+    if args.input_len == 0 || args.output_len == Some(0) {
         return Err("--input-len and --output-len must be at least 1".into());
     }
+    if args.num_requests == Some(0) {
+        return Err("--num-requests must be at least 1".into());
+    }
+    let slo = match &args.slo {
+        Some(text) => Slo::parse(text)?,
+        None => Slo::default(),
+    };
+    let read = |path: &std::path::Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+    let dataset_path = args.dataset_path.as_ref().or(args.prompt_file.as_ref());
+    let dataset_name = if args.prompt_file.is_some() && args.dataset == "random" {
+        "prompts"
+    } else {
+        args.dataset.as_str()
+    };
+    let dataset = match (dataset_name, dataset_path) {
+        ("random", _) => Dataset::Random,
+        ("prefix", _) => {
+            if args.num_prefixes == 0 || args.prefix_len == 0 {
+                return Err("--num-prefixes and --prefix-len must be at least 1".into());
+            }
+            Dataset::Prefix {
+                num_prefixes: args.num_prefixes,
+                prefix_len: args.prefix_len,
+            }
+        }
+        ("prompts", Some(path)) => {
+            Dataset::prompts_file(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        ("sharegpt", Some(path)) => Dataset::sharegpt(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?,
+        (name, None) => return Err(format!("--dataset {name} needs --dataset-path").into()),
+        (name, Some(_)) => return Err(format!("unknown dataset {name}").into()),
+    };
+    if args.offline && matches!(dataset, Dataset::ShareGpt(_) | Dataset::Prompts(_)) {
+        return Err("--offline sends random token ids: use --dataset random or prefix".into());
+    }
+    let workload = WorkloadSpec {
+        dataset,
+        input_len: args.input_len,
+        output_len: args.output_len.unwrap_or(128),
+        fixed_output_len: args.output_len.is_some(),
+        range_ratio: args.range_ratio,
+    };
     // The tokenizer is optional: any server can be benchmarked from anywhere.
     let tokenizer = resolve_model(&args.model)
         .ok()
         .and_then(|dir| Tokenizer::from_dir(&dir.path).ok());
-    let prompts: Option<Vec<String>> = match &args.prompt_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let lines: Vec<String> = text
-                .lines()
-                .filter(|l| !l.trim().is_empty())
-                .map(str::to_owned)
-                .collect();
-            if lines.is_empty() {
-                return Err(format!("{}: no prompts", path.display()).into());
-            }
-            Some(lines)
-        }
-        None => None,
+    let endpoint = if args.endpoint == "chat" {
+        Endpoint::Chat
+    } else {
+        Endpoint::Completions
     };
-    let make_requests = |count: usize, seed: u64| -> Vec<BenchRequest> {
-        match &prompts {
-            Some(lines) => (0..count)
-                .map(|i| {
-                    let prompt = lines[i % lines.len()].clone();
-                    let prompt_tokens = tokenizer
-                        .as_ref()
-                        .and_then(|t| t.encode(&prompt, false).ok())
-                        .map_or(prompt.split_whitespace().count(), |ids| ids.len());
-                    BenchRequest {
-                        prompt,
-                        prompt_tokens,
-                        max_tokens: args.output_len,
-                    }
-                })
-                .collect(),
-            None => bench::synthetic_requests(
-                tokenizer.as_ref(),
-                count,
-                args.input_len,
-                args.output_len,
-                args.range_ratio,
-                seed,
-            ),
-        }
-    };
-    let mut settings = RunSettings {
-        target: Target::parse(&args.url)?,
-        model: args.model.clone(),
-        endpoint: if args.endpoint == "chat" {
-            Endpoint::Chat
+    let options = SessionOptions {
+        plan: plan.clone(),
+        max_concurrency: args.max_concurrency,
+        arrival: if args.arrival == "constant" {
+            Arrival::Constant
         } else {
-            Endpoint::Completions
+            Arrival::Poisson
         },
-        stream: !args.no_stream,
-        ignore_eos: !args.no_ignore_eos,
-        api_key: args
-            .api_key
-            .clone()
-            .or_else(|| std::env::var("INFERD_API_KEY").ok().filter(|k| !k.is_empty())),
-        concurrency: 1,
-        request_rate: args.request_rate,
+        num_requests: args.num_requests,
+        requests_per_client: args.requests_per_client,
+        warmup: args.warmup,
         seed: args.seed,
-        progress: !args.quiet,
+        stream: !args.no_stream,
+        slo,
+        progress: ProgressMode::detect(args.quiet),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    // Offline: an engine here, fed token ids; the model (or its dummy) loads first.
-    let offline = if args.offline {
+    let driver = if args.offline {
+        if !args.url.is_empty() || !args.target.is_empty() {
+            return Err("--offline drives an engine here: leave out --url and --target".into());
+        }
+        // Offline: an engine here, fed token ids; the model (or its dummy) loads first.
         let dummy = args.load_format == "dummy";
         let device = Device::open(
             &DeviceChoice::parse(&args.device)?,
@@ -427,11 +492,21 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             .text_config()
             .ok_or_else(|| format!("{}: bench drives text models", args.model))?
             .vocab_size;
-        let max_c = args.concurrency.iter().copied().max().unwrap_or(1);
+        let most_in_flight = match &plan {
+            Plan::Loads(loads) => loads
+                .iter()
+                .map(|l| match l {
+                    Load::Concurrency(c) => *c,
+                    _ => args.max_concurrency.unwrap_or(256),
+                })
+                .max()
+                .unwrap_or(1),
+            Plan::Sweep { .. } => args.max_concurrency.unwrap_or(256),
+        };
         let config = EngineConfig {
             block_size: 16,
             num_blocks: 0,
-            max_num_seqs: max_c.max(1),
+            max_num_seqs: most_in_flight.max(1),
             max_num_batched_tokens: args.max_num_batched_tokens,
             max_waiting: usize::MAX,
         };
@@ -442,83 +517,90 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
         )?;
         let config = model.engine_config(config, budget)?;
         eprintln!("bench: engine on {}", device.describe());
-        Some((model.spawn(config, vec![]), vocab))
+        Driver::Offline {
+            engine: model.spawn(config, vec![]),
+            vocab,
+            device: device.describe(),
+        }
     } else {
-        None
-    };
-    let mut reports = Vec::new();
-    for &concurrency in &args.concurrency {
-        settings.concurrency = concurrency;
-        let count = args
-            .num_requests
-            .unwrap_or((args.requests_per_client * concurrency).max(16));
-        if args.warmup > 0 {
-            let warm = RunSettings {
-                progress: false,
-                request_rate: None,
-                ..settings.clone()
-            };
-            // Prompts of their own, so the run's prompts are not already in a prefix cache.
-            let warm_requests = make_requests(args.warmup, args.seed ^ 0x5741_524d_5550);
-            let report = match &offline {
-                Some((engine, vocab)) => {
-                    let ids = bench::random_prompt_ids(*vocab, &warm_requests, args.seed ^ 1);
-                    runtime.block_on(bench::run_offline(engine, &warm.pace(), &warm_requests, &ids))
-                }
-                None => runtime.block_on(bench::run(&warm, &warm_requests)),
-            };
-            if report.failed == report.requests {
-                return Err(format!("every warm-up request failed: {}", report.errors.join("; ")).into());
-            }
-        }
-        let requests = make_requests(count, args.seed.wrapping_add(concurrency as u64));
-        let report = match &offline {
-            Some((engine, vocab)) => {
-                let ids = bench::random_prompt_ids(*vocab, &requests, args.seed.wrapping_add(concurrency as u64));
-                runtime.block_on(bench::run_offline(engine, &settings.pace(), &requests, &ids))
-            }
-            None => runtime.block_on(bench::run(&settings, &requests)),
-        };
-        println!("{}", report.summary());
-        if !report.errors.is_empty() {
-            println!("  first errors: {}", report.errors.join("; "));
-        }
-        reports.push(report);
-    }
-    if let Some(path) = &args.json {
-        let target = if offline.is_some() {
-            "offline".to_owned()
+        let urls = if args.url.is_empty() && args.target.is_empty() {
+            vec!["http://127.0.0.1:8000".to_owned()]
         } else {
             args.url.clone()
         };
-        let endpoint = if offline.is_some() {
-            "engine"
-        } else {
-            settings.endpoint.path()
-        };
-        let doc = bench::reports_json(&target, &args.model, endpoint, settings.ignore_eos, &reports);
-        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let api_key = args
+            .api_key
+            .clone()
+            .or_else(|| std::env::var("INFERD_API_KEY").ok().filter(|k| !k.is_empty()));
+        let list = session::targets(&urls, &args.target)?
+            .into_iter()
+            .map(|(name, target)| {
+                let settings = HttpSettings {
+                    target,
+                    model: args.model.clone(),
+                    endpoint,
+                    stream: !args.no_stream,
+                    ignore_eos: !args.no_ignore_eos,
+                    api_key: api_key.clone(),
+                };
+                (name, settings)
+            })
+            .collect();
+        Driver::Http(list)
+    };
+    let series = runtime.block_on(session::run_session(&options, &workload, tokenizer.as_ref(), &driver))?;
+    let ratios = session::compare(&series);
+    if !ratios.is_empty() {
+        print!("{}", session::ratios_text(&ratios));
     }
+    let context = Context {
+        command: std::env::args().collect(),
+        model: args.model.clone(),
+        endpoint: if args.offline {
+            "engine".into()
+        } else {
+            endpoint.path().into()
+        },
+        ignore_eos: args.offline || !args.no_ignore_eos,
+        workload: serde_json::json!({
+            "dataset": workload.dataset.name(),
+            "dataset_path": dataset_path,
+            "input_len": workload.input_len,
+            "output_len": args.output_len,
+            "range_ratio": workload.range_ratio,
+            "num_prefixes": matches!(workload.dataset, Dataset::Prefix { .. }).then_some(args.num_prefixes),
+            "prefix_len": matches!(workload.dataset, Dataset::Prefix { .. }).then_some(args.prefix_len),
+            "num_requests": args.num_requests,
+            "requests_per_client": args.requests_per_client,
+        }),
+        plan: match &plan {
+            Plan::Sweep { points } => serde_json::json!({"sweep": points}),
+            Plan::Loads(loads) => serde_json::json!({"loads": loads}),
+        },
+    };
+    let doc = session::document(&context, &options, &series, &ratios);
+    let write = |path: &std::path::Path, bytes: &[u8]| {
+        std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    if let Some(path) = &args.json {
+        write(path, (serde_json::to_string_pretty(&doc)? + "\n").as_bytes())?;
+    }
+    let charts = if args.plots.is_some() || args.report.is_some() {
+        bench::plot::charts(&series)
+    } else {
+        Vec::new()
+    };
     if let Some(dir) = &args.plots {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        let plots = [
-            ("throughput.svg", bench::plot::throughput_svg(&reports)),
-            (
-                "latency.svg",
-                bench::plot::cdf_svg("Request latency", &reports, |r| &r.latencies_ms),
-            ),
-            (
-                "ttft.svg",
-                bench::plot::cdf_svg("Time to first token", &reports, |r| &r.ttfts_ms),
-            ),
-        ];
-        for (name, svg) in plots {
-            let path = dir.join(name);
-            std::fs::write(&path, svg).map_err(|e| format!("{}: {e}", path.display()))?;
+        for chart in &charts {
+            write(&dir.join(format!("{}.svg", chart.name)), chart.svg()?.as_bytes())?;
+            write(&dir.join(format!("{}.png", chart.name)), &chart.png()?)?;
         }
     }
-    if reports.iter().any(|r| r.failed > 0) {
+    if let Some(path) = &args.report {
+        write(path, bench::html::report(&doc, &series, &ratios, &charts)?.as_bytes())?;
+    }
+    if series.iter().flat_map(|s| &s.runs).any(|r| r.failed > 0) {
         return Err("some requests failed (see above)".into());
     }
     Ok(())

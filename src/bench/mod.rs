@@ -1,20 +1,39 @@
 //! `inferd bench`: a serving benchmark client for any OpenAI-compatible server. A run
-//! sends a fixed set of requests at a concurrency limit (and optionally a Poisson
-//! arrival rate), times each reply as it streams, and reports throughput and latency
-//! percentiles, as text and as JSON.
+//! sends a seeded workload at one load (a concurrency limit, a request rate, one at a
+//! time, or all at once), times each reply as it streams, and reports throughput,
+//! latency percentiles and goodput under latency targets. A session runs a series of
+//! loads (a list, or a sweep from one-at-a-time to saturation with its knee found)
+//! against one server or several in turn, and writes JSON, plots and an HTML report.
+//!
+//! - [`workload`]: what is sent; [`slo`]: targets and goodput; [`sweep`]: the loads of
+//!   a session and the knee; [`session`]: running a session against its targets;
+//!   [`plot`] and [`html`]: the pictures and the report; [`progress`]: what a run
+//!   prints while it goes.
 
+pub mod html;
 pub mod plot;
+pub mod progress;
+pub mod session;
+pub mod slo;
+pub mod sweep;
+pub mod workload;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::client::{self, Connection, Outcome, Target};
 use crate::engine::sampling::Rng;
 use crate::engine::{EngineEvent, EngineHandle, SamplingParams};
+
+pub use progress::ProgressMode;
+pub use slo::{Goodput, Sample, Slo};
+pub use sweep::Load;
+pub use workload::{BenchRequest, Dataset, WorkloadSpec};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -31,17 +50,9 @@ impl Endpoint {
     }
 }
 
-/// One request of the workload.
+/// How requests reach one HTTP server.
 #[derive(Debug, Clone)]
-pub struct BenchRequest {
-    pub prompt: String,
-    /// The prompt's length by the benchmark's own count (the server's `usage` wins).
-    pub prompt_tokens: usize,
-    pub max_tokens: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct RunSettings {
+pub struct HttpSettings {
     pub target: Target,
     pub model: String,
     pub endpoint: Endpoint,
@@ -49,19 +60,26 @@ pub struct RunSettings {
     /// Send `ignore_eos: true` so every reply is exactly `max_tokens` long.
     pub ignore_eos: bool,
     pub api_key: Option<String>,
-    /// Most requests in flight.
-    pub concurrency: usize,
-    /// Poisson arrivals at this many requests per second; `None`: all at once.
-    pub request_rate: Option<f64>,
-    pub seed: u64,
-    pub progress: bool,
 }
 
-impl RunSettings {
+impl HttpSettings {
     fn body(&self, request: &BenchRequest) -> Bytes {
         let mut body = match self.endpoint {
-            Endpoint::Chat => json!({"model": self.model, "messages": [{"role": "user", "content": request.prompt}]}),
-            Endpoint::Completions => json!({"model": self.model, "prompt": request.prompt}),
+            Endpoint::Chat => {
+                let mut messages = Vec::new();
+                if let Some(system) = &request.system {
+                    messages.push(json!({"role": "system", "content": system}));
+                }
+                messages.push(json!({"role": "user", "content": request.prompt}));
+                json!({"model": self.model, "messages": messages})
+            }
+            Endpoint::Completions => {
+                let prompt = match &request.system {
+                    Some(system) => format!("{system}\n\n{}", request.prompt),
+                    None => request.prompt.clone(),
+                };
+                json!({"model": self.model, "prompt": prompt})
+            }
         };
         body["max_tokens"] = json!(request.max_tokens);
         body["temperature"] = json!(0);
@@ -76,8 +94,43 @@ impl RunSettings {
     }
 }
 
+/// Arrival times of requests at a rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Arrival {
+    /// Exponential gaps: a Poisson process.
+    Poisson,
+    /// Evenly spaced.
+    Constant,
+}
+
+/// How one run sends its requests.
+#[derive(Debug, Clone)]
+pub struct Pace {
+    pub load: Load,
+    /// Most requests in flight for rate and throughput loads (`None`: no limit).
+    pub max_concurrency: Option<usize>,
+    pub arrival: Arrival,
+    pub stream: bool,
+    pub seed: u64,
+    /// Named in progress lines.
+    pub label: String,
+    pub progress: ProgressMode,
+}
+
+impl Pace {
+    fn concurrency_limit(&self, requests: usize) -> usize {
+        let open = self.max_concurrency.unwrap_or(requests).max(1);
+        match self.load {
+            Load::Synchronous => 1,
+            Load::Concurrency(c) => c.max(1),
+            Load::Rate(_) | Load::Throughput => open,
+        }
+    }
+}
+
 /// Mean and percentiles of one measure, in milliseconds.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Distribution {
     pub mean: f64,
     pub p50: f64,
@@ -87,33 +140,29 @@ pub struct Distribution {
 }
 
 impl Distribution {
-    /// Linear interpolation between closest ranks (numpy's default), of seconds, in ms.
+    /// Of values in milliseconds.
     pub fn of(values: &[f64]) -> Distribution {
         if values.is_empty() {
             return Distribution::default();
         }
-        let mut v: Vec<f64> = values.iter().map(|s| s * 1e3).collect();
-        v.sort_by(f64::total_cmp);
-        let at = |q: f64| {
-            let pos = q * (v.len() - 1) as f64;
-            let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
-            v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
-        };
         Distribution {
-            mean: v.iter().sum::<f64>() / v.len() as f64,
-            p50: at(0.5),
-            p90: at(0.9),
-            p99: at(0.99),
-            max: v[v.len() - 1],
+            mean: values.iter().sum::<f64>() / values.len() as f64,
+            p50: slo::percentile(values, 0.5),
+            p90: slo::percentile(values, 0.9),
+            p99: slo::percentile(values, 0.99),
+            max: values.iter().copied().fold(f64::MIN, f64::max),
         }
     }
 }
 
 /// What a run measured.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// `concurrency 4`, `rate 2.5/s`, `synchronous`, `throughput`.
+    pub label: String,
+    pub load: Load,
+    /// The most requests in flight it allowed.
     pub concurrency: usize,
-    pub request_rate: Option<f64>,
     pub stream: bool,
     pub requests: usize,
     pub failed: usize,
@@ -128,13 +177,20 @@ pub struct Report {
     /// Text-carrying stream events per second (one per reply when not streaming).
     pub chunks_per_s: f64,
     pub ttft_ms: Distribution,
+    /// Over every gap between successive tokens of every request.
     pub itl_ms: Distribution,
+    /// Each request's own time per output token, vLLM's TPOT.
+    pub tpot_ms: Distribution,
     pub latency_ms: Distribution,
-    /// Each successful request's latency and TTFT, in ms (for the plots).
+    /// Under the session's SLO, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub goodput: Option<Goodput>,
+    /// Each successful request's measures (for goodput and the plots).
     #[serde(skip)]
-    pub latencies_ms: Vec<f64>,
+    pub samples: Vec<Sample>,
+    /// Every inter-token gap, in ms.
     #[serde(skip)]
-    pub ttfts_ms: Vec<f64>,
+    pub itls: Vec<f64>,
 }
 
 impl Report {
@@ -148,12 +204,36 @@ impl Report {
         let output_tokens = ok.iter().map(|(_, o)| o.completion_tokens.unwrap_or(o.chunks)).sum();
         let chunks: usize = ok.iter().map(|(_, o)| o.chunks).sum();
         let per_s = |x: f64| if duration > 0.0 { x / duration } else { 0.0 };
-        let ttft: Vec<f64> = ok.iter().filter_map(|(_, o)| o.ttft).collect();
-        let itl: Vec<f64> = ok.iter().flat_map(|(_, o)| o.itl.iter().copied()).collect();
-        let latency: Vec<f64> = ok.iter().map(|(_, o)| o.latency).collect();
+        let samples: Vec<Sample> = ok
+            .iter()
+            .map(|(_, o)| {
+                let ttft = o.ttft.unwrap_or(o.latency) * 1e3;
+                let latency = o.latency * 1e3;
+                let tokens = o.completion_tokens.unwrap_or(o.chunks);
+                let itl = if o.itl.is_empty() {
+                    0.0
+                } else {
+                    o.itl.iter().sum::<f64>() * 1e3 / o.itl.len() as f64
+                };
+                Sample {
+                    ttft_ms: ttft,
+                    itl_ms: itl,
+                    tpot_ms: if tokens > 1 {
+                        (latency - ttft) / (tokens - 1) as f64
+                    } else {
+                        0.0
+                    },
+                    latency_ms: latency,
+                    output_tokens: tokens,
+                }
+            })
+            .collect();
+        let itls: Vec<f64> = ok.iter().flat_map(|(_, o)| o.itl.iter().map(|s| s * 1e3)).collect();
+        let of = |f: fn(&Sample) -> f64| Distribution::of(&samples.iter().map(f).collect::<Vec<_>>());
         Report {
-            concurrency: pace.concurrency,
-            request_rate: pace.request_rate,
+            label: pace.load.label(),
+            load: pace.load,
+            concurrency: pace.concurrency_limit(requests.len()),
             stream: pace.stream,
             requests: outcomes.len(),
             failed: outcomes.len() - ok.len(),
@@ -165,26 +245,43 @@ impl Report {
             input_tokens_per_s: per_s(input_tokens as f64),
             output_tokens_per_s: per_s(output_tokens as f64),
             chunks_per_s: per_s(chunks as f64),
-            ttft_ms: Distribution::of(&ttft),
-            itl_ms: Distribution::of(&itl),
-            latency_ms: Distribution::of(&latency),
-            latencies_ms: latency.iter().map(|s| s * 1e3).collect(),
-            ttfts_ms: ttft.iter().map(|s| s * 1e3).collect(),
+            ttft_ms: of(|s| s.ttft_ms),
+            itl_ms: Distribution::of(&itls),
+            tpot_ms: of(|s| s.tpot_ms),
+            latency_ms: of(|s| s.latency_ms),
+            goodput: None,
+            samples,
+            itls,
         }
+    }
+
+    /// Goodput under `slo` (none for an empty one).
+    pub fn judge(&mut self, slo: &Slo) {
+        self.goodput = (!slo.is_empty()).then(|| slo.goodput(&self.samples, self.requests, self.duration_s));
     }
 
     /// A few human-readable lines.
     pub fn summary(&self) -> String {
         let d = |x: &Distribution| format!("mean {:.1} p50 {:.1} p90 {:.1} p99 {:.1}", x.mean, x.p50, x.p90, x.p99);
-        let rate = self
-            .request_rate
-            .map(|r| format!(", {r} req/s offered"))
+        let goodput = self
+            .goodput
+            .as_ref()
+            .map(|g| {
+                format!(
+                    "\n  goodput {:.2} req/s, {:.1} output tok/s ({}/{} requests within targets; {})",
+                    g.requests_per_s,
+                    g.output_tokens_per_s,
+                    g.good_requests,
+                    self.requests,
+                    if g.met { "targets met" } else { "targets missed" }
+                )
+            })
             .unwrap_or_default();
         format!(
-            "concurrency {}{rate}: {} requests ({} failed) in {:.2} s\n  \
+            "{}: {} requests ({} failed) in {:.2} s\n  \
              {:.2} req/s, input {:.1} tok/s, output {:.1} tok/s, {:.1} chunks/s\n  \
-             TTFT ms    {}\n  ITL ms     {}\n  latency ms {}",
-            self.concurrency,
+             TTFT ms    {}\n  ITL ms     {}\n  latency ms {}{goodput}",
+            self.label,
             self.requests,
             self.failed,
             self.duration_s,
@@ -199,34 +296,11 @@ impl Report {
     }
 }
 
-/// How requests are sent: how many at once, at what rate.
-#[derive(Debug, Clone)]
-pub struct Pace {
-    pub concurrency: usize,
-    pub request_rate: Option<f64>,
-    pub stream: bool,
-    pub seed: u64,
-    pub progress: bool,
-}
-
-impl RunSettings {
-    pub fn pace(&self) -> Pace {
-        Pace {
-            concurrency: self.concurrency,
-            request_rate: self.request_rate,
-            stream: self.stream,
-            seed: self.seed,
-            progress: self.progress,
-        }
-    }
-}
-
 /// Sends every request to the server and waits for all of them.
-pub async fn run(settings: &RunSettings, requests: &[BenchRequest]) -> Report {
+pub async fn run(settings: &HttpSettings, pace: &Pace, requests: &[BenchRequest]) -> Report {
     let settings = Arc::new(settings.clone());
     let idle: Arc<Mutex<Vec<Connection>>> = Arc::new(Mutex::new(Vec::new()));
-    let pace = settings.pace();
-    drive(&pace, requests, |_, request| {
+    drive(pace, requests, |_, request| {
         let (settings, idle) = (settings.clone(), idle.clone());
         let body = settings.body(request);
         async move { one_request(&settings, &idle, body).await }
@@ -234,44 +308,33 @@ pub async fn run(settings: &RunSettings, requests: &[BenchRequest]) -> Report {
     .await
 }
 
-/// Feeds the requests to `send` at the pace asked (a concurrency limit, and Poisson
-/// arrivals when a rate is set), and reports.
+/// Feeds the requests to `send` at the pace asked (a concurrency limit, and arrivals
+/// at a rate when one is set), and reports.
 async fn drive<F, Fut>(pace: &Pace, requests: &[BenchRequest], send: F) -> Report
 where
     F: Fn(usize, &BenchRequest) -> Fut,
     Fut: std::future::Future<Output = Outcome> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(pace.concurrency.max(1)));
-    let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut rng = Rng::seeded(pace.seed);
+    let slots = Arc::new(Semaphore::new(pace.concurrency_limit(requests.len())));
+    let mut rng = Rng::seeded(pace.seed ^ 0x6172_7269_7661_6c73);
     let start = Instant::now();
     let mut next_arrival = 0.0f64;
-    let progress = pace.progress.then(|| {
-        let (done, total) = (done.clone(), requests.len());
-        tokio::spawn(async move {
-            loop {
-                let n = done.load(std::sync::atomic::Ordering::Relaxed);
-                eprint!("\r  {n}/{total} requests");
-                if n >= total {
-                    eprintln!();
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        })
-    });
+    let progress = progress::Progress::start(pace.progress, &pace.label, requests.len());
     let mut tasks = Vec::with_capacity(requests.len());
     for (i, request) in requests.iter().enumerate() {
-        if let Some(rate) = pace.request_rate {
-            // Exponential gaps: a Poisson process of `rate` arrivals per second.
-            next_arrival += -(1.0 - rng.next_f64()).ln() / rate;
+        if let (Load::Rate(rate), true) = (pace.load, i > 0) {
+            // The first request leaves at once; each next one a gap later.
+            next_arrival += match pace.arrival {
+                Arrival::Poisson => -(1.0 - rng.next_f64()).ln() / rate,
+                Arrival::Constant => 1.0 / rate,
+            };
             let due = start + Duration::from_secs_f64(next_arrival);
             tokio::time::sleep_until(due.into()).await;
         }
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
-        let done = done.clone();
+        let done = progress.counter();
         let work = send(i, request);
         tasks.push(tokio::spawn(async move {
             let outcome = work.await;
@@ -288,9 +351,7 @@ where
         }));
     }
     let duration = start.elapsed().as_secs_f64();
-    if let Some(p) = progress {
-        let _ = p.await;
-    }
+    progress.finish().await;
     Report::new(pace, requests, &outcomes, duration)
 }
 
@@ -354,7 +415,7 @@ async fn engine_request(engine: &EngineHandle, ids: Vec<u32>, params: SamplingPa
     outcome
 }
 
-async fn one_request(settings: &RunSettings, idle: &Mutex<Vec<Connection>>, body: Bytes) -> Outcome {
+async fn one_request(settings: &HttpSettings, idle: &Mutex<Vec<Connection>>, body: Bytes) -> Outcome {
     let pooled = idle.lock().await.pop();
     let mut conn = match pooled {
         Some(c) => c,
@@ -382,75 +443,4 @@ async fn one_request(settings: &RunSettings, idle: &Mutex<Vec<Connection>>, body
             ..Default::default()
         },
     }
-}
-
-/// Prompts of about `len` tokens: random vocabulary tokens decoded to text when a
-/// tokenizer is at hand (as vLLM's random dataset does), else a sentence repeated.
-pub fn synthetic_requests(
-    tokenizer: Option<&crate::text::Tokenizer>,
-    count: usize,
-    input_len: usize,
-    output_len: usize,
-    range_ratio: f64,
-    seed: u64,
-) -> Vec<BenchRequest> {
-    let mut rng = Rng::seeded(seed);
-    let mut pick = |len: usize| {
-        let spread = (len as f64 * range_ratio).round() as i64;
-        let offset = if spread > 0 {
-            (rng.next_u64() % (2 * spread as u64 + 1)) as i64 - spread
-        } else {
-            0
-        };
-        (len as i64 + offset).max(1) as usize
-    };
-    let lens: Vec<(usize, usize)> = (0..count).map(|_| (pick(input_len), pick(output_len))).collect();
-    let mut rng = Rng::seeded(seed ^ 0x9e37_79b9_7f4a_7c15);
-    lens.into_iter()
-        .enumerate()
-        .map(|(i, (input, output))| {
-            let prompt = match tokenizer {
-                Some(t) => random_text(t, input, &mut rng),
-                // Each request differs in its first word, so no two share a cached prefix.
-                None => format!("{i} {}", "hello world ".repeat(input.saturating_sub(1).div_ceil(2))),
-            };
-            BenchRequest {
-                prompt,
-                prompt_tokens: input,
-                max_tokens: output,
-            }
-        })
-        .collect()
-}
-
-fn random_text(tokenizer: &crate::text::Tokenizer, len: usize, rng: &mut Rng) -> String {
-    // Plain vocabulary entries only: no special or added tokens.
-    let vocab = tokenizer.base_vocab_size() as u64;
-    let ids: Vec<u32> = (0..len).map(|_| (rng.next_u64() % vocab) as u32).collect();
-    tokenizer.decode(&ids, true).unwrap_or_default()
-}
-
-/// Reports as a JSON document, with what produced them (`target`: the URL, or
-/// `offline`).
-pub fn reports_json(target: &str, model: &str, endpoint: &str, ignore_eos: bool, reports: &[Report]) -> Value {
-    json!({
-        "target": target,
-        "model": model,
-        "endpoint": endpoint,
-        "ignore_eos": ignore_eos,
-        "runs": reports,
-    })
-}
-
-/// Random prompts of exactly `len` token ids below `vocab` (no tokenizer needed).
-pub fn random_prompt_ids(vocab: usize, requests: &[BenchRequest], seed: u64) -> Vec<Vec<u32>> {
-    let mut rng = Rng::seeded(seed ^ 0x006f_6666_6c69_6e65);
-    requests
-        .iter()
-        .map(|r| {
-            (0..r.prompt_tokens)
-                .map(|_| (rng.next_u64() % vocab as u64) as u32)
-                .collect()
-        })
-        .collect()
 }

@@ -1,159 +1,405 @@
-//! SVG plots of bench reports, drawn by hand (no plotting dependency): throughput
-//! against concurrency, and the distribution (CDF) of request latency and TTFT per run.
+//! Plots of a bench session, drawn with `plotters` as SVG and as PNG (an in-memory
+//! bitmap encoded by `image`; text from an embedded DejaVu Sans, so no font library is
+//! needed): throughput and goodput against load, latency against load, and the
+//! distributions (CDFs) of TTFT, ITL and request latency. Ticks come from plotters'
+//! round key points; the legend has a column of its own, clear of the data.
 
-use std::fmt::Write as _;
+use plotters::coord::Shift;
+use plotters::prelude::*;
 
+use super::session::Series;
+use super::sweep::{load_axis, load_x};
 use super::Report;
 
-const W: f64 = 640.0;
-const H: f64 = 400.0;
-const LEFT: f64 = 70.0;
-const RIGHT: f64 = 20.0;
-const TOP: f64 = 40.0;
-const BOTTOM: f64 = 50.0;
-const COLORS: [&str; 8] = [
-    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+const SIZE: (u32, u32) = (960, 480);
+const LEGEND_W: u32 = 250;
+const FONT: &str = "sans-serif";
+/// Tableau 10.
+const COLORS: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(255, 127, 14),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
 ];
+/// Distribution plots draw at most this many runs per target.
+const CDF_RUNS_PER_TARGET: usize = 4;
 
-fn frame(title: &str, x_label: &str, y_label: &str, x_max: f64, y_max: f64, x_ticks: &[(f64, String)]) -> String {
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="22" text-anchor="middle" font-size="15">{title}</text>"#,
-        W / 2.0
-    );
-    let (x0, y0, x1, y1) = (LEFT, H - BOTTOM, W - RIGHT, TOP);
-    let _ = writeln!(svg, r#"<path d="M{x0} {y1} V{y0} H{x1}" stroke="black" fill="none"/>"#);
-    for k in 0..=4 {
-        let v = y_max * k as f64 / 4.0;
-        let y = y0 - (y0 - y1) * k as f64 / 4.0;
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{x0}" x2="{x1}" y1="{y}" y2="{y}" stroke="#ddd"/><text x="{}" y="{}" text-anchor="end">{}</text>"##,
-            x0 - 6.0,
-            y + 4.0,
-            short(v)
-        );
-    }
-    for (v, label) in x_ticks {
-        let x = x0 + (x1 - x0) * v / x_max.max(1e-9);
-        let _ = writeln!(
-            svg,
-            r#"<text x="{x}" y="{}" text-anchor="middle">{label}</text>"#,
-            y0 + 18.0
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">{x_label}</text>"#,
-        (x0 + x1) / 2.0,
-        H - 10.0
-    );
-    let _ = writeln!(
-        svg,
-        r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{y_label}</text>"#,
-        (y0 + y1) / 2.0,
-        (y0 + y1) / 2.0
-    );
-    svg
+/// One line of a chart.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    pub color: usize,
+    pub dashed: bool,
+    pub markers: bool,
 }
 
-fn short(v: f64) -> String {
-    if v >= 10_000.0 {
-        format!("{:.0}k", v / 1000.0)
-    } else if v >= 100.0 {
-        format!("{v:.0}")
+/// A chart: lines on linear axes from 0, and labelled points (knees) ringed.
+#[derive(Debug, Clone)]
+pub struct Chart {
+    /// The file stem (`throughput` for throughput.svg and throughput.png).
+    pub name: String,
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub lines: Vec<Line>,
+    pub rings: Vec<(String, (f64, f64), usize)>,
+    /// A fixed top for the y axis (1 for a CDF), else the data's top plus a margin.
+    pub y_top: Option<f64>,
+}
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // The font is compiled in; failing to parse it would be a build defect.
+        let _ = plotters::style::register_font(FONT, FontStyle::Normal, dejavu::sans::regular());
+    });
+}
+
+impl Chart {
+    pub fn svg(&self) -> Result<String, String> {
+        register_font();
+        let mut out = String::new();
+        {
+            let root = SVGBackend::with_string(&mut out, SIZE).into_drawing_area();
+            self.draw(&root).map_err(|e| format!("{}: {e}", self.name))?;
+            root.present().map_err(|e| format!("{}: {e}", self.name))?;
+        }
+        Ok(out)
+    }
+
+    pub fn png(&self) -> Result<Vec<u8>, String> {
+        use image::ImageEncoder;
+        register_font();
+        let mut pixels = vec![255u8; (SIZE.0 * SIZE.1 * 3) as usize];
+        {
+            let root = BitMapBackend::with_buffer(&mut pixels, SIZE).into_drawing_area();
+            self.draw(&root).map_err(|e| format!("{}: {e}", self.name))?;
+            root.present().map_err(|e| format!("{}: {e}", self.name))?;
+        }
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(&pixels, SIZE.0, SIZE.1, image::ExtendedColorType::Rgb8)
+            .map_err(|e| format!("{}: {e}", self.name))?;
+        Ok(png)
+    }
+
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, Shift>,
+    ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>> {
+        root.fill(&WHITE)?;
+        let (plot, legend) = root.split_horizontally(SIZE.0 - LEGEND_W);
+        let all = self.lines.iter().flat_map(|l| l.points.iter());
+        let x_max = nice_top(all.clone().map(|p| p.0).fold(0.0, f64::max));
+        let y_max = self
+            .y_top
+            .unwrap_or_else(|| nice_top(all.map(|p| p.1).fold(0.0, f64::max) * 1.08));
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(&self.title, (FONT, 22))
+            .margin(14)
+            .x_label_area_size(46)
+            .y_label_area_size(70)
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+        chart
+            .configure_mesh()
+            .x_desc(&self.x_label)
+            .y_desc(&self.y_label)
+            .x_labels(8)
+            .y_labels(6)
+            .x_label_formatter(&|v| tick(*v))
+            .y_label_formatter(&|v| tick(*v))
+            .label_style((FONT, 14))
+            .axis_desc_style((FONT, 15))
+            .bold_line_style(RGBColor(225, 225, 225))
+            .light_line_style(RGBColor(245, 245, 245))
+            .draw()?;
+        for line in &self.lines {
+            let color = COLORS[line.color % COLORS.len()];
+            let style = color.stroke_width(2);
+            if line.dashed {
+                chart.draw_series(DashedLineSeries::new(line.points.iter().copied(), 8, 5, style))?;
+            } else {
+                chart.draw_series(LineSeries::new(line.points.iter().copied(), style))?;
+            }
+            if line.markers {
+                chart.draw_series(line.points.iter().map(|p| Circle::new(*p, 4, color.filled())))?;
+            }
+        }
+        for (_, point, color) in &self.rings {
+            let color = COLORS[color % COLORS.len()];
+            chart.draw_series(std::iter::once(Circle::new(*point, 10, color.stroke_width(3))))?;
+        }
+        // The legend: its own column, one row per line and ring.
+        let mut y = 60;
+        for line in &self.lines {
+            let color = COLORS[line.color % COLORS.len()];
+            let style = color.stroke_width(2);
+            if line.dashed {
+                legend.draw(&PathElement::new(vec![(8, y), (18, y)], style))?;
+                legend.draw(&PathElement::new(vec![(24, y), (34, y)], style))?;
+            } else {
+                legend.draw(&PathElement::new(vec![(8, y), (34, y)], style))?;
+            }
+            legend.draw(&Text::new(short(&line.name), (42, y - 8), (FONT, 14)))?;
+            y += 24;
+        }
+        for (name, _, color) in &self.rings {
+            let color = COLORS[color % COLORS.len()];
+            legend.draw(&Circle::new((21, y), 7, color.stroke_width(3)))?;
+            legend.draw(&Text::new(short(name), (42, y - 8), (FONT, 14)))?;
+            y += 24;
+        }
+        Ok(())
+    }
+}
+
+fn short(name: &str) -> String {
+    const MOST: usize = 28;
+    if name.chars().count() <= MOST {
+        name.to_owned()
     } else {
-        format!("{v:.1}")
+        let head: String = name.chars().take(MOST - 1).collect();
+        format!("{head}…")
     }
 }
 
-fn point(x: f64, y: f64, x_max: f64, y_max: f64) -> (f64, f64) {
-    (
-        LEFT + (W - RIGHT - LEFT) * x / x_max.max(1e-9),
-        H - BOTTOM - (H - BOTTOM - TOP) * y / y_max.max(1e-9),
-    )
+/// The smallest 1, 2, 2.5 or 5 times a power of ten at or above `x` (1 for nothing).
+fn nice_top(x: f64) -> f64 {
+    if !(x > 0.0) || !x.is_finite() {
+        return 1.0;
+    }
+    let power = 10f64.powf(x.log10().floor());
+    [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * power)
+        .find(|&v| v >= x * (1.0 - 1e-12))
+        .unwrap_or(10.0 * power)
 }
 
-/// Output tokens/s (and requests/s on the same scale's labels) per concurrency level.
-pub fn throughput_svg(reports: &[Report]) -> String {
-    let n = reports.len().max(1) as f64;
-    let y_max = reports.iter().map(|r| r.output_tokens_per_s).fold(0.0, f64::max) * 1.1;
-    let ticks: Vec<(f64, String)> = reports
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (i as f64 + 0.5, r.concurrency.to_string()))
-        .collect();
-    let mut svg = frame("Output throughput", "concurrency", "output tokens/s", n, y_max, &ticks);
-    let points: Vec<(f64, f64)> = reports
-        .iter()
-        .enumerate()
-        .map(|(i, r)| point(i as f64 + 0.5, r.output_tokens_per_s, n, y_max))
-        .collect();
-    let path: Vec<String> = points.iter().map(|(x, y)| format!("{x:.1},{y:.1}")).collect();
-    let _ = writeln!(
-        svg,
-        r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
-        path.join(" "),
-        COLORS[0]
-    );
-    for ((x, y), r) in points.iter().zip(reports) {
-        let _ = writeln!(
-            svg,
-            r#"<circle cx="{x:.1}" cy="{y:.1}" r="4" fill="{}"/><text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
-            COLORS[0],
-            y - 9.0,
-            short(r.output_tokens_per_s)
-        );
+/// A tick label without float noise: `1500`, `2.5`, `0.25`.
+fn tick(v: f64) -> String {
+    let r = super::sweep::round_sig(v, 6);
+    if r == r.trunc() {
+        format!("{r:.0}")
+    } else {
+        let s = format!("{r:.4}");
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
     }
-    svg.push_str("</svg>\n");
-    svg
 }
 
-/// The cumulative distribution of one per-request measure (ms), one line per run.
-pub fn cdf_svg(title: &str, reports: &[Report], values: impl Fn(&Report) -> &[f64]) -> String {
-    let x_max = reports
-        .iter()
-        .flat_map(|r| values(r).iter().copied())
-        .fold(0.0, f64::max)
-        * 1.05;
-    let ticks: Vec<(f64, String)> = (0..=4)
-        .map(|k| (x_max * k as f64 / 4.0, short(x_max * k as f64 / 4.0)))
-        .collect();
-    let mut svg = frame(title, "milliseconds", "fraction of requests", x_max, 1.0, &ticks);
-    for (i, report) in reports.iter().enumerate() {
-        let mut v = values(report).to_vec();
-        v.sort_by(f64::total_cmp);
-        let color = COLORS[i % COLORS.len()];
-        let steps: Vec<String> = v
-            .iter()
-            .enumerate()
-            .map(|(k, &x)| {
-                let (px, py) = point(x, (k + 1) as f64 / v.len() as f64, x_max, 1.0);
-                format!("{px:.1},{py:.1}")
-            })
-            .collect();
-        let _ = writeln!(
-            svg,
-            r#"<polyline points="{}" fill="none" stroke="{color}" stroke-width="2"/>"#,
-            steps.join(" ")
-        );
-        let y = TOP + 16.0 * i as f64 + 8.0;
-        let _ = writeln!(
-            svg,
-            r#"<rect x="{}" y="{}" width="12" height="3" fill="{color}"/><text x="{}" y="{}">concurrency {}</text>"#,
-            W - RIGHT - 130.0,
-            y - 3.0,
-            W - RIGHT - 114.0,
-            y + 1.0,
-            report.concurrency
-        );
+/// Every chart of a session: throughput (and goodput), latency against load (when a
+/// series has several runs), and the three distributions.
+pub fn charts(series: &[Series]) -> Vec<Chart> {
+    let many = series.len() > 1;
+    let name_of = |s: &Series, what: &str| {
+        if many {
+            format!("{} {what}", s.name)
+        } else {
+            what.to_owned()
+        }
+    };
+    let all_runs: Vec<Report> = series.iter().flat_map(|s| s.runs.iter().cloned()).collect();
+    let axis = load_axis(&all_runs).to_owned();
+    let mut charts = Vec::new();
+    let curve = |s: &Series, f: &dyn Fn(&Report) -> Option<f64>| -> Vec<(f64, f64)> {
+        let mut points: Vec<(f64, f64)> = s.runs.iter().filter_map(|r| Some((load_x(r), f(r)?))).collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points
+    };
+    let mut throughput = Chart {
+        name: "throughput".into(),
+        title: "Output throughput against load".into(),
+        x_label: axis.clone(),
+        y_label: "output tokens/s".into(),
+        lines: Vec::new(),
+        rings: Vec::new(),
+        y_top: None,
+    };
+    for (i, s) in series.iter().enumerate() {
+        throughput.lines.push(Line {
+            name: name_of(s, "output tok/s"),
+            points: curve(s, &|r| Some(r.output_tokens_per_s)),
+            color: i,
+            dashed: false,
+            markers: true,
+        });
+        if s.runs.iter().any(|r| r.goodput.is_some()) {
+            throughput.lines.push(Line {
+                name: name_of(s, "goodput tok/s"),
+                points: curve(s, &|r| r.goodput.as_ref().map(|g| g.output_tokens_per_s)),
+                color: i,
+                dashed: true,
+                markers: true,
+            });
+        }
+        if let Some(k) = &s.knee {
+            throughput
+                .rings
+                .push((name_of(s, "knee"), (k.load_x, k.output_tokens_per_s), i));
+        }
     }
-    svg.push_str("</svg>\n");
-    svg
+    charts.push(throughput);
+    if series.iter().any(|s| s.runs.len() > 1) {
+        let mut latency = Chart {
+            name: "latency_vs_load".into(),
+            title: "Latency against load".into(),
+            x_label: axis,
+            y_label: "milliseconds".into(),
+            lines: Vec::new(),
+            rings: Vec::new(),
+            y_top: None,
+        };
+        for (i, s) in series.iter().enumerate() {
+            latency.lines.push(Line {
+                name: name_of(s, "latency p50"),
+                points: curve(s, &|r| Some(r.latency_ms.p50)),
+                color: i,
+                dashed: false,
+                markers: true,
+            });
+            latency.lines.push(Line {
+                name: name_of(s, "TTFT p90"),
+                points: curve(s, &|r| Some(r.ttft_ms.p90)),
+                color: i,
+                dashed: true,
+                markers: true,
+            });
+            if let Some(k) = &s.knee {
+                latency
+                    .rings
+                    .push((name_of(s, "knee"), (k.load_x, k.latency_p50_ms), i));
+            }
+        }
+        charts.push(latency);
+    }
+    let cdfs: [(&str, &str, fn(&Report) -> Vec<f64>); 3] = [
+        ("ttft", "Time to first token", |r| {
+            r.samples.iter().map(|s| s.ttft_ms).collect()
+        }),
+        ("itl", "Inter-token latency", |r| r.itls.clone()),
+        ("latency", "Request latency", |r| {
+            r.samples.iter().map(|s| s.latency_ms).collect()
+        }),
+    ];
+    for (name, title, values) in cdfs {
+        let mut chart = Chart {
+            name: name.into(),
+            title: format!("{title}: distribution"),
+            x_label: "milliseconds".into(),
+            y_label: "fraction of requests".into(),
+            lines: Vec::new(),
+            rings: Vec::new(),
+            y_top: Some(1.0),
+        };
+        if name == "itl" {
+            chart.y_label = "fraction of token gaps".into();
+        }
+        let mut color = 0;
+        for s in series {
+            for r in pick_runs(&s.runs, CDF_RUNS_PER_TARGET) {
+                let mut v = values(r);
+                if v.is_empty() {
+                    continue;
+                }
+                v.sort_by(f64::total_cmp);
+                let n = v.len() as f64;
+                // A step curve: each value rises from the fraction below it to its own.
+                let mut points = Vec::with_capacity(2 * v.len());
+                for (k, x) in v.iter().enumerate() {
+                    points.push((*x, k as f64 / n));
+                    points.push((*x, (k + 1) as f64 / n));
+                }
+                chart.lines.push(Line {
+                    name: if many {
+                        format!("{}, {}", s.name, r.label)
+                    } else {
+                        r.label.clone()
+                    },
+                    points,
+                    color,
+                    dashed: false,
+                    markers: false,
+                });
+                color += 1;
+            }
+        }
+        if !chart.lines.is_empty() {
+            charts.push(chart);
+        }
+    }
+    charts
+}
+
+/// At most `most` runs, evenly spread and always with the first and last.
+fn pick_runs<T>(runs: &[T], most: usize) -> Vec<&T> {
+    if runs.len() <= most {
+        return runs.iter().collect();
+    }
+    let mut picked: Vec<usize> = (0..most)
+        .map(|k| (k * (runs.len() - 1) + (most - 1) / 2) / (most - 1))
+        .collect();
+    picked.dedup();
+    picked.into_iter().map(|i| &runs[i]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn axis_tops_and_ticks_are_round() {
+        assert_eq!(nice_top(5366.0), 10_000.0);
+        assert_eq!(nice_top(34.2), 50.0);
+        assert_eq!(nice_top(2.1), 2.5);
+        assert_eq!(nice_top(0.0), 1.0);
+        assert_eq!(tick(1500.0), "1500");
+        assert_eq!(tick(0.30000000000000004), "0.3");
+        assert_eq!(tick(2.5), "2.5");
+    }
+
+    #[test]
+    fn charts_draw_as_svg_and_png() {
+        let chart = Chart {
+            name: "t".into(),
+            title: "Test".into(),
+            x_label: "x".into(),
+            y_label: "y".into(),
+            lines: vec![Line {
+                name: "a line with a rather long name that gets cut".into(),
+                points: vec![(1.0, 10.0), (2.0, 30.0), (4.0, 35.0)],
+                color: 0,
+                dashed: true,
+                markers: true,
+            }],
+            rings: vec![("knee".into(), (2.0, 30.0), 0)],
+            y_top: None,
+        };
+        let svg = chart.svg().unwrap();
+        // Round ticks: the y axis goes to 50 by tens.
+        let texts: Vec<&str> = svg.lines().map(str::trim).collect();
+        assert!(svg.starts_with("<svg") && texts.contains(&"Test"), "{svg}");
+        assert!(["0", "10", "20", "30", "40", "50"].iter().all(|t| texts.contains(t)), "{svg}");
+        let png = chart.png().unwrap();
+        let img = image::load_from_memory(&png).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), SIZE);
+        // The line's blue is drawn, and text (dark pixels) too.
+        let blue = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
+        let dark = img.pixels().filter(|p| p.0.iter().all(|&c| c < 80)).count();
+        assert!(blue > 100 && dark > 100, "{blue} {dark}");
+    }
+
+    #[test]
+    fn distribution_plots_keep_the_first_and_last_runs() {
+        let runs: Vec<usize> = (0..10).collect();
+        assert_eq!(pick_runs(&runs, 4), vec![&0, &3, &6, &9]);
+        assert_eq!(pick_runs(&runs[..3], 4).len(), 3);
+        assert_eq!(pick_runs(&runs[..5], 4), vec![&0, &1, &3, &4]);
+    }
 }

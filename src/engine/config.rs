@@ -111,9 +111,18 @@ pub fn available_memory() -> Option<usize> {
     mem_available_bytes(&std::fs::read_to_string("/proc/meminfo").ok()?)
 }
 
+/// The machine's whole memory (`MemTotal`), in bytes.
+pub fn total_memory() -> Option<usize> {
+    meminfo_bytes(&std::fs::read_to_string("/proc/meminfo").ok()?, "MemTotal:")
+}
+
 /// `MemAvailable` from /proc/meminfo text, in bytes.
 fn mem_available_bytes(meminfo: &str) -> Option<usize> {
-    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    meminfo_bytes(meminfo, "MemAvailable:")
+}
+
+fn meminfo_bytes(meminfo: &str, key: &str) -> Option<usize> {
+    let line = meminfo.lines().find(|l| l.starts_with(key))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }

@@ -21,7 +21,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::backend::{Backend, ForwardBatch, SeqChunk};
 use crate::models::{DecoderModel, EncoderInput, EngineModel, ForwardError, LogitsFor};
 
-pub use config::{available_memory, BudgetError, EngineConfig, KvCacheBudget};
+pub use config::{available_memory, total_memory, BudgetError, EngineConfig, KvCacheBudget};
 pub use handle::{EngineHandle, EngineMetrics, RequestStream};
 
 pub use constraint::{Constraint, ConstraintStart};
