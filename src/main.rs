@@ -341,9 +341,12 @@ struct BenchArgs {
     #[arg(long)]
     report: Option<std::path::PathBuf>,
     /// No progress on stderr (by default: redrawn in place on a terminal, else a line
-    /// every 10 s at most).
+    /// every --progress-every seconds at most).
     #[arg(long)]
     quiet: bool,
+    /// Seconds between progress lines when stderr is not a terminal.
+    #[arg(long, default_value_t = 10.0)]
+    progress_every: f64,
     /// Also draw the plots into this folder, as SVG and PNG (throughput, latency against
     /// load, and TTFT, ITL and latency distributions).
     #[arg(long)]
@@ -406,6 +409,9 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
     }
     if args.input_len == 0 || args.output_len == Some(0) {
         return Err("--input-len and --output-len must be at least 1".into());
+    }
+    if !(args.progress_every > 0.0 && args.progress_every < 1e6) {
+        return Err("--progress-every must be a positive number of seconds".into());
     }
     if args.num_requests == Some(0) {
         return Err("--num-requests must be at least 1".into());
@@ -472,7 +478,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
         seed: args.seed,
         stream: !args.no_stream,
         slo,
-        progress: ProgressMode::detect(args.quiet),
+        progress: ProgressMode::detect(args.quiet, std::time::Duration::from_secs_f64(args.progress_every)),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let driver = if args.offline {

@@ -49,7 +49,7 @@ table{border-collapse:collapse;margin:8px 0;font-size:13px}\
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right}\
 th{background:#f4f4f4}td.l,th.l{text-align:left}\
 img{display:block;margin:12px 0;max-width:100%;border:1px solid #eee}\
-code{background:#f4f4f4;padding:1px 4px}";
+code{background:#f4f4f4;padding:1px 4px;white-space:pre-wrap;word-break:break-word}";
 
 /// The report for `doc` (the session's JSON document), its series, ratios and charts.
 pub fn report(doc: &Value, series: &[Series], ratios: &[Ratio], charts: &[Chart]) -> Result<String, String> {

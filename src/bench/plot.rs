@@ -170,13 +170,14 @@ fn short(name: &str) -> String {
     }
 }
 
-/// The smallest 1, 2, 2.5 or 5 times a power of ten at or above `x` (1 for nothing).
+/// The smallest round number (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of
+/// ten) at or above `x`; 1 for nothing.
 fn nice_top(x: f64) -> f64 {
     if !(x > 0.0) || !x.is_finite() {
         return 1.0;
     }
     let power = 10f64.powf(x.log10().floor());
-    [1.0, 2.0, 2.5, 5.0, 10.0]
+    [1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0]
         .iter()
         .map(|m| m * power)
         .find(|&v| v >= x * (1.0 - 1e-12))
@@ -355,8 +356,9 @@ mod tests {
 
     #[test]
     fn axis_tops_and_ticks_are_round() {
-        assert_eq!(nice_top(5366.0), 10_000.0);
-        assert_eq!(nice_top(34.2), 50.0);
+        assert_eq!(nice_top(5366.0), 6000.0);
+        assert_eq!(nice_top(34.2), 40.0);
+        assert_eq!(nice_top(11.66), 12.0);
         assert_eq!(nice_top(2.1), 2.5);
         assert_eq!(nice_top(0.0), 1.0);
         assert_eq!(tick(1500.0), "1500");
@@ -385,7 +387,10 @@ mod tests {
         // Round ticks: the y axis goes to 50 by tens.
         let texts: Vec<&str> = svg.lines().map(str::trim).collect();
         assert!(svg.starts_with("<svg") && texts.contains(&"Test"), "{svg}");
-        assert!(["0", "10", "20", "30", "40", "50"].iter().all(|t| texts.contains(t)), "{svg}");
+        assert!(
+            ["0", "10", "20", "30", "40", "50"].iter().all(|t| texts.contains(t)),
+            "{svg}"
+        );
         let png = chart.png().unwrap();
         let img = image::load_from_memory(&png).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), SIZE);

@@ -1,14 +1,11 @@
 //! What a run prints while it goes: on a terminal, one line redrawn in place; in a
-//! file or a pipe, a plain line every [`LINE_EVERY`] at most (none for a run shorter
+//! file or a pipe, a plain line every so often (10 s by default; none for a run shorter
 //! than that), so logs carry no progress frames.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// How often a progress line is written when stderr is not a terminal.
-pub const LINE_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProgressMode {
@@ -20,14 +17,15 @@ pub enum ProgressMode {
 }
 
 impl ProgressMode {
-    /// `Off` when asked to be quiet, else by whether stderr is a terminal.
-    pub fn detect(quiet: bool) -> ProgressMode {
+    /// `Off` when asked to be quiet, else by whether stderr is a terminal (lines
+    /// `every` so often when not).
+    pub fn detect(quiet: bool, every: Duration) -> ProgressMode {
         if quiet {
             ProgressMode::Off
         } else if std::io::stderr().is_terminal() {
             ProgressMode::Terminal
         } else {
-            ProgressMode::Lines(LINE_EVERY)
+            ProgressMode::Lines(every)
         }
     }
 }

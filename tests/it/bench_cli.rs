@@ -29,10 +29,16 @@ fn bench_reports_exact_counts_against_a_live_server() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("concurrency 3: 6 requests (0 failed)"), "{stdout}");
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(doc["schema"], "inferd-bench/1");
+    assert_eq!(doc["targets"].as_array().unwrap().len(), 1);
+    let runs = doc["targets"][0]["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     for (run, concurrency) in runs.iter().zip([1, 3]) {
         assert_eq!(run["concurrency"], concurrency);
+        assert_eq!(
+            run["load"],
+            serde_json::json!({"kind": "concurrency", "value": concurrency})
+        );
         assert_eq!(
             (run["requests"].as_u64(), run["failed"].as_u64()),
             (Some(6), Some(0)),
@@ -105,8 +111,9 @@ fn offline_bench_on_dummy_weights_writes_reports_and_plots() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    assert_eq!(doc["target"], "offline");
-    for run in doc["runs"].as_array().unwrap() {
+    assert_eq!(doc["targets"][0]["name"], "offline");
+    assert_eq!(doc["endpoint"], "engine");
+    for run in doc["targets"][0]["runs"].as_array().unwrap() {
         assert_eq!(
             (run["requests"].as_u64(), run["failed"].as_u64()),
             (Some(8), Some(0)),
@@ -118,12 +125,14 @@ fn offline_bench_on_dummy_weights_writes_reports_and_plots() {
             (Some(96), Some(48))
         );
     }
-    for name in ["throughput.svg", "latency.svg", "ttft.svg"] {
-        let svg = std::fs::read_to_string(plots.join(name)).unwrap();
+    for name in ["throughput", "latency_vs_load", "ttft", "itl", "latency"] {
+        let svg = std::fs::read_to_string(plots.join(format!("{name}.svg"))).unwrap();
         assert!(
             svg.starts_with("<svg") && svg.contains("<polyline") && svg.trim_end().ends_with("</svg>"),
             "{name}"
         );
+        let png = image::open(plots.join(format!("{name}.png"))).unwrap();
+        assert_eq!((png.width(), png.height()), (960, 480), "{name}");
     }
 }
 

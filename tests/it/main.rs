@@ -3,6 +3,7 @@
 //! goldens from `scripts/gen-goldens` (transformers, float32).
 
 mod bench_cli;
+mod bench_sessions;
 mod block_pool;
 mod chat_cli;
 mod common;

@@ -1,0 +1,438 @@
+//! `inferd bench` sessions: a sweep against a live server finds its knee; goodput counts
+//! only the requests within the targets (against a fake server whose latencies are
+//! known); side by side against inferd and a slow fake server; the HTML report renders
+//! in headless Chromium with its plots; output to a pipe has no progress frames.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::common::scratch_dir;
+use super::server::Server;
+
+/// A streaming `/v1/completions` server whose n-th request (from 0) waits `ttft_ms(n)`
+/// before its first token and `itl_ms` before each next one; replies are `max_tokens`
+/// long, with a usage frame.
+struct FakeServer {
+    port: u16,
+    served: Arc<AtomicUsize>,
+}
+
+impl FakeServer {
+    fn start(ttft_ms: fn(usize) -> u64, itl_ms: u64) -> FakeServer {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = Arc::new(AtomicUsize::new(0));
+        let count = served.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let n = count.fetch_add(1, Ordering::SeqCst);
+                std::thread::spawn(move || {
+                    let _ = answer(stream, ttft_ms(n), itl_ms);
+                });
+            }
+        });
+        FakeServer { port, served }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn answer(stream: TcpStream, ttft_ms: u64, itl_ms: u64) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    let request: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let tokens = request["max_tokens"].as_u64().unwrap_or(1).max(1);
+    let mut out = stream;
+    out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")?;
+    std::thread::sleep(Duration::from_millis(ttft_ms));
+    for i in 0..tokens {
+        if i > 0 {
+            std::thread::sleep(Duration::from_millis(itl_ms));
+        }
+        out.write_all(b"data: {\"choices\":[{\"index\":0,\"text\":\"x\"}]}\n\n")?;
+        out.flush()?;
+    }
+    let usage =
+        format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":4,\"completion_tokens\":{tokens}}}}}\n\n");
+    out.write_all(usage.as_bytes())?;
+    out.write_all(b"data: [DONE]\n\n")?;
+    out.flush()
+}
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .arg("bench")
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn read_json(path: &std::path::Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[test]
+fn goodput_counts_only_the_requests_within_the_targets() {
+    // Every other request is slow to start: 10 ms, then 150 ms, then 10 ms...
+    let fake = FakeServer::start(|n| if n % 2 == 0 { 10 } else { 150 }, 5);
+    let dir = scratch_dir("bench-goodput");
+    let json = dir.join("r.json");
+    let url = fake.url();
+    let out = bench(&[
+        "--url",
+        &url,
+        "--model",
+        "fake",
+        "--warmup",
+        "0",
+        "--num-requests",
+        "10",
+        "--output-len",
+        "4",
+        "--slo",
+        "ttft=80ms,itl:p50=40ms",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = ok(&out);
+    assert!(
+        stdout.contains("5/10 requests within targets; targets missed"),
+        "{stdout}"
+    );
+    let doc = read_json(&json);
+    let run = &doc["targets"][0]["runs"][0];
+    let g = &run["goodput"];
+    assert_eq!(
+        (g["good_requests"].as_u64(), g["fraction"].as_f64()),
+        (Some(5), Some(0.5)),
+        "{g}"
+    );
+    // Goodput is the good half of the run's request rate and output tokens.
+    let rps = run["requests_per_s"].as_f64().unwrap();
+    assert!(
+        (g["requests_per_s"].as_f64().unwrap() - rps / 2.0).abs() < 1e-9,
+        "{run}"
+    );
+    assert!(
+        (g["output_tokens_per_s"].as_f64().unwrap() - 4.0 * rps / 2.0).abs() < 1e-6,
+        "{run}"
+    );
+    // Judged as a run: p90 TTFT is a slow request's (over 80 ms), p50 ITL about 5 ms.
+    let checks = g["checks"].as_array().unwrap();
+    assert_eq!(checks[0]["target"]["metric"], "ttft");
+    assert!(checks[0]["observed_ms"].as_f64().unwrap() >= 140.0 && checks[0]["met"] == false);
+    assert!(checks[1]["observed_ms"].as_f64().unwrap() < 40.0 && checks[1]["met"] == true);
+    assert_eq!(g["met"], false);
+    assert_eq!(doc["slo"][0]["limit_ms"], 80.0);
+    assert_eq!(fake.served.load(Ordering::SeqCst), 10);
+    // A target the server cannot meet counts none; a bad spec is refused.
+    let out = bench(
+        &[
+            "--url",
+            &url,
+            "--model",
+            "fake",
+            "--warmup",
+            "0",
+            "--num-requests",
+            "2",
+            "--output-len",
+            "2",
+        ]
+        .into_iter()
+        .chain(["--slo", "latency=1ms", "--quiet"])
+        .collect::<Vec<_>>(),
+    );
+    assert!(ok(&out).contains("0/2 requests within targets"));
+    let out = bench(&["--url", &url, "--model", "fake", "--slo", "speed=1s"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown measure `speed`"));
+}
+
+#[test]
+fn sweep_against_a_live_server_finds_the_knee() {
+    // Two sequences at a time: all at once, requests queue and latency leaves its floor.
+    let s = Server::start(&["--max-num-seqs", "2"]);
+    let dir = scratch_dir("bench-sweep");
+    let json = dir.join("r.json");
+    let url = format!("http://127.0.0.1:{}", s.port);
+    let out = bench(&[
+        "--url",
+        &url,
+        "--model",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "--sweep",
+        "4",
+        "--num-requests",
+        "12",
+        "--input-len",
+        "16",
+        "--output-len",
+        "8",
+        "--warmup",
+        "1",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = ok(&out);
+    let doc = read_json(&json);
+    assert_eq!(doc["plan"], serde_json::json!({"sweep": 4}));
+    let series = &doc["targets"][0];
+    let runs = series["runs"].as_array().unwrap();
+    let labels: Vec<&str> = runs.iter().map(|r| r["label"].as_str().unwrap()).collect();
+    assert_eq!(labels.first(), Some(&"synchronous"), "{labels:?}");
+    assert_eq!(labels.last(), Some(&"throughput"), "{labels:?}");
+    let sync_rps = runs[0]["requests_per_s"].as_f64().unwrap();
+    let all_rps = runs[runs.len() - 1]["requests_per_s"].as_f64().unwrap();
+    // The rates between are evenly spaced strictly between the two ends.
+    for r in &runs[1..runs.len() - 1] {
+        assert_eq!(r["load"]["kind"], "rate");
+        let rate = r["load"]["value"].as_f64().unwrap();
+        assert!(
+            sync_rps < rate && rate < all_rps,
+            "{rate} not in ({sync_rps}, {all_rps})"
+        );
+    }
+    let knee = &series["knee"];
+    assert!(knee.is_object(), "no knee: {stdout}");
+    let at = knee["run"].as_u64().unwrap() as usize;
+    assert!(at < runs.len() - 1, "{knee}");
+    // The knee's latency is within the factor of the floor; the next run's is not.
+    let floor = knee["floor_ms"].as_f64().unwrap();
+    assert!(runs[at]["latency_ms"]["p50"].as_f64().unwrap() <= 1.5 * floor);
+    assert!(runs[at + 1]["latency_ms"]["p50"].as_f64().unwrap() > 1.5 * floor);
+    assert!(stdout.contains(&format!("knee: {}", labels[at])), "{stdout}");
+    // The document says what ran where.
+    assert_eq!(doc["inferd_version"], env!("CARGO_PKG_VERSION"));
+    assert!(doc["created"].as_str().unwrap().ends_with('Z'));
+    assert!(doc["host"]["cpus"].as_u64().unwrap() >= 1);
+    assert!(doc["command"].as_array().unwrap().iter().any(|a| a == "--sweep"));
+    // Loads that contradict a sweep are refused.
+    let out = bench(&["--url", &url, "--model", "m", "--sweep", "--concurrency", "4"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn side_by_side_gives_the_ratio_of_two_servers() {
+    let s = Server::start(&[]);
+    // 50 ms before the first token and between tokens: 6 tokens in 300 ms, 20 tok/s.
+    let slow = FakeServer::start(|_| 50, 50);
+    let dir = scratch_dir("bench-side-by-side");
+    let json = dir.join("r.json");
+    let inferd = format!("inferd=http://127.0.0.1:{}", s.port);
+    let slow_url = format!("slow={}", slow.url());
+    let out = bench(&[
+        "--target",
+        &inferd,
+        "--target",
+        &slow_url,
+        "--model",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "--num-requests",
+        "6",
+        "--input-len",
+        "16",
+        "--output-len",
+        "6",
+        "--warmup",
+        "1",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    let stdout = ok(&out);
+    let doc = read_json(&json);
+    let targets = doc["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2);
+    assert_eq!(
+        (targets[0]["name"].as_str(), targets[1]["name"].as_str()),
+        (Some("inferd"), Some("slow"))
+    );
+    let tps = |t: &Value| t["runs"][0]["output_tokens_per_s"].as_f64().unwrap();
+    let slow_tps = tps(&targets[1]);
+    assert!((17.0..=20.5).contains(&slow_tps), "slow server at {slow_tps} tok/s");
+    // The same seeded workload went to both: six requests each (and one warm-up).
+    assert_eq!(slow.served.load(Ordering::SeqCst), 7);
+    let ratios = doc["comparison"].as_array().unwrap();
+    let at_c1 = ratios.iter().find(|r| r["run"] == "concurrency 1").unwrap();
+    assert_eq!(
+        (at_c1["target"].as_str(), at_c1["baseline"].as_str()),
+        (Some("slow"), Some("inferd"))
+    );
+    let expected = slow_tps / tps(&targets[0]);
+    let got = at_c1["output_tokens_per_s"].as_f64().unwrap();
+    assert!((got - expected).abs() < 1e-9 && got < 1.0, "{got} vs {expected}");
+    assert!(ratios.iter().any(|r| r["run"] == "peak"));
+    assert!(stdout.contains("== slow (http://127.0.0.1:"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("slow / inferd, concurrency 1: output tok/s {expected:.2}x")),
+        "{stdout}"
+    );
+}
+
+/// Chromium: `INFERD_CHROMIUM`, else /usr/bin/chromium (scripts/test installs it).
+fn chromium() -> String {
+    let path = std::env::var("INFERD_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&path).exists(),
+        "{path}: no Chromium for the report test (scripts/test installs Debian's chromium; or set INFERD_CHROMIUM)"
+    );
+    path
+}
+
+fn headless(dir: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", dir.join("chromium-profile").display()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn html_report_renders_with_its_plots_in_headless_chromium() {
+    let fast = FakeServer::start(|n| 5 + (n % 3) as u64 * 5, 2);
+    let slower = FakeServer::start(|n| 20 + (n % 3) as u64 * 10, 6);
+    let dir = scratch_dir("bench-report");
+    let report = dir.join("report.html");
+    let plots = dir.join("plots");
+    let (a, b) = (format!("fast={}", fast.url()), format!("slower={}", slower.url()));
+    let out = bench(&[
+        "--target",
+        &a,
+        "--target",
+        &b,
+        "--model",
+        "fake",
+        "--concurrency",
+        "1,4",
+        "--num-requests",
+        "8",
+        "--output-len",
+        "5",
+        "--slo",
+        "ttft=30ms",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--report",
+        report.to_str().unwrap(),
+        "--plots",
+        plots.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let html = std::fs::read_to_string(&report).unwrap();
+    // Self-contained: nothing fetched from anywhere.
+    for outside in ["src=\"http", "href=\"http", "url(http", "src=\"//", "<link"] {
+        assert!(!html.contains(outside), "{outside}");
+    }
+    assert!(html.contains("slower / fast"));
+    // Both servers overlaid on the throughput plot.
+    let svg = std::fs::read_to_string(plots.join("throughput.svg")).unwrap();
+    assert!(svg.contains("fast output tok/s") && svg.contains("slower goodput tok/s"));
+
+    // The browser decoded every plot (the report's own script counts them) ...
+    let url = format!("file://{}", report.display());
+    let out = headless(&dir, &["--virtual-time-budget=5000", "--dump-dom", &url]);
+    let dom = String::from_utf8_lossy(&out.stdout);
+    let plots_in_page = html.matches("<img class=\"plot\"").count();
+    assert_eq!(plots_in_page, 5);
+    assert!(
+        dom.contains(&format!(
+            "data-plots=\"{plots_in_page}\" data-plots-loaded=\"{plots_in_page}\""
+        )),
+        "{}\n{}",
+        &dom[..dom.len().min(2000)],
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ... and the screenshot shows them: the series' colours cover a good area.
+    let shot = dir.join("shot.png");
+    let out = headless(
+        &dir,
+        &[
+            "--window-size=1100,3200",
+            &format!("--screenshot={}", shot.display()),
+            &url,
+        ],
+    );
+    assert!(shot.exists(), "{}", String::from_utf8_lossy(&out.stderr));
+    let img = image::open(&shot).unwrap().to_rgb8();
+    assert_eq!(img.dimensions(), (1100, 3200));
+    let near = |p: &image::Rgb<u8>, c: [i32; 3]| p.0.iter().zip(c).all(|(&a, b)| (a as i32 - b).abs() < 40);
+    let blue = img.pixels().filter(|p| near(p, [31, 119, 180])).count();
+    let red = img.pixels().filter(|p| near(p, [214, 39, 40])).count();
+    assert!(blue > 2000 && red > 2000, "blue {blue}, red {red} pixels");
+}
+
+#[test]
+fn output_to_a_pipe_has_no_progress_frames() {
+    // 30 requests of about 100 ms one at a time: three seconds.
+    let fake = FakeServer::start(|_| 20, 20);
+    let url = fake.url();
+    let out = bench(&[
+        "--url",
+        &url,
+        "--model",
+        "fake",
+        "--num-requests",
+        "30",
+        "--output-len",
+        "5",
+        "--warmup",
+        "0",
+        "--progress-every",
+        "1",
+    ]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\r') && !stderr.contains('\x1b'), "{stderr:?}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("requests done after")).collect();
+    // A line a second at most, and at least one in three seconds.
+    assert!((1..=4).contains(&lines.len()), "{stderr}");
+    assert!(lines[0].starts_with("bench: concurrency 1: "), "{stderr}");
+}
