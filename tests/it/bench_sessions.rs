@@ -436,3 +436,107 @@ fn output_to_a_pipe_has_no_progress_frames() {
     assert!((1..=4).contains(&lines.len()), "{stderr}");
     assert!(lines[0].starts_with("bench: concurrency 1: "), "{stderr}");
 }
+
+#[test]
+fn sharegpt_conversations_set_prompts_and_reply_lengths() {
+    let fake = FakeServer::start(|_| 1, 1);
+    let dir = scratch_dir("bench-sharegpt");
+    let json = dir.join("r.json");
+    let data = super::common::fixture("bench/sharegpt-tiny.json");
+    let url = fake.url();
+    let out = bench(&[
+        "--url",
+        &url,
+        "--model",
+        "fake",
+        "--dataset",
+        "sharegpt",
+        "--dataset-path",
+        data.to_str().unwrap(),
+        "--num-requests",
+        "6",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let doc = read_json(&json);
+    // Each of the six usable conversations once, each asking for its reply's length
+    // (words, with no tokenizer for this model): 6 + 11 + 5 + 4 + 5 + 16.
+    assert_eq!(doc["targets"][0]["runs"][0]["output_tokens"], 47);
+    assert_eq!(doc["workload"]["dataset"], "sharegpt");
+    // An output length given overrides the replies' own.
+    let out = bench(&[
+        "--url",
+        &url,
+        "--model",
+        "fake",
+        "--dataset",
+        "sharegpt",
+        "--dataset-path",
+        data.to_str().unwrap(),
+        "--num-requests",
+        "6",
+        "--output-len",
+        "3",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    ok(&out);
+    assert_eq!(read_json(&json)["targets"][0]["runs"][0]["output_tokens"], 18);
+    let out = bench(&["--url", &url, "--model", "fake", "--dataset", "sharegpt"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--dataset sharegpt needs --dataset-path"));
+}
+
+#[test]
+fn prefix_workload_is_served_from_the_prefix_cache() {
+    let s = Server::start(&[]);
+    let url = format!("http://127.0.0.1:{}", s.port);
+    let hits = || -> u64 {
+        let r = s.request("GET", "/metrics", &[], None);
+        r.body
+            .lines()
+            .find(|l| l.starts_with("inferd_prefix_cache_hits_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .expect("prefix cache hits in /metrics") as u64
+    };
+    let run = |dataset: &str| {
+        ok(&bench(&[
+            "--url",
+            &url,
+            "--model",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "--endpoint",
+            "chat",
+            "--dataset",
+            dataset,
+            "--num-prefixes",
+            "2",
+            "--prefix-len",
+            "96",
+            "--input-len",
+            "8",
+            "--output-len",
+            "2",
+            "--num-requests",
+            "8",
+            "--warmup",
+            "0",
+            "--quiet",
+        ]));
+    };
+    let before = hits();
+    run("random");
+    let random = hits() - before;
+    run("prefix");
+    let prefix = hits() - before - random;
+    // Six of the eight requests find their 96-token system prompt cached (at least five
+    // whole 16-token blocks each); random prompts share only the chat template's head.
+    assert!(prefix >= 30, "prefix workload: {prefix} block hits");
+    assert!(random * 3 < prefix, "random {random} vs prefix {prefix}");
+}
