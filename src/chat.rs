@@ -155,10 +155,16 @@ impl Session {
     /// POSTs `body` to `path` (GETs without one) on the kept connection, reopened when
     /// the server closed it.
     async fn request(&mut self, path: &str, body: Option<Bytes>) -> Result<(StatusCode, Incoming), String> {
-        if self.conn.as_ref().is_none_or(|c| !c.is_reusable()) {
-            self.conn = Some(Connection::open(&self.target).await?);
-        }
-        let conn = self.conn.as_mut().expect("just opened");
+        // (A person types slower than servers keep idle connections: uvicorn closes
+        // them after 5 s.)
+        let kept = match self.conn.take() {
+            Some(mut c) => c.is_ready().await.then_some(c),
+            None => None,
+        };
+        let conn = match kept {
+            Some(c) => self.conn.insert(c),
+            None => self.conn.insert(Connection::open(&self.target).await?),
+        };
         client::send(conn, &self.target, path, self.api_key.as_deref(), body).await
     }
 

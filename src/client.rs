@@ -66,6 +66,12 @@ impl Connection {
     pub fn is_reusable(&self) -> bool {
         !self.sender.is_closed()
     }
+
+    /// Whether the connection can take a request now: false when the server closed it
+    /// since (an idle keep-alive timeout), which `is_reusable` may not have seen yet.
+    pub async fn is_ready(&mut self) -> bool {
+        !self.sender.is_closed() && self.sender.ready().await.is_ok()
+    }
 }
 
 /// What one request measured.

@@ -107,7 +107,7 @@ pub fn report(doc: &Value, series: &[Series], ratios: &[Ratio], charts: &[Chart]
     // Headlines.
     h.push_str(
         "<h2>Targets</h2>\n<table>\n<tr><th class=\"l\">target</th><th class=\"l\">URL</th>\
-        <th>peak output tok/s</th><th class=\"l\">knee</th><th>knee req/s</th><th>best goodput req/s</th></tr>\n",
+        <th class=\"l\">version</th><th>peak output tok/s</th><th class=\"l\">knee</th><th>knee req/s</th><th>best goodput req/s</th></tr>\n",
     );
     for s in series {
         let (knee, knee_rps) = match &s.knee {
@@ -124,9 +124,10 @@ pub fn report(doc: &Value, series: &[Series], ratios: &[Ratio], charts: &[Chart]
             })
             .unwrap_or_else(|| "—".into());
         h.push_str(&format!(
-            "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td></tr>\n",
+            "<tr><td class=\"l\">{}</td><td class=\"l\">{}</td><td class=\"l\">{}</td><td>{}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td></tr>\n",
             esc(&s.name),
             esc(&s.url),
+            esc(s.server_version.as_deref().unwrap_or("—")),
             num(s.peak_output_tokens_per_s()),
             esc(&knee),
             knee_rps,

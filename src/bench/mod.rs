@@ -416,7 +416,16 @@ async fn engine_request(engine: &EngineHandle, ids: Vec<u32>, params: SamplingPa
 }
 
 async fn one_request(settings: &HttpSettings, idle: &Mutex<Vec<Connection>>, body: Bytes) -> Outcome {
-    let pooled = idle.lock().await.pop();
+    // A pooled connection the server closed while it sat idle is dropped, not used.
+    let mut pooled = None;
+    loop {
+        let next = idle.lock().await.pop();
+        let Some(mut c) = next else { break };
+        if c.is_ready().await {
+            pooled = Some(c);
+            break;
+        }
+    }
     let mut conn = match pooled {
         Some(c) => c,
         None => match Connection::open(&settings.target).await {

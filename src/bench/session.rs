@@ -59,6 +59,9 @@ pub struct SessionOptions {
 pub struct Series {
     pub name: String,
     pub url: String,
+    /// What the server's `GET /version` said (`version`, as vLLM and inferd answer it),
+    /// when it answered.
+    pub server_version: Option<String>,
     pub runs: Vec<Report>,
     pub knee: Option<Knee>,
     /// The run with the highest goodput (requests/s), when there is an SLO.
@@ -268,15 +271,35 @@ pub async fn run_session(
             .filter_map(|(i, r)| r.goodput.as_ref().map(|g| (i, g.requests_per_s)))
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(i, _)| i);
+        let server_version = match driver {
+            Driver::Http(list) => server_version(&list[index].1).await,
+            Driver::Offline { .. } => Some(env!("CARGO_PKG_VERSION").to_owned()),
+        };
         series.push(Series {
             name,
             url,
+            server_version,
             runs,
             knee,
             best_goodput,
         });
     }
     Ok(series)
+}
+
+/// `GET /version`'s `version`, if the server has that route.
+async fn server_version(settings: &HttpSettings) -> Option<String> {
+    let mut conn = crate::client::Connection::open(&settings.target).await.ok()?;
+    let key = settings.api_key.as_deref();
+    let (status, body) = crate::client::send(&mut conn, &settings.target, "/version", key, None)
+        .await
+        .ok()?;
+    let bytes = crate::client::read_all(body).await.ok()?;
+    if !status.is_success() {
+        return None;
+    }
+    let doc: Value = serde_json::from_slice(&bytes).ok()?;
+    doc.get("version")?.as_str().map(str::to_owned)
 }
 
 async fn send(driver: &Driver, index: usize, pace: &Pace, requests: &[BenchRequest], seed: u64) -> Report {
@@ -360,23 +383,7 @@ pub fn host() -> Value {
 /// `2026-12-04T22:30:05Z`.
 pub fn rfc3339_utc(time: SystemTime) -> String {
     let secs = time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    crate::text::template::strftime("%Y-%m-%dT%H:%M:%SZ", secs as i64)
 }
 
 /// Parses the targets of `--url` (named by host:port) and `--target NAME=URL`.

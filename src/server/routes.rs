@@ -22,6 +22,7 @@ use crate::manager::{LoadEvent, LoadTicket, ModelLease, ModelManager, ServedMode
 /// (path, methods) of every route, for 404 versus 405.
 const ROUTES: &[(&str, &[Method])] = &[
     ("/health", &[Method::GET]),
+    ("/version", &[Method::GET]),
     ("/v1/models", &[Method::GET]),
     ("/v1/chat/completions", &[Method::POST]),
     ("/v1/completions", &[Method::POST]),
@@ -116,6 +117,11 @@ async fn dispatch(
     }
     let result = match (method.clone(), path.as_str()) {
         (Method::GET, "/health") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        // As vLLM answers it (benchmark clients record it beside their results).
+        (Method::GET, "/version") => Ok(json_response(
+            StatusCode::OK,
+            &json!({"version": env!("CARGO_PKG_VERSION"), "server": "inferd"}),
+        )),
         // File-system scans and tokenization run on the blocking pool, off the reactor.
         (Method::GET, "/v1/models") => {
             let state = state.clone();

@@ -31,9 +31,9 @@ impl FakeServer {
         let count = served.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let n = count.fetch_add(1, Ordering::SeqCst);
+                let count = count.clone();
                 std::thread::spawn(move || {
-                    let _ = answer(stream, ttft_ms(n), itl_ms);
+                    let _ = answer(stream, &count, ttft_ms, itl_ms);
                 });
             }
         });
@@ -45,8 +45,17 @@ impl FakeServer {
     }
 }
 
-fn answer(stream: TcpStream, ttft_ms: u64, itl_ms: u64) -> std::io::Result<()> {
+/// Answers one request on its own connection: a GET (bench asks for `/version`) with
+/// a 404, a POST with a stream, counted.
+fn answer(stream: TcpStream, count: &AtomicUsize, ttft_ms: fn(usize) -> u64, itl_ms: u64) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    if !request_line.starts_with("POST ") {
+        let mut out = stream;
+        return out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    }
+    let ttft_ms = ttft_ms(count.fetch_add(1, Ordering::SeqCst));
     let mut length = 0usize;
     loop {
         let mut line = String::new();
@@ -159,6 +168,7 @@ fn goodput_counts_only_the_requests_within_the_targets() {
     assert_eq!(g["met"], false);
     assert_eq!(doc["slo"][0]["limit_ms"], 80.0);
     assert_eq!(fake.served.load(Ordering::SeqCst), 10);
+    assert_eq!(doc["targets"][0]["server_version"], Value::Null);
     // A target the server cannot meet counts none; a bad spec is refused.
     let out = bench(
         &[
@@ -239,6 +249,7 @@ fn sweep_against_a_live_server_finds_the_knee() {
     assert!(stdout.contains(&format!("knee: {}", labels[at])), "{stdout}");
     // The document says what ran where.
     assert_eq!(doc["inferd_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(series["server_version"], env!("CARGO_PKG_VERSION"));
     assert!(doc["created"].as_str().unwrap().ends_with('Z'));
     assert!(doc["host"]["cpus"].as_u64().unwrap() >= 1);
     assert!(doc["command"].as_array().unwrap().iter().any(|a| a == "--sweep"));
@@ -444,51 +455,31 @@ fn sharegpt_conversations_set_prompts_and_reply_lengths() {
     let json = dir.join("r.json");
     let data = super::common::fixture("bench/sharegpt-tiny.json");
     let url = fake.url();
-    let out = bench(&[
-        "--url",
-        &url,
-        "--model",
-        "fake",
-        "--dataset",
-        "sharegpt",
-        "--dataset-path",
-        data.to_str().unwrap(),
-        "--num-requests",
-        "6",
-        "--warmup",
-        "0",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    ok(&out);
-    let doc = read_json(&json);
+    let (data, json_path) = (data.to_str().unwrap(), json.to_str().unwrap());
+    let run = |extra: &[&str]| -> Value {
+        let mut args = vec![
+            "--url",
+            &url,
+            "--model",
+            "fake",
+            "--dataset",
+            "sharegpt",
+            "--dataset-path",
+            data,
+        ];
+        args.extend(["--num-requests", "6", "--warmup", "0", "--quiet", "--json", json_path]);
+        args.extend(extra);
+        ok(&bench(&args));
+        read_json(&json)
+    };
+    let doc = run(&[]);
     // Each of the six usable conversations once, each asking for its reply's length
     // (words, with no tokenizer for this model): 6 + 11 + 5 + 4 + 5 + 16.
     assert_eq!(doc["targets"][0]["runs"][0]["output_tokens"], 47);
     assert_eq!(doc["workload"]["dataset"], "sharegpt");
     // An output length given overrides the replies' own.
-    let out = bench(&[
-        "--url",
-        &url,
-        "--model",
-        "fake",
-        "--dataset",
-        "sharegpt",
-        "--dataset-path",
-        data.to_str().unwrap(),
-        "--num-requests",
-        "6",
-        "--output-len",
-        "3",
-        "--warmup",
-        "0",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    ok(&out);
-    assert_eq!(read_json(&json)["targets"][0]["runs"][0]["output_tokens"], 18);
+    let doc = run(&["--output-len", "3"]);
+    assert_eq!(doc["targets"][0]["runs"][0]["output_tokens"], 18);
     let out = bench(&["--url", &url, "--model", "fake", "--dataset", "sharegpt"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dataset sharegpt needs --dataset-path"));
 }
@@ -539,4 +530,72 @@ fn prefix_workload_is_served_from_the_prefix_cache() {
     // whole 16-token blocks each); random prompts share only the chat template's head.
     assert!(prefix >= 30, "prefix workload: {prefix} block hits");
     assert!(random * 3 < prefix, "random {random} vs prefix {prefix}");
+}
+
+/// A keep-alive server that answers whole (unstreamed) completions and closes a
+/// connection left idle for `idle_ms`, as uvicorn does after 5 s.
+fn keep_alive_server(idle_ms: u64) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || -> std::io::Result<()> {
+                stream.set_read_timeout(Some(Duration::from_millis(idle_ms)))?;
+                let mut reader = BufReader::new(stream.try_clone()?);
+                let mut out = stream;
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        // Idle too long, or closed: close our side.
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return Ok(());
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    reader.read_exact(&mut body)?;
+                    let reply =
+                        r#"{"choices":[{"index":0,"text":"hi"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
+                    write!(
+                        out,
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{reply}",
+                        reply.len()
+                    )?;
+                }
+            });
+        }
+    });
+    format!("http://127.0.0.1:{port}")
+}
+
+#[test]
+fn connections_the_server_closed_while_idle_are_not_reused() {
+    // Requests 200 ms apart; the server closes connections idle for 50 ms.
+    let url = keep_alive_server(50);
+    let out = bench(&[
+        "--url",
+        &url,
+        "--model",
+        "fake",
+        "--no-stream",
+        "--request-rate",
+        "5",
+        "--arrival",
+        "constant",
+        "--num-requests",
+        "6",
+        "--output-len",
+        "2",
+        "--warmup",
+        "1",
+        "--quiet",
+    ]);
+    let stdout = ok(&out);
+    assert!(stdout.contains("rate 5/s: 6 requests (0 failed)"), "{stdout}");
 }
