@@ -74,6 +74,15 @@ impl Connection {
     }
 }
 
+/// Why a completion request produced no outcome.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub message: String,
+    /// Nothing came back (the connection failed as the request left): the request can
+    /// be sent again on another connection.
+    pub before_reply: bool,
+}
+
 /// What one request measured.
 #[derive(Debug, Clone, Default)]
 pub struct Outcome {
@@ -193,12 +202,21 @@ pub async fn timed_completion(
     api_key: Option<&str>,
     body: Bytes,
     stream: bool,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, Failure> {
     let start = Instant::now();
-    let (status, mut body) = send(conn, target, path, api_key, Some(body)).await?;
+    let (status, mut body) = send(conn, target, path, api_key, Some(body))
+        .await
+        .map_err(|message| Failure {
+            message,
+            before_reply: true,
+        })?;
+    let after_reply = |message: String| Failure {
+        message,
+        before_reply: false,
+    };
     let mut outcome = Outcome::default();
     if !status.is_success() || !stream {
-        let bytes = read_all(body).await?;
+        let bytes = read_all(body).await.map_err(after_reply)?;
         outcome.latency = start.elapsed().as_secs_f64();
         if !status.is_success() {
             outcome.error = Some(format!("{status}: {}", String::from_utf8_lossy(&bytes)));
@@ -245,7 +263,8 @@ pub async fn timed_completion(
         }
         true
     })
-    .await?;
+    .await
+    .map_err(after_reply)?;
     outcome.latency = start.elapsed().as_secs_f64();
     Ok(outcome)
 }

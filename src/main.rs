@@ -261,14 +261,16 @@ struct BenchArgs {
     /// random prompts and counts prompt tokens (else words are counted).
     #[arg(long)]
     model: String,
-    /// `completions` (prompt as given) or `chat` (prompt as one user message).
-    #[arg(long, default_value = "completions", value_parser = ["chat", "completions"])]
-    endpoint: String,
-    /// Most requests in flight; a comma-separated list runs once per value (default 1).
+    /// `completions` (prompt as given, the default) or `chat` (prompt as one user message).
+    #[arg(long, value_parser = ["chat", "completions"])]
+    endpoint: Option<String>,
+    /// Most requests in flight; a comma-separated list runs once per value, in
+    /// increasing order (default 1).
     #[arg(long, value_delimiter = ',')]
     concurrency: Vec<usize>,
     /// Requests arriving at this many per second; a comma-separated list runs once per
-    /// rate (in-flight requests capped by --max-concurrency).
+    /// rate, in increasing order (`inf`: every request at once). In-flight requests are
+    /// capped by --max-concurrency.
     #[arg(long, value_delimiter = ',')]
     request_rate: Vec<f64>,
     /// A sweep of N runs (default 10): one request at a time, every request at once, and
@@ -279,9 +281,10 @@ struct BenchArgs {
     /// Most requests in flight in rate, sweep and all-at-once runs (default: no limit).
     #[arg(long)]
     max_concurrency: Option<usize>,
-    /// How requests arrive at a rate: `poisson` (exponential gaps) or `constant`.
-    #[arg(long, default_value = "poisson", value_parser = ["poisson", "constant"])]
-    arrival: String,
+    /// How requests arrive at a rate: `poisson` (exponential gaps, the default) or
+    /// `constant`.
+    #[arg(long, value_parser = ["poisson", "constant"])]
+    arrival: Option<String>,
     /// Requests per run (default: --requests-per-client x concurrency, at least 16, for
     /// concurrency runs; 64 for rate and sweep runs).
     #[arg(long)]
@@ -300,12 +303,12 @@ struct BenchArgs {
     /// Prompts, one per line, used in turn (same as --dataset prompts --dataset-path).
     #[arg(long)]
     prompt_file: Option<std::path::PathBuf>,
-    /// `--dataset prefix`: how many shared system prompts.
-    #[arg(long, default_value_t = 4)]
-    num_prefixes: usize,
-    /// `--dataset prefix`: each shared system prompt's length in tokens.
-    #[arg(long, default_value_t = 256)]
-    prefix_len: usize,
+    /// `--dataset prefix`: how many shared system prompts (default 4).
+    #[arg(long)]
+    num_prefixes: Option<usize>,
+    /// `--dataset prefix`: each shared system prompt's length in tokens (default 256).
+    #[arg(long)]
+    prefix_len: Option<usize>,
     /// Prompt length in tokens (random prompts, and the question after a shared prefix).
     #[arg(long, default_value_t = 128)]
     input_len: usize,
@@ -317,7 +320,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 0.0)]
     range_ratio: f64,
     /// Latency targets for goodput, e.g. `ttft=200ms,itl=50ms` (also tpot, latency;
-    /// `ttft:p99=1s` judges the run by another percentile than p90).
+    /// `ttft:p99=1s` judges the run by another percentile than p90). With --no-stream
+    /// only ttft and latency (the same there) can be measured.
     #[arg(long)]
     slo: Option<String>,
     /// Requests sent before each run and not counted.
@@ -377,6 +381,7 @@ struct BenchArgs {
 
 fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
     use inferd::bench::session::{self, Context, Driver, Plan, SessionOptions};
+    use inferd::bench::slo::Metric;
     use inferd::bench::{self, Arrival, Dataset, Endpoint, HttpSettings, Load, ProgressMode, Slo, WorkloadSpec};
     let plan = match (args.sweep, args.request_rate.is_empty(), args.concurrency.is_empty()) {
         (Some(_), false, _) | (Some(_), _, false) => {
@@ -388,19 +393,37 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             return Err("--request-rate and --concurrency are two kinds of load: cap a rate's in-flight requests with --max-concurrency".into())
         }
         (None, false, true) => {
-            if args.request_rate.iter().any(|r| !(*r > 0.0 && r.is_finite())) {
-                return Err("--request-rate must be positive numbers".into());
+            if args.request_rate.iter().any(|r| !(*r > 0.0)) {
+                return Err("--request-rate must be positive numbers (or inf)".into());
             }
-            Plan::Loads(args.request_rate.iter().map(|r| Load::Rate(*r)).collect())
+            // In increasing load (the knee reads them in order), each once.
+            let mut rates: Vec<f64> = args.request_rate.iter().copied().filter(|r| r.is_finite()).collect();
+            rates.sort_by(f64::total_cmp);
+            rates.dedup();
+            let mut loads: Vec<Load> = rates.into_iter().map(Load::Rate).collect();
+            if args.request_rate.iter().any(|r| r.is_infinite()) {
+                loads.push(Load::Throughput);
+            }
+            Plan::Loads(loads)
         }
         (None, true, _) => {
-            let list = if args.concurrency.is_empty() { vec![1] } else { args.concurrency.clone() };
+            let mut list = if args.concurrency.is_empty() {
+                vec![1]
+            } else {
+                args.concurrency.clone()
+            };
             if list.contains(&0) {
                 return Err("--concurrency must be at least 1".into());
             }
+            list.sort_unstable();
+            list.dedup();
             Plan::Loads(list.into_iter().map(Load::Concurrency).collect())
         }
     };
+    let concurrency_only = matches!(&plan, Plan::Loads(l) if l.iter().all(|l| matches!(l, Load::Concurrency(_))));
+    if concurrency_only && (args.max_concurrency.is_some() || args.arrival.is_some()) {
+        return Err("--max-concurrency and --arrival shape rate runs (--request-rate, --sweep); --concurrency runs send each request as one ends".into());
+    }
     if args.max_concurrency == Some(0) {
         return Err("--max-concurrency must be at least 1".into());
     }
@@ -416,26 +439,52 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
     if args.num_requests == Some(0) {
         return Err("--num-requests must be at least 1".into());
     }
+    if args.offline && (args.no_stream || args.endpoint.is_some() || args.api_key.is_some() || args.no_ignore_eos) {
+        return Err("--offline drives an engine here, streamed with ignore_eos: --no-stream, --endpoint, --api-key and --no-ignore-eos are for servers".into());
+    }
     let slo = match &args.slo {
         Some(text) => Slo::parse(text)?,
         None => Slo::default(),
     };
+    if args.no_stream {
+        if let Some(t) = slo
+            .targets
+            .iter()
+            .find(|t| matches!(t.metric, Metric::Itl | Metric::Tpot))
+        {
+            return Err(format!(
+                "--slo {}: whole replies (--no-stream) have no time between tokens to measure",
+                t.metric.name()
+            )
+            .into());
+        }
+    }
     let read = |path: &std::path::Path| std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+    if args.prompt_file.is_some() && (args.dataset_path.is_some() || args.dataset != "random") {
+        return Err("--prompt-file is --dataset prompts --dataset-path FILE: give one or the other".into());
+    }
     let dataset_path = args.dataset_path.as_ref().or(args.prompt_file.as_ref());
-    let dataset_name = if args.prompt_file.is_some() && args.dataset == "random" {
+    let dataset_name = if args.prompt_file.is_some() {
         "prompts"
     } else {
         args.dataset.as_str()
     };
+    if dataset_name != "prefix" && (args.num_prefixes.is_some() || args.prefix_len.is_some()) {
+        return Err("--num-prefixes and --prefix-len shape --dataset prefix".into());
+    }
     let dataset = match (dataset_name, dataset_path) {
-        ("random", _) => Dataset::Random,
-        ("prefix", _) => {
-            if args.num_prefixes == 0 || args.prefix_len == 0 {
+        ("random" | "prefix", Some(_)) => {
+            return Err(format!("--dataset {dataset_name} makes its prompts: leave out --dataset-path").into())
+        }
+        ("random", None) => Dataset::Random,
+        ("prefix", None) => {
+            let (num_prefixes, prefix_len) = (args.num_prefixes.unwrap_or(4), args.prefix_len.unwrap_or(256));
+            if num_prefixes == 0 || prefix_len == 0 {
                 return Err("--num-prefixes and --prefix-len must be at least 1".into());
             }
             Dataset::Prefix {
-                num_prefixes: args.num_prefixes,
-                prefix_len: args.prefix_len,
+                num_prefixes,
+                prefix_len,
             }
         }
         ("prompts", Some(path)) => {
@@ -459,7 +508,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
     let tokenizer = resolve_model(&args.model)
         .ok()
         .and_then(|dir| Tokenizer::from_dir(&dir.path).ok());
-    let endpoint = if args.endpoint == "chat" {
+    let endpoint = if args.endpoint.as_deref() == Some("chat") {
         Endpoint::Chat
     } else {
         Endpoint::Completions
@@ -467,7 +516,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
     let options = SessionOptions {
         plan: plan.clone(),
         max_concurrency: args.max_concurrency,
-        arrival: if args.arrival == "constant" {
+        arrival: if args.arrival.as_deref() == Some("constant") {
             Arrival::Constant
         } else {
             Arrival::Poisson
@@ -560,7 +609,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
         print!("{}", session::ratios_text(&ratios));
     }
     let context = Context {
-        command: std::env::args().collect(),
+        command: redact_api_key(std::env::args()),
         model: args.model.clone(),
         endpoint: if args.offline {
             "engine".into()
@@ -574,8 +623,8 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             "input_len": workload.input_len,
             "output_len": args.output_len,
             "range_ratio": workload.range_ratio,
-            "num_prefixes": matches!(workload.dataset, Dataset::Prefix { .. }).then_some(args.num_prefixes),
-            "prefix_len": matches!(workload.dataset, Dataset::Prefix { .. }).then_some(args.prefix_len),
+            "num_prefixes": match workload.dataset { Dataset::Prefix { num_prefixes, .. } => Some(num_prefixes), _ => None },
+            "prefix_len": match workload.dataset { Dataset::Prefix { prefix_len, .. } => Some(prefix_len), _ => None },
             "num_requests": args.num_requests,
             "requests_per_client": args.requests_per_client,
         }),
@@ -606,10 +655,39 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
     if let Some(path) = &args.report {
         write(path, bench::html::report(&doc, &series, &ratios, &charts)?.as_bytes())?;
     }
-    if series.iter().flat_map(|s| &s.runs).any(|r| r.failed > 0) {
-        return Err("some requests failed (see above)".into());
+    // Failed requests are results (an overloaded server refuses some); a run that lost
+    // every request measured nothing, and that is an error.
+    let runs = series.iter().flat_map(|s| &s.runs);
+    let (failed, sent) = runs.clone().fold((0, 0), |(f, n), r| (f + r.failed, n + r.requests));
+    if let Some(lost) = runs.clone().find(|r| r.requests > 0 && r.failed == r.requests) {
+        return Err(format!(
+            "every request of the {} run failed: {}",
+            lost.label,
+            lost.errors.join("; ")
+        )
+        .into());
+    }
+    if failed > 0 {
+        eprintln!("bench: {failed} of {sent} requests failed (see the runs above)");
     }
     Ok(())
+}
+
+/// The command line with `--api-key`'s value hidden (it is written to reports people share).
+fn redact_api_key(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut hide_next = false;
+    args.map(|a| {
+        let hidden = if hide_next {
+            "***".to_owned()
+        } else if a.starts_with("--api-key=") {
+            "--api-key=***".to_owned()
+        } else {
+            a.clone()
+        };
+        hide_next = a == "--api-key" && !hide_next;
+        hidden
+    })
+    .collect()
 }
 
 #[derive(clap::Args)]

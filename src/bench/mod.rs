@@ -179,7 +179,8 @@ pub struct Report {
     pub ttft_ms: Distribution,
     /// Over every gap between successive tokens of every request.
     pub itl_ms: Distribution,
-    /// Each request's own time per output token, vLLM's TPOT.
+    /// Each request's own time per output token, vLLM's TPOT (replies of two tokens
+    /// or more).
     pub tpot_ms: Distribution,
     pub latency_ms: Distribution,
     /// Under the session's SLO, when it has one.
@@ -247,7 +248,14 @@ impl Report {
             chunks_per_s: per_s(chunks as f64),
             ttft_ms: of(|s| s.ttft_ms),
             itl_ms: Distribution::of(&itls),
-            tpot_ms: of(|s| s.tpot_ms),
+            // (As vLLM: one-token replies have no time per output token.)
+            tpot_ms: Distribution::of(
+                &samples
+                    .iter()
+                    .filter(|s| s.output_tokens > 1)
+                    .map(|s| s.tpot_ms)
+                    .collect::<Vec<_>>(),
+            ),
             latency_ms: of(|s| s.latency_ms),
             goodput: None,
             samples,
@@ -303,7 +311,8 @@ pub async fn run(settings: &HttpSettings, pace: &Pace, requests: &[BenchRequest]
     drive(pace, requests, |_, request| {
         let (settings, idle) = (settings.clone(), idle.clone());
         let body = settings.body(request);
-        async move { one_request(&settings, &idle, body).await }
+        let max_tokens = request.max_tokens;
+        async move { one_request(&settings, &idle, body, max_tokens).await }
     })
     .await
 }
@@ -415,7 +424,16 @@ async fn engine_request(engine: &EngineHandle, ids: Vec<u32>, params: SamplingPa
     outcome
 }
 
-async fn one_request(settings: &HttpSettings, idle: &Mutex<Vec<Connection>>, body: Bytes) -> Outcome {
+async fn one_request(
+    settings: &HttpSettings,
+    idle: &Mutex<Vec<Connection>>,
+    body: Bytes,
+    max_tokens: usize,
+) -> Outcome {
+    let failed = |message: String| Outcome {
+        error: Some(message),
+        ..Default::default()
+    };
     // A pooled connection the server closed while it sat idle is dropped, not used.
     let mut pooled = None;
     loop {
@@ -426,30 +444,38 @@ async fn one_request(settings: &HttpSettings, idle: &Mutex<Vec<Connection>>, bod
             break;
         }
     }
+    let reused = pooled.is_some();
     let mut conn = match pooled {
         Some(c) => c,
         None => match Connection::open(&settings.target).await {
             Ok(c) => c,
-            Err(e) => {
-                return Outcome {
-                    error: Some(e),
-                    ..Default::default()
-                }
-            }
+            Err(e) => return failed(e),
         },
     };
     let path = settings.endpoint.path();
     let key = settings.api_key.as_deref();
-    match client::timed_completion(&mut conn, &settings.target, path, key, body, settings.stream).await {
-        Ok(outcome) => {
+    let stream = settings.stream;
+    let mut result = client::timed_completion(&mut conn, &settings.target, path, key, body.clone(), stream).await;
+    if reused && result.as_ref().is_err_and(|f| f.before_reply) {
+        // The server closed the kept connection as the request left: once more, on a
+        // fresh one (nothing reached it).
+        conn = match Connection::open(&settings.target).await {
+            Ok(c) => c,
+            Err(e) => return failed(e),
+        };
+        result = client::timed_completion(&mut conn, &settings.target, path, key, body, stream).await;
+    }
+    match result {
+        Ok(mut outcome) => {
+            if outcome.completion_tokens.is_none() && settings.ignore_eos && !settings.stream {
+                // A whole reply without `usage`: ignore_eos made it max_tokens long.
+                outcome.completion_tokens = Some(max_tokens);
+            }
             if conn.is_reusable() {
                 idle.lock().await.push(conn);
             }
             outcome
         }
-        Err(e) => Outcome {
-            error: Some(e),
-            ..Default::default()
-        },
+        Err(f) => failed(f.message),
     }
 }

@@ -232,6 +232,7 @@ pub fn charts(series: &[Series]) -> Vec<Chart> {
     let all_runs: Vec<Report> = series.iter().flat_map(|s| s.runs.iter().cloned()).collect();
     let axis = load_axis(&all_runs).to_owned();
     let mut charts = Vec::new();
+    // (A run that lost every request has no latency or goodput to draw: `f` says None.)
     let curve = |s: &Series, f: &dyn Fn(&Report) -> Option<f64>| -> Vec<(f64, f64)> {
         let mut points: Vec<(f64, f64)> = s.runs.iter().filter_map(|r| Some((load_x(r), f(r)?))).collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -265,13 +266,13 @@ pub fn charts(series: &[Series]) -> Vec<Chart> {
         for (i, s) in series.iter().enumerate() {
             latency.lines.push(load_line(
                 name_of(s, "latency p50"),
-                curve(s, &|r| Some(r.latency_ms.p50)),
+                curve(s, &|r| (r.requests > r.failed).then_some(r.latency_ms.p50)),
                 i,
                 false,
             ));
             latency.lines.push(load_line(
                 name_of(s, "TTFT p90"),
-                curve(s, &|r| Some(r.ttft_ms.p90)),
+                curve(s, &|r| (r.requests > r.failed).then_some(r.ttft_ms.p90)),
                 i,
                 true,
             ));

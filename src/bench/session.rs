@@ -64,7 +64,8 @@ pub struct Series {
     pub server_version: Option<String>,
     pub runs: Vec<Report>,
     pub knee: Option<Knee>,
-    /// The run with the highest goodput (requests/s), when there is an SLO.
+    /// The run with the highest goodput (requests/s), when there is an SLO and some
+    /// request met it.
     pub best_goodput: Option<usize>,
 }
 
@@ -90,8 +91,9 @@ pub struct Ratio {
     pub goodput_requests_per_s: Option<f64>,
 }
 
+/// `a / b`, or NaN (null in JSON, `—` in the report) when `b` measured nothing.
 fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
+    if b > 0.0 && b.is_finite() {
         a / b
     } else {
         f64::NAN
@@ -123,8 +125,12 @@ pub fn compare(series: &[Series]) -> Vec<Ratio> {
                 },
             });
         }
-        let best = |s: &Series, f: fn(&Report) -> f64| s.runs.iter().map(f).fold(0.0, f64::max);
-        let min = |s: &Series, f: fn(&Report) -> f64| s.runs.iter().map(f).fold(f64::INFINITY, f64::min);
+        // Runs that measured something (a run that lost every request has no latency).
+        fn measured(s: &Series) -> impl Iterator<Item = &Report> {
+            s.runs.iter().filter(|r| r.requests > r.failed)
+        }
+        let best = |s: &Series, f: fn(&Report) -> f64| measured(s).map(f).fold(0.0, f64::max);
+        let min = |s: &Series, f: fn(&Report) -> f64| measured(s).map(f).fold(f64::INFINITY, f64::min);
         out.push(Ratio {
             target: other.name.clone(),
             baseline: base.name.clone(),
@@ -268,7 +274,12 @@ pub async fn run_session(
         let best_goodput = runs
             .iter()
             .enumerate()
-            .filter_map(|(i, r)| r.goodput.as_ref().map(|g| (i, g.requests_per_s)))
+            .filter_map(|(i, r)| {
+                r.goodput
+                    .as_ref()
+                    .filter(|g| g.good_requests > 0)
+                    .map(|g| (i, g.requests_per_s))
+            })
             .max_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(i, _)| i);
         let server_version = match driver {

@@ -2,9 +2,10 @@
 //!
 //! A sweep, in guidellm's manner: a synchronous run (one request at a time) measures the
 //! floor and the rate one client reaches, a throughput run (every request at once)
-//! measures the most the server can do, and rates evenly spaced strictly between the
-//! two fill the curve. The knee is the highest load whose median request latency is
-//! still within [`KNEE_FACTOR`] of the lowest median seen: past it, requests queue.
+//! measures the most the server can do, and rates evenly spaced above the first up to
+//! the second fill the curve (guidellm's `linspace(sync, max, N - 1)[1:]`). The knee is
+//! the highest load whose median request latency is still within [`KNEE_FACTOR`] of the
+//! lowest median seen: past it, requests queue (or fail).
 
 use serde::Serialize;
 
@@ -38,15 +39,15 @@ impl Load {
     }
 }
 
-/// The rates strictly between a synchronous run's and a throughput run's request rate,
-/// so that the sweep has `points` runs in all (at least the two).
+/// `points - 2` rates evenly spaced above a synchronous run's request rate, the last at
+/// the throughput run's, so that the sweep has `points` runs in all (as guidellm).
 pub fn sweep_rates(synchronous_rps: f64, throughput_rps: f64, points: usize) -> Vec<f64> {
-    let between = points.saturating_sub(2);
-    if between == 0 || !(synchronous_rps > 0.0) || !(throughput_rps > synchronous_rps) {
+    let rates = points.saturating_sub(2);
+    if rates == 0 || !(synchronous_rps > 0.0) || !(throughput_rps > synchronous_rps) {
         return Vec::new();
     }
-    let step = (throughput_rps - synchronous_rps) / (between + 1) as f64;
-    (1..=between).map(|k| synchronous_rps + step * k as f64).collect()
+    let step = (throughput_rps - synchronous_rps) / rates as f64;
+    (1..=rates).map(|k| synchronous_rps + step * k as f64).collect()
 }
 
 /// Where on a load axis a report sits: its concurrency for concurrency runs, else the
@@ -86,22 +87,20 @@ pub struct Knee {
 }
 
 /// The knee of a series of runs in increasing load, or `None` when latency never left
-/// its floor (the series did not reach saturation) or left it at the first run.
+/// its floor (the series did not reach saturation) or left it at the first run. A run
+/// that lost more than half its requests has left the floor too.
 pub fn knee(reports: &[Report]) -> Option<Knee> {
-    let usable: Vec<(usize, &Report)> = reports
+    let failing = |r: &Report| 2 * r.failed > r.requests;
+    let floor = reports
         .iter()
-        .enumerate()
-        .filter(|(_, r)| r.requests > r.failed)
-        .collect();
-    let floor = usable
-        .iter()
-        .map(|(_, r)| r.latency_ms.p50)
+        .filter(|r| !failing(r))
+        .map(|r| r.latency_ms.p50)
         .fold(f64::INFINITY, f64::min);
-    let past = usable
+    let past = reports
         .iter()
-        .position(|(_, r)| r.latency_ms.p50 > KNEE_FACTOR * floor)?;
-    let (run, at) = *usable.get(past.checked_sub(1)?)?;
-    let next = usable[past].1;
+        .position(|r| failing(r) || r.latency_ms.p50 > KNEE_FACTOR * floor)?;
+    let run = past.checked_sub(1)?;
+    let (at, next) = (&reports[run], &reports[past]);
     Some(Knee {
         run,
         label: at.label.clone(),
@@ -160,7 +159,7 @@ mod tests {
 
     #[test]
     fn sweep_rates_fill_between_the_ends() {
-        assert_eq!(sweep_rates(1.0, 5.0, 6), vec![1.8, 2.6, 3.4000000000000004, 4.2]);
+        assert_eq!(sweep_rates(1.0, 5.0, 6), vec![2.0, 3.0, 4.0, 5.0]);
         assert_eq!(sweep_rates(1.0, 5.0, 2), Vec::<f64>::new());
         // A server no faster all at once than one at a time: nothing between.
         assert_eq!(sweep_rates(3.0, 2.0, 8), Vec::<f64>::new());
@@ -183,6 +182,11 @@ mod tests {
         let mut first_high = runs.clone();
         first_high[0].latency_ms.p50 = 1000.0;
         assert_eq!(knee(&first_high), None);
+        // A run that mostly failed has left the floor, whatever its survivors' latency.
+        let mut failing = runs.clone();
+        failing[2].failed = 6;
+        failing[2].latency_ms.p50 = 50.0;
+        assert_eq!(knee(&failing).unwrap().label, "rate 2/s");
         // Synchronous and throughput runs sit at their achieved rate.
         assert_eq!(load_x(&runs[4]), 3.3);
         assert_eq!(load_axis(&runs), "request rate (req/s)");

@@ -19,6 +19,8 @@ pub struct BenchRequest {
     /// server's `usage` wins).
     pub prompt_tokens: usize,
     pub max_tokens: usize,
+    /// The prefix workload's shared system prompt: (which one, its length in tokens).
+    pub shared_prefix: Option<(usize, usize)>,
 }
 
 /// Where prompts come from.
@@ -129,6 +131,7 @@ impl WorkloadSpec {
                         prompt: random_prompt(tokenizer, i, input, &mut rng),
                         prompt_tokens: input,
                         max_tokens: output,
+                        shared_prefix: None,
                     })
                     .collect()
             }
@@ -140,6 +143,7 @@ impl WorkloadSpec {
                         prompt_tokens: count_tokens(&prompt),
                         prompt,
                         max_tokens: self.output_len,
+                        shared_prefix: None,
                     }
                 })
                 .collect(),
@@ -162,6 +166,7 @@ impl WorkloadSpec {
                             prompt: prompt.clone(),
                             prompt_tokens: count_tokens(prompt),
                             max_tokens,
+                            shared_prefix: None,
                         }
                     })
                     .collect()
@@ -181,6 +186,7 @@ impl WorkloadSpec {
                             prompt: random_prompt(tokenizer, i, input, &mut rng),
                             prompt_tokens: prefix_len + input,
                             max_tokens: self.spread(self.output_len, &mut rng),
+                            shared_prefix: Some((i % prefixes.len(), *prefix_len)),
                         }
                     })
                     .collect()
@@ -201,8 +207,9 @@ impl WorkloadSpec {
 }
 
 /// About `len` tokens of text: random vocabulary tokens decoded (no special or added
-/// tokens) when a tokenizer is at hand, else a sentence repeated after a number that
-/// keeps prompts from sharing a cached prefix.
+/// tokens) when a tokenizer is at hand, else a sentence repeated after a random number
+/// and the index, which keep prompts (of other runs and seeds too) from sharing a
+/// cached prefix.
 fn random_prompt(tokenizer: Option<&Tokenizer>, index: usize, len: usize, rng: &mut Rng) -> String {
     match tokenizer {
         Some(t) => {
@@ -210,20 +217,37 @@ fn random_prompt(tokenizer: Option<&Tokenizer>, index: usize, len: usize, rng: &
             let ids: Vec<u32> = (0..len).map(|_| (rng.next_u64() % vocab) as u32).collect();
             t.decode(&ids, true).unwrap_or_default()
         }
-        None => format!("{index} {}", "hello world ".repeat(len.saturating_sub(1).div_ceil(2))),
+        None => format!(
+            "{:08x} {index} {}",
+            rng.next_u64() as u32,
+            "hello world ".repeat(len.saturating_sub(2).div_ceil(2))
+        ),
     }
 }
 
 /// Random prompts of exactly each request's `prompt_tokens` token ids below `vocab`,
-/// for driving an engine directly (no tokenizer needed).
+/// for driving an engine directly (no tokenizer needed); requests that share a prefix
+/// start with the same ids.
 pub fn random_prompt_ids(vocab: usize, requests: &[BenchRequest], seed: u64) -> Vec<Vec<u32>> {
     let mut rng = Rng::seeded(seed ^ 0x006f_6666_6c69_6e65);
+    let mut prefixes: std::collections::HashMap<usize, Vec<u32>> = Default::default();
     requests
         .iter()
         .map(|r| {
-            (0..r.prompt_tokens)
-                .map(|_| (rng.next_u64() % vocab as u64) as u32)
-                .collect()
+            let mut ids = match r.shared_prefix {
+                Some((which, len)) => prefixes
+                    .entry(which)
+                    .or_insert_with(|| {
+                        let mut own =
+                            Rng::seeded(seed ^ 0x7072_6566_6978 ^ (which as u64 + 1).wrapping_mul(0x9e37_79b9));
+                        (0..len).map(|_| (own.next_u64() % vocab as u64) as u32).collect()
+                    })
+                    .clone(),
+                None => Vec::new(),
+            };
+            let rest = r.prompt_tokens.saturating_sub(ids.len());
+            ids.extend((0..rest).map(|_| (rng.next_u64() % vocab as u64) as u32));
+            ids
         })
         .collect()
 }
@@ -294,5 +318,11 @@ mod tests {
         prompts.dedup();
         assert_eq!(prompts.len(), 9);
         assert!(requests.iter().all(|r| r.prompt_tokens == 48));
+        // Driving an engine: token ids, the shared ones first.
+        let ids = random_prompt_ids(1000, &requests, 3);
+        assert!(ids.iter().all(|p| p.len() == 48));
+        assert_eq!(ids[0][..40], ids[3][..40]);
+        assert_ne!(ids[0][..40], ids[1][..40]);
+        assert_ne!(ids[0][40..], ids[3][40..]);
     }
 }
