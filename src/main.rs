@@ -393,7 +393,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             return Err("--request-rate and --concurrency are two kinds of load: cap a rate's in-flight requests with --max-concurrency".into())
         }
         (None, false, true) => {
-            if args.request_rate.iter().any(|r| !(*r > 0.0)) {
+            if args.request_rate.iter().any(|r| r.is_nan() || *r <= 0.0) {
                 return Err("--request-rate must be positive numbers (or inf)".into());
             }
             // In increasing load (the knee reads them in order), each once.

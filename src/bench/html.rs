@@ -39,6 +39,15 @@ fn num(v: f64) -> String {
     }
 }
 
+/// A ratio: `2.11x`, or `—` for none.
+fn times(v: f64) -> String {
+    if v.is_finite() {
+        format!("{}x", num(v))
+    } else {
+        "—".into()
+    }
+}
+
 fn dist(d: &Distribution) -> [String; 3] {
     [num(d.p50), num(d.p90), num(d.p99)]
 }
@@ -144,15 +153,15 @@ pub fn report(doc: &Value, series: &[Series], ratios: &[Ratio], charts: &[Chart]
         );
         for r in ratios {
             h.push_str(&format!(
-                "<tr><td class=\"l\">{} / {}</td><td class=\"l\">{}</td><td>{}x</td><td>{}x</td><td>{}x</td><td>{}x</td><td>{}</td></tr>\n",
+                "<tr><td class=\"l\">{} / {}</td><td class=\"l\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>\n",
                 esc(&r.target),
                 esc(&r.baseline),
                 esc(&r.run),
-                num(r.output_tokens_per_s),
-                num(r.requests_per_s),
-                num(r.ttft_p50),
-                num(r.itl_p50),
-                r.goodput_requests_per_s.map_or("—".into(), |g| format!("{}x", num(g)))
+                times(r.output_tokens_per_s),
+                times(r.requests_per_s),
+                times(r.ttft_p50),
+                times(r.itl_p50),
+                r.goodput_requests_per_s.map_or("—".into(), times)
             ));
         }
         h.push_str("</table>\n");

@@ -185,7 +185,7 @@ fn short(name: &str) -> String {
 /// The smallest round number (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power of
 /// ten) at or above `x`; 1 for nothing.
 fn nice_top(x: f64) -> f64 {
-    if !(x > 0.0) || !x.is_finite() {
+    if x.is_nan() || x <= 0.0 || x.is_infinite() {
         return 1.0;
     }
     let power = 10f64.powf(x.log10().floor());
@@ -284,7 +284,8 @@ pub fn charts(series: &[Series]) -> Vec<Chart> {
         }
         charts.push(latency);
     }
-    let cdfs: [(&str, &str, fn(&Report) -> Vec<f64>); 3] = [
+    type Values = fn(&Report) -> Vec<f64>;
+    let cdfs: [(&str, &str, Values); 3] = [
         ("ttft", "Time to first token", |r| {
             r.samples.iter().map(|s| s.ttft_ms).collect()
         }),
@@ -309,13 +310,7 @@ pub fn charts(series: &[Series]) -> Vec<Chart> {
                     continue;
                 }
                 v.sort_by(f64::total_cmp);
-                let n = v.len() as f64;
-                // A step curve: each value rises from the fraction below it to its own.
-                let mut points = Vec::with_capacity(2 * v.len());
-                for (k, x) in v.iter().enumerate() {
-                    points.push((*x, k as f64 / n));
-                    points.push((*x, (k + 1) as f64 / n));
-                }
+                let points = cdf_steps(&v);
                 chart.lines.push(Line {
                     name: if many {
                         format!("{}, {}", s.name, r.label)
@@ -335,6 +330,29 @@ pub fn charts(series: &[Series]) -> Vec<Chart> {
         }
     }
     charts
+}
+
+/// Most steps a distribution line draws (thousands of token gaps would bloat the SVG
+/// without showing more).
+const CDF_STEPS: usize = 400;
+
+/// The step curve of sorted values: each value rises from the fraction below it to its
+/// own; beyond [`CDF_STEPS`] values, every k-th one (and the last).
+fn cdf_steps(sorted: &[f64]) -> Vec<(f64, f64)> {
+    let n = sorted.len();
+    let stride = n.div_ceil(CDF_STEPS).max(1);
+    let mut points = Vec::with_capacity(2 * CDF_STEPS + 2);
+    let mut below = 0.0;
+    for k in (stride - 1..n)
+        .step_by(stride)
+        .chain((!n.is_multiple_of(stride)).then_some(n - 1))
+    {
+        let x = sorted[k];
+        points.push((x, below));
+        below = (k + 1) as f64 / n as f64;
+        points.push((x, below));
+    }
+    points
 }
 
 /// At most `most` runs, evenly spread and always with the first and last.
@@ -395,6 +413,19 @@ mod tests {
         let blue = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
         let dark = img.pixels().filter(|p| p.0.iter().all(|&c| c < 80)).count();
         assert!(blue > 100 && dark > 100, "{blue} {dark}");
+    }
+
+    #[test]
+    fn distribution_steps_are_bounded_and_end_at_one() {
+        assert_eq!(
+            cdf_steps(&[1.0, 2.0]),
+            vec![(1.0, 0.0), (1.0, 0.5), (2.0, 0.5), (2.0, 1.0)]
+        );
+        let many: Vec<f64> = (0..10_001).map(f64::from).collect();
+        let steps = cdf_steps(&many);
+        assert!(steps.len() <= 2 * CDF_STEPS + 2, "{}", steps.len());
+        assert_eq!(steps.last(), Some(&(10_000.0, 1.0)));
+        assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 <= w[1].1));
     }
 
     #[test]

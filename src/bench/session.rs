@@ -325,15 +325,28 @@ async fn send(driver: &Driver, index: usize, pace: &Pace, requests: &[BenchReque
 
 /// The ratio table, as text.
 pub fn ratios_text(ratios: &[Ratio]) -> String {
+    let x = |v: f64| {
+        if v.is_finite() {
+            format!("{v:.2}x")
+        } else {
+            "-".into()
+        }
+    };
     let mut out = String::new();
     for r in ratios {
         let goodput = r
             .goodput_requests_per_s
-            .map(|g| format!(", goodput {g:.2}x"))
+            .map(|g| format!(", goodput {}", x(g)))
             .unwrap_or_default();
         out.push_str(&format!(
-            "{} / {}, {}: output tok/s {:.2}x, req/s {:.2}x, TTFT p50 {:.2}x, ITL p50 {:.2}x{goodput}\n",
-            r.target, r.baseline, r.run, r.output_tokens_per_s, r.requests_per_s, r.ttft_p50, r.itl_p50
+            "{} / {}, {}: output tok/s {}, req/s {}, TTFT p50 {}, ITL p50 {}{goodput}\n",
+            r.target,
+            r.baseline,
+            r.run,
+            x(r.output_tokens_per_s),
+            x(r.requests_per_s),
+            x(r.ttft_p50),
+            x(r.itl_p50)
         ));
     }
     out

@@ -43,7 +43,8 @@ impl Load {
 /// the throughput run's, so that the sweep has `points` runs in all (as guidellm).
 pub fn sweep_rates(synchronous_rps: f64, throughput_rps: f64, points: usize) -> Vec<f64> {
     let rates = points.saturating_sub(2);
-    if rates == 0 || !(synchronous_rps > 0.0) || !(throughput_rps > synchronous_rps) {
+    let ordered = synchronous_rps > 0.0 && throughput_rps > synchronous_rps;
+    if rates == 0 || !ordered {
         return Vec::new();
     }
     let step = (throughput_rps - synchronous_rps) / rates as f64;
