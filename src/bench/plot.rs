@@ -4,6 +4,8 @@
 //! distributions (CDFs) of TTFT, ITL and request latency. Ticks come from plotters'
 //! round key points; the legend has a column of its own, clear of the data.
 
+use plotters::coord::ranged1d::ValueFormatter;
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -52,6 +54,8 @@ pub struct Chart {
     pub rings: Vec<(String, (f64, f64), usize)>,
     /// A fixed top for the y axis (1 for a CDF), else the data's top plus a margin.
     pub y_top: Option<f64>,
+    /// A logarithmic y axis (latencies that span from a floor to a queue).
+    pub y_log: bool,
 }
 
 fn register_font() {
@@ -72,6 +76,7 @@ impl Chart {
             lines: Vec::new(),
             rings: Vec::new(),
             y_top: None,
+            y_log: false,
         }
     }
 
@@ -110,15 +115,42 @@ impl Chart {
         let (plot, legend) = root.split_horizontally(SIZE.0 - LEGEND_W);
         let all = self.lines.iter().flat_map(|l| l.points.iter());
         let x_max = nice_top(all.clone().map(|p| p.0).fold(0.0, f64::max));
-        let y_max = self
-            .y_top
-            .unwrap_or_else(|| nice_top(all.map(|p| p.1).fold(0.0, f64::max) * 1.08));
-        let mut chart = ChartBuilder::on(&plot)
+        let y_top = all.clone().map(|p| p.1).fold(0.0, f64::max);
+        let mut builder = ChartBuilder::on(&plot);
+        builder
             .caption(&self.title, (FONT, 22))
             .margin(14)
             .x_label_area_size(46)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+            .y_label_area_size(70);
+        if self.y_log {
+            // Powers of ten around the data (which must be above zero to be drawn).
+            let y_min = all.map(|p| p.1).filter(|y| *y > 0.0).fold(f64::INFINITY, f64::min);
+            let (lo, hi) = if y_min.is_finite() {
+                (
+                    10f64.powf(y_min.log10().floor()),
+                    10f64.powf(y_top.log10().ceil()).max(y_min * 10.0),
+                )
+            } else {
+                (1.0, 10.0)
+            };
+            let chart = builder.build_cartesian_2d(0.0..x_max, (lo..hi).log_scale())?;
+            self.plot_into(chart, &legend)
+        } else {
+            let y_max = self.y_top.unwrap_or_else(|| nice_top(y_top * 1.08));
+            let chart = builder.build_cartesian_2d(0.0..x_max, 0.0..y_max)?;
+            self.plot_into(chart, &legend)
+        }
+    }
+
+    /// The mesh, the lines, the rings and the legend, on either kind of y axis.
+    fn plot_into<DB: DrawingBackend, Y>(
+        &self,
+        mut chart: ChartContext<'_, DB, Cartesian2d<RangedCoordf64, Y>>,
+        legend: &DrawingArea<DB, Shift>,
+    ) -> Result<(), DrawingAreaErrorKind<DB::ErrorType>>
+    where
+        Y: Ranged<ValueType = f64> + ValueFormatter<f64>,
+    {
         chart
             .configure_mesh()
             .x_desc(&self.x_label)
@@ -262,7 +294,13 @@ pub fn charts(series: &[Series]) -> Vec<Chart> {
     }
     charts.push(throughput);
     if series.iter().any(|s| s.runs.len() > 1) {
-        let mut latency = Chart::new("latency_vs_load", "Latency against load", &axis, "milliseconds");
+        let mut latency = Chart::new(
+            "latency_vs_load",
+            "Latency against load",
+            &axis,
+            "milliseconds (log scale)",
+        );
+        latency.y_log = true;
         for (i, s) in series.iter().enumerate() {
             latency.lines.push(load_line(
                 name_of(s, "latency p50"),
@@ -399,6 +437,7 @@ mod tests {
             }],
             rings: vec![("knee".into(), (2.0, 30.0), 0)],
             y_top: None,
+            y_log: false,
         };
         let svg = chart.svg().unwrap();
         // Round ticks: the y axis (data to 35, 8% headroom) goes to 40 by tens.
