@@ -65,21 +65,9 @@ fn answer(stream: TcpStream, count: &AtomicUsize, ttft_ms: fn(usize) -> u64, itl
             body.len()
         );
     }
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 {
-            return Ok(());
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-        if line == "\r\n" {
-            break;
-        }
-    }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body)?;
+    let Some(body) = read_body(&mut reader)? else {
+        return Ok(());
+    };
     let request: Value = serde_json::from_slice(&body).unwrap_or_default();
     let tokens = request["max_tokens"].as_u64().unwrap_or(1).max(1);
     let mut out = stream;
@@ -102,6 +90,27 @@ fn answer(stream: TcpStream, count: &AtomicUsize, ttft_ms: fn(usize) -> u64, itl
 /// A fake server's TTFT that refuses the request with a 503 instead.
 const REFUSE: u64 = u64::MAX;
 
+/// Reads one request's header lines and its body (by Content-Length); `None` when the
+/// connection closed, or stayed idle past its read timeout, first.
+fn read_body(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Vec<u8>>> {
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return Ok(None);
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok(Some(body))
+}
+
 fn bench(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_inferd"))
         .arg("bench")
@@ -121,6 +130,14 @@ fn ok(out: &Output) -> String {
     stdout
 }
 
+/// `inferd bench ARGS --quiet --json FILE` (in a fresh scratch folder), which must
+/// succeed: its stdout and its JSON document.
+fn session(name: &str, args: &[&str]) -> (String, Value) {
+    let json = scratch_dir(name).join("r.json");
+    let out = bench(&[args, &["--quiet", "--json", json.to_str().unwrap()]].concat());
+    (ok(&out), read_json(&json))
+}
+
 fn read_json(path: &std::path::Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
@@ -129,34 +146,30 @@ fn read_json(path: &std::path::Path) -> Value {
 fn goodput_counts_only_the_requests_within_the_targets() {
     // Every other request is slow to start: 10 ms, then 150 ms, then 10 ms...
     let fake = FakeServer::start(|n| if n % 2 == 0 { 10 } else { 150 }, 5);
-    let dir = scratch_dir("bench-goodput");
-    let json = dir.join("r.json");
     let url = fake.url();
-    let out = bench(&[
-        "--url",
-        &url,
-        "--model",
-        "fake",
-        "--warmup",
-        "0",
-        "--num-requests",
-        "10",
-        "--output-len",
-        "4",
-        "--slo",
-        "ttft=80ms,itl:p50=40ms",
-        "--api-key",
-        "sk-secret",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let stdout = ok(&out);
+    let (stdout, doc) = session(
+        "bench-goodput",
+        &[
+            "--url",
+            &url,
+            "--model",
+            "fake",
+            "--warmup",
+            "0",
+            "--num-requests",
+            "10",
+            "--output-len",
+            "4",
+            "--slo",
+            "ttft=80ms,itl:p50=40ms",
+            "--api-key",
+            "sk-secret",
+        ],
+    );
     assert!(
         stdout.contains("5/10 requests within targets; targets missed"),
         "{stdout}"
     );
-    let doc = read_json(&json);
     let run = &doc["targets"][0]["runs"][0];
     let g = &run["goodput"];
     assert_eq!(
@@ -217,30 +230,26 @@ fn goodput_counts_only_the_requests_within_the_targets() {
 fn sweep_against_a_live_server_finds_the_knee() {
     // Two sequences at a time: all at once, requests queue and latency leaves its floor.
     let s = Server::start(&["--max-num-seqs", "2"]);
-    let dir = scratch_dir("bench-sweep");
-    let json = dir.join("r.json");
     let url = format!("http://127.0.0.1:{}", s.port);
-    let out = bench(&[
-        "--url",
-        &url,
-        "--model",
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "--sweep",
-        "4",
-        "--num-requests",
-        "12",
-        "--input-len",
-        "16",
-        "--output-len",
-        "8",
-        "--warmup",
-        "1",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let stdout = ok(&out);
-    let doc = read_json(&json);
+    let (stdout, doc) = session(
+        "bench-sweep",
+        &[
+            "--url",
+            &url,
+            "--model",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "--sweep",
+            "4",
+            "--num-requests",
+            "12",
+            "--input-len",
+            "16",
+            "--output-len",
+            "8",
+            "--warmup",
+            "1",
+        ],
+    );
     assert_eq!(doc["plan"], serde_json::json!({"sweep": 4}));
     let series = &doc["targets"][0];
     let runs = series["runs"].as_array().unwrap();
@@ -289,31 +298,27 @@ fn side_by_side_gives_the_ratio_of_two_servers() {
     let s = Server::start(&[]);
     // 50 ms before the first token and between tokens: 6 tokens in 300 ms, 20 tok/s.
     let slow = FakeServer::start(|_| 50, 50);
-    let dir = scratch_dir("bench-side-by-side");
-    let json = dir.join("r.json");
     let inferd = format!("inferd=http://127.0.0.1:{}", s.port);
     let slow_url = format!("slow={}", slow.url());
-    let out = bench(&[
-        "--target",
-        &inferd,
-        "--target",
-        &slow_url,
-        "--model",
-        "HuggingFaceTB/SmolLM2-135M-Instruct",
-        "--num-requests",
-        "6",
-        "--input-len",
-        "16",
-        "--output-len",
-        "6",
-        "--warmup",
-        "1",
-        "--quiet",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    let stdout = ok(&out);
-    let doc = read_json(&json);
+    let (stdout, doc) = session(
+        "bench-side-by-side",
+        &[
+            "--target",
+            &inferd,
+            "--target",
+            &slow_url,
+            "--model",
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "--num-requests",
+            "6",
+            "--input-len",
+            "16",
+            "--output-len",
+            "6",
+            "--warmup",
+            "1",
+        ],
+    );
     let targets = doc["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 2);
     assert_eq!(
@@ -578,23 +583,9 @@ fn keep_alive_server(idle_ms: u64) -> String {
                 stream.set_read_timeout(Some(Duration::from_millis(idle_ms)))?;
                 let mut reader = BufReader::new(stream.try_clone()?);
                 let mut out = stream;
-                loop {
-                    let mut length = 0usize;
-                    loop {
-                        let mut line = String::new();
-                        // Idle too long, or closed: close our side.
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return Ok(());
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                    }
-                    let mut body = vec![0u8; length];
-                    reader.read_exact(&mut body)?;
+                // (Its request line reads as one more header line.) Idle too long, or
+                // closed: close our side.
+                while read_body(&mut reader)?.is_some() {
                     let reply =
                         r#"{"choices":[{"index":0,"text":"hi"}],"usage":{"prompt_tokens":3,"completion_tokens":2}}"#;
                     write!(
@@ -603,6 +594,7 @@ fn keep_alive_server(idle_ms: u64) -> String {
                         reply.len()
                     )?;
                 }
+                Ok(())
             });
         }
     });
