@@ -685,3 +685,24 @@ fn contradictory_or_unused_flags_are_refused() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn a_terminal_gets_one_progress_line_redrawn_in_place() {
+    // util-linux `script` gives bench a pseudo-terminal for stderr.
+    let fake = FakeServer::start(|_| 20, 20);
+    let url = fake.url();
+    let command = format!(
+        "{} bench --url {url} --model fake --num-requests 12 --output-len 5 --warmup 0 2>&1 >/dev/null",
+        env!("CARGO_BIN_EXE_inferd")
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("util-linux script");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tty = String::from_utf8_lossy(&out.stdout);
+    // Frames redrawn with a carriage return, ending on the whole count; no log lines.
+    assert!(tty.matches("\r  concurrency 1: ").count() >= 2, "{tty:?}");
+    assert!(tty.contains("\r  concurrency 1: 12/12 requests"), "{tty:?}");
+    assert!(!tty.contains("requests done after"), "{tty:?}");
+}
