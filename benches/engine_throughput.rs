@@ -17,14 +17,8 @@ use inferd::models::load_decoder;
 fn main() {
     let (args, model_id) = offline::args();
     let model_id = model_id.as_str();
-    let concurrency: Vec<usize> = args
-        .get(2)
-        .map(String::as_str)
-        .unwrap_or("1,8,32,64")
-        .split(',')
-        .map(|c| c.parse().expect("CONCURRENCY"))
-        .collect();
-    let output_tokens: usize = args.get(3).map(|s| s.parse().expect("OUTPUT_TOKENS")).unwrap_or(128);
+    let concurrency = offline::counts(&args, 2, "1,8,32,64", "CONCURRENCY");
+    let output_tokens = offline::count(&args, 3, 128, "OUTPUT_TOKENS");
     let dir = resolve_model(model_id).expect("model (run scripts/fetch-test-models)");
     let mut model = Some(load_decoder(&CpuBackend::default(), &dir.path, &mut |_, _| {}).expect("load"));
     let vocab = model.as_ref().unwrap().config.vocab_size as u64;

@@ -19,7 +19,7 @@ mod offline;
 fn main() {
     let (args, model_id) = offline::args();
     let model_id = model_id.as_str();
-    let new_tokens: usize = args.get(2).map(|s| s.parse().expect("NEW_TOKENS")).unwrap_or(64);
+    let new_tokens = offline::count(&args, 2, 64, "NEW_TOKENS");
     let dir = resolve_model(model_id).expect("model (run scripts/fetch-test-models)");
     let prompt: Vec<u32> = match args.get(1) {
         Some(path) => serde_json::from_slice(&std::fs::read(path).expect("prompt file")).expect("JSON list of ids"),

@@ -23,14 +23,8 @@ use serde_json::json;
 fn main() {
     let (args, model_id) = offline::args();
     let model_id = model_id.as_str();
-    let concurrency: Vec<usize> = args
-        .get(1)
-        .map(String::as_str)
-        .unwrap_or("16,64")
-        .split(',')
-        .map(|c| c.parse().expect("CONCURRENCY"))
-        .collect();
-    let output_tokens: usize = args.get(2).map(|s| s.parse().expect("OUTPUT_TOKENS")).unwrap_or(128);
+    let concurrency = offline::counts(&args, 1, "16,64", "CONCURRENCY");
+    let output_tokens = offline::count(&args, 2, 128, "OUTPUT_TOKENS");
     let dir = resolve_model(model_id).expect("model (run scripts/fetch-test-models)");
     let tokenizer = Arc::new(Tokenizer::from_dir(&dir.path).expect("tokenizer"));
     let mut model = Some(load_decoder(&CpuBackend::default(), &dir.path, &mut |_, _| {}).expect("load"));

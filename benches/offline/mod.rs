@@ -18,6 +18,19 @@ pub fn args() -> (Vec<String>, String) {
     (args, model)
 }
 
+/// The positional argument at `index` as a comma-separated list of counts (`default`
+/// when absent); `name` says which in a parse failure.
+#[allow(dead_code)] // single_sequence takes no list
+pub fn counts(args: &[String], index: usize, default: &str, name: &str) -> Vec<usize> {
+    let text = args.get(index).map_or(default, String::as_str);
+    text.split(',').map(|c| c.parse().expect(name)).collect()
+}
+
+/// The positional argument at `index` as a count (`default` when absent).
+pub fn count(args: &[String], index: usize, default: usize, name: &str) -> usize {
+    args.get(index).map_or(default, |s| s.parse().expect(name))
+}
+
 /// An engine with room for `c` sequences of `max_len` tokens (block size 16, a
 /// 2048-token step budget).
 #[allow(dead_code)] // single_sequence drives `generate` instead

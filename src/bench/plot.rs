@@ -10,7 +10,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use super::session::Series;
-use super::sweep::{load_axis, load_x};
+use super::sweep::{load_axis, load_x, Knee};
 use super::Report;
 
 const SIZE: (u32, u32) = (960, 480);
@@ -239,20 +239,18 @@ fn tick(v: f64) -> String {
     }
 }
 
-/// A curve against load, its runs marked.
-fn load_line(name: String, points: Vec<(f64, f64)>, color: usize, dashed: bool) -> Line {
-    Line {
-        name,
-        points,
-        color,
-        dashed,
-        markers: true,
-    }
-}
+/// One measure of a run against load (None: nothing to draw for that run).
+type Measure = fn(&Report) -> Option<f64>;
 
-/// Every chart of a session: throughput (and goodput), latency against load (when a
-/// series has several runs), and the three distributions.
-pub fn charts(series: &[Series]) -> Vec<Chart> {
+/// A chart against load: for each target, a line per `(name, measure, dashed)` (its runs
+/// marked; lines with nothing to draw left out) in the target's colour, and its knee
+/// ringed at `knee_y`.
+fn load_chart(
+    (name, title, y_label): (&str, &str, &str),
+    series: &[Series],
+    lines: &[(&str, Measure, bool)],
+    knee_y: fn(&Knee) -> f64,
+) -> Chart {
     let many = series.len() > 1;
     let name_of = |s: &Series, what: &str| {
         if many {
@@ -261,65 +259,62 @@ pub fn charts(series: &[Series]) -> Vec<Chart> {
             what.to_owned()
         }
     };
-    let all_runs: Vec<Report> = series.iter().flat_map(|s| s.runs.iter().cloned()).collect();
-    let axis = load_axis(&all_runs).to_owned();
-    let mut charts = Vec::new();
-    // (A run that lost every request has no latency or goodput to draw: `f` says None.)
-    let curve = |s: &Series, f: &dyn Fn(&Report) -> Option<f64>| -> Vec<(f64, f64)> {
-        let mut points: Vec<(f64, f64)> = s.runs.iter().filter_map(|r| Some((load_x(r), f(r)?))).collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        points
-    };
-    let mut throughput = Chart::new("throughput", "Output throughput against load", &axis, "output tokens/s");
+    let axis = load_axis(series.iter().flat_map(|s| &s.runs));
+    let mut chart = Chart::new(name, title, axis, y_label);
     for (i, s) in series.iter().enumerate() {
-        throughput.lines.push(load_line(
-            name_of(s, "output tok/s"),
-            curve(s, &|r| Some(r.output_tokens_per_s)),
-            i,
-            false,
-        ));
-        if s.runs.iter().any(|r| r.goodput.is_some()) {
-            throughput.lines.push(load_line(
-                name_of(s, "goodput tok/s"),
-                curve(s, &|r| r.goodput.as_ref().map(|g| g.output_tokens_per_s)),
-                i,
-                true,
-            ));
-        }
-        if let Some(k) = &s.knee {
-            throughput
-                .rings
-                .push((name_of(s, "knee"), (k.load_x, k.output_tokens_per_s), i));
-        }
-    }
-    charts.push(throughput);
-    if series.iter().any(|s| s.runs.len() > 1) {
-        let mut latency = Chart::new(
-            "latency_vs_load",
-            "Latency against load",
-            &axis,
-            "milliseconds (log scale)",
-        );
-        latency.y_log = true;
-        for (i, s) in series.iter().enumerate() {
-            latency.lines.push(load_line(
-                name_of(s, "latency p50"),
-                curve(s, &|r| (r.requests > r.failed).then_some(r.latency_ms.p50)),
-                i,
-                false,
-            ));
-            latency.lines.push(load_line(
-                name_of(s, "TTFT p90"),
-                curve(s, &|r| (r.requests > r.failed).then_some(r.ttft_ms.p90)),
-                i,
-                true,
-            ));
-            if let Some(k) = &s.knee {
-                latency
-                    .rings
-                    .push((name_of(s, "knee"), (k.load_x, k.latency_p50_ms), i));
+        for (what, measure, dashed) in lines {
+            let mut points: Vec<(f64, f64)> = s.runs.iter().filter_map(|r| Some((load_x(r), measure(r)?))).collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if !points.is_empty() {
+                chart.lines.push(Line {
+                    name: name_of(s, what),
+                    points,
+                    color: i,
+                    dashed: *dashed,
+                    markers: true,
+                });
             }
         }
+        if let Some(k) = &s.knee {
+            chart.rings.push((name_of(s, "knee"), (k.load_x, knee_y(k)), i));
+        }
+    }
+    chart
+}
+
+/// Every chart of a session: throughput (and goodput), latency against load (when a
+/// series has several runs), and the three distributions.
+pub fn charts(series: &[Series]) -> Vec<Chart> {
+    let many = series.len() > 1;
+    // (A run that lost every request has no latency to draw; no SLO, no goodput.)
+    let mut charts = vec![load_chart(
+        ("throughput", "Output throughput against load", "output tokens/s"),
+        series,
+        &[
+            ("output tok/s", |r| Some(r.output_tokens_per_s), false),
+            (
+                "goodput tok/s",
+                |r| r.goodput.as_ref().map(|g| g.output_tokens_per_s),
+                true,
+            ),
+        ],
+        |k| k.output_tokens_per_s,
+    )];
+    if series.iter().any(|s| s.runs.len() > 1) {
+        let mut latency = load_chart(
+            ("latency_vs_load", "Latency against load", "milliseconds (log scale)"),
+            series,
+            &[
+                (
+                    "latency p50",
+                    |r| (r.requests > r.failed).then_some(r.latency_ms.p50),
+                    false,
+                ),
+                ("TTFT p90", |r| (r.requests > r.failed).then_some(r.ttft_ms.p90), true),
+            ],
+            |k| k.latency_p50_ms,
+        );
+        latency.y_log = true;
         charts.push(latency);
     }
     type Values = fn(&Report) -> Vec<f64>;

@@ -62,8 +62,8 @@ pub fn load_x(report: &Report) -> f64 {
 }
 
 /// The axis [`load_x`] measures for these reports.
-pub fn load_axis(reports: &[Report]) -> &'static str {
-    if reports.iter().all(|r| matches!(r.load, Load::Concurrency(_))) {
+pub fn load_axis<'a>(mut reports: impl Iterator<Item = &'a Report>) -> &'static str {
+    if reports.all(|r| matches!(r.load, Load::Concurrency(_))) {
         "concurrency"
     } else {
         "request rate (req/s)"
@@ -190,6 +190,7 @@ mod tests {
         assert_eq!(knee(&failing).unwrap().label, "rate 2/s");
         // Synchronous and throughput runs sit at their achieved rate.
         assert_eq!(load_x(&runs[4]), 3.3);
-        assert_eq!(load_axis(&runs), "request rate (req/s)");
+        assert_eq!(load_axis(runs.iter()), "request rate (req/s)");
+        assert_eq!(load_axis(runs[..0].iter()), "concurrency");
     }
 }

@@ -147,24 +147,11 @@ fn goodput_counts_only_the_requests_within_the_targets() {
     // Every other request is slow to start: 10 ms, then 150 ms, then 10 ms...
     let fake = FakeServer::start(|n| if n % 2 == 0 { 10 } else { 150 }, 5);
     let url = fake.url();
+    let to_fake = ["--url", url.as_str(), "--model", "fake", "--warmup", "0"];
+    let slo = ["--slo", "ttft=80ms,itl:p50=40ms", "--api-key", "sk-secret"];
     let (stdout, doc) = session(
         "bench-goodput",
-        &[
-            "--url",
-            &url,
-            "--model",
-            "fake",
-            "--warmup",
-            "0",
-            "--num-requests",
-            "10",
-            "--output-len",
-            "4",
-            "--slo",
-            "ttft=80ms,itl:p50=40ms",
-            "--api-key",
-            "sk-secret",
-        ],
+        &[&to_fake[..], &["--num-requests", "10", "--output-len", "4"], &slo].concat(),
     );
     assert!(
         stdout.contains("5/10 requests within targets; targets missed"),
@@ -203,24 +190,15 @@ fn goodput_counts_only_the_requests_within_the_targets() {
     assert_eq!(fake.served.load(Ordering::SeqCst), 10);
     assert_eq!(doc["targets"][0]["server_version"], Value::Null);
     // A target the server cannot meet counts none; a bad spec is refused.
-    let out = bench(
+    let (stdout, _) = session(
+        "bench-goodput-none",
         &[
-            "--url",
-            &url,
-            "--model",
-            "fake",
-            "--warmup",
-            "0",
-            "--num-requests",
-            "2",
-            "--output-len",
-            "2",
+            &to_fake[..],
+            &["--num-requests", "2", "--output-len", "2", "--slo", "latency=1ms"],
         ]
-        .into_iter()
-        .chain(["--slo", "latency=1ms", "--quiet"])
-        .collect::<Vec<_>>(),
+        .concat(),
     );
-    assert!(ok(&out).contains("0/2 requests within targets"));
+    assert!(stdout.contains("0/2 requests within targets"), "{stdout}");
     let out = bench(&["--url", &url, "--model", "fake", "--slo", "speed=1s"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown measure `speed`"));
@@ -276,9 +254,15 @@ fn sweep_against_a_live_server_finds_the_knee() {
     let knee = &series["knee"];
     assert!(knee.is_object(), "no knee: {stdout}");
     let at = knee["run"].as_u64().unwrap() as usize;
-    assert!(at < runs.len() - 1, "{knee}");
-    // The knee's latency is within the factor of the floor; the next run's is not.
+    // The floor is the series' lowest median latency; the knee's is within the factor
+    // of it, and the next run's (the one it names) is not.
     let floor = knee["floor_ms"].as_f64().unwrap();
+    let lowest = runs
+        .iter()
+        .map(|r| r["latency_ms"]["p50"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert_eq!(floor, lowest, "{knee}");
+    assert_eq!(knee["next_label"].as_str(), labels.get(at + 1).copied(), "{knee}");
     assert!(runs[at]["latency_ms"]["p50"].as_f64().unwrap() <= 1.5 * floor);
     assert!(runs[at + 1]["latency_ms"]["p50"].as_f64().unwrap() > 1.5 * floor);
     assert!(stdout.contains(&format!("knee: {}", labels[at])), "{stdout}");
