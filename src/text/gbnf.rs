@@ -54,7 +54,9 @@ pub fn gbnf_to_lark(source: &str) -> Result<String, String> {
                 Token::Class(class) => write!(out, "/{}/", class.replace('/', "\\/")).unwrap(),
                 Token::Any => out.push_str("/(?s:.)/"),
                 Token::Punct(p) => out.push_str(p),
-                Token::Defines => unreachable!("a rule body stops before `::=`"),
+                // A rule body stops before `name ::=`; a `::=` after anything else is
+                // misplaced.
+                Token::Defines => return Err(format!("rule `{name}`: `::=` must follow a rule name")),
             }
         }
         out.push('\n');
@@ -305,6 +307,8 @@ mod tests {
             ("root ::= foo", "`foo` is used but never defined"),
             ("root ::= []", "empty character class"),
             ("root ::= [z-a]", "out of order"),
+            ("root ::= ::=", "`::=` must follow a rule name"),
+            ("root ::= \"a\" | ::= b", "`::=` must follow a rule name"),
         ] {
             let err = gbnf_to_lark(gbnf).unwrap_err();
             assert!(err.contains(says), "{gbnf:?}: {err}");

@@ -23,6 +23,10 @@ pub const MAX_CHOICES: usize = 1024;
 /// builds counted repetitions out as it lexes, and a larger count exhausts its lexer
 /// mid-generation instead of failing at compile time.
 pub const MAX_REGEX_REPEAT: u64 = 100_000;
+/// Largest `multipleOf` step, in units of its last decimal place (7 for 7, 25 for 0.25):
+/// llguidance checks it with an automaton of about that many states, which takes ~5 µs
+/// a state to build (35 ms at 10,000), and a step of ~10^9 runs a server out of memory.
+pub const MAX_MULTIPLE_OF_STEP: u128 = 10_000;
 /// Most grammars kept compiled per model.
 const CACHE_ENTRIES: usize = 256;
 
@@ -144,7 +148,7 @@ impl GrammarSpec {
                 if let Some(e) = too_long("JSON schema", len) {
                     return Err(e);
                 }
-                check_patterns(schema)?;
+                check_schema(schema)?;
                 TopLevelGrammar::from_json_schema(style.stamp(schema.clone()))
             }
             GrammarSpec::JsonObject => TopLevelGrammar::from_json_schema(style.stamp(json!({"type": "object"}))),
@@ -215,7 +219,7 @@ impl GrammarSpec {
                     if let Some(e) = too_long(&format!("`{}` parameters schema", f.name), len) {
                         return Err(e);
                     }
-                    check_patterns(schema)?;
+                    check_schema(schema)?;
                 }
                 let layout = serde_json::to_value(JsonStyle::default().options()).unwrap_or(Value::Null);
                 TopLevelGrammar::from_lark(call_grammar(functions, *opened, *several, &layout))
@@ -326,21 +330,140 @@ fn abbreviate(s: &str) -> String {
     }
 }
 
-/// The `pattern`s of a JSON schema are regexes too (not inside the keywords whose values
-/// are data: `const`, `enum`, `default`, `examples`).
-fn check_patterns(schema: &Value) -> Result<(), GrammarError> {
+/// What a JSON schema is checked for before it compiles: its `pattern`s are regexes (and
+/// get the repetition bound), and its `multipleOf` steps are bounded. Keywords whose
+/// values are data (`const`, `enum`, `default`, `examples`) are not looked into.
+fn check_schema(schema: &Value) -> Result<(), GrammarError> {
+    let mut steps = Vec::new();
+    check_schema_node(schema, &mut steps)?;
+    steps.sort_unstable();
+    steps.dedup();
+    merged_steps(schema, &steps).map(drop)
+}
+
+/// Steps merge (to their least common multiple) where llguidance intersects schemas: at
+/// a node with `allOf`, `anyOf`, `oneOf` or `$ref`, everything beneath it may meet, and
+/// a `$ref` may bring in any step of the document. The lcm of each such group is bounded
+/// like a single step. Returns the steps under `schema` and whether a `$ref` is there.
+fn merged_steps(schema: &Value, every: &[(u128, u32)]) -> Result<(Vec<(u128, u32)>, bool), GrammarError> {
+    let mut steps = Vec::new();
+    let mut has_ref = false;
+    match schema {
+        Value::Object(map) => {
+            if let Some(step) = map.get("multipleOf").and_then(Value::as_f64).and_then(decimal_step) {
+                steps.push(step);
+            }
+            has_ref = map.contains_key("$ref");
+            for (_, v) in map
+                .iter()
+                .filter(|(k, _)| !matches!(k.as_str(), "const" | "enum" | "default" | "examples"))
+            {
+                let (s, r) = merged_steps(v, every)?;
+                steps.extend(s);
+                has_ref |= r;
+            }
+            if ["allOf", "anyOf", "oneOf", "$ref"].iter().any(|k| map.contains_key(*k)) {
+                let mut group = if has_ref { every.to_vec() } else { steps.clone() };
+                group.sort_unstable();
+                group.dedup();
+                if group.len() > 1 {
+                    let (coef, exp) = steps_lcm(&group);
+                    if coef > MAX_MULTIPLE_OF_STEP {
+                        return Err(GrammarError::TooLarge(format!(
+                            "multipleOf values that may apply together combine to a step of {} units of 10^-{exp}; at most {MAX_MULTIPLE_OF_STEP} units are allowed",
+                            if coef == u128::MAX { "too many".to_owned() } else { coef.to_string() }
+                        )));
+                    }
+                }
+            }
+        }
+        Value::Array(items) => {
+            for v in items {
+                let (s, r) = merged_steps(v, every)?;
+                steps.extend(s);
+                has_ref |= r;
+            }
+        }
+        _ => {}
+    }
+    Ok((steps, has_ref))
+}
+
+fn check_schema_node(schema: &Value, steps: &mut Vec<(u128, u32)>) -> Result<(), GrammarError> {
     match schema {
         Value::Object(map) => {
             if let Some(Value::String(rx)) = map.get("pattern") {
                 regex_check(rx)?;
             }
+            if let Some(step) = map.get("multipleOf").and_then(Value::as_f64) {
+                // Zero (no constraint) and over-long steps are llguidance's to handle.
+                if let Some((coef, exp)) = decimal_step(step) {
+                    if coef > MAX_MULTIPLE_OF_STEP {
+                        return Err(GrammarError::TooLarge(format!(
+                            "multipleOf {step} is a step of {coef} units of 10^-{exp}; at most {MAX_MULTIPLE_OF_STEP} units are allowed"
+                        )));
+                    }
+                    steps.push((coef, exp));
+                }
+            }
             map.iter()
                 .filter(|(k, _)| !matches!(k.as_str(), "const" | "enum" | "default" | "examples"))
-                .try_for_each(|(_, v)| check_patterns(v))
+                .try_for_each(|(_, v)| check_schema_node(v, steps))
         }
-        Value::Array(items) => items.iter().try_for_each(check_patterns),
+        Value::Array(items) => items.iter().try_for_each(|v| check_schema_node(v, steps)),
         _ => Ok(()),
     }
+}
+
+/// A `multipleOf` as llguidance reads it (sign dropped): `coef` units of 10^-`exp`, in
+/// lowest terms (the automaton that checks it has about `coef` states).
+fn decimal_step(step: f64) -> Option<(u128, u32)> {
+    let step = step.abs();
+    if !step.is_finite() || step == 0.0 {
+        return None;
+    }
+    let (mut value, mut exp) = (step, 0u32);
+    while value.fract() != 0.0 {
+        value *= 10.0;
+        exp += 1;
+    }
+    if value > f64::from(u32::MAX) {
+        return None;
+    }
+    Some(reduce(value as u128, exp))
+}
+
+/// Trailing zeros of the units folded into the exponent, as far as it goes.
+fn reduce(mut coef: u128, mut exp: u32) -> (u128, u32) {
+    while exp > 0 && coef != 0 && coef.is_multiple_of(10) {
+        coef /= 10;
+        exp -= 1;
+    }
+    (coef, exp)
+}
+
+/// The least common multiple of decimal steps, in lowest terms (`u128::MAX` units when
+/// it overflows).
+fn steps_lcm(steps: &[(u128, u32)]) -> (u128, u32) {
+    fn gcd(a: u128, b: u128) -> u128 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    let exp = steps.iter().map(|&(_, e)| e).max().unwrap_or(0);
+    let mut lcm = 1u128;
+    for &(coef, e) in steps {
+        let Some(units) = 10u128.checked_pow(exp - e).and_then(|p| p.checked_mul(coef)) else {
+            return (u128::MAX, exp);
+        };
+        match (lcm / gcd(lcm, units)).checked_mul(units) {
+            Some(l) => lcm = l,
+            None => return (u128::MAX, exp),
+        }
+    }
+    reduce(lcm, exp)
 }
 
 /// llguidance and regex-syntax errors span lines (a caret under the source); an API

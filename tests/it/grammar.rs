@@ -257,6 +257,53 @@ fn counted_repetitions_are_bounded_before_they_compile() {
     );
 }
 
+/// `multipleOf` is checked by an automaton with a state per unit of its step: a step of
+/// ~10^9 (the fuzzer's) ran the process out of memory while compiling, so steps are
+/// bounded, alone and where they could merge (their lcm).
+#[test]
+fn multiple_of_steps_are_bounded_before_they_compile() {
+    let c = compiler();
+    let style = JsonStyle::default();
+    let too_large = |schema: serde_json::Value, says: &str| {
+        let e = c.compile(&GrammarSpec::JsonSchema(schema.clone()), &style).unwrap_err();
+        assert!(
+            matches!(&e, GrammarError::TooLarge(m) if m.contains(says)),
+            "{schema}: {e:?}"
+        );
+    };
+    too_large(
+        json!({"multipleOf": 1665486786}),
+        "1665486786 units of 10^-0; at most 10000",
+    );
+    // llguidance drops the sign.
+    too_large(json!({"multipleOf": -691673371}), "691673371 units of 10^-0");
+    too_large(
+        json!({"type": "object", "properties": {"a": {"type": "number", "multipleOf": 12345.5}}}),
+        "123455 units of 10^-1",
+    );
+    // Three primes under the bound whose product is over it, merged by allOf.
+    too_large(
+        json!({"allOf": [{"multipleOf": 97}, {"multipleOf": 89}, {"multipleOf": 83}]}),
+        "combine to a step of 716539 units",
+    );
+    // A `$ref` brings its target's step to where it is used.
+    too_large(
+        json!({"$defs": {"n": {"multipleOf": 9973}}, "type": "object",
+               "properties": {"a": {"$ref": "#/$defs/n", "multipleOf": 7}}}),
+        "combine to a step of 69811 units",
+    );
+    // Within the bound, and steps of different properties that never meet: they compile
+    // and match.
+    let schema = json!({"type": "object", "properties": {
+        "a": {"type": "integer", "multipleOf": 9973},
+        "b": {"type": "number", "multipleOf": 0.5},
+        "c": {"type": "integer", "multipleOf": 100},
+    }, "required": ["a", "b", "c"]});
+    let spec = GrammarSpec::JsonSchema(schema);
+    assert_eq!(walk(&c, &spec, &style, r#"{"a": 19946, "b": 2.5, "c": 300}"#), Ok(true));
+    assert_eq!(walk(&c, &spec, &style, r#"{"a": 19947"#), Ok(false));
+}
+
 /// A compatibility ideograph (U+F900) that the tokenizer's NFC normalizer turns into
 /// another character: the grammar still allows exactly its bytes (the fuzzer found a
 /// choice whose forced token was the normalized one's, which the matcher then refused).

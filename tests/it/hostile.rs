@@ -97,6 +97,8 @@ fn cases() -> Vec<(&'static str, String, Vec<u8>)> {
                 json!("x"),
                 json!({"regex": "("}),
                 json!({"regex": "a{99999999}"}),
+                json!({"json": {"multipleOf": 1665486786}}),
+                json!({"grammar": "root ::= ::="}),
                 json!({"grammar": "root ::= x"}),
                 json!({"grammar": "start: ("}),
                 json!({"grammar": "x".repeat(100_000)}),
