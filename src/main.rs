@@ -16,6 +16,7 @@ use inferd::engine::{EngineConfig, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::log::Level;
 use inferd::manager::{kv_budget_on, load_model, ModelFiles, ModelManager, ModelSettings, ReasoningMode};
+use inferd::server::store::{parse_duration, ResponseStore, Retention, StoreUrl};
 use inferd::server::{self, ServerOptions, ServerState};
 use inferd::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
 
@@ -71,10 +72,27 @@ struct ServeArgs {
     /// noise).
     #[arg(long, default_value = "auto", value_parser = ["auto", "dummy"])]
     load_format: String,
-    /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}` (the
-    /// oldest dropped first; 0 keeps none).
+    /// Where the Responses API keeps what it stores (for `previous_response_id` and
+    /// `GET /v1/responses/{id}`): `sqlite:PATH` (default: responses.sqlite3 in
+    /// ~/.cache/inferd; `?synchronous=full` to wait for the disk on each commit),
+    /// `postgres://USER[:PASSWORD]@HOST:PORT/DB` (shared by replicas; no TLS), or
+    /// `memory` (lost on restart). See docs/reliability.md.
+    #[arg(long)]
+    responses_store: Option<String>,
+    /// Most stored responses, the oldest removed first (0 stores none). Default: 1024
+    /// with `memory`, no count cap with a database (the byte cap applies).
+    #[arg(long)]
+    responses_store_size: Option<u64>,
+    /// Most stored JSON (responses, input items, conversations), in MiB; the oldest go
+    /// first.
     #[arg(long, default_value_t = 1024)]
-    responses_store_size: usize,
+    responses_store_max_mib: u64,
+    /// How long stored responses are kept: seconds, or with a unit (90s, 15m, 12h, 30d).
+    #[arg(long, default_value = "30d")]
+    responses_ttl: String,
+    /// How often the store's sweep removes what is past its time to live or over a cap.
+    #[arg(long, default_value = "60s")]
+    responses_sweep_every: String,
     #[arg(long, default_value = "localhost")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -974,6 +992,31 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         Some(id) => ModelManager::with_forced(settings, id)?,
         None => ModelManager::new(settings),
     };
+    let store_url = match &args.responses_store {
+        Some(url) => StoreUrl::parse(url).map_err(|e| format!("--responses-store: {e}"))?,
+        None => StoreUrl::default_sqlite(),
+    };
+    let retention = Retention {
+        ttl: parse_duration(&args.responses_ttl).map_err(|e| format!("--responses-ttl: {e}"))?,
+        max_count: args
+            .responses_store_size
+            .or((store_url == StoreUrl::Memory).then_some(1024)),
+        max_bytes: args.responses_store_max_mib.saturating_mul(1 << 20),
+        sweep_every: parse_duration(&args.responses_sweep_every)
+            .map_err(|e| format!("--responses-sweep-every: {e}"))?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let responses = runtime.block_on(async {
+        let store = ResponseStore::open(store_url, retention).await?;
+        let store = std::sync::Arc::new(store);
+        store.spawn_sweeper();
+        Ok::<_, inferd::server::store::StoreError>(store)
+    });
+    let responses = responses.map_err(|e| format!("--responses-store: {e}"))?;
+    inferd::info!("responses store: {}", responses.describe());
     let state = std::sync::Arc::new(ServerState {
         models,
         default_seed: args.default_seed,
@@ -998,7 +1041,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         ),
         metrics: Default::default(),
         next_request: Default::default(),
-        responses: inferd::server::responses::ResponseStore::new(args.responses_store_size),
+        responses,
     });
     let host = if args.host == "localhost" {
         "127.0.0.1"
@@ -1012,10 +1055,6 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     if let Some(kernels) = cpu_kernels {
         inferd::info!("{}", kernels.describe());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     runtime.block_on(server::serve(
         state,
         ServerOptions {

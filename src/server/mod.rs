@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod multipart;
 pub mod responses;
 pub mod routes;
+pub mod store;
 pub mod transcribe;
 
 use std::net::SocketAddr;
@@ -56,7 +57,7 @@ pub struct ServerState {
     pub metrics: ServerMetrics,
     pub next_request: AtomicU64,
     /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.
-    pub responses: responses::ResponseStore,
+    pub responses: Arc<store::ResponseStore>,
 }
 
 /// Media decoded at once, server-wide (audio files, images): one per core. A burst of

@@ -4,9 +4,9 @@
 //! becomes a chat request, and the chat choice's text, reasoning and tool-call events
 //! become output items.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::StatusCode;
@@ -15,6 +15,7 @@ use serde_json::{json, Map, Value};
 use super::choice::{apply_event, Choice, ChoiceUpdate, Kind};
 use super::generate::prepare_chat;
 use super::http::{json_response, sse_response, HttpResponse};
+use super::store::{self, StoreError, Stored};
 use super::ServerState;
 use crate::api::responses::{parse_responses_request, rename_param, ResponsesRequest};
 use crate::api::ApiError;
@@ -22,74 +23,16 @@ use crate::engine::{EngineEvent, RequestStream};
 use crate::manager::ModelLease;
 use crate::text::ToolEvent;
 
-/// A finished response, kept for `previous_response_id` and the GET routes.
-#[derive(Clone)]
-struct Stored {
-    response: Value,
-    input_items: Vec<Value>,
-    /// The whole conversation as chat messages (without instructions), output included.
-    conversation: Vec<Value>,
-}
-
-/// Stored responses, the least recently stored dropped first (`--responses-store-size`).
-pub struct ResponseStore {
-    capacity: usize,
-    inner: Mutex<(HashMap<String, Stored>, VecDeque<String>)>,
-    /// Response ids are the server's own (a client's X-Request-ID may repeat).
-    next_id: std::sync::atomic::AtomicU64,
-}
-
-impl ResponseStore {
-    pub fn new(capacity: usize) -> Self {
-        ResponseStore {
-            capacity,
-            inner: Mutex::new((HashMap::new(), VecDeque::new())),
-            next_id: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    /// A fresh id body: the start-up time and a counter, so ids stay unique across
-    /// restarts too.
-    fn new_id(&self) -> String {
-        static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-        let started = *STARTED.get_or_init(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0)
-        });
-        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
-        format!("{started:x}{n:06x}")
-    }
-
-    fn get(&self, id: &str) -> Option<Stored> {
-        self.inner.lock().ok()?.0.get(id).cloned()
-    }
-
-    fn put(&self, id: String, stored: Stored) {
-        if self.capacity == 0 {
-            return;
-        }
-        let Ok(mut inner) = self.inner.lock() else { return };
-        let (map, order) = &mut *inner;
-        if map.insert(id.clone(), stored).is_none() {
-            order.push_back(id);
-        }
-        while map.len() > self.capacity {
-            match order.pop_front() {
-                Some(old) => {
-                    map.remove(&old);
-                }
-                None => break,
-            }
-        }
-    }
-
-    fn remove(&self, id: &str) -> bool {
-        let Ok(mut inner) = self.inner.lock() else { return false };
-        let (map, order) = &mut *inner;
-        order.retain(|k| k != id);
-        map.remove(id).is_some()
+/// The store failed (database down, disk full): 503, logged.
+fn unavailable(e: StoreError) -> ApiError {
+    crate::error!("responses store: {e}");
+    ApiError {
+        code: Some("store_unavailable"),
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!("the responses store is unavailable ({e}); retry later, or send `store: false`"),
+        )
     }
 }
 
@@ -102,7 +45,7 @@ fn not_found(id: &str) -> ApiError {
 
 /// `POST /v1/responses`
 pub async fn create(state: Arc<ServerState>, body: Value) -> Result<HttpResponse, ApiError> {
-    let rid = state.responses.new_id();
+    let rid = store::new_id();
     let mut counter = 0;
     let mut new_id = |prefix: &str| {
         counter += 1;
@@ -114,6 +57,8 @@ pub async fn create(state: Arc<ServerState>, body: Value) -> Result<HttpResponse
             state
                 .responses
                 .get(prev)
+                .await
+                .map_err(unavailable)?
                 .ok_or_else(|| ApiError {
                     param: Some("previous_response_id".into()),
                     ..not_found(prev)
@@ -171,14 +116,19 @@ pub async fn create(state: Arc<ServerState>, body: Value) -> Result<HttpResponse
 }
 
 /// `GET /v1/responses/{id}`
-pub fn retrieve(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
-    let stored = state.responses.get(id).ok_or_else(|| not_found(id))?;
+pub async fn retrieve(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
+    let stored = state
+        .responses
+        .get(id)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| not_found(id))?;
     Ok(json_response(StatusCode::OK, &stored.response))
 }
 
 /// `DELETE /v1/responses/{id}`
-pub fn delete(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
-    if !state.responses.remove(id) {
+pub async fn delete(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
+    if !state.responses.remove(id).await.map_err(unavailable)? {
         return Err(not_found(id));
     }
     Ok(json_response(
@@ -188,8 +138,13 @@ pub fn delete(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
 }
 
 /// `GET /v1/responses/{id}/input_items`
-pub fn input_items(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
-    let stored = state.responses.get(id).ok_or_else(|| not_found(id))?;
+pub async fn input_items(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
+    let stored = state
+        .responses
+        .get(id)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| not_found(id))?;
     let items = stored.input_items;
     Ok(json_response(
         StatusCode::OK,
@@ -244,14 +199,15 @@ impl Run {
         }
     }
 
-    /// Stores the finished response (when asked to) with its conversation.
-    fn finish(&mut self, response: &Value) {
+    /// Stores the finished response (when asked to) with its conversation; returns once
+    /// it is committed, so what a client is told is finished can be retrieved.
+    async fn finish(&mut self, response: &Value) -> Result<(), StoreError> {
         self.state
             .metrics
             .completion_tokens
             .fetch_add(self.builder.output_tokens as u64, Ordering::Relaxed);
         if !self.request.store || response["status"] == "failed" {
-            return;
+            return Ok(());
         }
         let mut conversation = std::mem::take(&mut self.history);
         conversation.extend(self.request.messages.iter().cloned());
@@ -274,14 +230,12 @@ impl Run {
         }
         conversation.push(reply);
         let id = response["id"].as_str().unwrap_or_default().to_owned();
-        self.state.responses.put(
-            id,
-            Stored {
-                response: response.clone(),
-                input_items: std::mem::take(&mut self.request.input_items),
-                conversation,
-            },
-        );
+        let stored = Stored {
+            response: response.clone(),
+            input_items: std::mem::take(&mut self.request.input_items),
+            conversation,
+        };
+        self.state.responses.put(&id, &stored).await
     }
 
     async fn collect(mut self) -> Result<Value, ApiError> {
@@ -297,7 +251,7 @@ impl Run {
         let reason = self.choice.finish.unwrap_or("stop");
         self.builder.close(reason);
         let response = self.builder.response(reason);
-        self.finish(&response);
+        self.finish(&response).await.map_err(unavailable)?;
         Ok(response)
     }
 
@@ -331,7 +285,7 @@ impl Run {
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    for event in self.builder.failure(&e) {
+                    for event in self.builder.failure("server_error", &e) {
                         let _ = send(event).await;
                     }
                     return;
@@ -347,7 +301,13 @@ impl Run {
             "response.completed"
         };
         events.push(self.builder.event(json!({"type": terminal, "response": response})));
-        self.finish(&response);
+        if let Err(e) = self.finish(&response).await {
+            // The terminal event never goes out: a client told a response finished can
+            // always retrieve it.
+            let e = unavailable(e);
+            events.pop();
+            events.extend(self.builder.failure(e.code.unwrap_or("server_error"), &e.message));
+        }
         for event in events {
             if !send(event).await {
                 return;
@@ -632,10 +592,10 @@ impl ResponseBuilder {
     }
 
     /// An `error` event, then `response.failed`.
-    fn failure(&mut self, message: &str) -> Vec<Value> {
-        let error = json!({"type": "error", "code": "server_error", "message": message, "param": null});
+    fn failure(&mut self, code: &str, message: &str) -> Vec<Value> {
+        let error = json!({"type": "error", "code": code, "message": message, "param": null});
         let mut response = self.snapshot("failed");
-        response["error"] = json!({"code": "server_error", "message": message});
+        response["error"] = json!({"code": code, "message": message});
         let failed = json!({"type": "response.failed", "response": response});
         vec![self.event(error), self.event(failed)]
     }

@@ -150,9 +150,9 @@ async fn dispatch(
         (m, p) if p.starts_with("/v1/responses/") => {
             let rest = &p["/v1/responses/".len()..];
             match (m, rest.strip_suffix("/input_items")) {
-                (Method::GET, Some(id)) => responses::input_items(state, id),
-                (Method::GET, None) => responses::retrieve(state, rest),
-                (Method::DELETE, None) => responses::delete(state, rest),
+                (Method::GET, Some(id)) => responses::input_items(state, id).await,
+                (Method::GET, None) => responses::retrieve(state, rest).await,
+                (Method::DELETE, None) => responses::delete(state, rest).await,
                 (m, _) => Err(ApiError::new(
                     StatusCode::METHOD_NOT_ALLOWED,
                     "invalid_request_error",

@@ -46,9 +46,24 @@ impl Server {
         } else {
             &["--num-blocks", "256"]
         };
+        // Each server its own responses store (the default kind, SQLite), unless ARGS say.
+        let store = if args.contains(&"--responses-store") {
+            Vec::new()
+        } else {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir = super::common::repo_root()
+                .join("target")
+                .join("test-scratch")
+                .join("stores");
+            let file = dir.join(format!("{}-{n}.sqlite3", std::process::id()));
+            let _ = std::fs::remove_file(&file);
+            vec!["--responses-store".to_owned(), format!("sqlite:{}", file.display())]
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
             .args(["serve", "--port", "0"])
             .args(default_blocks)
+            .args(&store)
             .args(args)
             // No test reaches the real hub; the download tests point HF_ENDPOINT at a
             // fake one and turn this off.
