@@ -87,7 +87,8 @@ struct ServeArgs {
     /// first.
     #[arg(long, default_value_t = 1024)]
     responses_store_max_mib: u64,
-    /// How long stored responses are kept: seconds, or with a unit (90s, 15m, 12h, 30d).
+    /// How long stored responses are kept: seconds, or with a unit (500ms, 90s, 15m, 12h,
+    /// 30d).
     #[arg(long, default_value = "30d")]
     responses_ttl: String,
     /// How often the store's sweep removes what is past its time to live or over a cap.

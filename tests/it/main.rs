@@ -26,6 +26,7 @@ mod numerics;
 mod responses;
 mod serve_flags;
 mod server;
+mod store;
 mod structured;
 mod templates;
 mod tokenizer;

@@ -15,7 +15,7 @@ pub struct Server {
     child: Child,
     pub port: u16,
     stderr: mpsc::Receiver<String>,
-    _one_at_a_time: MutexGuard<'static, ()>,
+    _one_at_a_time: Option<MutexGuard<'static, ()>>,
 }
 
 impl Drop for Server {
@@ -39,8 +39,23 @@ impl Server {
     /// `inferd serve --port 0 --num-blocks 256 ARGS...` (256 unless ARGS say), offline,
     /// with extra environment.
     pub fn launch(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::launch_wrapped(&[], args, env)
+    }
+
+    /// As `launch`, with the server started through a command (`WRAP... inferd serve ...`).
+    pub fn launch_wrapped(wrap: &[&str], args: &[&str], env: &[(&str, &str)]) -> Server {
         static LOCK: Mutex<()> = Mutex::new(());
         let guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Server::spawn(wrap, args, env, Some(guard))
+    }
+
+    /// A second server running beside this one (its test already holds the one-at-a-time
+    /// lock through this one).
+    pub fn launch_beside(&self, args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::spawn(&[], args, env, None)
+    }
+
+    fn spawn(wrap: &[&str], args: &[&str], env: &[(&str, &str)], guard: Option<MutexGuard<'static, ()>>) -> Server {
         let default_blocks: &[&str] = if args.contains(&"--num-blocks") {
             &[]
         } else {
@@ -60,7 +75,16 @@ impl Server {
             let _ = std::fs::remove_file(&file);
             vec!["--responses-store".to_owned(), format!("sqlite:{}", file.display())]
         };
-        let mut child = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        let inferd = env!("CARGO_BIN_EXE_inferd");
+        let mut command = match wrap.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(inferd);
+                c
+            }
+            None => Command::new(inferd),
+        };
+        let mut child = command
             .args(["serve", "--port", "0"])
             .args(default_blocks)
             .args(&store)

@@ -283,7 +283,8 @@ fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Reads a duration written as seconds or with a unit: `90`, `90s`, `15m`, `12h`, `30d`.
+/// Reads a duration written as seconds or with a unit: `90`, `500ms`, `90s`, `15m`,
+/// `12h`, `30d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
@@ -294,14 +295,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .parse()
         .map_err(|_| format!("`{text}` is not a duration (90s, 15m, 12h, 30d)"))?;
     let scale = match unit {
+        "ms" => 0.001,
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
         "d" => 86_400.0,
-        _ => return Err(format!("`{text}`: the unit is s, m, h or d")),
+        _ => return Err(format!("`{text}`: the unit is ms, s, m, h or d")),
     };
     let secs = value * scale;
-    if !secs.is_finite() || secs <= 0.0 || secs > 1e10 {
+    if !secs.is_finite() || secs < 0.001 || secs > 1e10 {
         return Err(format!("`{text}` is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -355,6 +357,7 @@ mod tests {
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("3w").is_err());
         assert!(parse_duration("x").is_err());
