@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
-use super::{Stored, Swept};
+use super::{StoreError, Stored, Swept};
 
 struct Entry {
     stored: Stored,
@@ -45,22 +45,26 @@ impl MemoryStore {
             .map(|e| e.stored.clone())
     }
 
-    pub fn put(&self, id: &str, created_at: i64, stored: Stored) {
+    /// Stores a response; an id already there is refused, as the databases' unique
+    /// column refuses it.
+    pub fn put(&self, id: &str, created_at: i64, stored: Stored) -> Result<(), StoreError> {
         let (_, bytes) = stored.texts();
         let mut inner = self.lock();
+        if inner.map.contains_key(id) {
+            return Err(StoreError(format!("a response `{id}` is already stored")));
+        }
         let entry = Entry {
             stored,
             created_at,
             bytes,
         };
         inner.bytes += bytes;
-        match inner.map.insert(id.to_owned(), entry) {
-            Some(old) => inner.bytes -= old.bytes,
-            None => inner.order.push_back(id.to_owned()),
-        }
+        inner.map.insert(id.to_owned(), entry);
+        inner.order.push_back(id.to_owned());
         if let Some(max) = self.max_count {
             while inner.map.len() as u64 > max && inner.pop_oldest() {}
         }
+        Ok(())
     }
 
     pub fn remove(&self, id: &str) -> bool {

@@ -207,10 +207,7 @@ impl ResponseStore {
             .as_i64()
             .unwrap_or_else(|| now_unix() as i64);
         match &self.kind {
-            Kind::Memory(m) => {
-                m.put(id, created_at, stored.clone());
-                Ok(())
-            }
+            Kind::Memory(m) => m.put(id, created_at, stored.clone()),
             Kind::Sqlite(s) => s.put(id, created_at, stored).await,
             Kind::Postgres(p) => p.put(id, created_at, stored).await,
         }
@@ -303,7 +300,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("`{text}`: the unit is ms, s, m, h or d")),
     };
     let secs = value * scale;
-    if !secs.is_finite() || secs < 0.001 || secs > 1e10 {
+    if !(0.001..=1e10).contains(&secs) {
         return Err(format!("`{text}` is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
