@@ -115,14 +115,19 @@ pub async fn create(state: Arc<ServerState>, body: Value) -> Result<HttpResponse
     Ok(json_response(StatusCode::OK, &response))
 }
 
-/// `GET /v1/responses/{id}`
-pub async fn retrieve(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
-    let stored = state
+/// A stored response for the GET routes: 404 if there is none, 503 if the store failed.
+async fn lookup(state: &ServerState, id: &str) -> Result<Stored, ApiError> {
+    state
         .responses
         .get(id)
         .await
         .map_err(unavailable)?
-        .ok_or_else(|| not_found(id))?;
+        .ok_or_else(|| not_found(id))
+}
+
+/// `GET /v1/responses/{id}`
+pub async fn retrieve(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
+    let stored = lookup(state, id).await?;
     Ok(json_response(StatusCode::OK, &stored.response))
 }
 
@@ -139,12 +144,7 @@ pub async fn delete(state: &ServerState, id: &str) -> Result<HttpResponse, ApiEr
 
 /// `GET /v1/responses/{id}/input_items`
 pub async fn input_items(state: &ServerState, id: &str) -> Result<HttpResponse, ApiError> {
-    let stored = state
-        .responses
-        .get(id)
-        .await
-        .map_err(unavailable)?
-        .ok_or_else(|| not_found(id))?;
+    let stored = lookup(state, id).await?;
     let items = stored.input_items;
     Ok(json_response(
         StatusCode::OK,
