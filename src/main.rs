@@ -989,35 +989,47 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         dummy_weights: args.load_format == "dummy",
         memory_budget: args.models_memory,
     };
-    let models = match &forced {
-        Some(id) => ModelManager::with_forced(settings, id)?,
-        None => ModelManager::new(settings),
-    };
+    // The store first: a bad one fails before a model loads.
     let store_url = match &args.responses_store {
         Some(url) => StoreUrl::parse(url).map_err(|e| format!("--responses-store: {e}"))?,
         None => StoreUrl::default_sqlite(),
     };
-    let retention = Retention {
-        ttl: parse_duration(&args.responses_ttl).map_err(|e| format!("--responses-ttl: {e}"))?,
-        max_count: args
-            .responses_store_size
-            .or((store_url == StoreUrl::Memory).then_some(1024)),
-        max_bytes: args.responses_store_max_mib.saturating_mul(1 << 20),
-        sweep_every: parse_duration(&args.responses_sweep_every)
-            .map_err(|e| format!("--responses-sweep-every: {e}"))?,
+    let retention = |url: &StoreUrl| -> Result<Retention, String> {
+        Ok(Retention {
+            ttl: parse_duration(&args.responses_ttl).map_err(|e| format!("--responses-ttl: {e}"))?,
+            max_count: args.responses_store_size.or((*url == StoreUrl::Memory).then_some(1024)),
+            max_bytes: args.responses_store_max_mib.saturating_mul(1 << 20),
+            sweep_every: parse_duration(&args.responses_sweep_every)
+                .map_err(|e| format!("--responses-sweep-every: {e}"))?,
+        })
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let responses = runtime.block_on(async {
-        let store = ResponseStore::open(store_url, retention).await?;
-        let store = std::sync::Arc::new(store);
-        store.spawn_sweeper();
-        Ok::<_, inferd::server::store::StoreError>(store)
-    });
-    let responses = responses.map_err(|e| format!("--responses-store: {e}"))?;
+    let opened = runtime.block_on(ResponseStore::open(store_url.clone(), retention(&store_url)?));
+    let responses = match opened {
+        Ok(store) => store,
+        // The default file cannot be made (no home, a read-only one): the server still
+        // runs, keeping responses in memory, and says so.
+        Err(e) if args.responses_store.is_none() => {
+            inferd::warn!(
+                "responses store: {} cannot be used ({e}); keeping stored responses in memory instead (--responses-store sets where)",
+                store_url.describe()
+            );
+            runtime
+                .block_on(ResponseStore::open(StoreUrl::Memory, retention(&StoreUrl::Memory)?))
+                .map_err(|e| format!("--responses-store: {e}"))?
+        }
+        Err(e) => return Err(format!("--responses-store: {e}").into()),
+    };
+    let responses = std::sync::Arc::new(responses);
+    runtime.block_on(async { responses.spawn_sweeper() });
     inferd::info!("responses store: {}", responses.describe());
+    let models = match &forced {
+        Some(id) => ModelManager::with_forced(settings, id)?,
+        None => ModelManager::new(settings),
+    };
     let state = std::sync::Arc::new(ServerState {
         models,
         default_seed: args.default_seed,

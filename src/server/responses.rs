@@ -300,13 +300,14 @@ impl Run {
         } else {
             "response.completed"
         };
-        events.push(self.builder.event(json!({"type": terminal, "response": response})));
-        if let Err(e) = self.finish(&response).await {
-            // The terminal event never goes out: a client told a response finished can
-            // always retrieve it.
-            let e = unavailable(e);
-            events.pop();
-            events.extend(self.builder.failure(e.code.unwrap_or("server_error"), &e.message));
+        // Stored first: a client told a response finished can always retrieve it. If the
+        // store fails, the terminal event is a failure instead.
+        match self.finish(&response).await {
+            Ok(()) => events.push(self.builder.event(json!({"type": terminal, "response": response}))),
+            Err(e) => {
+                let e = unavailable(e);
+                events.extend(self.builder.failure(e.code.unwrap_or("server_error"), &e.message));
+            }
         }
         for event in events {
             if !send(event).await {

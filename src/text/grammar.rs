@@ -27,6 +27,9 @@ pub const MAX_REGEX_REPEAT: u64 = 100_000;
 /// llguidance checks it with an automaton of about that many states, which takes ~5 µs
 /// a state to build (35 ms at 10,000), and a step of ~10^9 runs a server out of memory.
 pub const MAX_MULTIPLE_OF_STEP: u128 = 10_000;
+/// Most decimal places of a `multipleOf` step (`0.00000001` has 8): llguidance's regex
+/// engine scales by 10^places in 32 bits.
+pub const MAX_MULTIPLE_OF_DECIMALS: u32 = 8;
 /// Most grammars kept compiled per model.
 const CACHE_ENTRIES: usize = 256;
 
@@ -200,6 +203,10 @@ impl GrammarSpec {
                         return Err(e);
                     }
                 }
+                // And the JSON schemas it embeds, their bounds.
+                for schema in lark_json_schemas(&lark) {
+                    check_schema(&schema)?;
+                }
                 TopLevelGrammar::from_lark(lark)
             }
             GrammarSpec::ToolCalls {
@@ -331,8 +338,8 @@ fn abbreviate(s: &str) -> String {
 }
 
 /// What a JSON schema is checked for before it compiles: its `pattern`s are regexes (and
-/// get the repetition bound), and its `multipleOf` steps are bounded. Keywords whose
-/// values are data (`const`, `enum`, `default`, `examples`) are not looked into.
+/// get the repetition bound), and its `multipleOf` steps are bounded, alone and where
+/// they may merge.
 fn check_schema(schema: &Value) -> Result<(), GrammarError> {
     let mut steps = Vec::new();
     check_schema_node(schema, &mut steps)?;
@@ -341,10 +348,30 @@ fn check_schema(schema: &Value) -> Result<(), GrammarError> {
     merged_steps(schema, &steps).map(drop)
 }
 
+/// The values under a schema object that are schemas or hold schemas: everything but the
+/// keywords whose values are data (`const`, `enum`, `default`, `examples`), with the
+/// maps of names to schemas (`properties`, `$defs`, ...) opened, so that a property
+/// that happens to be named `default` is still looked into.
+fn subschemas(map: &serde_json::Map<String, Value>) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for (k, v) in map {
+        match (k.as_str(), v) {
+            ("const" | "enum" | "default" | "examples", _) => {}
+            (
+                "properties" | "patternProperties" | "$defs" | "definitions" | "dependentSchemas",
+                Value::Object(named),
+            ) => out.extend(named.values()),
+            _ => out.push(v),
+        }
+    }
+    out
+}
+
 /// Steps merge (to their least common multiple) where llguidance intersects schemas: at
-/// a node with `allOf`, `anyOf`, `oneOf` or `$ref`, everything beneath it may meet, and
-/// a `$ref` may bring in any step of the document. The lcm of each such group is bounded
-/// like a single step. Returns the steps under `schema` and whether a `$ref` is there.
+/// a node with `allOf`, `anyOf`, `oneOf` or `$ref`, and where `patternProperties` meet
+/// the `properties` they match, everything beneath may meet, and a `$ref` may bring in
+/// any step of the document. The lcm of each such group is bounded like a single step.
+/// Returns the steps under `schema` and whether a `$ref` is there.
 fn merged_steps(schema: &Value, every: &[(u128, u32)]) -> Result<(Vec<(u128, u32)>, bool), GrammarError> {
     let mut steps = Vec::new();
     let mut has_ref = false;
@@ -354,26 +381,24 @@ fn merged_steps(schema: &Value, every: &[(u128, u32)]) -> Result<(Vec<(u128, u32
                 steps.push(step);
             }
             has_ref = map.contains_key("$ref");
-            for (_, v) in map
-                .iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "const" | "enum" | "default" | "examples"))
-            {
+            for v in subschemas(map) {
                 let (s, r) = merged_steps(v, every)?;
                 steps.extend(s);
                 has_ref |= r;
             }
-            if ["allOf", "anyOf", "oneOf", "$ref"].iter().any(|k| map.contains_key(*k)) {
+            let merges = ["allOf", "anyOf", "oneOf", "$ref", "patternProperties"];
+            if merges.iter().any(|k| map.contains_key(*k)) {
                 let mut group = if has_ref { every.to_vec() } else { steps.clone() };
                 group.sort_unstable();
                 group.dedup();
                 if group.len() > 1 {
                     let (coef, exp) = steps_lcm(&group);
-                    if coef > MAX_MULTIPLE_OF_STEP {
-                        return Err(GrammarError::TooLarge(format!(
-                            "multipleOf values that may apply together combine to a step of {} units of 10^-{exp}; at most {MAX_MULTIPLE_OF_STEP} units are allowed",
+                    step_bound(coef, exp).map_err(|bound| {
+                        GrammarError::TooLarge(format!(
+                            "multipleOf values that may apply together combine to a step of {} units of 10^-{exp}; {bound}",
                             if coef == u128::MAX { "too many".to_owned() } else { coef.to_string() }
-                        )));
-                    }
+                        ))
+                    })?;
                 }
             }
         }
@@ -389,6 +414,19 @@ fn merged_steps(schema: &Value, every: &[(u128, u32)]) -> Result<(Vec<(u128, u32
     Ok((steps, has_ref))
 }
 
+/// A step's limits: at most `MAX_MULTIPLE_OF_STEP` units, of at most
+/// `MAX_MULTIPLE_OF_DECIMALS` decimal places (llguidance scales digits by 10^places in
+/// 32 bits).
+fn step_bound(coef: u128, exp: u32) -> Result<(), String> {
+    if coef > MAX_MULTIPLE_OF_STEP {
+        return Err(format!("at most {MAX_MULTIPLE_OF_STEP} units are allowed"));
+    }
+    if exp > MAX_MULTIPLE_OF_DECIMALS {
+        return Err(format!("at most {MAX_MULTIPLE_OF_DECIMALS} decimal places are allowed"));
+    }
+    Ok(())
+}
+
 fn check_schema_node(schema: &Value, steps: &mut Vec<(u128, u32)>) -> Result<(), GrammarError> {
     match schema {
         Value::Object(map) => {
@@ -398,21 +436,37 @@ fn check_schema_node(schema: &Value, steps: &mut Vec<(u128, u32)>) -> Result<(),
             if let Some(step) = map.get("multipleOf").and_then(Value::as_f64) {
                 // Zero (no constraint) and over-long steps are llguidance's to handle.
                 if let Some((coef, exp)) = decimal_step(step) {
-                    if coef > MAX_MULTIPLE_OF_STEP {
-                        return Err(GrammarError::TooLarge(format!(
-                            "multipleOf {step} is a step of {coef} units of 10^-{exp}; at most {MAX_MULTIPLE_OF_STEP} units are allowed"
-                        )));
-                    }
+                    step_bound(coef, exp).map_err(|bound| {
+                        GrammarError::TooLarge(format!(
+                            "multipleOf {step} is a step of {coef} units of 10^-{exp}; {bound}"
+                        ))
+                    })?;
                     steps.push((coef, exp));
                 }
             }
-            map.iter()
-                .filter(|(k, _)| !matches!(k.as_str(), "const" | "enum" | "default" | "examples"))
-                .try_for_each(|(_, v)| check_schema_node(v, steps))
+            subschemas(map)
+                .into_iter()
+                .try_for_each(|v| check_schema_node(v, steps))
         }
         Value::Array(items) => items.iter().try_for_each(|v| check_schema_node(v, steps)),
         _ => Ok(()),
     }
+}
+
+/// The JSON schemas a Lark grammar embeds (`%json { ... }`), which llguidance compiles
+/// as it compiles the grammar.
+fn lark_json_schemas(source: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut rest = source;
+    while let Some(at) = rest.find("%json") {
+        rest = &rest[at + "%json".len()..];
+        let body = rest.trim_start();
+        let mut stream = serde_json::Deserializer::from_str(body).into_iter::<Value>();
+        if let Some(Ok(schema)) = stream.next() {
+            out.push(schema);
+        }
+    }
+    out
 }
 
 /// A `multipleOf` as llguidance reads it (sign dropped): `coef` units of 10^-`exp`, in

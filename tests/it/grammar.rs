@@ -286,6 +286,22 @@ fn multiple_of_steps_are_bounded_before_they_compile() {
         json!({"allOf": [{"multipleOf": 97}, {"multipleOf": 89}, {"multipleOf": 83}]}),
         "combine to a step of 716539 units",
     );
+    // Inside a property named like a data keyword.
+    too_large(
+        json!({"type": "object", "properties": {"default": {"type": "integer", "multipleOf": 1665486786}}}),
+        "1665486786 units",
+    );
+    // Properties meet the patternProperties that match them.
+    too_large(
+        json!({"type": "object", "properties": {"a": {"type": "integer", "multipleOf": 9973}},
+               "patternProperties": {"^a$": {"type": "integer", "multipleOf": 9967}}}),
+        "combine to a step of 99400891 units",
+    );
+    // Too many decimal places (llguidance scales by 10^places in 32 bits).
+    too_large(json!({"multipleOf": 1e-9}), "at most 8 decimal places");
+    // A Lark grammar's embedded schema gets the same bounds.
+    let lark = GrammarSpec::Grammar("start: %json {\"type\": \"integer\", \"multipleOf\": 1665486786}\n".into());
+    assert!(matches!(c.compile(&lark, &style), Err(GrammarError::TooLarge(m)) if m.contains("1665486786 units")));
     // A `$ref` brings its target's step to where it is used.
     too_large(
         json!({"$defs": {"n": {"multipleOf": 9973}}, "type": "object",

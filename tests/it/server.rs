@@ -15,6 +15,8 @@ pub struct Server {
     child: Child,
     pub port: u16,
     stderr: mpsc::Receiver<String>,
+    /// What the server logged before it was serving.
+    pub startup: Vec<String>,
     _one_at_a_time: Option<MutexGuard<'static, ()>>,
 }
 
@@ -61,8 +63,9 @@ impl Server {
         } else {
             &["--num-blocks", "256"]
         };
-        // Each server its own responses store (the default kind, SQLite), unless ARGS say.
-        let store = if args.contains(&"--responses-store") {
+        // Each server its own responses store (the default kind, SQLite), unless ARGS say
+        // or the test is about the default's place (XDG_CACHE_HOME).
+        let store = if args.contains(&"--responses-store") || env.iter().any(|(k, _)| *k == "XDG_CACHE_HOME") {
             Vec::new()
         } else {
             static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -72,7 +75,9 @@ impl Server {
                 .join("test-scratch")
                 .join("stores");
             let file = dir.join(format!("{}-{n}.sqlite3", std::process::id()));
-            let _ = std::fs::remove_file(&file);
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", file.display()));
+            }
             vec!["--responses-store".to_owned(), format!("sqlite:{}", file.display())]
         };
         let inferd = env!("CARGO_BIN_EXE_inferd");
@@ -107,13 +112,14 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(120);
+        let mut startup = Vec::new();
         let port = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left) {
                 Ok(line) if line.contains("serving") => {
                     break line.rsplit(':').next().unwrap().trim().parse().unwrap();
                 }
-                Ok(_) => {}
+                Ok(line) => startup.push(line),
                 Err(e) => panic!("server did not start ({e}): {:?}", child.try_wait()),
             }
         };
@@ -121,6 +127,7 @@ impl Server {
             child,
             port,
             stderr: rx,
+            startup,
             _one_at_a_time: guard,
         }
     }

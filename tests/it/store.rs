@@ -39,7 +39,8 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A fresh database on the test server: its URL.
+/// A fresh database on the test server (dropped with the cluster's data folder, which
+/// scripts/postgres keeps under the temporary folder): its URL.
 fn fresh_database(url: &str, rt: &tokio::runtime::Runtime) -> String {
     let name = format!("inferd_test_{}", &new_id()[..12]);
     rt.block_on(async {
@@ -223,7 +224,7 @@ fn completed_event(buf: &[u8]) -> Option<Value> {
 fn rows(path: &Path) -> Vec<(String, String, String)> {
     let c = rusqlite::Connection::open(path).unwrap();
     let mut q = c
-        .prepare("SELECT response, input_items, conversation FROM responses")
+        .prepare("SELECT response, input_items, conversation FROM inferd_responses")
         .unwrap();
     q.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .unwrap()
@@ -328,42 +329,50 @@ fn sweeps_remove_expired_responses_and_the_oldest_over_the_cap() {
     let dir = scratch_dir("store-sweep");
     let db = dir.join("responses.sqlite3");
     let store = sqlite_arg(&db);
-    let s = Server::start(&[
-        "--responses-store",
-        &store,
-        "--responses-store-size",
-        "3",
-        "--responses-ttl",
-        "8s",
-        "--responses-sweep-every",
-        "500ms",
-    ]);
-    let create = |n: usize, store: bool| {
-        let r = s.post(
-            "/v1/responses",
-            json!({"input": format!("Say {n}."), "max_output_tokens": 1, "store": store}),
-        );
-        assert_eq!(r.status, 200, "{}", r.body);
-        r.json()["id"].as_str().unwrap().to_owned()
+    let (ids, unstored) = {
+        let s = Server::start(&[
+            "--responses-store",
+            &store,
+            "--responses-store-size",
+            "3",
+            "--responses-sweep-every",
+            "300ms",
+        ]);
+        let create = |n: usize, store: bool| {
+            let r = s.post(
+                "/v1/responses",
+                json!({"input": format!("Say {n}."), "max_output_tokens": 1, "store": store}),
+            );
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["id"].as_str().unwrap().to_owned()
+        };
+        let ids: Vec<String> = (0..5).map(|n| create(n, true)).collect();
+        // `store: false` writes nothing.
+        let unstored = create(9, false);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rows(&db).len() > 3 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = |id: &str| s.request("GET", &format!("/v1/responses/{id}"), &[], None).status;
+        let kept: Vec<u16> = ids.iter().map(|id| status(id)).collect();
+        assert_eq!(kept, [404, 404, 200, 200, 200]);
+        assert_eq!(status(&unstored), 404);
+        assert_eq!(rows(&db).len(), 3);
+        (ids, unstored)
     };
-    let ids: Vec<String> = (0..5).map(|n| create(n, true)).collect();
-    // `store: false` writes nothing.
-    let unstored = create(9, false);
-    std::thread::sleep(Duration::from_millis(1200));
-    let status = |id: &str| s.request("GET", &format!("/v1/responses/{id}"), &[], None).status;
-    let kept: Vec<u16> = ids.iter().map(|id| status(id)).collect();
-    assert_eq!(kept, [404, 404, 200, 200, 200]);
-    assert_eq!(status(&unstored), 404);
-    assert_eq!(rows(&db).len(), 3);
-    // After the time to live, the sweep empties the table.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Restarted with a time to live of one second: the first sweep empties the table.
+    std::thread::sleep(Duration::from_millis(2100));
+    let s = Server::start(&["--responses-store", &store, "--responses-ttl", "1s"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
     while !rows(&db).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(100));
     }
     assert!(rows(&db).is_empty());
-    assert!(ids.iter().all(|id| status(id) == 404));
-    let r = s.request("GET", &format!("/v1/responses/{}", ids[4]), &[], None);
-    assert_eq!(r.json()["error"]["code"], "response_not_found");
+    for id in ids.iter().chain([&unstored]) {
+        let r = s.request("GET", &format!("/v1/responses/{id}"), &[], None);
+        assert_eq!(r.status, 404);
+        assert_eq!(r.json()["error"]["code"], "response_not_found");
+    }
 }
 
 /// `unshare` a mount namespace with a small tmpfs at `dir` for the server alone; the
@@ -393,13 +402,14 @@ fn namespaced_tmpfs(dir: &Path) -> Option<Vec<String>> {
     ])
 }
 
-/// Fills a file system until a write fails; returns the filler's path.
+/// Fills the 4 MiB file system until a write fails (at most 16 MiB are written, so a
+/// mistake cannot fill a real disk); returns the filler's path.
 fn fill(dir: &Path) -> PathBuf {
     let path = dir.join("filler");
     let mut f = std::fs::File::create(&path).unwrap();
     let block = vec![7u8; 64 << 10];
-    while f.write_all(&block).is_ok() {}
-    let _ = f.sync_all();
+    let full = (0..256).any(|_| f.write_all(&block).is_err());
+    assert!(full, "{} took 16 MiB: not the 4 MiB tmpfs", dir.display());
     path
 }
 
@@ -517,6 +527,16 @@ fn two_servers_on_one_postgres_continue_each_others_conversations_and_survive_it
     // The database stops: requests that need it get 503 (within the store's deadline),
     // requests that do not still work; it comes back and so do they.
     postgres("stop");
+    // Started again even if an assertion below fails, for the tests after this one.
+    struct Restart;
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                postgres("start");
+            }
+        }
+    }
+    let restart = Restart;
     let started = Instant::now();
     expect_unavailable(&ask(&a, "Hello?", None));
     expect_unavailable(&a.request("GET", &format!("/v1/responses/{second_id}"), &[], None));
@@ -528,6 +548,7 @@ fn two_servers_on_one_postgres_continue_each_others_conversations_and_survive_it
     );
     assert_eq!(r.status, 200, "{}", r.body);
     postgres("start");
+    drop(restart);
     let third = ask(&b, "Go on.", Some(second_id));
     assert_eq!(third.status, 200, "{}", third.body);
     let third_id = third.json()["id"].as_str().unwrap().to_owned();
@@ -535,4 +556,24 @@ fn two_servers_on_one_postgres_continue_each_others_conversations_and_survive_it
         a.request("GET", &format!("/v1/responses/{third_id}"), &[], None).status,
         200
     );
+}
+
+#[test]
+fn without_a_writable_cache_folder_the_default_store_is_memory_and_says_so() {
+    // No --responses-store: the default file would be under /proc, where no one writes.
+    let s = Server::launch(
+        &["HuggingFaceTB/SmolLM2-135M-Instruct"],
+        &[("XDG_CACHE_HOME", "/proc/inferd-nowhere")],
+    );
+    assert!(
+        s.startup
+            .iter()
+            .any(|l| l.contains("keeping stored responses in memory")),
+        "{:?}",
+        s.startup
+    );
+    let r = s.post("/v1/responses", json!({"input": "Hi", "max_output_tokens": 1}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(s.request("GET", &format!("/v1/responses/{id}"), &[], None).status, 200);
 }

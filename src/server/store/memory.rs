@@ -1,5 +1,5 @@
-//! `--responses-store memory`: a map in this process, the oldest dropped first when the
-//! count cap is reached (at once) or the byte cap (at the sweep). Gone with the process.
+//! `--responses-store memory`: a map in this process, the oldest dropped first when a
+//! cap is reached. Gone with the process.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -22,13 +22,15 @@ struct Inner {
 
 pub struct MemoryStore {
     max_count: Option<u64>,
+    max_bytes: u64,
     inner: Mutex<Inner>,
 }
 
 impl MemoryStore {
-    pub fn new(max_count: Option<u64>) -> Self {
+    pub fn new(max_count: Option<u64>, max_bytes: u64) -> Self {
         MemoryStore {
             max_count,
+            max_bytes,
             inner: Mutex::default(),
         }
     }
@@ -61,14 +63,18 @@ impl MemoryStore {
         inner.bytes += bytes;
         inner.map.insert(id.to_owned(), entry);
         inner.order.push_back(id.to_owned());
-        if let Some(max) = self.max_count {
-            while inner.map.len() as u64 > max && inner.pop_oldest() {}
-        }
+        // Both caps at once (the databases wait for the sweep).
+        while (inner.bytes > self.max_bytes || self.max_count.is_some_and(|m| inner.map.len() as u64 > m))
+            && inner.pop_oldest()
+        {}
         Ok(())
     }
 
-    pub fn remove(&self, id: &str) -> bool {
+    pub fn remove(&self, id: &str, cutoff: i64) -> bool {
         let mut inner = self.lock();
+        if inner.map.get(id).is_none_or(|e| e.created_at < cutoff) {
+            return false;
+        }
         let Some(old) = inner.map.remove(id) else { return false };
         inner.bytes -= old.bytes;
         inner.order.retain(|k| k != id);

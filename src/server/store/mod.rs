@@ -172,7 +172,7 @@ impl ResponseStore {
     /// server from starting (a store that cannot be reached at start is a setup error).
     pub async fn open(url: StoreUrl, retention: Retention) -> Result<ResponseStore, StoreError> {
         let kind = match &url {
-            StoreUrl::Memory => Kind::Memory(memory::MemoryStore::new(retention.max_count)),
+            StoreUrl::Memory => Kind::Memory(memory::MemoryStore::new(retention.max_count, retention.max_bytes)),
             StoreUrl::Sqlite { path, full_sync } => Kind::Sqlite(sqlite::SqliteStore::open(path, *full_sync).await?),
             StoreUrl::Postgres(url) => Kind::Postgres(postgres::PostgresStore::open(url).await?),
         };
@@ -213,12 +213,14 @@ impl ResponseStore {
         }
     }
 
-    /// Removes a response: whether there was one.
+    /// Removes a response: whether there was one (one past its time to live is gone
+    /// already, as `get` has it).
     pub async fn remove(&self, id: &str) -> Result<bool, StoreError> {
+        let cutoff = self.cutoff();
         match &self.kind {
-            Kind::Memory(m) => Ok(m.remove(id)),
-            Kind::Sqlite(s) => s.remove(id).await,
-            Kind::Postgres(p) => p.remove(id).await,
+            Kind::Memory(m) => Ok(m.remove(id, cutoff)),
+            Kind::Sqlite(s) => s.remove(id, cutoff).await,
+            Kind::Postgres(p) => p.remove(id, cutoff).await,
         }
     }
 
@@ -309,9 +311,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// The sweep's caps, in SQL both databases read: the oldest rows beyond the newest
 /// `$1`, and the oldest rows once the newest ones' bytes add up to more than `$1`.
 const SWEEP_COUNT_SQL: &str =
-    "DELETE FROM responses WHERE seq <= (SELECT seq FROM responses ORDER BY seq DESC LIMIT 1 OFFSET $1)";
-const SWEEP_BYTES_SQL: &str = "DELETE FROM responses WHERE seq <= (SELECT seq FROM \
-     (SELECT seq, CAST(SUM(bytes) OVER (ORDER BY seq DESC) AS BIGINT) AS total FROM responses) AS t \
+    "DELETE FROM inferd_responses WHERE seq <= (SELECT seq FROM inferd_responses ORDER BY seq DESC LIMIT 1 OFFSET $1)";
+const SWEEP_BYTES_SQL: &str = "DELETE FROM inferd_responses WHERE seq <= (SELECT seq FROM \
+     (SELECT seq, CAST(SUM(bytes) OVER (ORDER BY seq DESC) AS BIGINT) AS total FROM inferd_responses) AS t \
      WHERE total > $1 ORDER BY seq DESC LIMIT 1)";
 
 /// The schema version this build writes; a database at a newer version is refused.

@@ -3,6 +3,7 @@
 //! next operation opens a fresh one, so a store that was full or unwritable recovers
 //! by itself once it is not.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,7 +43,7 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
         .map_err(failed)?;
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS inferd_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-         CREATE TABLE IF NOT EXISTS responses (
+         CREATE TABLE IF NOT EXISTS inferd_responses (
              seq INTEGER PRIMARY KEY AUTOINCREMENT,
              id TEXT NOT NULL UNIQUE,
              created_at INTEGER NOT NULL,
@@ -50,7 +51,8 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
              response TEXT NOT NULL,
              input_items TEXT NOT NULL,
              conversation TEXT NOT NULL);
-         CREATE INDEX IF NOT EXISTS responses_created_at ON responses (created_at);",
+         CREATE INDEX IF NOT EXISTS inferd_responses_created_at ON inferd_responses (created_at);
+             CREATE INDEX IF NOT EXISTS inferd_responses_bytes ON inferd_responses (bytes);",
     )
     .map_err(failed)?;
     tx.execute(
@@ -74,8 +76,22 @@ fn migrate(c: &mut Connection) -> Result<(), StoreError> {
 
 impl SqliteStore {
     pub async fn open(path: &Path, full_sync: bool) -> Result<SqliteStore, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+        // Conversations are user data: a new folder and file are the owner's alone (the
+        // WAL and shared-memory files take the file's mode).
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| StoreError(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        if !path.exists() {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| StoreError(format!("cannot create {}: {e}", path.display())))?;
         }
         let store = SqliteStore {
             path: path.to_owned(),
@@ -113,7 +129,7 @@ impl SqliteStore {
         let row = self
             .run(move |c| {
                 c.query_row(
-                    "SELECT response, input_items, conversation FROM responses WHERE id = ?1 AND created_at >= ?2",
+                    "SELECT response, input_items, conversation FROM inferd_responses WHERE id = ?1 AND created_at >= ?2",
                     params![id, cutoff],
                     |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)),
                 )
@@ -128,7 +144,7 @@ impl SqliteStore {
         let id = id.to_owned();
         self.run(move |c| {
             c.execute(
-                "INSERT INTO responses (id, created_at, bytes, response, input_items, conversation)
+                "INSERT INTO inferd_responses (id, created_at, bytes, response, input_items, conversation)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![id, created_at, bytes as i64, response, input_items, conversation],
             )
@@ -137,22 +153,38 @@ impl SqliteStore {
         .map(drop)
     }
 
-    pub async fn remove(&self, id: &str) -> Result<bool, StoreError> {
+    /// Removes a response that is not past its time to live.
+    pub async fn remove(&self, id: &str, cutoff: i64) -> Result<bool, StoreError> {
         let id = id.to_owned();
-        self.run(move |c| c.execute("DELETE FROM responses WHERE id = ?1", params![id]))
-            .await
-            .map(|n| n > 0)
+        self.run(move |c| {
+            c.execute(
+                "DELETE FROM inferd_responses WHERE id = ?1 AND created_at >= ?2",
+                params![id, cutoff],
+            )
+        })
+        .await
+        .map(|n| n > 0)
     }
 
     pub async fn sweep(&self, cutoff: i64, max_count: Option<u64>, max_bytes: u64) -> Result<Swept, StoreError> {
         self.run(move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let expired = tx.execute("DELETE FROM responses WHERE created_at < ?1", params![cutoff])?;
+            let expired = tx.execute("DELETE FROM inferd_responses WHERE created_at < ?1", params![cutoff])?;
+            // The caps' deletes read every row: first a look at the totals (which the
+            // bytes index covers).
+            let (count, bytes): (i64, i64) = tx.query_row(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM inferd_responses",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let max_bytes = max_bytes.min(i64::MAX as u64) as i64;
             let mut over_cap = 0;
-            if let Some(max) = max_count {
-                over_cap += tx.execute(super::SWEEP_COUNT_SQL, params![max.min(i64::MAX as u64) as i64])?;
+            if let Some(max) = max_count.map(|m| m.min(i64::MAX as u64) as i64).filter(|&m| count > m) {
+                over_cap += tx.execute(super::SWEEP_COUNT_SQL, params![max])?;
             }
-            over_cap += tx.execute(super::SWEEP_BYTES_SQL, params![max_bytes.min(i64::MAX as u64) as i64])?;
+            if bytes > max_bytes {
+                over_cap += tx.execute(super::SWEEP_BYTES_SQL, params![max_bytes])?;
+            }
             tx.commit()?;
             Ok(Swept {
                 expired: expired as u64,
