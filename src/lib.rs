@@ -6,6 +6,8 @@
 
 /// Leveled stderr logging (`--log-level`) and its macros.
 pub mod log;
+/// Quantities written in flags (durations).
+pub mod units;
 
 /// Model ids, the Hugging Face cache, hub downloads, and memory-mapped safetensors.
 pub mod loader;

@@ -16,9 +16,10 @@ use inferd::engine::{EngineConfig, KvCacheBudget, SamplingParams};
 use inferd::loader::resolve_model;
 use inferd::log::Level;
 use inferd::manager::{kv_budget_on, load_model, ModelFiles, ModelManager, ModelSettings, ReasoningMode};
-use inferd::server::store::{parse_duration, ResponseStore, Retention, StoreUrl};
+use inferd::server::store::{ResponseStore, Retention, StoreUrl};
 use inferd::server::{self, ServerOptions, ServerState};
 use inferd::text::{ChatInput, IncrementalDetokenizer, StopMatcher, Tokenizer};
+use inferd::units::parse_duration;
 
 #[derive(Parser)]
 #[command(
@@ -996,10 +997,10 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     };
     let retention = |url: &StoreUrl| -> Result<Retention, String> {
         Ok(Retention {
-            ttl: parse_duration(&args.responses_ttl).map_err(|e| format!("--responses-ttl: {e}"))?,
+            ttl: parse_duration(&args.responses_ttl, "s").map_err(|e| format!("--responses-ttl: {e}"))?,
             max_count: args.responses_store_size.or((*url == StoreUrl::Memory).then_some(1024)),
             max_bytes: args.responses_store_max_mib.saturating_mul(1 << 20),
-            sweep_every: parse_duration(&args.responses_sweep_every)
+            sweep_every: parse_duration(&args.responses_sweep_every, "s")
                 .map_err(|e| format!("--responses-sweep-every: {e}"))?,
         })
     };

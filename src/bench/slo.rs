@@ -182,17 +182,9 @@ fn parse_percentile(p: &str) -> Result<u8, String> {
 
 /// `200ms`, `0.2s`, `200` (milliseconds).
 pub fn parse_duration_ms(text: &str) -> Result<f64, String> {
-    let (number, scale) = if let Some(n) = text.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = text.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        (text, 1.0)
-    };
-    match number.trim().parse::<f64>() {
-        Ok(v) if v > 0.0 && v.is_finite() => Ok(v * scale),
-        _ => Err(format!("--slo: `{text}` is not a positive duration (200ms, 1.5s)")),
-    }
+    crate::units::parse_duration(text, "ms")
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .map_err(|e| format!("--slo: {e}"))
 }
 
 /// Linear interpolation between closest ranks (numpy's default); 0 for no values.

@@ -282,32 +282,6 @@ fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Reads a duration written as seconds or with a unit: `90`, `500ms`, `90s`, `15m`,
-/// `12h`, `30d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(at) => text.split_at(at),
-        None => (text, "s"),
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration (90s, 15m, 12h, 30d)"))?;
-    let scale = match unit {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        "d" => 86_400.0,
-        _ => return Err(format!("`{text}`: the unit is ms, s, m, h or d")),
-    };
-    let secs = value * scale;
-    if !(0.001..=1e10).contains(&secs) {
-        return Err(format!("`{text}` is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 /// The sweep's caps, in SQL both databases read: the oldest rows beyond the newest
 /// `$1`, and the oldest rows once the newest ones' bytes add up to more than `$1`.
 const SWEEP_COUNT_SQL: &str =
@@ -330,7 +304,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_and_durations_parse() {
+    fn urls_parse_and_ids_differ() {
         assert_eq!(StoreUrl::parse("memory"), Ok(StoreUrl::Memory));
         assert_eq!(
             StoreUrl::parse("sqlite:/var/x.db?synchronous=full"),
@@ -353,13 +327,6 @@ mod tests {
             StoreUrl::parse("postgres://u:secret@h:5/db").unwrap().describe(),
             "postgres://u:***@h:5/db"
         );
-        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("3w").is_err());
-        assert!(parse_duration("x").is_err());
         let a = new_id();
         assert_eq!(a.len(), 32);
         assert_ne!(a, new_id());
