@@ -60,6 +60,10 @@ struct ServeArgs {
     /// the request names (it is never unloaded).
     #[arg(long)]
     force_model: Option<String>,
+    /// The names the served model answers to (one or more, as vLLM takes them): requests
+    /// naming another model get 404, responses and /v1/models give these names.
+    #[arg(long, num_args = 1..)]
+    served_model_name: Vec<String>,
     /// Unload a model after this many seconds without requests (0 or less: never).
     #[arg(long, default_value_t = 300, allow_negative_numbers = true)]
     model_timeout: i64,
@@ -925,6 +929,12 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
 
 fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let forced = args.force_model.clone().or(args.model.clone());
+    if !args.served_model_name.is_empty() && forced.is_none() {
+        return Err("--served-model-name names the served model: give the model too (`inferd serve MODEL`)".into());
+    }
+    if args.served_model_name.iter().any(|n| n.trim().is_empty()) {
+        return Err("--served-model-name: a name must not be empty".into());
+    }
     let chat_template_kwargs = match &args.chat_template_kwargs {
         Some(text) => match serde_json::from_str::<serde_json::Value>(text)? {
             serde_json::Value::Object(map) => Some(map),
@@ -1028,7 +1038,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     runtime.block_on(async { responses.spawn_sweeper() });
     inferd::info!("responses store: {}", responses.describe());
     let models = match &forced {
-        Some(id) => ModelManager::with_forced(settings, id)?,
+        Some(id) => ModelManager::with_forced(settings, id, args.served_model_name.clone())?,
         None => ModelManager::new(settings),
     };
     let state = std::sync::Arc::new(ServerState {

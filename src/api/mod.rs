@@ -8,6 +8,7 @@ pub mod openai;
 pub mod responses;
 pub mod sampling;
 pub mod structured;
+pub mod tokens;
 
 pub use error::ApiError;
 pub use openai::{parse_chat_request, parse_completion_request, ChatRequest, CompletionRequest, ToolChoice};

@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use super::{validate_request, Engine, EngineEvent, EngineStats, EventSender, RequestId, SamplingParams, SubmitError};
+use super::{
+    validate_request, Engine, EngineConfig, EngineEvent, EngineStats, EventSender, KvEvent, RequestId, SamplingParams, SubmitError,
+};
 use crate::backend::Backend;
 use crate::models::{EncoderInput, EngineModel};
 
@@ -23,6 +25,8 @@ enum Command {
         events: EventSender,
     },
     Cancel(RequestId),
+    /// Send the prefix cache's contents, then its changes, here.
+    ListenKv(UnboundedSender<KvEvent>),
     /// Stop now: requests still running see their event channel close.
     Shutdown,
 }
@@ -35,6 +39,8 @@ pub struct EngineMetrics {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
     pub kv_blocks_total: AtomicUsize,
+    /// Tokens per block (fixed at start).
+    pub kv_block_size: AtomicUsize,
     pub kv_blocks_used: AtomicUsize,
     pub prefix_cache_queries: AtomicU64,
     pub prefix_cache_hits: AtomicU64,
@@ -71,6 +77,8 @@ pub struct EngineHandle {
     vocab_size: usize,
     max_model_len: usize,
     max_waiting: usize,
+    config: EngineConfig,
+    eos_ids: Arc<[u32]>,
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -90,6 +98,11 @@ impl RequestStream {
     /// The next event, awaiting it.
     pub async fn next(&mut self) -> Option<EngineEvent> {
         self.events.recv().await
+    }
+
+    /// The next event if one is there now.
+    pub fn try_next(&mut self) -> Option<EngineEvent> {
+        self.events.try_recv().ok()
     }
 
     /// The next event if one is there, else wakes `cx` when one is (several streams
@@ -115,9 +128,12 @@ impl EngineHandle {
         let (commands, inbox) = crossbeam_channel::unbounded();
         let metrics = Arc::new(EngineMetrics::default());
         metrics.publish(&engine.stats());
+        metrics.kv_block_size.store(engine.config().block_size, Ordering::Relaxed);
         let vocab_size = engine.model().vocab_size();
         let max_model_len = engine.max_model_len();
         let max_waiting = engine.config().max_waiting;
+        let config = *engine.config();
+        let eos_ids: Arc<[u32]> = engine.eos_ids().into();
         let thread_metrics = metrics.clone();
         // The thread ends by itself once every handle and stream (every sender) is gone,
         // or at `shutdown`.
@@ -132,6 +148,8 @@ impl EngineHandle {
             vocab_size,
             max_model_len,
             max_waiting,
+            config,
+            eos_ids,
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         }
     }
@@ -158,6 +176,26 @@ impl EngineHandle {
 
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
+    }
+
+    /// The engine's sizes: KV block size and count, batch limits.
+    pub fn config(&self) -> EngineConfig {
+        self.config
+    }
+
+    /// The tokens that end a sequence (unless a request ignores EOS).
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// What the prefix cache holds now (as `Stored` events, parents first), then every
+    /// change to it, until the receiver is dropped; `Cleared` when the engine stops.
+    pub fn kv_events(&self) -> Result<UnboundedReceiver<KvEvent>, SubmitError> {
+        let (tx, rx) = unbounded_channel();
+        self.commands
+            .send(Command::ListenKv(tx))
+            .map_err(|_| SubmitError::ShutDown)?;
+        Ok(rx)
     }
 
     /// `Overloaded` when a request submitted now would be refused for a full queue (for
@@ -225,7 +263,10 @@ fn run<B: Backend, M: EngineModel<B>>(mut engine: Engine<B, M>, inbox: Receiver<
         } else {
             match inbox.recv() {
                 Ok(command) => Some(command),
-                Err(_) => return, // every handle is gone
+                Err(_) => {
+                    engine.clear_kv_listeners();
+                    return; // every handle is gone
+                }
             }
         };
         for command in first.into_iter().chain(inbox.try_iter()) {
@@ -250,7 +291,11 @@ fn run<B: Backend, M: EngineModel<B>>(mut engine: Engine<B, M>, inbox: Receiver<
                     }
                 }
                 Command::Cancel(id) => engine.cancel(id),
-                Command::Shutdown => return,
+                Command::ListenKv(listener) => engine.listen_kv_events(listener),
+                Command::Shutdown => {
+                    engine.clear_kv_listeners();
+                    return;
+                }
             }
         }
         if engine.has_work() {
@@ -274,5 +319,6 @@ fn run<B: Backend, M: EngineModel<B>>(mut engine: Engine<B, M>, inbox: Receiver<
             metrics.pending.fetch_sub(before - not_admitted.len(), Ordering::SeqCst);
         }
         metrics.publish(&engine.stats());
+        engine.publish_kv_events();
     }
 }

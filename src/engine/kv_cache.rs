@@ -5,6 +5,10 @@
 //! A free block may still hold a cached prefix: it stays findable until it is handed
 //! out again, oldest first. Blocks of one sequence are freed tail first, so a shared
 //! prefix outlives the private ends of the conversations that used it.
+//!
+//! When asked (`record_events`), the pool also logs what enters and leaves the prefix
+//! cache as `KvEvent`s, for a router outside the process that sends each request where
+//! its prefix already is (Dynamo's KV router, through `inferd-dynamo`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
@@ -26,11 +30,43 @@ pub fn hash_block(parent: Option<BlockHash>, tokens: &[u32]) -> BlockHash {
     BlockHash(h.finish())
 }
 
+/// A change to the set of blocks the prefix cache can serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvEvent {
+    /// Blocks now findable: a chain, each block the child of the one before it and the
+    /// first the child of `parent` (`None`: the first block of a prompt).
+    Stored {
+        parent: Option<BlockHash>,
+        blocks: Vec<(BlockHash, Box<[u32]>)>,
+    },
+    /// Blocks no longer findable (evicted for new ones).
+    Removed(Vec<BlockHash>),
+    /// Nothing is cached any more (the engine stopped).
+    Cleared,
+}
+
+/// Whether a newly cached block is told to routers, and as whose child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// The block follows `parent` (`None`: first block of a prompt).
+    After(Option<BlockHash>),
+    /// Private: a salted prefix (`cache_salt`, an encoder input), which a router that
+    /// sees only token ids would mistake for a plain one.
+    No,
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    hash: BlockHash,
+    tokens: Box<[u32]>,
+    announce: Announce,
+}
+
 #[derive(Debug, Clone, Default)]
 struct BlockMeta {
     ref_count: u32,
     /// Set while the block is findable in the prefix cache.
-    cached: Option<(BlockHash, Box<[u32]>)>,
+    cached: Option<Cached>,
     /// Key in `free` while `ref_count == 0`.
     free_stamp: u64,
 }
@@ -45,6 +81,8 @@ pub struct BlockPool {
     by_hash: HashMap<BlockHash, BlockId>,
     prefix_queries: u64,
     prefix_hits: u64,
+    /// The event log, while someone listens (`record_events`).
+    events: Option<Vec<KvEvent>>,
 }
 
 impl BlockPool {
@@ -57,6 +95,7 @@ impl BlockPool {
             by_hash: HashMap::new(),
             prefix_queries: 0,
             prefix_hits: 0,
+            events: None,
         };
         for b in 0..num_blocks as u32 {
             pool.push_free(BlockId(b));
@@ -99,9 +138,15 @@ impl BlockPool {
         for _ in 0..n {
             let (_, block) = self.free.pop_first().expect("counted above");
             let meta = &mut self.meta[block.0 as usize];
-            if let Some((hash, _)) = meta.cached.take() {
-                if self.by_hash.get(&hash) == Some(&block) {
-                    self.by_hash.remove(&hash);
+            if let Some(cached) = meta.cached.take() {
+                if self.by_hash.get(&cached.hash) == Some(&block) {
+                    self.by_hash.remove(&cached.hash);
+                }
+                if let (Some(events), Announce::After(_)) = (&mut self.events, cached.announce) {
+                    match events.last_mut() {
+                        Some(KvEvent::Removed(hashes)) => hashes.push(cached.hash),
+                        _ => events.push(KvEvent::Removed(vec![cached.hash])),
+                    }
                 }
             }
             meta.ref_count = 1;
@@ -139,7 +184,7 @@ impl BlockPool {
         let block = *self.by_hash.get(&hash)?;
         let meta = &mut self.meta[block.0 as usize];
         match &meta.cached {
-            Some((h, t)) if *h == hash && **t == *tokens => {}
+            Some(c) if c.hash == hash && *c.tokens == *tokens => {}
             _ => return None, // a hash collision: treat as a miss
         }
         if meta.ref_count == 0 {
@@ -153,12 +198,77 @@ impl BlockPool {
 
     /// Makes a full, computed block findable by its contents. If another block already
     /// holds the same contents, that one stays the cached copy.
-    pub fn register(&mut self, block: BlockId, hash: BlockHash, tokens: &[u32]) {
+    pub fn register(&mut self, block: BlockId, hash: BlockHash, tokens: &[u32], announce: Announce) {
         if self.by_hash.contains_key(&hash) || self.meta[block.0 as usize].cached.is_some() {
             return;
         }
-        self.meta[block.0 as usize].cached = Some((hash, tokens.into()));
+        self.meta[block.0 as usize].cached = Some(Cached {
+            hash,
+            tokens: tokens.into(),
+            announce,
+        });
         self.by_hash.insert(hash, block);
+        if let (Some(events), Announce::After(parent)) = (&mut self.events, announce) {
+            match events.last_mut() {
+                // The next block of the chain just logged: one event for both.
+                Some(KvEvent::Stored { blocks, .. }) if blocks.last().map(|b| b.0) == parent && parent.is_some() => {
+                    blocks.push((hash, tokens.into()))
+                }
+                _ => events.push(KvEvent::Stored {
+                    parent,
+                    blocks: vec![(hash, tokens.into())],
+                }),
+            }
+        }
+    }
+
+    /// Starts (or stops) logging `KvEvent`s. Starting returns what is cached now as
+    /// `Stored` events, parents before children, so that a new listener starts whole.
+    pub fn record_events(&mut self, on: bool) -> Vec<KvEvent> {
+        if !on {
+            self.events = None;
+            return Vec::new();
+        }
+        self.events.get_or_insert_with(Vec::new);
+        // Depth of each announced block: its chain of cached ancestors.
+        let announced: HashMap<BlockHash, (Option<BlockHash>, &[u32])> = self
+            .meta
+            .iter()
+            .filter_map(|m| m.cached.as_ref())
+            .filter(|c| self.by_hash.contains_key(&c.hash))
+            .filter_map(|c| match c.announce {
+                Announce::After(parent) => Some((c.hash, (parent, &c.tokens[..]))),
+                Announce::No => None,
+            })
+            .collect();
+        let depth = |mut hash: BlockHash| {
+            let mut d = 0usize;
+            while let Some((Some(parent), _)) = announced.get(&hash) {
+                if d > announced.len() {
+                    break; // a cycle cannot happen (hashes chain), but never spin
+                }
+                d += 1;
+                hash = *parent;
+            }
+            d
+        };
+        let mut order: Vec<(usize, BlockHash)> = announced.keys().map(|&h| (depth(h), h)).collect();
+        order.sort_unstable_by_key(|&(d, h)| (d, h.0));
+        order
+            .into_iter()
+            .map(|(_, hash)| {
+                let (parent, tokens) = announced[&hash];
+                KvEvent::Stored {
+                    parent,
+                    blocks: vec![(hash, tokens.into())],
+                }
+            })
+            .collect()
+    }
+
+    /// The events logged since the last call.
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Consistency of the bookkeeping (tests and debug builds).
@@ -174,7 +284,7 @@ impl BlockPool {
         }
         assert!(self.free.values().all(|b| self.meta[b.0 as usize].ref_count == 0));
         for (hash, block) in &self.by_hash {
-            let cached = self.meta[block.0 as usize].cached.as_ref().map(|(h, _)| h);
+            let cached = self.meta[block.0 as usize].cached.as_ref().map(|c| &c.hash);
             assert_eq!(cached, Some(hash), "prefix entry for {block:?} is stale");
         }
     }
@@ -201,7 +311,7 @@ mod tests {
         let tokens = [1, 2, 3, 4];
         let hash = hash_block(None, &tokens);
         let b = pool.allocate(1).unwrap()[0];
-        pool.register(b, hash, &tokens);
+        pool.register(b, hash, &tokens, Announce::After(None));
         pool.release(&[b]);
         assert_eq!(pool.lookup(hash, &tokens), Some(b));
         assert_eq!(
@@ -224,5 +334,53 @@ mod tests {
         let seq = pool.allocate(3).unwrap();
         pool.release(&seq);
         assert_eq!(pool.allocate(1).unwrap(), vec![seq[2]]);
+    }
+
+    #[test]
+    fn events_log_chains_evictions_and_a_snapshot_parents_first() {
+        let mut pool = BlockPool::new(3);
+        let (t1, t2) = ([1, 2], [3, 4]);
+        let h1 = hash_block(None, &t1);
+        let h2 = hash_block(Some(h1), &t2);
+        let blocks = pool.allocate(3).unwrap();
+        // Nothing is logged until someone listens.
+        pool.register(blocks[0], h1, &t1, Announce::After(None));
+        assert!(pool.take_events().is_empty());
+        let snapshot = pool.record_events(true);
+        assert_eq!(
+            snapshot,
+            vec![KvEvent::Stored {
+                parent: None,
+                blocks: vec![(h1, t1.into())]
+            }]
+        );
+        pool.register(blocks[1], h2, &t2, Announce::After(Some(h1)));
+        let salted = hash_block(Some(BlockHash(7)), &t1);
+        pool.register(blocks[2], salted, &t1, Announce::No);
+        assert_eq!(
+            pool.take_events(),
+            vec![KvEvent::Stored {
+                parent: Some(h1),
+                blocks: vec![(h2, t2.into())]
+            }],
+            "a salted block is not announced"
+        );
+        // A later snapshot lists the parent before its child, whatever the block order.
+        let again = pool.record_events(true);
+        let order: Vec<_> = again
+            .iter()
+            .map(|e| match e {
+                KvEvent::Stored { blocks, .. } => blocks[0].0,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(order, vec![h1, h2]);
+        pool.release(&blocks);
+        // Evicting all three: the two announced ones are removed in one event.
+        let taken = pool.allocate(3).unwrap();
+        assert_eq!(pool.take_events(), vec![KvEvent::Removed(vec![h2, h1])]);
+        pool.release(&taken);
+        pool.record_events(false);
+        pool.check_invariants();
     }
 }

@@ -25,6 +25,7 @@ pub use config::{available_memory, total_memory, BudgetError, EngineConfig, KvCa
 pub use handle::{EngineHandle, EngineMetrics, RequestStream};
 
 pub use constraint::{Constraint, ConstraintStart};
+pub use kv_cache::{BlockHash, KvEvent};
 pub use sampling::{SamplingParams, TokenLogprobs, TokenRole};
 pub use scheduler::{Scheduler, SchedulerConfig, StepPlan};
 pub use sequence::RequestId;
@@ -138,6 +139,8 @@ pub struct Engine<B: Backend, M: EngineModel<B> = DecoderModel<B>> {
     requests: HashMap<RequestId, RequestState>,
     eos_ids: Vec<u32>,
     stats: EngineStats,
+    /// Who hears of changes to the prefix cache (`listen_kv_events`).
+    kv_listeners: Vec<UnboundedSender<KvEvent>>,
 }
 
 impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
@@ -163,7 +166,45 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                 kv_blocks_total: config.num_blocks,
                 ..Default::default()
             },
+            kv_listeners: Vec::new(),
         }
+    }
+
+    /// Sends `listener` what the prefix cache holds now, then every change to it (after
+    /// each step, `publish_kv_events`) until the listener is dropped.
+    pub fn listen_kv_events(&mut self, listener: UnboundedSender<KvEvent>) {
+        // What others have not heard yet goes to them first; the newcomer's snapshot
+        // already holds it.
+        self.publish_kv_events();
+        for event in self.scheduler.pool.record_events(true) {
+            let _ = listener.send(event);
+        }
+        self.kv_listeners.push(listener);
+    }
+
+    /// Sends the changes to the prefix cache since the last call to every listener.
+    pub fn publish_kv_events(&mut self) {
+        if self.kv_listeners.is_empty() {
+            return;
+        }
+        self.kv_listeners.retain(|l| !l.is_closed());
+        if self.kv_listeners.is_empty() {
+            self.scheduler.pool.record_events(false);
+            return;
+        }
+        for event in self.scheduler.pool.take_events() {
+            for listener in &self.kv_listeners {
+                let _ = listener.send(event.clone());
+            }
+        }
+    }
+
+    /// Tells every listener that nothing is cached any more (the engine is stopping).
+    pub fn clear_kv_listeners(&mut self) {
+        for listener in self.kv_listeners.drain(..) {
+            let _ = listener.send(KvEvent::Cleared);
+        }
+        self.scheduler.pool.record_events(false);
     }
 
     pub fn model(&self) -> &M {
@@ -177,6 +218,11 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// The tokens that end a sequence (unless a request ignores EOS).
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
     }
 
     pub fn scheduler(&self) -> &Scheduler {

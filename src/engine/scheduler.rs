@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 
-use super::kv_cache::BlockPool;
+use super::kv_cache::{Announce, BlockPool};
 use super::sequence::{RequestId, Sequence};
 
 /// Sequences whose encoder has yet to run admitted per step: an encoder pass is long
@@ -194,7 +194,11 @@ impl Scheduler {
             let new: Vec<_> = seq.extend_hashes(bs, upto).collect();
             for (b, hash) in new {
                 let tokens = &seq.tokens[b * bs..(b + 1) * bs];
-                self.pool.register(seq.blocks[b], hash, tokens);
+                let announce = match seq.cache_salt {
+                    Some(_) => Announce::No,
+                    None => Announce::After(b.checked_sub(1).map(|p| seq.hashes[p])),
+                };
+                self.pool.register(seq.blocks[b], hash, tokens, announce);
             }
         }
     }

@@ -179,6 +179,7 @@ pub(super) fn build(
     let tokenizer = Arc::new(tokenizer);
     Ok(ServedModel {
         name: dir.display_name,
+        folder: dir.path,
         grammars: Arc::new(GrammarCompiler::new(tokenizer.clone(), engine.vocab_size(), eos)),
         engine,
         tokenizer,

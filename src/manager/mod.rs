@@ -88,6 +88,8 @@ pub struct ServedModel {
     /// `org/name@revision` (or the folder, for a local model): its registry key and the
     /// name responses give.
     pub name: String,
+    /// The folder its files are in (a hub snapshot, or the local folder it was given).
+    pub folder: std::path::PathBuf,
     pub engine: EngineHandle,
     pub tokenizer: Arc<Tokenizer>,
     /// Structured outputs: compiles (and caches) grammars over this tokenizer.
@@ -159,6 +161,8 @@ pub struct ModelManager {
     settings: ModelSettings,
     /// Serves every request, whatever model it names; never unloaded.
     forced: Option<Arc<ServedModel>>,
+    /// `--served-model-name`: the names the forced model answers to (empty: any name).
+    served_names: Vec<String>,
     slots: Mutex<HashMap<String, Slot>>,
 }
 
@@ -168,19 +172,49 @@ impl ModelManager {
         Arc::new(ModelManager {
             settings,
             forced: None,
+            served_names: Vec::new(),
             slots: Mutex::new(HashMap::new()),
         })
     }
 
     /// A manager pinned to one model, loaded now (errors are the caller's to report).
-    pub fn with_forced(settings: ModelSettings, id_or_path: &str) -> Result<Arc<Self>, LoadError> {
-        let model = Arc::new(build(&settings, id_or_path, &mut |_| {})?);
+    /// With `served_names`, the model answers to those names only and responses give
+    /// the first; without, it answers whatever model a request names.
+    pub fn with_forced(
+        settings: ModelSettings,
+        id_or_path: &str,
+        served_names: Vec<String>,
+    ) -> Result<Arc<Self>, LoadError> {
+        let mut model = build(&settings, id_or_path, &mut |_| {})?;
+        if let Some(first) = served_names.first() {
+            model.name = first.clone();
+        }
+        let model = Arc::new(model);
         let slots = HashMap::from([(model.name.clone(), Slot::Ready(model.clone()))]);
         Ok(Arc::new(ModelManager {
             settings,
             forced: Some(model),
+            served_names,
             slots: Mutex::new(slots),
         }))
+    }
+
+    /// The names a loaded model answers to: `--served-model-name`'s for the forced
+    /// model, else its own (`org/name` for `main`, else `org/name@revision`).
+    pub fn served_names(&self, model: &ServedModel) -> Vec<String> {
+        let own = self.forced.as_ref().is_some_and(|f| std::ptr::eq(&**f, model));
+        if own && !self.served_names.is_empty() {
+            return self.served_names.clone();
+        }
+        vec![model.name.strip_suffix("@main").unwrap_or(&model.name).to_owned()]
+    }
+
+    /// Whether the forced model answers to `requested` (always, without served names).
+    fn answers_to(&self, requested: Option<&str>) -> bool {
+        match requested {
+            Some(name) if !self.served_names.is_empty() => self.served_names.iter().any(|n| n == name),
+            _ => true,
+        }
     }
 
     pub fn forced(&self) -> Option<&Arc<ServedModel>> {
@@ -213,6 +247,17 @@ impl ModelManager {
         if let Some(lease) = self.acquire_loaded(requested) {
             return Ok(lease);
         }
+        if self.forced.is_some() {
+            return Err(LoadError::NotFound(format!(
+                "the model `{}` is not served here; this server serves {}",
+                requested.unwrap_or_default(),
+                self.served_names
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let name = requested.ok_or_else(|| {
             LoadError::InvalidId("`model` is required: name the model to use (`org/name[@revision]`)".into())
         })?;
@@ -226,7 +271,7 @@ impl ModelManager {
     /// memory); `None` otherwise, bad names included (`acquire` reports those).
     pub fn acquire_loaded(&self, requested: Option<&str>) -> Option<ModelLease> {
         if let Some(forced) = &self.forced {
-            return Some(ModelLease::new(forced.clone()));
+            return self.answers_to(requested).then(|| ModelLease::new(forced.clone()));
         }
         let key = Self::key(requested?).ok()?;
         // Leased under the registry lock, so the idle unloader cannot take it meanwhile.

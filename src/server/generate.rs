@@ -117,7 +117,7 @@ fn strict_tool_grammar(request: &ChatRequest, model: &ServedModel) -> Option<(Gr
 
 /// Compiles a constraint against the model's tokenizer (cached by content), off the
 /// reactor. Errors name `param`.
-async fn compile_constraint(
+pub(super) async fn compile_constraint(
     model: &ServedModel,
     (spec, style, param, start): (GrammarSpec, JsonStyle, &'static str, ConstraintStart),
 ) -> Result<Constraint, ApiError> {
@@ -138,7 +138,7 @@ async fn compile_constraint(
 /// The model a request names (`None`: the forced or only model), leased, or loaded
 /// first. Requests are parsed and checked before they get here, so a bad request never
 /// costs a load.
-async fn model_for(state: &ServerState, requested: Option<&str>) -> Result<ModelLease, ApiError> {
+pub(super) async fn model_for(state: &ServerState, requested: Option<&str>) -> Result<ModelLease, ApiError> {
     let model = match state.models.acquire_loaded(requested) {
         Some(model) => model,
         None => state.models.acquire(requested).await?,

@@ -81,14 +81,16 @@ pub fn error_response(error: &ApiError) -> HttpResponse {
 
 /// A streaming `text/event-stream` response and the sender that feeds it.
 pub fn sse_response() -> (HttpResponse, mpsc::Sender<Bytes>) {
+    stream_response("text/event-stream; charset=utf-8")
+}
+
+/// A streamed 200 of `content_type`, and the sender its task writes it with.
+pub fn stream_response(content_type: &'static str) -> (HttpResponse, mpsc::Sender<Bytes>) {
     // A small buffer: a slow client slows its own stream, never the engine.
     let (tx, rx) = mpsc::channel(64);
     let mut response = Response::new(ResponseBody::Stream(rx));
     let headers = response.headers_mut();
-    headers.insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert("cache-control", HeaderValue::from_static("no-cache"));
     (response, tx)
 }

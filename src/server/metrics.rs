@@ -182,11 +182,70 @@ impl ServerMetrics {
         for (name, kind, help, read) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (model, engine) in engines {
-                let model = model.replace('\\', "\\\\").replace('"', "\\\"");
+                let model = label_value(model);
                 let _ = writeln!(out, "{name}{{model=\"{model}\"}} {}", read(engine));
             }
         }
+        render_fleet(&mut out, engines);
         out
+    }
+}
+
+/// A label value with `\` and `"` escaped.
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The model-server protocol of the Kubernetes inference gateways (Gateway API Inference
+/// Extension, llm-d): the series their endpoint picker reads to choose a replica, with
+/// vLLM's types, meanings and label names under inferd's prefix (docs/scale-out.md
+/// gives the picker's configuration for them).
+fn render_fleet(out: &mut String, engines: &[(&str, &EngineMetrics)]) {
+    let r = Ordering::Relaxed;
+    type Read = fn(&EngineMetrics) -> f64;
+    let gauges: [(&str, &str, Read); 3] = [
+        (
+            "inferd:num_requests_waiting",
+            "Requests waiting to run: accepted and not yet admitted, or preempted.",
+            |e| e.pending.load(Ordering::Relaxed).max(e.waiting.load(Ordering::Relaxed)) as f64,
+        ),
+        (
+            "inferd:num_requests_running",
+            "Sequences in the running batch.",
+            |e| e.running.load(Ordering::Relaxed) as f64,
+        ),
+        (
+            "inferd:kv_cache_usage_perc",
+            "Fraction of KV cache blocks held by sequences, from 0 to 1.",
+            |e| {
+                let total = e.kv_blocks_total.load(Ordering::Relaxed);
+                if total == 0 {
+                    0.0
+                } else {
+                    e.kv_blocks_used.load(Ordering::Relaxed) as f64 / total as f64
+                }
+            },
+        ),
+    ];
+    for (name, help, read) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (model, engine) in engines {
+            let _ = writeln!(out, "{name}{{model_name=\"{}\"}} {}", label_value(model), read(engine));
+        }
+    }
+    let name = "inferd:cache_config_info";
+    let _ = writeln!(
+        out,
+        "# HELP {name} The KV cache's configuration, in its labels: tokens per block, blocks in all.\n# TYPE {name} gauge"
+    );
+    for (model, engine) in engines {
+        let _ = writeln!(
+            out,
+            "{name}{{model_name=\"{}\",block_size=\"{}\",num_gpu_blocks=\"{}\"}} 1",
+            label_value(model),
+            engine.kv_block_size.load(r),
+            engine.kv_blocks_total.load(r),
+        );
     }
 }
 

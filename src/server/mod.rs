@@ -13,6 +13,7 @@ pub mod multipart;
 pub mod responses;
 pub mod routes;
 pub mod store;
+pub mod tokens;
 pub mod transcribe;
 
 use std::net::SocketAddr;

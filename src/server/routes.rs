@@ -14,7 +14,7 @@ use super::http::{
     error_response, json_response, read_json, sse_event, sse_response, text_response, HttpResponse, ResponseBody,
 };
 use super::load_events::load_event_bytes;
-use super::{generate, responses, transcribe, ServerState};
+use super::{generate, responses, tokens, transcribe, ServerState};
 use crate::api::ApiError;
 use crate::loader::hub::hub_cache_dir;
 use crate::manager::{LoadEvent, LoadTicket, ModelLease, ModelManager, ServedModel};
@@ -34,6 +34,9 @@ const ROUTES: &[(&str, &[Method])] = &[
     ("/v1/responses", &[Method::POST]),
     ("/v1/audio/transcriptions", &[Method::POST]),
     ("/v1/audio/translations", &[Method::POST]),
+    ("/inferd/v1/generate", &[Method::POST]),
+    ("/inferd/v1/kv_events", &[Method::GET]),
+    ("/inferd/v1/worker", &[Method::GET]),
 ];
 
 pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<HttpResponse, Infallible> {
@@ -61,11 +64,18 @@ pub async fn handle(state: Arc<ServerState>, req: Request<Incoming>) -> Result<H
     }
     state.metrics.count_request(route, response.status().as_u16());
     // The access log: when the response head is ready (a stream goes on after it).
-    crate::info!(
+    // Probes and pollers (a Kubernetes probe, a metrics scraper, a Dynamo worker's load
+    // poll, several a second) log at debug only, unless they fail.
+    let line = format!(
         "{method} {path} {} {request_id} {:.1} ms",
         response.status().as_u16(),
         start.elapsed().as_secs_f64() * 1e3
     );
+    if matches!(route, "/health" | "/metrics" | "/inferd/v1/worker") && response.status().is_success() {
+        crate::debug!("{line}");
+    } else {
+        crate::info!("{line}");
+    }
     Ok(response)
 }
 
@@ -172,13 +182,14 @@ async fn dispatch(
             Ok(body) => generate::completions(state.clone(), body, request_id.to_owned()).await,
             Err(e) => Err(e),
         },
+        (Method::POST, "/inferd/v1/generate") => match json_body(state, req).await {
+            Ok(body) => tokens::generate(state.clone(), body).await,
+            Err(e) => Err(e),
+        },
+        (Method::GET, "/inferd/v1/kv_events") => tokens::kv_events(state.clone(), model_query(&req)).await,
+        (Method::GET, "/inferd/v1/worker") => tokens::worker_info(state.clone(), model_query(&req)).await,
         (Method::GET, "/tokenizer_info") => {
-            // A `?model=` names the model; else the forced or only one.
-            let query = req.uri().query().unwrap_or("");
-            let requested = query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("model="))
-                .map(percent_decode);
+            let requested = model_query(&req);
             match state.models.acquire(requested.as_deref()).await {
                 Ok(model) => Ok(json_response(StatusCode::OK, &tokenizer_info(&model))),
                 Err(e) => Err(ApiError::from(e)),
@@ -211,6 +222,15 @@ async fn dispatch(
         },
     };
     (route, result)
+}
+
+/// A `?model=` naming the model (else the forced or only one).
+fn model_query(req: &Request<Incoming>) -> Option<String> {
+    let query = req.uri().query().unwrap_or("");
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("model="))
+        .map(percent_decode)
 }
 
 async fn blocking(
@@ -262,7 +282,13 @@ fn listed_id(model: &ServedModel) -> &str {
 /// loaded or not, and any loaded one the scan did not find.
 fn models_list(state: &ServerState) -> Value {
     if let Some(forced) = state.models.forced() {
-        return json!({"object": "list", "data": [model_entry(listed_id(forced), forced.created, true)]});
+        let data: Vec<Value> = state
+            .models
+            .served_names(forced)
+            .iter()
+            .map(|name| model_entry(name, forced.created, true))
+            .collect();
+        return json!({"object": "list", "data": data});
     }
     let loaded = state.models.all_loaded();
     let mut data: Vec<Value> = Vec::new();

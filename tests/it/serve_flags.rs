@@ -59,11 +59,15 @@ fn dtype_and_log_level_take_effect() {
     );
     assert_eq!(s.log_lines(), Vec::<String>::new());
     drop(s);
-    // The default level logs one line per request, with its id and status.
+    // The default level logs one line per request, with its id and status; probes
+    // and pollers that succeed (several a second in a fleet) only at debug.
     let s = Server::start(&["--dtype", "bfloat16", "--continuous-batching"]);
     let r = s.request("GET", "/health", &[("x-request-id", "probe-7")], None);
     assert_eq!(r.status, 200);
+    assert_eq!(s.request("GET", "/metrics", &[], None).status, 200);
+    let r = s.request("GET", "/v1/models", &[("x-request-id", "list-7")], None);
+    assert_eq!(r.status, 200);
     let lines = s.log_lines();
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].starts_with("inferd: GET /health 200 probe-7 "), "{lines:?}");
+    assert!(lines[0].starts_with("inferd: GET /v1/models 200 list-7 "), "{lines:?}");
 }
