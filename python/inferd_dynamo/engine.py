@@ -75,6 +75,13 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="publish no KV events or load metrics (the router then balances blind)",
     )
     p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a stopping worker waits for its streams to finish (Dynamo's own grace "
+        "period, DYN_GRACEFUL_SHUTDOWN_GRACE_PERIOD_SECS, is a fixed wait before this)",
+    )
+    p.add_argument(
         "--start-timeout",
         type=float,
         default=600.0,
@@ -98,6 +105,7 @@ class InferdEngine(LLMEngine):
         self.stopping = False
         self.snapshots: Any = None
         self.responses: dict[str, aiohttp.ClientResponse] = {}
+        self.in_flight = 0
 
     @classmethod
     async def from_args(cls, argv: list[str] | None = None):
@@ -190,13 +198,18 @@ class InferdEngine(LLMEngine):
             os.kill(os.getpid(), signal.SIGTERM)
 
     async def cleanup(self) -> None:
+        # Dynamo has taken this worker out of discovery and waited its grace period;
+        # streams still running finish first (up to --drain-timeout), then inferd
+        # stops (it drains what is left on SIGTERM itself), then the connections close.
         self.stopping = True
+        deadline = asyncio.get_running_loop().time() + self.args.drain_timeout
+        while self.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        if self.in_flight:
+            logger.warning("stopping with %d streams still running", self.in_flight)
         for task in self.tasks:
             task.cancel()
         self.tasks.clear()
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -204,6 +217,9 @@ class InferdEngine(LLMEngine):
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.proc = None
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
 
     async def _worker_info(self) -> dict[str, Any]:
         assert self.session is not None
@@ -226,6 +242,15 @@ class InferdEngine(LLMEngine):
             )
         body = json.dumps(request, default=str)
         key = context.id()
+        self.in_flight += 1
+        try:
+            async for chunk in self._stream(body, key):
+                yield chunk
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, body: str, key: str) -> AsyncGenerator[dict, None]:
+        assert self.session is not None
         async with self.session.post(
             f"{self.base}/inferd/v1/generate",
             data=body,

@@ -44,6 +44,7 @@ const STOP: &[(&str, &str)] = &[
     ("max_tokens", "max_tokens"),
     ("min_tokens", "min_tokens"),
     ("ignore_eos", "ignore_eos"),
+    ("stop_token_ids", "stop_token_ids"),
     ("stop_token_ids_hidden", "stop_token_ids"),
 ];
 /// Fields the frontend sends that are the frontend's to apply (stop strings,
@@ -87,7 +88,14 @@ impl TokenRequest {
                         "structured_outputs" => without_nulls(value, &["backend"]),
                         _ => value.clone(),
                     };
-                    flat.insert((*name).to_owned(), value);
+                    // Stop ids come visible and hidden (the frontend hides the latter):
+                    // inferd stops at both.
+                    match (flat.get_mut(*name), value) {
+                        (Some(Value::Array(ids)), Value::Array(more)) => ids.extend(more),
+                        (_, value) => {
+                            flat.insert((*name).to_owned(), value);
+                        }
+                    }
                 } else if !FRONTEND_ONLY.contains(&key.as_str()) && !neutral(key.as_str(), value) {
                     return Err(ApiError::invalid(param.clone(), format!("`{param}` is not supported")));
                 }
@@ -170,7 +178,7 @@ mod tests {
             "model": "org/name",
             "sampling_options": {"temperature": 0.5, "top_k": 4, "seed": 7, "n": 2, "use_beam_search": false,
                 "guided_decoding": {"json": null, "regex": "a+", "choice": null, "backend": null}},
-            "stop_conditions": {"max_tokens": 9, "min_tokens": 1, "stop": ["x"], "stop_token_ids_hidden": [2], "ignore_eos": false},
+            "stop_conditions": {"max_tokens": 9, "min_tokens": 1, "stop": ["x"], "stop_token_ids": [5], "stop_token_ids_hidden": [2], "ignore_eos": false},
             "output_options": {"logprobs": 3, "prompt_logprobs": null, "skip_special_tokens": true},
             "routing": {"backend_instance_id": 5},
         }))
@@ -180,7 +188,7 @@ mod tests {
         assert_eq!(r.sampling.top_k, Some(Some(4)));
         assert_eq!((r.sampling.seed, r.sampling.n), (Some(7), 2));
         assert_eq!((r.sampling.max_tokens, r.sampling.min_tokens), (Some(9), 1));
-        assert_eq!(r.sampling.stop_token_ids, vec![2]);
+        assert_eq!(r.sampling.stop_token_ids, vec![5, 2]);
         assert_eq!(r.sampling.logprobs, Some(3));
         assert_eq!(r.structured.unwrap().param, "structured_outputs");
     }
