@@ -66,7 +66,10 @@ impl TokenRequest {
             .ok_or_else(|| ApiError::invalid("token_ids", "`token_ids` is required: the prompt's token ids"))?;
         let model = f.get::<String>("model")?;
         for key in ["multi_modal_data", "prefill_result", "bootstrap_info", "encoder_result"] {
-            if top.get(key).is_some_and(|v| !v.is_null() && v != &Value::Object(Map::new())) {
+            if top
+                .get(key)
+                .is_some_and(|v| !v.is_null() && v != &Value::Object(Map::new()))
+            {
                 return Err(ApiError::invalid(
                     key,
                     format!("`{key}` is not supported: this worker serves text, aggregated (no disaggregated prefill, no media)"),
@@ -75,6 +78,8 @@ impl TokenRequest {
         }
         // The groups, flattened into the names the OpenAI routes read.
         let mut flat = Map::new();
+        // Where each flattened field came from, for errors: `stop_conditions.max_tokens`.
+        let mut origin: Vec<(&str, String)> = Vec::new();
         let groups: [(&str, &[(&str, &str)]); 2] = [("sampling_options", SAMPLING), ("stop_conditions", STOP)];
         for (group, fields) in groups {
             for (key, value) in &group_of(top, group)? {
@@ -83,6 +88,9 @@ impl TokenRequest {
                 }
                 let param = format!("{group}.{key}");
                 if let Some((_, name)) = fields.iter().find(|(k, _)| *k == key) {
+                    if !origin.iter().any(|(n, _)| n == name) {
+                        origin.push((name, param.clone()));
+                    }
                     let value = match *name {
                         // Dynamo spells out every option of the constraint, unset ones null.
                         "structured_outputs" => without_nulls(value, &["backend"]),
@@ -103,13 +111,13 @@ impl TokenRequest {
         }
         let renamed = |e: ApiError, group: &str| {
             let key = e.param.clone().unwrap_or_default();
-            let back = SAMPLING
+            let wire = origin
                 .iter()
-                .chain(STOP)
-                .find(|(_, name)| *name == key)
-                .map_or(key.as_str(), |(k, _)| *k);
+                .find(|(name, _)| *name == key)
+                .map_or_else(|| format!("{group}.{key}"), |(_, wire)| wire.clone());
             ApiError {
-                param: Some(format!("{group}.{back}")),
+                message: e.message.replace(&format!("`{key}`"), &format!("`{wire}`")),
+                param: Some(wire),
                 ..e
             }
         };
@@ -121,7 +129,10 @@ impl TokenRequest {
         if let Some(k) = o.get::<i64>("logprobs").map_err(|e| renamed(e, "output_options"))? {
             sampling.set_logprobs("output_options.logprobs", k)?;
         }
-        if let Some(k) = o.get::<i64>("prompt_logprobs").map_err(|e| renamed(e, "output_options"))? {
+        if let Some(k) = o
+            .get::<i64>("prompt_logprobs")
+            .map_err(|e| renamed(e, "output_options"))?
+        {
             sampling.set_prompt_logprobs("output_options.prompt_logprobs", k)?;
         }
         Ok(TokenRequest {
@@ -197,11 +208,26 @@ mod tests {
     fn what_cannot_be_honoured_is_refused_naming_the_field() {
         for (body, param) in [
             (json!({}), "token_ids"),
-            (json!({"token_ids": [1], "sampling_options": {"use_beam_search": true}}), "sampling_options.use_beam_search"),
-            (json!({"token_ids": [1], "sampling_options": {"temperature": -1}}), "sampling_options.temperature"),
-            (json!({"token_ids": [1], "stop_conditions": {"max_tokens": 0}}), "stop_conditions.max_tokens"),
-            (json!({"token_ids": [1], "stop_conditions": {"stop_token_ids_hidden": "x"}}), "stop_conditions.stop_token_ids_hidden"),
-            (json!({"token_ids": [1], "output_options": {"logprobs": 99}}), "output_options.logprobs"),
+            (
+                json!({"token_ids": [1], "sampling_options": {"use_beam_search": true}}),
+                "sampling_options.use_beam_search",
+            ),
+            (
+                json!({"token_ids": [1], "sampling_options": {"temperature": -1}}),
+                "sampling_options.temperature",
+            ),
+            (
+                json!({"token_ids": [1], "stop_conditions": {"max_tokens": 0}}),
+                "stop_conditions.max_tokens",
+            ),
+            (
+                json!({"token_ids": [1], "stop_conditions": {"stop_token_ids_hidden": "x"}}),
+                "stop_conditions.stop_token_ids_hidden",
+            ),
+            (
+                json!({"token_ids": [1], "output_options": {"logprobs": 99}}),
+                "output_options.logprobs",
+            ),
             (json!({"token_ids": [1], "prefill_result": {"x": 1}}), "prefill_result"),
             (json!({"token_ids": [1], "stop_conditions": 3}), "stop_conditions"),
         ] {

@@ -11,7 +11,8 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::{
-    validate_request, Engine, EngineConfig, EngineEvent, EngineStats, EventSender, KvEvent, RequestId, SamplingParams, SubmitError,
+    validate_request, Engine, EngineConfig, EngineEvent, EngineStats, EventSender, KvEvent, RequestId, SamplingParams,
+    SubmitError,
 };
 use crate::backend::Backend;
 use crate::models::{EncoderInput, EngineModel};
@@ -128,7 +129,9 @@ impl EngineHandle {
         let (commands, inbox) = crossbeam_channel::unbounded();
         let metrics = Arc::new(EngineMetrics::default());
         metrics.publish(&engine.stats());
-        metrics.kv_block_size.store(engine.config().block_size, Ordering::Relaxed);
+        metrics
+            .kv_block_size
+            .store(engine.config().block_size, Ordering::Relaxed);
         let vocab_size = engine.model().vocab_size();
         let max_model_len = engine.max_model_len();
         let max_waiting = engine.config().max_waiting;

@@ -209,11 +209,9 @@ fn render_fleet(out: &mut String, engines: &[(&str, &EngineMetrics)]) {
             "Requests waiting to run: accepted and not yet admitted, or preempted.",
             |e| e.pending.load(Ordering::Relaxed).max(e.waiting.load(Ordering::Relaxed)) as f64,
         ),
-        (
-            "inferd:num_requests_running",
-            "Sequences in the running batch.",
-            |e| e.running.load(Ordering::Relaxed) as f64,
-        ),
+        ("inferd:num_requests_running", "Sequences in the running batch.", |e| {
+            e.running.load(Ordering::Relaxed) as f64
+        }),
         (
             "inferd:kv_cache_usage_perc",
             "Fraction of KV cache blocks held by sequences, from 0 to 1.",

@@ -78,7 +78,9 @@ pub async fn generate(state: Arc<ServerState>, body: Value) -> Result<HttpRespon
                 () = tx.closed() => return,
             };
             let Some(event) = event else {
-                let _ = tx.send(line(&json!({"error": {"message": "the engine stopped"}}))).await;
+                let _ = tx
+                    .send(line(&json!({"error": {"message": "the engine stopped"}})))
+                    .await;
                 return;
             };
             // Everything already there goes out in one line per sequence.
@@ -89,7 +91,9 @@ pub async fn generate(state: Arc<ServerState>, body: Value) -> Result<HttpRespon
             let mut chunks: Vec<Chunk> = Vec::new();
             for event in batch {
                 match event {
-                    EngineEvent::Token { index, token, logprobs, .. } => {
+                    EngineEvent::Token {
+                        index, token, logprobs, ..
+                    } => {
                         if first {
                             state.metrics.time_to_first_token.observe(start.elapsed().as_secs_f64());
                             first = false;
@@ -205,7 +209,9 @@ pub async fn kv_events(state: Arc<ServerState>, requested: Option<String>) -> Re
     tokio::spawn(async move {
         // The lease keeps the model loaded while a router listens.
         let _model = model;
-        let _ = tx.send(line(&json!({"type": "config", "block_size": block_size}))).await;
+        let _ = tx
+            .send(line(&json!({"type": "config", "block_size": block_size})))
+            .await;
         loop {
             let event = tokio::select! {
                 event = events.recv() => event,

@@ -1,8 +1,11 @@
 //! Property tests of the KV block pool and its prefix cache: random sequences of
 //! allocate / share / release / register / lookup never double-free, leak, or hand one
-//! block to two owners.
+//! block to two owners, and the event log a router replays always matches what the
+//! prefix cache can serve.
 
-use inferd::engine::kv_cache::{hash_block, BlockId, BlockPool};
+use std::collections::HashSet;
+
+use inferd::engine::kv_cache::{hash_block, Announce, BlockHash, BlockId, BlockPool, KvEvent};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -39,6 +42,9 @@ proptest! {
         let mut pool = BlockPool::new(NUM_BLOCKS);
         // Each holder is one owner's list of blocks (a sequence, or a prefix hit).
         let mut holders: Vec<Vec<BlockId>> = Vec::new();
+        // What a router that replays the events believes is cached.
+        prop_assert!(pool.record_events(true).is_empty());
+        let mut replayed: HashSet<BlockHash> = HashSet::new();
         for op in ops {
             match op {
                 Op::Allocate(n) => {
@@ -67,7 +73,9 @@ proptest! {
                 Op::Register(i, seed) if !holders.is_empty() => {
                     if let Some(&b) = holders[i % holders.len()].first() {
                         let tokens = contents(seed);
-                        pool.register(b, hash_block(None, &tokens), &tokens);
+                        // Odd contents stand for salted prefixes, never announced.
+                        let announce = if seed % 2 == 0 { Announce::After(None) } else { Announce::No };
+                        pool.register(b, hash_block(None, &tokens), &tokens, announce);
                     }
                 }
                 Op::Lookup(seed) => {
@@ -79,6 +87,30 @@ proptest! {
                 _ => {}
             }
             pool.check_invariants();
+            for event in pool.take_events() {
+                match event {
+                    KvEvent::Stored { blocks, .. } => {
+                        for (hash, _) in blocks {
+                            prop_assert!(replayed.insert(hash), "stored twice: {:?}", hash);
+                        }
+                    }
+                    KvEvent::Removed(hashes) => {
+                        for hash in hashes {
+                            prop_assert!(replayed.remove(&hash), "removed unknown: {:?}", hash);
+                        }
+                    }
+                    KvEvent::Cleared => replayed.clear(),
+                }
+            }
+            let now: HashSet<BlockHash> = pool
+                .record_events(true)
+                .into_iter()
+                .flat_map(|e| match e {
+                    KvEvent::Stored { blocks, .. } => blocks.into_iter().map(|(h, _)| h).collect(),
+                    _ => Vec::new(),
+                })
+                .collect();
+            prop_assert_eq!(&replayed, &now);
             // Reference counts are exactly the number of holders of each block.
             let mut refs = [0u32; NUM_BLOCKS];
             for h in &holders {

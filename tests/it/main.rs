@@ -36,3 +36,4 @@ mod vision;
 mod vision_chat;
 mod wall;
 mod whisper;
+mod worker_routes;
