@@ -15,6 +15,7 @@ and prints the logs.
 5. SIGKILL of a worker mid-run: the run completes on the other (the frontend migrates
    the cut streams), and the dead worker's engine died with it.
 6. SIGTERM: the worker leaves discovery, finishes its streams, exits 0.
+7. A worker whose inferd dies leaves discovery and exits 1.
 """
 
 import concurrent.futures
@@ -298,12 +299,22 @@ def main():
         assert code == 0, code
         wait_for("w1's engine to stop", lambda: not os.path.exists(f"/proc/{w1_pid}"), within=30)
 
+    def engine_death_takes_the_worker_out():
+        worker("w3")
+        wait_for("w3 to register", lambda: len(registered()) == 1)
+        _, w3_pid = worker_inferd("w3")
+        os.kill(w3_pid, signal.SIGKILL)
+        code = procs["w3"].wait(120)
+        assert code == 1, code
+        wait_for("w3 to leave discovery", lambda: not registered(), within=60)
+
     checks = [("same text as inferd alone, both workers", same_text_as_inferd_alone),
               ("KV-aware routing follows the prefix", kv_routing_follows_the_prefix),
               ("a dropped stream frees the worker's blocks", cancel_frees_the_blocks),
               ("sampling options, stop ids, seeds, logprobs carry through", options_carry_through),
               ("SIGKILL mid-run: the run completes on the other worker", sigkill_mid_run),
-              ("SIGTERM: unregisters, finishes its stream, exits 0", sigterm_leaves_then_drains)]
+              ("SIGTERM: unregisters, finishes its stream, exits 0", sigterm_leaves_then_drains),
+              ("an engine that dies takes its worker out, exit 1", engine_death_takes_the_worker_out)]
     for name, fn in checks:
         check(name, fn)
     print(json.dumps({"dynamo": "1.6.1", "passed": len(checks)}))
