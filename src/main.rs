@@ -930,7 +930,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
 fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
     let forced = args.force_model.clone().or(args.model.clone());
     if !args.served_model_name.is_empty() && forced.is_none() {
-        return Err("--served-model-name names the served model: give the model too (`inferd serve MODEL`)".into());
+        return Err("--served-model-name names the served model: give the model first (`inferd serve MODEL --served-model-name NAME [ALIAS...]`; the names take every word after them)".into());
     }
     if args.served_model_name.iter().any(|n| n.trim().is_empty()) {
         return Err("--served-model-name: a name must not be empty".into());
@@ -1066,6 +1066,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         metrics: Default::default(),
         next_request: Default::default(),
         responses,
+        stopping: tokio::sync::watch::Sender::new(false),
     });
     let host = if args.host == "localhost" {
         "127.0.0.1"

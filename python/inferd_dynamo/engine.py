@@ -105,6 +105,7 @@ class InferdEngine(LLMEngine):
         self.stopping = False
         self.snapshots: Any = None
         self.responses: dict[str, aiohttp.ClientResponse] = {}
+        self.aborted: set[str] = set()
         self.in_flight = 0
 
     @classmethod
@@ -146,6 +147,9 @@ class InferdEngine(LLMEngine):
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent,
+            # Its own session: a Ctrl-C at the terminal reaches this worker (which leaves
+            # the deployment and drains first), not inferd directly.
+            start_new_session=True,
         )
         address: asyncio.Future = self.loop.create_future()
         threading.Thread(target=self._relay_stderr, args=(address,), daemon=True, name="inferd-stderr").start()
@@ -209,6 +213,9 @@ class InferdEngine(LLMEngine):
             logger.warning("stopping with %d streams still running", self.in_flight)
         for task in self.tasks:
             task.cancel()
+        # Publishing stops before cleanup returns (Dynamo's PushSource contract).
+        waits = [t if isinstance(t, asyncio.Future) else asyncio.wrap_future(t) for t in self.tasks]
+        await asyncio.gather(*waits, return_exceptions=True)
         self.tasks.clear()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -274,13 +281,20 @@ class InferdEngine(LLMEngine):
                     if "error" in chunk:
                         raise Unknown(chunk["error"].get("message", "inferd failed"))
                     yield chunk
+            except aiohttp.ClientError as e:
+                if key in self.aborted:
+                    return  # cancelled: abort() closed the connection
+                raise EngineShutdown(f"the stream from inferd broke: {e}") from e
             finally:
                 self.responses.pop(key, None)
+                self.aborted.discard(key)
 
     async def abort(self, context) -> None:
         # Closing the connection cancels the request in inferd and frees its blocks.
-        r = self.responses.pop(context.id(), None)
+        key = context.id()
+        r = self.responses.pop(key, None)
         if r is not None:
+            self.aborted.add(key)
             r.close()
 
     # -- KV-aware routing --------------------------------------------------------------
@@ -289,42 +303,62 @@ class InferdEngine(LLMEngine):
         return [PushSource(on_ready=self._on_kv_publisher, dp_rank=0)]
 
     def _on_kv_publisher(self, publisher) -> None:
+        self._background(self._relay_kv_events(publisher), "KV event relay")
+
+    def _background(self, coroutine, what: str) -> None:
+        """Runs `coroutine` on the engine's loop (from any thread); a failure is logged,
+        never lost."""
         assert self.loop is not None
-        future = asyncio.run_coroutine_threadsafe(self._relay_kv_events(publisher), self.loop)
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+        def done(f) -> None:
+            if not f.cancelled() and f.exception() is not None and not self.stopping:
+                logger.error("%s failed: %r", what, f.exception())
+
+        future.add_done_callback(done)
         self.tasks.append(future)
 
     async def _relay_kv_events(self, publisher) -> None:
-        """inferd's prefix-cache events, into Dynamo's KV publisher."""
-        assert self.session is not None
+        """inferd's prefix-cache events, into Dynamo's KV publisher. If the stream
+        breaks, what the router was told is taken back and the stream reopened (its
+        first events are the cache's whole contents again)."""
         known: set[int] = set()
-        async with self.session.get(f"{self.base}/inferd/v1/kv_events") as r:
-            async for line in r.content:
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind = event.get("type")
-                if kind == "stored":
-                    publisher.publish_stored(
-                        token_ids=event["token_ids"],
-                        num_block_tokens=event["num_block_tokens"],
-                        block_hashes=event["block_hashes"],
-                        parent_hash=event["parent_hash"],
-                    )
-                    known.update(event["block_hashes"])
-                elif kind == "removed":
-                    publisher.publish_removed(block_hashes=event["block_hashes"])
-                    known.difference_update(event["block_hashes"])
-                elif kind == "cleared" and known:
-                    publisher.publish_removed(block_hashes=sorted(known))
-                    known.clear()
+        while not self.stopping:
+            try:
+                assert self.session is not None
+                async with self.session.get(f"{self.base}/inferd/v1/kv_events") as r:
+                    async for line in r.content:
+                        if not line.strip():
+                            continue
+                        event = json.loads(line)
+                        kind = event.get("type")
+                        if kind == "stored":
+                            publisher.publish_stored(
+                                token_ids=event["token_ids"],
+                                num_block_tokens=event["num_block_tokens"],
+                                block_hashes=event["block_hashes"],
+                                parent_hash=event["parent_hash"],
+                            )
+                            known.update(event["block_hashes"])
+                        elif kind == "removed":
+                            publisher.publish_removed(block_hashes=event["block_hashes"])
+                            known.difference_update(event["block_hashes"])
+                        elif kind == "cleared" and known:
+                            publisher.publish_removed(block_hashes=sorted(known))
+                            known.clear()
+            except (aiohttp.ClientError, ValueError, KeyError) as e:
+                logger.warning("KV events from inferd: %r; reopening", e)
+            if known and not self.stopping:
+                publisher.publish_removed(block_hashes=sorted(known))
+                known.clear()
+            await asyncio.sleep(1.0)
 
     def component_metrics_dp_ranks(self) -> list[int]:
         return [0]
 
     def attach_snapshot_publisher(self, publisher) -> None:
         self.snapshots = publisher
-        assert self.loop is not None
-        self.tasks.append(asyncio.run_coroutine_threadsafe(self._publish_load(), self.loop))
+        self._background(self._publish_load(), "load snapshots")
 
     async def _publish_load(self) -> None:
         """The worker's load, for the router's cost function (4 times a second)."""

@@ -65,11 +65,18 @@ impl TokenRequest {
             .get("token_ids")?
             .ok_or_else(|| ApiError::invalid("token_ids", "`token_ids` is required: the prompt's token ids"))?;
         let model = f.get::<String>("model")?;
-        for key in ["multi_modal_data", "prefill_result", "bootstrap_info", "encoder_result"] {
-            if top
-                .get(key)
-                .is_some_and(|v| !v.is_null() && v != &Value::Object(Map::new()))
-            {
+        let empty = |v: &Value| {
+            v.is_null() || v.as_object().is_some_and(Map::is_empty) || v.as_array().is_some_and(Vec::is_empty)
+        };
+        for key in [
+            "multi_modal_data",
+            "mm_processor_kwargs",
+            "prefill_result",
+            "bootstrap_info",
+            "encoder_result",
+            "batch_token_ids",
+        ] {
+            if top.get(key).is_some_and(|v| !empty(v)) {
                 return Err(ApiError::invalid(
                     key,
                     format!("`{key}` is not supported: this worker serves text, aggregated (no disaggregated prefill, no media)"),
@@ -100,14 +107,22 @@ impl TokenRequest {
                     // inferd stops at both.
                     match (flat.get_mut(*name), value) {
                         (Some(Value::Array(ids)), Value::Array(more)) => ids.extend(more),
-                        (_, value) => {
+                        (None, value) => {
                             flat.insert((*name).to_owned(), value);
                         }
+                        // The first is not a list: its error (naming it) comes first.
+                        (Some(_), _) => {}
                     }
                 } else if !FRONTEND_ONLY.contains(&key.as_str()) && !neutral(key.as_str(), value) {
                     return Err(ApiError::invalid(param.clone(), format!("`{param}` is not supported")));
                 }
             }
+        }
+        // The client's `nvext.cache_salt`, which Dynamo's preprocessor carries in
+        // `extra_args` (vLLM's token-in-token-out requests: `extra_args.vllm_tito`).
+        if let Some(salt) = cache_salt(top)? {
+            flat.insert("cache_salt".into(), Value::String(salt));
+            origin.push(("cache_salt", "extra_args.nvext.cache_salt".into()));
         }
         let renamed = |e: ApiError, group: &str| {
             let key = e.param.clone().unwrap_or_default();
@@ -125,6 +140,13 @@ impl TokenRequest {
         let mut sampling = sampling_request(&fields, &["max_tokens"]).map_err(|e| renamed(e, "sampling_options"))?;
         let structured = structured_request(&fields).map_err(|e| renamed(e, "sampling_options"))?;
         let output = group_of(top, "output_options")?;
+        for (key, value) in &output {
+            let neutral = value.is_null() || value == &Value::Bool(false);
+            if !neutral && !OUTPUT.contains(&key.as_str()) {
+                let param = format!("output_options.{key}");
+                return Err(ApiError::invalid(param.clone(), format!("`{param}` is not supported")));
+            }
+        }
         let o = Fields { map: &output };
         if let Some(k) = o.get::<i64>("logprobs").map_err(|e| renamed(e, "output_options"))? {
             sampling.set_logprobs("output_options.logprobs", k)?;
@@ -142,6 +164,35 @@ impl TokenRequest {
             structured,
         })
     }
+}
+
+/// `output_options` inferd reads, or leaves to the frontend (detokenization).
+const OUTPUT: &[&str] = &["logprobs", "prompt_logprobs", "skip_special_tokens", "formatted_prompt"];
+
+/// The cache salt a request carries, wherever Dynamo put it.
+fn cache_salt(top: &Map<String, Value>) -> Result<Option<String>, ApiError> {
+    let extra = top.get("extra_args").and_then(Value::as_object);
+    let sources = [
+        ("nvext.cache_salt", top.get("nvext")),
+        ("extra_args.nvext.cache_salt", extra.and_then(|e| e.get("nvext"))),
+        (
+            "extra_args.vllm_tito.cache_salt",
+            extra.and_then(|e| e.get("vllm_tito")),
+        ),
+    ];
+    for (param, source) in sources {
+        match source.and_then(|s| s.get("cache_salt")) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(salt)) if !salt.is_empty() => return Ok(Some(salt.clone())),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    param,
+                    format!("`{param}` must be a non-empty string"),
+                ))
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// A group object (absent or null: empty).
@@ -202,6 +253,12 @@ mod tests {
         assert_eq!(r.sampling.stop_token_ids, vec![5, 2]);
         assert_eq!(r.sampling.logprobs, Some(3));
         assert_eq!(r.structured.unwrap().param, "structured_outputs");
+        assert_eq!(r.sampling.cache_salt, None);
+        // The client's `nvext.cache_salt`, as Dynamo carries it, isolates its prefixes.
+        let salted = |body: Value| TokenRequest::parse(&body).unwrap().sampling.cache_salt;
+        let a = salted(json!({"token_ids": [1], "extra_args": {"nvext": {"cache_salt": "tenant-a"}}}));
+        let b = salted(json!({"token_ids": [1], "extra_args": {"vllm_tito": {"cache_salt": "tenant-b"}}}));
+        assert!(a.is_some() && b.is_some() && a != b);
     }
 
     #[test]
@@ -230,6 +287,19 @@ mod tests {
             ),
             (json!({"token_ids": [1], "prefill_result": {"x": 1}}), "prefill_result"),
             (json!({"token_ids": [1], "stop_conditions": 3}), "stop_conditions"),
+            (
+                json!({"token_ids": [1], "output_options": {"return_everything": true}}),
+                "output_options.return_everything",
+            ),
+            (json!({"token_ids": [1], "batch_token_ids": [[1]]}), "batch_token_ids"),
+            (
+                json!({"token_ids": [1], "extra_args": {"nvext": {"cache_salt": 5}}}),
+                "extra_args.nvext.cache_salt",
+            ),
+            (
+                json!({"token_ids": [1], "stop_conditions": {"stop_token_ids": 7, "stop_token_ids_hidden": [2]}}),
+                "stop_conditions.stop_token_ids",
+            ),
         ] {
             let e = TokenRequest::parse(&body).unwrap_err();
             assert_eq!(e.status, 400, "{body}");

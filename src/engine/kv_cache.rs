@@ -198,8 +198,22 @@ impl BlockPool {
 
     /// Makes a full, computed block findable by its contents. If another block already
     /// holds the same contents, that one stays the cached copy.
+    ///
+    /// One exception: when that copy is free (nobody holds it, so it is next in line for
+    /// eviction) and this block is held, the entry moves to this block, unannounced: the
+    /// contents stay cached while a sequence builds on them, and a router never hears of
+    /// a child whose parent was evicted under it.
     pub fn register(&mut self, block: BlockId, hash: BlockHash, tokens: &[u32], announce: Announce) {
-        if self.by_hash.contains_key(&hash) || self.meta[block.0 as usize].cached.is_some() {
+        if self.meta[block.0 as usize].cached.is_some() {
+            return;
+        }
+        if let Some(&old) = self.by_hash.get(&hash) {
+            let held = self.meta[block.0 as usize].ref_count > 0;
+            if held && old != block && self.meta[old.0 as usize].ref_count == 0 {
+                let entry = self.meta[old.0 as usize].cached.take();
+                self.meta[block.0 as usize].cached = entry;
+                self.by_hash.insert(hash, block);
+            }
             return;
         }
         self.meta[block.0 as usize].cached = Some(Cached {
@@ -381,6 +395,27 @@ mod tests {
         assert_eq!(pool.take_events(), vec![KvEvent::Removed(vec![h2, h1])]);
         pool.release(&taken);
         pool.record_events(false);
+        pool.check_invariants();
+    }
+
+    #[test]
+    fn a_held_copy_takes_over_the_cache_entry_of_a_free_one_silently() {
+        let mut pool = BlockPool::new(2);
+        pool.record_events(true);
+        let tokens = [1, 2];
+        let hash = hash_block(None, &tokens);
+        let first = pool.allocate(1).unwrap();
+        pool.register(first[0], hash, &tokens, Announce::After(None));
+        // A second sequence computed the same block before it could share the first.
+        let second = pool.allocate(1).unwrap();
+        pool.release(&first);
+        pool.register(second[0], hash, &tokens, Announce::After(None));
+        assert_eq!(pool.take_events().len(), 1, "one store, and no more events");
+        // The free copy is evicted first: the cached contents survive it.
+        let taken = pool.allocate(1).unwrap();
+        assert_eq!(taken, first);
+        assert!(pool.take_events().is_empty());
+        assert_eq!(pool.lookup(hash, &tokens), Some(second[0]));
         pool.check_invariants();
     }
 }

@@ -217,6 +217,23 @@ impl ModelManager {
         }
     }
 
+    /// `NotFound` when a request names a model this server does not answer to (with
+    /// `--served-model-name`; any name is the forced model's without).
+    pub fn check_served(&self, requested: Option<&str>) -> Result<(), LoadError> {
+        if self.forced.is_none() || self.answers_to(requested) {
+            return Ok(());
+        }
+        Err(LoadError::NotFound(format!(
+            "the model `{}` is not served here; this server serves {}",
+            requested.unwrap_or_default(),
+            self.served_names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
     pub fn forced(&self) -> Option<&Arc<ServedModel>> {
         self.forced.as_ref()
     }
@@ -248,15 +265,7 @@ impl ModelManager {
             return Ok(lease);
         }
         if self.forced.is_some() {
-            return Err(LoadError::NotFound(format!(
-                "the model `{}` is not served here; this server serves {}",
-                requested.unwrap_or_default(),
-                self.served_names
-                    .iter()
-                    .map(|n| format!("`{n}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
+            self.check_served(requested)?;
         }
         let name = requested.ok_or_else(|| {
             LoadError::InvalidId("`model` is required: name the model to use (`org/name[@revision]`)".into())

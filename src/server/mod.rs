@@ -59,6 +59,9 @@ pub struct ServerState {
     pub next_request: AtomicU64,
     /// Responses kept for `previous_response_id` and `GET /v1/responses/{id}`.
     pub responses: Arc<store::ResponseStore>,
+    /// Becomes true when shutdown starts: streams that never end by themselves (KV
+    /// events) end then, so that the drain waits only for replies.
+    pub stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Media decoded at once, server-wide (audio files, images): one per core. A burst of
@@ -154,6 +157,7 @@ pub async fn serve(state: Arc<ServerState>, options: ServerOptions) -> std::io::
             }
             _ = &mut shutdown => {
                 crate::info!("shutting down");
+                state.stopping.send_replace(true);
                 break;
             }
         }

@@ -382,7 +382,10 @@ fn load_model(state: &Arc<ServerState>, body: &Value) -> Result<HttpResponse, Ap
     };
     // A pinned server loads nothing else: the answer names the model that will serve.
     let ticket = match state.models.forced() {
-        Some(forced) => LoadTicket::Ready(forced.clone()),
+        Some(forced) => {
+            state.models.check_served(Some(&name))?;
+            LoadTicket::Ready(forced.clone())
+        }
         None => state.models.start_load(&ModelManager::key(&name)?),
     };
     match ticket {

@@ -200,15 +200,18 @@ fn entry(tokenizer: &Tokenizer, id: u32, logprob: f32, rank: usize) -> Value {
     json!({"rank": rank, "token_id": id, "token": token, "logprob": logprob, "bytes": token.as_bytes()})
 }
 
-/// `GET /inferd/v1/kv_events[?model=]`.
+/// `GET /inferd/v1/kv_events[?model=]`. The stream holds no lease on the model: a
+/// router listening does not keep it loaded. When the model is unloaded the stream says
+/// `cleared` and ends; when the server stops, it ends.
 pub async fn kv_events(state: Arc<ServerState>, requested: Option<String>) -> Result<HttpResponse, ApiError> {
-    let model = model_for(&state, requested.as_deref()).await?;
-    let mut events = model.engine.kv_events().map_err(ApiError::from)?;
+    let (mut events, block_size) = {
+        let model = model_for(&state, requested.as_deref()).await?;
+        let events = model.engine.kv_events().map_err(ApiError::from)?;
+        (events, model.engine.config().block_size)
+    };
     let (response, tx) = stream_response(NDJSON);
-    let block_size = model.engine.config().block_size;
+    let mut stopping = state.stopping.subscribe();
     tokio::spawn(async move {
-        // The lease keeps the model loaded while a router listens.
-        let _model = model;
         let _ = tx
             .send(line(&json!({"type": "config", "block_size": block_size})))
             .await;
@@ -216,6 +219,7 @@ pub async fn kv_events(state: Arc<ServerState>, requested: Option<String>) -> Re
             let event = tokio::select! {
                 event = events.recv() => event,
                 () = tx.closed() => return,
+                _ = stopping.wait_for(|stopping| *stopping) => return,
             };
             let Some(event) = event else { return };
             if tx.send(line(&kv_event_json(&event))).await.is_err() {

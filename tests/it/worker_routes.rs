@@ -465,6 +465,11 @@ fn served_model_names_and_a_plain_folder() {
     );
     assert_eq!(r.status, 404, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "model_not_found");
+    // Loading another model is refused the same way; loading a served name is ready.
+    let r = s.post("/load_model", json!({"model": SMOL}));
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = s.post("/load_model", json!({"model": "team/smol-v1"}));
+    assert_eq!(r.status, 200, "{}", r.body);
     let worker = s.request("GET", "/inferd/v1/worker", &[], None).json();
     assert_eq!(worker["folder"], path);
     assert_eq!(worker["served_model_names"], json!(["smol", "team/smol-v1"]));
@@ -476,4 +481,31 @@ fn served_model_names_and_a_plain_folder() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--served-model-name"));
+}
+
+#[test]
+fn a_listening_router_does_not_keep_a_model_loaded() {
+    // Models on demand, unloaded after a second idle: the events stream loads it (it
+    // names it) but holds no lease; the unload tells the router `cleared` and ends.
+    let s = Server::launch(&["--model-timeout", "1"], &[]);
+    let mut events = LineStream::open(s.port, &format!("/inferd/v1/kv_events?model={SMOL}"));
+    assert_eq!(events.next()["type"], "config");
+    let r = s.post(
+        "/v1/completions",
+        json!({"model": SMOL, "prompt": "Once upon a time there was a little dragon who lived in a cave by the sea. ".repeat(3), "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(events.next()["type"], "stored");
+    assert_eq!(events.next(), json!({"type": "cleared"}));
+    let mut rest = String::new();
+    events.reader.read_to_string(&mut rest).unwrap();
+    assert!(!rest.contains('{'), "after `cleared`: {rest}");
+    let models = s.request("GET", "/v1/models", &[], None).json();
+    let smol = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == SMOL)
+        .cloned();
+    assert_eq!(smol.unwrap()["loaded"], false);
 }

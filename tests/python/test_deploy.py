@@ -52,7 +52,11 @@ def only(kind, name=None):
 def core_objects_match_the_kubernetes_models():
     api = client.ApiClient()
     models = {("apps/v1", "Deployment"): "V1Deployment", ("v1", "Service"): "V1Service",
-              ("v1", "ConfigMap"): "V1ConfigMap"}
+              ("v1", "ConfigMap"): "V1ConfigMap", ("v1", "ServiceAccount"): "V1ServiceAccount",
+              ("rbac.authorization.k8s.io/v1", "Role"): "V1Role",
+              ("rbac.authorization.k8s.io/v1", "RoleBinding"): "V1RoleBinding"}
+    kinds = {(d["apiVersion"], d["kind"]) for d in K8S}
+    assert kinds - set(models) == {("inference.networking.k8s.io/v1", "InferencePool")}, kinds
     for doc in K8S:
         key = (doc["apiVersion"], doc["kind"])
         if key not in models:
@@ -103,6 +107,15 @@ def references_agree():
     assert epp_service["spec"]["selector"].items() <= epp["spec"]["template"]["metadata"]["labels"].items()
     epp_args = epp["spec"]["template"]["spec"]["containers"][0]["args"]
     assert epp_args[epp_args.index("--pool-name") + 1] == pool["metadata"]["name"]
+    # It may read the pool and the pods: its account is bound to a role that says so.
+    account = epp["spec"]["template"]["spec"]["serviceAccountName"]
+    only("ServiceAccount", account)
+    binding = [b for b in K8S if b["kind"] == "RoleBinding" and any(
+        s["kind"] == "ServiceAccount" and s["name"] == account for s in b["subjects"])][0]
+    role = only("Role", binding["roleRef"]["name"])
+    allowed = {(g, r) for rule in role["rules"] if {"get", "list", "watch"} <= set(rule["verbs"])
+               for g in rule["apiGroups"] for r in rule["resources"]}
+    assert {("", "pods"), ("inference.networking.k8s.io", "inferencepools")} <= allowed, allowed
     config = epp_config()
     assert config["kind"] == "EndpointPickerConfig" and config["apiVersion"] == "llm-d.ai/v1alpha1"
     extractor = [p for p in config["plugins"] if p["type"] == "core-metrics-extractor"][0]["parameters"]

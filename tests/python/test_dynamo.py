@@ -152,7 +152,8 @@ def served_by(name):
 def metric(base, name):
     _, text = http(base, "GET", "/metrics")
     m = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M)
-    return float(m.group(1)) if m else None
+    assert m, f"{base}/metrics has no {name}"
+    return float(m.group(1))
 
 
 def registered():
@@ -238,7 +239,9 @@ def main():
                       + f"content-length: {len(data)}\r\n\r\n".encode() + data)
             got = b""
             while got.count(b"data: ") < 5:
-                got += s.recv(4096)
+                more = s.recv(4096)
+                assert more, f"the stream ended early: {got!r}"
+                got += more
             running = lambda: sum(metric(u, "inferd:num_requests_running") for u in (w1_url, w2_url))
             wait_for("the stream to run", lambda: running() >= 1, within=30)
         wait_for("the cancelled request to leave its worker",

@@ -1,3 +1,0 @@
-from .engine import main
-
-main()
