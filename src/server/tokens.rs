@@ -5,7 +5,7 @@
 //! - `POST /inferd/v1/generate`: token ids in (`api::tokens::TokenRequest`), newline-
 //!   delimited JSON out, one line per batch of new tokens, in Dynamo's `GenerateChunk`
 //!   shape: `{"index", "token_ids", "log_probs"?, "top_logprobs"?}` (the stop token that
-//!   ended a sequence included, as vLLM's workers send it), and per sequence a
+//!   ended a sequence included: the frontend hides it), and per sequence a
 //!   last line with `finish_reason` and `completion_usage`. A failure after the head is
 //!   a line `{"error": {...}}`. Closing the connection cancels the request (its KV
 //!   blocks are freed at the next engine step).
