@@ -266,11 +266,7 @@ fn sigterm_under_load_drains_every_admitted_stream_then_exits_cleanly() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let killed = std::process::Command::new("kill")
-        .args(["-TERM", &s.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    s.signal("TERM");
     let outcomes = load.join().unwrap();
     let failures: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
     assert!(

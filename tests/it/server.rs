@@ -136,6 +136,15 @@ impl Server {
         self.child.id()
     }
 
+    /// Sends the process a signal (`"TERM"`, `"KILL"`, ...).
+    pub fn signal(&self, name: &str) {
+        let sent = Command::new("kill")
+            .args([format!("-{name}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name} {}", self.pid());
+    }
+
     /// Waits for the process to exit by itself; `None` if it is still running after
     /// `within`.
     pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
@@ -730,11 +739,7 @@ fn sigterm_exits_when_the_grace_period_ends_even_with_streams_running() {
         assert!(start.elapsed() < Duration::from_secs(60), "the reply never started");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &s.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
+    s.signal("TERM");
     let signalled = Instant::now();
     let status = s.wait_exit(Duration::from_secs(30)).expect("the server exits");
     let took = signalled.elapsed();

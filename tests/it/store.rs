@@ -275,11 +275,7 @@ fn a_server_killed_mid_conversation_keeps_every_response_it_completed() {
     while seen.load(Ordering::SeqCst) < 40 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let status = std::process::Command::new("kill")
-        .args(["-9", &s.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    s.signal("KILL");
     for t in threads {
         t.join().unwrap();
     }
@@ -312,7 +308,7 @@ fn a_server_killed_mid_conversation_keeps_every_response_it_completed() {
     // Restarted on the same file: each is there whole, and continues.
     let s = Server::start(&["--responses-store", &store]);
     for (id, response) in &completed {
-        let r = s.request("GET", &format!("/v1/responses/{id}"), &[], None);
+        let r = get_response(&s, id);
         assert_eq!(r.status, 200, "{id}: {}", r.body);
         assert_eq!(&r.json(), response, "{id}");
         let r = s.post(
@@ -339,12 +335,10 @@ fn sweeps_remove_expired_responses_and_the_oldest_over_the_cap() {
             "300ms",
         ]);
         let create = |n: usize, store: bool| {
-            let r = s.post(
+            created_id(&s.post(
                 "/v1/responses",
                 json!({"input": format!("Say {n}."), "max_output_tokens": 1, "store": store}),
-            );
-            assert_eq!(r.status, 200, "{}", r.body);
-            r.json()["id"].as_str().unwrap().to_owned()
+            ))
         };
         let ids: Vec<String> = (0..5).map(|n| create(n, true)).collect();
         // `store: false` writes nothing.
@@ -353,7 +347,7 @@ fn sweeps_remove_expired_responses_and_the_oldest_over_the_cap() {
         while rows(&db).len() > 3 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
-        let status = |id: &str| s.request("GET", &format!("/v1/responses/{id}"), &[], None).status;
+        let status = |id: &str| get_response(&s, id).status;
         let kept: Vec<u16> = ids.iter().map(|id| status(id)).collect();
         assert_eq!(kept, [404, 404, 200, 200, 200]);
         assert_eq!(status(&unstored), 404);
@@ -369,7 +363,7 @@ fn sweeps_remove_expired_responses_and_the_oldest_over_the_cap() {
     }
     assert!(rows(&db).is_empty());
     for id in ids.iter().chain([&unstored]) {
-        let r = s.request("GET", &format!("/v1/responses/{id}"), &[], None);
+        let r = get_response(&s, id);
         assert_eq!(r.status, 404);
         assert_eq!(r.json()["error"]["code"], "response_not_found");
     }
@@ -413,6 +407,17 @@ fn fill(dir: &Path) -> PathBuf {
     path
 }
 
+/// The id of a response just created, which must have succeeded.
+fn created_id(r: &super::server::Response) -> String {
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
+/// `GET /v1/responses/{id}` on `s`.
+fn get_response(s: &Server, id: &str) -> super::server::Response {
+    s.request("GET", &format!("/v1/responses/{id}"), &[], None)
+}
+
 fn expect_unavailable(r: &super::server::Response) {
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "store_unavailable", "{}", r.body);
@@ -434,9 +439,7 @@ fn a_full_disk_answers_503_and_recovers_when_space_comes_back() {
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         s.post("/v1/responses", body)
     };
-    let before = ask(json!({}));
-    assert_eq!(before.status, 200, "{}", before.body);
-    let before = before.json()["id"].as_str().unwrap().to_owned();
+    let before = created_id(&ask(json!({})));
     let inside = PathBuf::from(format!("/proc/{}/root{}", s.pid(), dir.display()));
     let filler = fill(&inside);
 
@@ -449,7 +452,7 @@ fn a_full_disk_answers_503_and_recovers_when_space_comes_back() {
     assert!(r.body.contains("store_unavailable"), "{}", r.body);
     // What needs no write still works.
     assert_eq!(ask(json!({"store": false})).status, 200);
-    let r = s.request("GET", &format!("/v1/responses/{before}"), &[], None);
+    let r = get_response(&s, &before);
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(s
         .log_lines()
@@ -457,13 +460,8 @@ fn a_full_disk_answers_503_and_recovers_when_space_comes_back() {
         .any(|l| l.contains("responses store") && l.contains("full")));
 
     std::fs::remove_file(filler).unwrap();
-    let after = ask(json!({}));
-    assert_eq!(after.status, 200, "{}", after.body);
-    let after = after.json()["id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        s.request("GET", &format!("/v1/responses/{after}"), &[], None).status,
-        200
-    );
+    let after = created_id(&ask(json!({})));
+    assert_eq!(get_response(&s, &after).status, 200);
 }
 
 #[test]
@@ -489,8 +487,7 @@ fn two_servers_on_one_postgres_continue_each_others_conversations_and_survive_it
     // B saw A's turn: its prompt holds both questions and A's reply.
     assert!(second["usage"]["input_tokens"].as_u64() > first["usage"]["input_tokens"].as_u64());
     let second_id = second["id"].as_str().unwrap();
-    let r = a.request("GET", &format!("/v1/responses/{second_id}"), &[], None);
-    assert_eq!(r.json(), second);
+    assert_eq!(get_response(&a, second_id).json(), second);
     // Many writers on both at once: every id distinct, every response readable on both.
     let ids: Vec<String> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..16)
@@ -498,9 +495,7 @@ fn two_servers_on_one_postgres_continue_each_others_conversations_and_survive_it
                 let port = if i % 2 == 0 { a.port } else { b.port };
                 scope.spawn(move || {
                     let body = json!({"input": format!("Count to {i}."), "max_output_tokens": 8});
-                    let r = Server::request_port(port, "POST", "/v1/responses", &body);
-                    assert_eq!(r.status, 200, "{}", r.body);
-                    r.json()["id"].as_str().unwrap().to_owned()
+                    created_id(&Server::request_port(port, "POST", "/v1/responses", &body))
                 })
             })
             .collect();
@@ -510,7 +505,7 @@ fn two_servers_on_one_postgres_continue_each_others_conversations_and_survive_it
     assert_eq!(distinct.len(), ids.len());
     for id in &ids {
         for s in [&a, &b] {
-            assert_eq!(s.request("GET", &format!("/v1/responses/{id}"), &[], None).status, 200);
+            assert_eq!(get_response(s, id).status, 200);
         }
     }
     // Deleted on one, gone on the other.
@@ -519,10 +514,7 @@ fn two_servers_on_one_postgres_continue_each_others_conversations_and_survive_it
             .status,
         200
     );
-    assert_eq!(
-        a.request("GET", &format!("/v1/responses/{first_id}"), &[], None).status,
-        404
-    );
+    assert_eq!(get_response(&a, first_id).status, 404);
 
     // The database stops: requests that need it get 503 (within the store's deadline),
     // requests that do not still work; it comes back and so do they.
@@ -539,7 +531,7 @@ fn two_servers_on_one_postgres_continue_each_others_conversations_and_survive_it
     let restart = Restart;
     let started = Instant::now();
     expect_unavailable(&ask(&a, "Hello?", None));
-    expect_unavailable(&a.request("GET", &format!("/v1/responses/{second_id}"), &[], None));
+    expect_unavailable(&get_response(&a, second_id));
     expect_unavailable(&ask(&b, "Go on.", Some(second_id)));
     assert!(started.elapsed() < Duration::from_secs(30));
     let r = b.post(
@@ -549,13 +541,8 @@ fn two_servers_on_one_postgres_continue_each_others_conversations_and_survive_it
     assert_eq!(r.status, 200, "{}", r.body);
     postgres("start");
     drop(restart);
-    let third = ask(&b, "Go on.", Some(second_id));
-    assert_eq!(third.status, 200, "{}", third.body);
-    let third_id = third.json()["id"].as_str().unwrap().to_owned();
-    assert_eq!(
-        a.request("GET", &format!("/v1/responses/{third_id}"), &[], None).status,
-        200
-    );
+    let third_id = created_id(&ask(&b, "Go on.", Some(second_id)));
+    assert_eq!(get_response(&a, &third_id).status, 200);
 }
 
 #[test]
@@ -572,8 +559,6 @@ fn without_a_writable_cache_folder_the_default_store_is_memory_and_says_so() {
         "{:?}",
         s.startup
     );
-    let r = s.post("/v1/responses", json!({"input": "Hi", "max_output_tokens": 1}));
-    assert_eq!(r.status, 200, "{}", r.body);
-    let id = r.json()["id"].as_str().unwrap().to_owned();
-    assert_eq!(s.request("GET", &format!("/v1/responses/{id}"), &[], None).status, 200);
+    let id = created_id(&s.post("/v1/responses", json!({"input": "Hi", "max_output_tokens": 1})));
+    assert_eq!(get_response(&s, &id).status, 200);
 }
