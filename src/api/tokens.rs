@@ -89,7 +89,23 @@ impl TokenRequest {
         let mut origin: Vec<(&str, String)> = Vec::new();
         let groups: [(&str, &[(&str, &str)]); 2] = [("sampling_options", SAMPLING), ("stop_conditions", STOP)];
         for (group, fields) in groups {
-            for (key, value) in &group_of(top, group)? {
+            let mut members = group_of(top, group)?;
+            // Sampling options a client passed through Dynamo's `nvext` arrive in
+            // `extra_args.sampling_options` and win, as Dynamo's own workers apply them.
+            if group == "sampling_options" {
+                let extra = top.get("extra_args").and_then(|e| e.get("sampling_options"));
+                match extra {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Object(more)) => members.extend(more.clone()),
+                    Some(_) => {
+                        return Err(ApiError::invalid(
+                            "extra_args.sampling_options",
+                            "`extra_args.sampling_options` must be an object",
+                        ))
+                    }
+                }
+            }
+            for (key, value) in &members {
                 if value.is_null() {
                     continue;
                 }
@@ -254,6 +270,13 @@ mod tests {
         assert_eq!(r.sampling.logprobs, Some(3));
         assert_eq!(r.structured.unwrap().param, "structured_outputs");
         assert_eq!(r.sampling.cache_salt, None);
+        let passed = TokenRequest::parse(&json!({"token_ids": [1], "sampling_options": {"temperature": 0.5},
+            "extra_args": {"sampling_options": {"temperature": 0.25, "top_k": 3}}}))
+        .unwrap();
+        assert_eq!(
+            (passed.sampling.temperature, passed.sampling.top_k),
+            (Some(0.25), Some(Some(3)))
+        );
         // The client's `nvext.cache_salt`, as Dynamo carries it, isolates its prefixes.
         let salted = |body: Value| TokenRequest::parse(&body).unwrap().sampling.cache_salt;
         let a = salted(json!({"token_ids": [1], "extra_args": {"nvext": {"cache_salt": "tenant-a"}}}));
@@ -292,6 +315,10 @@ mod tests {
                 "output_options.return_everything",
             ),
             (json!({"token_ids": [1], "batch_token_ids": [[1]]}), "batch_token_ids"),
+            (
+                json!({"token_ids": [1], "extra_args": {"sampling_options": 1}}),
+                "extra_args.sampling_options",
+            ),
             (
                 json!({"token_ids": [1], "extra_args": {"nvext": {"cache_salt": 5}}}),
                 "extra_args.nvext.cache_salt",
