@@ -41,6 +41,7 @@ fn main() {
         max_num_seqs: 1,
         max_num_batched_tokens: 512,
         max_waiting: 1,
+        ..EngineConfig::default()
     };
     let mut model = Some(model);
     let params = SamplingParams {

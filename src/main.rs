@@ -128,6 +128,13 @@ struct ServeArgs {
     /// backend has none; saying `true` there is refused.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     cb_use_cuda_graph: Option<bool>,
+    /// Async scheduling: the forward pass runs on a thread of its own while the engine
+    /// plans the next step and sends the last one's tokens (a stop is seen a step late;
+    /// its extra token is dropped). Steps whose sampling needs the logits on the host
+    /// (penalties, top-k/top-p/min-p, logprobs, grammars) still wait for their outputs.
+    /// Default: on for the CPU; off on CUDA until the GPU suite has run with it.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    async_scheduling: Option<bool>,
     #[command(flatten)]
     torch_only: TorchOnlyArgs,
     /// Largest JSON request body, in bytes.
@@ -401,6 +408,21 @@ struct BenchArgs {
     /// With --offline on a GPU: the share of its memory to fill, in (0, 1].
     #[arg(long, default_value_t = 0.9)]
     gpu_memory_utilization: f64,
+    /// With --offline: async scheduling on or off (as `inferd serve --async-scheduling`;
+    /// the same default).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    async_scheduling: Option<bool>,
+}
+
+/// Whether engines on `device` schedule asynchronously unless told: on the CPU, where
+/// the test suite runs every engine case both ways; not on CUDA until the GPU suite has
+/// passed with it on a device.
+fn async_scheduling_default(device: &Device) -> bool {
+    match device {
+        Device::Cpu(_) => true,
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => false,
+    }
 }
 
 fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
@@ -588,6 +610,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             max_num_seqs: most_in_flight.max(1),
             max_num_batched_tokens: args.max_num_batched_tokens,
             max_waiting: usize::MAX,
+            async_scheduling: args.async_scheduling.unwrap_or(async_scheduling_default(&device)),
         };
         let budget = kv_budget_on(
             &device,
@@ -874,6 +897,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
         max_num_seqs: 1,
         max_num_batched_tokens: 512,
         max_waiting: 1,
+        async_scheduling: false,
     };
     let params = SamplingParams {
         max_tokens: Some(args.max_tokens),
@@ -970,6 +994,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         max_num_seqs: args.max_num_seqs,
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_waiting: args.max_waiting,
+        async_scheduling: args.async_scheduling.unwrap_or(async_scheduling_default(&backend)),
     };
     if engine.block_size == 0
         || args.num_blocks == Some(0)

@@ -42,6 +42,7 @@ pub fn engine_for(model: DecoderModel<CpuBackend>, c: usize, max_len: usize, eos
         max_num_seqs: c,
         max_num_batched_tokens: 2048,
         max_waiting: c,
+        ..EngineConfig::default()
     };
     Engine::new(CpuBackend::default(), model, config, eos)
 }

@@ -14,6 +14,10 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     /// Requests accepted but not yet running, beyond which `submit` says overloaded.
     pub max_waiting: usize,
+    /// Async scheduling: the forward pass runs on a thread of its own, and the engine
+    /// plans step N+1 (taking the tokens step N chooses on the device as its inputs)
+    /// and reads step N's outputs while N+1 computes.
+    pub async_scheduling: bool,
 }
 
 impl Default for EngineConfig {
@@ -24,6 +28,9 @@ impl Default for EngineConfig {
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             max_waiting: 1024,
+            // The CLI decides per device; engines made in code follow the environment
+            // (the test suite runs the engine tests both ways).
+            async_scheduling: std::env::var("INFERD_ASYNC_SCHEDULING").is_ok_and(|v| v == "1"),
         }
     }
 }

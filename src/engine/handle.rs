@@ -132,7 +132,7 @@ impl EngineHandle {
         metrics
             .kv_block_size
             .store(engine.config().block_size, Ordering::Relaxed);
-        let vocab_size = engine.model().vocab_size();
+        let vocab_size = engine.vocab_size();
         let max_model_len = engine.max_model_len();
         let max_waiting = engine.config().max_waiting;
         let config = *engine.config();

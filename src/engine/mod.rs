@@ -12,14 +12,15 @@ pub mod kv_cache;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+mod stream;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::{Backend, ForwardBatch, SeqChunk};
-use crate::models::{DecoderModel, EncoderInput, EngineModel, ForwardError, LogitsFor};
+use crate::models::{DecoderModel, EncoderInput, EngineModel};
 
 pub use config::{available_memory, total_memory, BudgetError, EngineConfig, KvCacheBudget};
 pub use handle::{EngineHandle, EngineMetrics, RequestStream};
@@ -31,7 +32,8 @@ pub use scheduler::{Scheduler, SchedulerConfig, StepPlan};
 pub use sequence::RequestId;
 
 use sampling::{Rng, SamplingContext};
-use sequence::Sequence;
+use sequence::{Sequence, PLACEHOLDER};
+use stream::{Pending, RowChoice, StepOutcome, StepValues, StepWork, Stream};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -127,13 +129,28 @@ pub struct EngineStats {
     pub tokens_computed: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Steps launched before the outputs of the one before them were read (async
+    /// scheduling).
+    pub steps_ahead: u64,
     pub last_step_secs: f64,
 }
 
-pub struct Engine<B: Backend, M: EngineModel<B> = DecoderModel<B>> {
-    backend: B,
-    model: M,
-    cache: B::KvCache,
+/// What the engine reads of its model (which lives on the step stream).
+#[derive(Debug, Clone, Copy)]
+struct ModelInfo {
+    vocab_size: usize,
+    max_positions: usize,
+    needs_encoder_input: bool,
+    encoder_input_kind: Option<&'static str>,
+}
+
+pub struct Engine<B: Backend + 'static, M: EngineModel<B> = DecoderModel<B>> {
+    /// The model, its KV cache and the backend, where steps run.
+    stream: Stream<B, M>,
+    model: ModelInfo,
+    /// Steps launched whose outputs are not read yet, oldest first: with async
+    /// scheduling, the one computing (and, briefly, the one queued behind it).
+    in_flight: VecDeque<InFlight>,
     scheduler: Scheduler,
     config: EngineConfig,
     requests: HashMap<RequestId, RequestState>,
@@ -143,11 +160,17 @@ pub struct Engine<B: Backend, M: EngineModel<B> = DecoderModel<B>> {
     kv_listeners: Vec<UnboundedSender<KvEvent>>,
 }
 
-impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
+impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
     /// `eos_ids`: the tokens that end generation for this model (config, generation
     /// config and tokenizer EOS).
     pub fn new(backend: B, model: M, config: EngineConfig, eos_ids: Vec<u32>) -> Self {
         let cache = backend.alloc_kv_cache(model.kv_cache_shape(config.num_blocks, config.block_size));
+        let info = ModelInfo {
+            vocab_size: model.vocab_size(),
+            max_positions: model.max_positions(),
+            needs_encoder_input: model.needs_encoder_input(),
+            encoder_input_kind: model.encoder_input_kind(),
+        };
         let scheduler = Scheduler::new(SchedulerConfig {
             block_size: config.block_size,
             num_blocks: config.num_blocks,
@@ -155,9 +178,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             max_num_batched_tokens: config.max_num_batched_tokens,
         });
         Engine {
-            backend,
-            model,
-            cache,
+            stream: Stream::new(backend, model, cache, config.async_scheduling),
+            model: info,
+            in_flight: VecDeque::new(),
             scheduler,
             config,
             requests: HashMap::new(),
@@ -207,13 +230,14 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         self.scheduler.pool.record_events(false);
     }
 
-    pub fn model(&self) -> &M {
-        &self.model
+    pub fn vocab_size(&self) -> usize {
+        self.model.vocab_size
     }
 
-    /// Takes the model back (the engine's KV cache is dropped).
+    /// Takes the model back (the engine's KV cache is dropped), once every step
+    /// launched has run.
     pub fn into_model(self) -> M {
-        self.model
+        self.stream.into_model()
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -231,11 +255,11 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
 
     /// Longest sequence (prompt + output) the engine can hold.
     pub fn max_model_len(&self) -> usize {
-        self.model.max_positions().min(self.scheduler.max_tokens_per_sequence())
+        self.model.max_positions.min(self.scheduler.max_tokens_per_sequence())
     }
 
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work()
+        self.scheduler.has_work() || !self.in_flight.is_empty()
     }
 
     /// Requests queued that have never run yet.
@@ -257,7 +281,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
 
     /// Checks a request against the model and limits, before it is queued.
     pub fn validate(&self, prompt: &[u32], params: &SamplingParams) -> Result<(), SubmitError> {
-        validate_request(prompt, params, self.model.vocab_size(), self.max_model_len())
+        validate_request(prompt, params, self.model.vocab_size, self.max_model_len())
     }
 
     /// Queues a request; its events go to `events`.
@@ -282,9 +306,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         events: EventSender,
     ) -> Result<(), SubmitError> {
         self.validate(&prompt, &params)?;
-        let takes = self.model.encoder_input_kind();
+        let takes = self.model.encoder_input_kind;
         match &encoder_input {
-            None if self.model.needs_encoder_input() => {
+            None if self.model.needs_encoder_input => {
                 return Err(SubmitError::EncoderInput(format!(
                     "this model needs {} input",
                     takes.unwrap_or("encoder")
@@ -319,7 +343,8 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         };
         let mut seq = Sequence::new(id, 0, prompt, rng)
             .with_cache_salt(cache_salt)
-            .with_constraint(params.constraint.as_ref());
+            .with_constraint(params.constraint.as_ref())
+            .with_max_len(max_len);
         seq.needs_encoder = encoder_input.is_some();
         seq.priority = params.priority;
         seq.prompt_logprobs_done = params.prompt_logprobs.map(|_| 1);
@@ -344,7 +369,12 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
     pub fn cancel(&mut self, id: RequestId) {
         self.scheduler.remove_request(id);
         self.requests.remove(&id);
-        self.model.end_request(id.0);
+        self.stream.end_request(id.0);
+        // A step in flight for requests that are all gone is not read (the stream still
+        // runs it, before anything launched later).
+        let requests = &self.requests;
+        self.in_flight
+            .retain(|step| step.chunks.iter().any(|c| requests.contains_key(&c.request)));
     }
 
     /// Fails every request the engine holds with `message` and frees their blocks: what
@@ -365,6 +395,8 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         for id in ids {
             self.fail_request(id, message);
         }
+        // What is in flight is theirs; its outputs are never read.
+        self.in_flight.clear();
     }
 
     /// Tells request `id` it failed (when it is still there) and drops it: its
@@ -388,33 +420,51 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             }
             seq.needs_encoder = false;
             let id = seq.request;
+            let prompt = seq.prompt().to_vec();
             if let Some(input) = self.requests.get_mut(&id).and_then(|r| r.encoder_input.take()) {
-                if let Err(e) = self.model.begin_request(&self.backend, id.0, seq.prompt(), &input) {
+                if let Err(e) = self.stream.begin_request(id.0, prompt, input) {
                     failed.push((id, e));
                 }
             }
         }
         for (id, e) in &failed {
-            self.fail_request(*id, &e.to_string());
+            self.fail_request(*id, e);
         }
         failed.is_empty()
     }
 
-    /// One scheduling step. Returns the number of tokens computed (0 when idle).
+    /// One scheduling step: plans and launches a step, and reads the outputs of the one
+    /// before it (with async scheduling; of this one otherwise). Returns the number of
+    /// tokens launched (0 when nothing could be).
     pub fn step(&mut self) -> usize {
-        B::run_step(|| self.step_here())
+        let start = Instant::now();
+        // A step whose outputs decide what the next one computes is read first.
+        if self.in_flight.back().is_some_and(|s| !s.pipelined) {
+            self.finish_in_flight(0);
+        }
+        let launched = self.launch();
+        self.finish_in_flight(usize::from(self.stream.is_threaded() && launched > 0));
+        self.stats.last_step_secs = start.elapsed().as_secs_f64();
+        launched
     }
 
-    /// `step`, on the thread `Backend::run_step` chose.
-    fn step_here(&mut self) -> usize {
-        let start = Instant::now();
+    /// Reads the outputs of the oldest steps in flight until `keep` are left.
+    fn finish_in_flight(&mut self, keep: usize) {
+        while self.in_flight.len() > keep {
+            let step = self.in_flight.pop_front().expect("a step in flight");
+            self.finish(step);
+        }
+    }
+
+    /// Plans the next step and launches it; returns its token count.
+    fn launch(&mut self) -> usize {
         let plan = self.scheduler.schedule();
         if plan.chunks.is_empty() {
             if let Some(seq) = self
                 .scheduler
                 .waiting
                 .front()
-                .filter(|_| self.scheduler.running.is_empty())
+                .filter(|_| self.scheduler.running.is_empty() && self.in_flight.is_empty())
             {
                 // Nothing runs and the first in line cannot start: with every block free
                 // that means it can never fit. Fail it rather than spin.
@@ -425,58 +475,134 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                         .send(EngineEvent::Failed("the request does not fit in the KV cache".into()));
                 }
                 self.scheduler.remove_request(id);
-                self.model.end_request(id.0);
+                self.stream.end_request(id.0);
             }
             return 0;
         }
         if !self.encode_inputs(&plan) {
             return 0;
         }
-        let batch = self.build_batch(&plan);
+        let (batch, from_previous) = self.build_batch(&plan);
         let num_tokens = batch.num_tokens();
         self.stats.tokens_computed += num_tokens as u64;
-        let prompt_rows = self.prompt_logprob_rows(&plan, &batch);
-        let logits_for = match &prompt_rows {
-            None => LogitsFor::LastOfEachSequence,
-            Some(rows) => LogitsFor::Rows(&rows.rows),
+        let prompt = self.prompt_logprob_rows(&plan, &batch);
+        // How each chunk's logits row becomes a token. A step may be followed before its
+        // outputs are read when every token it chooses is chosen on the device and
+        // nothing about the next step depends on which it is (no grammar, no forced
+        // text; stops are applied a step late and the extra token dropped).
+        let mut pipelined = self.stream.is_threaded() && prompt.is_none();
+        let mut chunks = Vec::with_capacity(plan.chunks.len());
+        let mut choices = Vec::with_capacity(plan.chunks.len());
+        for &(i, n) in &plan.chunks {
+            let seq = &mut self.scheduler.running[i];
+            let samples = seq.num_computed + n == seq.tokens.len();
+            let choice = match self.requests.get(&seq.request) {
+                Some(req) if samples => {
+                    let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids);
+                    let constrained = seq.constraint.as_ref().is_some_and(|c| c.constrains_next());
+                    let choice = match sampling::device_choice(&ctx) {
+                        _ if constrained => RowChoice::Host,
+                        Some(sampling::DeviceChoice::Argmax) => RowChoice::Argmax,
+                        Some(sampling::DeviceChoice::Draw { temperature }) => RowChoice::Draw {
+                            temperature,
+                            uniform: seq.rng.next_f64(),
+                        },
+                        None => RowChoice::Host,
+                    };
+                    pipelined &= choice != RowChoice::Host
+                        && seq.constraint.is_none()
+                        && req.params.forced_prefixes.is_empty();
+                    choice
+                }
+                _ => RowChoice::Skip,
+            };
+            chunks.push(Launched {
+                uid: seq.uid,
+                request: seq.request,
+                start: seq.num_computed,
+                len: n,
+                epoch: seq.epoch,
+                samples: choice != RowChoice::Skip,
+            });
+            choices.push(choice);
+        }
+        self.scheduler.advance(&plan);
+        if pipelined {
+            for (row, c) in chunks.iter().enumerate().filter(|(_, c)| c.samples) {
+                let seq = &mut self.scheduler.running[plan.chunks[row].0];
+                debug_assert_eq!(seq.uid, c.uid);
+                seq.tokens.push(PLACEHOLDER);
+                seq.placeholder_row = Some(row);
+            }
+        }
+        let work = StepWork {
+            batch,
+            from_previous,
+            logits_rows: prompt.as_ref().map(|p| p.rows.clone()),
+            prompt_rows: prompt.as_ref().map_or_else(Vec::new, |p| p.prompt.iter().map(|e| e.0).collect()),
+            last_rows: prompt.as_ref().map(|p| p.last.clone()),
+            choices,
         };
         // The masks of constrained sequences that sample this step are computed while the
-        // forward pass runs.
-        // (Nothing is allocated for a step without constrained sequences.)
-        let running = &mut self.scheduler.running;
-        let mut states: Vec<&mut constraint::ConstraintState> = Vec::new();
-        if running.iter().any(|seq| seq.constraint.is_some()) {
-            let mut samples = vec![false; running.len()];
-            for &(i, n) in &plan.chunks {
-                let seq = &running[i];
-                samples[i] = seq.constraint.is_some() && seq.num_computed + n == seq.tokens.len();
-            }
-            states = running
-                .iter_mut()
-                .zip(samples)
-                .filter(|(_, samples)| *samples)
-                .filter_map(|(seq, _)| seq.constraint.as_deref_mut())
-                .filter(|state| state.constrains_next())
-                .collect();
-        }
-        let (model, backend, cache) = (&self.model, &self.backend, &mut self.cache);
-        let forward = constraint::prepare_during(&mut states, || model.forward(backend, &batch, cache, logits_for));
+        // forward pass runs (nothing is allocated for a step without them).
+        let mut states: Vec<&mut constraint::ConstraintState> = self
+            .scheduler
+            .running
+            .iter_mut()
+            .filter(|seq| seq.constraint.is_some())
+            .filter(|seq| chunks.iter().any(|c| c.samples && c.uid == seq.uid))
+            .filter_map(|seq| seq.constraint.as_deref_mut())
+            .filter(|state| state.constrains_next())
+            .collect();
+        let stream = &mut self.stream;
+        let reply = constraint::prepare_during(&mut states, || stream.launch(work));
         drop(states);
-        match forward {
-            Ok(logits) => {
-                let logits = match prompt_rows {
-                    None => logits,
-                    Some(rows) => self.send_prompt_logprobs(&plan, rows, logits),
-                };
-                self.scheduler.commit(&plan);
-                let mut rows = self.read_logits(&plan, logits);
-                self.process_outputs(&plan, &mut rows);
-            }
-            Err(e) => self.fail_batch(&plan, &e),
-        }
-        self.stats.steps += 1;
-        self.stats.last_step_secs = start.elapsed().as_secs_f64();
+        self.stats.steps_ahead += u64::from(!self.in_flight.is_empty());
+        self.in_flight.push_back(InFlight {
+            chunks,
+            pipelined,
+            prompt,
+            reply,
+        });
         num_tokens
+    }
+
+    /// Reads a step's outputs: registers the blocks it filled, sends prompt
+    /// log-probabilities, samples, sends tokens and retires finished sequences.
+    fn finish(&mut self, step: InFlight) {
+        let outcome = step
+            .reply
+            .wait()
+            .unwrap_or_else(|| StepOutcome::Panicked("the step thread is gone".into()));
+        self.stats.steps += 1;
+        let mut values = match outcome {
+            StepOutcome::Done(values) => values,
+            StepOutcome::Refused(e) => return self.fail_chunks(&step.chunks, &e.to_string()),
+            StepOutcome::Panicked(message) => {
+                // As if it panicked here: the engine's thread fails every request.
+                self.in_flight.clear();
+                std::panic::resume_unwind(Box::new(message));
+            }
+        };
+        let running: HashMap<u64, usize> = self
+            .scheduler
+            .running
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.uid, i))
+            .collect();
+        for c in &step.chunks {
+            // A sequence preempted since gave those blocks back.
+            if let Some(&i) = running.get(&c.uid) {
+                if self.scheduler.running[i].epoch == c.epoch {
+                    self.scheduler.register_computed(i, c.start + c.len);
+                }
+            }
+        }
+        if let Some(prompt) = &step.prompt {
+            self.send_prompt_logprobs(&step.chunks, prompt, &values);
+        }
+        self.process_outputs(&step.chunks, &running, &mut values);
     }
 
     /// The logits rows a step needs when some of its chunks owe prompt log-probabilities:
@@ -501,21 +627,22 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         (!out.prompt.is_empty()).then_some(out)
     }
 
-    /// Sends each request its prompt log-probabilities out of `logits` (rows as
-    /// `prompt_logprob_rows` laid them out); returns the rows sampling reads, one per
-    /// chunk.
-    fn send_prompt_logprobs(&mut self, plan: &StepPlan, rows: PromptRows, logits: B::Tensor) -> B::Tensor {
-        let wanted: Vec<usize> = rows.prompt.iter().map(|p| p.0).collect();
-        let (values, _, vocab) = self.backend.to_host(self.backend.gather_rows(&logits, &wanted));
-        let mut per_chunk: Vec<Vec<(TokenLogprobs, usize)>> = vec![Vec::new(); plan.chunks.len()];
+    /// Sends each request its prompt log-probabilities out of the step's prompt rows (as
+    /// `prompt_logprob_rows` laid them out).
+    fn send_prompt_logprobs(&mut self, chunks: &[Launched], rows: &PromptRows, values: &StepValues) {
+        let vocab = values.prompt_vocab;
+        let mut per_chunk: Vec<Vec<(TokenLogprobs, usize)>> = vec![Vec::new(); chunks.len()];
         for (k, &(_, c, pos)) in rows.prompt.iter().enumerate() {
-            let seq = &self.scheduler.running[plan.chunks[c].0];
+            let Some(at) = self.scheduler.locate(chunks[c].uid) else {
+                continue;
+            };
+            let seq = self.scheduler.sequence_mut(at);
             let Some(req) = self.requests.get(&seq.request) else {
                 continue;
             };
             let top = req.params.prompt_logprobs.unwrap_or(0);
             per_chunk[c].push(sampling::token_logprobs(
-                &values[k * vocab..(k + 1) * vocab],
+                &values.prompt_values[k * vocab..(k + 1) * vocab],
                 seq.tokens[pos],
                 top,
             ));
@@ -524,21 +651,26 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             if entries.is_empty() {
                 continue;
             }
-            let seq = &mut self.scheduler.running[plan.chunks[c].0];
+            let Some(at) = self.scheduler.locate(chunks[c].uid) else {
+                continue;
+            };
+            let seq = self.scheduler.sequence_mut(at);
             seq.prompt_logprobs_done = Some(seq.prompt_logprobs_done.unwrap_or(1) + entries.len());
             if let Some(req) = self.requests.get(&seq.request) {
                 let _ = req.events.send(EngineEvent::PromptLogprobs(entries));
             }
         }
-        self.backend.gather_rows(&logits, &rows.last)
     }
 
-    fn build_batch(&self, plan: &StepPlan) -> ForwardBatch {
+    /// The forward batch of a plan, and the slots of its token ids that the step in
+    /// flight is choosing (placeholders, with that step's row).
+    fn build_batch(&self, plan: &StepPlan) -> (ForwardBatch, Vec<(usize, usize)>) {
         let bs = self.config.block_size;
         let mut batch = ForwardBatch {
             block_size: bs,
             ..Default::default()
         };
+        let mut from_previous = Vec::new();
         for &(i, n) in &plan.chunks {
             let seq = &self.scheduler.running[i];
             let start = seq.num_computed;
@@ -550,98 +682,41 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                 block_table: seq.blocks.iter().map(|b| b.0).collect(),
             });
             for pos in start..start + n {
-                batch.token_ids.push(seq.tokens[pos]);
+                let token = seq.tokens[pos];
+                if token == PLACEHOLDER {
+                    debug_assert_eq!(pos + 1, seq.tokens.len(), "only the last token is in flight");
+                    let row = seq.placeholder_row.expect("a placeholder names its row");
+                    from_previous.push((batch.token_ids.len(), row));
+                }
+                batch.token_ids.push(token);
                 batch.positions.push(pos as u32);
                 batch
                     .slot_mapping
                     .push(seq.blocks[pos / bs].0 * bs as u32 + (pos % bs) as u32);
             }
         }
-        batch
+        (batch, from_previous)
     }
 
-    /// Brings to the host what sampling needs of each logits row (one per planned chunk):
-    /// nothing for prompt chunks not at their end; for rows whose choice depends on the
-    /// raw logits alone (`sampling::device_choice`), the token the backend picks (the
-    /// argmax, or a draw with a uniform number from the sequence's RNG, as `sample`
-    /// would draw it); the whole row for the rest.
-    fn read_logits(&mut self, plan: &StepPlan, logits: B::Tensor) -> StepLogits {
-        let mut kinds = Vec::with_capacity(plan.chunks.len());
-        let (mut draw_rows, mut temperatures, mut uniforms) = (Vec::new(), Vec::new(), Vec::new());
-        for (row, &(i, _)) in plan.chunks.iter().enumerate() {
-            let seq = &mut self.scheduler.running[i];
-            let kind = match self.requests.get(&seq.request) {
-                _ if seq.num_computed < seq.tokens.len() => RowKind::Skip,
-                None => RowKind::Skip,
-                Some(req) => {
-                    let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids)
-                        .with_mask(seq.constraint.as_deref().and_then(|c| c.mask()));
-                    match sampling::device_choice(&ctx) {
-                        Some(sampling::DeviceChoice::Argmax) => RowKind::Argmax,
-                        Some(sampling::DeviceChoice::Draw { temperature }) => {
-                            draw_rows.push(row);
-                            temperatures.push(temperature);
-                            uniforms.push(seq.rng.next_f64());
-                            RowKind::Draw
-                        }
-                        None => RowKind::Host,
-                    }
-                }
-            };
-            kinds.push(kind);
-        }
-        let pick = |k: RowKind| -> Vec<usize> { (0..kinds.len()).filter(|&r| kinds[r] == k).collect() };
-        let (argmax_rows, host_rows) = (pick(RowKind::Argmax), pick(RowKind::Host));
-        let mut out = StepLogits {
-            tokens: vec![None; kinds.len()],
-            host_row: vec![None; kinds.len()],
-            values: Vec::new(),
-            vocab: 0,
+    /// Takes a token for every sequence whose chunk reached its end (the device's
+    /// choice, or a host draw from its row), sends events, retires finished sequences,
+    /// forks `n > 1` requests after their prompt. `running`: where the step's sequences
+    /// were in `running` when it finished.
+    fn process_outputs(&mut self, chunks: &[Launched], running: &HashMap<u64, usize>, values: &mut StepValues) {
+        let locate = |scheduler: &Scheduler, uid: u64| match running.get(&uid) {
+            Some(&i) => Some(Ok(i)),
+            None => scheduler.locate(uid),
         };
-        if !argmax_rows.is_empty() {
-            for (&r, id) in argmax_rows.iter().zip(self.backend.argmax_rows(&logits, &argmax_rows)) {
-                out.tokens[r] = Some(id);
-            }
-        }
-        if !draw_rows.is_empty() {
-            let ids = self.backend.draw_rows(&logits, &draw_rows, &temperatures, &uniforms);
-            for (&r, id) in draw_rows.iter().zip(ids) {
-                out.tokens[r] = Some(id);
-            }
-        }
-        if !host_rows.is_empty() {
-            // Only the rows that need them (all of them: no copy on a host backend).
-            let all = host_rows.len() == kinds.len();
-            let tensor = if all {
-                logits
-            } else {
-                self.backend.gather_rows(&logits, &host_rows)
-            };
-            let (values, _, vocab) = self.backend.to_host(tensor);
-            for (k, &r) in host_rows.iter().enumerate() {
-                out.host_row[r] = Some(k);
-            }
-            out.values = values;
-            out.vocab = vocab;
-        }
-        out
-    }
-
-    /// Samples a token for every sequence whose chunk reached its end, sends events,
-    /// retires finished sequences, forks `n > 1` requests after their prompt.
-    fn process_outputs(&mut self, plan: &StepPlan, logits: &mut StepLogits) {
-        let touched: Vec<RequestId> = plan
-            .chunks
-            .iter()
-            .map(|&(i, _)| self.scheduler.running[i].request)
-            .collect();
         let mut finished = Vec::new();
         let mut forks = Vec::new();
-        for (row, &(i, _)) in plan.chunks.iter().enumerate() {
-            let seq = &mut self.scheduler.running[i];
-            if seq.num_computed < seq.tokens.len() {
+        for (row, c) in chunks.iter().enumerate() {
+            if !c.samples {
                 continue; // a prompt chunk; the sequence is not at its end yet
             }
+            let Some(at) = locate(&self.scheduler, c.uid) else {
+                continue; // gone since: cancelled, failed, or stopped a step earlier
+            };
+            let seq = self.scheduler.sequence_mut(at);
             if let Some(error) = seq.constraint.as_ref().and_then(|c| c.error.clone()) {
                 // Its grammar failed: the request fails alone (its sequences go with the
                 // requests whose receiver is gone, below).
@@ -651,29 +726,38 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                 continue;
             }
             let Some(req) = self.requests.get_mut(&seq.request) else {
-                finished.push(i);
+                finished.push(c.uid);
                 continue;
             };
             if !req.forked {
                 req.forked = true;
-                forks.push(i);
+                forks.push(c.uid);
             }
-            let (token, logprobs) = match (logits.tokens[row], logits.host_row[row]) {
+            // The token's position: a placeholder's when the step was followed before
+            // this read (the step after it may have added another).
+            let pos = c.start + c.len;
+            let (token, logprobs) = match (values.tokens[row], values.host_row[row]) {
                 (Some(token), _) => (token, None),
                 (None, Some(k)) => {
-                    let vocab = logits.vocab;
-                    let row_logits = &mut logits.values[k * vocab..(k + 1) * vocab];
-                    let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids)
+                    let vocab = values.vocab;
+                    let row_logits = &mut values.values[k * vocab..(k + 1) * vocab];
+                    let ctx = SamplingContext::new(&req.params, &seq.tokens[..pos], seq.prompt_len, &req.stop_ids)
                         .with_mask(seq.constraint.as_deref().and_then(|c| c.mask()));
                     sampling::sample(row_logits, &ctx, &mut seq.rng)
                 }
-                (None, None) => unreachable!("read_logits brings every row that reached its end"),
+                (None, None) => unreachable!("every row that reached its end brings a token or its values"),
             };
-            seq.tokens.push(token);
+            if pos < seq.tokens.len() {
+                debug_assert_eq!(seq.tokens[pos], PLACEHOLDER);
+                seq.tokens[pos] = token;
+            } else {
+                seq.tokens.push(token);
+            }
+            let len = pos + 1;
             self.stats.tokens_generated += 1;
             let reason = if req.stop_ids.contains(&token) {
                 Some(FinishReason::Stop)
-            } else if seq.tokens.len() >= req.max_len {
+            } else if len >= req.max_len {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -693,7 +777,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
             if let Some(reason) = reason {
                 let usage = Usage {
                     prompt_tokens: seq.prompt_len,
-                    completion_tokens: seq.tokens.len() - seq.prompt_len,
+                    completion_tokens: len - seq.prompt_len,
                     cached_prompt_tokens: seq.num_cached_prompt_tokens.unwrap_or(0),
                 };
                 delivered &= req
@@ -705,7 +789,7 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                     })
                     .is_ok();
                 req.unfinished -= 1;
-                finished.push(i);
+                finished.push(c.uid);
             }
             if !delivered {
                 // The receiver is gone: the caller lost interest.
@@ -717,8 +801,9 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         // queue first in line, holding no blocks, and admission finds the prompt's full
         // blocks in the prefix cache (the parent registered them), so they share them and
         // recompute only the tail for their own first logits.
-        for &i in &forks {
-            let parent = &self.scheduler.running[i];
+        for &uid in &forks {
+            let Some(at) = locate(&self.scheduler, uid) else { continue };
+            let parent = self.scheduler.sequence_mut(at);
             let id = parent.request;
             let Some(req) = self.requests.get(&id) else { continue };
             let prompt = parent.prompt().to_vec();
@@ -728,14 +813,23 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
                 let seed = base_seed.map_or_else(fresh_seed, |s| s.wrapping_add(index as u64));
                 let child = Sequence::new(id, index, prompt.clone(), Rng::seeded(seed))
                     .with_cache_salt(req.cache_salt)
-                    .with_constraint(req.params.constraint.as_ref());
+                    .with_constraint(req.params.constraint.as_ref())
+                    .with_max_len(req.max_len);
                 self.scheduler.waiting.push_front(child);
             }
         }
-        finished.sort_unstable();
-        finished.dedup();
-        for &i in finished.iter().rev() {
-            self.scheduler.finish(i);
+        // Retired last to first in `running` (indices stay valid), then any in `waiting`.
+        let mut retire: Vec<Result<usize, usize>> = finished
+            .iter()
+            .filter_map(|&uid| locate(&self.scheduler, uid))
+            .collect();
+        retire.sort_unstable_by_key(|at| match at {
+            Ok(i) => (0, std::cmp::Reverse(*i)),
+            Err(i) => (1, std::cmp::Reverse(*i)),
+        });
+        retire.dedup();
+        for at in retire {
+            self.scheduler.finish_at(at);
         }
         // Requests whose receiver went away, or that are complete.
         let gone: Vec<RequestId> = self
@@ -751,24 +845,23 @@ impl<B: Backend, M: EngineModel<B>> Engine<B, M> {
         }
         self.requests.retain(|_, r| r.unfinished > 0);
         // What the model kept for a request goes with it.
+        let mut touched: Vec<RequestId> = chunks.iter().map(|c| c.request).collect();
+        touched.sort_unstable();
+        touched.dedup();
         for id in touched {
             if !self.requests.contains_key(&id) {
-                self.model.end_request(id.0);
+                self.stream.end_request(id.0);
             }
         }
     }
 
-    fn fail_batch(&mut self, plan: &StepPlan, error: &ForwardError) {
-        let mut ids: Vec<RequestId> = plan
-            .chunks
-            .iter()
-            .map(|&(i, _)| self.scheduler.running[i].request)
-            .collect();
+    /// Fails the requests of a step the model refused.
+    fn fail_chunks(&mut self, chunks: &[Launched], message: &str) {
+        let mut ids: Vec<RequestId> = chunks.iter().map(|c| c.request).collect();
         ids.sort_unstable();
         ids.dedup();
-        let message = error.to_string();
         for id in ids {
-            self.fail_request(id, &message);
+            self.fail_request(id, message);
         }
     }
 }
@@ -871,20 +964,25 @@ struct PromptRows {
     prompt: Vec<(usize, usize, usize)>,
 }
 
-/// What sampling needs of one step's logits rows (see `Engine::read_logits`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum RowKind {
-    Skip,
-    Argmax,
-    Draw,
-    Host,
+/// A chunk of a step in flight, named by its sequence's uid (the sequence may move in
+/// `running`, or go, before the step's outputs are read).
+struct Launched {
+    uid: u64,
+    request: RequestId,
+    /// Its first position, and its token count.
+    start: usize,
+    len: usize,
+    /// The sequence's `epoch` at launch.
+    epoch: u32,
+    /// Its chunk reached the end of the sequence: a token is chosen from its row.
+    samples: bool,
 }
 
-/// One step's logits, as far as they were brought to the host: per row, its argmax or
-/// the index of its values in `values` (`[rows, vocab]`).
-struct StepLogits {
-    tokens: Vec<Option<u32>>,
-    host_row: Vec<Option<usize>>,
-    values: Vec<f32>,
-    vocab: usize,
+/// A step launched and not read yet.
+struct InFlight {
+    chunks: Vec<Launched>,
+    /// The next step was (or may be) launched before this one is read.
+    pipelined: bool,
+    prompt: Option<PromptRows>,
+    reply: Pending<StepOutcome>,
 }

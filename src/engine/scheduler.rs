@@ -93,6 +93,7 @@ impl Scheduler {
         self.pool.release(&seq.blocks);
         seq.blocks.clear();
         seq.num_computed = 0;
+        seq.epoch += 1;
         self.waiting.push_front(seq);
         self.num_preemptions += 1;
     }
@@ -106,7 +107,11 @@ impl Scheduler {
             let mut i = 0;
             while i < self.running.len() && budget > 0 {
                 let pending = self.running[i].num_pending();
-                if (pending == 1) != decodes || pending == 0 || chunks.iter().any(|c| c.0 == i) {
+                if (pending == 1) != decodes
+                    || pending == 0
+                    || self.running[i].is_complete()
+                    || chunks.iter().any(|c| c.0 == i)
+                {
                     i += 1;
                     continue;
                 }
@@ -139,6 +144,9 @@ impl Scheduler {
         let mut encoder_admissions = 0;
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
             let Some(seq) = self.waiting.front_mut() else { break };
+            if seq.is_complete() {
+                break; // preempted with its last token in flight: it ends when that is read
+            }
             if seq.needs_encoder {
                 if encoder_admissions == MAX_ENCODER_ADMISSIONS_PER_STEP {
                     break;
@@ -183,22 +191,56 @@ impl Scheduler {
         StepPlan { chunks }
     }
 
-    /// Marks a plan's tokens as computed and makes newly filled blocks findable by the
-    /// prefix cache.
-    pub fn commit(&mut self, plan: &StepPlan) {
-        let bs = self.config.block_size;
+    /// Marks a plan's tokens as computed (when its step is launched: the next plan
+    /// starts after them).
+    pub fn advance(&mut self, plan: &StepPlan) {
         for &(i, n) in &plan.chunks {
-            let seq = &mut self.running[i];
-            seq.num_computed += n;
-            let upto = seq.num_computed;
-            let new: Vec<_> = seq.extend_hashes(bs, upto).collect();
-            for (b, hash) in new {
-                let tokens = &seq.tokens[b * bs..(b + 1) * bs];
-                let announce = match seq.cache_salt {
-                    Some(_) => Announce::No,
-                    None => Announce::After(b.checked_sub(1).map(|p| seq.hashes[p])),
-                };
-                self.pool.register(seq.blocks[b], hash, tokens, announce);
+            self.running[i].num_computed += n;
+        }
+    }
+
+    /// Makes the full blocks of running sequence `i` up to token `upto` findable by the
+    /// prefix cache, once the step that computed them has run (and their tokens are
+    /// known).
+    pub fn register_computed(&mut self, i: usize, upto: usize) {
+        let bs = self.config.block_size;
+        let seq = &mut self.running[i];
+        let new: Vec<_> = seq.extend_hashes(bs, upto).collect();
+        for (b, hash) in new {
+            let tokens = &seq.tokens[b * bs..(b + 1) * bs];
+            debug_assert!(!tokens.contains(&super::sequence::PLACEHOLDER));
+            let announce = match seq.cache_salt {
+                Some(_) => Announce::No,
+                None => Announce::After(b.checked_sub(1).map(|p| seq.hashes[p])),
+            };
+            self.pool.register(seq.blocks[b], hash, tokens, announce);
+        }
+    }
+
+    /// Where the sequence `uid` is: `Ok(index into running)` or `Err(index into
+    /// waiting)`; `None` once it is gone.
+    pub fn locate(&self, uid: u64) -> Option<Result<usize, usize>> {
+        if let Some(i) = self.running.iter().position(|s| s.uid == uid) {
+            return Some(Ok(i));
+        }
+        self.waiting.iter().position(|s| s.uid == uid).map(Err)
+    }
+
+    pub fn sequence_mut(&mut self, at: Result<usize, usize>) -> &mut Sequence {
+        match at {
+            Ok(i) => &mut self.running[i],
+            Err(i) => &mut self.waiting[i],
+        }
+    }
+
+    /// Removes a sequence for good, wherever it is, releasing its blocks.
+    pub fn finish_at(&mut self, at: Result<usize, usize>) -> Sequence {
+        match at {
+            Ok(i) => self.finish(i),
+            Err(i) => {
+                let seq = self.waiting.remove(i).expect("a waiting sequence");
+                self.pool.release(&seq.blocks);
+                seq
             }
         }
     }

@@ -9,8 +9,14 @@ use super::sampling::Rng;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId(pub u64);
 
+/// The id of a token the step in flight chooses on the device, in a sequence's tokens
+/// until the engine reads it (async scheduling; never a vocabulary id).
+pub const PLACEHOLDER: u32 = u32::MAX;
+
 #[derive(Debug)]
 pub struct Sequence {
+    /// Unique among the engine's sequences (steps in flight name sequences by it).
+    pub uid: u64,
     pub request: RequestId,
     /// Which completion of the request (0..n).
     pub index: usize,
@@ -40,11 +46,25 @@ pub struct Sequence {
     pub prompt_logprobs_done: Option<usize>,
     /// Structured outputs: where the output is in its grammar.
     pub constraint: Option<Box<ConstraintState>>,
+    /// The token count at which the sequence ends by length (`max_tokens`, the context
+    /// window): with async scheduling its last token may still be a placeholder then,
+    /// and the scheduler computes nothing more for it.
+    pub max_len: usize,
+    /// When its last token is a `PLACEHOLDER`: the row of the step in flight that
+    /// chooses it. (With async scheduling a sequence may hold two placeholders, the
+    /// tokens of the step being read and of the one launched after it.)
+    pub placeholder_row: Option<usize>,
+    /// Times the sequence was preempted: a step launched before a preemption does not
+    /// register the blocks it filled (they went back to the pool).
+    pub epoch: u32,
 }
 
 impl Sequence {
     pub fn new(request: RequestId, index: usize, prompt: Vec<u32>, rng: Rng) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT_UID: AtomicU64 = AtomicU64::new(0);
         Sequence {
+            uid: NEXT_UID.fetch_add(1, Ordering::Relaxed),
             request,
             index,
             prompt_len: prompt.len(),
@@ -59,7 +79,21 @@ impl Sequence {
             priority: 0,
             prompt_logprobs_done: None,
             constraint: None,
+            max_len: usize::MAX,
+            placeholder_row: None,
+            epoch: 0,
         }
+    }
+
+    pub fn with_max_len(mut self, max_len: usize) -> Self {
+        self.max_len = max_len;
+        self
+    }
+
+    /// Whether nothing more is to be computed for it: it reached its length (its last
+    /// token may be a placeholder still in flight).
+    pub fn is_complete(&self) -> bool {
+        self.tokens.len() >= self.max_len
     }
 
     pub fn with_constraint(mut self, constraint: Option<&super::sampling::Constraint>) -> Self {

@@ -45,6 +45,7 @@ fn solo<B: Backend + 'static>(
         max_num_seqs: 1,
         max_num_batched_tokens: 512,
         max_waiting: 1,
+        ..EngineConfig::default()
     };
     let mut engine = Engine::new(backend, model, config, vec![]);
     let (ids, _) = engine::generate(&mut engine, prompt.to_vec(), params, &mut |_| true).unwrap();
@@ -202,6 +203,7 @@ fn engine_batches_and_prefix_cache_match_solo_runs_on_the_gpu() {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
         max_waiting: 64,
+        ..EngineConfig::default()
     };
     let mut engine = Engine::new(g.clone(), model.take().unwrap(), config, vec![]);
     let mut receivers = Vec::new();

@@ -126,6 +126,7 @@ fn a_panicking_step_fails_its_requests_and_the_engine_serves_on() {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
         max_waiting: 16,
+        ..EngineConfig::default()
     };
     let handle = EngineHandle::spawn(Engine::new(CpuBackend::default(), Faulty(model), config, vec![]));
     let params = SamplingParams {

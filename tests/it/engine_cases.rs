@@ -105,6 +105,7 @@ fn config(num_blocks: usize, block_size: usize) -> EngineConfig {
         max_num_seqs: 64,
         max_num_batched_tokens: 96,
         max_waiting: 1024,
+        ..EngineConfig::default()
     }
 }
 

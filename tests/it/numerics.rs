@@ -101,6 +101,7 @@ fn check_model(golden_file: &str) {
                 max_num_seqs: 1,
                 max_num_batched_tokens: chunk,
                 max_waiting: 1,
+                ..EngineConfig::default()
             };
             let mut engine = Engine::new(CpuBackend::default(), model, config, vec![]);
             let params = SamplingParams {
