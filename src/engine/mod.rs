@@ -509,9 +509,8 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
                         },
                         None => RowChoice::Host,
                     };
-                    pipelined &= choice != RowChoice::Host
-                        && seq.constraint.is_none()
-                        && req.params.forced_prefixes.is_empty();
+                    pipelined &=
+                        choice != RowChoice::Host && seq.constraint.is_none() && req.params.forced_prefixes.is_empty();
                     choice
                 }
                 _ => RowChoice::Skip,
@@ -539,7 +538,9 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             batch,
             from_previous,
             logits_rows: prompt.as_ref().map(|p| p.rows.clone()),
-            prompt_rows: prompt.as_ref().map_or_else(Vec::new, |p| p.prompt.iter().map(|e| e.0).collect()),
+            prompt_rows: prompt
+                .as_ref()
+                .map_or_else(Vec::new, |p| p.prompt.iter().map(|e| e.0).collect()),
             last_rows: prompt.as_ref().map(|p| p.last.clone()),
             choices,
         };
@@ -802,7 +803,9 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
         // blocks in the prefix cache (the parent registered them), so they share them and
         // recompute only the tail for their own first logits.
         for &uid in &forks {
-            let Some(at) = locate(&self.scheduler, uid) else { continue };
+            let Some(at) = locate(&self.scheduler, uid) else {
+                continue;
+            };
             let parent = self.scheduler.sequence_mut(at);
             let id = parent.request;
             let Some(req) = self.requests.get(&id) else { continue };

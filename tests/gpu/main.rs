@@ -188,5 +188,6 @@ mod engine_on_the_gpu {
         prompt_logprobs_are_the_next_token_logprobs_of_each_prefix,
         priority_orders_admission_and_cache_salt_separates_prefixes,
         constrained_outputs_follow_their_grammar_alone_batched_and_preempted,
+        async_scheduling_gives_the_serial_events,
     );
 }

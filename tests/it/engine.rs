@@ -50,6 +50,11 @@ fn a_full_waiting_queue_reports_overload() {
 }
 
 #[test]
+fn async_scheduling_gives_the_serial_events() {
+    cases::async_scheduling_gives_the_serial_events(&CpuBackend::default());
+}
+
+#[test]
 fn the_kv_pool_is_sized_from_a_memory_budget() {
     use inferd::engine::{BudgetError, KvCacheBudget};
     let model = load_decoder(

@@ -654,3 +654,189 @@ pub fn constrained_outputs_follow_their_grammar_alone_batched_and_preempted<B: B
     assert_eq!(tight, alone, "preemption changes no document");
     assert_all_blocks_free(&engine);
 }
+
+/// Every event of every request, per completion index, in order (`run_batch` keeps
+/// tokens only).
+type Events = Vec<Vec<Vec<EngineEvent>>>;
+
+/// Runs requests on an engine, all queued at once, cancelling request `cancel` once it
+/// has been sent two tokens; returns each request's events per completion index.
+fn run_events<B: Backend + 'static>(
+    engine: &mut Engine<B>,
+    requests: &[(Vec<u32>, SamplingParams)],
+    cancel: Option<usize>,
+) -> Events {
+    let mut receivers = Vec::new();
+    for (i, (prompt, params)) in requests.iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        engine
+            .add_request(RequestId(i as u64), prompt.clone(), params.clone(), tx)
+            .unwrap();
+        receivers.push(rx);
+    }
+    let mut events: Events = requests.iter().map(|(_, p)| vec![Vec::new(); p.n]).collect();
+    let mut steps = 0;
+    while engine.has_work() {
+        engine.step();
+        steps += 1;
+        assert!(steps < 100_000, "the engine does not make progress");
+        for (i, rx) in receivers.iter_mut().enumerate() {
+            while let Ok(event) = rx.try_recv() {
+                match &event {
+                    EngineEvent::Token { index, .. } | EngineEvent::Finished { index, .. } => {
+                        events[i][*index].push(event.clone())
+                    }
+                    EngineEvent::PromptLogprobs(_) => {}
+                    EngineEvent::Failed(e) => panic!("request failed: {e}"),
+                }
+            }
+        }
+        if let Some(victim) = cancel.filter(|&v| events[v][0].len() == 2) {
+            engine.cancel(RequestId(victim as u64));
+        }
+    }
+    events
+}
+
+/// What must not depend on scheduling: the events less the count of prompt tokens the
+/// prefix cache served (when a request is admitted depends on the schedule).
+fn without_cached_counts(mut events: Events) -> Events {
+    for event in events.iter_mut().flatten().flatten() {
+        if let EngineEvent::Finished { usage, .. } = event {
+            usage.cached_prompt_tokens = 0;
+        }
+    }
+    events
+}
+
+/// Async scheduling (step N+1 launched before step N's outputs are read) gives the
+/// serial loop's events, event for event: greedy and seeded draws chosen on the device,
+/// host-sampled rows (penalties, filters, log-probabilities) mixed in, stop tokens seen a
+/// step late whose extra token never shows, n > 1, preemption in a small pool, and a
+/// request cancelled while a step of it is in flight. Every block is free after.
+pub fn async_scheduling_gives_the_serial_events<B: Backend + Clone + 'static>(backend: &B) {
+    let mut model = load(backend, "inferd-test/tiny-qwen2");
+    let vocab = model.config.vocab_size as u32;
+    let mut requests: Vec<_> = (0..40).map(|i| request(i, vocab)).collect();
+    // Most requests sample on the device only (what lets a step run ahead); a quarter
+    // need their logits on the host (filters, log-probabilities), and while they run
+    // every step is read before the next is planned.
+    for (i, r) in requests.iter_mut().enumerate() {
+        r.1.max_tokens = Some(if i % 4 == 3 { 2 + i % 3 } else { 8 + i % 17 });
+        if i % 4 == 1 || i % 4 == 2 {
+            r.1 = SamplingParams {
+                max_tokens: r.1.max_tokens,
+                temperature: if i % 4 == 1 { 0.0 } else { 0.8 },
+                seed: Some(7 * i as u64),
+                ..Default::default()
+            };
+        }
+        if i % 10 == 3 {
+            r.1.n = 2;
+        }
+    }
+    let serial_config = |num_blocks| EngineConfig {
+        async_scheduling: false,
+        ..config(num_blocks, 4)
+    };
+    let async_config = |num_blocks| EngineConfig {
+        async_scheduling: true,
+        ..config(num_blocks, 4)
+    };
+    // Stop ids that end requests mid-way: each device-sampled request stops at the
+    // seventh token of its serial reply (once the short host-sampled requests are done,
+    // so that the stops come in steps that ran ahead).
+    let mut engine = Engine::new(backend.clone(), model, serial_config(1024), vec![]);
+    let first = run_events(&mut engine, &requests, None);
+    let first_computed = engine.stats().tokens_computed;
+    model = engine.into_model();
+    // Without stop ids every end is by length, known ahead: not one token more is computed.
+    let mut engine = Engine::new(backend.clone(), model, async_config(1024), vec![]);
+    assert_eq!(
+        without_cached_counts(run_events(&mut engine, &requests, None)),
+        without_cached_counts(first.clone())
+    );
+    assert!(engine.stats().steps_ahead > 0);
+    assert_eq!(engine.stats().tokens_computed, first_computed);
+    model = engine.into_model();
+    let mut stopped = Vec::new();
+    for (i, r) in requests
+        .iter_mut()
+        .enumerate()
+        .filter(|(i, _)| i % 4 == 1 || i % 4 == 2)
+    {
+        if let Some(EngineEvent::Token { token, .. }) = first[i][0].get(6) {
+            r.1.stop_token_ids = vec![*token];
+            stopped.push(i);
+        }
+    }
+    assert!(stopped.len() > 5);
+
+    let mut engine = Engine::new(backend.clone(), model, serial_config(1024), vec![]);
+    let serial = run_events(&mut engine, &requests, None);
+    let serial_computed = engine.stats().tokens_computed;
+    assert_eq!(engine.stats().steps_ahead, 0);
+    assert_all_blocks_free(&engine);
+    model = engine.into_model();
+    for &i in &stopped {
+        let last = serial[i][0].last();
+        assert!(
+            matches!(
+                last,
+                Some(EngineEvent::Finished {
+                    reason: FinishReason::Stop,
+                    ..
+                })
+            ),
+            "request {i} stops at its stop id: {last:?}"
+        );
+    }
+
+    let mut engine = Engine::new(backend.clone(), model, async_config(1024), vec![]);
+    let ahead = run_events(&mut engine, &requests, None);
+    let stats = engine.stats();
+    assert!(stats.steps_ahead > stats.steps / 2, "steps ran ahead: {stats:?}");
+    // The only extra work: the token after each stop, computed before the stop was read
+    // (an end by length is known ahead and never computed).
+    let stops = serial.iter().flatten().filter(|events| {
+        matches!(
+            events.last(),
+            Some(EngineEvent::Finished {
+                reason: FinishReason::Stop,
+                ..
+            })
+        )
+    });
+    assert!(
+        stats.tokens_computed > serial_computed,
+        "some stops were read a step late"
+    );
+    assert!(stats.tokens_computed <= serial_computed + stops.count() as u64);
+    assert_all_blocks_free(&engine);
+    model = engine.into_model();
+    assert_eq!(without_cached_counts(ahead), without_cached_counts(serial.clone()));
+
+    // A small pool: sequences are preempted with a token in flight.
+    let mut engine = Engine::new(backend.clone(), model, async_config(40), vec![]);
+    let tight = run_events(&mut engine, &requests, None);
+    assert!(engine.stats().preemptions > 0, "the small pool must force preemption");
+    assert!(engine.stats().steps_ahead > 0);
+    assert_all_blocks_free(&engine);
+    model = engine.into_model();
+    assert_eq!(without_cached_counts(tight), without_cached_counts(serial.clone()));
+
+    // Cancelled with a step in flight: nothing of it is sent after the cancel, and the
+    // others are untouched.
+    let victim = 8;
+    let mut engine = Engine::new(backend.clone(), model, async_config(1024), vec![]);
+    let cancelled = run_events(&mut engine, &requests, Some(victim));
+    assert_all_blocks_free(&engine);
+    assert!(serial[victim][0].len() > 4);
+    assert_eq!(cancelled[victim][0][..], serial[victim][0][..2]);
+    let others = |events: &Events| -> Events {
+        let mut events = without_cached_counts(events.clone());
+        events.remove(victim);
+        events
+    };
+    assert_eq!(others(&cancelled), others(&serial));
+}
