@@ -611,6 +611,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             max_num_batched_tokens: args.max_num_batched_tokens,
             max_waiting: usize::MAX,
             async_scheduling: args.async_scheduling.unwrap_or(async_scheduling_default(&device)),
+            pad_decode_batches: false,
         };
         let budget = kv_budget_on(
             &device,
@@ -898,6 +899,7 @@ fn generate(args: GenerateArgs) -> Result<(), Box<dyn Error>> {
         max_num_batched_tokens: 512,
         max_waiting: 1,
         async_scheduling: false,
+        pad_decode_batches: false,
     };
     let params = SamplingParams {
         max_tokens: Some(args.max_tokens),
@@ -995,6 +997,7 @@ fn serve(args: ServeArgs) -> Result<(), Box<dyn Error>> {
         max_num_batched_tokens: args.max_num_batched_tokens,
         max_waiting: args.max_waiting,
         async_scheduling: args.async_scheduling.unwrap_or(async_scheduling_default(&backend)),
+        pad_decode_batches: false,
     };
     if engine.block_size == 0
         || args.num_blocks == Some(0)

@@ -18,6 +18,11 @@ pub struct EngineConfig {
     /// plans step N+1 (taking the tokens step N chooses on the device as its inputs)
     /// and reads step N's outputs while N+1 computes.
     pub async_scheduling: bool,
+    /// Decode-only steps are padded to a batch size of `decode_buckets` with rows that
+    /// write to a scratch KV block (one block more in the cache, never handed out), so
+    /// that such steps come in a few fixed shapes: what CUDA graphs are captured for.
+    /// The padded rows cost compute and change no real row's values.
+    pub pad_decode_batches: bool,
 }
 
 impl Default for EngineConfig {
@@ -31,8 +36,27 @@ impl Default for EngineConfig {
             // The CLI decides per device; engines made in code follow the environment
             // (the test suite runs the engine tests both ways).
             async_scheduling: std::env::var("INFERD_ASYNC_SCHEDULING").is_ok_and(|v| v == "1"),
+            pad_decode_batches: false,
         }
     }
+}
+
+/// The batch sizes decode-only steps are padded to (`EngineConfig::pad_decode_batches`):
+/// 1, 2, 4, 8, 16, then every multiple of 16 up to `max_num_seqs`, and `max_num_seqs`
+/// itself.
+pub fn decode_buckets(max_num_seqs: usize) -> Vec<usize> {
+    let mut buckets: Vec<usize> = [1, 2, 4, 8]
+        .into_iter()
+        .chain((16..).step_by(16))
+        .take_while(|&b| b < max_num_seqs)
+        .collect();
+    buckets.push(max_num_seqs);
+    buckets
+}
+
+/// The smallest bucket holding `rows` (`rows` itself beyond the largest).
+pub fn bucket_for(buckets: &[usize], rows: usize) -> usize {
+    buckets.iter().copied().find(|&b| b >= rows).unwrap_or(rows)
 }
 
 /// How much memory the KV pool may take.
@@ -143,5 +167,22 @@ mod tests {
         let text = "MemTotal:       24000000 kB\nMemFree:  1000 kB\nMemAvailable:   12345678 kB\n";
         assert_eq!(mem_available_bytes(text), Some(12_345_678 * 1024));
         assert_eq!(mem_available_bytes("MemTotal: 5 kB\n"), None);
+    }
+
+    #[test]
+    fn decode_buckets_double_to_16_then_step_by_16() {
+        assert_eq!(decode_buckets(1), [1]);
+        assert_eq!(decode_buckets(6), [1, 2, 4, 6]);
+        assert_eq!(decode_buckets(16), [1, 2, 4, 8, 16]);
+        assert_eq!(decode_buckets(40), [1, 2, 4, 8, 16, 32, 40]);
+        let b = decode_buckets(256);
+        assert_eq!(b.len(), 4 + 16);
+        assert_eq!(&b[..6], [1, 2, 4, 8, 16, 32]);
+        assert_eq!(b.last(), Some(&256));
+        assert_eq!(bucket_for(&b, 1), 1);
+        assert_eq!(bucket_for(&b, 3), 4);
+        assert_eq!(bucket_for(&b, 17), 32);
+        assert_eq!(bucket_for(&b, 256), 256);
+        assert_eq!(bucket_for(&[1, 2], 3), 3);
     }
 }

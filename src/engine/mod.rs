@@ -22,7 +22,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::backend::{Backend, ForwardBatch, SeqChunk};
 use crate::models::{DecoderModel, EncoderInput, EngineModel};
 
-pub use config::{available_memory, total_memory, BudgetError, EngineConfig, KvCacheBudget};
+pub use config::{
+    available_memory, bucket_for, decode_buckets, total_memory, BudgetError, EngineConfig, KvCacheBudget,
+};
 pub use handle::{EngineHandle, EngineMetrics, RequestStream};
 
 pub use constraint::{Constraint, ConstraintStart};
@@ -132,6 +134,9 @@ pub struct EngineStats {
     /// Steps launched before the outputs of the one before them were read (async
     /// scheduling).
     pub steps_ahead: u64,
+    /// Rows added to decode-only steps to fill their batch-size bucket
+    /// (`EngineConfig::pad_decode_batches`).
+    pub padded_rows: u64,
     pub last_step_secs: f64,
 }
 
@@ -151,6 +156,9 @@ pub struct Engine<B: Backend + 'static, M: EngineModel<B> = DecoderModel<B>> {
     /// Steps launched whose outputs are not read yet, oldest first: with async
     /// scheduling, the one computing (and, briefly, the one queued behind it).
     in_flight: VecDeque<InFlight>,
+    /// With `pad_decode_batches` (decoders only): the KV block padded rows write to,
+    /// past the pool's blocks, and the batch sizes decode-only steps are padded to.
+    padding: Option<(u32, Vec<usize>)>,
     scheduler: Scheduler,
     config: EngineConfig,
     requests: HashMap<RequestId, RequestState>,
@@ -164,7 +172,14 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
     /// `eos_ids`: the tokens that end generation for this model (config, generation
     /// config and tokenizer EOS).
     pub fn new(backend: B, model: M, config: EngineConfig, eos_ids: Vec<u32>) -> Self {
-        let cache = backend.alloc_kv_cache(model.kv_cache_shape(config.num_blocks, config.block_size));
+        // Padded rows need no per-request state: decoders without an encoder only.
+        let pads = config.pad_decode_batches && model.encoder_input_kind().is_none();
+        let padding = pads.then(|| {
+            let scratch = u32::try_from(config.num_blocks).expect("block ids fit in u32");
+            (scratch, config::decode_buckets(config.max_num_seqs))
+        });
+        let cache_blocks = config.num_blocks + usize::from(pads);
+        let cache = backend.alloc_kv_cache(model.kv_cache_shape(cache_blocks, config.block_size));
         let info = ModelInfo {
             vocab_size: model.vocab_size(),
             max_positions: model.max_positions(),
@@ -181,6 +196,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             stream: Stream::new(backend, model, cache, config.async_scheduling),
             model: info,
             in_flight: VecDeque::new(),
+            padding,
             scheduler,
             config,
             requests: HashMap::new(),
@@ -482,10 +498,12 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
         if !self.encode_inputs(&plan) {
             return 0;
         }
-        let (batch, from_previous) = self.build_batch(&plan);
+        let (mut batch, from_previous) = self.build_batch(&plan);
         let num_tokens = batch.num_tokens();
         self.stats.tokens_computed += num_tokens as u64;
         let prompt = self.prompt_logprob_rows(&plan, &batch);
+        let padded = self.pad_decode_batch(&mut batch);
+        self.stats.padded_rows += padded as u64;
         // How each chunk's logits row becomes a token. A step may be followed before its
         // outputs are read when every token it chooses is chosen on the device and
         // nothing about the next step depends on which it is (no grammar, no forced
@@ -534,10 +552,16 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
                 seq.placeholder_row = Some(row);
             }
         }
+        let logits_rows = match &prompt {
+            Some(p) => Some(p.rows.clone()),
+            // The padded rows get no logits (each chunk is one row here).
+            None if padded > 0 => Some((0..plan.chunks.len()).collect()),
+            None => None,
+        };
         let work = StepWork {
             batch,
             from_previous,
-            logits_rows: prompt.as_ref().map(|p| p.rows.clone()),
+            logits_rows,
             prompt_rows: prompt
                 .as_ref()
                 .map_or_else(Vec::new, |p| p.prompt.iter().map(|e| e.0).collect()),
@@ -697,6 +721,32 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             }
         }
         (batch, from_previous)
+    }
+
+    /// Pads a decode-only batch (one token per sequence) to its bucket with rows of
+    /// token 0 at position 0 writing to the scratch block; returns the rows added.
+    fn pad_decode_batch(&self, batch: &mut ForwardBatch) -> usize {
+        let Some((scratch, buckets)) = &self.padding else {
+            return 0;
+        };
+        if batch.seqs.iter().any(|s| s.query_len != 1) {
+            return 0;
+        }
+        let real = batch.seqs.len();
+        let target = config::bucket_for(buckets, real);
+        for _ in real..target {
+            batch.seqs.push(SeqChunk {
+                key: u64::MAX,
+                query_start: batch.token_ids.len(),
+                query_len: 1,
+                context_len: 1,
+                block_table: vec![*scratch],
+            });
+            batch.token_ids.push(0);
+            batch.positions.push(0);
+            batch.slot_mapping.push(scratch * batch.block_size as u32);
+        }
+        target - real
     }
 
     /// Takes a token for every sequence whose chunk reached its end (the device's

@@ -189,5 +189,6 @@ mod engine_on_the_gpu {
         priority_orders_admission_and_cache_salt_separates_prefixes,
         constrained_outputs_follow_their_grammar_alone_batched_and_preempted,
         async_scheduling_gives_the_serial_events,
+        padded_decode_batches_give_the_same_events,
     );
 }

@@ -55,6 +55,11 @@ fn async_scheduling_gives_the_serial_events() {
 }
 
 #[test]
+fn padded_decode_batches_give_the_same_events() {
+    cases::padded_decode_batches_give_the_same_events(&CpuBackend::default());
+}
+
+#[test]
 fn the_kv_pool_is_sized_from_a_memory_budget() {
     use inferd::engine::{BudgetError, KvCacheBudget};
     let model = load_decoder(

@@ -840,3 +840,35 @@ pub fn async_scheduling_gives_the_serial_events<B: Backend + Clone + 'static>(ba
     };
     assert_eq!(others(&cancelled), others(&serial));
 }
+
+/// Decode-only steps padded to their batch-size bucket (what CUDA graphs are captured
+/// for) give the unpadded events exactly, serial and with async scheduling: the padded
+/// rows write only to the scratch block past the pool, and no real row's values move.
+pub fn padded_decode_batches_give_the_same_events<B: Backend + Clone + 'static>(backend: &B) {
+    let mut model = load(backend, "inferd-test/tiny-llama");
+    let vocab = model.config.vocab_size as u32;
+    // 11 requests: decode batches of 11 and fewer, padded to 16, 8, 4, 2.
+    let requests: Vec<_> = (0..11)
+        .map(|i| {
+            let (prompt, mut params) = request(i, vocab);
+            params.max_tokens = Some(4 + 2 * i);
+            (prompt, params)
+        })
+        .collect();
+    let mut runs = Vec::new();
+    for (pad, async_scheduling) in [(false, false), (true, false), (true, true)] {
+        let config = EngineConfig {
+            pad_decode_batches: pad,
+            async_scheduling,
+            ..config(128, 4)
+        };
+        let mut engine = Engine::new(backend.clone(), model, config, vec![2]);
+        runs.push(without_cached_counts(run_events(&mut engine, &requests, None)));
+        let padded = engine.stats().padded_rows;
+        assert_eq!(padded > 0, pad, "padded rows: {padded}");
+        assert_all_blocks_free(&engine);
+        model = engine.into_model();
+    }
+    assert_eq!(runs[1], runs[0]);
+    assert_eq!(runs[2], runs[0]);
+}
