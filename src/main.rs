@@ -412,6 +412,10 @@ struct BenchArgs {
     /// the same default).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     async_scheduling: Option<bool>,
+    /// With --offline: after each run, print where the steps' time went (the engine
+    /// thread's planning, waiting and output processing, and the forward passes).
+    #[arg(long)]
+    profile: bool,
 }
 
 /// Whether engines on `device` schedule asynchronously unless told: on the CPU, where
@@ -487,6 +491,9 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
     }
     if args.offline && (args.no_stream || args.endpoint.is_some() || args.api_key.is_some() || args.no_ignore_eos) {
         return Err("--offline drives an engine here, streamed with ignore_eos: --no-stream, --endpoint, --api-key and --no-ignore-eos are for servers".into());
+    }
+    if !args.offline && (args.profile || args.async_scheduling.is_some()) {
+        return Err("--profile and --async-scheduling are for --offline (a server has its own flags)".into());
     }
     let slo = match &args.slo {
         Some(text) => Slo::parse(text)?,
@@ -621,6 +628,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
         let config = model.engine_config(config, budget)?;
         eprintln!("bench: engine on {}", device.describe());
         Driver::Offline {
+            profile: args.profile,
             engine: model.spawn(config, vec![]),
             vocab,
             device: device.describe(),

@@ -35,6 +35,8 @@ pub enum Driver {
         engine: EngineHandle,
         vocab: usize,
         device: String,
+        /// Print where each run's step time went (`--profile`).
+        profile: bool,
     },
 }
 
@@ -316,9 +318,16 @@ async fn server_version(settings: &HttpSettings) -> Option<String> {
 async fn send(driver: &Driver, index: usize, pace: &Pace, requests: &[BenchRequest], seed: u64) -> Report {
     match driver {
         Driver::Http(list) => run(&list[index].1, pace, requests).await,
-        Driver::Offline { engine, vocab, .. } => {
+        Driver::Offline {
+            engine, vocab, profile, ..
+        } => {
             let ids = workload::random_prompt_ids(*vocab, requests, seed);
-            run_offline(engine, pace, requests, &ids).await
+            let before = StepTimes::read(engine.metrics());
+            let report = run_offline(engine, pace, requests, &ids).await;
+            if *profile {
+                eprintln!("{}", StepTimes::read(engine.metrics()).since(&before));
+            }
+            report
         }
     }
 }
@@ -457,5 +466,43 @@ mod tests {
         assert_eq!((t[1].0.as_str(), t[1].1.base_path.as_str()), ("slow", "/v1"));
         assert!(targets(&[], &["=http://x:1".into()]).is_err());
         assert!(targets(&["http://a:1".into(), "http://a:1".into()], &[]).is_err());
+    }
+}
+
+/// An engine's step counters, to tell where a run's step time went (`--profile`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    pub steps: u64,
+    pub steps_ahead: u64,
+    pub profile: crate::engine::StepProfile,
+}
+
+impl StepTimes {
+    pub fn read(metrics: &crate::engine::EngineMetrics) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        StepTimes {
+            steps: metrics.steps.load(Relaxed),
+            steps_ahead: metrics.steps_ahead.load(Relaxed),
+            profile: metrics.profile(),
+        }
+    }
+
+    /// One line: per step, the engine thread's planning, waiting and processing, and
+    /// the stream's forward pass, between `before` and now.
+    pub fn since(&self, before: &StepTimes) -> String {
+        let steps = self.steps.saturating_sub(before.steps);
+        if steps == 0 {
+            return "profile: no steps".into();
+        }
+        let per_step = |now: f64, then: f64| (now - then) / steps as f64 * 1e3;
+        let (p, b) = (&self.profile, &before.profile);
+        format!(
+            "profile: {steps} steps ({} launched ahead); per step, engine thread: plan {:.3} ms, wait {:.3} ms, process {:.3} ms; stream: forward {:.3} ms",
+            self.steps_ahead.saturating_sub(before.steps_ahead),
+            per_step(p.plan, b.plan),
+            per_step(p.wait, b.wait),
+            per_step(p.process, b.process),
+            per_step(p.forward, b.forward),
+        )
     }
 }

@@ -50,6 +50,10 @@ pub struct EngineMetrics {
     pub preemptions: AtomicU64,
     pub steps: AtomicU64,
     pub last_step_micros: AtomicU64,
+    /// `EngineStats::steps_ahead`.
+    pub steps_ahead: AtomicU64,
+    /// `EngineStats::profile`, in microseconds: plan, wait, process, forward.
+    pub profile_micros: [AtomicU64; 4],
 }
 
 impl EngineMetrics {
@@ -66,6 +70,25 @@ impl EngineMetrics {
         self.preemptions.store(s.preemptions, r);
         self.steps.store(s.steps, r);
         self.last_step_micros.store((s.last_step_secs * 1e6) as u64, r);
+        self.steps_ahead.store(s.steps_ahead, r);
+        let p = &s.profile;
+        for (slot, secs) in self.profile_micros.iter().zip([p.plan, p.wait, p.process, p.forward]) {
+            slot.store((secs * 1e6) as u64, r);
+        }
+    }
+
+    /// `profile_micros` read back as seconds.
+    pub fn profile(&self) -> super::StepProfile {
+        let [plan, wait, process, forward] = self
+            .profile_micros
+            .each_ref()
+            .map(|m| m.load(Ordering::Relaxed) as f64 / 1e6);
+        super::StepProfile {
+            plan,
+            wait,
+            process,
+            forward,
+        }
     }
 }
 

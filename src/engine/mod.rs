@@ -137,6 +137,8 @@ pub struct EngineStats {
     /// Rows added to decode-only steps to fill their batch-size bucket
     /// (`EngineConfig::pad_decode_batches`).
     pub padded_rows: u64,
+    /// Where the steps' time went, summed over every step.
+    pub profile: StepProfile,
     pub last_step_secs: f64,
 }
 
@@ -147,6 +149,22 @@ struct ModelInfo {
     max_positions: usize,
     needs_encoder_input: bool,
     encoder_input_kind: Option<&'static str>,
+}
+
+/// Seconds summed over steps: the engine thread's own work, what it waited for, and the
+/// forward passes on the step stream. With async scheduling `plan` and `process` overlap
+/// `forward`; in the serial loop `wait` is the forward.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepProfile {
+    /// Scheduling, building the batch and its sampling choices, launching.
+    pub plan: f64,
+    /// The engine thread blocked on the stream: outputs not ready, or (run in place)
+    /// the forward pass itself.
+    pub wait: f64,
+    /// Reading outputs: host sampling, stops, events, retiring sequences.
+    pub process: f64,
+    /// The forward passes and the device's sampling, on the stream.
+    pub forward: f64,
 }
 
 pub struct Engine<B: Backend + 'static, M: EngineModel<B> = DecoderModel<B>> {
@@ -454,13 +472,19 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
     /// tokens launched (0 when nothing could be).
     pub fn step(&mut self) -> usize {
         let start = Instant::now();
+        let wait_before = self.stats.profile.wait;
         // A step whose outputs decide what the next one computes is read first.
         if self.in_flight.back().is_some_and(|s| !s.pipelined) {
             self.finish_in_flight(0);
         }
+        let (planning, wait_planning) = (Instant::now(), self.stats.profile.wait);
         let launched = self.launch();
+        let plan = planning.elapsed().as_secs_f64() - (self.stats.profile.wait - wait_planning);
         self.finish_in_flight(usize::from(self.stream.is_threaded() && launched > 0));
-        self.stats.last_step_secs = start.elapsed().as_secs_f64();
+        let total = start.elapsed().as_secs_f64();
+        self.stats.profile.plan += plan;
+        self.stats.profile.process += total - plan - (self.stats.profile.wait - wait_before);
+        self.stats.last_step_secs = total;
         launched
     }
 
@@ -580,8 +604,13 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             .filter(|state| state.constrains_next())
             .collect();
         let stream = &mut self.stream;
+        let launched = Instant::now();
         let reply = constraint::prepare_during(&mut states, || stream.launch(work));
         drop(states);
+        if !self.stream.is_threaded() {
+            // Run in place: the launch was the forward pass.
+            self.stats.profile.wait += launched.elapsed().as_secs_f64();
+        }
         self.stats.steps_ahead += u64::from(!self.in_flight.is_empty());
         self.in_flight.push_back(InFlight {
             chunks,
@@ -595,13 +624,18 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
     /// Reads a step's outputs: registers the blocks it filled, sends prompt
     /// log-probabilities, samples, sends tokens and retires finished sequences.
     fn finish(&mut self, step: InFlight) {
+        let waiting = Instant::now();
         let outcome = step
             .reply
             .wait()
             .unwrap_or_else(|| StepOutcome::Panicked("the step thread is gone".into()));
+        self.stats.profile.wait += waiting.elapsed().as_secs_f64();
         self.stats.steps += 1;
         let mut values = match outcome {
-            StepOutcome::Done(values) => values,
+            StepOutcome::Done(values) => {
+                self.stats.profile.forward += values.forward_secs;
+                values
+            }
             StepOutcome::Refused(e) => return self.fail_chunks(&step.chunks, &e.to_string()),
             StepOutcome::Panicked(message) => {
                 // As if it panicked here: the engine's thread fails every request.

@@ -62,6 +62,8 @@ pub(super) struct StepValues {
     /// `[host rows, vocab]`, row-major.
     pub values: Vec<f32>,
     pub vocab: usize,
+    /// How long the forward pass and the reads took on the stream.
+    pub forward_secs: f64,
 }
 
 pub(super) enum StepOutcome {
@@ -117,6 +119,7 @@ impl<B: Backend, M: EngineModel<B>> Device<B, M> {
         }
         // Moved into the step by value (`&mut M` is `Send` where `&M` would need `Sync`).
         let (backend, model, cache, work_ref) = (&self.backend, &mut self.model, &mut self.cache, &work);
+        let start = std::time::Instant::now();
         let run = std::panic::catch_unwind(AssertUnwindSafe(move || {
             B::run_step(move || {
                 let logits_for = match &work_ref.logits_rows {
@@ -129,7 +132,8 @@ impl<B: Backend, M: EngineModel<B>> Device<B, M> {
         }));
         self.last_tokens.clear();
         match run {
-            Ok(Ok(values)) => {
+            Ok(Ok(mut values)) => {
+                values.forward_secs = start.elapsed().as_secs_f64();
                 self.last_tokens.clone_from(&values.tokens);
                 StepOutcome::Done(values)
             }

@@ -102,6 +102,7 @@ fn offline_bench_on_dummy_weights_writes_reports_and_plots() {
         ])
         .args([
             "--quiet",
+            "--profile",
             "--json",
             report.to_str().unwrap(),
             "--plots",
@@ -109,7 +110,27 @@ fn offline_bench_on_dummy_weights_writes_reports_and_plots() {
         ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // `--profile`: a line per run (warm-up included); the CPU's default async scheduling
+    // launches steps ahead.
+    let ahead: Vec<(u64, u64)> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("profile: "))
+        .map(|l| {
+            let (steps, rest) = l.split_once(" steps (").unwrap();
+            let ahead = rest.split_once(' ').unwrap().0;
+            assert!(rest.contains("plan ") && rest.contains("forward "), "{l}");
+            (steps.parse().unwrap(), ahead.parse().unwrap())
+        })
+        .collect();
+    assert!(ahead.len() >= 2, "{stderr}");
+    assert!(
+        ahead
+            .iter()
+            .all(|&(steps, ahead)| steps > 0 && ahead > 0 && ahead <= steps),
+        "{ahead:?}"
+    );
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(doc["targets"][0]["name"], "offline");
     assert_eq!(doc["endpoint"], "engine");
