@@ -358,7 +358,8 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
         }
         let max_model_len = self.max_model_len();
         let max_len = match params.max_tokens {
-            Some(m) => (prompt.len() + m).min(max_model_len),
+            // (At least one token: what `max_tokens: 0` always gave.)
+            Some(m) => (prompt.len() + m.max(1)).min(max_model_len),
             None => max_model_len,
         };
         let mut stop_ids = params.stop_token_ids.clone();
@@ -456,7 +457,10 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             let id = seq.request;
             let prompt = seq.prompt().to_vec();
             if let Some(input) = self.requests.get_mut(&id).and_then(|r| r.encoder_input.take()) {
-                if let Err(e) = self.stream.begin_request(id.0, prompt, input) {
+                let waiting = Instant::now();
+                let begun = self.stream.begin_request(id.0, prompt, input);
+                self.stats.profile.wait += waiting.elapsed().as_secs_f64();
+                if let Err(e) = begun {
                     failed.push((id, e));
                 }
             }
@@ -484,7 +488,9 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
         let total = start.elapsed().as_secs_f64();
         self.stats.profile.plan += plan;
         self.stats.profile.process += total - plan - (self.stats.profile.wait - wait_before);
-        self.stats.last_step_secs = total;
+        if launched > 0 {
+            self.stats.last_step_secs = total;
+        }
         launched
     }
 
@@ -743,7 +749,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             for pos in start..start + n {
                 let token = seq.tokens[pos];
                 if token == PLACEHOLDER {
-                    debug_assert_eq!(pos + 1, seq.tokens.len(), "only the last token is in flight");
+                    assert_eq!(pos + 1, seq.tokens.len(), "only the last token is in flight");
                     let row = seq.placeholder_row.expect("a placeholder names its row");
                     from_previous.push((batch.token_ids.len(), row));
                 }
@@ -833,7 +839,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
                 (None, None) => unreachable!("every row that reached its end brings a token or its values"),
             };
             if pos < seq.tokens.len() {
-                debug_assert_eq!(seq.tokens[pos], PLACEHOLDER);
+                assert_eq!(seq.tokens[pos], PLACEHOLDER, "a token goes where its step left room");
                 seq.tokens[pos] = token;
             } else {
                 seq.tokens.push(token);

@@ -208,7 +208,10 @@ impl Scheduler {
         let new: Vec<_> = seq.extend_hashes(bs, upto).collect();
         for (b, hash) in new {
             let tokens = &seq.tokens[b * bs..(b + 1) * bs];
-            debug_assert!(!tokens.contains(&super::sequence::PLACEHOLDER));
+            assert!(
+                !tokens.contains(&super::sequence::PLACEHOLDER),
+                "a block is registered once its tokens are known"
+            );
             let announce = match seq.cache_salt {
                 Some(_) => Announce::No,
                 None => Announce::After(b.checked_sub(1).map(|p| seq.hashes[p])),

@@ -120,16 +120,14 @@ impl<B: Backend, M: EngineModel<B>> Device<B, M> {
         // Moved into the step by value (`&mut M` is `Send` where `&M` would need `Sync`).
         let (backend, model, cache, work_ref) = (&self.backend, &mut self.model, &mut self.cache, &work);
         let start = std::time::Instant::now();
-        let run = std::panic::catch_unwind(AssertUnwindSafe(move || {
-            B::run_step(move || {
-                let logits_for = match &work_ref.logits_rows {
-                    None => LogitsFor::LastOfEachSequence,
-                    Some(rows) => LogitsFor::Rows(rows),
-                };
-                let logits = model.forward(backend, &work_ref.batch, cache, logits_for)?;
-                Ok(read_rows(backend, logits, work_ref))
-            })
-        }));
+        let run = guarded::<B, _>(move || {
+            let logits_for = match &work_ref.logits_rows {
+                None => LogitsFor::LastOfEachSequence,
+                Some(rows) => LogitsFor::Rows(rows),
+            };
+            let logits = model.forward(backend, &work_ref.batch, cache, logits_for)?;
+            Ok(read_rows(backend, logits, work_ref))
+        });
         self.last_tokens.clear();
         match run {
             Ok(Ok(mut values)) => {
@@ -138,13 +136,7 @@ impl<B: Backend, M: EngineModel<B>> Device<B, M> {
                 StepOutcome::Done(values)
             }
             Ok(Err(e)) => StepOutcome::Refused(e),
-            Err(panic) => StepOutcome::Panicked(
-                panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "a step panicked".into()),
-            ),
+            Err(message) => StepOutcome::Panicked(message),
         }
     }
 
@@ -159,15 +151,34 @@ impl<B: Backend, M: EngineModel<B>> Device<B, M> {
                 input,
                 reply,
             } => {
-                let result = self
-                    .model
-                    .begin_request(&self.backend, key, &prompt, &input)
-                    .map_err(|e| e.to_string());
+                let (backend, model) = (&self.backend, &mut self.model);
+                let result = match guarded::<B, _>(move || model.begin_request(backend, key, &prompt, &input)) {
+                    Ok(done) => done.map_err(|e| e.to_string()),
+                    Err(message) => Err(format!("the encoder failed: {message}")),
+                };
                 let _ = reply.send(result);
             }
-            Work::End(key) => self.model.end_request(key),
+            Work::End(key) => {
+                let model = &mut self.model;
+                if let Err(message) = guarded::<B, _>(move || model.end_request(key)) {
+                    crate::warn!("dropping a request's model state failed: {message}");
+                }
+            }
         }
     }
+}
+
+/// Runs `work` where the backend wants its host work done (`Backend::run_step`), a
+/// panic (a backend fault) caught as its message: the stream goes on with what comes
+/// next, as the engine does with the requests it fails.
+fn guarded<B: Backend, R: Send>(work: impl FnOnce() -> R + Send) -> Result<R, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| B::run_step(work))).map_err(|panic| {
+        panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "a step panicked".into())
+    })
 }
 
 /// Brings to the host what the engine needs of a step's logits: the prompt rows'
@@ -238,8 +249,25 @@ enum Mode<B: Backend, M> {
     },
 }
 
+impl<B: Backend, M> Mode<B, M> {
+    /// Waits for everything launched, and takes back what the stream owned.
+    fn into_device(self) -> Device<B, M> {
+        match self {
+            Mode::Inline(device) => *device,
+            Mode::Thread { work, thread } => {
+                drop(work); // the thread ends once it has run what it was sent
+                match thread.join() {
+                    Ok(device) => device,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+        }
+    }
+}
+
 pub(super) struct Stream<B: Backend, M> {
-    mode: Mode<B, M>,
+    /// Always `Some` but while being taken apart.
+    mode: Option<Mode<B, M>>,
 }
 
 impl<B: Backend + 'static, M: EngineModel<B>> Stream<B, M> {
@@ -267,23 +295,28 @@ impl<B: Backend + 'static, M: EngineModel<B>> Stream<B, M> {
         } else {
             Mode::Inline(Box::new(device))
         };
-        Stream { mode }
+        Stream { mode: Some(mode) }
+    }
+
+    fn mode(&mut self) -> &mut Mode<B, M> {
+        self.mode.as_mut().expect("a stream in use has its mode")
     }
 
     pub fn is_threaded(&self) -> bool {
-        matches!(self.mode, Mode::Thread { .. })
+        matches!(self.mode, Some(Mode::Thread { .. }))
     }
 
     fn submit<T>(&mut self, make: impl FnOnce(Sender<T>) -> Work) -> Pending<T> {
         let (tx, rx) = crossbeam_channel::bounded(1);
         let work = make(tx);
-        match &mut self.mode {
+        match self.mode() {
             Mode::Inline(device) => {
                 device.execute(work);
                 Pending::Ready(rx.try_recv().expect("an inline reply"))
             }
             Mode::Thread { work: queue, .. } => {
-                queue.send(work).expect("the step thread runs while the engine does");
+                // A thread that is gone drops the reply: the step reads as failed.
+                let _ = queue.send(work);
                 Pending::Later(rx)
             }
         }
@@ -308,7 +341,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Stream<B, M> {
 
     /// Drops what the model kept for request `key`, once the steps launched so far ran.
     pub fn end_request(&mut self, key: u64) {
-        match &mut self.mode {
+        match self.mode() {
             Mode::Inline(device) => device.execute(Work::End(key)),
             Mode::Thread { work, .. } => {
                 let _ = work.send(Work::End(key));
@@ -317,15 +350,18 @@ impl<B: Backend + 'static, M: EngineModel<B>> Stream<B, M> {
     }
 
     /// Waits for everything launched, and hands the model back.
-    pub fn into_model(self) -> M {
-        match self.mode {
-            Mode::Inline(device) => device.model,
-            Mode::Thread { work, thread } => {
-                drop(work);
-                match thread.join() {
-                    Ok(device) => device.model,
-                    Err(panic) => std::panic::resume_unwind(panic),
-                }
+    pub fn into_model(mut self) -> M {
+        self.mode.take().expect("a stream has its mode").into_device().model
+    }
+}
+
+impl<B: Backend, M> Drop for Stream<B, M> {
+    /// The weights and the KV cache are freed before the engine is gone (the model
+    /// manager measures the memory an unload gave back right after).
+    fn drop(&mut self) {
+        if let Some(mode @ Mode::Thread { .. }) = self.mode.take() {
+            if !std::thread::panicking() {
+                mode.into_device();
             }
         }
     }

@@ -731,8 +731,13 @@ pub fn async_scheduling_gives_the_serial_events<B: Backend + Clone + 'static>(ba
                 ..Default::default()
             };
         }
-        if i % 10 == 3 {
+        // n > 1 with seeded draws on the device (and one greedy), and replies of one
+        // and two tokens.
+        if i % 10 == 2 || i == 13 {
             r.1.n = 2;
+        }
+        if i == 1 || i == 5 {
+            r.1.max_tokens = Some(1 + i / 4);
         }
     }
     let serial_config = |num_blocks| EngineConfig {
@@ -765,7 +770,9 @@ pub fn async_scheduling_gives_the_serial_events<B: Backend + Clone + 'static>(ba
         .enumerate()
         .filter(|(i, _)| i % 4 == 1 || i % 4 == 2)
     {
-        if let Some(EngineEvent::Token { token, .. }) = first[i][0].get(6) {
+        // One stops on its first token.
+        let at = if i == 9 { 0 } else { 6 };
+        if let Some(EngineEvent::Token { token, .. }) = first[i][0].get(at) {
             r.1.stop_token_ids = vec![*token];
             stopped.push(i);
         }
@@ -845,16 +852,42 @@ pub fn async_scheduling_gives_the_serial_events<B: Backend + Clone + 'static>(ba
 /// for) give the unpadded events exactly, serial and with async scheduling: the padded
 /// rows write only to the scratch block past the pool, and no real row's values move.
 pub fn padded_decode_batches_give_the_same_events<B: Backend + Clone + 'static>(backend: &B) {
-    let mut model = load(backend, "inferd-test/tiny-llama");
-    let vocab = model.config.vocab_size as u32;
-    // 11 requests: decode batches of 11 and fewer, padded to 16, 8, 4, 2.
-    let requests: Vec<_> = (0..11)
+    let mut model = Some(load(backend, "inferd-test/tiny-llama"));
+    let vocab = model.as_ref().unwrap().config.vocab_size as u32;
+    // 11 requests: decode batches of 11 and fewer, padded to 16, 8, 4, 2. Sampled on the
+    // device (greedy, seeded draws) so that steps run ahead with async scheduling, and
+    // then with host-sampled rows mixed in.
+    let device_sampled: Vec<_> = (0..11)
+        .map(|i| {
+            let (prompt, _) = request(i, vocab);
+            let params = SamplingParams {
+                max_tokens: Some(4 + 2 * i),
+                temperature: if i % 2 == 0 { 0.0 } else { 0.7 },
+                seed: Some(i as u64),
+                ..Default::default()
+            };
+            (prompt, params)
+        })
+        .collect();
+    let mixed: Vec<_> = (0..11)
         .map(|i| {
             let (prompt, mut params) = request(i, vocab);
             params.max_tokens = Some(4 + 2 * i);
             (prompt, params)
         })
         .collect();
+    padded_events_equal_unpadded(backend, &mut model, &device_sampled, true);
+    padded_events_equal_unpadded(backend, &mut model, &mixed, false);
+}
+
+/// Runs `requests` unpadded, padded, and padded with async scheduling (`ahead`: steps
+/// must run ahead then), and compares the events.
+fn padded_events_equal_unpadded<B: Backend + Clone + 'static>(
+    backend: &B,
+    model: &mut Option<DecoderModel<B>>,
+    requests: &[(Vec<u32>, SamplingParams)],
+    ahead: bool,
+) {
     let mut runs = Vec::new();
     for (pad, async_scheduling) in [(false, false), (true, false), (true, true)] {
         let config = EngineConfig {
@@ -862,12 +895,15 @@ pub fn padded_decode_batches_give_the_same_events<B: Backend + Clone + 'static>(
             async_scheduling,
             ..config(128, 4)
         };
-        let mut engine = Engine::new(backend.clone(), model, config, vec![2]);
-        runs.push(without_cached_counts(run_events(&mut engine, &requests, None)));
+        let mut engine = Engine::new(backend.clone(), model.take().unwrap(), config, vec![2]);
+        runs.push(without_cached_counts(run_events(&mut engine, requests, None)));
         let padded = engine.stats().padded_rows;
         assert_eq!(padded > 0, pad, "padded rows: {padded}");
+        if async_scheduling && ahead {
+            assert!(engine.stats().steps_ahead > 0);
+        }
         assert_all_blocks_free(&engine);
-        model = engine.into_model();
+        *model = Some(engine.into_model());
     }
     assert_eq!(runs[1], runs[0]);
     assert_eq!(runs[2], runs[0]);
