@@ -59,41 +59,31 @@ fn request(i: usize, vocab: u32) -> (Vec<u32>, SamplingParams) {
 }
 
 /// Runs requests on a synchronous engine, all queued at once; returns each request's
-/// tokens per completion index, and the engine (to inspect its counters).
+/// tokens per completion index (`run_events`, the tokens alone).
 fn run_batch<B: Backend + 'static>(
     engine: &mut Engine<B>,
     requests: &[(Vec<u32>, SamplingParams)],
 ) -> Vec<Vec<Vec<u32>>> {
-    let mut receivers = Vec::new();
-    for (i, (prompt, params)) in requests.iter().enumerate() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        engine
-            .add_request(RequestId(i as u64), prompt.clone(), params.clone(), tx)
-            .unwrap();
-        receivers.push(rx);
-    }
-    let mut steps = 0;
-    while engine.has_work() {
-        engine.step();
-        steps += 1;
-        assert!(steps < 100_000, "the engine does not make progress");
-    }
-    receivers
+    let events = run_events(engine, requests, None);
+    events
         .into_iter()
-        .zip(requests)
-        .map(|(mut rx, (_, params))| {
-            let mut outputs = vec![Vec::new(); params.n];
-            let mut finished = 0;
-            while let Ok(event) = rx.try_recv() {
-                match event {
-                    EngineEvent::Token { index, token, .. } => outputs[index].push(token),
-                    EngineEvent::Finished { .. } => finished += 1,
-                    EngineEvent::PromptLogprobs(_) => {}
-                    EngineEvent::Failed(e) => panic!("request failed: {e}"),
-                }
-            }
-            assert_eq!(finished, params.n, "every completion finishes");
-            outputs
+        .map(|completions| {
+            let finished = completions
+                .iter()
+                .filter(|c| matches!(c.last(), Some(EngineEvent::Finished { .. })))
+                .count();
+            assert_eq!(finished, completions.len(), "every completion finishes");
+            completions
+                .into_iter()
+                .map(|c| {
+                    c.into_iter()
+                        .filter_map(|e| match e {
+                            EngineEvent::Token { token, .. } => Some(token),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .collect()
         })
         .collect()
 }
