@@ -3,8 +3,10 @@
 
 use inferd::backend::cpu::CpuBackend;
 use inferd::backend::{Backend, ForwardBatch, KvCacheShape};
-use inferd::engine::{Engine, EngineConfig, EngineEvent, EngineHandle, SamplingParams};
-use inferd::models::{load_decoder, EngineModel, ForwardError, LogitsFor};
+use std::sync::Arc;
+
+use inferd::engine::{Engine, EngineConfig, EngineEvent, EngineHandle, FinishReason, SamplingParams};
+use inferd::models::{load_decoder, EncoderInput, EngineModel, ForwardError, ImageSet, LogitsFor};
 
 use super::engine_cases as cases;
 use crate::common::installed_model;
@@ -96,19 +98,22 @@ fn the_kv_pool_is_sized_from_a_memory_budget() {
     assert!(from_memory.num_blocks > 0 && from_memory.num_blocks <= 64);
 }
 
-/// A model whose forward pass panics on batches holding token 13, as a backend fault
-/// (a CUDA error) would.
-struct Faulty(inferd::models::DecoderModel<CpuBackend>);
+/// A model whose forward pass (or, with `encoder`, whose encoder: it then takes image
+/// input) panics on token 13, as a backend fault (a CUDA error) would.
+struct Faulty {
+    model: inferd::models::DecoderModel<CpuBackend>,
+    encoder: bool,
+}
 
 impl EngineModel<CpuBackend> for Faulty {
     fn vocab_size(&self) -> usize {
-        self.0.vocab_size()
+        self.model.vocab_size()
     }
     fn max_positions(&self) -> usize {
-        self.0.max_positions()
+        self.model.max_positions()
     }
     fn kv_cache_shape(&self, num_blocks: usize, block_size: usize) -> KvCacheShape {
-        self.0.kv_cache_shape(num_blocks, block_size)
+        self.model.kv_cache_shape(num_blocks, block_size)
     }
     fn forward(
         &self,
@@ -117,13 +122,30 @@ impl EngineModel<CpuBackend> for Faulty {
         cache: &mut <CpuBackend as Backend>::KvCache,
         logits_for: LogitsFor,
     ) -> Result<<CpuBackend as Backend>::Tensor, ForwardError> {
-        assert!(!batch.token_ids.contains(&13), "injected fault");
-        self.0.forward(backend, batch, cache, logits_for)
+        assert!(self.encoder || !batch.token_ids.contains(&13), "injected fault");
+        self.model.forward(backend, batch, cache, logits_for)
+    }
+    fn needs_encoder_input(&self) -> bool {
+        self.encoder
+    }
+    fn encoder_input_kind(&self) -> Option<&'static str> {
+        self.encoder.then_some("image")
+    }
+    fn begin_request(
+        &mut self,
+        _backend: &CpuBackend,
+        _key: u64,
+        prompt: &[u32],
+        _input: &EncoderInput,
+    ) -> Result<(), ForwardError> {
+        assert!(!prompt.contains(&13), "injected encoder fault");
+        Ok(())
     }
 }
 
-#[test]
-fn a_panicking_step_fails_its_requests_and_the_engine_serves_on() {
+/// A request whose step (or encoder) panics fails with the panic's message; the engine
+/// thread, and with async scheduling the step thread, serve the next request.
+fn serves_on_after_a_panic(encoder: bool, async_scheduling: bool) {
     let model = load_decoder(
         &CpuBackend::default(),
         &installed_model("inferd-test/tiny-llama"),
@@ -136,17 +158,27 @@ fn a_panicking_step_fails_its_requests_and_the_engine_serves_on() {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
         max_waiting: 16,
+        async_scheduling,
         ..EngineConfig::default()
     };
-    let handle = EngineHandle::spawn(Engine::new(CpuBackend::default(), Faulty(model), config, vec![]));
+    let model = Faulty { model, encoder };
+    let handle = EngineHandle::spawn(Engine::new(CpuBackend::default(), model, config, vec![]));
     let params = SamplingParams {
         max_tokens: Some(5),
         ignore_eos: true,
         ..SamplingParams::greedy()
     };
-    let mut doomed = handle.submit(vec![13, 14, 15], params.clone()).unwrap();
+    let input = || encoder.then(|| EncoderInput::Images(Arc::new(ImageSet::new(Vec::new()))));
+    let mut doomed = handle
+        .submit_with_input(vec![13, 14, 15], params.clone(), input())
+        .unwrap();
+    let fault = if encoder {
+        "injected encoder fault"
+    } else {
+        "injected fault"
+    };
     match doomed.blocking_next() {
-        Some(EngineEvent::Failed(message)) => assert!(message.contains("injected fault"), "{message}"),
+        Some(EngineEvent::Failed(message)) => assert!(message.contains(fault), "{message}"),
         other => panic!("expected the request to fail, got {other:?}"),
     }
     // The engine thread lives on, with every block back, and serves the next request.
@@ -163,17 +195,61 @@ fn a_panicking_step_fails_its_requests_and_the_engine_serves_on() {
         );
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    let mut next = handle.submit(vec![3, 4, 5], params).unwrap();
-    let mut tokens = 0;
-    loop {
-        match next.blocking_next().expect("stream open") {
-            EngineEvent::Token { .. } => tokens += 1,
-            EngineEvent::Finished { .. } => break,
-            EngineEvent::PromptLogprobs(_) => {}
-            EngineEvent::Failed(e) => panic!("{e}"),
+    for _ in 0..2 {
+        let mut next = handle
+            .submit_with_input(vec![3, 4, 5], params.clone(), input())
+            .unwrap();
+        let mut tokens = 0;
+        loop {
+            match next.blocking_next().expect("stream open") {
+                EngineEvent::Token { .. } => tokens += 1,
+                EngineEvent::Finished { .. } => break,
+                EngineEvent::PromptLogprobs(_) => {}
+                EngineEvent::Failed(e) => panic!("{e}"),
+            }
         }
+        assert_eq!(tokens, 5);
     }
-    assert_eq!(tokens, 5);
+    handle.shutdown();
+}
+
+#[test]
+fn a_panicking_step_fails_its_requests_and_the_engine_serves_on() {
+    for async_scheduling in [false, true] {
+        serves_on_after_a_panic(false, async_scheduling);
+    }
+}
+
+#[test]
+fn a_panicking_encoder_fails_its_request_and_the_engine_serves_on() {
+    for async_scheduling in [false, true] {
+        serves_on_after_a_panic(true, async_scheduling);
+    }
+}
+
+/// `max_tokens: 0` through the engine's API gives one token (the API layer refuses 0).
+#[test]
+fn max_tokens_zero_gives_one_token() {
+    let mut model = load_decoder(
+        &CpuBackend::default(),
+        &installed_model("inferd-test/tiny-llama"),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    for async_scheduling in [false, true] {
+        let config = EngineConfig {
+            async_scheduling,
+            ..EngineConfig::default()
+        };
+        let mut engine = Engine::new(CpuBackend::default(), model, config, vec![]);
+        let params = SamplingParams {
+            max_tokens: Some(0),
+            ..SamplingParams::greedy()
+        };
+        let (tokens, reason) = inferd::engine::generate(&mut engine, vec![3, 4, 5], params, &mut |_| true).unwrap();
+        assert_eq!((tokens.len(), reason), (1, Some(FinishReason::Length)));
+        model = engine.into_model();
+    }
 }
 
 #[test]
