@@ -36,6 +36,15 @@ pub fn enabled(level: Level) -> bool {
 }
 
 /// Writes one line (use the macros, which skip the formatting when the level is off).
+/// What a caught panic said (its `String` or `&str` payload), for the log and for the
+/// errors the requests it took down get.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> Option<String> {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+}
+
 pub fn write(level: Level, message: std::fmt::Arguments<'_>) {
     let tag = match level {
         Level::Error => "error: ",

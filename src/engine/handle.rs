@@ -328,11 +328,7 @@ fn run<B: Backend, M: EngineModel<B>>(mut engine: Engine<B, M>, inbox: Receiver<
             // A panicking step (a backend error: a CUDA fault, device memory exhausted
             // mid-step) fails the requests it held; the engine goes on with new ones.
             if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| engine.step())) {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_else(|| "a step panicked".into());
+                let message = crate::log::panic_message(&*panic).unwrap_or_else(|| "a step panicked".into());
                 crate::warn!("engine step failed, its requests fail: {message}");
                 engine.fail_all(&format!("the engine failed: {message}"));
             }

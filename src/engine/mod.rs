@@ -425,13 +425,18 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
                 .chain(self.scheduler.waiting.iter())
                 .map(|s| s.request),
         );
+        self.fail_requests(ids, message);
+        // What is in flight is theirs; its outputs are never read.
+        self.in_flight.clear();
+    }
+
+    /// `fail_request` for each of `ids` (repeats allowed).
+    fn fail_requests(&mut self, mut ids: Vec<RequestId>, message: &str) {
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
             self.fail_request(id, message);
         }
-        // What is in flight is theirs; its outputs are never read.
-        self.in_flight.clear();
     }
 
     /// Tells request `id` it failed (when it is still there) and drops it: its
@@ -642,7 +647,10 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
                 self.stats.profile.forward += values.forward_secs;
                 values
             }
-            StepOutcome::Refused(e) => return self.fail_chunks(&step.chunks, &e.to_string()),
+            // The model refused the batch: its requests fail.
+            StepOutcome::Refused(e) => {
+                return self.fail_requests(step.chunks.iter().map(|c| c.request).collect(), &e.to_string())
+            }
             StepOutcome::Panicked(message) => {
                 // As if it panicked here: the engine's thread fails every request.
                 self.in_flight.clear();
@@ -665,7 +673,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             }
         }
         if let Some(prompt) = &step.prompt {
-            self.send_prompt_logprobs(&step.chunks, prompt, &values);
+            self.send_prompt_logprobs(&step.chunks, &running, prompt, &values);
         }
         self.process_outputs(&step.chunks, &running, &mut values);
     }
@@ -694,11 +702,18 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
 
     /// Sends each request its prompt log-probabilities out of the step's prompt rows (as
     /// `prompt_logprob_rows` laid them out).
-    fn send_prompt_logprobs(&mut self, chunks: &[Launched], rows: &PromptRows, values: &StepValues) {
+    fn send_prompt_logprobs(
+        &mut self,
+        chunks: &[Launched],
+        running: &HashMap<u64, usize>,
+        rows: &PromptRows,
+        values: &StepValues,
+    ) {
         let vocab = values.prompt_vocab;
+        let at: Vec<_> = chunks.iter().map(|c| self.locate(running, c.uid)).collect();
         let mut per_chunk: Vec<Vec<(TokenLogprobs, usize)>> = vec![Vec::new(); chunks.len()];
         for (k, &(_, c, pos)) in rows.prompt.iter().enumerate() {
-            let Some(at) = self.scheduler.locate(chunks[c].uid) else {
+            let Some(at) = at[c] else {
                 continue;
             };
             let seq = self.scheduler.sequence_mut(at);
@@ -716,7 +731,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             if entries.is_empty() {
                 continue;
             }
-            let Some(at) = self.scheduler.locate(chunks[c].uid) else {
+            let Some(at) = at[c] else {
                 continue;
             };
             let seq = self.scheduler.sequence_mut(at);
@@ -763,6 +778,15 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
         (batch, from_previous)
     }
 
+    /// Where sequence `uid` is (`Scheduler::locate`), looked up first in `running`, a map
+    /// of `running` made when the step's outputs came (valid until sequences retire).
+    fn locate(&self, running: &HashMap<u64, usize>, uid: u64) -> Option<Result<usize, usize>> {
+        match running.get(&uid) {
+            Some(&i) => Some(Ok(i)),
+            None => self.scheduler.locate(uid),
+        }
+    }
+
     /// Pads a decode-only batch (one token per sequence) to its bucket with rows of
     /// token 0 at position 0 writing to the scratch block; returns the rows added.
     fn pad_decode_batch(&self, batch: &mut ForwardBatch) -> usize {
@@ -794,17 +818,13 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
     /// forks `n > 1` requests after their prompt. `running`: where the step's sequences
     /// were in `running` when it finished.
     fn process_outputs(&mut self, chunks: &[Launched], running: &HashMap<u64, usize>, values: &mut StepValues) {
-        let locate = |scheduler: &Scheduler, uid: u64| match running.get(&uid) {
-            Some(&i) => Some(Ok(i)),
-            None => scheduler.locate(uid),
-        };
         let mut finished = Vec::new();
         let mut forks = Vec::new();
         for (row, c) in chunks.iter().enumerate() {
             if !c.samples {
                 continue; // a prompt chunk; the sequence is not at its end yet
             }
-            let Some(at) = locate(&self.scheduler, c.uid) else {
+            let Some(at) = self.locate(running, c.uid) else {
                 continue; // gone since: cancelled, failed, or stopped a step earlier
             };
             let seq = self.scheduler.sequence_mut(at);
@@ -893,7 +913,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
         // blocks in the prefix cache (the parent registered them), so they share them and
         // recompute only the tail for their own first logits.
         for &uid in &forks {
-            let Some(at) = locate(&self.scheduler, uid) else {
+            let Some(at) = self.locate(running, uid) else {
                 continue;
             };
             let parent = self.scheduler.sequence_mut(at);
@@ -912,10 +932,8 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             }
         }
         // Retired last to first in `running` (indices stay valid), then any in `waiting`.
-        let mut retire: Vec<Result<usize, usize>> = finished
-            .iter()
-            .filter_map(|&uid| locate(&self.scheduler, uid))
-            .collect();
+        let mut retire: Vec<Result<usize, usize>> =
+            finished.iter().filter_map(|&uid| self.locate(running, uid)).collect();
         retire.sort_unstable_by_key(|at| match at {
             Ok(i) => (0, std::cmp::Reverse(*i)),
             Err(i) => (1, std::cmp::Reverse(*i)),
@@ -945,16 +963,6 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             if !self.requests.contains_key(&id) {
                 self.stream.end_request(id.0);
             }
-        }
-    }
-
-    /// Fails the requests of a step the model refused.
-    fn fail_chunks(&mut self, chunks: &[Launched], message: &str) {
-        let mut ids: Vec<RequestId> = chunks.iter().map(|c| c.request).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        for id in ids {
-            self.fail_request(id, message);
         }
     }
 }

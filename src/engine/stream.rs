@@ -172,13 +172,8 @@ impl<B: Backend, M: EngineModel<B>> Device<B, M> {
 /// panic (a backend fault) caught as its message: the stream goes on with what comes
 /// next, as the engine does with the requests it fails.
 fn guarded<B: Backend, R: Send>(work: impl FnOnce() -> R + Send) -> Result<R, String> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| B::run_step(work))).map_err(|panic| {
-        panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "a step panicked".into())
-    })
+    std::panic::catch_unwind(AssertUnwindSafe(|| B::run_step(work)))
+        .map_err(|panic| crate::log::panic_message(&*panic).unwrap_or_else(|| "a step panicked".into()))
 }
 
 /// Brings to the host what the engine needs of a step's logits: the prompt rows'

@@ -325,11 +325,7 @@ impl ModelManager {
             build(&self.settings, &key, &mut report).map(Arc::new)
         }))
         .unwrap_or_else(|panic| {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let message = crate::log::panic_message(&*panic).unwrap_or_default();
             if message.starts_with(crate::backend::DEVICE_OUT_OF_MEMORY) {
                 return Err(LoadError::OutOfMemory(format!("loading `{key}` failed: {message}")));
             }
