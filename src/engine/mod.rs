@@ -106,8 +106,6 @@ struct RequestState {
     params: SamplingParams,
     /// EOS (unless ignored) and stop token ids.
     stop_ids: Vec<u32>,
-    /// Last token count a sequence may reach.
-    max_len: usize,
     events: EventSender,
     unfinished: usize,
     forked: bool,
@@ -393,7 +391,6 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
                 forked: params.n == 1,
                 params,
                 stop_ids,
-                max_len,
                 events,
             },
         );
@@ -868,7 +865,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             self.stats.tokens_generated += 1;
             let reason = if req.stop_ids.contains(&token) {
                 Some(FinishReason::Stop)
-            } else if len >= req.max_len {
+            } else if len >= seq.max_len {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -919,7 +916,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             let parent = self.scheduler.sequence_mut(at);
             let id = parent.request;
             let Some(req) = self.requests.get(&id) else { continue };
-            let prompt = parent.prompt().to_vec();
+            let (prompt, max_len) = (parent.prompt().to_vec(), parent.max_len);
             let base_seed = req.params.seed;
             // Pushed to the front in reverse, so they run in index order, next in line.
             for index in (1..req.params.n).rev() {
@@ -927,7 +924,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
                 let child = Sequence::new(id, index, prompt.clone(), Rng::seeded(seed))
                     .with_cache_salt(req.cache_salt)
                     .with_constraint(req.params.constraint.as_ref())
-                    .with_max_len(req.max_len);
+                    .with_max_len(max_len);
                 self.scheduler.waiting.push_front(child);
             }
         }
