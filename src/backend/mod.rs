@@ -8,6 +8,9 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod sampling;
+
+pub use sampling::{argmax, draw, LogitEdit, RowSampling, Sampled, TokenLogprobs};
 
 use crate::loader::TensorView;
 
@@ -158,63 +161,6 @@ impl Device {
             Device::Cuda(b) => format!("cuda:{} ({})", b.ordinal(), b.device_name()),
         }
     }
-}
-
-/// Index of the largest logit; the lowest index wins a tie, as `torch.argmax` does.
-/// NaN logits are never chosen.
-pub fn argmax(logits: &[f32]) -> u32 {
-    // Two branch-free passes (the maximum, then its first position) vectorize; one
-    // compare-and-branch pass over a 150k vocabulary does not.
-    let max = logits
-        .chunks(16)
-        .map(|c| c.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m }))
-        .fold(f32::NEG_INFINITY, |m, v| if v > m { v } else { m });
-    if max == f32::NEG_INFINITY {
-        return 0; // every logit is -inf or NaN
-    }
-    logits.iter().position(|&v| v == max).unwrap_or(0) as u32
-}
-
-/// One draw from `softmax(logits / temperature)` by inverse CDF in id order: with
-/// weights `exp((l - max) / temperature)` (f64) over the logits above -inf, the first
-/// token whose running weight sum exceeds `u * total` (`u` uniform in [0, 1)). The first
-/// +inf logit takes all the mass; with no logit above -inf, [`argmax`] decides. The
-/// sampler's unfiltered draw, and what backends compute in `draw_rows`.
-pub fn draw(logits: &[f32], temperature: f32, u: f64) -> u32 {
-    if let Some(i) = logits.iter().position(|&v| v == f32::INFINITY) {
-        return i as u32;
-    }
-    let max = logits
-        .iter()
-        .filter(|&&v| v > f32::NEG_INFINITY)
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    if max == f32::NEG_INFINITY {
-        return argmax(logits);
-    }
-    let (max, inv_t) = (max as f64, 1.0 / temperature as f64);
-    let weights: Vec<f64> = logits
-        .iter()
-        .map(|&v| {
-            if v > f32::NEG_INFINITY {
-                ((v as f64 - max) * inv_t).exp()
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let target = u * weights.iter().sum::<f64>();
-    let mut running = 0.0;
-    let mut last = 0;
-    for (i, (&v, &w)) in logits.iter().zip(&weights).enumerate() {
-        if v > f32::NEG_INFINITY {
-            running += w;
-            last = i;
-            if running > target {
-                return i as u32;
-            }
-        }
-    }
-    last as u32
 }
 
 /// Size of a paged KV cache: per layer, K and V are `[num_blocks, block_size, num_kv_heads, head_dim]`.
@@ -462,27 +408,20 @@ pub trait Backend: Send + Sync {
     /// Moves `x` to the host: (values row-major, rows, cols). A host backend hands its
     /// buffer over without a copy.
     fn to_host(&self, x: Self::Tensor) -> (Vec<f32>, usize, usize);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{argmax, draw};
-
-    #[test]
-    fn draw_is_the_inverse_cdf_in_id_order() {
-        // p = [1/4, 3/4] at temperature 1; at temperature 0.5 the odds square: [1/10, 9/10].
-        let logits = [0.0f32, 3f32.ln()];
-        assert_eq!(draw(&logits, 1.0, 0.0), 0);
-        assert_eq!(draw(&logits, 1.0, 0.249), 0);
-        assert_eq!(draw(&logits, 1.0, 0.251), 1);
-        assert_eq!(draw(&logits, 0.5, 0.099), 0);
-        assert_eq!(draw(&logits, 0.5, 0.101), 1);
-        // -inf and NaN never drawn; +inf takes everything; nothing drawable: argmax.
-        let masked = [f32::NEG_INFINITY, 1.0, f32::NAN, 1.0];
-        assert_eq!(draw(&masked, 1.0, 0.0), 1);
-        assert_eq!(draw(&masked, 1.0, 0.999), 3);
-        assert_eq!(draw(&[1.0, f32::INFINITY, f32::INFINITY], 1.0, 0.5), 1);
-        let nothing = [f32::NEG_INFINITY, f32::NAN];
-        assert_eq!(draw(&nothing, 1.0, 0.5), argmax(&nothing));
+    /// [`sampling::sample_row`] of each of `rows` of `x` with its [`RowSampling`]
+    /// (edits, filters, draw, log-probabilities). This default brings the rows to the
+    /// host and runs the reference there; a device backend may override it to send back
+    /// only ids and the log-probabilities asked for.
+    fn sample_rows(&self, x: &Self::Tensor, rows: &[usize], sampling: &[&RowSampling]) -> Vec<Sampled> {
+        assert_eq!(rows.len(), sampling.len(), "sample_rows: one RowSampling per row");
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let (values, _, vocab) = self.to_host(self.gather_rows(x, rows));
+        values
+            .chunks(vocab.max(1))
+            .zip(sampling)
+            .map(|(row, s)| sampling::sample_row(row, s))
+            .collect()
     }
 }

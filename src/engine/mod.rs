@@ -551,16 +551,28 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
                     let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids);
                     let constrained = seq.constraint.as_ref().is_some_and(|c| c.constrains_next());
                     let choice = match sampling::device_choice(&ctx) {
-                        _ if constrained => RowChoice::Host,
+                        _ if constrained || sampling::needs_host(&ctx) => RowChoice::Host,
                         Some(sampling::DeviceChoice::Argmax) => RowChoice::Argmax,
                         Some(sampling::DeviceChoice::Draw { temperature }) => RowChoice::Draw {
                             temperature,
                             uniform: seq.rng.next_f64(),
                         },
-                        None => RowChoice::Host,
+                        None => {
+                            // Placeholders are a suffix; a request whose edits read its
+                            // tokens never gets one (its steps are never run ahead).
+                            assert!(
+                                !sampling::reads_history(&req.params) || ctx.output.last() != Some(&PLACEHOLDER),
+                                "penalties planned over a token not read yet"
+                            );
+                            RowChoice::Sample(Box::new(sampling::row_sampling(&ctx, &mut seq.rng)))
+                        }
                     };
-                    pipelined &=
-                        choice != RowChoice::Host && seq.constraint.is_none() && req.params.forced_prefixes.is_empty();
+                    // Penalties and bans read the tokens generated so far: the next
+                    // step's edits need this one's token.
+                    pipelined &= choice != RowChoice::Host
+                        && !sampling::reads_history(&req.params)
+                        && seq.constraint.is_none()
+                        && req.params.forced_prefixes.is_empty();
                     choice
                 }
                 _ => RowChoice::Skip,
@@ -845,7 +857,7 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
             // this read (the step after it may have added another).
             let pos = c.start + c.len;
             let (token, logprobs) = match (values.tokens[row], values.host_row[row]) {
-                (Some(token), _) => (token, None),
+                (Some(token), _) => (token, values.logprobs[row].take()),
                 (None, Some(k)) => {
                     let vocab = values.vocab;
                     let row_logits = &mut values.values[k * vocab..(k + 1) * vocab];

@@ -3,10 +3,11 @@
 //! temperature, top-k, top-p and min-p, and log-probabilities of the model's own
 //! distribution (before any processing), as OpenAI and vLLM report them.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 pub use super::constraint::Constraint;
-pub use crate::backend::{argmax, draw};
+pub use crate::backend::sampling::{argmax, draw, TokenLogprobs};
+use crate::backend::sampling::{apply_edits, choose, log_sum_exp, logprobs_entry, LogitEdit, RowSampling};
 use crate::models::whisper::WhisperGeneration;
 use crate::text::TokenMask;
 
@@ -299,15 +300,6 @@ impl Rng {
     }
 }
 
-/// Log-probability of the chosen token and of the most likely alternatives.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TokenLogprobs {
-    pub token: u32,
-    pub logprob: f32,
-    /// Most likely first; ties by lower id.
-    pub top: Vec<(u32, f32)>,
-}
-
 /// What the sampler needs to know about a sequence besides its logits.
 pub struct SamplingContext<'a> {
     pub params: &'a SamplingParams,
@@ -338,60 +330,33 @@ impl<'a> SamplingContext<'a> {
     }
 }
 
-/// `log_softmax(logits)[i]` for every `i`, in f64 for the normalizer.
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let sum: f64 = logits.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    let log_sum = sum.ln() as f32 + max;
-    logits.iter().map(|&v| v - log_sum).collect()
-}
-
-fn top_entries(values: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<u32> = (0..values.len() as u32).collect();
-    let k = k.min(idx.len());
-    let by_value = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
-    if k < idx.len() && k > 0 {
-        idx.select_nth_unstable_by(k - 1, by_value);
-    }
-    idx.truncate(k);
-    idx.sort_by(by_value);
-    idx.into_iter().map(|i| (i, values[i as usize])).collect()
-}
-
 /// The log-probability of `token` under one row of raw logits, its rank (1: the
 /// likeliest), and the `k` likeliest tokens: a prompt token's entry in
 /// `prompt_logprobs`.
 pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> (TokenLogprobs, usize) {
-    let lp = log_softmax(logits);
-    let own = lp[token as usize];
-    let rank = 1 + lp
+    let entry = logprobs_entry(logits, token, k);
+    let lse = log_sum_exp(logits);
+    let own = entry.logprob;
+    let rank = 1 + logits
         .iter()
+        .map(|&v| v - lse)
         .enumerate()
-        .filter(|&(i, &v)| v > own || (v == own && (i as u32) < token))
+        .filter(|&(i, v)| v > own || (v == own && (i as u32) < token))
         .count();
-    let entry = TokenLogprobs {
-        token,
-        logprob: own,
-        top: top_entries(&lp, k),
-    };
     (entry, rank)
 }
 
-/// Picks the next token from one row of raw logits (modified in place).
+/// Picks the next token from one row of raw logits (modified in place): the request's
+/// processors, then [`choose`] with its temperature and filters. The same choice as the
+/// row's [`row_sampling`] on a device, with the processors only the host runs
+/// (Whisper's rules, `allowed_token_ids`, a grammar's mask, forced text) applied too.
 pub fn sample(logits: &mut [f32], ctx: &SamplingContext<'_>, rng: &mut Rng) -> (u32, Option<TokenLogprobs>) {
     let p = ctx.params;
-    let raw_logprobs = p.logprobs.map(|_| log_softmax(logits));
-    apply_processors(logits, ctx);
-    let token = if p.temperature == 0.0 || p.top_k == Some(1) {
-        argmax(logits)
-    } else {
-        sample_random(logits, p, rng)
-    };
-    let logprobs = raw_logprobs.map(|lp| TokenLogprobs {
-        token,
-        logprob: lp[token as usize],
-        top: top_entries(&lp, p.logprobs.unwrap_or(0)),
-    });
+    let raw = p.logprobs.map(|_| logits.to_vec());
+    let row = row_sampling(ctx, rng);
+    apply_processors(logits, ctx, &row.edits);
+    let token = choose(logits, &row);
+    let logprobs = raw.map(|raw| logprobs_entry(&raw, token, p.logprobs.unwrap_or(0)));
     (token, logprobs)
 }
 
@@ -414,17 +379,14 @@ pub enum DeviceChoice {
 pub fn device_choice(ctx: &SamplingContext<'_>) -> Option<DeviceChoice> {
     let p = ctx.params;
     let plain = p.logprobs.is_none()
-        && p.speech.is_none()
         && p.logit_bias.is_empty()
         && p.repetition_penalty == 1.0
         && p.presence_penalty == 0.0
         && p.frequency_penalty == 0.0
         && p.no_repeat_ngram_size == 0
-        && p.allowed_token_ids.is_none()
         && p.bad_words.is_empty()
-        && ctx.mask.is_none()
         && (ctx.output.len() >= p.min_tokens || ctx.stop_ids.is_empty())
-        && forced_next(&p.forced_prefixes, ctx.output).is_none();
+        && !needs_host(ctx);
     if !plain {
         None
     } else if p.temperature == 0.0 || p.top_k == Some(1) {
@@ -438,65 +400,113 @@ pub fn device_choice(ctx: &SamplingContext<'_>) -> Option<DeviceChoice> {
     }
 }
 
-fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
+/// Whether this row's choice needs its whole row of logits on the host: processors no
+/// backend runs (Whisper's rules, `allowed_token_ids`, a grammar's mask, forced text).
+/// Every other row can be sampled where its logits are, from its [`row_sampling`].
+pub fn needs_host(ctx: &SamplingContext<'_>) -> bool {
     let p = ctx.params;
-    if let Some(rules) = &p.speech {
-        rules.apply(logits, ctx.output);
+    p.speech.is_some()
+        || p.allowed_token_ids.is_some()
+        || ctx.mask.is_some()
+        || forced_next(&p.forced_prefixes, ctx.output).is_some()
+}
+
+/// Whether a request's edits depend on which tokens it has generated (penalties,
+/// n-gram and bad-word bans): its next step cannot be planned before its last token is
+/// read.
+pub fn reads_history(p: &SamplingParams) -> bool {
+    p.repetition_penalty != 1.0
+        || p.presence_penalty != 0.0
+        || p.frequency_penalty != 0.0
+        || p.no_repeat_ngram_size > 0
+        || !p.bad_words.is_empty()
+}
+
+/// The row's sampling as a device runs it: temperature and filters, the uniform number
+/// of the draw (taken from the sequence's RNG unless greedy), the edits of the logit
+/// bias, the penalties and the bans, and the log-probabilities asked for.
+pub fn row_sampling(ctx: &SamplingContext<'_>, rng: &mut Rng) -> RowSampling {
+    let p = ctx.params;
+    let mut row = RowSampling {
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        uniform: 0.0,
+        edits: edits(ctx),
+        logprobs: p.logprobs,
+    };
+    if !row.is_greedy() {
+        row.uniform = rng.next_f64();
+    }
+    row
+}
+
+/// The sparse processors as edits, one per token, in token order: logit bias,
+/// repetition penalty (transformers': each distinct token of prompt and output once),
+/// presence and frequency penalties (OpenAI's, over the output), n-gram bans
+/// (transformers' `NoRepeatNGramLogitsProcessor` over prompt and output), bad words
+/// (vLLM's rule: the last token is banned where the output ends with the others), and
+/// the stop ids before `min_tokens`.
+pub fn edits(ctx: &SamplingContext<'_>) -> Vec<LogitEdit> {
+    let p = ctx.params;
+    let mut edits: BTreeMap<u32, LogitEdit> = BTreeMap::new();
+    fn at(edits: &mut BTreeMap<u32, LogitEdit>, t: u32) -> &mut LogitEdit {
+        edits.entry(t).or_insert_with(|| LogitEdit::none(t))
     }
     for &(token, bias) in &p.logit_bias {
-        logits[token as usize] += bias;
+        at(&mut edits, token).bias += bias;
     }
     if p.repetition_penalty != 1.0 {
-        // transformers' RepetitionPenaltyLogitsProcessor: each distinct seen token once.
-        let mut seen = vec![false; logits.len()];
         for &t in ctx.prompt.iter().chain(ctx.output) {
-            let t = t as usize;
-            if t < logits.len() && !std::mem::replace(&mut seen[t], true) {
-                let l = &mut logits[t];
-                *l = if *l > 0.0 {
-                    *l / p.repetition_penalty
-                } else {
-                    *l * p.repetition_penalty
-                };
-            }
+            at(&mut edits, t).penalty = p.repetition_penalty;
         }
     }
     if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-        let mut counts: HashMap<u32, u32> = HashMap::new();
+        let mut counts: BTreeMap<u32, u32> = BTreeMap::new();
         for &t in ctx.output {
             *counts.entry(t).or_default() += 1;
         }
         for (t, c) in counts {
-            if let Some(l) = logits.get_mut(t as usize) {
-                *l -= p.frequency_penalty * c as f32 + p.presence_penalty;
-            }
+            at(&mut edits, t).subtract = p.frequency_penalty * c as f32 + p.presence_penalty;
         }
     }
     if p.no_repeat_ngram_size > 0 {
-        // transformers' NoRepeatNGramLogitsProcessor, over prompt + output.
         let n = p.no_repeat_ngram_size;
         let all: Vec<u32> = ctx.prompt.iter().chain(ctx.output).copied().collect();
         if all.len() + 1 >= n {
             let tail = &all[all.len() + 1 - n..];
             for window in all.windows(n) {
                 if window[..n - 1] == *tail {
-                    if let Some(l) = logits.get_mut(window[n - 1] as usize) {
-                        *l = f32::NEG_INFINITY;
-                    }
+                    at(&mut edits, window[n - 1]).ban = true;
                 }
             }
         }
     }
     for word in &p.bad_words {
-        // vLLM's rule: the last token is banned where the output ends with the others.
         if let Some((&last, before)) = word.split_last() {
             if ctx.output.ends_with(before) {
-                if let Some(l) = logits.get_mut(last as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
+                at(&mut edits, last).ban = true;
             }
         }
     }
+    if ctx.output.len() < p.min_tokens {
+        for &t in ctx.stop_ids {
+            at(&mut edits, t).ban = true;
+        }
+    }
+    edits.into_values().collect()
+}
+
+/// Every processor over one row, in transformers' order: Whisper's rules, then the
+/// sparse `edits` (bias, penalties, bans), `allowed_token_ids`, the grammar's mask, and
+/// forced text last.
+fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>, edits: &[LogitEdit]) {
+    let p = ctx.params;
+    if let Some(rules) = &p.speech {
+        rules.apply(logits, ctx.output);
+    }
+    apply_edits(logits, edits);
     if let Some(allowed) = &p.allowed_token_ids {
         let mut mask = vec![false; logits.len()];
         for &t in allowed {
@@ -506,13 +516,6 @@ fn apply_processors(logits: &mut [f32], ctx: &SamplingContext<'_>) {
         }
         for (l, keep) in logits.iter_mut().zip(mask) {
             if !keep {
-                *l = f32::NEG_INFINITY;
-            }
-        }
-    }
-    if ctx.output.len() < p.min_tokens {
-        for &t in ctx.stop_ids {
-            if let Some(l) = logits.get_mut(t as usize) {
                 *l = f32::NEG_INFINITY;
             }
         }
@@ -570,64 +573,6 @@ fn forced_next(prefixes: &[Vec<u32>], output: &[u32]) -> Option<Vec<u32>> {
     next.sort_unstable();
     // An output that left every prefix (impossible while masking) is not constrained.
     (!next.is_empty()).then_some(next)
-}
-
-fn sample_random(logits: &mut [f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
-    if is_unfiltered(p) {
-        // The whole distribution, in id order (no sort needed): one uniform number.
-        return draw(logits, p.temperature, rng.next_f64());
-    }
-    // An infinite logit (a +100 bias can make one) takes all the probability mass.
-    if let Some(i) = logits.iter().position(|&v| v == f32::INFINITY) {
-        return i as u32;
-    }
-    let mut candidates: Vec<u32> = (0..logits.len() as u32)
-        .filter(|&i| logits[i as usize] > f32::NEG_INFINITY)
-        .collect();
-    if candidates.is_empty() {
-        return argmax(logits);
-    }
-    let inv_t = 1.0 / p.temperature as f64;
-    // Candidates, most likely first (ties by lower id, so the order is deterministic).
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-    if let Some(k) = p.top_k {
-        if k < candidates.len() {
-            candidates.select_nth_unstable_by(k - 1, by_logit);
-            candidates.truncate(k);
-        }
-    }
-    candidates.sort_by(by_logit);
-    let max = logits[candidates[0] as usize] as f64;
-    let mut probs: Vec<f64> = candidates
-        .iter()
-        .map(|&i| ((logits[i as usize] as f64 - max) * inv_t).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|q| *q /= total);
-    let mut keep = probs.len();
-    if p.top_p < 1.0 {
-        let mut cumulative = 0.0;
-        for (i, q) in probs.iter().enumerate() {
-            cumulative += q;
-            if cumulative >= p.top_p as f64 {
-                keep = i + 1;
-                break;
-            }
-        }
-    }
-    if p.min_p > 0.0 {
-        let threshold = probs[0] * p.min_p as f64;
-        keep = keep.min(probs.iter().take_while(|&&q| q >= threshold).count().max(1));
-    }
-    let kept = &probs[..keep];
-    let mut target = rng.next_f64() * kept.iter().sum::<f64>();
-    for (i, q) in kept.iter().enumerate() {
-        target -= q;
-        if target < 0.0 {
-            return candidates[i];
-        }
-    }
-    candidates[keep - 1]
 }
 
 #[cfg(test)]
@@ -735,7 +680,8 @@ mod tests {
         let mut logits = vec![5.0, 4.0, -2.0, 1.0, 1.0];
         // Seen: prompt [2, 4, 1] + output [2]. The last token is 2 and the bigram (2, 4)
         // occurred, so 4 is banned.
-        apply_processors(&mut logits, &ctx(&params, &[2, 4, 1], &[2]));
+        let c = ctx(&params, &[2, 4, 1], &[2]);
+        apply_processors(&mut logits, &c, &edits(&c));
         assert_eq!(logits[0], f32::NEG_INFINITY, "EOS banned before min_tokens");
         assert_eq!(logits[1], 2.0, "positive logit divided by the repetition penalty");
         assert_eq!(

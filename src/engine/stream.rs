@@ -14,11 +14,11 @@ use std::panic::AssertUnwindSafe;
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::backend::{Backend, ForwardBatch};
+use crate::backend::{Backend, ForwardBatch, RowSampling, TokenLogprobs};
 use crate::models::{EncoderInput, EngineModel, ForwardError, LogitsFor};
 
 /// How a logits row is turned into a token, decided by the engine at launch.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub(super) enum RowChoice {
     /// A prompt chunk not at its end (or a request already gone): nothing is chosen.
     Skip,
@@ -26,7 +26,11 @@ pub(super) enum RowChoice {
     Argmax,
     /// `backend::draw` with this temperature and uniform number, on the device.
     Draw { temperature: f32, uniform: f64 },
-    /// The whole row comes to the host (filters, penalties, grammars, log-probabilities).
+    /// `Backend::sample_rows` with this row's edits, filters, uniform number and
+    /// log-probabilities, where the logits are.
+    Sample(Box<RowSampling>),
+    /// The whole row comes to the host (Whisper's rules, `allowed_token_ids`, grammars,
+    /// forced text).
     Host,
 }
 
@@ -57,6 +61,8 @@ pub(super) struct StepValues {
     pub prompt_vocab: usize,
     /// Per chunk: the token chosen on the device.
     pub tokens: Vec<Option<u32>>,
+    /// Per chunk: the log-probabilities a `RowChoice::Sample` row asked for.
+    pub logprobs: Vec<Option<TokenLogprobs>>,
     /// Per chunk: its row in `values`, for `RowChoice::Host`.
     pub host_row: Vec<Option<usize>>,
     /// `[host rows, vocab]`, row-major.
@@ -182,6 +188,7 @@ fn guarded<B: Backend, R: Send>(work: impl FnOnce() -> R + Send) -> Result<R, St
 fn read_rows<B: Backend>(backend: &B, logits: B::Tensor, work: &StepWork) -> StepValues {
     let mut out = StepValues {
         tokens: vec![None; work.choices.len()],
+        logprobs: vec![None; work.choices.len()],
         host_row: vec![None; work.choices.len()],
         ..Default::default()
     };
@@ -216,6 +223,23 @@ fn read_rows<B: Backend>(backend: &B, logits: B::Tensor, work: &StepWork) -> Ste
             .zip(backend.draw_rows(&logits, &draw_rows, &temperatures, &uniforms))
         {
             out.tokens[r] = Some(id);
+        }
+    }
+    let sample_rows = rows_of(&|c| matches!(c, RowChoice::Sample(_)));
+    if !sample_rows.is_empty() {
+        let sampling: Vec<&RowSampling> = sample_rows
+            .iter()
+            .map(|&r| match &work.choices[r] {
+                RowChoice::Sample(s) => &**s,
+                _ => unreachable!("a sampled row"),
+            })
+            .collect();
+        for (&r, sampled) in sample_rows
+            .iter()
+            .zip(backend.sample_rows(&logits, &sample_rows, &sampling))
+        {
+            out.tokens[r] = Some(sampled.token);
+            out.logprobs[r] = sampled.logprobs;
         }
     }
     let host_rows = rows_of(&|c| *c == RowChoice::Host);

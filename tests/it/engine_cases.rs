@@ -701,18 +701,30 @@ fn without_cached_counts(mut events: Events) -> Events {
 
 /// Async scheduling (step N+1 launched before step N's outputs are read) gives the
 /// serial loop's events, event for event: greedy and seeded draws chosen on the device,
-/// host-sampled rows (penalties, filters, log-probabilities) mixed in, stop tokens seen a
+/// rows sampled on the device with filters, logit bias and log-probabilities (which run
+/// ahead too), rows whose penalties read the last token and rows sampled on the host
+/// (both read before the next step is planned), stop tokens seen a
 /// step late whose extra token never shows, n > 1, preemption in a small pool, and a
 /// request cancelled while a step of it is in flight. Every block is free after.
 pub fn async_scheduling_gives_the_serial_events<B: Backend + Clone + 'static>(backend: &B) {
     let mut model = load(backend, "inferd-test/tiny-qwen2");
     let vocab = model.config.vocab_size as u32;
     let mut requests: Vec<_> = (0..40).map(|i| request(i, vocab)).collect();
-    // Most requests sample on the device only (what lets a step run ahead); a quarter
-    // need their logits on the host (filters, log-probabilities), and while they run
-    // every step is read before the next is planned.
+    // Most requests sample on the device only (what lets a step run ahead). A quarter
+    // are short: filters and log-probabilities (with a logit bias, or with penalties
+    // that read the last token, or with `allowed_token_ids`, sampled on the host), and
+    // while the last two kinds run every step is read before the next is planned.
     for (i, r) in requests.iter_mut().enumerate() {
         r.1.max_tokens = Some(if i % 4 == 3 { 2 + i % 3 } else { 8 + i % 17 });
+        if i % 8 == 7 {
+            r.1.repetition_penalty = 1.2;
+            r.1.frequency_penalty = 0.3;
+        } else if i % 4 == 3 {
+            r.1.logit_bias = vec![(5, 2.0), (6, -1.0)];
+        }
+        if i == 19 {
+            r.1.allowed_token_ids = Some((3..200).collect());
+        }
         if i % 4 == 1 || i % 4 == 2 {
             r.1 = SamplingParams {
                 max_tokens: r.1.max_tokens,

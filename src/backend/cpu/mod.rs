@@ -277,4 +277,8 @@ impl Backend for CpuBackend {
     fn to_host(&self, x: CpuTensor) -> (Vec<f32>, usize, usize) {
         layout::to_host(x)
     }
+
+    fn sample_rows(&self, x: &CpuTensor, rows: &[usize], sampling: &[&crate::backend::RowSampling]) -> Vec<crate::backend::Sampled> {
+        sampling::sample_rows(x, rows, sampling)
+    }
 }

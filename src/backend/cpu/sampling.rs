@@ -1,7 +1,12 @@
-//! Token choice over logits rows: greedy argmax and the seeded inverse-CDF draw
-//! (`backend::argmax`, `backend::draw`). The reference of kernels/sampling.cu.
+//! Token choice over logits rows: greedy argmax, the seeded inverse-CDF draw
+//! (`backend::argmax`, `backend::draw`) and whole sampled rows
+//! (`backend::sampling::sample_row`), read in place. The reference of
+//! kernels/sampling.cu.
+
+use rayon::prelude::*;
 
 use super::CpuTensor;
+use crate::backend::{RowSampling, Sampled};
 
 pub(super) fn argmax_rows(x: &CpuTensor, rows: &[usize]) -> Vec<u32> {
     rows.iter().map(|&r| crate::backend::argmax(x.row(r))).collect()
@@ -11,5 +16,14 @@ pub(super) fn draw_rows(x: &CpuTensor, rows: &[usize], temperatures: &[f32], uni
     rows.iter()
         .zip(temperatures.iter().zip(uniforms))
         .map(|(&r, (&t, &u))| crate::backend::draw(x.row(r), t, u))
+        .collect()
+}
+
+/// Rows in parallel: a filtered row sorts its candidates, a vocabulary's worth.
+pub(super) fn sample_rows(x: &CpuTensor, rows: &[usize], sampling: &[&RowSampling]) -> Vec<Sampled> {
+    assert_eq!(rows.len(), sampling.len(), "sample_rows: one RowSampling per row");
+    rows.par_iter()
+        .zip(sampling.par_iter())
+        .map(|(&r, s)| crate::backend::sampling::sample_row(x.row(r), s))
         .collect()
 }
