@@ -412,16 +412,30 @@ pub trait Backend: Send + Sync {
     /// (edits, filters, draw, log-probabilities). This default brings the rows to the
     /// host and runs the reference there; a device backend may override it to send back
     /// only ids and the log-probabilities asked for.
-    fn sample_rows(&self, x: &Self::Tensor, rows: &[usize], sampling: &[&RowSampling]) -> Vec<Sampled> {
-        assert_eq!(rows.len(), sampling.len(), "sample_rows: one RowSampling per row");
-        if rows.is_empty() {
-            return Vec::new();
-        }
-        let (values, _, vocab) = self.to_host(self.gather_rows(x, rows));
-        values
-            .chunks(vocab.max(1))
-            .zip(sampling)
-            .map(|(row, s)| sampling::sample_row(row, s))
-            .collect()
+    fn sample_rows(&self, x: &Self::Tensor, rows: &[usize], sampling: &[&RowSampling]) -> Vec<Sampled>
+    where
+        Self: Sized,
+    {
+        sample_rows_on_host(self, x, rows, sampling)
     }
+}
+
+/// `Backend::sample_rows` on the host: the rows copied out, then the reference
+/// pipeline (`sampling::sample_row`) on each.
+pub fn sample_rows_on_host<B: Backend>(
+    backend: &B,
+    x: &B::Tensor,
+    rows: &[usize],
+    sampling: &[&RowSampling],
+) -> Vec<Sampled> {
+    assert_eq!(rows.len(), sampling.len(), "sample_rows: one RowSampling per row");
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let (values, _, vocab) = backend.to_host(backend.gather_rows(x, rows));
+    values
+        .chunks(vocab.max(1))
+        .zip(sampling)
+        .map(|(row, s)| sampling::sample_row(row, s))
+        .collect()
 }

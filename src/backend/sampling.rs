@@ -361,7 +361,16 @@ mod tests {
         assert_eq!(choose(&logits, &s(0.74)), 3);
         assert_eq!(choose(&logits, &s(0.76)), 4);
         // Greedy ignores the filters; an infinite logit wins any draw.
-        assert_eq!(choose(&logits, &RowSampling { temperature: 0.0, ..s(0.9) }), 3);
+        assert_eq!(
+            choose(
+                &logits,
+                &RowSampling {
+                    temperature: 0.0,
+                    ..s(0.9)
+                }
+            ),
+            3
+        );
         let mut inf = logits;
         inf[0] = f32::INFINITY;
         assert_eq!(choose(&inf, &s(0.9)), 0);
@@ -435,8 +444,8 @@ mod tests {
                     }
                 }
                 let lowest = (0..256).find(|&d| counts[d] > 0).expect("a candidate under the prefix");
-                let mut chosen = lowest;
-                for d in (lowest..256).rev() {
+                let mut chosen = lowest; // the last digit with candidates is taken unadded
+                for d in (lowest + 1..256).rev() {
                     if above_count + counts[d] >= count || above_mass + masses[d] >= mass {
                         chosen = d;
                         break;
@@ -466,7 +475,10 @@ mod tests {
             }
         };
         let all = |_: usize| true;
-        let k_pivot = s.top_k.filter(|&k| k < n).map(|k| select(&all, k.max(1), f64::INFINITY));
+        let k_pivot = s
+            .top_k
+            .filter(|&k| k < n)
+            .map(|k| select(&all, k.max(1), f64::INFINITY));
         let in_k = |i: usize| k_pivot.is_none_or(|p| p.keeps(i, logits[i]));
         let in_k_count = s.top_k.map_or(n, |k| k.max(1).min(n));
         let total: f64 = (0..logits.len()).filter(|&i| candidate(i) && in_k(i)).map(w).sum();
@@ -508,11 +520,23 @@ mod tests {
             let s = RowSampling {
                 temperature: [0.3, 1.0, 1.7][case % 3],
                 top_k: (case % 4 != 0).then(|| 1 + (next() % (len as u64 + 3)) as usize),
-                top_p: if case % 5 < 3 { (next() % 1000) as f32 / 1000.0 + 0.001 } else { 1.0 },
-                min_p: if case % 7 < 2 { (next() % 100) as f32 / 100.0 } else { 0.0 },
+                top_p: if case % 5 < 3 {
+                    (next() % 1000) as f32 / 1000.0 + 0.001
+                } else {
+                    1.0
+                },
+                min_p: if case % 7 < 2 {
+                    (next() % 100) as f32 / 100.0
+                } else {
+                    0.0
+                },
                 ..row(None, 1.0, 0.0, 0.0)
             };
-            assert_eq!(radix_pivot(&logits, &s), filter_pivot(&logits, &s), "case {case}: {s:?}");
+            assert_eq!(
+                radix_pivot(&logits, &s),
+                filter_pivot(&logits, &s),
+                "case {case}: {s:?}"
+            );
         }
     }
 }

@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 
 pub use super::constraint::Constraint;
-pub use crate::backend::sampling::{argmax, draw, TokenLogprobs};
 use crate::backend::sampling::{apply_edits, choose, log_sum_exp, logprobs_entry, LogitEdit, RowSampling};
+pub use crate::backend::sampling::{argmax, draw, TokenLogprobs};
 use crate::models::whisper::WhisperGeneration;
 use crate::text::TokenMask;
 
@@ -586,6 +586,46 @@ mod tests {
             output,
             stop_ids: &[0],
             mask: None,
+        }
+    }
+
+    /// A row sampled where its logits are (`row_sampling` then the backend's
+    /// `sample_row`) picks what the host's `sample` picks, with the same log-probabilities,
+    /// from the same RNG state: penalties, bans, bias, filters and their mixes.
+    #[test]
+    fn a_row_sampled_on_the_device_picks_what_the_host_picks() {
+        let mut state = 7u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as usize
+        };
+        for case in 0..300 {
+            let vocab = 2 + next() % 200;
+            let logits: Vec<f32> = (0..vocab).map(|_| (next() % 1000) as f32 / 100.0 - 5.0).collect();
+            let prompt: Vec<u32> = (0..next() % 9).map(|_| (next() % vocab) as u32).collect();
+            let output: Vec<u32> = (0..next() % 9).map(|_| (next() % vocab) as u32).collect();
+            let params = SamplingParams {
+                temperature: [0.0, 0.5, 1.0, 1.5][case % 4],
+                top_k: [None, Some(1), Some(3), Some(50)][(case / 4) % 4],
+                top_p: [1.0, 0.8, 0.3][(case / 2) % 3],
+                min_p: [0.0, 0.2][(case / 3) % 2],
+                repetition_penalty: [1.0, 1.3][(case / 5) % 2],
+                presence_penalty: [0.0, 0.5][(case / 7) % 2],
+                frequency_penalty: [0.0, -0.4][(case / 11) % 2],
+                no_repeat_ngram_size: [0, 2][(case / 13) % 2],
+                logit_bias: vec![((next() % vocab) as u32, 3.0), ((next() % vocab) as u32, -2.0)],
+                bad_words: vec![vec![(next() % vocab) as u32]],
+                min_tokens: [0, 20][(case / 17) % 2],
+                logprobs: [None, Some(3)][(case / 6) % 2],
+                ..Default::default()
+            };
+            let c = ctx(&params, &prompt, &output);
+            let (mut host_rng, mut device_rng) = (Rng::seeded(case as u64), Rng::seeded(case as u64));
+            let host = sample(&mut logits.clone(), &c, &mut host_rng);
+            let row = row_sampling(&c, &mut device_rng);
+            let device = crate::backend::sampling::sample_row(&logits, &row);
+            assert_eq!((device.token, device.logprobs), host, "case {case}: {params:?}");
+            assert_eq!(host_rng.next_u64(), device_rng.next_u64(), "the same numbers drawn");
         }
     }
 

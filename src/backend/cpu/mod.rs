@@ -278,7 +278,12 @@ impl Backend for CpuBackend {
         layout::to_host(x)
     }
 
-    fn sample_rows(&self, x: &CpuTensor, rows: &[usize], sampling: &[&crate::backend::RowSampling]) -> Vec<crate::backend::Sampled> {
+    fn sample_rows(
+        &self,
+        x: &CpuTensor,
+        rows: &[usize],
+        sampling: &[&crate::backend::RowSampling],
+    ) -> Vec<crate::backend::Sampled> {
         sampling::sample_rows(x, rows, sampling)
     }
 }

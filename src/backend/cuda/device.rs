@@ -39,6 +39,7 @@ pub(super) const KERNELS: &[&str] = &[
     "attention_grouped_bf16kv",
     "argmax_rows_f32",
     "draw_rows_f32",
+    "sample_rows_f32",
 ];
 
 /// Why the CUDA backend could not start.
@@ -180,6 +181,7 @@ impl CudaBackend {
                 poison,
                 uploads: Mutex::new(Vec::new()),
                 paged_attention: Mutex::new(PagedAttention::from_env().map_err(CudaError::Setting)?),
+                row_sampler: Mutex::new(super::RowSampler::from_env().map_err(CudaError::Setting)?),
                 _modules: modules,
             }),
         })

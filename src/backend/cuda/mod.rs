@@ -39,6 +39,7 @@ mod weights;
 
 pub use attention::PagedAttention;
 pub use device::{available, CudaError};
+pub use sampling::RowSampler;
 
 /// A row-major `[rows, cols]` f32 activation on the device.
 pub struct CudaTensor {
@@ -101,6 +102,8 @@ struct Inner {
     uploads: Mutex<Vec<Upload>>,
     /// Which paged-attention kernel to take (`INFERD_CUDA_ATTENTION`, default auto).
     paged_attention: Mutex<PagedAttention>,
+    /// Where `sample_rows` runs (`INFERD_CUDA_SAMPLING`, default the host).
+    row_sampler: Mutex<RowSampler>,
     _modules: Vec<Arc<CudaModule>>,
 }
 
@@ -287,6 +290,15 @@ impl Backend for CudaBackend {
 
     fn draw_rows(&self, x: &CudaTensor, rows: &[usize], temperatures: &[f32], uniforms: &[f64]) -> Vec<u32> {
         sampling::draw_rows(self, x, rows, temperatures, uniforms)
+    }
+
+    fn sample_rows(
+        &self,
+        x: &CudaTensor,
+        rows: &[usize],
+        sampling: &[&crate::backend::RowSampling],
+    ) -> Vec<crate::backend::Sampled> {
+        sampling::sample_rows(self, x, rows, sampling)
     }
 
     fn to_host(&self, x: CudaTensor) -> (Vec<f32>, usize, usize) {

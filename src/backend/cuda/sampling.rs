@@ -1,9 +1,169 @@
 //! Token choice on the device (kernels/sampling.cu): greedy argmax and the seeded
-//! inverse-CDF draw of `backend::draw`, so only ids come back to the host. CPU
-//! reference: `backend::cpu::sampling`.
+//! inverse-CDF draw of `backend::draw`, so only ids come back to the host; and whole
+//! sampled rows (`backend::sampling::sample_row`: edits, top-k / top-p / min-p, the draw
+//! over the kept tokens, log-probabilities), behind `INFERD_CUDA_SAMPLING=device` until
+//! the GPU suite has passed with it. CPU reference: `backend::cpu::sampling`.
 
-use super::device::{cfg, rows_u32};
+use cudarc::driver::DeviceRepr;
+
+use super::device::{cfg, ok, rows_u32};
 use super::{CudaBackend, CudaTensor};
+use crate::backend::{RowSampling, Sampled, TokenLogprobs};
+
+/// Where `sample_rows` runs on CUDA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowSampler {
+    /// The rows come to the host and the reference samples them (the default).
+    Host,
+    /// `sample_rows_f32`: only ids and the log-probabilities asked for come back.
+    Device,
+}
+
+impl RowSampler {
+    /// `INFERD_CUDA_SAMPLING`: `host` (or unset) or `device`.
+    pub(super) fn from_env() -> Result<Self, String> {
+        match std::env::var("INFERD_CUDA_SAMPLING").as_deref() {
+            Err(_) | Ok("host") => Ok(RowSampler::Host),
+            Ok("device") => Ok(RowSampler::Device),
+            Ok(other) => Err(format!("INFERD_CUDA_SAMPLING must be host or device, not `{other}`")),
+        }
+    }
+}
+
+impl CudaBackend {
+    /// Sets where `sample_rows` runs (the GPU suite runs both).
+    pub fn set_row_sampler(&self, sampler: RowSampler) {
+        *self.inner.row_sampler.lock().unwrap_or_else(|e| e.into_inner()) = sampler;
+    }
+
+    pub fn row_sampler(&self) -> RowSampler {
+        *self.inner.row_sampler.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// `SampleArgs` of kernels/sampling.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SampleArgs {
+    temperature: f32,
+    top_k: i32,
+    top_p: f32,
+    min_p: f32,
+    uniform: f64,
+    edit_begin: i32,
+    edit_end: i32,
+    logprobs: i32,
+    pad: i32,
+}
+
+/// `LogitEditArgs` of kernels/sampling.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct LogitEditArgs {
+    token: u32,
+    bias: f32,
+    penalty: f32,
+    subtract: f32,
+    ban: i32,
+}
+
+// SAFETY: plain old data with the C layout the kernel reads.
+unsafe impl DeviceRepr for SampleArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for LogitEditArgs {}
+
+/// Most alternatives a row's log-probabilities list (OpenAI's `top_logprobs` limit is
+/// 20; vLLM allows more): beyond it the rows are sampled on the host.
+pub(super) const MAX_DEVICE_TOP_LOGPROBS: usize = 64;
+
+pub(super) fn sample_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize], sampling: &[&RowSampling]) -> Vec<Sampled> {
+    assert_eq!(rows.len(), sampling.len(), "sample_rows: one RowSampling per row");
+    let on_device = be.row_sampler() == RowSampler::Device
+        && sampling
+            .iter()
+            .all(|s| s.logprobs.is_none_or(|k| k <= MAX_DEVICE_TOP_LOGPROBS));
+    if rows.is_empty() || !on_device {
+        return crate::backend::sample_rows_on_host(be, x, rows, sampling);
+    }
+    let n = rows.len();
+    let mut edits = Vec::new();
+    let args: Vec<SampleArgs> = sampling
+        .iter()
+        .map(|s| {
+            let edit_begin = edits.len() as i32;
+            edits.extend(s.edits.iter().map(|e| LogitEditArgs {
+                token: e.token,
+                bias: e.bias,
+                penalty: e.penalty,
+                subtract: e.subtract,
+                ban: e.ban as i32,
+            }));
+            SampleArgs {
+                temperature: s.temperature,
+                top_k: s.top_k.map_or(0, |k| k.clamp(1, i32::MAX as usize) as i32),
+                top_p: s.top_p,
+                min_p: s.min_p,
+                uniform: s.uniform,
+                edit_begin,
+                edit_end: edits.len() as i32,
+                logprobs: s.logprobs.map_or(-1, |k| k as i32),
+                pad: 0,
+            }
+        })
+        .collect();
+    let max_top = sampling.iter().filter_map(|s| s.logprobs).max().unwrap_or(0).max(1);
+    let idx = be.row_indices(x, rows, "sample_rows");
+    let args_d = be.htod(&args, "sample_rows: parameters");
+    let edits_d = be.htod(&edits, "sample_rows: edits");
+    let work = be.alloc::<f32>(n * x.cols, "sample_rows: edited rows");
+    let ids = be.alloc::<u32>(n, "sample_rows: ids");
+    let own = be.alloc::<f32>(n, "sample_rows: log-probabilities");
+    let top_ids = be.alloc::<u32>(n * max_top, "sample_rows: top ids");
+    let top_vals = be.alloc::<f32>(n * max_top, "sample_rows: top log-probabilities");
+    let (xp, ip, ap, ep, wp) = (
+        be.ptr(&x.buf),
+        be.ptr(&idx),
+        be.ptr(&args_d),
+        be.ptr(&edits_d),
+        be.ptr(&work),
+    );
+    let (cols, mt) = (x.cols as i32, max_top as i32);
+    let (op, lp, tip, tvp) = (be.ptr(&ids), be.ptr(&own), be.ptr(&top_ids), be.ptr(&top_vals));
+    launch!(be, "sample_rows_f32", cfg((rows_u32(n, "sample_rows"), 1, 1), SAMPLE_THREADS);
+        &xp, &ip, &ap, &ep, &wp, &cols, &mt, &op, &lp, &tip, &tvp);
+    let ids = be.ids_to_host(&ids, n, "sample_rows");
+    let wants_logprobs = sampling.iter().any(|s| s.logprobs.is_some());
+    let (own, top_ids, top_vals) = if wants_logprobs {
+        (
+            ok(be.inner.stream.clone_dtoh(&own), "sample_rows: log-probabilities"),
+            ok(be.inner.stream.clone_dtoh(&top_ids), "sample_rows: top ids"),
+            ok(
+                be.inner.stream.clone_dtoh(&top_vals),
+                "sample_rows: top log-probabilities",
+            ),
+        )
+    } else {
+        Default::default()
+    };
+    (0..n)
+        .map(|j| Sampled {
+            token: ids[j],
+            logprobs: sampling[j].logprobs.map(|k| {
+                let k = k.min(x.cols);
+                TokenLogprobs {
+                    token: ids[j],
+                    logprob: own[j],
+                    top: (0..k)
+                        .map(|t| (top_ids[j * max_top + t], top_vals[j * max_top + t]))
+                        .collect(),
+                }
+            }),
+        })
+        .collect()
+}
+
+/// Threads of `sample_rows_f32` (`SAMPLE_THREADS`).
+const SAMPLE_THREADS: u32 = 512;
 
 pub(super) fn argmax_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize]) -> Vec<u32> {
     if rows.is_empty() {
