@@ -366,6 +366,16 @@ struct BenchArgs {
     no_ignore_eos: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sampling temperature of every request (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: the smallest set of likeliest tokens holding this much of the
+    /// probability (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Sample among the k likeliest tokens (sent to servers as vLLM's `top_k`).
+    #[arg(long)]
+    top_k: Option<usize>,
     /// Sent as `Authorization: Bearer KEY` (or INFERD_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
@@ -495,6 +505,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
     if !args.offline && (args.profile || args.async_scheduling.is_some()) {
         return Err("--profile and --async-scheduling are for --offline (a server has its own flags)".into());
     }
+    let sampling = inferd::bench::BenchSampling::new(args.temperature, args.top_p, args.top_k)?;
     let slo = match &args.slo {
         Some(text) => Slo::parse(text)?,
         None => Slo::default(),
@@ -632,6 +643,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             engine: model.spawn(config, vec![]),
             vocab,
             device: device.describe(),
+            sampling,
         }
     } else {
         let urls = if args.url.is_empty() && args.target.is_empty() {
@@ -653,6 +665,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
                     stream: !args.no_stream,
                     ignore_eos: !args.no_ignore_eos,
                     api_key: api_key.clone(),
+                    sampling,
                 };
                 (name, settings)
             })
@@ -683,6 +696,7 @@ fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
             "prefix_len": match workload.dataset { Dataset::Prefix { prefix_len, .. } => Some(prefix_len), _ => None },
             "num_requests": args.num_requests,
             "requests_per_client": args.requests_per_client,
+            "sampling": sampling,
         }),
         plan: match &plan {
             Plan::Sweep { points } => serde_json::json!({"sweep": points}),

@@ -50,6 +50,57 @@ impl Endpoint {
     }
 }
 
+/// How the benchmark's requests sample (`--temperature`, `--top-p`, `--top-k`):
+/// greedy by default. Offline, request `i` of a run is seeded with `i`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BenchSampling {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: Option<usize>,
+}
+
+impl Default for BenchSampling {
+    fn default() -> Self {
+        BenchSampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: None,
+        }
+    }
+}
+
+impl BenchSampling {
+    /// The flags' ranges, as the API checks them.
+    pub fn new(temperature: f32, top_p: f32, top_k: Option<usize>) -> Result<Self, String> {
+        if !(0.0..=2.0).contains(&temperature) {
+            return Err("--temperature must be in [0, 2]".into());
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err("--top-p must be in (0, 1]".into());
+        }
+        if top_k == Some(0) {
+            return Err("--top-k must be at least 1".into());
+        }
+        Ok(BenchSampling {
+            temperature,
+            top_p,
+            top_k,
+        })
+    }
+
+    fn params(&self, index: usize, max_tokens: usize) -> SamplingParams {
+        SamplingParams {
+            max_tokens: Some(max_tokens),
+            ignore_eos: true,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: Some(index as u64),
+            ..SamplingParams::default()
+        }
+    }
+}
+
 /// How requests reach one HTTP server.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
@@ -60,6 +111,7 @@ pub struct HttpSettings {
     /// Send `ignore_eos: true` so every reply is exactly `max_tokens` long.
     pub ignore_eos: bool,
     pub api_key: Option<String>,
+    pub sampling: BenchSampling,
 }
 
 impl HttpSettings {
@@ -82,7 +134,13 @@ impl HttpSettings {
             }
         };
         body["max_tokens"] = json!(request.max_tokens);
-        body["temperature"] = json!(0);
+        body["temperature"] = json!(self.sampling.temperature);
+        if self.sampling.top_p < 1.0 {
+            body["top_p"] = json!(self.sampling.top_p);
+        }
+        if let Some(k) = self.sampling.top_k {
+            body["top_k"] = json!(k);
+        }
         if self.ignore_eos {
             body["ignore_eos"] = json!(true);
         }
@@ -365,21 +423,19 @@ where
 }
 
 /// Drives an engine directly, without HTTP (`inferd bench --offline`): each request's
-/// prompt is token ids, replies are greedy and `ignore_eos`, exactly `max_tokens` long.
+/// prompt is token ids, replies are `ignore_eos`, exactly `max_tokens` long, sampled as
+/// `sampling` says.
 pub async fn run_offline(
     engine: &EngineHandle,
     pace: &Pace,
     requests: &[BenchRequest],
     prompts: &[Vec<u32>],
+    sampling: &BenchSampling,
 ) -> Report {
     drive(pace, requests, |i, request| {
         let engine = engine.clone();
         let ids = prompts.get(i).cloned().unwrap_or_default();
-        let params = SamplingParams {
-            max_tokens: Some(request.max_tokens),
-            ignore_eos: true,
-            ..SamplingParams::greedy()
-        };
+        let params = sampling.params(i, request.max_tokens);
         async move { engine_request(&engine, ids, params).await }
     })
     .await

@@ -37,6 +37,7 @@ pub enum Driver {
         device: String,
         /// Print where each run's step time went (`--profile`).
         profile: bool,
+        sampling: super::BenchSampling,
     },
 }
 
@@ -319,11 +320,15 @@ async fn send(driver: &Driver, index: usize, pace: &Pace, requests: &[BenchReque
     match driver {
         Driver::Http(list) => run(&list[index].1, pace, requests).await,
         Driver::Offline {
-            engine, vocab, profile, ..
+            engine,
+            vocab,
+            profile,
+            sampling,
+            ..
         } => {
             let ids = workload::random_prompt_ids(*vocab, requests, seed);
             let before = StepTimes::read(engine.metrics());
-            let report = run_offline(engine, pace, requests, &ids).await;
+            let report = run_offline(engine, pace, requests, &ids, sampling).await;
             if *profile {
                 eprintln!("{}", StepTimes::read(engine.metrics()).since(&before));
             }

@@ -596,7 +596,9 @@ mod tests {
     fn a_row_sampled_on_the_device_picks_what_the_host_picks() {
         let mut state = 7u64;
         let mut next = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as usize
         };
         for case in 0..300 {
