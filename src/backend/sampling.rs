@@ -224,47 +224,121 @@ pub fn weight(v: f32, max: f32, t: f32) -> f64 {
 /// candidates in (logit descending, id ascending) order: the first `top_k`; of those,
 /// the shortest prefix whose weight reaches `top_p` of theirs; and no further than the
 /// last whose weight (relative to the largest's, 1) is at least `min_p`, keeping one.
+///
+/// Found without sorting, as kernels/sampling.cu finds it: radix selection over the
+/// logits' order-preserving bit patterns, 8 bits a pass, each pass counting (and, for
+/// top-p, weighing) the candidates under each next digit and keeping those under the
+/// digit where the cut falls; the tie among equal logits is settled by id. Weights are
+/// summed in id order (the tests check this against sorting the candidates).
 pub fn filter_pivot(logits: &[f32], s: &RowSampling) -> Option<Pivot> {
-    let mut candidates: Vec<u32> = (0..logits.len() as u32)
-        .filter(|&i| logits[i as usize] > f32::NEG_INFINITY)
-        .collect();
-    if candidates.is_empty() {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    if max == f32::NEG_INFINITY {
         return None;
     }
-    let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
-    if let Some(k) = s.top_k {
-        if k < candidates.len() {
-            candidates.select_nth_unstable_by(k.max(1) - 1, by_logit);
-            candidates.truncate(k.max(1));
-        }
-    }
-    candidates.sort_by(by_logit);
-    let max = logits[candidates[0] as usize];
-    let weights: Vec<f64> = candidates
+    let by_mass = s.top_p < 1.0;
+    let weighed = by_mass || s.min_p > 0.0;
+    let mut candidates: Vec<Candidate> = logits
         .iter()
-        .map(|&i| weight(logits[i as usize], max, s.temperature))
+        .enumerate()
+        .filter(|&(_, &v)| v > f32::NEG_INFINITY)
+        .map(|(i, &v)| Candidate {
+            key: order_key(v),
+            id: i as u32,
+            weight: if weighed { weight(v, max, s.temperature) } else { 0.0 },
+        })
         .collect();
-    let mut keep = candidates.len();
-    if s.top_p < 1.0 {
-        let threshold = s.top_p as f64 * weights.iter().sum::<f64>();
-        let mut running = 0.0;
-        for (i, w) in weights.iter().enumerate() {
-            running += w;
-            if running >= threshold {
-                keep = i + 1;
+    let n = candidates.len();
+    let in_k = s.top_k.map_or(n, |k| k.clamp(1, n));
+    if in_k < n {
+        let cut = radix_select(&candidates, in_k, f64::INFINITY);
+        candidates.retain(|c| cut.keeps(c.id as usize, key_value(c.key)));
+    }
+    let count = if s.min_p > 0.0 {
+        let above = candidates.iter().filter(|c| c.weight >= s.min_p as f64).count();
+        above.clamp(1, in_k)
+    } else {
+        in_k
+    };
+    let mass = if by_mass {
+        s.top_p as f64 * candidates.iter().map(|c| c.weight).sum::<f64>()
+    } else {
+        f64::INFINITY
+    };
+    Some(radix_select(&candidates, count, mass))
+}
+
+/// A logit above -inf, as radix selection sees it.
+#[derive(Clone, Copy)]
+struct Candidate {
+    key: u32,
+    id: u32,
+    weight: f64,
+}
+
+/// The logits' order as unsigned keys (a larger logit, a larger key).
+fn order_key(v: f32) -> u32 {
+    let b = v.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+fn key_value(k: u32) -> f32 {
+    f32::from_bits(if k & 0x8000_0000 != 0 { k & 0x7fff_ffff } else { !k })
+}
+
+/// The first point of `candidates` (in id order), in (logit descending, id ascending)
+/// order, where `count` of them have passed or their weight reaches `mass`.
+fn radix_select(candidates: &[Candidate], count: usize, mass: f64) -> Pivot {
+    let (mut above_count, mut above_mass) = (0usize, 0.0f64);
+    let mut under: Option<Vec<Candidate>> = None; // those under the digits chosen so far
+    for shift in [24u32, 16, 8, 0] {
+        let set = under.as_deref().unwrap_or(candidates);
+        let mut counts = [0usize; 256];
+        let mut masses = [0.0f64; 256];
+        for c in set {
+            let digit = ((c.key >> shift) & 0xff) as usize;
+            counts[digit] += 1;
+            masses[digit] += c.weight;
+        }
+        let lowest = counts
+            .iter()
+            .position(|&n| n > 0)
+            .expect("a candidate under the prefix");
+        let mut chosen = lowest; // the last digit with candidates is taken unadded
+        for d in (lowest + 1..256).rev() {
+            if above_count + counts[d] >= count || above_mass + masses[d] >= mass {
+                chosen = d;
                 break;
             }
+            above_count += counts[d];
+            above_mass += masses[d];
+        }
+        under = Some(
+            set.iter()
+                .filter(|c| ((c.key >> shift) & 0xff) as usize == chosen)
+                .copied()
+                .collect(),
+        );
+    }
+    // Every one left has the same logit; they are in id order.
+    let tied = under.expect("four passes");
+    let mut need = tied.len().min(count - above_count.min(count)).max(1);
+    let mut running = above_mass;
+    for (j, c) in tied.iter().enumerate().take(need) {
+        running += c.weight;
+        if running >= mass {
+            need = j + 1;
+            break;
         }
     }
-    if s.min_p > 0.0 {
-        let above = weights.iter().take_while(|&&w| w >= s.min_p as f64).count();
-        keep = keep.min(above.max(1));
+    let last = tied[need - 1];
+    Pivot {
+        value: key_value(last.key),
+        id: last.id,
     }
-    let id = candidates[keep - 1];
-    Some(Pivot {
-        value: logits[id as usize],
-        id,
-    })
 }
 
 /// The token of an edited row: the argmax when greedy, else a draw at the temperature
@@ -406,100 +480,50 @@ mod tests {
         assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![2, 1]);
     }
 
-    /// The filters as kernels/sampling.cu finds them without sorting: radix selection
-    /// over the logits' order-preserving bit patterns, 8 bits a pass, each pass counting
-    /// (and weighing) the candidates under each next digit, then the tie among equal
-    /// logits settled by id.
-    fn radix_pivot(logits: &[f32], s: &RowSampling) -> Option<Pivot> {
-        let key = |v: f32| {
-            let b = v.to_bits();
-            if b & 0x8000_0000 != 0 {
-                !b
-            } else {
-                b | 0x8000_0000
-            }
-        };
-        let value_of = |k: u32| f32::from_bits(if k & 0x8000_0000 != 0 { k & 0x7fff_ffff } else { !k });
-        let candidate = |i: usize| logits[i] > f32::NEG_INFINITY;
-        let n = (0..logits.len()).filter(|&i| candidate(i)).count();
-        if n == 0 {
+    /// The filters by their definition: the candidates sorted.
+    fn sorted_pivot(logits: &[f32], s: &RowSampling) -> Option<Pivot> {
+        let mut candidates: Vec<u32> = (0..logits.len() as u32)
+            .filter(|&i| logits[i as usize] > f32::NEG_INFINITY)
+            .collect();
+        if candidates.is_empty() {
             return None;
         }
-        let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let w = |i: usize| weight(logits[i], max, s.temperature);
-        // One selection: the first point, in descending order, where `count` candidates
-        // have passed or their weight reaches `mass`, among those `inside` accepts.
-        let select = |inside: &dyn Fn(usize) -> bool, count: usize, mass: f64| -> Pivot {
-            let (mut prefix, mut mask) = (0u32, 0u32);
-            let (mut above_count, mut above_mass) = (0usize, 0.0f64);
-            for shift in [24, 16, 8, 0] {
-                let mut counts = [0usize; 256];
-                let mut masses = [0.0f64; 256];
-                for i in (0..logits.len()).filter(|&i| candidate(i) && inside(i)) {
-                    let k = key(logits[i]);
-                    if k & mask == prefix {
-                        let digit = ((k >> shift) & 0xff) as usize;
-                        counts[digit] += 1;
-                        masses[digit] += w(i);
-                    }
-                }
-                let lowest = (0..256).find(|&d| counts[d] > 0).expect("a candidate under the prefix");
-                let mut chosen = lowest; // the last digit with candidates is taken unadded
-                for d in (lowest + 1..256).rev() {
-                    if above_count + counts[d] >= count || above_mass + masses[d] >= mass {
-                        chosen = d;
-                        break;
-                    }
-                    above_count += counts[d];
-                    above_mass += masses[d];
-                }
-                prefix |= (chosen as u32) << shift;
-                mask |= 0xff << shift;
-            }
-            let value = value_of(prefix);
-            let tied: Vec<usize> = (0..logits.len())
-                .filter(|&i| candidate(i) && inside(i) && logits[i] == value)
-                .collect();
-            let mut need = tied.len().min(count - above_count.min(count)).max(1);
-            let (mut running, wv) = (above_mass, weight(value, max, s.temperature));
-            for j in 1..=need {
-                running += wv;
-                if running >= mass {
-                    need = j;
+        candidates.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b)));
+        if let Some(k) = s.top_k {
+            candidates.truncate(k.max(1));
+        }
+        let max = logits[candidates[0] as usize];
+        let weights: Vec<f64> = candidates
+            .iter()
+            .map(|&i| weight(logits[i as usize], max, s.temperature))
+            .collect();
+        let mut keep = candidates.len();
+        if s.top_p < 1.0 {
+            let threshold = s.top_p as f64 * weights.iter().sum::<f64>();
+            let mut running = 0.0;
+            for (i, w) in weights.iter().enumerate() {
+                running += w;
+                if running >= threshold {
+                    keep = i + 1;
                     break;
                 }
             }
-            Pivot {
-                value,
-                id: tied[need - 1] as u32,
-            }
-        };
-        let all = |_: usize| true;
-        let k_pivot = s
-            .top_k
-            .filter(|&k| k < n)
-            .map(|k| select(&all, k.max(1), f64::INFINITY));
-        let in_k = |i: usize| k_pivot.is_none_or(|p| p.keeps(i, logits[i]));
-        let in_k_count = s.top_k.map_or(n, |k| k.max(1).min(n));
-        let total: f64 = (0..logits.len()).filter(|&i| candidate(i) && in_k(i)).map(w).sum();
-        let min_count = if s.min_p > 0.0 {
-            let above = (0..logits.len())
-                .filter(|&i| candidate(i) && w(i) >= s.min_p as f64)
-                .count();
-            above.min(in_k_count).max(1)
-        } else {
-            in_k_count
-        };
-        let mass = if s.top_p < 1.0 {
-            s.top_p as f64 * total
-        } else {
-            f64::INFINITY
-        };
-        Some(select(&in_k, min_count, mass))
+        }
+        if s.min_p > 0.0 {
+            let above = weights.iter().take_while(|&&w| w >= s.min_p as f64).count();
+            keep = keep.min(above.max(1));
+        }
+        let id = candidates[keep - 1];
+        Some(Pivot {
+            value: logits[id as usize],
+            id,
+        })
     }
 
+    /// Radix selection (what `filter_pivot` and the kernel do) cuts where sorting does,
+    /// over rows of many ties, spread values and -inf, with every filter and their mixes.
     #[test]
-    fn the_kernels_radix_selection_finds_the_reference_pivot() {
+    fn radix_selection_cuts_where_sorting_does() {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             state ^= state << 13;
@@ -507,8 +531,12 @@ mod tests {
             state ^= state << 17;
             state
         };
-        for case in 0..400 {
-            let len = 1 + (next() % 300) as usize;
+        for case in 0..2000 {
+            let len = if case % 100 == 0 {
+                20_000
+            } else {
+                1 + (next() % 300) as usize
+            };
             // Few distinct values (many ties), or spread ones; some -inf.
             let distinct = [3, 17, 1000][case % 3];
             let logits: Vec<f32> = (0..len)
@@ -533,8 +561,8 @@ mod tests {
                 ..row(None, 1.0, 0.0, 0.0)
             };
             assert_eq!(
-                radix_pivot(&logits, &s),
                 filter_pivot(&logits, &s),
+                sorted_pivot(&logits, &s),
                 "case {case}: {s:?}"
             );
         }
