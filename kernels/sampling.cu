@@ -173,7 +173,7 @@ struct SampleArgs {
     double uniform;
     int edit_begin, edit_end;  // this row's edits in `edits`
     int logprobs;              // -1: none, else the number of alternatives
-    int pad;
+    int work_row;              // this row's edited copy in `work`; -1: no edits, read in place
 };
 
 struct LogitEditArgs {
@@ -182,9 +182,10 @@ struct LogitEditArgs {
     int ban;
 };
 
-// The logits' order as unsigned keys (larger logit, larger key), for finite values.
+// The logits' order as unsigned keys (larger logit, larger key; -0 is +0), for finite
+// values.
 __device__ __forceinline__ unsigned order_key(float v) {
-    const unsigned b = __float_as_uint(v);
+    const unsigned b = v == 0.0f ? 0u : __float_as_uint(v);
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 __device__ __forceinline__ float key_value(unsigned k) {
@@ -203,6 +204,24 @@ __device__ __forceinline__ bool keeps(const Pivot& p, unsigned i, float v) {
 
 __device__ __forceinline__ double weight_of(float v, float max, double inv_t) {
     return exp(((double)v - (double)max) * inv_t);
+}
+
+// A weight in the fixed point top-p sums it in (backend::sampling::fixed_mass): units of
+// 2^-40, summed as integers, exact in any order.
+__device__ __forceinline__ unsigned long long fixed_mass(double w) {
+    return (unsigned long long)(w * 1099511627776.0);
+}
+
+__device__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    unsigned long long total = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += scratch[w];
+    __syncthreads();
+    return total;
 }
 
 __device__ double block_sum_d(double v, double* scratch) {
@@ -291,17 +310,17 @@ __device__ unsigned block_argmax(const float* row, int cols, float* sv, unsigned
 
 struct SelectShared {
     unsigned counts[256];
-    double masses[256];
+    unsigned long long masses[256];
     unsigned prefix, mask, above_count, tied, need;
-    double above_mass;
+    unsigned long long above_mass;
     unsigned scan[33];
     unsigned found;
 };
 
 // Radix selection over the candidates `inside` (logit above -inf, within `within`): the
 // first point, in (logit descending, id ascending) order, where `count` of them have
-// passed or their weight reaches `mass` (backend::sampling's `filter_pivot`, found 8 bits
-// of the logit's key a pass). Every thread gets the pivot.
+// passed or their fixed-point weight reaches `mass` (backend::sampling's `filter_pivot`,
+// found 8 bits of the logit's key a pass). Every thread gets the pivot.
 __device__ Pivot radix_select(const float* row, int cols, const Pivot& within, unsigned count, double mass,
                               float top, double inv_t, SelectShared& s) {
     const bool by_mass = mass < INFINITY;
@@ -309,12 +328,12 @@ __device__ Pivot radix_select(const float* row, int cols, const Pivot& within, u
         s.prefix = 0;
         s.mask = 0;
         s.above_count = 0;
-        s.above_mass = 0.0;
+        s.above_mass = 0;
     }
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int d = threadIdx.x; d < 256; d += blockDim.x) {
             s.counts[d] = 0;
-            s.masses[d] = 0.0;
+            s.masses[d] = 0;
         }
         __syncthreads();
         const unsigned prefix = s.prefix, mask = s.mask;
@@ -325,7 +344,7 @@ __device__ Pivot radix_select(const float* row, int cols, const Pivot& within, u
             if ((k & mask) != prefix) continue;
             const unsigned d = (k >> shift) & 0xffu;
             atomicAdd(&s.counts[d], 1u);
-            if (by_mass) atomicAdd(&s.masses[d], weight_of(v, top, inv_t));
+            if (by_mass) atomicAdd(&s.masses[d], fixed_mass(weight_of(v, top, inv_t)));
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -333,7 +352,7 @@ __device__ Pivot radix_select(const float* row, int cols, const Pivot& within, u
             while (lowest < 255 && s.counts[lowest] == 0) ++lowest;
             int chosen = lowest;  // the last digit with candidates is taken unadded
             for (int d = 255; d > lowest; --d) {
-                if (s.above_count + s.counts[d] >= count || s.above_mass + s.masses[d] >= mass) {
+                if (s.above_count + s.counts[d] >= count || (double)(s.above_mass + s.masses[d]) >= mass) {
                     chosen = d;
                     break;
                 }
@@ -351,11 +370,11 @@ __device__ Pivot radix_select(const float* row, int cols, const Pivot& within, u
         // How many of the tied logits (in id order) the cut takes.
         const unsigned left = count - min(s.above_count, count);
         unsigned need = max(1u, min(s.tied, left));
-        double running = s.above_mass;
-        const double w = weight_of(value, top, inv_t);
+        unsigned long long running = s.above_mass;
+        const unsigned long long w = fixed_mass(weight_of(value, top, inv_t));
         for (unsigned j = 1; j <= need; ++j) {
             running += w;
-            if (running >= mass) {
+            if ((double)running >= mass) {
                 need = j;
                 break;
             }
@@ -392,7 +411,8 @@ __device__ Pivot radix_select(const float* row, int cols, const Pivot& within, u
     return p;
 }
 
-// One block per sampled row. `work` [n, cols] gets the edited row. Outputs: the token,
+// One block per sampled row. A row with edits is copied to its row of `work` and edited
+// there; the others are read in place. Outputs: the token,
 // its raw log-probability and the `logprobs` likeliest raw log-probabilities (`max_top`
 // per row in the arrays).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
@@ -403,23 +423,27 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     __shared__ unsigned si[32];
     __shared__ double sd[32];
     __shared__ double scan_d[33];
+    __shared__ unsigned long long su[32];
     __shared__ unsigned first_inf, found, last;
     __shared__ SelectShared sel;
     const SampleArgs a = args[blockIdx.x];
     const float* raw = x + (size_t)rows[blockIdx.x] * cols;
-    float* row = work + (size_t)blockIdx.x * cols;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) row[c] = raw[c];
-    __syncthreads();
-    for (int e = a.edit_begin + threadIdx.x; e < a.edit_end; e += blockDim.x) {
-        const LogitEditArgs ed = edits[e];
-        if (ed.token >= (unsigned)cols) continue;
-        float l = row[ed.token] + ed.bias;
-        if (ed.penalty != 1.0f) l = l > 0.0f ? l / ed.penalty : l * ed.penalty;
-        l -= ed.subtract;
-        row[ed.token] = ed.ban ? -INFINITY : l;
+    const float* row = raw;
+    if (a.work_row >= 0) {
+        float* edited = work + (size_t)a.work_row * cols;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) edited[c] = raw[c];
+        __syncthreads();
+        for (int e = a.edit_begin + threadIdx.x; e < a.edit_end; e += blockDim.x) {
+            const LogitEditArgs ed = edits[e];
+            if (ed.token >= (unsigned)cols) continue;
+            float l = edited[ed.token] + ed.bias;
+            if (ed.penalty != 1.0f) l = l > 0.0f ? l / ed.penalty : l * ed.penalty;
+            l -= ed.subtract;
+            edited[ed.token] = ed.ban ? -INFINITY : l;
+        }
+        __syncthreads();
+        row = edited;
     }
-    __syncthreads();
-
     unsigned token;
     const bool greedy = a.temperature == 0.0f || a.top_k == 1;
     const bool filtered = a.top_k > 0 || a.top_p < 1.0f || a.min_p > 0.0f;
@@ -461,19 +485,19 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
                     in_k = radix_select(row, cols, keep, (unsigned)a.top_k, INFINITY, m, inv_t, sel);
                     k_count = a.top_k;
                 }
-                double total = 0.0;
+                unsigned long long total = 0;
                 unsigned above_min = 0;
                 for (int c = threadIdx.x; c < cols; c += blockDim.x) {
                     const float v = row[c];
                     if (!(v > -INFINITY)) continue;
                     const double w = weight_of(v, m, inv_t);
-                    if (keeps(in_k, c, v)) total += w;
+                    if (keeps(in_k, c, v)) total += fixed_mass(w);
                     if (w >= (double)a.min_p) ++above_min;
                 }
-                total = block_sum_d(total, sd);
+                total = block_sum_u64(total, su);
                 above_min = block_count(above_min, si);
                 const unsigned count = a.min_p > 0.0f ? max(1u, min(above_min, k_count)) : k_count;
-                const double mass = a.top_p < 1.0f ? (double)a.top_p * total : INFINITY;
+                const double mass = a.top_p < 1.0f ? (double)a.top_p * (double)total : INFINITY;
                 keep = radix_select(row, cols, in_k, count, mass, m, inv_t, sel);
             }
             // The draw over the kept logits in id order (draw_rows_f32 with a cut).

@@ -368,11 +368,11 @@ struct BenchArgs {
     seed: u64,
     /// Sampling temperature of every request (0: greedy).
     #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
+    temperature: f64,
     /// Nucleus sampling: the smallest set of likeliest tokens holding this much of the
     /// probability (1: off).
     #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    top_p: f64,
     /// Sample among the k likeliest tokens (sent to servers as vLLM's `top_k`).
     #[arg(long)]
     top_k: Option<usize>,

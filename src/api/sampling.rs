@@ -290,6 +290,13 @@ pub(crate) fn sampling_request(f: &Fields<'_>, max_tokens_keys: &[&str]) -> Resu
             rule::bias(v as f32).map_err(|problem| {
                 ApiError::invalid("logit_bias", format!("`logit_bias` {problem} (got {v} for `{token}`)"))
             })?;
+            if s.logit_bias.iter().any(|&(t, _)| t == id) {
+                // `"5"` and `"05"`: one token, two keys.
+                return Err(ApiError::invalid(
+                    "logit_bias",
+                    format!("`logit_bias` names token {id} twice (`{token}`)"),
+                ));
+            }
             s.logit_bias.push((id, v as f32));
         }
     }

@@ -228,8 +228,9 @@ pub fn weight(v: f32, max: f32, t: f32) -> f64 {
 /// Found without sorting, as kernels/sampling.cu finds it: radix selection over the
 /// logits' order-preserving bit patterns, 8 bits a pass, each pass counting (and, for
 /// top-p, weighing) the candidates under each next digit and keeping those under the
-/// digit where the cut falls; the tie among equal logits is settled by id. Weights are
-/// summed in id order (the tests check this against sorting the candidates).
+/// digit where the cut falls; the tie among equal logits is settled by id (-0 and +0
+/// are one value). Top-p sums weights as [`fixed_mass`] integers, exact in any order, so
+/// the cut does not depend on how a device groups the sums.
 pub fn filter_pivot(logits: &[f32], s: &RowSampling) -> Option<Pivot> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if max == f32::NEG_INFINITY {
@@ -241,10 +242,14 @@ pub fn filter_pivot(logits: &[f32], s: &RowSampling) -> Option<Pivot> {
         .iter()
         .enumerate()
         .filter(|&(_, &v)| v > f32::NEG_INFINITY)
-        .map(|(i, &v)| Candidate {
-            key: order_key(v),
-            id: i as u32,
-            weight: if weighed { weight(v, max, s.temperature) } else { 0.0 },
+        .map(|(i, &v)| {
+            let weight = if weighed { weight(v, max, s.temperature) } else { 0.0 };
+            Candidate {
+                key: order_key(v),
+                id: i as u32,
+                weight,
+                mass: if by_mass { fixed_mass(weight) } else { 0 },
+            }
         })
         .collect();
     let n = candidates.len();
@@ -260,7 +265,7 @@ pub fn filter_pivot(logits: &[f32], s: &RowSampling) -> Option<Pivot> {
         in_k
     };
     let mass = if by_mass {
-        s.top_p as f64 * candidates.iter().map(|c| c.weight).sum::<f64>()
+        s.top_p as f64 * candidates.iter().map(|c| c.mass).sum::<u64>() as f64
     } else {
         f64::INFINITY
     };
@@ -273,11 +278,17 @@ struct Candidate {
     key: u32,
     id: u32,
     weight: f64,
+    mass: u64,
 }
 
-/// The logits' order as unsigned keys (a larger logit, a larger key).
+/// A weight (at most 1) in the fixed point top-p sums it in: units of 2^-40.
+pub fn fixed_mass(weight: f64) -> u64 {
+    (weight * (1u64 << 40) as f64) as u64
+}
+
+/// The logits' order as unsigned keys (a larger logit, a larger key; -0 is +0).
 fn order_key(v: f32) -> u32 {
-    let b = v.to_bits();
+    let b = if v == 0.0 { 0 } else { v.to_bits() };
     if b & 0x8000_0000 != 0 {
         !b
     } else {
@@ -290,18 +301,18 @@ fn key_value(k: u32) -> f32 {
 }
 
 /// The first point of `candidates` (in id order), in (logit descending, id ascending)
-/// order, where `count` of them have passed or their weight reaches `mass`.
+/// order, where `count` of them have passed or their [`fixed_mass`] reaches `mass`.
 fn radix_select(candidates: &[Candidate], count: usize, mass: f64) -> Pivot {
-    let (mut above_count, mut above_mass) = (0usize, 0.0f64);
+    let (mut above_count, mut above_mass) = (0usize, 0u64);
     let mut under: Option<Vec<Candidate>> = None; // those under the digits chosen so far
     for shift in [24u32, 16, 8, 0] {
         let set = under.as_deref().unwrap_or(candidates);
         let mut counts = [0usize; 256];
-        let mut masses = [0.0f64; 256];
+        let mut masses = [0u64; 256];
         for c in set {
             let digit = ((c.key >> shift) & 0xff) as usize;
             counts[digit] += 1;
-            masses[digit] += c.weight;
+            masses[digit] += c.mass;
         }
         let lowest = counts
             .iter()
@@ -309,7 +320,7 @@ fn radix_select(candidates: &[Candidate], count: usize, mass: f64) -> Pivot {
             .expect("a candidate under the prefix");
         let mut chosen = lowest; // the last digit with candidates is taken unadded
         for d in (lowest + 1..256).rev() {
-            if above_count + counts[d] >= count || above_mass + masses[d] >= mass {
+            if above_count + counts[d] >= count || (above_mass + masses[d]) as f64 >= mass {
                 chosen = d;
                 break;
             }
@@ -328,8 +339,8 @@ fn radix_select(candidates: &[Candidate], count: usize, mass: f64) -> Pivot {
     let mut need = tied.len().min(count - above_count.min(count)).max(1);
     let mut running = above_mass;
     for (j, c) in tied.iter().enumerate().take(need) {
-        running += c.weight;
-        if running >= mass {
+        running += c.mass;
+        if running as f64 >= mass {
             need = j + 1;
             break;
         }
@@ -434,6 +445,11 @@ mod tests {
         assert_eq!(choose(&logits, &s(0.26)), 3);
         assert_eq!(choose(&logits, &s(0.74)), 3);
         assert_eq!(choose(&logits, &s(0.76)), 4);
+        // -0 and +0 are one value: top-k 2 of [-0, +0, +0] keeps ids 0 and 1.
+        let zeros = [-0.0f32, 0.0, 0.0, -1.0];
+        let cut = filter_pivot(&zeros, &row(Some(2), 1.0, 0.0, 0.0)).unwrap();
+        let kept: Vec<usize> = (0..4).filter(|&i| cut.keeps(i, zeros[i])).collect();
+        assert_eq!(kept, vec![0, 1]);
         // Greedy ignores the filters; an infinite logit wins any draw.
         assert_eq!(
             choose(
@@ -488,7 +504,11 @@ mod tests {
         if candidates.is_empty() {
             return None;
         }
-        candidates.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b)));
+        // -0 and +0 are one value; no NaN is a candidate.
+        candidates.sort_by(|a, b| {
+            let (x, y) = (logits[*a as usize], logits[*b as usize]);
+            y.partial_cmp(&x).expect("no NaN").then(a.cmp(b))
+        });
         if let Some(k) = s.top_k {
             candidates.truncate(k.max(1));
         }
@@ -499,11 +519,12 @@ mod tests {
             .collect();
         let mut keep = candidates.len();
         if s.top_p < 1.0 {
-            let threshold = s.top_p as f64 * weights.iter().sum::<f64>();
-            let mut running = 0.0;
-            for (i, w) in weights.iter().enumerate() {
-                running += w;
-                if running >= threshold {
+            let masses: Vec<u64> = weights.iter().map(|&w| fixed_mass(w)).collect();
+            let threshold = s.top_p as f64 * masses.iter().sum::<u64>() as f64;
+            let mut running = 0u64;
+            for (i, m) in masses.iter().enumerate() {
+                running += m;
+                if running as f64 >= threshold {
                     keep = i + 1;
                     break;
                 }
@@ -542,6 +563,7 @@ mod tests {
             let logits: Vec<f32> = (0..len)
                 .map(|_| match next() % 20 {
                     0 => f32::NEG_INFINITY,
+                    1 => -0.0,
                     _ => ((next() % distinct) as f32 - distinct as f32 / 2.0) * 0.37,
                 })
                 .collect();

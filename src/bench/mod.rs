@@ -54,8 +54,9 @@ impl Endpoint {
 /// greedy by default. Offline, request `i` of a run is seeded with `i`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct BenchSampling {
-    pub temperature: f32,
-    pub top_p: f32,
+    /// As given (f64, so that 0.7 is written 0.7); requests take them as f32.
+    pub temperature: f64,
+    pub top_p: f64,
     pub top_k: Option<usize>,
 }
 
@@ -71,7 +72,7 @@ impl Default for BenchSampling {
 
 impl BenchSampling {
     /// The flags' ranges, as the API checks them.
-    pub fn new(temperature: f32, top_p: f32, top_k: Option<usize>) -> Result<Self, String> {
+    pub fn new(temperature: f64, top_p: f64, top_k: Option<usize>) -> Result<Self, String> {
         if !(0.0..=2.0).contains(&temperature) {
             return Err("--temperature must be in [0, 2]".into());
         }
@@ -92,8 +93,8 @@ impl BenchSampling {
         SamplingParams {
             max_tokens: Some(max_tokens),
             ignore_eos: true,
-            temperature: self.temperature,
-            top_p: self.top_p,
+            temperature: self.temperature as f32,
+            top_p: self.top_p as f32,
             top_k: self.top_k,
             seed: Some(index as u64),
             ..SamplingParams::default()

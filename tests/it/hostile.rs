@@ -48,7 +48,13 @@ fn cases() -> Vec<(&'static str, String, Vec<u8>)> {
         ("stop", vec![json!(5), json!([1, 2]), json!(vec!["x"; 100])]),
         (
             "logit_bias",
-            vec![json!({"99999999": 1}), json!({"1": 500}), json!({"x": 1}), json!([1])],
+            vec![
+                json!({"99999999": 1}),
+                json!({"1": 500}),
+                json!({"x": 1}),
+                json!([1]),
+                json!({"5": 100, "05": -100}),
+            ],
         ),
         ("logprobs", vec![json!("yes")]),
         ("top_logprobs", vec![json!(100), json!(-1)]),

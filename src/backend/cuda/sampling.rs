@@ -53,7 +53,7 @@ struct SampleArgs {
     edit_begin: i32,
     edit_end: i32,
     logprobs: i32,
-    pad: i32,
+    work_row: i32,
 }
 
 /// `LogitEditArgs` of kernels/sampling.cu.
@@ -87,6 +87,7 @@ pub(super) fn sample_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize], samp
     }
     let n = rows.len();
     let mut edits = Vec::new();
+    let mut edited_rows = 0;
     let args: Vec<SampleArgs> = sampling
         .iter()
         .map(|s| {
@@ -107,7 +108,12 @@ pub(super) fn sample_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize], samp
                 edit_begin,
                 edit_end: edits.len() as i32,
                 logprobs: s.logprobs.map_or(-1, |k| k as i32),
-                pad: 0,
+                work_row: if s.edits.is_empty() {
+                    -1
+                } else {
+                    edited_rows += 1;
+                    edited_rows - 1
+                },
             }
         })
         .collect();
@@ -115,7 +121,7 @@ pub(super) fn sample_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize], samp
     let idx = be.row_indices(x, rows, "sample_rows");
     let args_d = be.htod(&args, "sample_rows: parameters");
     let edits_d = be.htod(&edits, "sample_rows: edits");
-    let work = be.alloc::<f32>(n * x.cols, "sample_rows: edited rows");
+    let work = be.alloc::<f32>(edited_rows as usize * x.cols, "sample_rows: edited rows");
     let ids = be.alloc::<u32>(n, "sample_rows: ids");
     let own = be.alloc::<f32>(n, "sample_rows: log-probabilities");
     let top_ids = be.alloc::<u32>(n * max_top, "sample_rows: top ids");
