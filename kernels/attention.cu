@@ -40,9 +40,16 @@ struct AttentionArgs {
     int num_heads;
     int num_kv_heads;
     int head_dim;
-    int split_len;
+    int split_len;  // keys per split; 0: each row's own (fixed_split_len)
     float scale;
 };
+
+// A row's split length under the fixed plan (split_len 0: the grid does not depend on
+// the rows' lengths, each row cuts its own keys; backend::attention_plan::split_range).
+__device__ __forceinline__ int fixed_split_len(int visible, int splits) {
+    const int len = (visible + splits - 1) / splits;
+    return max(ATT_CHUNK, (len + ATT_CHUNK - 1) / ATT_CHUNK * ATT_CHUNK);
+}
 
 __device__ __forceinline__ size_t key_row(const AttentionArgs& a, int seq, int j) {
     if (a.block_tables == nullptr) return (size_t)j;
@@ -63,8 +70,9 @@ __device__ void attention(const AttentionArgs& a) {
     const int kvh = h / (a.num_heads / a.num_kv_heads);
     const int visible = a.visible[row];
     const int seq = a.row_seq == nullptr ? 0 : a.row_seq[row];
-    const int begin = split * a.split_len;
-    const int end = min(visible, begin + a.split_len);
+    const int split_len = a.split_len > 0 ? a.split_len : fixed_split_len(visible, splits);
+    const int begin = split * split_len;
+    const int end = min(visible, begin + split_len);
 
     const float* q = a.q + (size_t)row * a.q_stride + (size_t)h * hd;
     for (int d = tid; d < hd; d += ATT_THREADS) q_s[d] = q[d] * a.scale;
@@ -158,8 +166,9 @@ __device__ void attention_grouped(const AttentionArgs& a) {
     const int h0 = kvh * group;
     const int visible = a.visible[row];
     const int seq = a.row_seq == nullptr ? 0 : a.row_seq[row];
-    const int begin = split * a.split_len;
-    const int end = min(visible, begin + a.split_len);
+    const int split_len = a.split_len > 0 ? a.split_len : fixed_split_len(visible, splits);
+    const int begin = split * split_len;
+    const int end = min(visible, begin + split_len);
 
     const float* q = a.q + (size_t)row * a.q_stride + (size_t)h0 * hd;
     for (int i = tid; i < group * hd; i += ATT_THREADS) q_s[i] = q[i] * a.scale;

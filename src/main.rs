@@ -403,7 +403,7 @@ struct BenchArgs {
     /// With --offline: `dummy` makes seeded random weights from config.json alone.
     #[arg(long, default_value = "auto", value_parser = ["auto", "dummy"])]
     load_format: String,
-    /// With --offline: weights as stored (auto), bfloat16 or float32.
+    /// With --offline or --kernels: weights as stored (auto), bfloat16 or float32.
     #[arg(long, default_value = "auto")]
     dtype: String,
     /// With --offline: the engine's step token budget.
@@ -412,7 +412,7 @@ struct BenchArgs {
     /// With --offline: KV cache as a fraction of available memory (on the CPU).
     #[arg(long, default_value_t = 0.25)]
     kv_cache_fraction: f64,
-    /// With --offline: where the engine runs (auto, cpu, or cuda[:N]).
+    /// With --offline or --kernels: where the engine runs (auto, cpu, or cuda[:N]).
     #[arg(long, default_value = "auto")]
     device: String,
     /// With --offline on a GPU: the share of its memory to fill, in (0, 1].
@@ -426,6 +426,47 @@ struct BenchArgs {
     /// thread's planning, waiting and output processing, and the forward passes).
     #[arg(long)]
     profile: bool,
+    /// Time each kernel family of a decoder step in --model's shapes (its config.json)
+    /// on --device, against the backend's copy bandwidth: per-token kernels over
+    /// --max-num-batched-tokens rows, decode kernels at each --concurrency (default
+    /// 1,16,64) over --input-len tokens of context.
+    #[arg(long)]
+    kernels: bool,
+}
+
+/// `inferd bench --kernels`.
+fn bench_kernels(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
+    use inferd::bench::kernels::{self, KernelBench};
+    if args.offline || !args.url.is_empty() || !args.target.is_empty() {
+        return Err("--kernels times this machine's kernels: leave out --offline, --url and --target".into());
+    }
+    if args.concurrency.contains(&0) || args.max_num_batched_tokens == 0 {
+        return Err("--kernels needs --concurrency and --max-num-batched-tokens of at least 1".into());
+    }
+    let weights = WeightDtype::parse(&args.dtype)?;
+    let device = Device::open(&DeviceChoice::parse(&args.device)?, weights, &mut |note| {
+        eprintln!("{note}")
+    })?;
+    let dir = resolve_model(&args.model)?;
+    let mut spec = KernelBench::from_dir(&dir.path, weights)?;
+    spec.tokens = args.max_num_batched_tokens;
+    spec.context = args.input_len;
+    if !args.concurrency.is_empty() {
+        spec.batches = args.concurrency.clone();
+    }
+    eprintln!(
+        "bench --kernels: {} shapes on {} ({} weights)",
+        args.model,
+        device.describe(),
+        if spec.weight_bytes == 4 { "f32" } else { "bf16" }
+    );
+    let timings = match &device {
+        Device::Cpu(b) => kernels::run(b, &spec),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(b) => kernels::run(b, &spec),
+    };
+    print!("{}", kernels::table(&timings));
+    Ok(())
 }
 
 /// Whether engines on `device` schedule asynchronously unless told: on the CPU, where
@@ -440,6 +481,9 @@ fn async_scheduling_default(device: &Device) -> bool {
 }
 
 fn bench(args: BenchArgs) -> Result<(), Box<dyn Error>> {
+    if args.kernels {
+        return bench_kernels(&args);
+    }
     use inferd::bench::session::{self, Context, Driver, Plan, SessionOptions};
     use inferd::bench::slo::Metric;
     use inferd::bench::{self, Arrival, Dataset, Endpoint, HttpSettings, Load, ProgressMode, Slo, WorkloadSpec};

@@ -5,6 +5,7 @@
 //! Attention always reads keys and values from the paged KV cache (written first by
 //! `write_kv`), so prefill, chunked prefill, prefix reuse and decode are one op.
 
+pub mod attention_plan;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -293,6 +294,10 @@ pub trait Backend: Send + Sync {
     {
         step()
     }
+
+    /// Waits for every op queued so far (a device backend's stream); timings read after
+    /// it count the work, not just its launch. A host backend's ops are done on return.
+    fn synchronize(&self) {}
 
     /// Uploads a checkpoint tensor (any supported dtype).
     fn weight(&self, view: &TensorView<'_>) -> Self::Weight;

@@ -11,6 +11,7 @@
 //!   prints while it goes.
 
 pub mod html;
+pub mod kernels;
 pub mod plot;
 pub mod progress;
 pub mod session;

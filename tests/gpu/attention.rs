@@ -100,8 +100,12 @@ fn paged_attention_matches_the_cpu_over_batches_contexts_and_gqa() {
     // Both paged kernels, forced (grouped: one block per KV head for groups of 2 to 8;
     // per head; the models' tests run the default's choice between them); 24/3 is the
     // widest group the grouped kernel takes, 32/2 falls back to per head.
-    let kernels = [PagedAttention::Grouped, PagedAttention::PerHead];
-    for (kernel, (heads, kv_heads, hd)) in kernels.into_iter().flat_map(|kernel| {
+    // Each with the keys split by the batch's longest row and by the grid alone (fixed,
+    // each row cutting its own: `backend::attention_plan`).
+    let kernels = [PagedAttention::Grouped, PagedAttention::PerHead]
+        .into_iter()
+        .flat_map(|k| [AttentionSplits::ByContext, AttentionSplits::Fixed].map(|s| (k, s)));
+    for ((kernel, splits), (heads, kv_heads, hd)) in kernels.flat_map(|kernel| {
         [
             (8, 8, 64),
             (16, 8, 128),
@@ -114,6 +118,7 @@ fn paged_attention_matches_the_cpu_over_batches_contexts_and_gqa() {
         .map(|s| (kernel, s))
     }) {
         g.set_paged_attention(kernel);
+        g.set_attention_splits(splits);
         let shape = AttentionShape {
             num_heads: heads,
             num_kv_heads: kv_heads,
@@ -144,11 +149,13 @@ fn paged_attention_over_bf16_pools_matches_the_cpu() {
     assert_eq!(g.kv_bytes_per_element(), 2);
     let c = CpuBackend::with_weights(WeightDtype::F32);
     let mut rng = Rng(43);
-    for (kernel, (heads, kv_heads, hd)) in [PagedAttention::Grouped, PagedAttention::PerHead]
+    for ((kernel, splits), (heads, kv_heads, hd)) in [PagedAttention::Grouped, PagedAttention::PerHead]
         .into_iter()
+        .flat_map(|k| [AttentionSplits::ByContext, AttentionSplits::Fixed].map(|s| (k, s)))
         .flat_map(|kernel| [(14, 2, 64), (32, 8, 128), (7, 1, 128)].map(|s| (kernel, s)))
     {
         g.set_paged_attention(kernel);
+        g.set_attention_splits(splits);
         let shape = AttentionShape {
             num_heads: heads,
             num_kv_heads: kv_heads,

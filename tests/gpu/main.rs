@@ -33,7 +33,7 @@ mod sampling;
 use std::sync::Arc;
 
 use inferd::backend::cpu::CpuBackend;
-use inferd::backend::cuda::{CudaBackend, CudaError, PagedAttention};
+use inferd::backend::cuda::{AttentionSplits, CudaBackend, CudaError, PagedAttention};
 use inferd::backend::{AttentionShape, Backend, DenseAttention, ForwardBatch, SeqChunk, WeightDtype};
 use inferd::engine::sampling::SpeechRules;
 use inferd::engine::{self, Engine, EngineConfig, EngineEvent, RequestId, SamplingParams};

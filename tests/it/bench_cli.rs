@@ -167,3 +167,94 @@ fn serve_with_dummy_weights_answers_exact_lengths() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["usage"]["completion_tokens"], 7);
 }
+
+/// `--kernels` times every kernel family in a model's shapes (its config.json) on the
+/// CPU: the stream reference first, then each family once, and the decode families once per batch,
+/// each with a positive bandwidth and its share of the reference's.
+#[test]
+fn kernel_bench_times_every_family_against_the_stream_reference() {
+    let model = super::common::installed_model("inferd-test/tiny-qwen2");
+    let out = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .args([
+            "bench",
+            "--kernels",
+            "--device",
+            "cpu",
+            "--model",
+            model.to_str().unwrap(),
+        ])
+        .args([
+            "--concurrency",
+            "1,3",
+            "--input-len",
+            "40",
+            "--max-num-batched-tokens",
+            "64",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut lines = stdout.lines();
+    assert!(lines.next().unwrap().starts_with("kernel"), "{stdout}");
+    let mut families = Vec::new();
+    for line in lines {
+        // From the end: share of the stream reference, GB/s, MB per call, microseconds per call.
+        let mut fields = line.split_whitespace().rev();
+        let share: f64 = fields.next().unwrap().trim_end_matches('%').parse().unwrap();
+        let gbps: f64 = fields.next().unwrap().parse().unwrap();
+        let mb: f64 = fields.next().unwrap().parse().unwrap();
+        let micros: f64 = fields.next().unwrap().parse().unwrap();
+        assert!(gbps > 0.0 && mb >= 0.0 && micros > 0.0 && share >= 0.0, "{line}");
+        let family = [
+            "stream (x += y)",
+            "rms_norm",
+            "add_rms_norm",
+            "silu_mul",
+            "rotary",
+            "write_kv",
+        ]
+        .into_iter()
+        .chain([
+            "attention (decode)",
+            "linear (gate_up)",
+            "argmax_rows",
+            "sample_rows (top-p)",
+        ])
+        .find(|f| line.starts_with(&format!("{f} ")))
+        .unwrap_or_else(|| panic!("an unknown family: {line}"));
+        families.push(family);
+    }
+    assert_eq!(families[0], "stream (x += y)", "the reference is timed first: {stdout}");
+    for once in [
+        "stream (x += y)",
+        "rms_norm",
+        "add_rms_norm",
+        "silu_mul",
+        "rotary",
+        "write_kv",
+    ] {
+        assert_eq!(families.iter().filter(|f| **f == once).count(), 1, "{once}: {stdout}");
+    }
+    for per_batch in [
+        "attention (decode)",
+        "linear (gate_up)",
+        "argmax_rows",
+        "sample_rows (top-p)",
+    ] {
+        assert_eq!(
+            families.iter().filter(|f| **f == per_batch).count(),
+            2,
+            "{per_batch}: {stdout}"
+        );
+    }
+    assert!(stdout.contains("3 x 40 context"), "{stdout}");
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_inferd"))
+        .args(["bench", "--kernels", "--offline", "--model", model.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--kernels"));
+}

@@ -8,18 +8,18 @@ use rayon::prelude::*;
 use super::CpuTensor;
 use crate::backend::{RowSampling, Sampled};
 
+/// Rows in parallel (each a vocabulary's pass), as every function here.
 pub(super) fn argmax_rows(x: &CpuTensor, rows: &[usize]) -> Vec<u32> {
-    rows.iter().map(|&r| crate::backend::argmax(x.row(r))).collect()
+    rows.par_iter().map(|&r| crate::backend::argmax(x.row(r))).collect()
 }
 
 pub(super) fn draw_rows(x: &CpuTensor, rows: &[usize], temperatures: &[f32], uniforms: &[f64]) -> Vec<u32> {
-    rows.iter()
-        .zip(temperatures.iter().zip(uniforms))
+    rows.par_iter()
+        .zip(temperatures.par_iter().zip(uniforms))
         .map(|(&r, (&t, &u))| crate::backend::draw(x.row(r), t, u))
         .collect()
 }
 
-/// Rows in parallel: a filtered row sorts its candidates, a vocabulary's worth.
 pub(super) fn sample_rows(x: &CpuTensor, rows: &[usize], sampling: &[&RowSampling]) -> Vec<Sampled> {
     assert_eq!(rows.len(), sampling.len(), "sample_rows: one RowSampling per row");
     rows.par_iter()

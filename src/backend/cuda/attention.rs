@@ -6,7 +6,7 @@ use cudarc::driver::DeviceRepr;
 
 use super::device::{cfg, ok, rows_u32};
 use super::{CudaBackend, CudaKvCache, CudaTensor, KvPool};
-use crate::backend::{AttentionShape, DenseAttention, ForwardBatch, MAX_HEAD_DIM};
+use crate::backend::{attention_plan, AttentionShape, DenseAttention, ForwardBatch, MAX_HEAD_DIM};
 
 /// Threads of `attention_f32` and its key chunk (kernels/attention.cu).
 pub(super) const ATTENTION_THREADS: u32 = 128;
@@ -44,7 +44,41 @@ impl PagedAttention {
     }
 }
 
+/// How attention splits each row's keys over thread blocks
+/// (`backend::attention_plan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionSplits {
+    /// By the batch's longest row (the default).
+    ByContext,
+    /// By the grid alone, each row cutting its own keys on the device: the launch shape
+    /// of a batch size never changes (what a captured graph needs). Off by default until
+    /// the GPU suite has passed with it.
+    Fixed,
+}
+
+impl AttentionSplits {
+    /// `INFERD_CUDA_ATTENTION_SPLITS`: `context` (or unset) or `fixed`.
+    pub(super) fn from_env() -> Result<Self, String> {
+        match std::env::var("INFERD_CUDA_ATTENTION_SPLITS").as_deref() {
+            Err(_) | Ok("context") => Ok(AttentionSplits::ByContext),
+            Ok("fixed") => Ok(AttentionSplits::Fixed),
+            Ok(other) => Err(format!(
+                "INFERD_CUDA_ATTENTION_SPLITS must be context or fixed, not `{other}`"
+            )),
+        }
+    }
+}
+
 impl CudaBackend {
+    /// Sets how attention splits the keys (the GPU suite runs both).
+    pub fn set_attention_splits(&self, splits: AttentionSplits) {
+        *self.inner.attention_splits.lock().unwrap_or_else(|e| e.into_inner()) = splits;
+    }
+
+    pub fn attention_splits(&self) -> AttentionSplits {
+        *self.inner.attention_splits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Sets which kernel paged attention takes: both compute the same values in the same
     /// order (the GPU suite runs each).
     pub fn set_paged_attention(&self, kernel: PagedAttention) {
@@ -110,9 +144,13 @@ impl CudaBackend {
         let max_visible = visible.iter().copied().max().unwrap_or(0).max(1) as usize;
         // Few rows over a long context: split the keys so the grid fills the device.
         let sm_count = self.inner.sm_count;
+        let fixed = self.attention_splits() == AttentionSplits::Fixed;
         let splits_for = |blocks: usize| {
-            let want = (2 * sm_count).div_ceil(blocks);
-            want.clamp(1, max_visible.div_ceil(2 * ATTENTION_CHUNK).max(1))
+            if fixed {
+                attention_plan::fixed_splits(sm_count, blocks)
+            } else {
+                attention_plan::splits_wanted(sm_count, blocks, max_visible, ATTENTION_CHUNK)
+            }
         };
         // One block per KV head serves its whole group of query heads (K/V read once),
         // when that grid still has a block for every other multiprocessor: with fewer
@@ -130,9 +168,13 @@ impl CudaBackend {
                 }
             };
         let heads_per_block = if grouped { group } else { 1 };
-        let splits = splits_for(rows * shape.num_heads / heads_per_block);
-        let split_len = max_visible.div_ceil(splits).next_multiple_of(ATTENTION_CHUNK);
-        let splits = max_visible.div_ceil(split_len);
+        let blocks = rows * shape.num_heads / heads_per_block;
+        // Fixed: split length 0, each row cuts its own keys on the device.
+        let (splits, split_len) = if fixed {
+            (attention_plan::fixed_splits(sm_count, blocks), 0)
+        } else {
+            attention_plan::splits_by_context(sm_count, blocks, max_visible, ATTENTION_CHUNK)
+        };
         let visible_d = self.indices(visible, "attention: visible");
         let row_seq_d = row_seq.map(|r| self.indices(r, "attention: rows"));
         let tables_d = tables.map(|(t, _, _)| self.indices(t, "attention: block tables"));

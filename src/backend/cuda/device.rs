@@ -182,6 +182,7 @@ impl CudaBackend {
                 uploads: Mutex::new(Vec::new()),
                 paged_attention: Mutex::new(PagedAttention::from_env().map_err(CudaError::Setting)?),
                 row_sampler: Mutex::new(super::RowSampler::from_env().map_err(CudaError::Setting)?),
+                attention_splits: Mutex::new(super::AttentionSplits::from_env().map_err(CudaError::Setting)?),
                 _modules: modules,
             }),
         })

@@ -37,7 +37,7 @@ mod rotary;
 mod sampling;
 mod weights;
 
-pub use attention::PagedAttention;
+pub use attention::{AttentionSplits, PagedAttention};
 pub use device::{available, CudaError};
 pub use sampling::RowSampler;
 
@@ -102,6 +102,8 @@ struct Inner {
     uploads: Mutex<Vec<Upload>>,
     /// Which paged-attention kernel to take (`INFERD_CUDA_ATTENTION`, default auto).
     paged_attention: Mutex<PagedAttention>,
+    /// How attention splits the keys (`INFERD_CUDA_ATTENTION_SPLITS`, default by context).
+    attention_splits: Mutex<AttentionSplits>,
     /// Where `sample_rows` runs (`INFERD_CUDA_SAMPLING`, default the host).
     row_sampler: Mutex<RowSampler>,
     _modules: Vec<Arc<CudaModule>>,
@@ -131,6 +133,10 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn synchronize(&self) {
+        CudaBackend::synchronize(self)
     }
 
     fn weight(&self, view: &TensorView<'_>) -> CudaWeight {
