@@ -56,32 +56,33 @@ extern "C" __global__ void __launch_bounds__(ARGMAX_THREADS)
 
 #define DRAW_THREADS 1024
 
-// Block-wide exclusive scan of one double per thread; `total` gets the sum. `scratch`
-// holds 32 doubles.
-__device__ double block_exclusive_scan(double v, double* scratch, double* total) {
+// Block-wide exclusive scan of one value per thread; `total` gets the sum. `scratch`
+// holds 33 values.
+template <typename T>
+__device__ T block_exclusive_scan(T v, T* scratch, T* total) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    double inclusive = v;
+    T inclusive = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        const double n = __shfl_up_sync(0xffffffffu, inclusive, o);
+        const T n = __shfl_up_sync(0xffffffffu, inclusive, o);
         if (lane >= o) inclusive += n;
     }
     if (lane == 31) scratch[warp] = inclusive;
     __syncthreads();
     if (warp == 0) {
         const int warps = blockDim.x >> 5;
-        double w = lane < warps ? scratch[lane] : 0.0;
-        double inc = w;
+        const T w = lane < warps ? scratch[lane] : T(0);
+        T inc = w;
 #pragma unroll
         for (int o = 1; o < 32; o <<= 1) {
-            const double n = __shfl_up_sync(0xffffffffu, inc, o);
+            const T n = __shfl_up_sync(0xffffffffu, inc, o);
             if (lane >= o) inc += n;
         }
         scratch[lane] = inc - w;  // exclusive prefix of warp `lane`
         if (lane == 31) scratch[32] = inc;
     }
     __syncthreads();
-    const double result = scratch[warp] + inclusive - v;
+    const T result = scratch[warp] + inclusive - v;
     *total = scratch[32];
     __syncthreads();
     return result;
@@ -212,69 +213,19 @@ __device__ __forceinline__ unsigned long long fixed_mass(double w) {
     return (unsigned long long)(w * 1099511627776.0);
 }
 
-__device__ unsigned long long block_sum_u64(unsigned long long v, unsigned long long* scratch) {
+// Sum over the block of one value per thread (every thread gets it), in a fixed order:
+// the same inputs give the same sum. `scratch` holds 32 values.
+template <typename T>
+__device__ T block_total(T v, T* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    unsigned long long total = 0;
+    T total = 0;
     for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += scratch[w];
     __syncthreads();
     return total;
-}
-
-__device__ double block_sum_d(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    double total = 0.0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += scratch[w];
-    __syncthreads();
-    return total;
-}
-
-__device__ unsigned block_count(unsigned v, unsigned* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    unsigned total = 0;
-    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += scratch[w];
-    __syncthreads();
-    return total;
-}
-
-// Block-wide exclusive scan of one unsigned per thread (the doubles' scan above, in
-// integers); `scratch` holds 33.
-__device__ unsigned block_exclusive_scan_u(unsigned v, unsigned* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    unsigned inclusive = v;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const unsigned n = __shfl_up_sync(0xffffffffu, inclusive, o);
-        if (lane >= o) inclusive += n;
-    }
-    if (lane == 31) scratch[warp] = inclusive;
-    __syncthreads();
-    if (warp == 0) {
-        const int warps = blockDim.x >> 5;
-        const unsigned w = lane < warps ? scratch[lane] : 0u;
-        unsigned inc = w;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const unsigned n = __shfl_up_sync(0xffffffffu, inc, o);
-            if (lane >= o) inc += n;
-        }
-        scratch[lane] = inc - w;
-    }
-    __syncthreads();
-    const unsigned result = scratch[warp] + inclusive - v;
-    __syncthreads();
-    return result;
 }
 
 // The argmax of a row (backend::argmax): larger value, then lower id; NaN never; a row
@@ -391,7 +342,8 @@ __device__ Pivot radix_select(const float* row, int cols, const Pivot& within, u
         const float v = row[c];
         if (v == value && keeps(within, c, v)) ++mine;
     }
-    const unsigned before = block_exclusive_scan_u(mine, s.scan);
+    unsigned all_tied;
+    const unsigned before = block_exclusive_scan(mine, s.scan, &all_tied);
     if (before < s.need && s.need <= before + mine) {
         unsigned seen = before;
         for (int c = begin; c < end; ++c) {
@@ -467,7 +419,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
             }
         }
         m = block_max(m, sv);
-        n = block_count(n, si);
+        n = block_total(n, si);
         if (first_inf != 0xffffffffu) {
             token = first_inf;
         } else if (m == -INFINITY) {
@@ -494,8 +446,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
                     if (keeps(in_k, c, v)) total += fixed_mass(w);
                     if (w >= (double)a.min_p) ++above_min;
                 }
-                total = block_sum_u64(total, su);
-                above_min = block_count(above_min, si);
+                total = block_total(total, su);
+                above_min = block_total(above_min, si);
                 const unsigned count = a.min_p > 0.0f ? max(1u, min(above_min, k_count)) : k_count;
                 const double mass = a.top_p < 1.0f ? (double)a.top_p * (double)total : INFINITY;
                 keep = radix_select(row, cols, in_k, count, mass, m, inv_t, sel);
@@ -547,7 +499,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     m = block_max(m, sv);
     double sum = 0.0;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) sum += exp((double)(raw[c] - m));
-    sum = block_sum_d(sum, sd);
+    sum = block_total(sum, sd);
     const float lse = (float)log(sum) + m;
     if (threadIdx.x == 0) out_logprob[blockIdx.x] = raw[token] - lse;
     float prev_v = INFINITY;

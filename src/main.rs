@@ -427,7 +427,7 @@ struct BenchArgs {
     #[arg(long)]
     profile: bool,
     /// Time each kernel family of a decoder step in --model's shapes (its config.json)
-    /// on --device, against the backend's copy bandwidth: per-token kernels over
+    /// on --device, against the backend's streaming bandwidth (`x += y`): per-token kernels over
     /// --max-num-batched-tokens rows, decode kernels at each --concurrency (default
     /// 1,16,64) over --input-len tokens of context.
     #[arg(long)]
@@ -440,8 +440,11 @@ fn bench_kernels(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
     if args.offline || !args.url.is_empty() || !args.target.is_empty() {
         return Err("--kernels times this machine's kernels: leave out --offline, --url and --target".into());
     }
-    if args.concurrency.contains(&0) || args.max_num_batched_tokens == 0 {
-        return Err("--kernels needs --concurrency and --max-num-batched-tokens of at least 1".into());
+    if args.json.is_some() || args.report.is_some() || args.plots.is_some() {
+        return Err("--kernels prints a table: --json, --report and --plots are for serving runs".into());
+    }
+    if args.concurrency.contains(&0) || args.max_num_batched_tokens == 0 || args.input_len == 0 {
+        return Err("--kernels needs --concurrency, --max-num-batched-tokens and --input-len of at least 1".into());
     }
     let weights = WeightDtype::parse(&args.dtype)?;
     let device = Device::open(&DeviceChoice::parse(&args.device)?, weights, &mut |note| {
@@ -460,10 +463,15 @@ fn bench_kernels(args: &BenchArgs) -> Result<(), Box<dyn Error>> {
         device.describe(),
         if spec.weight_bytes == 4 { "f32" } else { "bf16" }
     );
+    // Where the engine runs a step's ops (on the CPU, a worker of the pool).
     let timings = match &device {
-        Device::Cpu(b) => kernels::run(b, &spec),
+        Device::Cpu(b) => {
+            <inferd::backend::cpu::CpuBackend as inferd::backend::Backend>::run_step(|| kernels::run(b, &spec))
+        }
         #[cfg(feature = "cuda")]
-        Device::Cuda(b) => kernels::run(b, &spec),
+        Device::Cuda(b) => {
+            <inferd::backend::cuda::CudaBackend as inferd::backend::Backend>::run_step(|| kernels::run(b, &spec))
+        }
     };
     print!("{}", kernels::table(&timings));
     Ok(())

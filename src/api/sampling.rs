@@ -277,6 +277,7 @@ pub(crate) fn sampling_request(f: &Fields<'_>, max_tokens_keys: &[&str]) -> Resu
         s.no_repeat_ngram_size = n;
     }
     if let Some(bias) = f.get::<Map<String, Value>>("logit_bias")? {
+        let mut seen = std::collections::HashSet::with_capacity(bias.len());
         for (token, value) in bias {
             let id: u32 = token.parse().map_err(|_| {
                 ApiError::invalid("logit_bias", format!("`logit_bias` key `{token}` is not a token id"))
@@ -290,7 +291,7 @@ pub(crate) fn sampling_request(f: &Fields<'_>, max_tokens_keys: &[&str]) -> Resu
             rule::bias(v as f32).map_err(|problem| {
                 ApiError::invalid("logit_bias", format!("`logit_bias` {problem} (got {v} for `{token}`)"))
             })?;
-            if s.logit_bias.iter().any(|&(t, _)| t == id) {
+            if !seen.insert(id) {
                 // `"5"` and `"05"`: one token, two keys.
                 return Err(ApiError::invalid(
                     "logit_bias",

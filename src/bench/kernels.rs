@@ -196,8 +196,9 @@ pub fn run<B: Backend>(backend: &B, bench: &KernelBench) -> Vec<KernelTiming> {
     );
     // Fill every sequence's context (its slots, written a token budget at a time).
     let slots_total = num_blocks * block_size;
-    for start in (0..slots_total).step_by(t) {
-        let n = t.min(slots_total - start);
+    let fill = t.max(4096);
+    for start in (0..slots_total).step_by(fill) {
+        let n = fill.min(slots_total - start);
         let chunk = backend.upload(values.take(n * shape.qkv_width(), 1.0), n, shape.qkv_width());
         let slots: Vec<u32> = (start as u32..(start + n) as u32).collect();
         backend.write_kv(&mut cache, 0, &chunk, &slots, shape);

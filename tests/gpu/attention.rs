@@ -79,12 +79,13 @@ fn attention_case(
     let max_ctx = seqs.iter().map(|s| s.0).max().unwrap_or(0);
     check(
         &format!(
-            "attention {}/{}x{} over {} sequences (longest {max_ctx}, {rows} rows, block {block_size}, bf16 KV {bf16_kv}, kernel {:?})",
+            "attention {}/{}x{} over {} sequences (longest {max_ctx}, {rows} rows, block {block_size}, bf16 KV {bf16_kv}, kernel {:?}, splits {:?})",
             shape.num_heads,
             shape.num_kv_heads,
             shape.head_dim,
             seqs.len(),
-            g.paged_attention()
+            g.paged_attention(),
+            g.attention_splits()
         ),
         &host_gpu(g, og),
         &host_cpu(c, oc),

@@ -39,9 +39,10 @@ pub(super) fn silu_mul(gate_up: &CpuTensor) -> CpuTensor {
 
 pub(super) fn add(x: &mut CpuTensor, y: &CpuTensor) {
     assert_eq!((x.rows, x.cols), (y.rows, y.cols), "add: shapes differ");
-    for (a, b) in x.data.iter_mut().zip(&y.data) {
-        *a += b;
-    }
+    x.data
+        .par_chunks_mut(4096)
+        .zip(y.data.par_chunks(4096))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, b)| *a += b));
 }
 
 pub(super) fn gelu_in_place(x: &mut CpuTensor) {
