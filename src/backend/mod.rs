@@ -414,9 +414,10 @@ pub trait Backend: Send + Sync {
     /// buffer over without a copy.
     fn to_host(&self, x: Self::Tensor) -> (Vec<f32>, usize, usize);
     /// [`sampling::sample_row`] of each of `rows` of `x` with its [`RowSampling`]
-    /// (edits, filters, draw, log-probabilities). This default brings the rows to the
-    /// host and runs the reference there; a device backend may override it to send back
-    /// only ids and the log-probabilities asked for.
+    /// (edits, greedy or filtered draw, log-probabilities): how every step's tokens are
+    /// chosen. This default brings the rows to the host and runs the reference there; a
+    /// device backend overrides it to send back only ids and the log-probabilities asked
+    /// for.
     fn sample_rows(&self, x: &Self::Tensor, rows: &[usize], sampling: &[&RowSampling]) -> Vec<Sampled>
     where
         Self: Sized,

@@ -102,16 +102,24 @@ pub fn top_entries(values: &[f32], k: usize) -> Vec<(u32, f32)> {
     idx.into_iter().map(|i| (i, values[i as usize])).collect()
 }
 
-/// `token`'s log-probability under one row of raw logits and the `k` likeliest tokens'
-/// (`log_softmax` in f32: each logit minus [`log_sum_exp`]).
-pub fn logprobs_entry(raw: &[f32], token: u32, k: usize) -> TokenLogprobs {
+/// `log_softmax` of a row in f32: each logit minus [`log_sum_exp`].
+pub fn log_softmax(raw: &[f32]) -> Vec<f32> {
     let lse = log_sum_exp(raw);
-    let lp: Vec<f32> = raw.iter().map(|&v| v - lse).collect();
+    raw.iter().map(|&v| v - lse).collect()
+}
+
+/// `token`'s entry under a row's [`log_softmax`] `lp`, with the `k` likeliest tokens.
+pub fn entry_of(lp: &[f32], token: u32, k: usize) -> TokenLogprobs {
     TokenLogprobs {
         token,
         logprob: lp[token as usize],
-        top: top_entries(&lp, k),
+        top: top_entries(lp, k),
     }
+}
+
+/// `token`'s log-probability under one row of raw logits and the `k` likeliest tokens'.
+pub fn logprobs_entry(raw: &[f32], token: u32, k: usize) -> TokenLogprobs {
+    entry_of(&log_softmax(raw), token, k)
 }
 
 /// What a request's logits processors do to one token, in this order: add `bias` (the

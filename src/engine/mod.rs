@@ -550,22 +550,16 @@ impl<B: Backend + 'static, M: EngineModel<B>> Engine<B, M> {
                 Some(req) if samples => {
                     let ctx = SamplingContext::new(&req.params, &seq.tokens, seq.prompt_len, &req.stop_ids);
                     let constrained = seq.constraint.as_ref().is_some_and(|c| c.constrains_next());
-                    let choice = match sampling::device_choice(&ctx) {
-                        _ if constrained || sampling::needs_host(&ctx) => RowChoice::Host,
-                        Some(sampling::DeviceChoice::Argmax) => RowChoice::Argmax,
-                        Some(sampling::DeviceChoice::Draw { temperature }) => RowChoice::Draw {
-                            temperature,
-                            uniform: seq.rng.next_f64(),
-                        },
-                        None => {
-                            // Placeholders are a suffix; a request whose edits read its
-                            // tokens never gets one (its steps are never run ahead).
-                            assert!(
-                                !sampling::reads_history(&req.params) || ctx.output.last() != Some(&PLACEHOLDER),
-                                "penalties planned over a token not read yet"
-                            );
-                            RowChoice::Sample(Box::new(sampling::row_sampling(&ctx, &mut seq.rng)))
-                        }
+                    let choice = if constrained || sampling::needs_host(&ctx) {
+                        RowChoice::Host
+                    } else {
+                        // Placeholders are a suffix; a request whose edits read its tokens
+                        // never gets one (its steps are never run ahead).
+                        assert!(
+                            !sampling::reads_history(&req.params) || ctx.output.last() != Some(&PLACEHOLDER),
+                            "penalties planned over a token not read yet"
+                        );
+                        RowChoice::Sample(Box::new(sampling::row_sampling(&ctx, &mut seq.rng)))
                     };
                     // Penalties and bans read the tokens generated so far: the next
                     // step's edits need this one's token.

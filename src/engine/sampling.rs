@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 pub use super::constraint::Constraint;
-use crate::backend::sampling::{apply_edits, choose, log_sum_exp, logprobs_entry, LogitEdit, RowSampling};
+use crate::backend::sampling::{apply_edits, choose, entry_of, log_softmax, logprobs_entry, LogitEdit, RowSampling};
 pub use crate::backend::sampling::{argmax, draw, TokenLogprobs};
 use crate::models::whisper::WhisperGeneration;
 use crate::text::TokenMask;
@@ -334,14 +334,13 @@ impl<'a> SamplingContext<'a> {
 /// likeliest), and the `k` likeliest tokens: a prompt token's entry in
 /// `prompt_logprobs`.
 pub fn token_logprobs(logits: &[f32], token: u32, k: usize) -> (TokenLogprobs, usize) {
-    let entry = logprobs_entry(logits, token, k);
-    let lse = log_sum_exp(logits);
+    let lp = log_softmax(logits);
+    let entry = entry_of(&lp, token, k);
     let own = entry.logprob;
-    let rank = 1 + logits
+    let rank = 1 + lp
         .iter()
-        .map(|&v| v - lse)
         .enumerate()
-        .filter(|&(i, v)| v > own || (v == own && (i as u32) < token))
+        .filter(|&(i, &v)| v > own || (v == own && (i as u32) < token))
         .count();
     (entry, rank)
 }
@@ -358,46 +357,6 @@ pub fn sample(logits: &mut [f32], ctx: &SamplingContext<'_>, rng: &mut Rng) -> (
     let token = choose(logits, &row);
     let logprobs = raw.map(|raw| logprobs_entry(&raw, token, p.logprobs.unwrap_or(0)));
     (token, logprobs)
-}
-
-/// Temperature sampling over the whole vocabulary: no top-k, top-p or min-p.
-fn is_unfiltered(p: &SamplingParams) -> bool {
-    p.top_k.is_none() && p.top_p >= 1.0 && p.min_p <= 0.0
-}
-
-/// How `sample` would choose for this row, when it depends on the raw logits alone
-/// (every logit processor a no-op at this step, no log-probabilities): then the choice
-/// can be made where the logits are (on the GPU) instead of copying them out.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum DeviceChoice {
-    /// The argmax.
-    Argmax,
-    /// [`draw`] at this temperature, from one uniform number of the sequence's RNG.
-    Draw { temperature: f32 },
-}
-
-pub fn device_choice(ctx: &SamplingContext<'_>) -> Option<DeviceChoice> {
-    let p = ctx.params;
-    let plain = p.logprobs.is_none()
-        && p.logit_bias.is_empty()
-        && p.repetition_penalty == 1.0
-        && p.presence_penalty == 0.0
-        && p.frequency_penalty == 0.0
-        && p.no_repeat_ngram_size == 0
-        && p.bad_words.is_empty()
-        && (ctx.output.len() >= p.min_tokens || ctx.stop_ids.is_empty())
-        && !needs_host(ctx);
-    if !plain {
-        None
-    } else if p.temperature == 0.0 || p.top_k == Some(1) {
-        Some(DeviceChoice::Argmax)
-    } else if is_unfiltered(p) {
-        Some(DeviceChoice::Draw {
-            temperature: p.temperature,
-        })
-    } else {
-        None
-    }
 }
 
 /// Whether this row's choice needs its whole row of logits on the host: processors no
@@ -695,7 +654,7 @@ mod tests {
         // A one-token word is always banned; a longer one only after its beginning.
         assert_eq!(pick(&bad, &[]), 2);
         assert_eq!(pick(&bad, &[3, 4]), 3);
-        assert_eq!(device_choice(&ctx(&bad, &[], &[])), None);
+        assert!(reads_history(&bad), "a ban that depends on the output reads it");
         let allowed = SamplingParams {
             allowed_token_ids: Some(vec![0, 4]),
             ..SamplingParams::greedy()

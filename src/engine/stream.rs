@@ -22,12 +22,8 @@ use crate::models::{EncoderInput, EngineModel, ForwardError, LogitsFor};
 pub(super) enum RowChoice {
     /// A prompt chunk not at its end (or a request already gone): nothing is chosen.
     Skip,
-    /// The argmax, on the device.
-    Argmax,
-    /// `backend::draw` with this temperature and uniform number, on the device.
-    Draw { temperature: f32, uniform: f64 },
     /// `Backend::sample_rows` with this row's edits, filters, uniform number and
-    /// log-probabilities, where the logits are.
+    /// log-probabilities, where the logits are (greedy and unfiltered rows included).
     Sample(Box<RowSampling>),
     /// The whole row comes to the host (Whisper's rules, `allowed_token_ids`, grammars,
     /// forced text).
@@ -183,7 +179,7 @@ fn guarded<B: Backend, R: Send>(work: impl FnOnce() -> R + Send) -> Result<R, St
 }
 
 /// Brings to the host what the engine needs of a step's logits: the prompt rows'
-/// values, the device's choice for argmax and draw rows, and the values of host rows
+/// values, the tokens `Backend::sample_rows` chose for sampled rows, and the values of host rows
 /// (all of them on a host backend without a copy).
 fn read_rows<B: Backend>(backend: &B, logits: B::Tensor, work: &StepWork) -> StepValues {
     let mut out = StepValues {
@@ -203,28 +199,6 @@ fn read_rows<B: Backend>(backend: &B, logits: B::Tensor, work: &StepWork) -> Ste
     let rows_of = |f: &dyn Fn(&RowChoice) -> bool| -> Vec<usize> {
         (0..work.choices.len()).filter(|&r| f(&work.choices[r])).collect()
     };
-    let argmax_rows = rows_of(&|c| *c == RowChoice::Argmax);
-    if !argmax_rows.is_empty() {
-        for (&r, id) in argmax_rows.iter().zip(backend.argmax_rows(&logits, &argmax_rows)) {
-            out.tokens[r] = Some(id);
-        }
-    }
-    let draw_rows = rows_of(&|c| matches!(c, RowChoice::Draw { .. }));
-    if !draw_rows.is_empty() {
-        let (temperatures, uniforms): (Vec<f32>, Vec<f64>) = draw_rows
-            .iter()
-            .map(|&r| match work.choices[r] {
-                RowChoice::Draw { temperature, uniform } => (temperature, uniform),
-                _ => unreachable!("a draw row"),
-            })
-            .unzip();
-        for (&r, id) in draw_rows
-            .iter()
-            .zip(backend.draw_rows(&logits, &draw_rows, &temperatures, &uniforms))
-        {
-            out.tokens[r] = Some(id);
-        }
-    }
     let sample_rows = rows_of(&|c| matches!(c, RowChoice::Sample(_)));
     if !sample_rows.is_empty() {
         let sampling: Vec<&RowSampling> = sample_rows

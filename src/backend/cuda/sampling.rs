@@ -1,6 +1,6 @@
-//! Token choice on the device (kernels/sampling.cu): greedy argmax and the seeded
-//! inverse-CDF draw of `backend::draw`, so only ids come back to the host; and whole
-//! sampled rows (`backend::sampling::sample_row`: edits, top-k / top-p / min-p, the draw
+//! Token choice on the device (kernels/sampling.cu), behind `Backend::sample_rows`:
+//! greedy argmax and the seeded inverse-CDF draw of `backend::draw`, so only ids come
+//! back to the host; and whole sampled rows (`backend::sampling::sample_row`: edits, top-k / top-p / min-p, the draw
 //! over the kept tokens, log-probabilities), behind `INFERD_CUDA_SAMPLING=device` until
 //! the GPU suite has passed with it. CPU reference: `backend::cpu::sampling`.
 
@@ -76,14 +76,59 @@ unsafe impl DeviceRepr for LogitEditArgs {}
 /// 20; vLLM allows more): beyond it the rows are sampled on the host.
 pub(super) const MAX_DEVICE_TOP_LOGPROBS: usize = 64;
 
+/// Each row by the cheapest way that gives its reference token: plain rows (no edits,
+/// no log-probabilities) by `argmax_rows_f32` when greedy and `draw_rows_f32` when
+/// unfiltered, only ids coming back; the others by `sample_rows_f32` under
+/// `INFERD_CUDA_SAMPLING=device`, else on the host.
 pub(super) fn sample_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize], sampling: &[&RowSampling]) -> Vec<Sampled> {
     assert_eq!(rows.len(), sampling.len(), "sample_rows: one RowSampling per row");
+    let plain = |s: &RowSampling| s.edits.is_empty() && s.logprobs.is_none();
+    let which =
+        |f: &dyn Fn(&RowSampling) -> bool| -> Vec<usize> { (0..rows.len()).filter(|&j| f(sampling[j])).collect() };
+    let greedy = which(&|s| plain(s) && s.is_greedy());
+    let draws = which(&|s| plain(s) && !s.is_greedy() && !s.is_filtered());
+    let others = which(&|s| !plain(s) || (!s.is_greedy() && s.is_filtered()));
+    let mut out: Vec<Option<Sampled>> = vec![None; rows.len()];
+    let mut put = |picked: &[usize], tokens: Vec<Sampled>| {
+        for (&j, t) in picked.iter().zip(tokens) {
+            out[j] = Some(t);
+        }
+    };
+    let of = |picked: &[usize]| -> Vec<usize> { picked.iter().map(|&j| rows[j]).collect() };
+    let ids = |tokens: Vec<u32>| -> Vec<Sampled> {
+        tokens
+            .into_iter()
+            .map(|token| Sampled { token, logprobs: None })
+            .collect()
+    };
+    put(&greedy, ids(argmax_rows(be, x, &of(&greedy))));
+    let (temperatures, uniforms): (Vec<f32>, Vec<f64>) = draws
+        .iter()
+        .map(|&j| (sampling[j].temperature, sampling[j].uniform))
+        .unzip();
+    put(&draws, ids(draw_rows(be, x, &of(&draws), &temperatures, &uniforms)));
+    let rest: Vec<&RowSampling> = others.iter().map(|&j| sampling[j]).collect();
     let on_device = be.row_sampler() == RowSampler::Device
-        && sampling
+        && rest
             .iter()
             .all(|s| s.logprobs.is_none_or(|k| k <= MAX_DEVICE_TOP_LOGPROBS));
-    if rows.is_empty() || !on_device {
-        return crate::backend::sample_rows_on_host(be, x, rows, sampling);
+    put(
+        &others,
+        if on_device {
+            whole_rows(be, x, &of(&others), &rest)
+        } else {
+            crate::backend::sample_rows_on_host(be, x, &of(&others), &rest)
+        },
+    );
+    out.into_iter()
+        .map(|s| s.expect("every row is sampled one way"))
+        .collect()
+}
+
+/// `sample_rows_f32` over rows of any kind.
+fn whole_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize], sampling: &[&RowSampling]) -> Vec<Sampled> {
+    if rows.is_empty() {
+        return Vec::new();
     }
     let n = rows.len();
     let mut edits = Vec::new();
