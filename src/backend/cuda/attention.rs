@@ -31,17 +31,12 @@ pub enum PagedAttention {
 }
 
 impl PagedAttention {
-    /// `INFERD_CUDA_ATTENTION`: `auto` (or unset), `grouped` or `per-head`.
-    pub(super) fn from_env() -> Result<Self, String> {
-        match std::env::var("INFERD_CUDA_ATTENTION").as_deref() {
-            Err(_) | Ok("auto") => Ok(PagedAttention::Auto),
-            Ok("grouped") => Ok(PagedAttention::Grouped),
-            Ok("per-head") => Ok(PagedAttention::PerHead),
-            Ok(other) => Err(format!(
-                "INFERD_CUDA_ATTENTION must be auto, grouped or per-head, not `{other}`"
-            )),
-        }
-    }
+    /// `INFERD_CUDA_ATTENTION`'s values, the default first.
+    pub(super) const CHOICES: &'static [(&'static str, Self)] = &[
+        ("auto", PagedAttention::Auto),
+        ("grouped", PagedAttention::Grouped),
+        ("per-head", PagedAttention::PerHead),
+    ];
 }
 
 /// How attention splits each row's keys over thread blocks
@@ -57,36 +52,31 @@ pub enum AttentionSplits {
 }
 
 impl AttentionSplits {
-    /// `INFERD_CUDA_ATTENTION_SPLITS`: `context` (or unset) or `fixed`.
-    pub(super) fn from_env() -> Result<Self, String> {
-        match std::env::var("INFERD_CUDA_ATTENTION_SPLITS").as_deref() {
-            Err(_) | Ok("context") => Ok(AttentionSplits::ByContext),
-            Ok("fixed") => Ok(AttentionSplits::Fixed),
-            Ok(other) => Err(format!(
-                "INFERD_CUDA_ATTENTION_SPLITS must be context or fixed, not `{other}`"
-            )),
-        }
-    }
+    /// `INFERD_CUDA_ATTENTION_SPLITS`'s values, the default first.
+    pub(super) const CHOICES: &'static [(&'static str, Self)] = &[
+        ("context", AttentionSplits::ByContext),
+        ("fixed", AttentionSplits::Fixed),
+    ];
 }
 
 impl CudaBackend {
     /// Sets how attention splits the keys (the GPU suite runs both).
     pub fn set_attention_splits(&self, splits: AttentionSplits) {
-        *self.inner.attention_splits.lock().unwrap_or_else(|e| e.into_inner()) = splits;
+        self.inner.attention_splits.set(splits)
     }
 
     pub fn attention_splits(&self) -> AttentionSplits {
-        *self.inner.attention_splits.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.attention_splits.get()
     }
 
     /// Sets which kernel paged attention takes: both compute the same values in the same
     /// order (the GPU suite runs each).
     pub fn set_paged_attention(&self, kernel: PagedAttention) {
-        *self.inner.paged_attention.lock().unwrap_or_else(|e| e.into_inner()) = kernel;
+        self.inner.paged_attention.set(kernel)
     }
 
     pub fn paged_attention(&self) -> PagedAttention {
-        *self.inner.paged_attention.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.paged_attention.get()
     }
 }
 

@@ -97,6 +97,37 @@ pub(super) fn ok<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
     })
 }
 
+/// A kernel choice: read from an environment variable when the backend opens (the first
+/// of its choices when unset), changeable afterwards (the GPU suite runs each).
+pub(super) struct Setting<T>(Mutex<T>);
+
+impl<T: Copy> Setting<T> {
+    pub(super) fn from_env(var: &str, choices: &[(&str, T)]) -> Result<Self, CudaError> {
+        let value = match std::env::var(var) {
+            Err(_) => choices[0].1,
+            Ok(name) => match choices.iter().find(|(n, _)| *n == name) {
+                Some(&(_, value)) => value,
+                None => {
+                    let names: Vec<&str> = choices.iter().map(|&(n, _)| n).collect();
+                    return Err(CudaError::Setting(format!(
+                        "{var} must be one of {}, not `{name}`",
+                        names.join(", ")
+                    )));
+                }
+            },
+        };
+        Ok(Setting(Mutex::new(value)))
+    }
+
+    pub(super) fn get(&self) -> T {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn set(&self, value: T) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+}
+
 macro_rules! launch {
     ($be:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let func = $be.func($name);
@@ -180,9 +211,9 @@ impl CudaBackend {
                 sm_count,
                 poison,
                 uploads: Mutex::new(Vec::new()),
-                paged_attention: Mutex::new(PagedAttention::from_env().map_err(CudaError::Setting)?),
-                row_sampler: Mutex::new(super::RowSampler::from_env().map_err(CudaError::Setting)?),
-                attention_splits: Mutex::new(super::AttentionSplits::from_env().map_err(CudaError::Setting)?),
+                paged_attention: Setting::from_env("INFERD_CUDA_ATTENTION", PagedAttention::CHOICES)?,
+                row_sampler: Setting::from_env("INFERD_CUDA_SAMPLING", super::RowSampler::CHOICES)?,
+                attention_splits: Setting::from_env("INFERD_CUDA_ATTENTION_SPLITS", super::AttentionSplits::CHOICES)?,
                 _modules: modules,
             }),
         })

@@ -101,11 +101,11 @@ struct Inner {
     /// upload from pageable memory waits for the stream, so each is uploaded once.
     uploads: Mutex<Vec<Upload>>,
     /// Which paged-attention kernel to take (`INFERD_CUDA_ATTENTION`, default auto).
-    paged_attention: Mutex<PagedAttention>,
+    paged_attention: device::Setting<PagedAttention>,
     /// How attention splits the keys (`INFERD_CUDA_ATTENTION_SPLITS`, default by context).
-    attention_splits: Mutex<AttentionSplits>,
+    attention_splits: device::Setting<AttentionSplits>,
     /// Where `sample_rows` runs (`INFERD_CUDA_SAMPLING`, default the host).
-    row_sampler: Mutex<RowSampler>,
+    row_sampler: device::Setting<RowSampler>,
     _modules: Vec<Arc<CudaModule>>,
 }
 

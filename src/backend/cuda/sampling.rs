@@ -20,24 +20,19 @@ pub enum RowSampler {
 }
 
 impl RowSampler {
-    /// `INFERD_CUDA_SAMPLING`: `host` (or unset) or `device`.
-    pub(super) fn from_env() -> Result<Self, String> {
-        match std::env::var("INFERD_CUDA_SAMPLING").as_deref() {
-            Err(_) | Ok("host") => Ok(RowSampler::Host),
-            Ok("device") => Ok(RowSampler::Device),
-            Ok(other) => Err(format!("INFERD_CUDA_SAMPLING must be host or device, not `{other}`")),
-        }
-    }
+    /// `INFERD_CUDA_SAMPLING`'s values, the default first.
+    pub(super) const CHOICES: &'static [(&'static str, Self)] =
+        &[("host", RowSampler::Host), ("device", RowSampler::Device)];
 }
 
 impl CudaBackend {
     /// Sets where `sample_rows` runs (the GPU suite runs both).
     pub fn set_row_sampler(&self, sampler: RowSampler) {
-        *self.inner.row_sampler.lock().unwrap_or_else(|e| e.into_inner()) = sampler;
+        self.inner.row_sampler.set(sampler)
     }
 
     pub fn row_sampler(&self) -> RowSampler {
-        *self.inner.row_sampler.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.row_sampler.get()
     }
 }
 
